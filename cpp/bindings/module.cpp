@@ -1,0 +1,310 @@
+// The only pybind11 code. Every function here: check dtypes and layouts (Python's _inputs module has
+// already validated shapes and values and allocated the outputs), build the params struct, release the
+// GIL, call the active target's kernel, turn a failed scratch allocation into MemoryError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "attnfast/kernels.h"
+#include "batch_layout.h"
+
+namespace py = pybind11;
+using attnfast::Operand;
+using attnfast::bindings::ArrayLayout;
+using attnfast::bindings::OperandLayout;
+using Shape = std::vector<int64_t>;
+
+namespace {
+
+ArrayLayout describe(const py::array& a) {
+  ArrayLayout d;
+  d.itemsize = static_cast<int64_t>(a.itemsize());
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    d.shape.push_back(static_cast<int64_t>(a.shape(i)));
+    d.strides_bytes.push_back(static_cast<int64_t>(a.strides(i)));
+  }
+  return d;
+}
+
+// Keeps offset tables alive for the duration of one kernel call.
+struct Layouts {
+  std::vector<OperandLayout> items;
+
+  template <class T>
+  Operand<T> make(const py::array& a, const Shape& batch, int core_dims, const char* name,
+                  bool need_unit_columns) {
+    items.push_back(attnfast::bindings::layout_operand(describe(a), batch, core_dims, name));
+    const OperandLayout& l = items.back();
+    if (need_unit_columns && l.col_stride != 1 && a.shape(a.ndim() - 1) > 1)
+      throw std::invalid_argument(std::string(name) + ": last axis must have unit stride");
+    Operand<T> op;
+    op.data = static_cast<T*>(const_cast<void*>(a.data()));
+    op.batch_offset_elements = l.batch_offsets.data();
+    op.row_stride_elements = l.row_stride;
+    op.col_stride_elements = need_unit_columns ? 1 : l.col_stride;
+    return op;
+  }
+};
+
+template <class T>
+void require_dtype(const py::array& a, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": internal dtype mismatch");
+}
+
+bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+
+void check_status(int status) {
+  if (status != 0) throw std::bad_alloc();
+}
+
+const attnfast::TargetKernels& kernels() { return attnfast::active_kernels(); }
+
+template <class T>
+void run_scores_dot(const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
+  Layouts L;
+  attnfast::ScoresDotParams<T> p;
+  p.q = L.make<const T>(q, batch, 2, "q", true);
+  p.k = L.make<const T>(k, batch, 2, "k", true);
+  p.out = L.make<T>(out, batch, 2, "out", true);
+  p.batch = attnfast::bindings::checked_product(batch, "batch");
+  p.lq = q.shape(q.ndim() - 2);
+  p.lk = k.shape(k.ndim() - 2);
+  p.depth = q.shape(q.ndim() - 1);
+  p.scale = static_cast<T>(scale);
+  p.num_threads = attnfast::get_num_threads();
+  const auto fn = attnfast::table_for<T>(kernels()).scores_dot;
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = fn(p);
+  }
+  check_status(status);
+}
+
+template <class T>
+void run_scores_additive(const py::array& qp, const py::array& kp, const py::array& v_a, py::array& out,
+                         const Shape& batch, double scale) {
+  Layouts L;
+  attnfast::ScoresAdditiveParams<T> p;
+  p.qp = L.make<const T>(qp, batch, 2, "qp", true);
+  p.kp = L.make<const T>(kp, batch, 2, "kp", true);
+  p.out = L.make<T>(out, batch, 2, "out", true);
+  if (v_a.ndim() != 1 || (v_a.shape(0) > 1 && v_a.strides(0) != static_cast<py::ssize_t>(sizeof(T))))
+    throw std::invalid_argument("v_a must be a contiguous vector");
+  p.v_a = static_cast<const T*>(v_a.data());
+  p.batch = attnfast::bindings::checked_product(batch, "batch");
+  p.lq = qp.shape(qp.ndim() - 2);
+  p.lk = kp.shape(kp.ndim() - 2);
+  p.hidden = qp.shape(qp.ndim() - 1);
+  p.scale = static_cast<T>(scale);
+  p.num_threads = attnfast::get_num_threads();
+  const auto fn = attnfast::table_for<T>(kernels()).scores_additive;
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = fn(p);
+  }
+  check_status(status);
+}
+
+template <class T>
+void run_softmax(const py::array& x, const py::object& mask, py::array& out) {
+  Layouts L;
+  Shape batch(x.shape(), x.shape() + x.ndim() - 2);
+  attnfast::SoftmaxParams<T> p;
+  p.x = L.make<const T>(x, batch, 2, "x", false);
+  p.out = L.make<T>(out, batch, 2, "out", false);
+  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), batch, 2, "mask", false);
+  p.batch = attnfast::bindings::checked_product(batch, "batch");
+  p.rows = x.shape(x.ndim() - 2);
+  p.n = x.shape(x.ndim() - 1);
+  p.num_threads = attnfast::get_num_threads();
+  const auto fn = attnfast::table_for<T>(kernels()).softmax;
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = fn(p);
+  }
+  check_status(status);
+}
+
+template <class T>
+void run_aggregate(const py::array& w, const py::array& v, py::array& out, const Shape& batch) {
+  Layouts L;
+  attnfast::AggregateParams<T> p;
+  p.weights = L.make<const T>(w, batch, 2, "weights", true);
+  p.v = L.make<const T>(v, batch, 2, "v", true);
+  p.out = L.make<T>(out, batch, 2, "out", true);
+  p.batch = attnfast::bindings::checked_product(batch, "batch");
+  p.lq = w.shape(w.ndim() - 2);
+  p.lk = w.shape(w.ndim() - 1);
+  p.dv = v.shape(v.ndim() - 1);
+  p.num_threads = attnfast::get_num_threads();
+  const auto fn = attnfast::table_for<T>(kernels()).aggregate;
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = fn(p);
+  }
+  check_status(status);
+}
+
+struct AttentionCall {
+  Shape batch, kv_batch;
+  int64_t group;
+  double scale;
+  bool causal;
+  int64_t diagonal_offset, window_left, window_right;
+};
+
+template <class T>
+void run_attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
+                   const AttentionCall& c, const py::object& mask, const py::object& bias,
+                   const py::object& kv_lengths, const py::object& lse, const py::object& weights) {
+  Layouts L;
+  attnfast::AttentionParams<T> p;
+  p.q = L.make<const T>(q, c.batch, 2, "q", true);
+  p.k = L.make<const T>(k, c.kv_batch, 2, "k", true);
+  p.v = L.make<const T>(v, c.kv_batch, 2, "v", true);
+  p.out = L.make<T>(out, c.batch, 2, "out", true);
+  p.batch = attnfast::bindings::checked_product(c.batch, "batch");
+  p.group = c.group;
+  p.lq = q.shape(q.ndim() - 2);
+  p.lk = k.shape(k.ndim() - 2);
+  p.depth = q.shape(q.ndim() - 1);
+  p.dv = v.shape(v.ndim() - 1);
+  p.scale = static_cast<T>(c.scale);
+  p.causal = c.causal;
+  p.diagonal_offset = c.diagonal_offset;
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
+  if (!bias.is_none()) p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
+  py::array_t<int64_t> lengths;
+  if (!kv_lengths.is_none()) {
+    lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
+    if (lengths.size() != p.batch) throw std::invalid_argument("kv_lengths: one entry per batch item expected");
+    p.kv_lengths = lengths.data();
+  }
+  std::vector<int64_t> lse_offsets;
+  if (!lse.is_none()) {
+    py::array lse_arr = py::cast<py::array>(lse);
+    require_dtype<T>(lse_arr, "lse");
+    if (!(lse_arr.flags() & py::array::c_style)) throw std::invalid_argument("lse must be C-contiguous");
+    p.lse = static_cast<T*>(lse_arr.mutable_data());
+    lse_offsets.resize(static_cast<size_t>(p.batch));
+    for (int64_t b = 0; b < p.batch; ++b) lse_offsets[static_cast<size_t>(b)] = b * p.lq;
+    p.lse_batch_offset_elements = lse_offsets.data();
+  }
+  if (!weights.is_none()) p.weights = L.make<T>(py::cast<py::array>(weights), c.batch, 2, "weights", true);
+  p.num_threads = attnfast::get_num_threads();
+  const auto fn = attnfast::table_for<T>(kernels()).attention;
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = fn(p);
+  }
+  check_status(status);
+}
+
+template <class Seconds>
+double time_seconds(Seconds&& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_attnfast, m) {
+  m.doc() = "attnfast compiled core (private: use the attnfast package)";
+  m.attr("__version__") = ATTNFAST_VERSION;
+  m.attr("compiler") = ATTNFAST_COMPILER;
+
+  m.def("scores_dot", [](const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
+    if (is_f32(q)) return run_scores_dot<float>(q, k, out, batch, scale);
+    run_scores_dot<double>(q, k, out, batch, scale);
+  });
+  m.def("scores_additive", [](const py::array& qp, const py::array& kp, const py::array& v_a, py::array& out,
+                              const Shape& batch, double scale) {
+    if (is_f32(qp)) return run_scores_additive<float>(qp, kp, v_a, out, batch, scale);
+    run_scores_additive<double>(qp, kp, v_a, out, batch, scale);
+  });
+  m.def("softmax", [](const py::array& x, const py::object& mask, py::array& out) {
+    if (is_f32(x)) return run_softmax<float>(x, mask, out);
+    run_softmax<double>(x, mask, out);
+  });
+  m.def("aggregate", [](const py::array& w, const py::array& v, py::array& out, const Shape& batch) {
+    if (is_f32(w)) return run_aggregate<float>(w, v, out, batch);
+    run_aggregate<double>(w, v, out, batch);
+  });
+  m.def(
+      "attention",
+      [](const py::array& q, const py::array& k, const py::array& v, py::array& out, const Shape& batch,
+         const Shape& kv_batch, int64_t group, double scale, const py::object& mask, const py::object& bias,
+         const py::object& kv_lengths, bool causal, int64_t diagonal_offset, int64_t window_left,
+         int64_t window_right, const py::object& lse, const py::object& weights) {
+        const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
+        if (is_f32(q)) return run_attention<float>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights);
+        run_attention<double>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"), py::arg("kv_batch"),
+      py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
+      py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("lse"), py::arg("weights"));
+
+  m.def("isa", [] { return std::string(attnfast::active_kernels().name); });
+  m.def("usable_isas", &attnfast::usable_targets);
+  m.def("compiled_isas", &attnfast::compiled_targets);
+  m.def("set_isa", &attnfast::set_active_target);
+  m.def("isa_problem", &attnfast::target_request_problem);
+  m.def("get_num_threads", &attnfast::get_num_threads);
+  m.def("set_num_threads", &attnfast::set_num_threads);
+  m.def("openmp", &attnfast::openmp_enabled);
+
+  m.def(
+      "probe_fma_peak",
+      [](double seconds) {
+        // Best of repeated short runs of pure FMA chains on all kernel threads; GFLOP/s (float32).
+        const auto fn = attnfast::active_kernels().fma_chains;
+        const int threads = attnfast::get_num_threads();
+        py::gil_scoped_release release;
+        double best = 0, spent = 0;
+        int64_t iterations = 1 << 14;
+        while (spent < seconds) {
+          double flops = 0;
+          const double dt = time_seconds([&] { flops = fn(iterations, threads); });
+          spent += dt;
+          if (dt < 2e-3) iterations *= 2;
+          if (dt > 0 && flops / dt > best) best = flops / dt;
+        }
+        return best / 1e9;
+      },
+      py::arg("seconds") = 0.2);
+  m.def(
+      "probe_read_bandwidth",
+      [](int64_t nbytes, double seconds) {
+        // Best of repeated vectorised reads of an nbytes buffer on all kernel threads; GB/s.
+        const int64_t n = nbytes / 4 > 64 ? nbytes / 4 : 64;
+        std::vector<float> buffer(static_cast<size_t>(n), 1.0f);
+        const auto fn = attnfast::active_kernels().read_sum;
+        const int threads = attnfast::get_num_threads();
+        py::gil_scoped_release release;
+        double best = 0, spent = 0;
+        volatile float sink = 0;
+        while (spent < seconds) {
+          const double dt = time_seconds([&] { sink = sink + fn(buffer.data(), n, threads); });
+          spent += dt;
+          if (dt > 0 && double(n) * 4 / dt > best) best = double(n) * 4 / dt;
+        }
+        return best / 1e9;
+      },
+      py::arg("nbytes"), py::arg("seconds") = 0.2);
+}

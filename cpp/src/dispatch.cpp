@@ -1,0 +1,122 @@
+// Runtime choice of the SIMD target. Built with baseline flags (it must run on every CPU).
+// The best target that this build contains and the CPU *and OS* support is chosen once; ATTNFAST_ISA
+// can force a lower one (tests use it to cover every path on one machine). __builtin_cpu_supports checks
+// the OS-enabled register state (XCR0) as well as CPUID, so AVX-512 is not picked where the OS does not
+// save zmm registers.
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "attnfast/kernels.h"
+
+namespace attnfast {
+namespace {
+
+struct Target {
+  const char* name;
+  TargetKernels (*make)();
+  bool (*supported)();
+};
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool always() { return true; }
+
+// Best first.
+const std::vector<Target>& all_targets() {
+  static const std::vector<Target> targets = {
+#if defined(ATTNFAST_HAVE_AVX512)
+      {"avx512", &avx512::kernels, &cpu_has_avx512},
+#endif
+#if defined(ATTNFAST_HAVE_AVX2)
+      {"avx2", &avx2::kernels, &cpu_has_avx2},
+#endif
+      {"scalar", &scalar::kernels, &always},
+  };
+  return targets;
+}
+
+struct State {
+  TargetKernels active{};
+  std::string problem;
+};
+
+State& state() {
+  static State s = [] {
+    State init;
+    const Target* chosen = nullptr;
+    for (const Target& t : all_targets())
+      if (t.supported()) {
+        chosen = &t;
+        break;
+      }
+    const char* forced = std::getenv("ATTNFAST_ISA");
+    if (forced && *forced) {
+      const Target* match = nullptr;
+      for (const Target& t : all_targets())
+        if (std::string(t.name) == forced) match = &t;
+      if (!match) {
+        init.problem = std::string("ATTNFAST_ISA=") + forced + " is not a target of this build";
+      } else if (!match->supported()) {
+        init.problem = std::string("ATTNFAST_ISA=") + forced + " is not supported by this CPU";
+      } else {
+        chosen = match;
+      }
+    }
+    init.active = chosen->make();
+    return init;
+  }();
+  return s;
+}
+
+std::mutex& switch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+}  // namespace
+
+std::vector<std::string> usable_targets() {
+  std::vector<std::string> names;
+  for (const Target& t : all_targets())
+    if (t.supported()) names.emplace_back(t.name);
+  return names;
+}
+
+std::vector<std::string> compiled_targets() {
+  std::vector<std::string> names;
+  for (const Target& t : all_targets()) names.emplace_back(t.name);
+  return names;
+}
+
+const TargetKernels& active_kernels() { return state().active; }
+
+bool set_active_target(const std::string& name) {
+  for (const Target& t : all_targets())
+    if (name == t.name && t.supported()) {
+      std::lock_guard<std::mutex> lock(switch_mutex());
+      state().active = t.make();
+      return true;
+    }
+  return false;
+}
+
+std::string target_request_problem() { return state().problem; }
+
+}  // namespace attnfast

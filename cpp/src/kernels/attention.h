@@ -1,0 +1,30 @@
+// Fused attention driver: picks the row-wise path for decode-shaped calls (few query rows per kv head)
+// and the tiled path otherwise. See attention_tiled.h and attention_rowwise.h for layout and numerics.
+#pragma once
+#include <cstdlib>
+
+#include "attnfast/params.h"
+#include "kernels/attention_rowwise.h"
+#include "kernels/attention_tiled.h"
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+int attention_impl(const AttentionParams<typename V::Scalar>& p) {
+  using T = typename V::Scalar;
+  if (p.batch == 0 || p.lq == 0) return kOk;
+  if (!RowwiseAttention<V>::applies(p)) return attention_tiled<V, QK_MR, QK_NRV, PV_MR, PV_NRV>(p);
+  const RowwiseAttention<V> kernel(p);
+  if (!p.weights.data) return kernel.run(nullptr);
+  // Weights need the final lse of every row first: keep it (log2 units) for the second pass.
+  T* lse2 = static_cast<T*>(std::malloc(static_cast<size_t>(p.batch * p.lq) * sizeof(T)));
+  if (!lse2) return kOutOfMemory;
+  int status = kernel.run(lse2);
+  if (status == kOk) status = kernel.write_weights(lse2);
+  std::free(lse2);
+  return status;
+}
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

@@ -1,0 +1,43 @@
+// Pieces shared by both fused-attention paths (tiled and row-wise): which keys a query row may see,
+// and the online-softmax bookkeeping. Scores inside the fused kernels are kept in log2 units
+// (s2 = scale * log2(e) * q.k + log2(e) * bias) so every exponential is a single exp2.
+#pragma once
+#include <cmath>
+
+#include "attnfast/params.h"
+#include "kernels/common.h"
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+constexpr double kLog2e = 1.4426950408889634073599246810019;
+constexpr double kLn2 = 0.69314718055994530941723212145818;
+
+// Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
+// Empty ranges come back as lo == hi.
+template <class T>
+inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
+  int64_t l = 0, h = p.lk;
+  if (p.kv_lengths) h = imin(h, p.kv_lengths[b]);
+  const int64_t diag = i + p.diagonal_offset;
+  if (p.causal) h = imin(h, diag + 1);
+  if (p.window_left >= 0) l = imax(l, diag - p.window_left);
+  if (p.window_right >= 0) h = imin(h, diag + p.window_right + 1);
+  l = imax(0, imin(l, p.lk));
+  h = imax(l, imin(h, p.lk));
+  *lo = l;
+  *hi = h;
+}
+
+// Final normalisation of one row: out = acc / l (0 when no key was visible). Returns the row's
+// log-sum-exp in log2 units, m2 + log2(l): -inf when no key was visible, NaN if the row had a NaN.
+template <class T>
+inline T finish_row(const T* acc, T m2, T l, T* out, int64_t dv) {
+  const T inv = l > T(0) ? T(1) / l : T(0);
+  for (int64_t c = 0; c < dv; ++c) out[c] = acc[c] * inv;
+  if (l == T(0)) return neg_inf<T>();
+  return static_cast<T>(static_cast<double>(m2) + std::log2(static_cast<double>(l)));
+}
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

@@ -1,0 +1,343 @@
+// Fused attention, row-wise path for decode-shaped calls: few query rows per kv head (one decoder step,
+// KV-cache decode, GQA groups). Memory-bound: each K and V row is streamed once and used by every query
+// row that shares it (the `group` query heads of a kv head times Lq).
+// dtypes: float, double. ISA: the including target's V.
+//
+// Scores are dot products vectorised along the feature axis (four keys at a time, then a fixed-order
+// horizontal sum); the online softmax and the P.V update run along the key axis and the value features.
+// When there are few kv items and many keys, the keys are split into chunks processed in parallel and
+// merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
+// chunk order, so results are bitwise identical for any thread count.
+#pragma once
+#include "attnfast/params.h"
+#include "kernels/attention_common.h"
+#include "kernels/common.h"
+#include "kernels/math.h"
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+template <class V>
+struct RowwiseAttention {
+  using T = typename V::Scalar;
+  static constexpr int L = V::kLanes;
+  static constexpr int64_t kMaxRows = 16;  // rows per kv item handled by this path
+  static constexpr int64_t NK = 128;       // keys per tile
+  static constexpr int kDvVectors = 4;     // value vectors kept in registers per pass
+
+  const AttentionParams<T>& p;
+  int64_t rows;        // query rows per kv item: group * lq
+  int64_t chunks;      // key chunks per kv item
+  int64_t chunk_len;   // keys per chunk (a multiple of NK)
+  int64_t dv_pad;
+
+  explicit RowwiseAttention(const AttentionParams<T>& params) : p(params) {
+    rows = p.group * p.lq;
+    dv_pad = round_up(imax(p.dv, 1), L);
+    const int64_t kv_items = p.batch / p.group;
+    // Split only when the kv items alone cannot keep the cores busy and the keys are many; the rule
+    // reads the shape only (never the thread count).
+    int64_t c = 1;
+    if (kv_items < 8 && p.lk >= 2048) c = imin(16, ceil_div(p.lk, 1024));
+    chunk_len = round_up(ceil_div(imax(p.lk, 1), c), NK);
+    chunks = ceil_div(imax(p.lk, 1), chunk_len);
+  }
+
+  static bool applies(const AttentionParams<T>& params) { return params.group * params.lq <= kMaxRows; }
+
+  int64_t scratch_bytes() const {
+    return Carver::bytes<T>(rows * p.depth) + Carver::bytes<T>(rows * NK) + Carver::bytes<T>(rows * dv_pad) +
+           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows);
+  }
+  // Partial results of each chunk when the keys are split: acc (dv_pad), m2, l per row.
+  int64_t partial_stride() const { return dv_pad + 2; }
+
+  struct Work {
+    int64_t kv_item, j_begin, j_end;
+    T *qs, *s, *acc, *m, *l;
+    int64_t *lo, *hi;
+  };
+
+  int64_t batch_of(const Work& w, int64_t r) const { return w.kv_item * p.group + r / p.lq; }
+  int64_t query_of(int64_t r) const { return r % p.lq; }
+
+  // Four dot products of one query row with four keys, vectorised along the features.
+  void dot4(const T* q, const T* k0, int64_t ks, T* out) const {
+    const int64_t full = p.depth / L * L;
+    const int tail = static_cast<int>(p.depth - full);
+    const T* k1 = k0 + ks;
+    const T* k2 = k1 + ks;
+    const T* k3 = k2 + ks;
+    V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    int64_t d = 0;
+    for (; d < full; d += L) {
+      const V qv = V::load(q + d);
+      a0 = fmadd(qv, V::load(k0 + d), a0);
+      a1 = fmadd(qv, V::load(k1 + d), a1);
+      a2 = fmadd(qv, V::load(k2 + d), a2);
+      a3 = fmadd(qv, V::load(k3 + d), a3);
+    }
+    if (tail) {
+      const V qv = V::load_partial(q + d, tail);
+      a0 = fmadd(qv, V::load_partial(k0 + d, tail), a0);
+      a1 = fmadd(qv, V::load_partial(k1 + d, tail), a1);
+      a2 = fmadd(qv, V::load_partial(k2 + d, tail), a2);
+      a3 = fmadd(qv, V::load_partial(k3 + d, tail), a3);
+    }
+    out[0] = reduce_add(a0);
+    out[1] = reduce_add(a1);
+    out[2] = reduce_add(a2);
+    out[3] = reduce_add(a3);
+  }
+
+  // Scores s[r][j] (log2 units, masks applied as -inf) of keys j0 .. j0+nk for every row.
+  void score_tile(const Work& w, int64_t j0, int64_t nk) const {
+    const int64_t ks = p.k.row_stride_elements;
+    const T* k = p.k.row(w.kv_item, j0);
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4)
+      for (int64_t r = 0; r < rows; ++r) dot4(w.qs + r * p.depth, k + j * ks, ks, w.s + r * NK + j);
+    if (j < nk) {
+      // The last 1-3 keys one at a time (dot4 with a zero key stride computes the same key four times),
+      // so nothing past the last key is read. Each score is the same FMA sequence either way.
+      T tmp[4];
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t t = j; t < nk; ++t) {
+          dot4(w.qs + r * p.depth, k + t * ks, 0, tmp);
+          w.s[r * NK + t] = tmp[0];
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* s = w.s + r * NK;
+      const int64_t b = batch_of(w, r), i = query_of(r);
+      const int64_t lo = imin(nk, imax(0, w.lo[r] - j0));
+      const int64_t hi = imax(lo, imin(nk, w.hi[r] - j0));
+      for (int64_t t = 0; t < lo; ++t) s[t] = neg_inf<T>();
+      for (int64_t t = hi; t < nk; ++t) s[t] = neg_inf<T>();
+      if (p.bias.data) {
+        const int64_t cs = p.bias.col_stride_elements;
+        const T* brow = p.bias.row(b, i) + j0 * cs;
+        for (int64_t t = 0; t < nk; ++t) s[t] += brow[t * cs] * T(kLog2e);
+      }
+      if (p.mask.data) {
+        const int64_t cs = p.mask.col_stride_elements;
+        const uint8_t* mrow = p.mask.row(b, i) + j0 * cs;
+        for (int64_t t = 0; t < nk; ++t)
+          if (!mrow[t * cs]) s[t] = neg_inf<T>();
+      }
+    }
+  }
+
+  // Online softmax of one row's tile: s <- 2^(s - m_new), returns alpha = 2^(m_old - m_new).
+  T softmax_row(T* s, int64_t nk, T* m, T* l) const {
+    T m_new = *m;
+    for (int64_t t = 0; t < nk; ++t) m_new = s[t] > m_new || s[t] != s[t] ? s[t] : m_new;
+    const T m_use = m_new == neg_inf<T>() ? T(0) : m_new;
+    const int64_t full = nk / L * L;
+    const int tail = static_cast<int>(nk - full);
+    const V vm = V::set1(m_use);
+    V sum = V::zero();
+    int64_t t = 0;
+    for (; t < full; t += L) {
+      const V e = exp2_approx(V::load(s + t) - vm);
+      e.store(s + t);
+      sum = sum + e;
+    }
+    T tail_sum = 0;
+    if (tail) {
+      exp2_approx(V::load_partial(s + t, tail) - vm).store_partial(s + t, tail);
+      for (; t < nk; ++t) tail_sum += s[t];
+    }
+    T alpha[L];
+    exp2_approx(V::set1(*m - m_use)).store(alpha);
+    *l = *l * alpha[0] + (reduce_add(sum) + tail_sum);
+    *m = m_new;
+    return alpha[0];
+  }
+
+  // acc[r] = acc[r] * alpha + sum_t s[r][t] * V[j0 + t], kDvVectors value vectors at a time.
+  void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk) const {
+    const T* v = p.v.row(w.kv_item, j0);
+    const int64_t vs = p.v.row_stride_elements;
+    const T* s = w.s + r * NK;
+    T* acc = w.acc + r * dv_pad;
+    const V a = V::set1(alpha);
+    for (int64_t c0 = 0; c0 < p.dv; c0 += kDvVectors * L) {
+      const int64_t ncols = imin(kDvVectors * L, p.dv - c0);
+      const int nvec = static_cast<int>(ceil_div(ncols, L));
+      const int last = static_cast<int>(ncols - (nvec - 1) * L);
+      V o[kDvVectors];
+      for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? V::load(acc + c0 + u * L) * a : V::zero();
+      if (nvec == kDvVectors && last == L) {
+        for (int64_t t = 0; t < nk; ++t) {
+          const V pt = V::set1(s[t]);
+          const T* vr = v + t * vs + c0;
+          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, V::load(vr + u * L), o[u]);
+        }
+      } else {
+        for (int64_t t = 0; t < nk; ++t) {
+          const V pt = V::set1(s[t]);
+          const T* vr = v + t * vs + c0;
+          for (int u = 0; u < nvec; ++u)
+            o[u] = fmadd(pt, u == nvec - 1 ? V::load_partial(vr + u * L, last) : V::load(vr + u * L), o[u]);
+        }
+      }
+      for (int u = 0; u < nvec; ++u) o[u].store(acc + c0 + u * L);
+    }
+  }
+
+  void prepare(Work& w) const {
+    const T c = p.scale * T(kLog2e);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = batch_of(w, r), i = query_of(r);
+      const T* q = p.q.row(b, i);
+      for (int64_t d = 0; d < p.depth; ++d) w.qs[r * p.depth + d] = c * q[d];
+      int64_t lo, hi;
+      visible_range(p, b, i, &lo, &hi);
+      w.lo[r] = imax(lo, w.j_begin);
+      w.hi[r] = imax(w.lo[r], imin(hi, w.j_end));
+      w.m[r] = neg_inf<T>();
+      w.l[r] = T(0);
+      for (int64_t e = 0; e < dv_pad; ++e) w.acc[r * dv_pad + e] = T(0);
+    }
+  }
+
+  void run_chunk(Work& w) const {
+    prepare(w);
+    int64_t first = w.j_end, last = w.j_begin;
+    for (int64_t r = 0; r < rows; ++r)
+      if (w.hi[r] > w.lo[r]) {
+        first = imin(first, w.lo[r]);
+        last = imax(last, w.hi[r]);
+      }
+    for (int64_t j0 = first; j0 < last; j0 += NK) {
+      const int64_t nk = imin(NK, last - j0);
+      score_tile(w, j0, nk);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T alpha = softmax_row(w.s + r * NK, nk, &w.m[r], &w.l[r]);
+        accumulate(w, r, alpha, j0, nk);
+      }
+    }
+  }
+
+  Work carve_work(unsigned char* scratch, int64_t kv_item, int64_t chunk) const {
+    Carver carve(scratch);
+    Work w;
+    w.kv_item = kv_item;
+    w.j_begin = chunk * chunk_len;
+    w.j_end = imin(p.lk, w.j_begin + chunk_len);
+    w.qs = carve.take<T>(rows * p.depth);
+    w.s = carve.take<T>(rows * NK);
+    w.acc = carve.take<T>(rows * dv_pad);
+    w.m = carve.take<T>(rows);
+    w.l = carve.take<T>(rows);
+    w.lo = carve.take<int64_t>(rows);
+    w.hi = carve.take<int64_t>(rows);
+    return w;
+  }
+
+  void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* lse2_out) const {
+    const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
+    const T lse2 = finish_row(acc, m2, l, p.out.row(b, i), p.dv);
+    if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = static_cast<T>(lse2 * kLn2);
+    if (lse2_out) lse2_out[b * p.lq + i] = lse2;
+  }
+
+  // Merges the chunks of one kv item in chunk order: M = max m_c, l = sum l_c 2^(m_c - M), and the
+  // accumulators alike; identical to having processed all keys in one pass, up to rounding.
+  void merge(int64_t kv_item, const T* partials, T* row_acc, T* lse2_out) const {
+    const int64_t ps = partial_stride();
+    for (int64_t r = 0; r < rows; ++r) {
+      T big = neg_inf<T>();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T m2 = partials[((kv_item * chunks + c) * rows + r) * ps + dv_pad];
+        big = m2 > big || m2 != m2 ? m2 : big;
+      }
+      const T shift = big == neg_inf<T>() ? T(0) : big;
+      T l = 0;
+      for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] = T(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* part = partials + ((kv_item * chunks + c) * rows + r) * ps;
+        T f[L];
+        exp2_approx(V::set1(part[dv_pad] - shift)).store(f);
+        l += part[dv_pad + 1] * f[0];
+        for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * f[0];
+      }
+      write_row(kv_item, r, row_acc, big, l, lse2_out);
+    }
+  }
+
+  int run(T* lse2_out) const {
+    const int64_t kv_items = p.batch / p.group;
+    const int64_t tasks = kv_items * chunks;
+    ThreadScratch scratch(p.num_threads, scratch_bytes());
+    if (!scratch.ok()) return kOutOfMemory;
+    if (chunks == 1) {
+#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) {
+        Work w = carve_work(scratch.slice(thread_id()), task, 0);
+        run_chunk(w);
+        for (int64_t r = 0; r < rows; ++r) write_row(task, r, w.acc + r * dv_pad, w.m[r], w.l[r], lse2_out);
+      }
+      return kOk;
+    }
+    const int64_t ps = partial_stride();
+    T* partials = static_cast<T*>(std::malloc(static_cast<size_t>(tasks * rows * ps) * sizeof(T)));
+    if (!partials) return kOutOfMemory;
+#pragma omp parallel num_threads(p.num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) {
+        Work w = carve_work(scratch.slice(thread_id()), task / chunks, task % chunks);
+        run_chunk(w);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* part = partials + (task * rows + r) * ps;
+          for (int64_t e = 0; e < dv_pad; ++e) part[e] = w.acc[r * dv_pad + e];
+          part[dv_pad] = w.m[r];
+          part[dv_pad + 1] = w.l[r];
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t kv = 0; kv < kv_items; ++kv)
+        merge(kv, partials, reinterpret_cast<T*>(scratch.slice(thread_id())), lse2_out);
+    }
+    std::free(partials);
+    return kOk;
+  }
+
+  // Weights exp(s - lse) for every row, after lse is final (lse2 in log2 units, per (b, i)).
+  int write_weights(const T* lse2) const {
+    const int64_t kv_items = p.batch / p.group;
+    ThreadScratch scratch(p.num_threads, scratch_bytes());
+    if (!scratch.ok()) return kOutOfMemory;
+#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
+    for (int64_t kv = 0; kv < kv_items; ++kv) {
+      Work w = carve_work(scratch.slice(thread_id()), kv, 0);
+      w.j_begin = 0;
+      w.j_end = p.lk;
+      prepare(w);
+      for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
+        const int64_t nk = imin(NK, p.lk - j0);
+        score_tile(w, j0, nk);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = batch_of(w, r), i = query_of(r);
+          const T shift = lse2[b * p.lq + i];
+          T* out = p.weights.row(b, i) + j0;
+          const T* s = w.s + r * NK;
+          for (int64_t t = 0; t < nk; t += L) {
+            const int n = static_cast<int>(imin(L, nk - t));
+            T e[L];
+            const V x = V::load_partial(s + t, n);
+            const V y = shift == neg_inf<T>() ? V::zero() : exp2_approx(x - V::set1(shift));
+            y.store(e);
+            for (int u = 0; u < n; ++u) out[t + u] = e[u];
+          }
+        }
+      }
+    }
+    return kOk;
+  }
+};
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

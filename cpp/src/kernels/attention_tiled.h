@@ -1,0 +1,257 @@
+// Fused attention, tiled path (FlashAttention-style) for blocks of many query rows.
+// dtypes: float, double (scores, exponentials and accumulators all in that precision). ISA: target's V.
+//
+// One task = one query block of MB rows of one batch item; it walks the key tiles of NK keys that any
+// of its rows can see (tiles entirely above the causal diagonal, outside the window or past kv_lengths
+// are never computed) and keeps, per row, the running max m, running sum l and an unnormalised output
+// accumulator in scratch. Nothing of size Lq x Lk exists.
+//
+// Layout trick: the score tile is computed transposed, S^T[key][query] = K_tile . Qpack^T, with the
+// query block packed once (scaled by scale*log2 e) into microkernel panels. Queries then sit in SIMD
+// lanes, so the per-row max, exp and sum of the online softmax are plain vertical vector operations
+// (no horizontal reductions), K is read in place (never packed), and P.V reads P^T with broadcasts.
+//
+// Numerics: s2 = (c q).k accumulated with one FMA per term in d order; m only grows, and the
+// accumulator is rescaled by alpha = 2^(m_old - m_new) only for rows whose max changed; each row is
+// normalised once at the end. Rows with no visible key get out 0 and lse -inf (m is replaced by 0
+// before subtracting, so -inf - -inf never happens). Results do not depend on the thread count.
+#pragma once
+#include "attnfast/params.h"
+#include "kernels/attention_common.h"
+#include "kernels/common.h"
+#include "kernels/math.h"
+#include "kernels/microkernel.h"
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+struct TiledAttention {
+  using T = typename V::Scalar;
+  static constexpr int L = V::kLanes;
+  static constexpr int MB = 48;  // query rows per block
+  static constexpr int NK = 64;  // keys per tile
+  static constexpr int QNR = QK_NRV * L;
+  static constexpr int PV_NR = PV_NRV * L;
+  static_assert(MB % QNR == 0, "query block must be whole microkernel panels");
+  static_assert(MB % PV_MR == 0 && NK % QK_MR == 0, "tiles must be whole microkernel blocks");
+
+  const AttentionParams<T>& p;
+  int64_t dv_pad;
+
+  explicit TiledAttention(const AttentionParams<T>& params)
+      : p(params), dv_pad(round_up(imax(params.dv, 1), PV_NR)) {}
+
+  int64_t scratch_bytes() const {
+    return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(MB * dv_pad) +
+           4 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
+  }
+
+  struct Block {
+    int64_t b, i_begin, mb, panels;
+    T *qpack, *s, *acc, *m, *l, *alpha, *lse2;  // lse2: log2 units
+    int64_t *lo, *hi;
+    int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
+  };
+
+  void pack_queries(Block& blk) const {
+    const T c = p.scale * T(kLog2e);
+    for (int64_t i = 0; i < blk.panels * QNR; ++i) {
+      const int64_t panel = i / QNR, lane = i % QNR;
+      T* dst = blk.qpack + panel * p.depth * QNR + lane;
+      if (i < blk.mb) {
+        const T* q = p.q.row(blk.b, blk.i_begin + i);
+        for (int64_t d = 0; d < p.depth; ++d) dst[d * QNR] = c * q[d];
+      } else {
+        for (int64_t d = 0; d < p.depth; ++d) dst[d * QNR] = T(0);
+      }
+    }
+  }
+
+  // Per-row visible ranges; [min_lo, max_hi) bounds the tiles worth computing (rows that see a key),
+  // max_lo / min_hi over all rows (an empty row included) decide whether a tile needs masking at all.
+  void compute_bounds(Block& blk) const {
+    blk.min_lo = p.lk;
+    blk.max_hi = 0;
+    blk.max_lo = 0;
+    blk.min_hi = p.lk;
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      visible_range(p, blk.b, blk.i_begin + i, &blk.lo[i], &blk.hi[i]);
+      blk.max_lo = imax(blk.max_lo, blk.lo[i]);
+      blk.min_hi = imin(blk.min_hi, blk.hi[i]);
+      if (blk.hi[i] > blk.lo[i]) {
+        blk.min_lo = imin(blk.min_lo, blk.lo[i]);
+        blk.max_hi = imax(blk.max_hi, blk.hi[i]);
+      }
+    }
+    if (blk.max_hi == 0) blk.min_lo = 0;  // no row sees any key: no tile is computed
+  }
+
+  // S^T[j][i] (log2 units) for keys j0 .. j0+nk of the block, with every mask applied (-inf).
+  void score_tile(const Block& blk, int64_t j0, int64_t nk) const {
+    const int64_t bkv = blk.b / p.group;
+    const int64_t ks = p.k.row_stride_elements;
+    for (int64_t jj = 0; jj < nk; jj += QK_MR) {
+      const T* a_rows[QK_MR];
+      clamped_rows<T, QK_MR>(p.k.row(bkv, j0 + jj), ks, imin(QK_MR, nk - jj), a_rows);
+      for (int64_t panel = 0; panel < blk.panels; ++panel)
+        gemm_microkernel<V, QK_MR, QK_NRV, false, false, true>(p.depth, a_rows, 1, blk.qpack + panel * p.depth * QNR,
+                                                              QNR, L, blk.s + jj * MB + panel * QNR, MB, T(1));
+    }
+    const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
+    if (!fully_visible) {
+      for (int64_t i = 0; i < blk.mb; ++i) {
+        const int64_t lo = imin(nk, imax(0, blk.lo[i] - j0));
+        const int64_t hi = imax(lo, imin(nk, blk.hi[i] - j0));
+        for (int64_t j = 0; j < lo; ++j) blk.s[j * MB + i] = neg_inf<T>();
+        for (int64_t j = hi; j < nk; ++j) blk.s[j * MB + i] = neg_inf<T>();
+      }
+    }
+    if (p.bias.data) {
+      const T log2e = T(kLog2e);
+      const int64_t cs = p.bias.col_stride_elements;
+      for (int64_t i = 0; i < blk.mb; ++i) {
+        const T* brow = p.bias.row(blk.b, blk.i_begin + i) + j0 * cs;
+        for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs] * log2e;
+      }
+    }
+    if (p.mask.data) {
+      const int64_t cs = p.mask.col_stride_elements;
+      for (int64_t i = 0; i < blk.mb; ++i) {
+        const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0 * cs;
+        for (int64_t j = 0; j < nk; ++j)
+          if (!mrow[j * cs]) blk.s[j * MB + i] = neg_inf<T>();
+      }
+    }
+  }
+
+  // Online softmax update for one tile: new max, rescale factors, P = 2^(S - m) in place, row sums.
+  void softmax_tile(const Block& blk, int64_t nk) const {
+    const V zero = V::zero();
+    const V minus_inf = V::set1(neg_inf<T>());
+    for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+      const V m_old = V::load(blk.m + i0);
+      V m_new = m_old;
+      for (int64_t j = 0; j < nk; ++j) m_new = max(m_new, V::load(blk.s + j * MB + i0));
+      const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);
+      const V alpha = exp2_approx(m_old - m_use);
+      V sum = zero;
+      for (int64_t j = 0; j < nk; ++j) {
+        const V pj = exp2_approx(V::load(blk.s + j * MB + i0) - m_use);
+        pj.store(blk.s + j * MB + i0);
+        sum = sum + pj;
+      }
+      fmadd(V::load(blk.l + i0), alpha, sum).store(blk.l + i0);
+      m_new.store(blk.m + i0);
+      alpha.store(blk.alpha + i0);
+    }
+  }
+
+  void rescale_and_accumulate(const Block& blk, int64_t j0, int64_t nk) const {
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      if (blk.alpha[i] == T(1)) continue;  // max unchanged: nothing to rescale
+      const V a = V::set1(blk.alpha[i]);
+      T* row = blk.acc + i * dv_pad;
+      for (int64_t c = 0; c < dv_pad; c += L) (V::load(row + c) * a).store(row + c);
+    }
+    const int64_t bkv = blk.b / p.group;
+    const T* v = p.v.row(bkv, j0);
+    const int64_t vs = p.v.row_stride_elements;
+    for (int64_t i0 = 0; i0 < blk.mb; i0 += PV_MR) {
+      const T* a_rows[PV_MR];
+      clamped_rows<T, PV_MR>(blk.s + i0, 1, imin(PV_MR, blk.mb - i0), a_rows);
+      T* c = blk.acc + i0 * dv_pad;
+      for (int64_t n0 = 0; n0 < p.dv; n0 += PV_NR) {
+        const int64_t ncols = imin(PV_NR, p.dv - n0);
+        if (ncols == PV_NR) {
+          gemm_microkernel<V, PV_MR, PV_NRV, true, false, false>(nk, a_rows, MB, v + n0, vs, L, c + n0, dv_pad, T(1));
+        } else if (ceil_div(ncols, L) == PV_NRV) {
+          const int last = static_cast<int>(ncols - (PV_NRV - 1) * L);
+          gemm_microkernel<V, PV_MR, PV_NRV, true, true, false>(nk, a_rows, MB, v + n0, vs, last, c + n0, dv_pad,
+                                                               T(1));
+        } else {
+          for (int64_t c0 = n0; c0 < p.dv; c0 += L) {
+            const int lanes = static_cast<int>(imin(L, p.dv - c0));
+            gemm_microkernel<V, PV_MR, 1, true, true, false>(nk, a_rows, MB, v + c0, vs, lanes, c + c0, dv_pad, T(1));
+          }
+        }
+      }
+    }
+  }
+
+  // Attention weights 2^(s2 - lse2) = exp(s - lse) of the block's rows, only when the caller asked.
+  void write_weights(const Block& blk) const {
+    for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
+      const int64_t nk = imin(NK, p.lk - j0);
+      const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
+      if (any_visible) {
+        score_tile(blk, j0, nk);
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+          // Rows without a visible key have lse2 = -inf; their scores are all -inf too: give 0, not NaN.
+          const V lse2 = V::load(blk.lse2 + i0);
+          const V shift = select(cmp_eq(lse2, V::set1(neg_inf<T>())), V::set1(T(0)), lse2);
+          for (int64_t j = 0; j < nk; ++j)
+            exp2_approx(V::load(blk.s + j * MB + i0) - shift).store(blk.s + j * MB + i0);
+        }
+      }
+      for (int64_t i = 0; i < blk.mb; ++i) {
+        T* w = p.weights.row(blk.b, blk.i_begin + i) + j0;
+        for (int64_t j = 0; j < nk; ++j) w[j] = any_visible ? blk.s[j * MB + i] : T(0);
+      }
+    }
+  }
+
+  void run_block(unsigned char* scratch, int64_t b, int64_t i_begin) const {
+    Carver carve(scratch);
+    Block blk;
+    blk.b = b;
+    blk.i_begin = i_begin;
+    blk.mb = imin(MB, p.lq - i_begin);
+    blk.panels = ceil_div(blk.mb, QNR);
+    blk.qpack = carve.take<T>(MB * p.depth);
+    blk.s = carve.take<T>(NK * MB);
+    blk.acc = carve.take<T>(MB * dv_pad);
+    blk.m = carve.take<T>(MB);
+    blk.l = carve.take<T>(MB);
+    blk.alpha = carve.take<T>(MB);
+    blk.lse2 = carve.take<T>(MB);
+    blk.lo = carve.take<int64_t>(MB);
+    blk.hi = carve.take<int64_t>(MB);
+    for (int64_t i = 0; i < MB; ++i) {
+      blk.m[i] = neg_inf<T>();
+      blk.l[i] = T(0);
+      blk.lse2[i] = T(0);
+    }
+    for (int64_t e = 0; e < MB * dv_pad; ++e) blk.acc[e] = T(0);
+    compute_bounds(blk);
+    pack_queries(blk);
+    for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
+      const int64_t nk = imin(NK, blk.max_hi - j0);
+      score_tile(blk, j0, nk);
+      softmax_tile(blk, nk);
+      rescale_and_accumulate(blk, j0, nk);
+    }
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      blk.lse2[i] = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
+      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = static_cast<T>(blk.lse2[i] * kLn2);
+    }
+    if (p.weights.data) write_weights(blk);
+  }
+};
+
+template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
+  using Kernel = TiledAttention<V, QK_MR, QK_NRV, PV_MR, PV_NRV>;
+  const Kernel kernel(p);
+  const int64_t blocks = ceil_div(p.lq, int64_t(Kernel::MB));
+  const int64_t tasks = p.batch * blocks;
+  ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
+  if (!scratch.ok()) return kOutOfMemory;
+#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task)
+    kernel.run_block(scratch.slice(thread_id()), task / blocks, (task % blocks) * Kernel::MB);
+  return kOk;
+}
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

@@ -1,0 +1,77 @@
+// Small helpers shared by every kernel file of one SIMD target: integer min/max (kept in the target's
+// namespace on purpose: std::min/std::max instantiated in a translation unit built with -mavx512f could
+// be merged by the linker into code that runs on older CPUs), scratch memory and status codes.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+enum Status : int { kOk = 0, kOutOfMemory = 1 };
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <class T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+inline int thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One cache-aligned block carved into equal per-thread slices, allocated before the parallel region so
+// that running out of memory is reported (MemoryError in Python) instead of terminating inside OpenMP.
+class ThreadScratch {
+ public:
+  ThreadScratch(int threads, int64_t bytes_per_thread) {
+    stride_ = round_up(imax(bytes_per_thread, 64), 64);
+    const int64_t total = stride_ * (threads > 0 ? threads : 1);
+    base_ = static_cast<unsigned char*>(std::aligned_alloc(64, static_cast<size_t>(total)));
+  }
+  ~ThreadScratch() { std::free(base_); }
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+  bool ok() const { return base_ != nullptr; }
+  unsigned char* slice(int thread) const { return base_ + stride_ * thread; }
+
+ private:
+  unsigned char* base_ = nullptr;
+  int64_t stride_ = 0;
+};
+
+// Bump allocator over one thread's slice: hands out 64-byte aligned arrays.
+class Carver {
+ public:
+  explicit Carver(unsigned char* p) : p_(p) {}
+  template <class T>
+  T* take(int64_t count) {
+    T* r = reinterpret_cast<T*>(p_);
+    p_ += round_up(count * static_cast<int64_t>(sizeof(T)), 64);
+    return r;
+  }
+  template <class T>
+  static int64_t bytes(int64_t count) {
+    return round_up(count * static_cast<int64_t>(sizeof(T)), 64);
+  }
+
+ private:
+  unsigned char* p_;
+};
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

@@ -1,0 +1,142 @@
+// Stage 1 kernels: score matrices.
+//   scores_dot:      S = scale * Q K^T  (methods dot, scaled_dot, and general after Q <- Q W).
+//   scores_additive: S[i][j] = scale * sum_a v_a[a] tanh(qp[i][a] + kp[j][a])  (Bahdanau).
+// dtypes: float, double (computed and accumulated in that precision). ISA: the including target's V.
+// Numerics: dot products accumulate in k order with one FMA per term; the additive reduction uses
+// tanh_approx (math.h) and accumulates per-lane partial sums then a fixed-order horizontal sum, so
+// results do not depend on the thread count.
+#pragma once
+#include "attnfast/params.h"
+#include "kernels/common.h"
+#include "kernels/math.h"
+#include "kernels/microkernel.h"
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+// Packs keys [j0, j0 + nr_valid) of K (row-major, unit column stride) into one B panel [depth][NR],
+// zero padding missing keys, so the microkernel reads NR consecutive keys' d-th features per step.
+template <class T, int NR>
+inline void pack_keys_panel(const T* k, int64_t k_row_stride, int64_t nr_valid, int64_t depth, T* panel) {
+  for (int64_t n = 0; n < NR; ++n) {
+    if (n < nr_valid) {
+      const T* src = k + n * k_row_stride;
+      for (int64_t d = 0; d < depth; ++d) panel[d * NR + n] = src[d];
+    } else {
+      for (int64_t d = 0; d < depth; ++d) panel[d * NR + n] = T(0);
+    }
+  }
+}
+
+// Copies the valid top-left corner of a full microkernel tile to strided output.
+template <class T>
+inline void copy_tile(const T* tile, int64_t tile_row_stride, int64_t rows, int64_t cols, T* out,
+                      int64_t out_row_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * out_row_stride + c] = tile[r * tile_row_stride + c];
+}
+
+template <class V, int MR, int NRV>
+int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
+  using T = typename V::Scalar;
+  constexpr int NR = NRV * V::kLanes;
+  constexpr int kPanelsPerTask = 4;  // keys per task = 4 * NR: enough tasks, panel reuse across Lq
+  if (p.batch == 0 || p.lq == 0 || p.lk == 0) return kOk;
+  const int64_t col_blocks = ceil_div(p.lk, int64_t(NR) * kPanelsPerTask);
+  const int64_t tasks = p.batch * col_blocks;
+  const int64_t panel_elems = p.depth * NR;
+  ThreadScratch scratch(p.num_threads, Carver::bytes<T>(panel_elems) + Carver::bytes<T>(MR * NR));
+  if (!scratch.ok()) return kOutOfMemory;
+
+#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    Carver carve(scratch.slice(thread_id()));
+    T* panel = carve.take<T>(panel_elems);
+    T* tile = carve.take<T>(MR * NR);
+    const int64_t b = task / col_blocks;
+    const int64_t j_begin = (task % col_blocks) * NR * kPanelsPerTask;
+    const int64_t j_end = imin(p.lk, j_begin + int64_t(NR) * kPanelsPerTask);
+    const T* q = p.q.row(b, 0);
+    T* out = p.out.row(b, 0);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += NR) {
+      const int64_t ncols = imin(NR, j_end - j0);
+      pack_keys_panel<T, NR>(p.k.row(b, j0), p.k.row_stride_elements, ncols, p.depth, panel);
+      for (int64_t i0 = 0; i0 < p.lq; i0 += MR) {
+        const int64_t nrows = imin(MR, p.lq - i0);
+        const T* a_rows[MR];
+        clamped_rows<T, MR>(q + i0 * p.q.row_stride_elements, p.q.row_stride_elements, nrows, a_rows);
+        T* dst = out + i0 * p.out.row_stride_elements + j0;
+        if (nrows == MR && ncols == NR) {
+          gemm_microkernel<V, MR, NRV, false, false, true>(p.depth, a_rows, 1, panel, NR, V::kLanes, dst,
+                                                          p.out.row_stride_elements, p.scale);
+        } else {
+          gemm_microkernel<V, MR, NRV, false, false, true>(p.depth, a_rows, 1, panel, NR, V::kLanes, tile, NR,
+                                                          p.scale);
+          copy_tile(tile, NR, nrows, ncols, dst, p.out.row_stride_elements);
+        }
+      }
+    }
+  }
+  return kOk;
+}
+
+template <class V>
+int scores_additive_impl(const ScoresAdditiveParams<typename V::Scalar>& p) {
+  using T = typename V::Scalar;
+  constexpr int L = V::kLanes;
+  constexpr int kKeysPerTask = 64;
+  if (p.batch == 0 || p.lq == 0 || p.lk == 0) return kOk;
+  const int64_t col_blocks = ceil_div(p.lk, int64_t(kKeysPerTask));
+  const int64_t tasks = p.batch * col_blocks;
+  const int64_t A = p.hidden;
+  const int64_t a_full = A / L * L;
+  const int a_tail = static_cast<int>(A - a_full);
+
+#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / col_blocks;
+    const int64_t j_begin = (task % col_blocks) * kKeysPerTask;
+    const int64_t j_end = imin(p.lk, j_begin + kKeysPerTask);
+    for (int64_t i = 0; i < p.lq; ++i) {
+      const T* qp = p.qp.row(b, i);
+      T* out = p.out.row(b, i);
+      int64_t j = j_begin;
+      // Two keys at a time: the query row's features are loaded once for both.
+      for (; j + 2 <= j_end; j += 2) {
+        const T* k0 = p.kp.row(b, j);
+        const T* k1 = k0 + p.kp.row_stride_elements;
+        V acc0 = V::zero(), acc1 = V::zero();
+        int64_t a = 0;
+        for (; a < a_full; a += L) {
+          const V qa = V::load(qp + a);
+          const V va = V::load(p.v_a + a);
+          acc0 = fmadd(va, tanh_approx(qa + V::load(k0 + a)), acc0);
+          acc1 = fmadd(va, tanh_approx(qa + V::load(k1 + a)), acc1);
+        }
+        if (a_tail) {
+          const V qa = V::load_partial(qp + a, a_tail);
+          const V va = V::load_partial(p.v_a + a, a_tail);  // zero lanes cancel the tail
+          acc0 = fmadd(va, tanh_approx(qa + V::load_partial(k0 + a, a_tail)), acc0);
+          acc1 = fmadd(va, tanh_approx(qa + V::load_partial(k1 + a, a_tail)), acc1);
+        }
+        out[j] = reduce_add(acc0) * p.scale;
+        out[j + 1] = reduce_add(acc1) * p.scale;
+      }
+      for (; j < j_end; ++j) {
+        const T* k0 = p.kp.row(b, j);
+        V acc0 = V::zero();
+        int64_t a = 0;
+        for (; a < a_full; a += L)
+          acc0 = fmadd(V::load(p.v_a + a), tanh_approx(V::load(qp + a) + V::load(k0 + a)), acc0);
+        if (a_tail)
+          acc0 = fmadd(V::load_partial(p.v_a + a, a_tail),
+                       tanh_approx(V::load_partial(qp + a, a_tail) + V::load_partial(k0 + a, a_tail)), acc0);
+        out[j] = reduce_add(acc0) * p.scale;
+      }
+    }
+  }
+  return kOk;
+}
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

@@ -1,0 +1,81 @@
+// Scalar "vector" of one lane, for float and double. The portable fallback target: the same kernel
+// templates as the SIMD targets, instantiated with one lane, so every code path (tails, masks,
+// online softmax) is exercised by a target that runs on any CPU.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
+template <class T>
+struct ScalarVec;
+
+template <class T>
+struct ScalarVec {
+  using Scalar = T;
+  static constexpr int kLanes = 1;
+  using Mask = bool;
+  T v;
+
+  static ScalarVec zero() { return {T(0)}; }
+  static ScalarVec set1(T x) { return {x}; }
+  static ScalarVec load(const T* p) { return {*p}; }
+  static ScalarVec load_partial(const T* p, int n) { return {n > 0 ? *p : T(0)}; }
+  void store(T* p) const { *p = v; }
+  void store_partial(T* p, int n) const {
+    if (n > 0) *p = v;
+  }
+  static ScalarVec broadcast(const T* p) { return {*p}; }
+};
+
+template <class T> inline ScalarVec<T> operator+(ScalarVec<T> a, ScalarVec<T> b) { return {a.v + b.v}; }
+template <class T> inline ScalarVec<T> operator-(ScalarVec<T> a, ScalarVec<T> b) { return {a.v - b.v}; }
+template <class T> inline ScalarVec<T> operator*(ScalarVec<T> a, ScalarVec<T> b) { return {a.v * b.v}; }
+template <class T> inline ScalarVec<T> operator/(ScalarVec<T> a, ScalarVec<T> b) { return {a.v / b.v}; }
+// a*b + c. Written as a plain multiply-add: the scalar target is compiled without -mfma, so this rounds
+// twice, exactly like the naive reference implementation it stands in for.
+template <class T> inline ScalarVec<T> fmadd(ScalarVec<T> a, ScalarVec<T> b, ScalarVec<T> c) { return {a.v * b.v + c.v}; }
+// max/min propagate a NaN in `b` (the data) the way the x86 instructions do with the data second.
+template <class T> inline ScalarVec<T> max(ScalarVec<T> a, ScalarVec<T> b) { return {a.v > b.v ? a.v : b.v}; }
+template <class T> inline ScalarVec<T> min(ScalarVec<T> a, ScalarVec<T> b) { return {a.v < b.v ? a.v : b.v}; }
+template <class T> inline ScalarVec<T> abs(ScalarVec<T> a) { return {a.v < T(0) ? -a.v : a.v}; }
+template <class T> inline ScalarVec<T> negate(ScalarVec<T> a) { return {-a.v}; }
+template <class T> inline bool cmp_lt(ScalarVec<T> a, ScalarVec<T> b) { return a.v < b.v; }
+template <class T> inline bool cmp_eq(ScalarVec<T> a, ScalarVec<T> b) { return a.v == b.v; }
+template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> if_true, ScalarVec<T> if_false) {
+  return m ? if_true : if_false;
+}
+template <class T> inline bool any(bool m) { return m; }
+inline bool any_mask(bool m) { return m; }
+template <class T> inline T reduce_add(ScalarVec<T> a) { return a.v; }
+template <class T> inline T reduce_max(ScalarVec<T> a) { return a.v; }
+
+// Round to nearest integer (ties to even, as the SIMD rounding instructions do).
+inline float round_nearest_scalar(float x) {
+  // 1.5 * 2^23: adding and subtracting forces rounding at the units place for |x| < 2^22.
+  const float magic = 12582912.0f;
+  return (x + magic) - magic;
+}
+inline double round_nearest_scalar(double x) {
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  return (x + magic) - magic;
+}
+template <class T> inline ScalarVec<T> round_nearest(ScalarVec<T> a) { return {round_nearest_scalar(a.v)}; }
+
+// 2^n for an integral-valued n in the normal exponent range.
+inline ScalarVec<float> pow2_int(ScalarVec<float> n) {
+  const int32_t bits = (static_cast<int32_t>(n.v) + 127) << 23;
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  return {r};
+}
+inline ScalarVec<double> pow2_int(ScalarVec<double> n) {
+  const int64_t bits = (static_cast<int64_t>(n.v) + 1023) << 52;
+  double r;
+  std::memcpy(&r, &bits, sizeof r);
+  return {r};
+}
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast

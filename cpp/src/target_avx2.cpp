@@ -1,0 +1,19 @@
+// AVX2 + FMA target (Haswell and later, Zen). This file alone is built with -mavx2 -mfma.
+// 16 ymm registers: 12 accumulators + B loads + a broadcast per microkernel step.
+#define ATTNFAST_TARGET_NS avx2
+#define ATTNFAST_TARGET_NAME "avx2"
+#include "simd/vec_avx2.h"
+
+namespace attnfast {
+namespace avx2 {
+template <class T>
+using Vec = Avx2Vec<T>;
+struct Tiles {
+  static constexpr int kGemmMR = 6, kGemmNRV = 2;  // 6 x 16 floats
+  static constexpr int kQkMR = 4, kQkNRV = 3;      // 4 keys x 24 queries
+  static constexpr int kPvMR = 6, kPvNRV = 2;      // 6 queries x 16 value features
+};
+}  // namespace avx2
+}  // namespace attnfast
+
+#include "target_body.h"

@@ -1,0 +1,194 @@
+"""The fast path: validate with :mod:`attnfast._inputs`, allocate, call the compiled core.
+
+Every function here has the same signature, errors and semantics as its twin in
+:mod:`attnfast.reference`; the tests hold the two together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _attnfast as _core
+from . import _inputs
+
+__all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
+
+
+def _unit_last_axis(a: np.ndarray) -> np.ndarray:
+    """Return ``a`` with a unit-stride, aligned last axis, copying only if it has not.
+
+    The kernels vectorise along the feature axis, so a transposed or strided
+    last axis is copied once. Broadcast (stride-0) axes stay broadcast: only
+    the distinct data is copied, never the broadcast expansion.
+    """
+    if a.ndim == 0 or a.flags.aligned and (a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
+        return a
+    distinct = tuple(slice(0, 1) if (st == 0 and n > 1) else slice(None) for n, st in zip(a.shape, a.strides))
+    return np.broadcast_to(np.ascontiguousarray(a[distinct]), a.shape)
+
+
+def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # Projections (general: q W; additive: W_q q, W_k k) are plain GEMMs done once per call; NumPy's
+    # BLAS does them well, so attnfast's own kernels only do the attention-specific work after them.
+    return np.ascontiguousarray(np.matmul(x, w))
+
+
+def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+    """Score every query against every key.
+
+    Parameters
+    ----------
+    q : array_like, (..., Lq, D)
+    k : array_like, (..., Lk, Dk)
+    method : {"dot", "scaled_dot", "general", "concat", "additive"}
+        dot: q.k; scaled_dot: q.k * scale (default 1/sqrt(D)); general: q W k (``w``: (D, Dk));
+        concat: w_q.q + w_k.k + b (``w_q``: (D,), ``w_k``: (Dk,), ``score_bias``: scalar);
+        additive: v_a . tanh(W_q q + W_k k + b) (``w_q``: (A, D), ``w_k``: (A, Dk), ``score_bias``: (A,),
+        ``v_a``: (A,), default ones).
+    scale : float, optional
+        Multiplies every method's score. Default 1/sqrt(D) for scaled_dot, 1 otherwise.
+
+    Returns
+    -------
+    ndarray, (..., Lq, Lk), the dtype of q and k (float32 or float64).
+    """
+    a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
+                             score_bias=score_bias)
+    out = np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)
+    batch = list(a.batch_shape)
+    if a.method in ("dot", "scaled_dot", "general"):
+        qq = _projected(a.q, a.w) if a.method == "general" else _unit_last_axis(a.q)
+        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, a.scale)
+    elif a.method == "concat":
+        # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
+        q_term = np.matmul(a.q, a.w_q)[..., :, None]
+        k_term = np.matmul(a.k, a.w_k)[..., None, :]
+        np.add(q_term, k_term, out=out)
+        out += a.score_bias
+        if a.scale != 1.0:
+            out *= a.dtype.type(a.scale)
+    else:
+        qp = _projected(a.q, a.w_q.T)
+        qp += a.score_bias
+        kp = _projected(a.k, a.w_k.T)
+        _core.scores_additive(qp, kp, np.ascontiguousarray(a.v_a), out, batch, a.scale)
+    return out
+
+
+def softmax(x, axis=-1, *, mask=None):
+    """Numerically stable softmax along ``axis``.
+
+    The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
+    entries; a row with no visible entry gives all zeros, never NaN.
+    """
+    a = _inputs.check_softmax(x, axis, mask)
+    out = np.empty(a.x.shape, a.dtype)
+    if out.size == 0:
+        return out
+    xv = np.moveaxis(a.x, a.axis, -1)
+    ov = np.moveaxis(out, a.axis, -1)
+    mv = None if a.mask is None else np.moveaxis(np.broadcast_to(a.mask, a.x.shape), a.axis, -1)
+    if xv.ndim == 1:
+        xv, ov = xv[None], ov[None]
+        mv = None if mv is None else mv[None]
+    _core.softmax(xv, mv, ov)
+    return out
+
+
+def aggregate(weights, v):
+    """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
+    a = _inputs.check_aggregate(weights, v)
+    out = np.empty(a.batch_shape + (a.lq, a.dv), a.dtype)
+    _core.aggregate(_unit_last_axis(a.weights), _unit_last_axis(a.v), out, list(a.batch_shape))
+    return out
+
+
+def _dot_operands(a):
+    """q and k for the fused kernel's dot-product scores, and the extra bias of the method (or None).
+
+    general folds W into q once; concat becomes a 2-feature dot product
+    [scale (w_q.q_i + b), scale] . [1, w_k.k_j]; additive is not a dot product: its (..., Lq, Lk)
+    scores are computed by the additive kernel and enter the fused kernel as a bias, with no feature
+    left for the dot product.
+    """
+    if a.method in ("dot", "scaled_dot"):
+        return _unit_last_axis(a.q), _unit_last_axis(a.k), a.scale, None
+    if a.method == "general":
+        return _projected(a.q, a.w), _unit_last_axis(a.k), a.scale, None
+    if a.method == "concat":
+        q_term = (np.matmul(a.q, a.w_q) + a.score_bias) * a.dtype.type(a.scale)
+        qq = np.stack([q_term, np.full_like(q_term, a.scale)], axis=-1)
+        k_term = np.matmul(a.k, a.w_k)
+        kk = np.stack([np.ones_like(k_term), k_term], axis=-1)
+        return qq, kk, 1.0, None
+    keys = a.k if a.group == 1 else np.repeat(a.k, a.group, axis=-3)  # GQA: expand kv heads for the scores
+    s = scores(a.q, keys, method="additive", scale=a.scale, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a,
+               score_bias=a.score_bias)
+    empty_q = np.zeros(a.q.shape[:-1] + (0,), a.dtype)
+    empty_k = np.zeros(a.k.shape[:-1] + (0,), a.dtype)
+    return empty_q, empty_k, 1.0, s
+
+
+def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
+              causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
+              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+    """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
+
+    See :func:`attnfast.reference.attention` for the full contract; returns ``out`` (..., Lq, Dv), or a
+    tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
+    """
+    a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
+                                causal_align=causal_align, window=window, kv_lengths=kv_lengths,
+                                return_lse=return_lse, return_weights=return_weights, out=out, w=w, w_q=w_q,
+                                w_k=w_k, v_a=v_a, score_bias=score_bias)
+    batch = a.batch_shape
+    full = batch + (a.lq, a.lk)
+    qq, kk, kernel_scale, method_bias = _dot_operands(a)
+    score_bias_total = a.bias
+    if method_bias is not None:
+        score_bias_total = method_bias if a.bias is None else method_bias + a.bias
+    mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
+    bias_view = None if score_bias_total is None else np.broadcast_to(score_bias_total, full)
+    lengths = None
+    if a.kv_lengths is not None:
+        lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
+
+    # Write straight into the caller's out= only when it is safe: unit last axis, no overlap with any
+    # input, and no second pass that could still fail after out was written.
+    target = a.out
+    direct = (target is not None and not a.return_weights and target.flags.aligned
+              and (a.dv <= 1 or target.strides[-1] == target.itemsize)
+              and not any(np.may_share_memory(target, x) for x in (a.q, a.k, a.v)))
+    result = target if direct else np.empty(batch + (a.lq, a.dv), a.dtype)
+    lse = np.empty(batch + (a.lq,), a.dtype) if a.return_lse else None
+    weights = np.empty(full, a.dtype) if a.return_weights else None
+    _core.attention(qq, kk, _unit_last_axis(a.v), result, list(batch), list(a.kv_batch_shape), a.group,
+                    kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
+                    a.window_right, lse, weights)
+    if target is not None and not direct:
+        np.copyto(target, result)
+        result = target
+    extras = [x for x in (lse, weights) if x is not None]
+    return (result, *extras) if extras else result
+
+
+def merge_states(outs, lses):
+    """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
+
+    lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
+    nothing; a row empty in every part gives out 0 and lse -inf.
+    """
+    a = _inputs.check_merge_states(outs, lses)
+    # Elementwise and memory-bound: NumPy in the parts' own dtype is as fast as a kernel would be.
+    s = np.stack(a.lses)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.max(s, axis=0)
+        shift = np.where(m == -np.inf, 0, m)
+        e = np.exp(s - shift)
+        total = np.sum(e, axis=0)
+        lse = shift + np.log(total)
+        factor = np.where(s == -np.inf, 0, e / np.where(total == 0, 1, total))
+        merged = np.zeros(a.shape, a.dtype)
+        for part, f in zip(a.outs, factor):
+            merged += np.where(f[..., None] == 0, 0, f[..., None] * part)
+    return merged.astype(a.dtype, copy=False), lse.astype(a.dtype, copy=False)

@@ -1,0 +1,798 @@
+"""Input coercion and validation shared by the public API and the reference.
+
+Every public function (fast path and :mod:`attnfast.reference`) runs its inputs
+through one ``check_*`` function here, so both raise the same exception, with
+the same message, for the same bad input.  The checks return frozen dataclasses
+holding the coerced arrays and the derived sizes the kernels need.
+
+Policy
+------
+* Arrays go through :func:`numpy.asarray`; an array whose dtype already
+  matches is never copied (views, negative strides and Fortran order are kept:
+  deciding whether a contiguous copy is worth it is the kernel's business).
+* q/k/v/x/weights/v/outs/lses must be float32 or float64; mixed inputs promote
+  like NumPy (``np.result_type``).  Anything else is a ``TypeError``.
+* Method weights and ``bias`` are converted to the computation dtype (they may
+  be float32/float64, integer or float16: those convert exactly or harmlessly).
+* Shapes and values: ``ValueError``; kinds and dtypes: ``TypeError``.  Every
+  message names the argument, shows what was received and what was expected,
+  and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "CAUSAL_ALIGNS",
+    "ScoresArgs",
+    "SoftmaxArgs",
+    "AggregateArgs",
+    "AttentionArgs",
+    "MergeArgs",
+    "broadcast_batch",
+    "check_scores",
+    "check_softmax",
+    "check_aggregate",
+    "check_attention",
+    "check_merge_states",
+]
+
+METHODS = ("dot", "scaled_dot", "general", "concat", "additive")
+CAUSAL_ALIGNS = ("top_left", "bottom_right")
+
+# Which keyword arguments each method reads; a weight passed to a method that
+# ignores it is almost always a bug in the caller (wrong method name), so it
+# is rejected instead of silently dropped.
+_METHOD_WEIGHTS = {
+    "dot": (),
+    "scaled_dot": (),
+    "general": ("w",),
+    "concat": ("w_q", "w_k", "score_bias"),
+    "additive": ("w_q", "w_k", "score_bias", "v_a"),
+}
+_WEIGHT_USERS = {
+    "w": "method='general'",
+    "w_q": "method='concat' or method='additive'",
+    "w_k": "method='concat' or method='additive'",
+    "score_bias": "method='concat' or method='additive'",
+    "v_a": "method='additive'",
+}
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+Shape = Tuple[int, ...]
+
+
+# --------------------------------------------------------------------------
+# Result records
+# --------------------------------------------------------------------------
+# eq=False: the fields are ndarrays, whose == is elementwise, so a generated
+# __eq__ would raise on use; identity comparison is the honest default.
+
+
+@dataclass(frozen=True, eq=False)
+class ScoresArgs:
+    """Validated arguments of ``scores``.
+
+    ``q``: (..., Lq, D) and ``k``: (..., Lk, Dk) in ``dtype``, not broadcast.
+    Weights a method does not use are None.  ``score_bias`` is a 0-d array for
+    ``concat`` and an (A,) array for ``additive``.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    dtype: np.dtype
+    batch_shape: Shape
+    lq: int
+    lk: int
+    d: int
+    dk: int
+    method: str
+    scale: float
+    w: Optional[np.ndarray] = None
+    w_q: Optional[np.ndarray] = None
+    w_k: Optional[np.ndarray] = None
+    v_a: Optional[np.ndarray] = None
+    score_bias: Optional[np.ndarray] = None
+    hidden: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class SoftmaxArgs:
+    """Validated arguments of ``softmax``.
+
+    ``axis`` is non-negative; ``mask`` is None or a bool array broadcastable
+    to ``x.shape`` (not broadcast).
+    """
+
+    x: np.ndarray
+    axis: int
+    mask: Optional[np.ndarray]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateArgs:
+    """Validated arguments of ``aggregate``: weights (..., Lq, Lk), v (..., Lk, Dv)."""
+
+    weights: np.ndarray
+    v: np.ndarray
+    dtype: np.dtype
+    batch_shape: Shape
+    lq: int
+    lk: int
+    dv: int
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionArgs:
+    """Validated arguments of ``attention``.
+
+    Shapes (none of the arrays is broadcast or copied beyond dtype promotion):
+
+    * ``q``: (..., Lq, D), ``k``: (..., Lk, Dk), ``v``: (..., Lk, Dv);
+    * ``batch_shape``: the output's batch shape, so out is
+      ``batch_shape + (lq, dv)``;
+    * ``kv_batch_shape``: the batch shape k and v broadcast to (same as
+      ``batch_shape`` except on the head axis -3, which holds the kv heads);
+    * ``group``: query head h (axis -3 of ``batch_shape``) reads kv head
+      ``h // group``.  ``group == 1`` unless GQA/MQA applies.  When q has a
+      single head and k/v have H (plain broadcasting), ``group == 1`` and the
+      output has H heads.
+    * ``mask``/``bias``: broadcastable to ``batch_shape + (lq, lk)``;
+      ``kv_lengths``: int64, broadcastable to ``batch_shape``.
+    * ``window_left``/``window_right``: -1 means unbounded.  Key j is visible
+      to query i when ``diag - left <= j <= diag + right`` with
+      ``diag = i + diagonal_offset`` (the offset aligns causal AND window).
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    dtype: np.dtype
+    method: str
+    scale: float
+    w: Optional[np.ndarray]
+    w_q: Optional[np.ndarray]
+    w_k: Optional[np.ndarray]
+    v_a: Optional[np.ndarray]
+    score_bias: Optional[np.ndarray]
+    hidden: int
+    lq: int
+    lk: int
+    d: int
+    dk: int
+    dv: int
+    batch_shape: Shape
+    kv_batch_shape: Shape
+    group: int
+    mask: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+    kv_lengths: Optional[np.ndarray]
+    causal: bool
+    diagonal_offset: int
+    window_left: int
+    window_right: int
+    return_lse: bool
+    return_weights: bool
+    out: Optional[np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class MergeArgs:
+    """Validated arguments of ``merge_states``.
+
+    ``outs``: list of arrays of one shape (..., Lq, Dv); ``lses``: list of the
+    same length of arrays of shape (..., Lq); all in ``dtype``.
+    """
+
+    outs: list
+    lses: list
+    dtype: np.dtype
+    shape: Shape
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    """Format a shape exactly like NumPy prints it, e.g. ``(5,)``."""
+    return str(tuple(int(s) for s in shape))
+
+
+def _asarray(name: str, x: Any) -> np.ndarray:
+    """``np.asarray`` that names the argument when the input is ragged."""
+    if x is None:
+        raise TypeError(f"{name} is required; got None. Pass a NumPy array.")
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{name} could not be converted to a NumPy array ({exc}). "
+            f"Pass a rectangular array (all rows the same length)."
+        ) from None
+
+
+def _float_array(name: str, x: Any) -> np.ndarray:
+    """Return ``x`` as a float32/float64 array, or raise ``TypeError``."""
+    a = _asarray(name, x)
+    if a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"attnfast computes in float32 or float64; {name} has dtype {a.dtype}. "
+            f"Convert it with {name}.astype(np.float32) (or np.float64)."
+        )
+    return a
+
+
+def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Convert to ``dtype`` without copying when it already matches."""
+    return a.astype(dtype, copy=False)
+
+
+def _real_array(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
+    """Coerce a weight/bias to ``dtype``; accepts any real int or float dtype.
+
+    Weights do not decide the computation dtype (q/k/v do); integer or float16
+    weights convert to it exactly, so they are accepted.  bool, complex,
+    object and strings are almost certainly mistakes and raise ``TypeError``.
+    """
+    a = _asarray(name, x)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(
+            f"{name} must be a real floating-point array; got dtype {a.dtype}. "
+            f"Convert it with {name}.astype(np.{dtype.name})."
+        )
+    return _cast(a, dtype)
+
+
+def _at_least_2d(name: str, a: np.ndarray, layout: str, hint: str) -> None:
+    if a.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions {layout}; got shape {_fmt(a.shape)}. "
+            f"{hint}"
+        )
+
+
+def _check_bool_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}.")
+    return bool(value)
+
+
+def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint: str = "") -> None:
+    """Raise unless an array of ``shape`` broadcasts to exactly ``target``."""
+    try:
+        ok = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} has shape {_fmt(shape)}, which does not broadcast to {what} "
+            f"{_fmt(target)}.{(' ' + hint) if hint else ''}"
+        )
+
+
+def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = None) -> Shape:
+    """Broadcast batch shapes with NumPy rules, raising a descriptive ``ValueError``.
+
+    Parameters
+    ----------
+    *shapes : tuple of int
+        Batch shapes (every axis but the last two of each array).
+    names : sequence of str, optional
+        Argument names used in the error message, one per shape.
+
+    Returns
+    -------
+    tuple of int
+        The broadcast shape.
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not broadcast.
+    """
+    shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        pass
+    if names is None:
+        names = [f"argument {i}" for i in range(len(shapes))]
+    listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, shapes))
+    raise ValueError(
+        f"the batch shapes (all axes before the last two) do not broadcast: {listing}. "
+        f"Batch axes follow NumPy broadcasting, aligned from the right: each axis must be "
+        f"equal or 1. Insert size-1 axes (e.g. x[:, None]) to line them up."
+    )
+
+
+# --------------------------------------------------------------------------
+# Score method and weights (shared by scores and attention)
+# --------------------------------------------------------------------------
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        valid = ", ".join(repr(m) for m in METHODS)
+        raise ValueError(f"unknown method {method!r}; valid methods are {valid}.")
+    return str(method)
+
+
+def _check_scale(scale: Any, method: str, d: int) -> float:
+    if scale is None:
+        # 1/sqrt(D) keeps the variance of q.k near 1 for unit-variance inputs;
+        # with D == 0 every score is 0 anyway, so any finite scale will do.
+        return 1.0 / math.sqrt(d) if (method == "scaled_dot" and d > 0) else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        if isinstance(scale, np.ndarray) and scale.ndim == 0 and scale.dtype.kind in "iuf":
+            scale = scale.item()
+        else:
+            raise TypeError(f"scale must be a real number (a Python float); got {scale!r}.")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite; got {value!r}. Pass a finite float or None for the default.")
+    return value
+
+
+def _weight(name: str, x: Any, expected: Shape, dtype: np.dtype, method: str, labels: str) -> np.ndarray:
+    """Coerce one method weight and check its exact shape."""
+    if x is None:
+        raise ValueError(f"method={method!r} requires {name} of shape {labels} = {_fmt(expected)}; got None.")
+    a = _real_array(name, x, dtype)
+    if a.shape != tuple(expected):
+        raise ValueError(
+            f"{name} for method={method!r} must have shape {labels} = {_fmt(expected)}; "
+            f"got shape {_fmt(a.shape)}."
+        )
+    return a
+
+
+def _check_method_weights(
+    method: str, dtype: np.dtype, d: int, dk: int, q_shape: Shape, k_shape: Shape, **given: Any
+) -> dict:
+    """Validate the weights of ``method``; return the ScoresArgs weight fields."""
+    used = _METHOD_WEIGHTS[method]
+    for name, value in given.items():
+        if value is not None and name not in used:
+            raise ValueError(
+                f"{name} is only used by {_WEIGHT_USERS[name]}; got method={method!r}. "
+                f"Remove {name} or choose the method that uses it."
+            )
+    fields = dict(w=None, w_q=None, w_k=None, v_a=None, score_bias=None, hidden=0)
+
+    if method in ("dot", "scaled_dot") and d != dk:
+        raise ValueError(
+            f"method={method!r} needs q and k with the same feature size D; got q shape "
+            f"{_fmt(q_shape)} (D={d}) and k shape {_fmt(k_shape)} (D={dk}). Use method='general' "
+            f"with a (D, Dk) weight w for different sizes."
+        )
+    if method == "general":
+        fields["w"] = _weight("w", given["w"], (d, dk), dtype, method, "(D, Dk)")
+    elif method == "concat":
+        fields["w_q"] = _weight("w_q", given["w_q"], (d,), dtype, method, "(D,)")
+        fields["w_k"] = _weight("w_k", given["w_k"], (dk,), dtype, method, "(Dk,)")
+        b = given["score_bias"]
+        if b is None:
+            fields["score_bias"] = np.zeros((), dtype=dtype)
+        else:
+            b = _real_array("score_bias", b, dtype)
+            if b.shape != ():
+                raise ValueError(
+                    f"score_bias for method='concat' must be a scalar (shape ()); got shape "
+                    f"{_fmt(b.shape)}. Pass a float, e.g. float(b[0])."
+                )
+            fields["score_bias"] = b
+    elif method == "additive":
+        wq = given["w_q"]
+        if wq is None:
+            raise ValueError(f"method='additive' requires w_q of shape (A, D) = (A, {d}); got None.")
+        wq = _real_array("w_q", wq, dtype)
+        if wq.ndim != 2 or wq.shape[1] != d:
+            raise ValueError(
+                f"w_q for method='additive' must have shape (A, D) = (A, {d}); got shape {_fmt(wq.shape)}."
+            )
+        a = wq.shape[0]
+        fields["w_q"] = wq
+        fields["w_k"] = _weight("w_k", given["w_k"], (a, dk), dtype, method, "(A, Dk)")
+        b = given["score_bias"]
+        fields["score_bias"] = (
+            np.zeros((a,), dtype=dtype) if b is None else _weight("score_bias", b, (a,), dtype, method, "(A,)")
+        )
+        va = given["v_a"]
+        fields["v_a"] = np.ones((a,), dtype=dtype) if va is None else _weight("v_a", va, (a,), dtype, method, "(A,)")
+        fields["hidden"] = int(a)
+    return fields
+
+
+# --------------------------------------------------------------------------
+# Public checks
+# --------------------------------------------------------------------------
+
+
+def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+    """Validate the arguments of ``scores``.
+
+    Parameters
+    ----------
+    q : array_like, (..., Lq, D)
+    k : array_like, (..., Lk, Dk)
+    method, scale, w, w_q, w_k, v_a, score_bias
+        As in :func:`attnfast.scores`.
+
+    Returns
+    -------
+    ScoresArgs
+    """
+    q = _float_array("q", q)
+    k = _float_array("k", k)
+    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
+    method = _check_method(method)
+    dtype = np.result_type(q, k)
+    q, k = _cast(q, dtype), _cast(k, dtype)
+    batch = broadcast_batch(q.shape[:-2], k.shape[:-2], names=("q", "k"))
+    d, dk = int(q.shape[-1]), int(k.shape[-1])
+    fields = _check_method_weights(
+        method, dtype, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
+    )
+    return ScoresArgs(
+        q=q,
+        k=k,
+        dtype=dtype,
+        batch_shape=batch,
+        lq=int(q.shape[-2]),
+        lk=int(k.shape[-2]),
+        d=d,
+        dk=dk,
+        method=method,
+        scale=_check_scale(scale, method, d),
+        **fields,
+    )
+
+
+def _check_axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"axis must be an integer; got {axis!r}.")
+    try:
+        ax = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer; got {axis!r} of type {type(axis).__name__}.") from None
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"axis {ax} is out of range for x with {ndim} dimension(s); use -{ndim} <= axis < {ndim}.")
+    return ax % ndim
+
+
+def _check_mask(mask: Any) -> np.ndarray:
+    m = _asarray("mask", mask)
+    if m.dtype != np.bool_:
+        raise TypeError(
+            f"mask must be a boolean array (True = attend); got dtype {m.dtype}. "
+            f"Build it with a comparison, e.g. mask = (m != 0), or pass additive scores as bias=."
+        )
+    return m
+
+
+def check_softmax(x, axis=-1, mask=None):
+    """Validate the arguments of ``softmax``.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, ndim >= 1
+    axis : int
+    mask : array_like of bool, optional, broadcastable to ``x.shape``
+
+    Returns
+    -------
+    SoftmaxArgs
+    """
+    x = _float_array("x", x)
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension; got shape {_fmt(x.shape)}. Use np.atleast_1d(x).")
+    ax = _check_axis(axis, x.ndim)
+    if mask is not None:
+        mask = _check_mask(mask)
+        _broadcast_to_target("mask", mask.shape, x.shape, "the shape of x")
+    return SoftmaxArgs(x=x, axis=ax, mask=mask, dtype=x.dtype)
+
+
+def check_aggregate(weights, v):
+    """Validate the arguments of ``aggregate``.
+
+    Parameters
+    ----------
+    weights : array_like, (..., Lq, Lk)
+    v : array_like, (..., Lk, Dv)
+
+    Returns
+    -------
+    AggregateArgs
+    """
+    weights = _float_array("weights", weights)
+    v = _float_array("v", v)
+    _at_least_2d("weights", weights, "(..., Lq, Lk)", "Use weights[None, :] for a single query.")
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[:, None] for scalar values.")
+    if weights.shape[-1] != v.shape[-2]:
+        raise ValueError(
+            f"weights has Lk={weights.shape[-1]} keys (last axis, shape {_fmt(weights.shape)}) but v has "
+            f"Lk={v.shape[-2]} rows (axis -2, shape {_fmt(v.shape)}); they must be equal."
+        )
+    dtype = np.result_type(weights, v)
+    weights, v = _cast(weights, dtype), _cast(v, dtype)
+    batch = broadcast_batch(weights.shape[:-2], v.shape[:-2], names=("weights", "v"))
+    return AggregateArgs(
+        weights=weights,
+        v=v,
+        dtype=dtype,
+        batch_shape=batch,
+        lq=int(weights.shape[-2]),
+        lk=int(weights.shape[-1]),
+        dv=int(v.shape[-1]),
+    )
+
+
+def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int]:
+    """Combine q's and k/v's batch shapes; return (batch, kv_batch, group).
+
+    Axis -3 (the head axis, when both sides have one) follows the GQA rule;
+    every other batch axis broadcasts as in NumPy.
+    """
+    if len(q_batch) == 0 or len(kv_batch) == 0:
+        batch = broadcast_batch(q_batch, kv_batch, names=("q", "k/v"))
+        return batch, batch, 1
+    hq, hk = q_batch[-1], kv_batch[-1]
+    rest = broadcast_batch(q_batch[:-1], kv_batch[:-1], names=("q", "k/v"))
+    if hq == hk:
+        heads, group = hq, 1
+    elif hk == 1:
+        # MQA: every query head reads the single kv head.
+        heads, group = hq, max(hq, 1)
+    elif hq == 1:
+        # Plain NumPy broadcasting of a single query head over the kv heads.
+        heads, group = hk, 1
+    elif hk > 0 and hq > 0 and hq % hk == 0:
+        heads, group = hq, hq // hk
+    else:
+        raise ValueError(
+            f"q has {hq} heads (axis -3) but k/v have {hk}; the kv heads must divide the query heads "
+            f"(query head h uses kv head h // (Hq/Hk)). Got q batch shape {_fmt(q_batch)} and k/v batch "
+            f"shape {_fmt(kv_batch)}."
+        )
+    return rest + (heads,), rest + (hk,), group
+
+
+def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
+    n = _asarray("kv_lengths", kv_lengths)
+    if n.dtype.kind not in "iu":
+        raise TypeError(
+            f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "
+            f"{n.dtype}. Convert it with kv_lengths.astype(np.int64)."
+        )
+    hint = ""
+    if n.ndim >= 1 and len(batch) > n.ndim:
+        hint = (
+            "Batch axes align from the right; for one length per leading batch entry add trailing "
+            "size-1 axes, e.g. kv_lengths[:, None]."
+        )
+    _broadcast_to_target("kv_lengths", n.shape, batch, "the batch shape", hint)
+    # Check the range before converting, so huge uint64 values cannot wrap.
+    if n.size:
+        lo, hi = n.min(), n.max()
+        if lo < 0 or hi > lk:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"kv_lengths must lie in [0, Lk] = [0, {lk}]; got {int(bad)}.")
+    return n.astype(np.int64, copy=False)
+
+
+def _check_window(window: Any) -> Tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)):
+        raise TypeError(
+            f"window must be a pair (left, right) of non-negative ints or None; got {window!r}. "
+            f"Use e.g. window=(128, 0), or window=None for no window."
+        )
+    if len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right); got {len(window)} values: {tuple(window)!r}.")
+    sides = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            sides.append(-1)
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"window {side} must be an int >= 0 or None; got {value!r}.")
+        try:
+            n = operator.index(value)
+        except TypeError:
+            raise TypeError(f"window {side} must be an int >= 0 or None; got {value!r}.") from None
+        if n < 0:
+            raise ValueError(f"window {side} must be >= 0 (or None for unbounded); got {n}.")
+        sides.append(int(n))
+    return sides[0], sides[1]
+
+
+def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out must be a NumPy ndarray of shape {_fmt(shape)} and dtype {dtype}; got {type(out).__name__}."
+        )
+    if out.shape != tuple(shape):
+        raise ValueError(
+            f"out has shape {_fmt(out.shape)} but the result has shape batch_shape + (Lq, Dv) = {_fmt(shape)}. "
+            f"Allocate it with np.empty({_fmt(shape)}, dtype=np.{dtype.name})."
+        )
+    if out.dtype != dtype:
+        raise TypeError(
+            f"out has dtype {out.dtype} but the result has dtype {dtype} (the promoted dtype of q, k, v). "
+            f"Allocate out with dtype=np.{dtype.name}."
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like(out)).")
+    return out
+
+
+def check_attention(
+    q,
+    k,
+    v,
+    *,
+    method="scaled_dot",
+    scale=None,
+    mask=None,
+    bias=None,
+    causal=False,
+    causal_align="top_left",
+    window=None,
+    kv_lengths=None,
+    return_lse=False,
+    return_weights=False,
+    out=None,
+    w=None,
+    w_q=None,
+    w_k=None,
+    v_a=None,
+    score_bias=None,
+):
+    """Validate the arguments of ``attention``.
+
+    Parameters
+    ----------
+    q : array_like, (..., Lq, D)
+    k : array_like, (..., Lk, Dk)
+    v : array_like, (..., Lk, Dv)
+    others
+        As in :func:`attnfast.attention`.
+
+    Returns
+    -------
+    AttentionArgs
+    """
+    q = _float_array("q", q)
+    k = _float_array("k", k)
+    v = _float_array("v", v)
+    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[None, :] for a single key.")
+    method = _check_method(method)
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of keys Lk (axis -2); got k shape {_fmt(k.shape)} "
+            f"and v shape {_fmt(v.shape)}."
+        )
+    dtype = np.result_type(q, k, v)
+    q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+    lq, lk = int(q.shape[-2]), int(k.shape[-2])
+    d, dk, dv = int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])
+
+    kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
+    batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
+    fields = _check_method_weights(
+        method, dtype, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
+    )
+    scores_shape = batch + (lq, lk)
+
+    if mask is not None:
+        mask = _check_mask(mask)
+        _broadcast_to_target("mask", mask.shape, scores_shape, "the score shape batch_shape + (Lq, Lk)")
+    if bias is not None:
+        bias = _real_array("bias", bias, dtype)
+        _broadcast_to_target("bias", bias.shape, scores_shape, "the score shape batch_shape + (Lq, Lk)")
+    if kv_lengths is not None:
+        kv_lengths = _check_kv_lengths(kv_lengths, batch, lk)
+
+    causal = _check_bool_flag("causal", causal)
+    if causal_align not in CAUSAL_ALIGNS:
+        raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
+    offset = 0 if causal_align == "top_left" else lk - lq
+    left, right = _check_window(window)
+    return_lse = _check_bool_flag("return_lse", return_lse)
+    return_weights = _check_bool_flag("return_weights", return_weights)
+    if out is not None:
+        out = _check_out(out, batch + (lq, dv), dtype)
+
+    return AttentionArgs(
+        q=q,
+        k=k,
+        v=v,
+        dtype=dtype,
+        method=method,
+        scale=_check_scale(scale, method, d),
+        lq=lq,
+        lk=lk,
+        d=d,
+        dk=dk,
+        dv=dv,
+        batch_shape=batch,
+        kv_batch_shape=kv_batch,
+        group=group,
+        mask=mask,
+        bias=bias,
+        kv_lengths=kv_lengths,
+        causal=causal,
+        diagonal_offset=offset,
+        window_left=left,
+        window_right=right,
+        return_lse=return_lse,
+        return_weights=return_weights,
+        out=out,
+        **fields,
+    )
+
+
+def check_merge_states(outs, lses):
+    """Validate the arguments of ``merge_states``.
+
+    Parameters
+    ----------
+    outs : sequence of array_like, each (..., Lq, Dv)
+    lses : sequence of array_like, each (..., Lq)
+
+    Returns
+    -------
+    MergeArgs
+    """
+    if isinstance(outs, np.ndarray) or isinstance(lses, np.ndarray):
+        raise TypeError(
+            "outs and lses must be lists (one entry per part); got an ndarray. "
+            "For stacked parts pass list(outs) and list(lses)."
+        )
+    if not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple)):
+        raise TypeError(
+            f"outs and lses must be lists of arrays; got {type(outs).__name__} and {type(lses).__name__}."
+        )
+    if len(outs) == 0:
+        raise ValueError("merge_states needs at least one part; got empty outs.")
+    if len(outs) != len(lses):
+        raise ValueError(f"outs and lses must have the same length; got {len(outs)} outs and {len(lses)} lses.")
+    outs = [_float_array(f"outs[{i}]", o) for i, o in enumerate(outs)]
+    lses = [_float_array(f"lses[{i}]", s) for i, s in enumerate(lses)]
+    shape = outs[0].shape
+    if len(shape) < 2:
+        raise ValueError(f"outs[0] must have at least 2 dimensions (..., Lq, Dv); got shape {_fmt(shape)}.")
+    for i, o in enumerate(outs):
+        if o.shape != shape:
+            raise ValueError(
+                f"outs[{i}] has shape {_fmt(o.shape)} but outs[0] has shape {_fmt(shape)}; all parts must "
+                f"have the same shape."
+            )
+    for i, s in enumerate(lses):
+        if s.shape != shape[:-1]:
+            raise ValueError(
+                f"lses[{i}] has shape {_fmt(s.shape)} but must have shape outs.shape[:-1] = {_fmt(shape[:-1])}."
+            )
+    dtype = np.result_type(*outs, *lses)
+    return MergeArgs(
+        outs=[_cast(o, dtype) for o in outs],
+        lses=[_cast(s, dtype) for s in lses],
+        dtype=dtype,
+        shape=tuple(shape),
+    )

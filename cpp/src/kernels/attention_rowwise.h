@@ -139,17 +139,17 @@ struct RowwiseAttention {
     V sum = V::zero();
     int64_t t = 0;
     for (; t < full; t += L) {
-      const V e = exp2_approx(V::load(s + t) - vm);
+      const V e = exp2_nonpositive(V::load(s + t) - vm);
       e.store(s + t);
       sum = sum + e;
     }
     T tail_sum = 0;
     if (tail) {
-      exp2_approx(V::load_partial(s + t, tail) - vm).store_partial(s + t, tail);
+      exp2_nonpositive(V::load_partial(s + t, tail) - vm).store_partial(s + t, tail);
       for (; t < nk; ++t) tail_sum += s[t];
     }
     T alpha[L];
-    exp2_approx(V::set1(*m - m_use)).store(alpha);
+    exp2_nonpositive(V::set1(*m - m_use)).store(alpha);
     *l = *l * alpha[0] + (reduce_add(sum) + tail_sum);
     *m = m_new;
     return alpha[0];

@@ -134,10 +134,10 @@ struct TiledAttention {
       V m_new = m_old;
       for (int64_t j = 0; j < nk; ++j) m_new = max(m_new, V::load(blk.s + j * MB + i0));
       const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);
-      const V alpha = exp2_approx(m_old - m_use);
+      const V alpha = exp2_nonpositive(m_old - m_use);
       V sum = zero;
       for (int64_t j = 0; j < nk; ++j) {
-        const V pj = exp2_approx(V::load(blk.s + j * MB + i0) - m_use);
+        const V pj = exp2_nonpositive(V::load(blk.s + j * MB + i0) - m_use);
         pj.store(blk.s + j * MB + i0);
         sum = sum + pj;
       }

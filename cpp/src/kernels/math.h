@@ -2,13 +2,17 @@
 // double). Why hand-written: libm has no SIMD entry points we can rely on across compilers, and the
 // softmax needs exact behaviour at the edges (-inf -> 0, NaN -> NaN) more than it needs the last ulp.
 //
-// exp2(x), float: x = n + f with n = round(x), |f| <= 1/2; 2^f from a degree-6 minimax polynomial
-//   (Cephes exp2f coefficients), 2^n by writing the exponent field. Max relative error ~2 ulp (2.4e-7)
-//   over the normal range. x < -126 returns +0 (the result would be subnormal: a softmax term below
-//   2^-126 of the row maximum, which cannot change a sum that contains 1). x > 127.99 is clamped (only
-//   the tanh path calls it with x > 0, after clamping its own argument). -inf -> 0, NaN -> NaN.
-// exp2(x), double: same reduction, 2^f from the Cephes (3,2) Pade form 1 + 2fP/(Q - fP); max relative
-//   error ~2e-16. x < -1022 returns +0.
+// exp2(x), float: x = n + f with n = round(x), |f| <= 1/2, found by the 1.5*2^23 "magic number" add
+//   (whose low mantissa bits then hold n, so 2^n is an integer add into the exponent field: no
+//   round/convert instructions); 2^f = 1 + f P(f) with a degree-5 near-minimax P fitted to relative
+//   error on [-1/2, 1/2]. Max relative error 1.9e-7 (1.6 ulp) measured over the reduced range, Horner
+//   rounding included. x < -126 returns +0 (the result would be subnormal: a softmax term below 2^-126
+//   of the row maximum cannot change a sum that contains 1). -inf -> 0, NaN -> NaN.
+//   Five FMAs and no division: the exponential is the one non-GEMM cost of the fused attention.
+// exp2(x), double: same reduction (magic 1.5*2^52), 2^f from the Cephes (3,2) Pade form
+//   1 + 2fP/(Q - fP); max relative error ~2e-16. x < -1022 returns +0.
+// exp2_approx clamps x above at 127 (1023) so the result stays finite; exp2_nonpositive skips that
+// clamp for callers whose argument is never positive (s - max in a softmax).
 // tanh(x): |x| < 0.625 odd polynomial/rational (Cephes tanhf / tanh) to avoid the cancellation of
 //   1 - 2/(e^2x + 1) near 0; otherwise that formula with the exp2 above. float max error ~2 ulp,
 //   double ~2e-16 relative. NaN -> NaN, +-inf -> +-1.
@@ -23,25 +27,26 @@ struct MathConst;
 template <>
 struct MathConst<float> {
   static constexpr float kExp2Min = -126.0f;
-  static constexpr float kExp2Max = 127.99f;
-  static constexpr float kTanhClamp = 9.5f;  // tanh(9.5) rounds to 1 in float
+  static constexpr float kExp2Max = 127.0f;
+  static constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float kTanhClamp = 9.5f;          // tanh(9.5) rounds to 1 in float
 };
 template <>
 struct MathConst<double> {
   static constexpr double kExp2Min = -1022.0;
-  static constexpr double kExp2Max = 1023.99;
-  static constexpr double kTanhClamp = 19.5;  // tanh(19.5) rounds to 1 in double
+  static constexpr double kExp2Max = 1023.0;
+  static constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kTanhClamp = 19.5;                 // tanh(19.5) rounds to 1 in double
 };
 
 template <class V>
 inline V exp2_poly_reduced(V f, float /*tag*/) {
-  // 2^f ~= 1 + f * P(f) on [-1/2, 1/2].
-  V p = V::set1(1.535336188319500e-4f);
-  p = fmadd(p, f, V::set1(1.339887440266574e-3f));
-  p = fmadd(p, f, V::set1(9.618437357674640e-3f));
-  p = fmadd(p, f, V::set1(5.550332471162809e-2f));
-  p = fmadd(p, f, V::set1(2.402264791363012e-1f));
-  p = fmadd(p, f, V::set1(6.931472028550421e-1f));
+  // 2^f ~= 1 + f * P(f) on [-1/2, 1/2] (coefficients: weighted least squares, Lawson iterations).
+  V p = V::set1(1.32647e-3f);
+  p = fmadd(p, f, V::set1(9.67151e-3f));
+  p = fmadd(p, f, V::set1(5.550734e-2f));
+  p = fmadd(p, f, V::set1(2.4022242e-1f));
+  p = fmadd(p, f, V::set1(6.9314698e-1f));
   return fmadd(p, f, V::set1(1.0f));
 }
 
@@ -59,17 +64,23 @@ inline V exp2_poly_reduced(V f, double /*tag*/) {
   return r + V::set1(1.0);
 }
 
-// 2^x, see the header comment for range and error.
+// 2^x for x <= 0 (or NaN); see the header comment.
+template <class V>
+inline V exp2_nonpositive(V x) {
+  using T = typename V::Scalar;
+  const V xc = max(V::set1(MathConst<T>::kExp2Min), x);  // data second: NaN survives
+  const V magic = V::set1(MathConst<T>::kRoundMagic);
+  const V t = xc + magic;  // low mantissa bits of t hold round(xc)
+  const V n = t - magic;
+  const V r = add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
+  return zero_where(cmp_lt(x, V::set1(MathConst<T>::kExp2Min)), r);
+}
+
+// 2^x for any x; see the header comment.
 template <class V>
 inline V exp2_approx(V x) {
   using T = typename V::Scalar;
-  // Data second in min/max so a NaN in x survives the clamps.
-  V xc = min(V::set1(MathConst<T>::kExp2Max), x);
-  xc = max(V::set1(MathConst<T>::kExp2Min), xc);
-  const V n = round_nearest(xc);
-  const V f = xc - n;  // exact: n is the nearest integer
-  const V r = exp2_poly_reduced(f, T{}) * pow2_int(n);
-  return select(cmp_lt(x, V::set1(MathConst<T>::kExp2Min)), V::zero(), r);
+  return exp2_nonpositive(min(V::set1(MathConst<T>::kExp2Max), x));
 }
 
 template <class V>

@@ -75,6 +75,12 @@ inline VF pow2_int(VF n) {
   const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
 }
+// Integer-adds t's bits shifted into the exponent field to p's bits: p * 2^n when t = n + 1.5 * 2^23.
+inline VF add_exponent_bits(VF p, VF t) {
+  return {_mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_castps_si256(p.v), _mm256_slli_epi32(_mm256_castps_si256(t.v), 23)))};
+}
+inline VF zero_where(__m256 m, VF a) { return {_mm256_andnot_ps(m, a.v)}; }
 inline float reduce_add(VF a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -108,6 +114,11 @@ inline VD pow2_int(VD n) {
   const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(n32), _mm256_set1_epi64x(1023));
   return {_mm256_castsi256_pd(_mm256_slli_epi64(e, 52))};
 }
+inline VD add_exponent_bits(VD p, VD t) {
+  return {_mm256_castsi256_pd(
+      _mm256_add_epi64(_mm256_castpd_si256(p.v), _mm256_slli_epi64(_mm256_castpd_si256(t.v), 52)))};
+}
+inline VD zero_where(__m256d m, VD a) { return {_mm256_andnot_pd(m, a.v)}; }
 inline double reduce_add(VD a) {
   __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
   s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));

@@ -66,6 +66,11 @@ inline VF pow2_int(VF n) {
   const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
 }
+inline VF add_exponent_bits(VF p, VF t) {
+  return {_mm512_castsi512_ps(
+      _mm512_add_epi32(_mm512_castps_si512(p.v), _mm512_slli_epi32(_mm512_castps_si512(t.v), 23)))};
+}
+inline VF zero_where(__mmask16 m, VF a) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~m), a.v)}; }
 inline float reduce_add(VF a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(VF a) { return _mm512_reduce_max_ps(a.v); }
 
@@ -87,6 +92,11 @@ inline VD pow2_int(VD n) {
   const __m512i e = _mm512_add_epi64(_mm512_cvtpd_epi64(n.v), _mm512_set1_epi64(1023));
   return {_mm512_castsi512_pd(_mm512_slli_epi64(e, 52))};
 }
+inline VD add_exponent_bits(VD p, VD t) {
+  return {_mm512_castsi512_pd(
+      _mm512_add_epi64(_mm512_castpd_si512(p.v), _mm512_slli_epi64(_mm512_castpd_si512(t.v), 52)))};
+}
+inline VD zero_where(__mmask8 m, VD a) { return {_mm512_maskz_mov_pd(static_cast<__mmask8>(~m), a.v)}; }
 inline double reduce_add(VD a) { return _mm512_reduce_add_pd(a.v); }
 inline double reduce_max(VD a) { return _mm512_reduce_max_pd(a.v); }
 

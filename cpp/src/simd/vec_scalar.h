@@ -77,5 +77,25 @@ inline ScalarVec<double> pow2_int(ScalarVec<double> n) {
   return {r};
 }
 
+inline ScalarVec<float> add_exponent_bits(ScalarVec<float> p, ScalarVec<float> t) {
+  uint32_t pb, tb;
+  std::memcpy(&pb, &p.v, 4);
+  std::memcpy(&tb, &t.v, 4);
+  pb += tb << 23;
+  float r;
+  std::memcpy(&r, &pb, 4);
+  return {r};
+}
+inline ScalarVec<double> add_exponent_bits(ScalarVec<double> p, ScalarVec<double> t) {
+  uint64_t pb, tb;
+  std::memcpy(&pb, &p.v, 8);
+  std::memcpy(&tb, &t.v, 8);
+  pb += tb << 52;
+  double r;
+  std::memcpy(&r, &pb, 8);
+  return {r};
+}
+template <class T> inline ScalarVec<T> zero_where(bool m, ScalarVec<T> a) { return m ? ScalarVec<T>{T(0)} : a; }
+
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

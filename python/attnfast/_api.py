@@ -28,9 +28,15 @@ def _unit_last_axis(a: np.ndarray) -> np.ndarray:
 
 
 def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    # Projections (general: q W; additive: W_q q, W_k k) are plain GEMMs done once per call; NumPy's
-    # BLAS does them well, so attnfast's own kernels only do the attention-specific work after them.
-    return np.ascontiguousarray(np.matmul(x, w))
+    """x @ w over the last axis of x, as one 2-D GEMM.
+
+    Projections (general: q W; concat: w_q.q; additive: W_q q, W_k k) are plain GEMMs done once per
+    call, and NumPy's BLAS does them well; but a stacked (..., L, D) @ (D, A) matmul runs one small
+    GEMM per batch item, 100x slower here than folding the batch axes into the rows first.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1]) if x.size else x.reshape(int(np.prod(lead)), x.shape[-1])
+    return np.ascontiguousarray((flat @ w).reshape(lead + w.shape[1:]))
 
 
 def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
@@ -61,8 +67,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, a.scale)
     elif a.method == "concat":
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
-        q_term = np.matmul(a.q, a.w_q)[..., :, None]
-        k_term = np.matmul(a.k, a.w_k)[..., None, :]
+        q_term = _projected(a.q, a.w_q)[..., :, None]
+        k_term = _projected(a.k, a.w_k)[..., None, :]
         np.add(q_term, k_term, out=out)
         out += a.score_bias
         if a.scale != 1.0:
@@ -116,9 +122,9 @@ def _dot_operands(a):
     if a.method == "general":
         return _projected(a.q, a.w), _unit_last_axis(a.k), a.scale, None
     if a.method == "concat":
-        q_term = (np.matmul(a.q, a.w_q) + a.score_bias) * a.dtype.type(a.scale)
+        q_term = (_projected(a.q, a.w_q) + a.score_bias) * a.dtype.type(a.scale)
         qq = np.stack([q_term, np.full_like(q_term, a.scale)], axis=-1)
-        k_term = np.matmul(a.k, a.w_k)
+        k_term = _projected(a.k, a.w_k)
         kk = np.stack([np.ones_like(k_term), k_term], axis=-1)
         return qq, kk, 1.0, None
     keys = a.k if a.group == 1 else np.repeat(a.k, a.group, axis=-3)  # GQA: expand kv heads for the scores

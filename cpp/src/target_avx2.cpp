@@ -11,7 +11,7 @@ using Vec = Avx2Vec<T>;
 struct Tiles {
   static constexpr int kGemmMR = 6, kGemmNRV = 2;  // 6 x 16 floats
   static constexpr int kQkMR = 4, kQkNRV = 3;      // 4 keys x 24 queries
-  static constexpr int kPvMR = 6, kPvNRV = 2;      // 6 queries x 16 value features
+  static constexpr int kPvMR = 3, kPvNRV = 4;      // 3 queries x 32 value features: 3 broadcasts + 4 loads per 12 FMAs
 };
 }  // namespace avx2
 }  // namespace attnfast

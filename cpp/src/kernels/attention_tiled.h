@@ -91,12 +91,15 @@ struct TiledAttention {
   void score_tile(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t bkv = blk.b / p.group;
     const int64_t ks = p.k.row_stride_elements;
-    for (int64_t jj = 0; jj < nk; jj += QK_MR) {
-      const T* a_rows[QK_MR];
-      clamped_rows<T, QK_MR>(p.k.row(bkv, j0 + jj), ks, imin(QK_MR, nk - jj), a_rows);
-      for (int64_t panel = 0; panel < blk.panels; ++panel)
-        gemm_microkernel<V, QK_MR, QK_NRV, false, false, true>(p.depth, a_rows, 1, blk.qpack + panel * p.depth * QNR,
-                                                              QNR, L, blk.s + jj * MB + panel * QNR, MB, T(1));
+    // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
+    for (int64_t panel = 0; panel < blk.panels; ++panel) {
+      const T* qpanel = blk.qpack + panel * p.depth * QNR;
+      for (int64_t jj = 0; jj < nk; jj += QK_MR) {
+        const T* a_rows[QK_MR];
+        clamped_rows<T, QK_MR>(p.k.row(bkv, j0 + jj), ks, imin(QK_MR, nk - jj), a_rows);
+        gemm_microkernel<V, QK_MR, QK_NRV, false, false, true>(p.depth, a_rows, 1, qpanel, QNR, L,
+                                                              blk.s + jj * MB + panel * QNR, MB, T(1));
+      }
     }
     const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
     if (!fully_visible) {
@@ -157,22 +160,23 @@ struct TiledAttention {
     const int64_t bkv = blk.b / p.group;
     const T* v = p.v.row(bkv, j0);
     const int64_t vs = p.v.row_stride_elements;
-    for (int64_t i0 = 0; i0 < blk.mb; i0 += PV_MR) {
-      const T* a_rows[PV_MR];
-      clamped_rows<T, PV_MR>(blk.s + i0, 1, imin(PV_MR, blk.mb - i0), a_rows);
-      T* c = blk.acc + i0 * dv_pad;
-      for (int64_t n0 = 0; n0 < p.dv; n0 += PV_NR) {
-        const int64_t ncols = imin(PV_NR, p.dv - n0);
+    // Value columns outer: one column block of the V tile (nk x PV_NR) stays in L1 for every row group.
+    for (int64_t n0 = 0; n0 < p.dv; n0 += PV_NR) {
+      const int64_t ncols = imin(PV_NR, p.dv - n0);
+      for (int64_t i0 = 0; i0 < blk.mb; i0 += PV_MR) {
+        const T* a_rows[PV_MR];
+        clamped_rows<T, PV_MR>(blk.s + i0, 1, imin(PV_MR, blk.mb - i0), a_rows);
+        T* c = blk.acc + i0 * dv_pad + n0;
         if (ncols == PV_NR) {
-          gemm_microkernel<V, PV_MR, PV_NRV, true, false, false>(nk, a_rows, MB, v + n0, vs, L, c + n0, dv_pad, T(1));
+          gemm_microkernel<V, PV_MR, PV_NRV, true, false, false>(nk, a_rows, MB, v + n0, vs, L, c, dv_pad, T(1));
         } else if (ceil_div(ncols, L) == PV_NRV) {
           const int last = static_cast<int>(ncols - (PV_NRV - 1) * L);
-          gemm_microkernel<V, PV_MR, PV_NRV, true, true, false>(nk, a_rows, MB, v + n0, vs, last, c + n0, dv_pad,
-                                                               T(1));
+          gemm_microkernel<V, PV_MR, PV_NRV, true, true, false>(nk, a_rows, MB, v + n0, vs, last, c, dv_pad, T(1));
         } else {
-          for (int64_t c0 = n0; c0 < p.dv; c0 += L) {
-            const int lanes = static_cast<int>(imin(L, p.dv - c0));
-            gemm_microkernel<V, PV_MR, 1, true, true, false>(nk, a_rows, MB, v + c0, vs, lanes, c + c0, dv_pad, T(1));
+          for (int64_t c0 = 0; c0 < ncols; c0 += L) {
+            const int lanes = static_cast<int>(imin(L, ncols - c0));
+            gemm_microkernel<V, PV_MR, 1, true, true, false>(nk, a_rows, MB, v + n0 + c0, vs, lanes, c + c0, dv_pad,
+                                                            T(1));
           }
         }
       }

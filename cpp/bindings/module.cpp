@@ -167,7 +167,8 @@ struct AttentionCall {
 template <class T>
 void run_attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                    const AttentionCall& c, const py::object& mask, const py::object& bias,
-                   const py::object& kv_lengths, const py::object& lse, const py::object& weights) {
+                   const py::object& kv_lengths, const py::object& lse, const py::object& weights,
+                   const py::object& v_a) {
   Layouts L;
   attnfast::AttentionParams<T> p;
   p.q = L.make<const T>(q, c.batch, 2, "q", true);
@@ -204,6 +205,14 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
     p.lse_batch_offset_elements = lse_offsets.data();
   }
   if (!weights.is_none()) p.weights = L.make<T>(py::cast<py::array>(weights), c.batch, 2, "weights", true);
+  py::array v_a_arr;
+  if (!v_a.is_none()) {
+    v_a_arr = py::cast<py::array>(v_a);
+    require_dtype<T>(v_a_arr, "v_a");
+    if (v_a_arr.ndim() != 1 || v_a_arr.shape(0) != p.depth || !(v_a_arr.flags() & py::array::c_style))
+      throw std::invalid_argument("v_a must be a contiguous vector of the projected feature size");
+    p.v_a = static_cast<const T*>(v_a_arr.data());
+  }
   p.num_threads = attnfast::get_num_threads();
   const auto fn = attnfast::table_for<T>(kernels()).attention;
   int status;
@@ -250,15 +259,15 @@ PYBIND11_MODULE(_attnfast, m) {
       [](const py::array& q, const py::array& k, const py::array& v, py::array& out, const Shape& batch,
          const Shape& kv_batch, int64_t group, double scale, const py::object& mask, const py::object& bias,
          const py::object& kv_lengths, bool causal, int64_t diagonal_offset, int64_t window_left,
-         int64_t window_right, const py::object& lse, const py::object& weights) {
+         int64_t window_right, const py::object& lse, const py::object& weights, const py::object& v_a) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
-        if (is_f32(q)) return run_attention<float>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights);
-        run_attention<double>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights);
+        if (is_f32(q)) return run_attention<float>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights, v_a);
+        run_attention<double>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights, v_a);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"), py::arg("kv_batch"),
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
       py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("lse"), py::arg("weights"));
+      py::arg("lse"), py::arg("weights"), py::arg("v_a") = py::none());
 
   m.def("isa", [] { return std::string(attnfast::active_kernels().name); });
   m.def("usable_isas", &attnfast::usable_targets);

@@ -109,13 +109,12 @@ def aggregate(weights, v):
     return out
 
 
-def _dot_operands(a):
-    """q and k for the fused kernel's dot-product scores, and the extra bias of the method (or None).
+def _score_operands(a):
+    """q, k, scale and v_a for the fused kernel's score rule (v_a is None for dot-product scores).
 
     general folds W into q once; concat becomes a 2-feature dot product
-    [scale (w_q.q_i + b), scale] . [1, w_k.k_j]; additive is not a dot product: its (..., Lq, Lk)
-    scores are computed by the additive kernel and enter the fused kernel as a bias, with no feature
-    left for the dot product.
+    [scale (w_q.q_i + b), scale] . [1, w_k.k_j]; additive hands over the projected queries (bias
+    included) and keys, and the kernel evaluates v_a . tanh(qp_i + kp_j) tile by tile.
     """
     if a.method in ("dot", "scaled_dot"):
         return _unit_last_axis(a.q), _unit_last_axis(a.k), a.scale, None
@@ -127,12 +126,9 @@ def _dot_operands(a):
         k_term = _projected(a.k, a.w_k)
         kk = np.stack([np.ones_like(k_term), k_term], axis=-1)
         return qq, kk, 1.0, None
-    keys = a.k if a.group == 1 else np.repeat(a.k, a.group, axis=-3)  # GQA: expand kv heads for the scores
-    s = scores(a.q, keys, method="additive", scale=a.scale, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a,
-               score_bias=a.score_bias)
-    empty_q = np.zeros(a.q.shape[:-1] + (0,), a.dtype)
-    empty_k = np.zeros(a.k.shape[:-1] + (0,), a.dtype)
-    return empty_q, empty_k, 1.0, s
+    qp = _projected(a.q, a.w_q.T)
+    qp += a.score_bias
+    return qp, _projected(a.k, a.w_k.T), a.scale, np.ascontiguousarray(a.v_a)
 
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
@@ -149,12 +145,9 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
                                 w_k=w_k, v_a=v_a, score_bias=score_bias)
     batch = a.batch_shape
     full = batch + (a.lq, a.lk)
-    qq, kk, kernel_scale, method_bias = _dot_operands(a)
-    score_bias_total = a.bias
-    if method_bias is not None:
-        score_bias_total = method_bias if a.bias is None else method_bias + a.bias
+    qq, kk, kernel_scale, v_a = _score_operands(a)
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
-    bias_view = None if score_bias_total is None else np.broadcast_to(score_bias_total, full)
+    bias_view = None if a.bias is None else np.broadcast_to(a.bias, full)
     lengths = None
     if a.kv_lengths is not None:
         lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
@@ -170,7 +163,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     weights = np.empty(full, a.dtype) if a.return_weights else None
     _core.attention(qq, kk, _unit_last_axis(a.v), result, list(batch), list(a.kv_batch_shape), a.group,
                     kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
-                    a.window_right, lse, weights)
+                    a.window_right, lse, weights, v_a)
     if target is not None and not direct:
         np.copyto(target, result)
         result = target

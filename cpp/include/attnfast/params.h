@@ -70,12 +70,17 @@ struct AggregateParams {
 //   causal:        hi_i = min(hi_i, diag_i + 1)
 //   window (l, r): lo_i = max(lo_i, diag_i - l), hi_i = min(hi_i, diag_i + r + 1)   (-1 = unbounded)
 //   kv_lengths:    hi_i = min(hi_i, kv_lengths[b])
+//
+// Scores: q.k * scale (dot; general and concat arrive here as dot products of projected features), or,
+// when v_a is set, Bahdanau's additive score scale * sum_a v_a[a] tanh(q[a] + k[a]) with q and k the
+// projected queries (bias included) and keys, depth = hidden size A. Never materialised.
 template <class T>
 struct AttentionParams {
   int64_t batch = 0, group = 1, lq = 0, lk = 0, depth = 0, dv = 0;
   Operand<const T> q, k, v;  // unit column stride
   Operand<T> out;            // unit column stride
-  T scale = 1;               // multiplies q.k
+  T scale = 1;               // multiplies the score
+  const T* v_a = nullptr;    // additive scores when set: (depth,), contiguous
   Operand<const uint8_t> mask;  // optional; any strides (0 = broadcast)
   Operand<const T> bias;        // optional; any strides
   const int64_t* kv_lengths = nullptr;  // optional, one per batch item

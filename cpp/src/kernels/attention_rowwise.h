@@ -47,7 +47,7 @@ struct RowwiseAttention {
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(rows * p.depth) + Carver::bytes<T>(rows * NK) + Carver::bytes<T>(rows * dv_pad) +
-           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows);
+           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows) + Carver::bytes<T>(p.v_a ? p.depth : 0);
   }
   // Partial results of each chunk when the keys are split: acc (dv_pad), m2, l per row.
   int64_t partial_stride() const { return dv_pad + 2; }
@@ -55,6 +55,7 @@ struct RowwiseAttention {
   struct Work {
     int64_t kv_item, j_begin, j_end;
     T *qs, *s, *acc, *m, *l;
+    T* va_scaled;  // additive only: scale * log2(e) * v_a
     int64_t *lo, *hi;
   };
 
@@ -90,8 +91,34 @@ struct RowwiseAttention {
     out[3] = reduce_add(a3);
   }
 
+  // One additive score sum_a va_scaled[a] tanh(q[a] + k[a]), vectorised along the hidden axis.
+  T additive_score(const T* q, const T* k, const T* va) const {
+    const int64_t full = p.depth / L * L;
+    const int tail = static_cast<int>(p.depth - full);
+    V acc = V::zero();
+    int64_t a = 0;
+    for (; a < full; a += L) acc = fmadd(V::load(va + a), tanh_approx(V::load(q + a) + V::load(k + a)), acc);
+    if (tail)  // zero lanes of va cancel the tail
+      acc = fmadd(V::load_partial(va + a, tail), tanh_approx(V::load_partial(q + a, tail) + V::load_partial(k + a, tail)),
+                  acc);
+    return reduce_add(acc);
+  }
+
   // Scores s[r][j] (log2 units, masks applied as -inf) of keys j0 .. j0+nk for every row.
   void score_tile(const Work& w, int64_t j0, int64_t nk) const {
+    if (p.v_a) {
+      const int64_t ks = p.k.row_stride_elements;
+      const T* k = p.k.row(w.kv_item, j0);
+      for (int64_t t = 0; t < nk; ++t)
+        for (int64_t r = 0; r < rows; ++r)
+          w.s[r * NK + t] = additive_score(w.qs + r * p.depth, k + t * ks, w.va_scaled);
+    } else {
+      dot_score_tile(w, j0, nk);
+    }
+    apply_masks(w, j0, nk);
+  }
+
+  void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
     const T* k = p.k.row(w.kv_item, j0);
     int64_t j = 0;
@@ -107,6 +134,9 @@ struct RowwiseAttention {
           w.s[r * NK + t] = tmp[0];
         }
     }
+  }
+
+  void apply_masks(const Work& w, int64_t j0, int64_t nk) const {
     for (int64_t r = 0; r < rows; ++r) {
       T* s = w.s + r * NK;
       const int64_t b = batch_of(w, r), i = query_of(r);
@@ -187,7 +217,9 @@ struct RowwiseAttention {
   }
 
   void prepare(Work& w) const {
-    const T c = p.scale * T(kLog2e);
+    const T c = p.v_a ? T(1) : p.scale * T(kLog2e);  // additive: folded into va_scaled instead
+    if (p.v_a)
+      for (int64_t a = 0; a < p.depth; ++a) w.va_scaled[a] = p.v_a[a] * (p.scale * T(kLog2e));
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = batch_of(w, r), i = query_of(r);
       const T* q = p.q.row(b, i);
@@ -233,6 +265,7 @@ struct RowwiseAttention {
     w.l = carve.take<T>(rows);
     w.lo = carve.take<int64_t>(rows);
     w.hi = carve.take<int64_t>(rows);
+    w.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
     return w;
   }
 

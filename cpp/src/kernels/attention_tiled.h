@@ -44,18 +44,22 @@ struct TiledAttention {
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(MB * dv_pad) +
+           Carver::bytes<T>(p.v_a ? p.depth : 0) +
            4 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
   }
 
   struct Block {
     int64_t b, i_begin, mb, panels;
     T *qpack, *s, *acc, *m, *l, *alpha, *lse2;  // lse2: log2 units
+    T* va_scaled;                                // additive only: scale * log2(e) * v_a
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
   };
 
+  // Dot scores fold scale * log2(e) into the packed queries; additive scores fold it into v_a instead
+  // (tanh(q + k) must see the unscaled projections).
   void pack_queries(Block& blk) const {
-    const T c = p.scale * T(kLog2e);
+    const T c = p.v_a ? T(1) : p.scale * T(kLog2e);
     for (int64_t i = 0; i < blk.panels * QNR; ++i) {
       const int64_t panel = i / QNR, lane = i % QNR;
       T* dst = blk.qpack + panel * p.depth * QNR + lane;
@@ -87,8 +91,38 @@ struct TiledAttention {
     if (blk.max_hi == 0) blk.min_lo = 0;  // no row sees any key: no tile is computed
   }
 
+  // Additive scores: S^T[j][lanes] = sum_a (c v_a[a]) tanh(qp[lanes][a] + kp[j][a]), vectorised over the
+  // block's queries; the (query, key, hidden) tensor exists only as one vector at a time.
+  void additive_score_tile(const Block& blk, int64_t j0, int64_t nk) const {
+    const int64_t bkv = blk.b / p.group;
+    for (int64_t panel = 0; panel < blk.panels; ++panel) {
+      const T* qpanel = blk.qpack + panel * p.depth * QNR;
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* kr = p.k.row(bkv, j0 + j);
+        V acc[QK_NRV];
+        for (int n = 0; n < QK_NRV; ++n) acc[n] = V::zero();
+        for (int64_t a = 0; a < p.depth; ++a) {
+          const V kb = V::set1(kr[a]);
+          const V vb = V::set1(blk.va_scaled[a]);
+          for (int n = 0; n < QK_NRV; ++n)
+            acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), acc[n]);
+        }
+        for (int n = 0; n < QK_NRV; ++n) acc[n].store(blk.s + j * MB + panel * QNR + n * L);
+      }
+    }
+  }
+
   // S^T[j][i] (log2 units) for keys j0 .. j0+nk of the block, with every mask applied (-inf).
   void score_tile(const Block& blk, int64_t j0, int64_t nk) const {
+    if (p.v_a) {
+      additive_score_tile(blk, j0, nk);
+    } else {
+      dot_score_tile(blk, j0, nk);
+    }
+    apply_masks(blk, j0, nk);
+  }
+
+  void dot_score_tile(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t bkv = blk.b / p.group;
     const int64_t ks = p.k.row_stride_elements;
     // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
@@ -101,6 +135,9 @@ struct TiledAttention {
                                                               blk.s + jj * MB + panel * QNR, MB, T(1));
       }
     }
+  }
+
+  void apply_masks(const Block& blk, int64_t j0, int64_t nk) const {
     const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
     if (!fully_visible) {
       for (int64_t i = 0; i < blk.mb; ++i) {
@@ -221,6 +258,9 @@ struct TiledAttention {
     blk.lse2 = carve.take<T>(MB);
     blk.lo = carve.take<int64_t>(MB);
     blk.hi = carve.take<int64_t>(MB);
+    blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
+    if (p.v_a)
+      for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * (p.scale * T(kLog2e));
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);

@@ -41,7 +41,8 @@ struct Layouts {
                   bool need_unit_columns) {
     items.push_back(attnfast::bindings::layout_operand(describe(a), batch, core_dims, name));
     const OperandLayout& l = items.back();
-    if (need_unit_columns && l.col_stride != 1 && a.shape(a.ndim() - 1) > 1)
+    // NumPy gives empty arrays zero strides; with no element to read, any stride is fine.
+    if (need_unit_columns && l.col_stride != 1 && a.shape(a.ndim() - 1) > 1 && a.size() > 0)
       throw std::invalid_argument(std::string(name) + ": last axis must have unit stride");
     Operand<T> op;
     op.data = static_cast<T*>(const_cast<void*>(a.data()));

@@ -17,12 +17,12 @@ int attention_impl(const AttentionParams<typename V::Scalar>& p) {
   if (!RowwiseAttention<V>::applies(p)) return attention_tiled<V, QK_MR, QK_NRV, PV_MR, PV_NRV>(p);
   const RowwiseAttention<V> kernel(p);
   if (!p.weights.data) return kernel.run(nullptr);
-  // Weights need the final lse of every row first: keep it (log2 units) for the second pass.
-  T* lse2 = static_cast<T*>(std::malloc(static_cast<size_t>(p.batch * p.lq) * sizeof(T)));
-  if (!lse2) return kOutOfMemory;
-  int status = kernel.run(lse2);
-  if (status == kOk) status = kernel.write_weights(lse2);
-  std::free(lse2);
+  // Weights need every row's final max and sum first: keep them for the second pass.
+  T* row_stats = static_cast<T*>(std::malloc(static_cast<size_t>(2 * p.batch * p.lq) * sizeof(T)));
+  if (!row_stats) return kOutOfMemory;
+  int status = kernel.run(row_stats);
+  if (status == kOk) status = kernel.write_weights(row_stats);
+  std::free(row_stats);
   return status;
 }
 

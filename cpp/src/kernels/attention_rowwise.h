@@ -269,16 +269,21 @@ struct RowwiseAttention {
     return w;
   }
 
-  void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* lse2_out) const {
+  // Writes one finished row; keeps its final (m2, l) in row_stats[2 * (b * lq + i)] when given, for the
+  // weights pass.
+  void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
     const T lse2 = finish_row(acc, m2, l, p.out.row(b, i), p.dv);
     if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = static_cast<T>(lse2 * kLn2);
-    if (lse2_out) lse2_out[b * p.lq + i] = lse2;
+    if (row_stats) {
+      row_stats[2 * (b * p.lq + i)] = m2;
+      row_stats[2 * (b * p.lq + i) + 1] = l;
+    }
   }
 
   // Merges the chunks of one kv item in chunk order: M = max m_c, l = sum l_c 2^(m_c - M), and the
   // accumulators alike; identical to having processed all keys in one pass, up to rounding.
-  void merge(int64_t kv_item, const T* partials, T* row_acc, T* lse2_out) const {
+  void merge(int64_t kv_item, const T* partials, T* row_acc, T* row_stats) const {
     const int64_t ps = partial_stride();
     for (int64_t r = 0; r < rows; ++r) {
       T big = neg_inf<T>();
@@ -296,11 +301,11 @@ struct RowwiseAttention {
         l += part[dv_pad + 1] * f[0];
         for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * f[0];
       }
-      write_row(kv_item, r, row_acc, big, l, lse2_out);
+      write_row(kv_item, r, row_acc, big, l, row_stats);
     }
   }
 
-  int run(T* lse2_out) const {
+  int run(T* row_stats) const {
     const int64_t kv_items = p.batch / p.group;
     const int64_t tasks = kv_items * chunks;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
@@ -310,7 +315,7 @@ struct RowwiseAttention {
       for (int64_t task = 0; task < tasks; ++task) {
         Work w = carve_work(scratch.slice(thread_id()), task, 0);
         run_chunk(w);
-        for (int64_t r = 0; r < rows; ++r) write_row(task, r, w.acc + r * dv_pad, w.m[r], w.l[r], lse2_out);
+        for (int64_t r = 0; r < rows; ++r) write_row(task, r, w.acc + r * dv_pad, w.m[r], w.l[r], row_stats);
       }
       return kOk;
     }
@@ -332,14 +337,14 @@ struct RowwiseAttention {
       }
 #pragma omp for schedule(static)
       for (int64_t kv = 0; kv < kv_items; ++kv)
-        merge(kv, partials, reinterpret_cast<T*>(scratch.slice(thread_id())), lse2_out);
+        merge(kv, partials, reinterpret_cast<T*>(scratch.slice(thread_id())), row_stats);
     }
     std::free(partials);
     return kOk;
   }
 
-  // Weights exp(s - lse) for every row, after lse is final (lse2 in log2 units, per (b, i)).
-  int write_weights(const T* lse2) const {
+  // Weights 2^(s2 - m2) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run).
+  int write_weights(const T* row_stats) const {
     const int64_t kv_items = p.batch / p.group;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
     if (!scratch.ok()) return kOutOfMemory;
@@ -354,14 +359,16 @@ struct RowwiseAttention {
         score_tile(w, j0, nk);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = batch_of(w, r), i = query_of(r);
-          const T shift = lse2[b * p.lq + i];
+          const T m2 = row_stats[2 * (b * p.lq + i)], l = row_stats[2 * (b * p.lq + i) + 1];
+          const T shift = m2 == neg_inf<T>() ? T(0) : m2;
+          const V inv = V::set1(l > T(0) ? T(1) / l : T(0));
           T* out = p.weights.row(b, i) + j0;
           const T* s = w.s + r * NK;
           for (int64_t t = 0; t < nk; t += L) {
             const int n = static_cast<int>(imin(L, nk - t));
             T e[L];
             const V x = V::load_partial(s + t, n);
-            const V y = shift == neg_inf<T>() ? V::zero() : exp2_approx(x - V::set1(shift));
+            const V y = exp2_nonpositive(x - V::set1(shift)) * inv;
             y.store(e);
             for (int u = 0; u < n; ++u) out[t + u] = e[u];
           }

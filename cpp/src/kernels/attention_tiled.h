@@ -45,12 +45,12 @@ struct TiledAttention {
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(MB * dv_pad) +
            Carver::bytes<T>(p.v_a ? p.depth : 0) +
-           4 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
+           3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
   }
 
   struct Block {
     int64_t b, i_begin, mb, panels;
-    T *qpack, *s, *acc, *m, *l, *alpha, *lse2;  // lse2: log2 units
+    T *qpack, *s, *acc, *m, *l, *alpha;
     T* va_scaled;                                // additive only: scale * log2(e) * v_a
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
@@ -220,7 +220,8 @@ struct TiledAttention {
     }
   }
 
-  // Attention weights 2^(s2 - lse2) = exp(s - lse) of the block's rows, only when the caller asked.
+  // Attention weights 2^(s2 - m2) / l = exp(s - lse) of the block's rows, only when the caller asked.
+  // Uses m and l separately, not lse: for huge scores (1e30) m + log2(l) rounds back to m.
   void write_weights(const Block& blk) const {
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
@@ -228,11 +229,13 @@ struct TiledAttention {
       if (any_visible) {
         score_tile(blk, j0, nk);
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
-          // Rows without a visible key have lse2 = -inf; their scores are all -inf too: give 0, not NaN.
-          const V lse2 = V::load(blk.lse2 + i0);
-          const V shift = select(cmp_eq(lse2, V::set1(neg_inf<T>())), V::set1(T(0)), lse2);
+          // Rows without a visible key have m = -inf and l = 0; their scores are -inf: give 0, not NaN.
+          const V m = V::load(blk.m + i0);
+          const V shift = select(cmp_eq(m, V::set1(neg_inf<T>())), V::zero(), m);
+          const V l = V::load(blk.l + i0);
+          const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
           for (int64_t j = 0; j < nk; ++j)
-            exp2_approx(V::load(blk.s + j * MB + i0) - shift).store(blk.s + j * MB + i0);
+            (exp2_nonpositive(V::load(blk.s + j * MB + i0) - shift) * inv).store(blk.s + j * MB + i0);
         }
       }
       for (int64_t i = 0; i < blk.mb; ++i) {
@@ -255,7 +258,6 @@ struct TiledAttention {
     blk.m = carve.take<T>(MB);
     blk.l = carve.take<T>(MB);
     blk.alpha = carve.take<T>(MB);
-    blk.lse2 = carve.take<T>(MB);
     blk.lo = carve.take<int64_t>(MB);
     blk.hi = carve.take<int64_t>(MB);
     blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
@@ -264,7 +266,6 @@ struct TiledAttention {
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
-      blk.lse2[i] = T(0);
     }
     for (int64_t e = 0; e < MB * dv_pad; ++e) blk.acc[e] = T(0);
     compute_bounds(blk);
@@ -276,8 +277,8 @@ struct TiledAttention {
       rescale_and_accumulate(blk, j0, nk);
     }
     for (int64_t i = 0; i < blk.mb; ++i) {
-      blk.lse2[i] = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
-      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = static_cast<T>(blk.lse2[i] * kLn2);
+      const T lse2 = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
+      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = static_cast<T>(lse2 * kLn2);
     }
     if (p.weights.data) write_weights(blk);
   }

@@ -1,0 +1,24 @@
+"""Benchmark of attnfast against NumPy and the optional peers; run it as ``python -m attnfast bench``.
+
+Modules, one purpose each:
+
+* :mod:`.cli`       argument parsing and the command's entry point :func:`main`
+* :mod:`.cases`     the shapes, their FLOPs and bytes
+* :mod:`.peers`     attnfast, NumPy, PyTorch, ONNX Runtime and JAX behind one interface
+* :mod:`.timing`    interleaved warm-up / repeat / median timing
+* :mod:`.probes`    FMA-peak and read-bandwidth probes
+* :mod:`.memory`    peak-RSS measurement in a child process
+* :mod:`.runner`    runs everything and builds the report dict (the ``--json`` content)
+* :mod:`.report`    the text tables;  :mod:`.plot`  the PNG
+
+Nothing here imports attnfast's compiled module or any peer at import time.
+"""
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m attnfast bench`` (``argv`` excludes the word ``bench``)."""
+    from .cli import main as _main
+    return _main(argv)
+
+
+__all__ = ["main"]

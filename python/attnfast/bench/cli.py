@@ -1,0 +1,129 @@
+"""``python -m attnfast bench``: attnfast against NumPy and the installed peers, on this machine.
+
+Examples::
+
+    python -m attnfast bench --quick                      # under a minute
+    python -m attnfast bench --json run.json --plot run.png
+    python -m attnfast bench --shape 1,8,4096,4096,64 --threads 1 --causal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .cases import default_cases, parse_shape, stage_cases
+
+__all__ = ["build_parser", "main"]
+
+
+def _shape(text: str):
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m attnfast bench",
+        description="Benchmark attnfast's fused attention and its three stages against NumPy and the "
+                    "installed peers (PyTorch SDPA, ONNX Runtime MultiHeadAttention, JAX), interleaved "
+                    "in one process with the same thread count.",
+        epilog="Peers are optional: missing ones are listed with the command that installs them.")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer sweep points and repeats (under a minute on 2 cores)")
+    p.add_argument("--shape", action="append", type=_shape, metavar="B,H,Lq,Lk,D", default=None,
+                   help="attention shape to run (repeatable); replaces the default suite")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="threads for every library (default: all usable cores)")
+    p.add_argument("--causal", action="store_true", help="causal (top-left aligned) attention")
+    p.add_argument("--json", metavar="FILE", help="write every figure and the machine facts as JSON")
+    p.add_argument("--plot", metavar="FILE",
+                   help="write a PNG: GFLOP/s and peak memory against sequence length (needs matplotlib)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory column (saves a child process)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--impl", action="append", metavar="NAME", default=None,
+                   help="only these implementations (attnfast, numpy, torch, onnxruntime, jax); repeatable")
+    return p
+
+
+def _cases(args) -> list:
+    if args.shape:
+        return list(args.shape)
+    return default_cases(args.quick) + stage_cases()
+
+
+#: OpenBLAS worker threads busy-wait ~2^28 cycles (~0.1 s) after each BLAS call.  Interleaved with NumPy,
+#: that spinning took a core from whichever library ran next (measured: PyTorch SDPA 2x slower).  2^4
+#: cycles makes them sleep at once.  OpenBLAS reads it only when it loads, so the command re-executes
+#: itself with it set (NumPy is loaded by then: ``python -m attnfast`` imports attnfast first).
+_BLAS_QUIET_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+
+
+def _reexec_with_quiet_blas() -> None:
+    """Restart ``python -m attnfast bench ...`` once with :data:`_BLAS_QUIET_ENV` set."""
+    if all(os.environ.get(k) is not None for k in _BLAS_QUIET_ENV):
+        return
+    script = os.path.normpath(sys.argv[0]) if sys.argv else ""
+    if script.endswith(os.path.join("attnfast", "__main__.py")) and sys.argv[1:2] == ["bench"]:
+        module = "attnfast"
+    elif script.endswith(os.path.join("attnfast", "bench", "cli.py")):
+        module = "attnfast.bench.cli"
+    else:
+        return  # called as a function (tests, notebooks): leave the process alone
+    env = dict(os.environ, **_BLAS_QUIET_ENV)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` (without the leading ``bench``), run, print the tables; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _reexec_with_quiet_blas()
+    if args.plot:
+        from .plot import have_matplotlib
+        if not have_matplotlib():
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+
+    # Heavy imports (NumPy work, peers) only after the arguments are known to be good.
+    from .machine import usable_cores
+    from .report import format_report
+    from .runner import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(cases=_cases(args), dtype=args.dtype, threads=args.threads or usable_cores(),
+                      causal=args.causal, quick=args.quick, measure_memory=args.memory,
+                      progress=args.progress, only=args.impl)
+    report = run_benchmark(cfg)
+    print(format_report(report))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import plot_report
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

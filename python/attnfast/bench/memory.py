@@ -1,0 +1,184 @@
+"""Peak extra memory of one call, as the operating system sees it (resident set high-water mark).
+
+``tracemalloc`` sees only Python-level allocations; the C++ kernels, BLAS, PyTorch and ONNX Runtime
+allocate with ``malloc`` directly.  The kernel's view is the process's peak RSS (``VmHWM`` in
+``/proc/self/status``), which Linux lets a process reset by writing ``5`` to ``/proc/self/clear_refs``.
+So a measurement is: reset the peak, note the current RSS, make the call, read the peak.
+
+That is only honest in a process whose allocator gives memory back: glibc keeps freed blocks below its
+(dynamic, up to 32 MiB) mmap threshold for reuse, which would hide a second call's allocations.  The
+measurement therefore runs in a child process with a fixed, low mmap threshold, so every large block is
+a fresh mapping that is unmapped on free, and with ONNX Runtime's memory arena turned off.  The timing
+runs stay in the parent, with the allocator untouched.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "tune_malloc_for_measurement",
+           "measure_call", "measure_in_child"]
+
+_CHILD_TIMEOUT_S = 1800
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> Optional[int]:
+    """Current resident set size (VmRSS)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident set size since start or since the last :func:`reset_peak_rss` (VmHWM)."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        try:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        except (ImportError, OSError):
+            return None
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False when the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def tune_malloc_for_measurement(threshold_bytes: int = 64 * 1024) -> bool:
+    """Make glibc map every block above ``threshold_bytes`` afresh and return it to the OS on free."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, threshold_bytes) == 1
+        ok &= libc.mallopt(m_trim_threshold, threshold_bytes) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def measure_call(fn) -> Optional[int]:
+    """Peak RSS growth in bytes while ``fn()`` runs (including whatever it returns)."""
+    gc.collect()
+    if not reset_peak_rss():
+        return None
+    before = rss_bytes()
+    result = fn()
+    peak = peak_rss_bytes()
+    del result
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _package_parent() -> str:
+    """Directory that holds the ``attnfast`` package, so the child imports the same copy."""
+    here = os.path.dirname(os.path.abspath(__file__))  # .../attnfast/bench
+    return os.path.dirname(os.path.dirname(here))
+
+
+def measure_in_child(jobs: List[dict], dtype: str, causal: bool, threads: int,
+                     timeout_s: float = _CHILD_TIMEOUT_S, warm_all: bool = True) -> Dict[str, object]:
+    """Run ``jobs`` (``{"case": case.to_dict(), "impls": [names]}``) in a fresh interpreter.
+
+    Each call is measured after a first, unmeasured call; with ``warm_all=False`` (``--quick``) only
+    implementations whose first call compiles or reserves arenas get that extra call.
+
+    Returns ``{"results": {case_name: {impl: bytes or None}}, "note": str or None}``.  Any failure of the
+    child (crash, timeout) becomes a note, never an exception: memory is one column of the report.
+    """
+    with tempfile.TemporaryDirectory(prefix="attnfast-mem-") as tmp:
+        request = os.path.join(tmp, "request.json")
+        answer = os.path.join(tmp, "answer.json")
+        with open(request, "w") as f:
+            json.dump({"jobs": jobs, "dtype": dtype, "causal": causal, "threads": threads,
+                       "warm_all": warm_all}, f)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_parent(), env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "attnfast.bench.memory", request, answer]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"results": {}, "note": f"memory measurement timed out after {timeout_s:.0f} s"}
+        if proc.returncode != 0 or not os.path.exists(answer):
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            return {"results": {}, "note": f"memory measurement failed (exit {proc.returncode}): "
+                                           + " | ".join(tail)}
+        with open(answer) as f:
+            return json.load(f)
+
+
+def _child_main(request_path: str, answer_path: str) -> None:
+    """Child side of :func:`measure_in_child`."""
+    import numpy as np
+
+    from . import peers
+    from .cases import AttentionCase, case_from_dict, make_attention_inputs, make_stage_inputs
+
+    with open(request_path) as f:
+        req = json.load(f)
+    tuned = tune_malloc_for_measurement()
+    dtype = np.dtype(req["dtype"])
+    impls = {i.name: i for i in peers.all_impls(req["threads"])}
+    wanted = {name for job in req["jobs"] for name in job["impls"]}
+    for name in list(impls):
+        if name not in wanted or not impls[name].available():
+            del impls[name]
+    if "onnxruntime" in impls:
+        impls["onnxruntime"].arena = False
+    peers.pin_threads(impls.values(), req["threads"])
+
+    results: Dict[str, Dict[str, Optional[int]]] = {}
+    can_reset = reset_peak_rss()
+    for job in req["jobs"]:
+        case = case_from_dict(job["case"])
+        inputs = (make_attention_inputs(case, dtype) if isinstance(case, AttentionCase)
+                  else make_stage_inputs(case, dtype))
+        row = results.setdefault(case.name, {})
+        for name in job["impls"]:
+            if name not in impls or not can_reset:
+                row[name] = None
+                continue
+            run, _ = impls[name].prepare(case, inputs, req["causal"])
+            if req.get("warm_all", True) or impls[name].first_call_allocates:
+                run()  # first call: compilation, thread pools, one-time buffers are not per-call memory
+            row[name] = measure_call(run)
+            del run
+            gc.collect()
+        del inputs
+        gc.collect()
+    note = None
+    if not can_reset:
+        note = "the kernel does not allow resetting the peak RSS (/proc/self/clear_refs); memory not measured"
+    elif not tuned:
+        note = "could not tune malloc (not glibc?): memory deltas may be under-estimated"
+    with open(answer_path, "w") as f:
+        json.dump({"results": results, "note": note}, f)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,49 @@
+"""Progress display: a tqdm bar when tqdm is installed, plain numbered lines on stderr otherwise."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """``with Progress(total, enabled) as p: p.step("label")`` — one step per finished unit of work."""
+
+    def __init__(self, total: int, enabled: bool = True, desc: str = "attnfast bench"):
+        self.total = total
+        self.enabled = enabled
+        self.count = 0
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self._bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, leave=False,
+                                 dynamic_ncols=True)
+            except ImportError:
+                self._bar = None
+
+    def start(self, label: str) -> None:
+        """Say what is being measured now."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=True)
+        else:
+            print(f"[{self.count + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        self.count += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

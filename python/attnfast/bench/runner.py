@@ -1,0 +1,245 @@
+"""Runs the benchmark: probes, every case on every implementation, accuracy and memory; builds the report.
+
+The report is a plain dict (JSON-ready) so that the text tables, the ``--json`` file and the plot are
+three views of one object.  Its layout is described by :data:`SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import machine, memory, peers, probes
+from .cases import AttentionCase, make_attention_inputs, make_stage_inputs
+from .progress import Progress
+from .reference_check import ReferenceCheck
+from .timing import TimingPolicy, median, time_interleaved
+
+__all__ = ["BenchConfig", "run_benchmark", "memory_need", "SCHEMA"]
+
+SCHEMA = "attnfast-bench/1"
+
+#: Never plan to use more than this share of the available memory for one case.
+_MEMORY_HEADROOM = 0.8
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    cases: Sequence[object]
+    dtype: str = "float32"
+    threads: int = 1
+    causal: bool = False
+    quick: bool = False
+    measure_memory: bool = True
+    progress: bool = True
+    only: Optional[Sequence[str]] = None  # restrict to these implementation names (tests, debugging)
+
+    @property
+    def policy(self) -> TimingPolicy:
+        return TimingPolicy.quick() if self.quick else TimingPolicy.full()
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "threads": self.threads, "causal": self.causal, "quick": self.quick,
+                "measure_memory": self.measure_memory, "timing": dataclasses.asdict(self.policy)}
+
+
+def _input_bytes(case, itemsize: int) -> int:
+    if isinstance(case, AttentionCase):
+        return (case.B * case.H * (case.Lq + 2 * case.Lk) * case.D) * itemsize
+    return int(case.bytes_moved(itemsize))
+
+
+def memory_need(impl: peers.Impl, case, itemsize: int) -> int:
+    """Rough bytes an implementation needs for a case: inputs, output, and the score matrix if unfused.
+
+    Unfused attention holds the scores plus a same-sized temporary at its peak (2×).
+    """
+    need = _input_bytes(case, itemsize) + case.output_bytes(itemsize)
+    if impl.quadratic_memory and isinstance(case, AttentionCase):
+        need += 2 * case.score_matrix_bytes(itemsize)
+    return need
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _detect(impls: List[peers.Impl]) -> Dict[str, dict]:
+    """Availability, version and (when missing) the reason and install hint of every implementation."""
+    out = {}
+    for impl in impls:
+        if impl.available():
+            out[impl.name] = {"label": impl.label, "available": True, "version": impl.version()}
+        else:
+            out[impl.name] = {"label": impl.label, "available": False, "error": impl.error,
+                              "install": peers.INSTALL_HINTS.get(impl.name)}
+    return out
+
+
+def _probe_fma(cfg: BenchConfig) -> dict:
+    return probes.fma_peak(0.3 if cfg.quick else 1.0, cfg.dtype, cfg.threads)
+
+
+def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict:
+    """FMA peak (measured at the start and the end of the run, and from the CPU's specs).
+
+    The best sample counts: on a shared machine either probe may have lost its cores for a while.
+    """
+    itemsize = np.dtype(cfg.dtype).itemsize
+    best = max(samples, key=lambda m: m["flops_per_s"])
+    info = {"mhz": facts["mhz"], "max_mhz": facts["max_mhz"], "flags": machine.cpu_info()["flags"]}
+    theory = machine.theoretical_fma_peak(cfg.threads, itemsize, info)
+    # A BLAS estimate is a lower bound of the peak, the spec sheet an upper bound unless the clock
+    # boosts above the reported MHz: take the larger so "% of peak" is never flattering.
+    used = best["flops_per_s"]
+    note = None
+    if best["source"].startswith("numpy") and theory["flops_per_s"]:
+        used = max(used, theory["flops_per_s"])
+    if theory["flops_per_s"] and best["flops_per_s"] < 0.5 * theory["flops_per_s"]:
+        # Under half the spec sheet: other processes had the cores during both probes.
+        used = theory["flops_per_s"]
+        note = ("FMA probe disturbed (other processes busy?): using the spec-sheet peak; "
+                "timings of this run are likely disturbed too")
+    return {"fma_peak_flops_per_s": used, "fma_measured": best, "fma_samples": samples,
+            "fma_theoretical": theory, "fma_note": note, "read_bandwidth": []}
+
+
+def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize: int,
+            causal: bool) -> None:
+    """Fill GFLOP/s, GB/s, % of the limit and the speed-ups into each row of ``result``."""
+    flops = case.flops(causal)
+    nbytes = case.bytes_moved(itemsize)
+    limit_bw = bw.rate(nbytes) if case.memory_bound else None
+    result["read_bandwidth_bytes_per_s"] = limit_bw
+    rows = result["rows"]
+    times = {r["impl"]: r["median_s"] for r in rows if r.get("median_s")}
+    numpy_t = times.get("numpy")
+    peer_times = [t for name, t in times.items() if name in peers.PEER_NAMES]
+    best_peer = min(peer_times) if peer_times else None
+    best_peer_name = next((n for n, t in times.items() if t == best_peer and n in peers.PEER_NAMES), None)
+    result["best_peer"] = best_peer_name
+    for r in rows:
+        t = r.get("median_s")
+        if not t:
+            continue
+        r["gflops"] = flops / t / 1e9
+        r["gbps"] = nbytes / t / 1e9
+        if case.memory_bound:
+            r["pct_of_limit"] = 100.0 * (nbytes / t) / limit_bw if limit_bw else None
+            r["limit"] = "read_bandwidth"
+        else:
+            peak = peaks["fma_peak_flops_per_s"]
+            r["pct_of_limit"] = 100.0 * (flops / t) / peak if peak else None
+            r["limit"] = "fma_peak"
+        r["speedup_vs_numpy"] = numpy_t / t if numpy_t else None
+        r["speedup_vs_best_peer"] = best_peer / t if best_peer else None
+
+
+def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Optional[int]) -> dict:
+    """Time one case on every implementation, interleaved; check accuracy on the first call's output."""
+    dtype = np.dtype(cfg.dtype)
+    inputs = (make_attention_inputs(case, dtype) if isinstance(case, AttentionCase)
+              else make_stage_inputs(case, dtype))
+    check = ReferenceCheck(case, inputs, cfg.causal)
+    rows: Dict[str, dict] = {}
+    runners = {}
+    for impl in impls:
+        row = rows.setdefault(impl.name, {"impl": impl.name, "label": impl.label_for(case), "skipped": None})
+        reason = impl.skip_reason(case, dtype, cfg.causal)
+        need = memory_need(impl, case, dtype.itemsize)
+        if reason is None and available_mem is not None and need > _MEMORY_HEADROOM * available_mem:
+            reason = f"needs ~{_gib(need)} for the score matrix, {_gib(available_mem)} available"
+        if reason:
+            row["skipped"] = reason
+            continue
+        try:
+            run, to_numpy = impl.prepare(case, inputs, cfg.causal)
+            out = run()  # first call: also the first warm-up
+            row["max_abs_err"] = check.max_abs_error(out, to_numpy)
+            del out
+        except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the benchmark
+            row["skipped"] = f"failed: {type(exc).__name__}: {exc}"
+            continue
+        runners[impl.name] = run
+    policy = dataclasses.replace(cfg.policy, warmup=max(0, cfg.policy.warmup - 1))
+    times = time_interleaved(runners, policy)
+    for name, ts in times.items():
+        rows[name]["times_s"] = ts
+        rows[name]["median_s"] = median(ts)
+        rows[name]["repeats"] = len(ts)
+    result = case.to_dict()
+    result.update({"flops": case.flops(cfg.causal), "bytes": case.bytes_moved(dtype.itemsize),
+                   "bound": "memory" if case.memory_bound else "compute",
+                   "output_bytes": case.output_bytes(dtype.itemsize),
+                   "reference_note": check.error, "rows": list(rows.values())})
+    return result
+
+
+def _memory_jobs(results: List[dict], cases: Sequence[object]) -> List[dict]:
+    jobs = []
+    for res, case in zip(results, cases):
+        names = [r["impl"] for r in res["rows"] if not r.get("skipped")]
+        if names:
+            jobs.append({"case": case.to_dict(), "impls": names})
+    return jobs
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run everything ``cfg`` asks for and return the report dict (schema :data:`SCHEMA`)."""
+    t_start = time.perf_counter()
+    impls = peers.all_impls(cfg.threads)
+    if cfg.only:
+        impls = [i for i in impls if i.name in cfg.only]
+    detected = _detect(impls)
+    thread_counts = peers.pin_threads(impls, cfg.threads)
+    active = [i for i in impls if i.available()]
+    facts = machine.machine_facts(cfg.threads)
+    facts["threads_per_impl"] = thread_counts
+
+    steps = 1 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
+    results: List[dict] = []
+    with Progress(steps, enabled=cfg.progress) as progress:
+        progress.start("probing FMA peak")
+        fma_samples = [_probe_fma(cfg)]
+        progress.step()
+        for case in cfg.cases:
+            progress.start(case.name)
+            results.append(_run_case(case, active, cfg, facts["memory_available_bytes"]))
+            progress.step()
+        mem_note = None
+        if cfg.measure_memory:
+            progress.start("peak memory (child process)")
+            mem = memory.measure_in_child(_memory_jobs(results, cfg.cases), cfg.dtype, cfg.causal,
+                                          cfg.threads, warm_all=not cfg.quick)
+            mem_note = mem.get("note")
+            for res in results:
+                per_impl = mem.get("results", {}).get(res["name"], {})
+                for r in res["rows"]:
+                    peak = per_impl.get(r["impl"])
+                    r["peak_rss_delta_bytes"] = peak
+                    r["peak_extra_bytes"] = None if peak is None else max(0, peak - res["output_bytes"])
+            progress.step()
+        fma_samples.append(_probe_fma(cfg))
+        peaks = _summarise_peaks(cfg, facts, fma_samples)
+        bw = probes.BandwidthCache(0.1 if cfg.quick else 0.3, cfg.threads)
+        itemsize = np.dtype(cfg.dtype).itemsize
+        for res, case in zip(results, cfg.cases):
+            _derive(res, case, peaks, bw, itemsize, cfg.causal)
+        peaks["read_bandwidth"] = list(bw.results.values())
+
+    return {
+        "schema": SCHEMA,
+        "created_unix": time.time(),
+        "elapsed_s": time.perf_counter() - t_start,
+        "machine": facts,
+        "config": cfg.to_dict(),
+        "probes": peaks,
+        "implementations": detected,
+        "missing": {n: d for n, d in detected.items() if not d["available"]},
+        "memory_note": mem_note,
+        "results": results,
+    }
+

@@ -1,0 +1,78 @@
+"""Interleaved timing: every implementation runs in turn, round after round, in one process.
+
+On a shared, noisy machine a burst of load hits whichever implementation runs at that moment.  Running
+them one round at a time (A B C, then B C A, ...) spreads the noise over all of them alike, and the
+median of the per-call times ignores the bursts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+
+__all__ = ["TimingPolicy", "time_interleaved", "median"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPolicy:
+    """How long to measure one case.
+
+    Each implementation is called ``warmup`` times untimed (first-call costs: JIT compilation, thread
+    pool start-up, page faults), then rounds run until every implementation has ``min_repeats`` timings
+    and ``budget_s`` seconds have passed, or ``max_repeats`` rounds are done.  Slow cases (seconds per
+    round, e.g. NumPy at L=8192) stop after ``floor_repeats`` rounds once ``cap_s`` has passed, so the
+    full suite stays within minutes.
+    """
+
+    warmup: int = 1
+    min_repeats: int = 5
+    max_repeats: int = 200
+    budget_s: float = 2.0
+    floor_repeats: int = 3
+    cap_s: float = 10.0
+
+    @classmethod
+    def quick(cls) -> "TimingPolicy":
+        return cls(warmup=1, min_repeats=3, max_repeats=50, budget_s=0.25, floor_repeats=3, cap_s=2.0)
+
+    @classmethod
+    def full(cls) -> "TimingPolicy":
+        return cls(warmup=1, min_repeats=7, max_repeats=300, budget_s=2.0, floor_repeats=3, cap_s=12.0)
+
+
+def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPolicy,
+                     tick: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """Per-call wall times in seconds of each runner, measured round-robin.
+
+    The rotation of the order each round keeps any "runs right after X" effect (cache contents, turbo
+    state) from always favouring the same implementation.  ``tick`` is called once per round (progress).
+    """
+    names = list(runners)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    if not names:
+        return times
+    for _ in range(policy.warmup):
+        for n in names:
+            runners[n]()
+    clock = time.perf_counter
+    start = clock()
+    for round_index in range(policy.max_repeats):
+        shift = round_index % len(names)
+        for n in names[shift:] + names[:shift]:
+            t0 = clock()
+            runners[n]()
+            times[n].append(clock() - t0)
+        tick()
+        rounds, elapsed = round_index + 1, clock() - start
+        if rounds >= policy.min_repeats and elapsed >= policy.budget_s:
+            break
+        if rounds >= policy.floor_repeats and elapsed >= policy.cap_s:
+            break
+    return times
+
+
+def median(values: List[float]) -> float:
+    return float(np.median(values)) if values else float("nan")

@@ -1,6 +1,7 @@
 // Pieces shared by both fused-attention paths (tiled and row-wise): which keys a query row may see,
-// and the online-softmax bookkeeping. Scores inside the fused kernels are kept in log2 units
-// (s2 = scale * log2(e) * q.k + log2(e) * bias) so every exponential is a single exp2.
+// and the online-softmax bookkeeping. Scores stay in natural units (s = scale * q.k + bias, with scale
+// folded into q once); every exponential is exp2((s - m) * log2 e), the row max subtracted *before*
+// the change of base, so the rounding error grows with |s - m| as in the textbook formula, not with |s|.
 #pragma once
 #include <cmath>
 
@@ -11,7 +12,6 @@ namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
 constexpr double kLog2e = 1.4426950408889634073599246810019;
-constexpr double kLn2 = 0.69314718055994530941723212145818;
 
 // Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
 // Empty ranges come back as lo == hi.
@@ -30,13 +30,13 @@ inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int
 }
 
 // Final normalisation of one row: out = acc / l (0 when no key was visible). Returns the row's
-// log-sum-exp in log2 units, m2 + log2(l): -inf when no key was visible, NaN if the row had a NaN.
+// log-sum-exp m + ln(l): -inf when no key was visible, NaN if the row had a NaN.
 template <class T>
-inline T finish_row(const T* acc, T m2, T l, T* out, int64_t dv) {
+inline T finish_row(const T* acc, T m, T l, T* out, int64_t dv) {
   const T inv = l > T(0) ? T(1) / l : T(0);
   for (int64_t c = 0; c < dv; ++c) out[c] = acc[c] * inv;
   if (l == T(0)) return neg_inf<T>();
-  return static_cast<T>(static_cast<double>(m2) + std::log2(static_cast<double>(l)));
+  return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -55,7 +55,7 @@ struct RowwiseAttention {
   struct Work {
     int64_t kv_item, j_begin, j_end;
     T *qs, *s, *acc, *m, *l;
-    T* va_scaled;  // additive only: scale * log2(e) * v_a
+    T* va_scaled;  // additive only: scale * v_a
     int64_t *lo, *hi;
   };
 
@@ -104,7 +104,7 @@ struct RowwiseAttention {
     return reduce_add(acc);
   }
 
-  // Scores s[r][j] (log2 units, masks applied as -inf) of keys j0 .. j0+nk for every row.
+  // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.
   void score_tile(const Work& w, int64_t j0, int64_t nk) const {
     if (p.v_a) {
       const int64_t ks = p.k.row_stride_elements;
@@ -147,7 +147,7 @@ struct RowwiseAttention {
       if (p.bias.data) {
         const int64_t cs = p.bias.col_stride_elements;
         const T* brow = p.bias.row(b, i) + j0 * cs;
-        for (int64_t t = 0; t < nk; ++t) s[t] += brow[t * cs] * T(kLog2e);
+        for (int64_t t = 0; t < nk; ++t) s[t] += brow[t * cs];
       }
       if (p.mask.data) {
         const int64_t cs = p.mask.col_stride_elements;
@@ -158,7 +158,7 @@ struct RowwiseAttention {
     }
   }
 
-  // Online softmax of one row's tile: s <- 2^(s - m_new), returns alpha = 2^(m_old - m_new).
+  // Online softmax of one row's tile: s <- exp(s - m_new), returns alpha = exp(m_old - m_new).
   T softmax_row(T* s, int64_t nk, T* m, T* l) const {
     T m_new = *m;
     for (int64_t t = 0; t < nk; ++t) m_new = s[t] > m_new || s[t] != s[t] ? s[t] : m_new;
@@ -166,20 +166,21 @@ struct RowwiseAttention {
     const int64_t full = nk / L * L;
     const int tail = static_cast<int>(nk - full);
     const V vm = V::set1(m_use);
+    const V log2e = V::set1(T(kLog2e));
     V sum = V::zero();
     int64_t t = 0;
     for (; t < full; t += L) {
-      const V e = exp2_nonpositive(V::load(s + t) - vm);
+      const V e = exp2_nonpositive((V::load(s + t) - vm) * log2e);
       e.store(s + t);
       sum = sum + e;
     }
     T tail_sum = 0;
     if (tail) {
-      exp2_nonpositive(V::load_partial(s + t, tail) - vm).store_partial(s + t, tail);
+      exp2_nonpositive((V::load_partial(s + t, tail) - vm) * log2e).store_partial(s + t, tail);
       for (; t < nk; ++t) tail_sum += s[t];
     }
     T alpha[L];
-    exp2_nonpositive(V::set1(*m - m_use)).store(alpha);
+    exp2_nonpositive(V::set1(*m - m_use) * log2e).store(alpha);
     *l = *l * alpha[0] + (reduce_add(sum) + tail_sum);
     *m = m_new;
     return alpha[0];
@@ -217,9 +218,9 @@ struct RowwiseAttention {
   }
 
   void prepare(Work& w) const {
-    const T c = p.v_a ? T(1) : p.scale * T(kLog2e);  // additive: folded into va_scaled instead
+    const T c = p.v_a ? T(1) : p.scale;  // additive: folded into va_scaled instead
     if (p.v_a)
-      for (int64_t a = 0; a < p.depth; ++a) w.va_scaled[a] = p.v_a[a] * (p.scale * T(kLog2e));
+      for (int64_t a = 0; a < p.depth; ++a) w.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = batch_of(w, r), i = query_of(r);
       const T* q = p.q.row(b, i);
@@ -273,8 +274,8 @@ struct RowwiseAttention {
   // weights pass.
   void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
-    const T lse2 = finish_row(acc, m2, l, p.out.row(b, i), p.dv);
-    if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = static_cast<T>(lse2 * kLn2);
+    const T lse = finish_row(acc, m2, l, p.out.row(b, i), p.dv);
+    if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = lse;
     if (row_stats) {
       row_stats[2 * (b * p.lq + i)] = m2;
       row_stats[2 * (b * p.lq + i) + 1] = l;
@@ -297,7 +298,7 @@ struct RowwiseAttention {
       for (int64_t c = 0; c < chunks; ++c) {
         const T* part = partials + ((kv_item * chunks + c) * rows + r) * ps;
         T f[L];
-        exp2_approx(V::set1(part[dv_pad] - shift)).store(f);
+        exp2_nonpositive(V::set1(part[dv_pad] - shift) * V::set1(T(kLog2e))).store(f);
         l += part[dv_pad + 1] * f[0];
         for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * f[0];
       }
@@ -343,7 +344,7 @@ struct RowwiseAttention {
     return kOk;
   }
 
-  // Weights 2^(s2 - m2) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run).
+  // Weights exp(s - m) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run).
   int write_weights(const T* row_stats) const {
     const int64_t kv_items = p.batch / p.group;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
@@ -368,7 +369,7 @@ struct RowwiseAttention {
             const int n = static_cast<int>(imin(L, nk - t));
             T e[L];
             const V x = V::load_partial(s + t, n);
-            const V y = exp2_nonpositive(x - V::set1(shift)) * inv;
+            const V y = exp2_nonpositive((x - V::set1(shift)) * V::set1(T(kLog2e))) * inv;
             y.store(e);
             for (int u = 0; u < n; ++u) out[t + u] = e[u];
           }

@@ -51,15 +51,15 @@ struct TiledAttention {
   struct Block {
     int64_t b, i_begin, mb, panels;
     T *qpack, *s, *acc, *m, *l, *alpha;
-    T* va_scaled;                                // additive only: scale * log2(e) * v_a
+    T* va_scaled;                                // additive only: scale * v_a
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
   };
 
-  // Dot scores fold scale * log2(e) into the packed queries; additive scores fold it into v_a instead
+  // Dot scores fold `scale` into the packed queries; additive scores fold it into v_a instead
   // (tanh(q + k) must see the unscaled projections).
   void pack_queries(Block& blk) const {
-    const T c = p.v_a ? T(1) : p.scale * T(kLog2e);
+    const T c = p.v_a ? T(1) : p.scale;
     for (int64_t i = 0; i < blk.panels * QNR; ++i) {
       const int64_t panel = i / QNR, lane = i % QNR;
       T* dst = blk.qpack + panel * p.depth * QNR + lane;
@@ -112,7 +112,7 @@ struct TiledAttention {
     }
   }
 
-  // S^T[j][i] (log2 units) for keys j0 .. j0+nk of the block, with every mask applied (-inf).
+  // S^T[j][i] for keys j0 .. j0+nk of the block, with every mask applied (-inf).
   void score_tile(const Block& blk, int64_t j0, int64_t nk) const {
     if (p.v_a) {
       additive_score_tile(blk, j0, nk);
@@ -148,11 +148,10 @@ struct TiledAttention {
       }
     }
     if (p.bias.data) {
-      const T log2e = T(kLog2e);
       const int64_t cs = p.bias.col_stride_elements;
       for (int64_t i = 0; i < blk.mb; ++i) {
         const T* brow = p.bias.row(blk.b, blk.i_begin + i) + j0 * cs;
-        for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs] * log2e;
+        for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs];
       }
     }
     if (p.mask.data) {
@@ -169,15 +168,16 @@ struct TiledAttention {
   void softmax_tile(const Block& blk, int64_t nk) const {
     const V zero = V::zero();
     const V minus_inf = V::set1(neg_inf<T>());
+    const V log2e = V::set1(T(kLog2e));
     for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
       const V m_old = V::load(blk.m + i0);
       V m_new = m_old;
       for (int64_t j = 0; j < nk; ++j) m_new = max(m_new, V::load(blk.s + j * MB + i0));
       const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);
-      const V alpha = exp2_nonpositive(m_old - m_use);
+      const V alpha = exp2_nonpositive((m_old - m_use) * log2e);
       V sum = zero;
       for (int64_t j = 0; j < nk; ++j) {
-        const V pj = exp2_nonpositive(V::load(blk.s + j * MB + i0) - m_use);
+        const V pj = exp2_nonpositive((V::load(blk.s + j * MB + i0) - m_use) * log2e);
         pj.store(blk.s + j * MB + i0);
         sum = sum + pj;
       }
@@ -220,9 +220,10 @@ struct TiledAttention {
     }
   }
 
-  // Attention weights 2^(s2 - m2) / l = exp(s - lse) of the block's rows, only when the caller asked.
-  // Uses m and l separately, not lse: for huge scores (1e30) m + log2(l) rounds back to m.
+  // Attention weights exp(s - m) / l = exp(s - lse) of the block's rows, only when the caller asked.
+  // Uses m and l separately, not lse: for huge scores (1e30) m + log(l) rounds back to m.
   void write_weights(const Block& blk) const {
+    const V log2e = V::set1(T(kLog2e));
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
@@ -235,7 +236,7 @@ struct TiledAttention {
           const V l = V::load(blk.l + i0);
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
           for (int64_t j = 0; j < nk; ++j)
-            (exp2_nonpositive(V::load(blk.s + j * MB + i0) - shift) * inv).store(blk.s + j * MB + i0);
+            (exp2_nonpositive((V::load(blk.s + j * MB + i0) - shift) * log2e) * inv).store(blk.s + j * MB + i0);
         }
       }
       for (int64_t i = 0; i < blk.mb; ++i) {
@@ -262,7 +263,7 @@ struct TiledAttention {
     blk.hi = carve.take<int64_t>(MB);
     blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
     if (p.v_a)
-      for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * (p.scale * T(kLog2e));
+      for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
@@ -277,8 +278,8 @@ struct TiledAttention {
       rescale_and_accumulate(blk, j0, nk);
     }
     for (int64_t i = 0; i < blk.mb; ++i) {
-      const T lse2 = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
-      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = static_cast<T>(lse2 * kLn2);
+      const T lse = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
+      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = lse;
     }
     if (p.weights.data) write_weights(blk);
   }

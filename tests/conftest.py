@@ -1,0 +1,377 @@
+"""Shared fixtures, the one tolerance table, and the naive same-precision oracles.
+
+* ``isa``: parametrised over every SIMD target usable on this machine
+  (``attnfast.capabilities()["isas"]``); switches the compiled core to it in-process
+  and restores the original target afterwards. Use it per test (``def test_x(isa, ...)``)
+  or for a whole module (``pytestmark = pytest.mark.usefixtures("isa")``).
+* ``rng``: a NumPy Generator seeded from the test id (reproducible, distinct per test).
+* Hypothesis profiles: ``ci`` (default, ~30 examples) and ``long`` (1000 examples);
+  select with ``HYPOTHESIS_PROFILE=long pytest tests/test_properties.py``.
+
+Accuracy policy (flash-attention's rule): a kernel's error against the float64 reference
+must be within 2x the error of a *naive* implementation done by plain NumPy in the input
+precision, plus a small floor. See ``assert_close_to_reference``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+import attnfast
+from attnfast import _attnfast as _core
+from attnfast import _inputs
+from attnfast import reference
+
+# --------------------------------------------------------------------------
+# Hypothesis profiles
+# --------------------------------------------------------------------------
+
+# When a Hypothesis test fails, its pytest plugin imports hypothesis.extra._patching (libcst) to
+# print a patch; on this machine that import emits a DeprecationWarning (mypy_extensions), which
+# the project's filterwarnings = error turns into an INTERNALERROR hiding the real failure.
+# Import it once here, with that warning silenced, so the failure report works.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import hypothesis.extra._patching  # noqa: F401
+    except ImportError:  # libcst not installed: the plugin then skips the patch itself
+        pass
+
+settings.register_profile("ci", max_examples=30, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# --------------------------------------------------------------------------
+# The tolerance table (the only one in the suite)
+# --------------------------------------------------------------------------
+#
+# NAIVE_FACTOR / FLOOR (used by assert_close_to_reference, the default check):
+#   max|kernel - ref64| <= NAIVE_FACTOR * max|naive - ref64| + FLOOR[dtype] * scale
+#   where ``naive`` is the same computation in plain NumPy in the input precision and
+#   ``scale`` is the magnitude of the values compared (max |ref64| unless given; for sums that
+#   may cancel -- scores, aggregate -- the tests pass the size of the summed terms,
+#   sum_magnitude / scores_magnitude, since rounding errors scale with the terms, not the result;
+#   for attention outputs max|v|, as out is a convex combination of the rows of v).
+#   The factor 2 is flash-attention's criterion: a kernel may reorder sums, use FMA,
+#   a polynomial exp (~2 ulp, math.h) and multiply by 1/sum (1.5 ulp) instead of dividing,
+#   but it must not be materially worse than the textbook computation in that precision.
+#   The floor is a few ulp of the data's magnitude (float32 eps = 1.19e-7, float64
+#   eps = 2.2e-16): it only matters when the naive computation happens to be exact
+#   (D = 1, one key, all-integer data), where a bound of exactly 0 would demand
+#   bit-identical rounding, which the contract does not promise.
+#
+# FIXED (used by assert_close_fixed, only where a naive same-precision computation is awkward
+# or meaningless, e.g. comparing the fused kernel with itself over a different split, or
+# merge_states whose NumPy implementation *is* the naive one):
+#   |actual - expected| <= atol * scale + rtol * |expected|
+#   float32: rtol 2e-5 ~ 170 eps: a sum of ~1000 rounded terms grows as sqrt(n) eps ~ 4e-6 in
+#   practice, plus the exp/reciprocal ulps and a few roundings of the online-softmax rescale;
+#   atol 2e-6 of the data scale covers outputs that cancel to ~0. float64: same reasoning
+#   with eps 2.2e-16 (rtol 1e-12 ~ 4500 eps, generous because it costs nothing to detect a bug,
+#   which shows up as O(1) errors).
+NAIVE_FACTOR = 2.0
+FLOOR = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14}
+FIXED = {
+    np.dtype(np.float32): {"rtol": 2e-5, "atol": 2e-6},
+    np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-13},
+}
+
+DTYPES = [np.float32, np.float64]
+METHODS = ["dot", "scaled_dot", "general", "concat", "additive"]
+ISAS = list(attnfast.capabilities()["isas"])
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with the compiled core switched to one usable SIMD target."""
+    original = _core.isa()
+    if not _core.set_isa(request.param):
+        pytest.fail(f"capabilities() lists {request.param!r} as usable but set_isa refused it")
+    assert _core.isa() == request.param
+    try:
+        yield request.param
+    finally:
+        assert _core.set_isa(original)
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def threads():
+    """Restore attnfast's default thread count after a test that changes it."""
+    yield
+    attnfast.set_num_threads(0)
+
+
+# --------------------------------------------------------------------------
+# Comparison helpers
+# --------------------------------------------------------------------------
+
+
+def _check_special_values(actual, expected64, what):
+    """NaN exactly where the reference has NaN; +-inf exactly where it has +-inf."""
+    nan_a, nan_e = np.isnan(actual), np.isnan(expected64)
+    if not np.array_equal(nan_a, nan_e):
+        idx = np.argwhere(nan_a != nan_e)[:5].tolist()
+        raise AssertionError(f"{what}: NaN pattern differs from the reference at {idx}")
+    inf_a, inf_e = np.isinf(actual), np.isinf(expected64)
+    if not np.array_equal(inf_a, inf_e) or not np.array_equal(actual[inf_a], expected64[inf_e]):
+        idx = np.argwhere((inf_a != inf_e) | (np.isinf(actual) & (actual != expected64)))[:5].tolist()
+        raise AssertionError(f"{what}: +-inf pattern differs from the reference at {idx}")
+    return np.isfinite(expected64)
+
+
+def _scale_of(expected64, finite, scale):
+    if scale is not None:
+        return float(scale)
+    vals = np.abs(expected64[finite])
+    s = float(vals.max()) if vals.size else 0.0
+    return s if s > 0 else 1.0
+
+
+def assert_close_to_reference(actual, expected64, naive, dtype, *, scale=None, what="result"):
+    """Kernel error <= NAIVE_FACTOR * naive error + FLOOR * scale (see the table above).
+
+    ``expected64`` is the float64 reference computed from the (exactly up-cast) inputs;
+    ``naive`` is plain NumPy in ``dtype``. NaN/inf must sit exactly where the reference's are.
+    """
+    dtype = np.dtype(dtype)
+    actual = np.asarray(actual)
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    expected64 = np.asarray(expected64, dtype=np.float64)
+    assert actual.shape == expected64.shape, f"{what}: shape {actual.shape} != {expected64.shape}"
+    finite = _check_special_values(actual, expected64, what)
+    if not finite.any():
+        return
+    a = actual.astype(np.float64)[finite]
+    e = expected64[finite]
+    n = np.asarray(naive, dtype=np.float64)[finite]
+    n_ok = np.isfinite(n)
+    naive_err = float(np.max(np.abs(n[n_ok] - e[n_ok]))) if n_ok.any() else 0.0
+    err = float(np.max(np.abs(a - e)))
+    bound = NAIVE_FACTOR * naive_err + FLOOR[dtype] * _scale_of(expected64, finite, scale)
+    if not err <= bound:
+        i = int(np.argmax(np.abs(a - e)))
+        raise AssertionError(
+            f"{what} ({dtype}): max error {err:.3e} > bound {bound:.3e} "
+            f"(naive error {naive_err:.3e}); worst: got {a[i]!r}, reference {e[i]!r}"
+        )
+
+
+def assert_close_fixed(actual, expected, dtype, *, scale=None, what="result"):
+    """|actual - expected| <= atol * scale + rtol * |expected| with the FIXED table."""
+    dtype = np.dtype(dtype)
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    finite = _check_special_values(actual, expected, what)
+    tol = FIXED[dtype]
+    s = _scale_of(expected, finite, scale)
+    a, e = actual.astype(np.float64)[finite], expected[finite]
+    bad = np.abs(a - e) > tol["atol"] * s + tol["rtol"] * np.abs(e)
+    if bad.any():
+        i = int(np.argmax(np.abs(a - e)))
+        raise AssertionError(
+            f"{what} ({dtype}): {int(bad.sum())} of {bad.size} values outside rtol={tol['rtol']}, "
+            f"atol={tol['atol']}*{s:.3g}; worst: got {a[i]!r}, expected {e[i]!r}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Data helpers
+# --------------------------------------------------------------------------
+
+
+def up(x):
+    """Exact float64 copy of an array (None stays None): the reference's input."""
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def method_weights(rng, method, d, dk, dtype, hidden=5):
+    """Random weights for ``method`` (kwargs for scores/attention)."""
+    if method == "general":
+        return {"w": (rng.standard_normal((d, dk)) / np.sqrt(max(d, 1))).astype(dtype)}
+    if method == "concat":
+        return {
+            "w_q": rng.standard_normal(d).astype(dtype),
+            "w_k": rng.standard_normal(dk).astype(dtype),
+            "score_bias": dtype(0.25),
+        }
+    if method == "additive":
+        return {
+            "w_q": (rng.standard_normal((hidden, d)) / np.sqrt(max(d, 1))).astype(dtype),
+            "w_k": (rng.standard_normal((hidden, dk)) / np.sqrt(max(dk, 1))).astype(dtype),
+            "score_bias": rng.standard_normal(hidden).astype(dtype),
+            "v_a": rng.standard_normal(hidden).astype(dtype),
+        }
+    return {}
+
+
+def _finite_abs(x):
+    """|x| in float64 with NaN/inf counted as 0 (their entries are checked separately)."""
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    return np.where(np.isfinite(x), x, 0.0)
+
+
+def sum_magnitude(a, b):
+    """max over outputs of sum |a_ij| |b_jk|: the scale of a sum's rounding error (cancellation-proof).
+
+    The FLOOR of the tolerance is relative to this, not to |result|: a sum of terms of size ~1 that
+    cancels to ~0.04 still carries rounding errors of the terms' size.
+    """
+    a = _finite_abs(a)
+    b = _finite_abs(b)
+    return float(np.max(a @ b, initial=0.0)) or 1.0
+
+
+def scores_magnitude(q, k, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None,
+                     score_bias=None):
+    """The magnitude of the terms that make up each score (see sum_magnitude)."""
+    q, k = _finite_abs(q), _finite_abs(k)
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if (method == "scaled_dot" and d > 0) else 1.0
+    if method in ("dot", "scaled_dot"):
+        m = np.max(q @ _swap(k), initial=0.0)
+    elif method == "general":
+        m = np.max((q @ np.abs(up(w))) @ _swap(k), initial=0.0)
+    elif method == "concat":
+        m = (np.max(q @ np.abs(up(w_q)), initial=0.0) + np.max(k @ np.abs(up(w_k)), initial=0.0)
+             + abs(float(0 if score_bias is None else score_bias)))
+    else:
+        m = float(np.sum(np.abs(up(v_a)))) if v_a is not None else float(np.shape(w_q)[0])
+    return float(m * abs(scale)) or 1.0
+
+
+def weights64(kw):
+    return {name: (np.float64(x) if np.ndim(x) == 0 else up(x)) for name, x in kw.items()}
+
+
+# --------------------------------------------------------------------------
+# Naive same-precision implementations (plain NumPy in the input dtype)
+# --------------------------------------------------------------------------
+
+
+def _swap(x):
+    return np.swapaxes(x, -1, -2)
+
+
+def naive_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None,
+                 score_bias=None):
+    q, k = np.asarray(q), np.asarray(k)
+    dtype = np.result_type(q, k)
+    q, k = q.astype(dtype), k.astype(dtype)
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if (method == "scaled_dot" and d > 0) else 1.0
+    c = dtype.type(scale)
+    if method in ("dot", "scaled_dot"):
+        s = q @ _swap(k)
+    elif method == "general":
+        s = (q @ np.asarray(w, dtype)) @ _swap(k)
+    elif method == "concat":
+        b = dtype.type(0 if score_bias is None else score_bias)
+        s = (q @ np.asarray(w_q, dtype))[..., :, None] + (k @ np.asarray(w_k, dtype))[..., None, :] + b
+    else:
+        w_q, w_k = np.asarray(w_q, dtype), np.asarray(w_k, dtype)
+        hidden = w_q.shape[0]
+        b = np.zeros(hidden, dtype) if score_bias is None else np.asarray(score_bias, dtype)
+        va = np.ones(hidden, dtype) if v_a is None else np.asarray(v_a, dtype)
+        pq, pk = q @ _swap(w_q), k @ _swap(w_k)
+        s = np.tanh(pq[..., :, None, :] + pk[..., None, :, :] + b) @ va
+    return (s * c).astype(dtype)
+
+
+def naive_softmax(x, axis=-1, mask=None, return_lse=False):
+    x = np.asarray(x)
+    dtype = x.dtype
+    if mask is not None:
+        x = np.where(mask, x, dtype.type(-np.inf))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if x.shape[axis]:
+            m = np.max(x, axis=axis, keepdims=True)
+        else:
+            m = np.full(np.delete(np.array(x.shape), axis % x.ndim).tolist(), -np.inf, dtype)
+            m = np.expand_dims(m, axis)
+        shift = np.where(m == -np.inf, dtype.type(0), m)
+        e = np.exp(x - shift)
+        total = np.sum(e, axis=axis, keepdims=True)
+        out = (e / np.where(total == 0, dtype.type(1), total)).astype(dtype)
+        lse = np.squeeze(shift + np.log(total), axis=axis).astype(dtype)
+    return (out, lse) if return_lse else out
+
+
+def naive_attention(q, k, v, **kw):
+    """attention() in plain NumPy in the input dtype: (out, lse, weights).
+
+    Visibility comes from the reference's own mask logic (validated args); everything numeric
+    (scores, softmax, P.V) is done in the input precision. GQA by repeating kv heads.
+    """
+    kw = {key: val for key, val in kw.items() if key not in ("return_lse", "return_weights", "out")}
+    a = _inputs.check_attention(q, k, v, **kw)
+    dtype = a.dtype
+    visible = reference._visibility(a)
+    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk))
+    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv))
+    if a.group > 1:
+        kk = np.repeat(kk, a.group, axis=-3) if kk.shape[-3] > 1 else kk
+        vv = np.repeat(vv, a.group, axis=-3) if vv.shape[-3] > 1 else vv
+    s = naive_scores(a.q, kk, method=a.method, scale=a.scale, w=a.w, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a,
+                     score_bias=a.score_bias)
+    s = np.broadcast_to(s, a.batch_shape + (a.lq, a.lk))
+    if a.bias is not None:
+        s = (s + a.bias).astype(dtype)
+    weights, lse = naive_softmax(s, -1, visible, return_lse=True)
+    out = (weights @ vv).astype(dtype)
+    return out, lse, weights
+
+
+def ref_attention64(q, k, v, **kw):
+    """The float64 reference of attention() on exactly up-cast inputs: (out, lse, weights)."""
+    kw = dict(kw)
+    kw.pop("out", None)
+    kw["return_lse"] = True
+    kw["return_weights"] = True
+    for name in ("bias", "w", "w_q", "w_k", "v_a", "score_bias"):
+        if kw.get(name) is not None:
+            kw[name] = np.asarray(kw[name], dtype=np.float64)
+    return reference.attention(up(q), up(k), up(v), **kw)
+
+
+def check_attention(q, k, v, *, dtype, what="attention", **kw):
+    """Run attnfast.attention with lse and weights and hold all three to the reference.
+
+    Also checks the contract for rows with no visible key: out exactly 0, weights exactly 0,
+    lse exactly -inf wherever the reference's lse is -inf. Returns (out, lse, weights).
+    """
+    out, lse, w = attnfast.attention(q, k, v, return_lse=True, return_weights=True, **kw)
+    r_out, r_lse, r_w = ref_attention64(q, k, v, **kw)
+    n_out, n_lse, n_w = naive_attention(q, k, v, **kw)
+    v_scale = float(np.max(np.abs(np.asarray(v, dtype=np.float64)), initial=0.0)) or 1.0
+    assert_close_to_reference(out, r_out, n_out, dtype, scale=v_scale, what=f"{what}: out")
+    assert_close_to_reference(lse, r_lse, n_lse, dtype, what=f"{what}: lse")
+    assert_close_to_reference(w, r_w, n_w, dtype, scale=1.0, what=f"{what}: weights")
+    empty = r_lse == -np.inf
+    assert np.all(lse[empty] == -np.inf)
+    assert np.all(out[empty] == 0), f"{what}: rows with no visible key must give out 0"
+    assert np.all(w[empty] == 0), f"{what}: rows with no visible key must give weights 0"
+    a = _inputs.check_attention(q, k, v, **{key: val for key, val in kw.items() if key != "out"})
+    hidden = ~reference._visibility(a)
+    if a.bias is not None:
+        hidden = hidden | np.broadcast_to(a.bias == -np.inf, hidden.shape)
+    assert np.all(w[hidden] == 0), f"{what}: masked keys must get weight exactly 0"
+    return out, lse, w

@@ -312,34 +312,29 @@ struct RowwiseAttention {
     ThreadScratch scratch(p.num_threads, scratch_bytes());
     if (!scratch.ok()) return kOutOfMemory;
     if (chunks == 1) {
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-      for (int64_t task = 0; task < tasks; ++task) {
-        Work w = carve_work(scratch.slice(thread_id()), task, 0);
+      parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+        Work w = carve_work(scratch.slice(slot), task, 0);
         run_chunk(w);
         for (int64_t r = 0; r < rows; ++r) write_row(task, r, w.acc + r * dv_pad, w.m[r], w.l[r], row_stats);
-      }
+      });
       return kOk;
     }
     const int64_t ps = partial_stride();
     T* partials = static_cast<T*>(std::malloc(static_cast<size_t>(tasks * rows * ps) * sizeof(T)));
     if (!partials) return kOutOfMemory;
-#pragma omp parallel num_threads(p.num_threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < tasks; ++task) {
-        Work w = carve_work(scratch.slice(thread_id()), task / chunks, task % chunks);
-        run_chunk(w);
-        for (int64_t r = 0; r < rows; ++r) {
-          T* part = partials + (task * rows + r) * ps;
-          for (int64_t e = 0; e < dv_pad; ++e) part[e] = w.acc[r * dv_pad + e];
-          part[dv_pad] = w.m[r];
-          part[dv_pad + 1] = w.l[r];
-        }
+    parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+      Work w = carve_work(scratch.slice(slot), task / chunks, task % chunks);
+      run_chunk(w);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* part = partials + (task * rows + r) * ps;
+        for (int64_t e = 0; e < dv_pad; ++e) part[e] = w.acc[r * dv_pad + e];
+        part[dv_pad] = w.m[r];
+        part[dv_pad + 1] = w.l[r];
       }
-#pragma omp for schedule(static)
-      for (int64_t kv = 0; kv < kv_items; ++kv)
-        merge(kv, partials, reinterpret_cast<T*>(scratch.slice(thread_id())), row_stats);
-    }
+    });
+    parallel_for(p.num_threads, kv_items, [&](int64_t kv, int slot) {
+      merge(kv, partials, reinterpret_cast<T*>(scratch.slice(slot)), row_stats);
+    });
     std::free(partials);
     return kOk;
   }
@@ -349,9 +344,8 @@ struct RowwiseAttention {
     const int64_t kv_items = p.batch / p.group;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
     if (!scratch.ok()) return kOutOfMemory;
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-    for (int64_t kv = 0; kv < kv_items; ++kv) {
-      Work w = carve_work(scratch.slice(thread_id()), kv, 0);
+    parallel_for(p.num_threads, kv_items, [&](int64_t kv, int slot) {
+      Work w = carve_work(scratch.slice(slot), kv, 0);
       w.j_begin = 0;
       w.j_end = p.lk;
       prepare(w);
@@ -375,7 +369,7 @@ struct RowwiseAttention {
           }
         }
       }
-    }
+    });
     return kOk;
   }
 };

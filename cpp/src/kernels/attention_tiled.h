@@ -293,9 +293,9 @@ int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
   const int64_t tasks = p.batch * blocks;
   ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
   if (!scratch.ok()) return kOutOfMemory;
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task)
-    kernel.run_block(scratch.slice(thread_id()), task / blocks, (task % blocks) * Kernel::MB);
+  parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+    kernel.run_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
+  });
   return kOk;
 }
 

@@ -6,10 +6,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "attnfast/parallel.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -26,16 +25,23 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-inline int thread_id() {
-#if defined(_OPENMP)
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
+// Runs f(task, slot) for every task in [0, tasks) on up to `threads` threads (attnfast/parallel.h):
+// slot < threads indexes per-thread scratch. The lambda's type is local to this target's namespace,
+// so the trampoline below is too.
+template <class F>
+inline void parallel_for(int threads, int64_t tasks, F&& f) {
+  if (threads <= 1 || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) f(t, 0);
+    return;
+  }
+  using Fn = typename std::remove_reference<F>::type;
+  run_parallel(
+      threads, tasks, [](void* context, int64_t task, int slot) { (*static_cast<Fn*>(context))(task, slot); },
+      const_cast<void*>(static_cast<const void*>(&f)));
 }
 
 // One cache-aligned block carved into equal per-thread slices, allocated before the parallel region so
-// that running out of memory is reported (MemoryError in Python) instead of terminating inside OpenMP.
+// that running out of memory is reported (MemoryError in Python) instead of failing inside a worker.
 class ThreadScratch {
  public:
   ThreadScratch(int threads, int64_t bytes_per_thread) {

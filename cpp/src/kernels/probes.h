@@ -16,9 +16,9 @@ constexpr int kProbeChains = 12;  // enough independent chains to cover FMA late
 // Returns FLOPs done (as a double) so the caller can divide by its own wall time.
 inline double fma_chains(int64_t iterations, int threads) {
   using V = Vec<float>;
-  float sink = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-  {
+  float sums[256] = {};
+  const int n = threads < 256 ? threads : 256;
+  parallel_for(n, n, [&](int64_t task, int /*slot*/) {
     V acc[kProbeChains];
     for (int c = 0; c < kProbeChains; ++c) acc[c] = V::set1(float(c) * 1e-3f);
     const V a = V::set1(0.999999f), b = V::set1(1e-7f);
@@ -26,27 +26,20 @@ inline double fma_chains(int64_t iterations, int threads) {
       for (int c = 0; c < kProbeChains; ++c) acc[c] = fmadd(acc[c], a, b);
     V s = V::zero();
     for (int c = 0; c < kProbeChains; ++c) s = s + acc[c];
-    sink += reduce_add(s);
-  }
-  // The sum is returned through the FLOP count's last bits' worth of nothing: keep it observable.
-  volatile float keep = sink;
+    sums[task] = reduce_add(s);  // keeps the chains observable
+  });
+  volatile float keep = sums[0];
   (void)keep;
-  return 2.0 * V::kLanes * kProbeChains * double(iterations) * threads;
+  return 2.0 * V::kLanes * kProbeChains * double(iterations) * n;
 }
 
 inline float read_sum(const float* data, int64_t n, int threads) {
   using V = Vec<float>;
-  float sink = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-  {
-    int t = thread_id();
-#if defined(_OPENMP)
-    const int nt = omp_get_num_threads();
-#else
-    const int nt = 1;
-#endif
-    const int64_t per = round_up(ceil_div(n, nt), V::kLanes * 4);
-    const int64_t begin = imin(n, per * t), end = imin(n, begin + per);
+  float sums[256] = {};
+  const int parts = threads < 256 ? threads : 256;
+  const int64_t per = round_up(ceil_div(n, parts), V::kLanes * 4);
+  parallel_for(parts, parts, [&](int64_t task, int /*slot*/) {
+    const int64_t begin = imin(n, per * task), end = imin(n, begin + per);
     V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t i = begin;
     for (; i + 4 * V::kLanes <= end; i += 4 * V::kLanes) {
@@ -57,9 +50,11 @@ inline float read_sum(const float* data, int64_t n, int threads) {
     }
     float s = reduce_add((a0 + a1) + (a2 + a3));
     for (; i < end; ++i) s += data[i];
-    sink += s;
-  }
-  return sink;
+    sums[task] = s;
+  });
+  float total = 0;
+  for (int t = 0; t < parts; ++t) total += sums[t];
+  return total;
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -24,9 +24,8 @@ int aggregate_impl(const AggregateParams<typename V::Scalar>& p) {
   ThreadScratch scratch(p.num_threads, Carver::bytes<T>(MR * NR));
   if (!scratch.ok()) return kOutOfMemory;
 
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) {
-    T* tile = reinterpret_cast<T*>(scratch.slice(thread_id()));
+  parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+    T* tile = reinterpret_cast<T*>(scratch.slice(slot));
     const int64_t b = task / row_blocks;
     const int64_t i_begin = (task % row_blocks) * kRowsPerTask;
     const int64_t i_end = imin(p.lq, i_begin + kRowsPerTask);
@@ -70,7 +69,7 @@ int aggregate_impl(const AggregateParams<typename V::Scalar>& p) {
         copy_tile(tile, NR, nrows, ncols, dst, os);
       }
     }
-  }
+  });
   return kOk;
 }
 

@@ -48,9 +48,8 @@ int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
   ThreadScratch scratch(p.num_threads, Carver::bytes<T>(panel_elems) + Carver::bytes<T>(MR * NR));
   if (!scratch.ok()) return kOutOfMemory;
 
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) {
-    Carver carve(scratch.slice(thread_id()));
+  parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+    Carver carve(scratch.slice(slot));
     T* panel = carve.take<T>(panel_elems);
     T* tile = carve.take<T>(MR * NR);
     const int64_t b = task / col_blocks;
@@ -76,7 +75,7 @@ int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
         }
       }
     }
-  }
+  });
   return kOk;
 }
 
@@ -92,8 +91,7 @@ int scores_additive_impl(const ScoresAdditiveParams<typename V::Scalar>& p) {
   const int64_t a_full = A / L * L;
   const int a_tail = static_cast<int>(A - a_full);
 
-#pragma omp parallel for num_threads(p.num_threads) schedule(dynamic, 1)
-  for (int64_t task = 0; task < tasks; ++task) {
+  parallel_for(p.num_threads, tasks, [&](int64_t task, int /*slot*/) {
     const int64_t b = task / col_blocks;
     const int64_t j_begin = (task % col_blocks) * kKeysPerTask;
     const int64_t j_end = imin(p.lk, j_begin + kKeysPerTask);
@@ -134,7 +132,7 @@ int scores_additive_impl(const ScoresAdditiveParams<typename V::Scalar>& p) {
         out[j] = reduce_add(acc0) * p.scale;
       }
     }
-  }
+  });
   return kOk;
 }
 

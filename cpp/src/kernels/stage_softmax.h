@@ -64,9 +64,9 @@ int softmax_impl(const SoftmaxParams<typename V::Scalar>& p) {
   // Rows are independent; chunks of rows keep the scheduling cost negligible for short rows.
   const int64_t rows_per_task = imax(1, 4096 / imax(p.n, 1));
 
-#pragma omp parallel for num_threads(p.num_threads) schedule(static)
-  for (int64_t r0 = 0; r0 < total_rows; r0 += rows_per_task) {
-    T* buffer = reinterpret_cast<T*>(scratch.slice(thread_id()));
+  parallel_for(p.num_threads, ceil_div(total_rows, rows_per_task), [&](int64_t task, int slot) {
+    T* buffer = reinterpret_cast<T*>(scratch.slice(slot));
+    const int64_t r0 = task * rows_per_task;
     const int64_t r1 = imin(total_rows, r0 + rows_per_task);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / p.rows, i = r % p.rows;
@@ -88,7 +88,7 @@ int softmax_impl(const SoftmaxParams<typename V::Scalar>& p) {
       const int64_t ys = p.out.col_stride_elements;
       for (int64_t j = 0; j < p.n; ++j) y[j * ys] = buffer[j];
     }
-  }
+  });
   return kOk;
 }
 

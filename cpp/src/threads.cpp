@@ -1,6 +1,8 @@
-// Thread count of the kernels. An explicit set_num_threads(n) wins; otherwise the OpenMP default of the
-// calling thread is used, which is what OMP_NUM_THREADS and threadpoolctl.threadpool_limits() control.
+// Thread count of the kernels (which run on the pool in parallel.cpp). An explicit set_num_threads(n)
+// wins, capped by the OpenMP default of the calling thread, which is what OMP_NUM_THREADS and
+// threadpoolctl.threadpool_limits() control. Built without OpenMP: the hardware thread count.
 #include <atomic>
+#include <thread>
 
 #include "attnfast/kernels.h"
 
@@ -21,8 +23,9 @@ int get_num_threads() {
   if (requested > 0) return requested < omp_default ? requested : omp_default;
   return omp_default;
 #else
-  (void)requested;
-  return 1;
+  const int hardware = static_cast<int>(std::thread::hardware_concurrency());
+  const int available = hardware > 0 ? hardware : 1;
+  return requested > 0 && requested < available ? requested : available;
 #endif
 }
 

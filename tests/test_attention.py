@@ -574,3 +574,24 @@ def test_env_unusable_isa_warns_and_falls_back(value):
     assert res["ok"]
     runtime = [msg for cat, msg in res["warnings"] if cat == "RuntimeWarning"]
     assert len(runtime) == 1 and f"ATTNFAST_ISA={value}" in runtime[0] and ISAS[0] in runtime[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq", [1, 40])
+def test_additive_with_pre_projected_keys_and_queries(isa, rng, dtype, lq):
+    # A decoding loop projects the encoder states once (w_k=None then means k is W_k k already);
+    # every combination of given / omitted projections must give the same attention.
+    q, k, v = qkv(rng, (3,), lq, 50, 16, dtype)
+    w_q = rng.standard_normal((24, 16)) / 4
+    w_k = rng.standard_normal((24, 16)) / 4
+    extra = dict(v_a=rng.standard_normal(24), score_bias=rng.standard_normal(24), kv_lengths=np.array([50, 7, 0]))
+    full = attnfast.attention(q, k, v, method="additive", w_q=w_q, w_k=w_k, **extra)
+    qp = (q.astype(np.float64) @ w_q.T).astype(dtype)
+    kp = (k.astype(np.float64) @ w_k.T).astype(dtype)
+    ref_full = ref.attention(q, k, v, method="additive", w_q=w_q, w_k=w_k, **extra)
+    for kwargs, qq, kk in [({"w_q": w_q}, q, kp), ({"w_k": w_k}, qp, k), ({}, qp, kp)]:
+        got = attnfast.attention(qq, kk, v, method="additive", **kwargs, **extra)
+        expected = ref.attention(qq, kk, v, method="additive", **kwargs, **extra)
+        assert_close_fixed(got, expected.astype(np.float64), dtype, scale=float(np.abs(v).max()))
+        assert_close_fixed(got, ref_full.astype(np.float64), dtype, scale=float(np.abs(v).max()))
+    assert np.all(full[2] == 0)  # kv_lengths 0: no visible key

@@ -232,10 +232,14 @@ def test_scale_defaults_and_validation(rng):
          "w_k for method='concat' must have shape (Dk,) = (6,); got shape (4,)."),
         ("concat", {"w_q": np.ones(4), "w_k": np.ones(6), "score_bias": np.ones(1)},
          "score_bias for method='concat' must be a scalar (shape ()); got shape (1,)."),
-        ("additive", {"w_k": np.ones((3, 6))}, "method='additive' requires w_q of shape (A, D) = (A, 4); got None."),
+        ("additive", {"w_k": np.ones((3, 6))},
+         "method='additive' with w_q=None takes q as already projected queries W_q q of shape (..., Lq, A) = "
+         "(..., Lq, 3); got D=4. Pass w_q of shape (A, D) = (3, 4) to project them."),
         ("additive", {"w_q": np.ones((3, 5)), "w_k": np.ones((3, 6))},
          "w_q for method='additive' must have shape (A, D) = (A, 4); got shape (3, 5)."),
-        ("additive", {"w_q": np.ones((3, 4))}, "method='additive' requires w_k of shape (A, Dk) = (3, 6); got None."),
+        ("additive", {"w_q": np.ones((3, 4))},
+         "method='additive' with w_k=None takes k as already projected keys W_k k of shape (..., Lk, A) = "
+         "(..., Lk, 3); got Dk=6. Pass w_k of shape (A, Dk) = (3, 6) to project them."),
         ("additive", {"w_q": np.ones((3, 4)), "w_k": np.ones((2, 6))},
          "w_k for method='additive' must have shape (A, Dk) = (3, 6); got shape (2, 6)."),
         ("additive", {"w_q": np.ones((3, 4)), "w_k": np.ones((3, 6)), "v_a": np.ones(2)},

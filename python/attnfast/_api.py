@@ -50,7 +50,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         dot: q.k; scaled_dot: q.k * scale (default 1/sqrt(D)); general: q W k (``w``: (D, Dk));
         concat: w_q.q + w_k.k + b (``w_q``: (D,), ``w_k``: (Dk,), ``score_bias``: scalar);
         additive: v_a . tanh(W_q q + W_k k + b) (``w_q``: (A, D), ``w_k``: (A, Dk), ``score_bias``: (A,),
-        ``v_a``: (A,), default ones).
+        ``v_a``: (A,), default ones; ``w_q=None`` / ``w_k=None`` mean q / k are already projected, as a
+        decoding loop that projects the encoder states once per sentence passes them).
     scale : float, optional
         Multiplies every method's score. Default 1/sqrt(D) for scaled_dot, 1 otherwise.
 
@@ -74,9 +75,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         if a.scale != 1.0:
             out *= a.dtype.type(a.scale)
     else:
-        qp = _projected(a.q, a.w_q.T)
-        qp += a.score_bias
-        kp = _projected(a.k, a.w_k.T)
+        qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
+        kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
         _core.scores_additive(qp, kp, np.ascontiguousarray(a.v_a), out, batch, a.scale)
     return out
 
@@ -126,9 +126,9 @@ def _score_operands(a):
         k_term = _projected(a.k, a.w_k)
         kk = np.stack([np.ones_like(k_term), k_term], axis=-1)
         return qq, kk, 1.0, None
-    qp = _projected(a.q, a.w_q.T)
-    qp += a.score_bias
-    return qp, _projected(a.k, a.w_k.T), a.scale, np.ascontiguousarray(a.v_a)
+    qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
+    kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
+    return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
 
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,

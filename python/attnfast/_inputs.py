@@ -393,17 +393,37 @@ def _check_method_weights(
                 )
             fields["score_bias"] = b
     elif method == "additive":
-        wq = given["w_q"]
-        if wq is None:
-            raise ValueError(f"method='additive' requires w_q of shape (A, D) = (A, {d}); got None.")
-        wq = _real_array("w_q", wq, dtype)
-        if wq.ndim != 2 or wq.shape[1] != d:
+        # w_q / w_k may be None: q / k then already hold the projections W_q q_i / W_k k_j (A features),
+        # which is how decoding loops use Bahdanau attention (the keys are projected once per sentence).
+        wq, wk = given["w_q"], given["w_k"]
+        if wq is not None:
+            wq = _real_array("w_q", wq, dtype)
+            if wq.ndim != 2 or wq.shape[1] != d:
+                raise ValueError(
+                    f"w_q for method='additive' must have shape (A, D) = (A, {d}); got shape {_fmt(wq.shape)}."
+                )
+            a = wq.shape[0]
+        elif wk is not None:
+            wk_arr = _real_array("w_k", wk, dtype)
+            a = wk_arr.shape[0] if wk_arr.ndim == 2 else d
+        else:
+            a = d
+        if wq is None and d != a:
             raise ValueError(
-                f"w_q for method='additive' must have shape (A, D) = (A, {d}); got shape {_fmt(wq.shape)}."
+                f"method='additive' with w_q=None takes q as already projected queries W_q q of shape "
+                f"(..., Lq, A) = (..., Lq, {a}); got D={d}. Pass w_q of shape (A, D) = ({a}, {d}) to project them."
             )
-        a = wq.shape[0]
+        if wk is None:
+            if dk != a:
+                raise ValueError(
+                    f"method='additive' with w_k=None takes k as already projected keys W_k k of shape "
+                    f"(..., Lk, A) = (..., Lk, {a}); got Dk={dk}. Pass w_k of shape (A, Dk) = ({a}, {dk}) to "
+                    f"project them."
+                )
+            fields["w_k"] = None
+        else:
+            fields["w_k"] = _weight("w_k", wk, (a, dk), dtype, method, "(A, Dk)")
         fields["w_q"] = wq
-        fields["w_k"] = _weight("w_k", given["w_k"], (a, dk), dtype, method, "(A, Dk)")
         b = given["score_bias"]
         fields["score_bias"] = (
             np.zeros((a,), dtype=dtype) if b is None else _weight("score_bias", b, (a,), dtype, method, "(A,)")

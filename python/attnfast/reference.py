@@ -50,8 +50,9 @@ def _scores64(q: np.ndarray, k: np.ndarray, a) -> np.ndarray:
         sk = k @ a.w_k.astype(_F64)  # (..., Lk)
         s = sq[..., :, None] + sk[..., None, :] + float(a.score_bias)
     else:  # additive (Bahdanau)
-        pq = q @ _swap(a.w_q.astype(_F64))  # (..., Lq, A)
-        pk = k @ _swap(a.w_k.astype(_F64))  # (..., Lk, A)
+        # w_q / w_k None: q / k are already the projections (A features).
+        pq = q if a.w_q is None else q @ _swap(a.w_q.astype(_F64))  # (..., Lq, A)
+        pk = k if a.w_k is None else k @ _swap(a.w_k.astype(_F64))  # (..., Lk, A)
         hidden = np.tanh(pq[..., :, None, :] + pk[..., None, :, :] + a.score_bias.astype(_F64))
         s = hidden @ a.v_a.astype(_F64)  # (..., Lq, Lk)
     return s * a.scale

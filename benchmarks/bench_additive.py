@@ -39,6 +39,7 @@ class AdditiveCase:
     D: int
     A: int
     label: str = ""
+    keys_projected: bool = False  # a decoding loop projects the encoder states once per sentence
 
     @property
     def name(self) -> str:
@@ -53,12 +54,16 @@ class AdditiveCase:
         """Nominal work: projections 2·B·(Lq+Lk)·D·A, scores 4·B·Lq·Lk·A (add, tanh as one op, multiply-add
         with v_a), aggregate 2·B·Lq·Lk·Dv (Dv = D).  The softmax is not counted."""
         B, Lq, Lk, D, A = self.B, self.Lq, self.Lk, self.D, self.A
-        return 2 * B * (Lq + Lk) * D * A + 4 * B * Lq * Lk * A + 2 * B * Lq * Lk * D
+        key_projection = 0 if self.keys_projected else 2 * B * Lk * D * A
+        return 2 * B * Lq * D * A + key_projection + 4 * B * Lq * Lk * A + 2 * B * Lq * Lk * D
 
 
 TRAINING = AdditiveCase(64, 40, 50, 256, 256, "seq2seq training batch")
 DECODER_STEP = AdditiveCase(64, 1, 50, 256, 256, "one decoder step")
-CASES = [pytest.param(TRAINING, id="train-64x40x50"), pytest.param(DECODER_STEP, id="step-64x1x50")]
+# The same step as a decoding loop runs it: W_k k computed once per sentence, outside the step.
+DECODER_STEP_CACHED = AdditiveCase(64, 1, 50, 256, 256, "one decoder step, keys projected once", True)
+CASES = [pytest.param(TRAINING, id="train-64x40x50"), pytest.param(DECODER_STEP, id="step-64x1x50"),
+         pytest.param(DECODER_STEP_CACHED, id="step-cached-64x1x50")]
 
 
 def make_inputs(case: AdditiveCase, dtype=DTYPE, seed: int = 0):
@@ -76,7 +81,11 @@ def make_inputs(case: AdditiveCase, dtype=DTYPE, seed: int = 0):
     v_a = rng.standard_normal(A) / np.sqrt(A)
     b = 0.1 * rng.standard_normal(A)
     # Cast last: a float64 NumPy scalar such as np.sqrt(D) would otherwise promote float32 arrays.
-    return tuple(a.astype(dtype) for a in (q, k, v, w_q, w_k, v_a, b))
+    q, k, v, w_q, w_k, v_a, b = (a.astype(dtype) for a in (q, k, v, w_q, w_k, v_a, b))
+    if case.keys_projected:
+        # Every implementation receives W_k k and w_k=None: "k is already projected".
+        return q, (k.reshape(B * Lk, D) @ w_k.T).reshape(B, Lk, A), v, w_q, None, v_a, b
+    return q, k, v, w_q, w_k, v_a, b
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +104,7 @@ def numpy_additive(q, k, v, w_q, w_k, v_a, b):
     B, Lq, D = q.shape
     Lk, A = k.shape[1], w_q.shape[0]
     qp = (q.reshape(B * Lq, D) @ w_q.T).reshape(B, Lq, A)
-    kp = (k.reshape(B * Lk, -1) @ w_k.T).reshape(B, Lk, A)
+    kp = k if w_k is None else (k.reshape(B * Lk, -1) @ w_k.T).reshape(B, Lk, A)
     s = np.tanh(qp[:, :, None, :] + kp[:, None, :, :] + b) @ v_a  # (B, Lq, Lk, A) -> (B, Lq, Lk)
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     e /= e.sum(axis=-1, keepdims=True)
@@ -109,7 +118,7 @@ def torch_additive(q, k, v, w_q, w_k, v_a, b):
     B, Lq, D = q.shape
     Lk, A = k.shape[1], w_q.shape[0]
     qp = (q.reshape(B * Lq, D) @ w_q.T).reshape(B, Lq, A)
-    kp = (k.reshape(B * Lk, -1) @ w_k.T).reshape(B, Lk, A)
+    kp = k if w_k is None else (k.reshape(B * Lk, -1) @ w_k.T).reshape(B, Lk, A)
     s = torch.tanh(qp[:, :, None, :] + kp[:, None, :, :] + b) @ v_a
     return torch.softmax(s, dim=-1) @ v
 
@@ -122,7 +131,7 @@ def prepare(name: str, inputs):
         return lambda: numpy_additive(*inputs)
     import torch
 
-    tensors = [torch.from_numpy(a) for a in inputs]  # zero-copy views
+    tensors = [None if a is None else torch.from_numpy(a) for a in inputs]  # zero-copy views
 
     def run():
         with torch.inference_mode():
@@ -133,7 +142,8 @@ def prepare(name: str, inputs):
 
 def check_against_float64(name: str, result, inputs, rows: int = 2) -> None:
     """The implementations must compute the same function: compare the first rows with float64 NumPy."""
-    expected = numpy_additive(*(a[:rows] if a.ndim == 3 else a for a in (x.astype(np.float64) for x in inputs)))
+    as64 = (None if x is None else x.astype(np.float64) for x in inputs)
+    expected = numpy_additive(*(a[:rows] if a is not None and a.ndim == 3 else a for a in as64))
     got = np.asarray(result)[:rows]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4, err_msg=name)
 

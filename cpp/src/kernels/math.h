@@ -13,9 +13,12 @@
 //   1 + 2fP/(Q - fP); max relative error ~2e-16. x < -1022 returns +0.
 // exp2_approx clamps x above at 127 (1023) so the result stays finite; exp2_nonpositive skips that
 // clamp for callers whose argument is never positive (s - max in a softmax).
-// tanh(x): |x| < 0.625 odd polynomial/rational (Cephes tanhf / tanh) to avoid the cancellation of
-//   1 - 2/(e^2x + 1) near 0; otherwise that formula with the exp2 above. float max error ~2 ulp,
-//   double ~2e-16 relative. NaN -> NaN, +-inf -> +-1.
+// tanh(x), float: x clamped to +-7.9053 (where tanh rounds to +-1), then the odd (13, 6) rational
+//   minimax form x P(x^2) / Q(x^2) (the published coefficients of Eigen's ptanh_float): 8 FMAs and one
+//   division, no branch and no exp. Max relative error 3.9e-7 (3.3 ulp) measured over [-10, 10] and
+//   near 0 in float32 arithmetic. This is the inner loop of additive attention, hence the cheaper form.
+// tanh(x), double: |x| < 0.625 the Cephes rational x + x z P(z)/Q(z) (no cancellation near 0), else
+//   1 - 2/(e^2|x| + 1) with the exp2 above; ~2e-16 relative. NaN -> NaN, +-inf -> +-1 for both.
 #pragma once
 #include <cstdint>
 
@@ -29,7 +32,6 @@ struct MathConst<float> {
   static constexpr float kExp2Min = -126.0f;
   static constexpr float kExp2Max = 127.0f;
   static constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
-  static constexpr float kTanhClamp = 9.5f;          // tanh(9.5) rounds to 1 in float
 };
 template <>
 struct MathConst<double> {
@@ -84,16 +86,6 @@ inline V exp2_approx(V x) {
 }
 
 template <class V>
-inline V tanh_small(V x, V z, float /*tag*/) {
-  V p = V::set1(-5.70498872745e-3f);
-  p = fmadd(p, z, V::set1(2.06390887954e-2f));
-  p = fmadd(p, z, V::set1(-5.37397155531e-2f));
-  p = fmadd(p, z, V::set1(1.33314422036e-1f));
-  p = fmadd(p, z, V::set1(-3.33332819422e-1f));
-  return fmadd(p * z, x, x);
-}
-
-template <class V>
 inline V tanh_small(V x, V z, double /*tag*/) {
   V p = V::set1(-9.64399179425052238628e-1);
   p = fmadd(p, z, V::set1(-9.92877231001918586564e1));
@@ -105,8 +97,26 @@ inline V tanh_small(V x, V z, double /*tag*/) {
 }
 
 template <class V>
-inline V tanh_approx(V x) {
-  using T = typename V::Scalar;
+inline V tanh_approx(V x, float /*tag*/) {
+  const V xc = max(V::set1(-7.90531110763549805f), min(V::set1(7.90531110763549805f), x));  // NaN survives
+  const V z = xc * xc;
+  V p = V::set1(-2.76076847742355e-16f);
+  p = fmadd(p, z, V::set1(2.00018790482477e-13f));
+  p = fmadd(p, z, V::set1(-8.60467152213735e-11f));
+  p = fmadd(p, z, V::set1(5.12229709037114e-08f));
+  p = fmadd(p, z, V::set1(1.48572235717979e-05f));
+  p = fmadd(p, z, V::set1(6.37261928875436e-04f));
+  p = fmadd(p, z, V::set1(4.89352455891786e-03f));
+  V q = V::set1(1.19825839466702e-06f);
+  q = fmadd(q, z, V::set1(1.18534705686654e-04f));
+  q = fmadd(q, z, V::set1(2.26843463243900e-03f));
+  q = fmadd(q, z, V::set1(4.89352518554385e-03f));
+  return (xc * p) / q;
+}
+
+template <class V>
+inline V tanh_approx(V x, double /*tag*/) {
+  using T = double;
   const V ax = min(V::set1(MathConst<T>::kTanhClamp), abs(x));  // NaN survives (data second)
   const V small = tanh_small(x, x * x, T{});
   // 1 - 2 / (e^{2|x|} + 1), then the sign of x.
@@ -114,6 +124,11 @@ inline V tanh_approx(V x) {
   const V big_abs = V::set1(T(1)) - V::set1(T(2)) / (e + V::set1(T(1)));
   const V big = select(cmp_lt(x, V::zero()), negate(big_abs), big_abs);
   return select(cmp_lt(abs(x), V::set1(T(0.625))), small, big);
+}
+
+template <class V>
+inline V tanh_approx(V x) {
+  return tanh_approx(x, typename V::Scalar{});
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -197,23 +197,25 @@ struct RowwiseAttention {
       const int64_t ncols = imin(kDvVectors * L, p.dv - c0);
       const int nvec = static_cast<int>(ceil_div(ncols, L));
       const int last = static_cast<int>(ncols - (nvec - 1) * L);
-      V o[kDvVectors];
-      for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? V::load(acc + c0 + u * L) * a : V::zero();
+      decltype(V::v) o[kDvVectors];  // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+      for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
       if (nvec == kDvVectors && last == L) {
         for (int64_t t = 0; t < nk; ++t) {
           const V pt = V::set1(s[t]);
           const T* vr = v + t * vs + c0;
-          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, V::load(vr + u * L), o[u]);
+#pragma GCC unroll 16
+          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, V::load(vr + u * L), V{o[u]}).v;
         }
       } else {
         for (int64_t t = 0; t < nk; ++t) {
           const V pt = V::set1(s[t]);
           const T* vr = v + t * vs + c0;
           for (int u = 0; u < nvec; ++u)
-            o[u] = fmadd(pt, u == nvec - 1 ? V::load_partial(vr + u * L, last) : V::load(vr + u * L), o[u]);
+            o[u] = fmadd(pt, u == nvec - 1 ? V::load_partial(vr + u * L, last) : V::load(vr + u * L), V{o[u]}).v;
         }
       }
-      for (int u = 0; u < nvec; ++u) o[u].store(acc + c0 + u * L);
+      for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
     }
   }
 

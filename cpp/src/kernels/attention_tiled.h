@@ -99,15 +99,17 @@ struct TiledAttention {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
       for (int64_t j = 0; j < nk; ++j) {
         const T* kr = p.k.row(bkv, j0 + j);
-        V acc[QK_NRV];
-        for (int n = 0; n < QK_NRV; ++n) acc[n] = V::zero();
+        decltype(V::v) acc[QK_NRV];  // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+        for (int n = 0; n < QK_NRV; ++n) acc[n] = V::zero().v;
         for (int64_t a = 0; a < p.depth; ++a) {
           const V kb = V::set1(kr[a]);
           const V vb = V::set1(blk.va_scaled[a]);
+#pragma GCC unroll 16
           for (int n = 0; n < QK_NRV; ++n)
-            acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), acc[n]);
+            acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), V{acc[n]}).v;
         }
-        for (int n = 0; n < QK_NRV; ++n) acc[n].store(blk.s + j * MB + panel * QNR + n * L);
+        for (int n = 0; n < QK_NRV; ++n) V{acc[n]}.store(blk.s + j * MB + panel * QNR + n * L);
       }
     }
   }

@@ -19,13 +19,15 @@ inline double fma_chains(int64_t iterations, int threads) {
   float sums[256] = {};
   const int n = threads < 256 ? threads : 256;
   parallel_for(n, n, [&](int64_t task, int /*slot*/) {
-    V acc[kProbeChains];
-    for (int c = 0; c < kProbeChains; ++c) acc[c] = V::set1(float(c) * 1e-3f);
+    decltype(V::v) acc[kProbeChains];  // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+    for (int c = 0; c < kProbeChains; ++c) acc[c] = V::set1(float(c) * 1e-3f).v;
     const V a = V::set1(0.999999f), b = V::set1(1e-7f);
     for (int64_t it = 0; it < iterations; ++it)
-      for (int c = 0; c < kProbeChains; ++c) acc[c] = fmadd(acc[c], a, b);
+#pragma GCC unroll 16
+      for (int c = 0; c < kProbeChains; ++c) acc[c] = fmadd(V{acc[c]}, a, b).v;
     V s = V::zero();
-    for (int c = 0; c < kProbeChains; ++c) s = s + acc[c];
+    for (int c = 0; c < kProbeChains; ++c) s = s + V{acc[c]};
     sums[task] = reduce_add(s);  // keeps the chains observable
   });
   volatile float keep = sums[0];

@@ -43,6 +43,10 @@ class TimingPolicy:
         return cls(warmup=1, min_repeats=7, max_repeats=300, budget_s=2.0, floor_repeats=3, cap_s=12.0)
 
 
+SETTLE_S = 0.002  # pause between implementations (not timed): OpenMP pools stop spinning
+SETTLE_AFTER_S = {"jax": 0.06}  # XLA:CPU's pool spins longer
+
+
 def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPolicy,
                      tick: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
     """Per-call wall times in seconds of each runner, measured round-robin.
@@ -61,10 +65,15 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
     start = clock()
     for round_index in range(policy.max_repeats):
         shift = round_index % len(names)
+        previous = None
         for n in names[shift:] + names[:shift]:
+            # Let the previous library's thread pool go idle first: OpenMP's and XLA's workers keep
+            # spinning after a call and would steal cores from the next one.
+            time.sleep(SETTLE_AFTER_S.get(previous, SETTLE_S))
             t0 = clock()
             runners[n]()
             times[n].append(clock() - t0)
+            previous = n
         tick()
         rounds, elapsed = round_index + 1, clock() - start
         if rounds >= policy.min_repeats and elapsed >= policy.budget_s:

@@ -31,10 +31,13 @@ inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int
 
 // Final normalisation of one row: out = acc / l (0 when no key was visible). Returns the row's
 // log-sum-exp m + ln(l): -inf when no key was visible, NaN if the row had a NaN.
-template <class T>
+template <class V, class T = typename V::Scalar>
 inline T finish_row(const T* acc, T m, T l, T* out, int64_t dv) {
   const T inv = l > T(0) ? T(1) / l : T(0);
-  for (int64_t c = 0; c < dv; ++c) out[c] = acc[c] * inv;
+  const V vinv = V::set1(inv);
+  int64_t c = 0;
+  for (; c + V::kLanes <= dv; c += V::kLanes) (V::load(acc + c) * vinv).store(out + c);
+  if (c < dv) (V::load(acc + c) * vinv).store_partial(out + c, static_cast<int>(dv - c));  // acc is padded
   if (l == T(0)) return neg_inf<T>();
   return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
 }

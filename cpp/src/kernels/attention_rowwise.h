@@ -276,7 +276,7 @@ struct RowwiseAttention {
   // weights pass.
   void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
-    const T lse = finish_row(acc, m2, l, p.out.row(b, i), p.dv);
+    const T lse = finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv);
     if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = lse;
     if (row_stats) {
       row_stats[2 * (b * p.lq + i)] = m2;

@@ -176,7 +176,8 @@ struct TiledAttention {
       V m_new = m_old;
       for (int64_t j = 0; j < nk; ++j) m_new = max(m_new, V::load(blk.s + j * MB + i0));
       const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);
-      const V alpha = exp2_nonpositive((m_old - m_use) * log2e);
+      // A row that has seen no key yet has a zero accumulator: alpha = 1 spares rescaling it.
+      const V alpha = select(cmp_eq(m_old, minus_inf), V::set1(T(1)), exp2_nonpositive((m_old - m_use) * log2e));
       V sum = zero;
       for (int64_t j = 0; j < nk; ++j) {
         const V pj = exp2_nonpositive((V::load(blk.s + j * MB + i0) - m_use) * log2e);
@@ -270,7 +271,8 @@ struct TiledAttention {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
     }
-    for (int64_t e = 0; e < MB * dv_pad; ++e) blk.acc[e] = T(0);
+    // Rows past the block's end are never read; the P.V kernel touches rows up to a multiple of PV_MR.
+    for (int64_t e = 0; e < round_up(blk.mb, PV_MR) * dv_pad; ++e) blk.acc[e] = T(0);
     compute_bounds(blk);
     pack_queries(blk);
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
@@ -280,7 +282,7 @@ struct TiledAttention {
       rescale_and_accumulate(blk, j0, nk);
     }
     for (int64_t i = 0; i < blk.mb; ++i) {
-      const T lse = finish_row(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
+      const T lse = finish_row<V>(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
       if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = lse;
     }
     if (p.weights.data) write_weights(blk);

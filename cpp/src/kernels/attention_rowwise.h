@@ -121,9 +121,23 @@ struct RowwiseAttention {
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
     const T* k = p.k.row(w.kv_item, j0);
+    const T* v = p.v.row(w.kv_item, j0);
+    const int64_t vs = p.v.row_stride_elements;
+    const int64_t v_row_bytes = p.dv * static_cast<int64_t>(sizeof(T));
+    const int64_t k_row_bytes = p.depth * static_cast<int64_t>(sizeof(T));
     int64_t j = 0;
-    for (; j + 4 <= nk; j += 4)
+    for (; j + 4 <= nk; j += 4) {
+      // Decode is memory-bound: ask for these keys' value rows now, so they stream in from DRAM while
+      // the scores are computed instead of when the value pass walks them column block by block.
+      for (int64_t t = 0; t < 4; ++t) {
+        for (int64_t byte = 0; byte < v_row_bytes; byte += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(v + (j + t) * vs) + byte);
+        if (j + 4 + t < nk)  // and the next group's keys, one group ahead of the dot products
+          for (int64_t byte = 0; byte < k_row_bytes; byte += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(k + (j + 4 + t) * ks) + byte);
+      }
       for (int64_t r = 0; r < rows; ++r) dot4(w.qs + r * p.depth, k + j * ks, ks, w.s + r * NK + j);
+    }
     if (j < nk) {
       // The last 1-3 keys one at a time (dot4 with a zero key stride computes the same key four times),
       // so nothing past the last key is read. Each score is the same FMA sequence either way.

@@ -43,8 +43,11 @@ class TimingPolicy:
         return cls(warmup=1, min_repeats=7, max_repeats=300, budget_s=2.0, floor_repeats=3, cap_s=12.0)
 
 
-SETTLE_S = 0.002  # pause between implementations (not timed): OpenMP pools stop spinning
-SETTLE_AFTER_S = {"jax": 0.06}  # XLA:CPU's pool spins longer
+SETTLE_S = 0.002  # pause between implementations (not timed): attnfast's workers poll for 1 ms
+# Pools that poll longer: libgomp (PyTorch) spins GOMP_SPINCOUNT = 300000 pauses, several ms here;
+# XLA:CPU's pool longer still. Without these pauses their workers held a core during the next
+# library's call (attnfast at L=256 ran at half speed right after PyTorch).
+SETTLE_AFTER_S = {"torch": 0.012, "jax": 0.06}
 
 
 def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPolicy,

@@ -81,7 +81,8 @@ def show_config() -> None:
     print(f"  SIMD target in use : {caps['isa']}")
     print(f"  usable here        : {', '.join(caps['isas'])}")
     print(f"  compiled in        : {', '.join(caps['compiled_isas'])}")
-    print(f"  threads            : {caps['threads']} (OpenMP {'on' if caps['openmp'] else 'off'})")
+    default = "OpenMP's default" if caps["openmp"] else "hardware threads"
+    print(f"  threads            : {caps['threads']} (attnfast's task pool; default: {default})")
     print(f"  compiler           : {caps['compiler']}")
     print(f"  python / numpy     : {platform.python_version()} / {np.__version__}")
     print("  force a target with ATTNFAST_ISA=scalar|avx2|avx512")

@@ -51,8 +51,8 @@ bool set_active_target(const std::string& name);
 // Value of ATTNFAST_ISA that could not be honoured ("" if none): reported as a warning by Python.
 std::string target_request_problem();
 
-// Threads used by the kernels: set_num_threads(n) if called with n > 0, else the OpenMP default
-// (which threadpoolctl and OMP_NUM_THREADS control).
+// Threads used by the kernels (run on the pool of attnfast/parallel.h): the OpenMP default, which
+// threadpoolctl and OMP_NUM_THREADS control, lowered by set_num_threads(n) when n > 0.
 int get_num_threads();
 void set_num_threads(int n);
 bool openmp_enabled();

@@ -468,3 +468,55 @@ def test_merge_states_mismatches(rng):
 def test_merge_states_promotes(rng):
     m = _inputs.check_merge_states([arr(rng, 2, 3, dtype=np.float32)], [arr(rng, 2)])
     assert m.dtype == np.float64 and m.shape == (2, 3)
+
+
+# --------------------------------------------------------------------------
+# the fast path raises exactly what the reference raises
+# --------------------------------------------------------------------------
+
+_F = np.ones((2, 3, 4, 8), np.float32)
+_K = np.ones((2, 3, 6, 8), np.float32)
+_BAD_CALLS = {
+    "int q": ("attention", (np.ones((4, 8), int), _K[0, 0], _K[0, 0]), {}),
+    "complex k": ("scores", (_F, np.ones((2, 3, 6, 8), complex)), {}),
+    "float16 v": ("attention", (_F, _K, np.ones((2, 3, 6, 8), np.float16)), {}),
+    "object x": ("softmax", (np.ones((2, 3), object),), {}),
+    "1-D q": ("attention", (np.ones(8, np.float32), _K, _K), {}),
+    "D mismatch": ("attention", (_F, np.ones((2, 3, 6, 7), np.float32), _K), {}),
+    "Lk mismatch": ("attention", (_F, _K, np.ones((2, 3, 5, 8), np.float32)), {}),
+    "batch mismatch": ("attention", (_F, np.ones((3, 3, 6, 8), np.float32), np.ones((3, 3, 6, 8), np.float32)), {}),
+    "heads do not divide": ("attention", (np.ones((2, 4, 4, 8), np.float32), _K, _K), {}),
+    "mask dtype": ("attention", (_F, _K, _K), {"mask": np.ones((4, 6))}),
+    "mask shape": ("attention", (_F, _K, _K), {"mask": np.ones((4, 5), bool)}),
+    "bias shape": ("attention", (_F, _K, _K), {"bias": np.ones((3, 6))}),
+    "kv_lengths negative": ("attention", (_F, _K, _K), {"kv_lengths": np.array(-1)}),
+    "kv_lengths too large": ("attention", (_F, _K, _K), {"kv_lengths": np.array([[7, 1, 1]] * 2)}),
+    "kv_lengths float": ("attention", (_F, _K, _K), {"kv_lengths": np.array(2.5)}),
+    "unknown method": ("attention", (_F, _K, _K), {"method": "cosine"}),
+    "unknown causal_align": ("attention", (_F, _K, _K), {"causal": True, "causal_align": "center"}),
+    "negative window": ("attention", (_F, _K, _K), {"window": (-1, 2)}),
+    "missing w": ("attention", (_F, _K, _K), {"method": "general"}),
+    "w shape": ("scores", (_F, _K), {"method": "general", "w": np.ones((8, 7))}),
+    "unused weight": ("attention", (_F, _K, _K), {"w": np.ones((8, 8))}),
+    "out shape": ("attention", (_F, _K, _K), {"out": np.empty((2, 3, 4, 7), np.float32)}),
+    "out dtype": ("attention", (_F, _K, _K), {"out": np.empty((2, 3, 4, 8), np.float64)}),
+    "out read-only": ("attention", (_F, _K, _K), {"out": np.broadcast_to(np.float32(0), (2, 3, 4, 8))}),
+    "softmax axis": ("softmax", (_F,), {"axis": 4}),
+    "aggregate Lk": ("aggregate", (np.ones((4, 6), np.float32), np.ones((5, 2), np.float32)), {}),
+    "merge mismatch": ("merge_states", ([np.ones((4, 8))] * 2, [np.ones(4), np.ones(5)]), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_fast_path_raises_exactly_what_the_reference_raises(case):
+    import attnfast
+
+    fn, args, kwargs = _BAD_CALLS[case]
+    with pytest.raises((TypeError, ValueError)) as expected:
+        getattr(ref, fn)(*args, **kwargs)
+    out = kwargs.get("out")
+    before = None if out is None else out.copy()
+    with pytest.raises(expected.type, match=exact(str(expected.value))):
+        getattr(attnfast, fn)(*args, **kwargs)
+    if out is not None:
+        assert np.array_equal(out, before, equal_nan=True)  # a caller's out= is untouched on error

@@ -375,3 +375,31 @@ def check_attention(q, k, v, *, dtype, what="attention", **kw):
         hidden = hidden | np.broadcast_to(a.bias == -np.inf, hidden.shape)
     assert np.all(w[hidden] == 0), f"{what}: masked keys must get weight exactly 0"
     return out, lse, w
+
+
+# --------------------------------------------------------------------------
+# memory layouts
+# --------------------------------------------------------------------------
+
+LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row", "every_other_col"]
+
+
+def relayout(a, layout):
+    """The same values as ``a`` stored with another memory layout (views with unusual strides)."""
+    if layout == "C":
+        return np.ascontiguousarray(a)
+    if layout == "F":
+        return np.asfortranarray(a)
+    if layout == "transposed":
+        return np.swapaxes(np.ascontiguousarray(np.swapaxes(a, -1, -2)), -1, -2)
+    if layout == "negative":
+        return np.ascontiguousarray(a[..., ::-1, ::-1])[..., ::-1, ::-1]
+    if layout == "every_other_row":
+        base = np.zeros(a.shape[:-2] + (2 * a.shape[-2], a.shape[-1]), a.dtype)
+        base[..., ::2, :] = a
+        return base[..., ::2, :]
+    if layout == "every_other_col":
+        base = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        base[..., 1::2] = a
+        return base[..., 1::2]
+    raise ValueError(f"unknown layout {layout!r}")

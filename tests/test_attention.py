@@ -26,6 +26,7 @@ from conftest import (
     check_attention,
     method_weights,
     ref_attention64,
+    relayout,
     up,
 )
 
@@ -158,26 +159,11 @@ def test_attention_gqa_mqa(isa, rng, dtype, hq, hk, lq, masks):
         assert_close_fixed(out, rep.astype(np.float64), dtype, what="gqa vs repeated heads")
 
 
-LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row"]
-
-
-def relayout(a, layout):
-    """The same values as ``a`` stored with another memory layout."""
-    if layout == "C":
-        return np.ascontiguousarray(a)
-    if layout == "F":
-        return np.asfortranarray(a)
-    if layout == "transposed":
-        return np.swapaxes(np.ascontiguousarray(np.swapaxes(a, -1, -2)), -1, -2)
-    if layout == "negative":
-        return np.ascontiguousarray(a[..., ::-1, :][..., ::-1])[..., ::-1, :][..., ::-1]
-    base = np.zeros(a.shape[:-2] + (2 * a.shape[-2], a.shape[-1]), a.dtype)
-    base[..., ::2, :] = a
-    return base[..., ::2, :]
+ATTENTION_LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
 @pytest.mark.parametrize("lq", [3, 29])
 def test_attention_strided_inputs(isa, rng, dtype, layout, lq):
     q, k, v = qkv(rng, (2, 2), lq, 37, 24, dtype, dv=19)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import attnfast
 from attnfast import reference as ref
 from conftest import (
+    LAYOUTS,
     assert_close_fixed,
     assert_close_to_reference,
     check_attention,
@@ -23,6 +24,7 @@ from conftest import (
     naive_scores,
     naive_softmax,
     ref_attention64,
+    relayout,
     scores_magnitude,
     sum_magnitude,
     up,
@@ -34,33 +36,6 @@ fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 
 dtypes = st.sampled_from([np.float32, np.float64])
 seeds = st.integers(0, 2**32 - 1)
-LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row", "every_other_col"]
-
-
-def relayout(a, layout):
-    """The same values as ``a`` with another memory layout (views with unusual strides)."""
-    if layout == "C":
-        return np.ascontiguousarray(a)
-    if layout == "F":
-        return np.asfortranarray(a)
-    if layout == "transposed":
-        return np.swapaxes(np.ascontiguousarray(np.swapaxes(a, -1, -2)), -1, -2)
-    if layout == "negative":
-        return np.ascontiguousarray(a[..., ::-1, ::-1])[..., ::-1, ::-1]
-    if layout == "every_other_row":
-        base = np.zeros(a.shape[:-2] + (2 * a.shape[-2], a.shape[-1]), a.dtype)
-        base[..., ::2, :] = a
-        return base[..., ::2, :]
-    base = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-    base[..., 1::2] = a
-    return base[..., 1::2]
-
-
-# --------------------------------------------------------------------------
-# softmax
-# --------------------------------------------------------------------------
-
-
 @fixture_ok
 @given(data=st.data(), dtype=dtypes, seed=seeds)
 def test_softmax_rows_sum_to_one(data, dtype, seed):

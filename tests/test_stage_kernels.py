@@ -13,11 +13,13 @@ import attnfast
 from attnfast import reference as ref
 from conftest import (
     DTYPES,
+    LAYOUTS,
     METHODS,
     assert_close_to_reference,
     method_weights,
     naive_scores,
     naive_softmax,
+    relayout,
     scores_magnitude,
     sum_magnitude,
     up,
@@ -28,31 +30,11 @@ pytestmark = pytest.mark.usefixtures("isa")
 
 AWKWARD_D = [1, 3, 15, 16, 17, 63, 64, 65, 97, 111]
 AWKWARD_L = [1, 2, 97, 1025]
-LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row", "every_other_col"]
 
 
 def make(rng, shape, dtype, layout="C", scale=1.0):
     """Random array of logical ``shape`` stored with the given memory layout."""
-    shape = tuple(shape)
-    if layout == "C":
-        return (scale * rng.standard_normal(shape)).astype(dtype)
-    if layout == "F":
-        a = np.asfortranarray((scale * rng.standard_normal(shape)).astype(dtype))
-        assert a.ndim < 2 or not a.flags.c_contiguous or min(shape[-2:]) <= 1
-        return a
-    if layout == "transposed":
-        base = (scale * rng.standard_normal(shape[:-2] + shape[-2:][::-1])).astype(dtype)
-        return np.swapaxes(base, -1, -2)
-    if layout == "negative":
-        base = (scale * rng.standard_normal(shape)).astype(dtype)
-        return base[..., ::-1, ::-1]
-    if layout == "every_other_row":
-        base = (scale * rng.standard_normal(shape[:-2] + (2 * shape[-2], shape[-1]))).astype(dtype)
-        return base[..., ::2, :]
-    if layout == "every_other_col":
-        base = (scale * rng.standard_normal(shape[:-1] + (2 * shape[-1],))).astype(dtype)
-        return base[..., 1::2]
-    raise AssertionError(layout)
+    return relayout((scale * rng.standard_normal(tuple(shape))).astype(dtype), layout)
 
 
 # --------------------------------------------------------------------------
@@ -358,23 +340,7 @@ def check_aggregate(weights, v, dtype, what="aggregate"):
 def prob_rows(rng, shape, dtype, layout="C"):
     """Softmax-like weights (non-negative rows summing to 1) with the requested layout."""
     e = np.exp(rng.standard_normal(shape))
-    return make_like_layout((e / e.sum(-1, keepdims=True)).astype(dtype), layout)
-
-
-def make_like_layout(a, layout):
-    if layout in ("C", "F"):
-        return np.asfortranarray(a) if layout == "F" else np.ascontiguousarray(a)
-    if layout == "transposed":
-        return np.swapaxes(np.ascontiguousarray(np.swapaxes(a, -1, -2)), -1, -2)
-    if layout == "negative":
-        return np.ascontiguousarray(a[..., ::-1, ::-1])[..., ::-1, ::-1]
-    if layout == "every_other_row":
-        base = np.zeros(a.shape[:-2] + (2 * a.shape[-2], a.shape[-1]), a.dtype)
-        base[..., ::2, :] = a
-        return base[..., ::2, :]
-    base = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
-    base[..., 1::2] = a
-    return base[..., 1::2]
+    return relayout((e / e.sum(-1, keepdims=True)).astype(dtype), layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

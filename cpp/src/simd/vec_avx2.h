@@ -69,12 +69,6 @@ inline VF negate(VF a) { return {_mm256_xor_ps(_mm256_set1_ps(-0.0f), a.v)}; }
 inline __m256 cmp_lt(VF a, VF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ); }
 inline __m256 cmp_eq(VF a, VF b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
 inline VF select(__m256 m, VF t, VF f) { return {_mm256_blendv_ps(f.v, t.v, m)}; }
-inline bool any_mask(__m256 m) { return _mm256_movemask_ps(m) != 0; }
-inline VF round_nearest(VF a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-inline VF pow2_int(VF n) {
-  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
-}
 // Integer-adds t's bits shifted into the exponent field to p's bits: p * 2^n when t = n + 1.5 * 2^23.
 inline VF add_exponent_bits(VF p, VF t) {
   return {_mm256_castsi256_ps(
@@ -106,14 +100,6 @@ inline VD negate(VD a) { return {_mm256_xor_pd(_mm256_set1_pd(-0.0), a.v)}; }
 inline __m256d cmp_lt(VD a, VD b) { return _mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ); }
 inline __m256d cmp_eq(VD a, VD b) { return _mm256_cmp_pd(a.v, b.v, _CMP_EQ_OQ); }
 inline VD select(__m256d m, VD t, VD f) { return {_mm256_blendv_pd(f.v, t.v, m)}; }
-inline bool any_mask(__m256d m) { return _mm256_movemask_pd(m) != 0; }
-inline VD round_nearest(VD a) { return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-inline VD pow2_int(VD n) {
-  // n is integral and within the normal exponent range; convert through int32 (no 64-bit cvt in AVX2).
-  const __m128i n32 = _mm256_cvtpd_epi32(n.v);
-  const __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(n32), _mm256_set1_epi64x(1023));
-  return {_mm256_castsi256_pd(_mm256_slli_epi64(e, 52))};
-}
 inline VD add_exponent_bits(VD p, VD t) {
   return {_mm256_castsi256_pd(
       _mm256_add_epi64(_mm256_castpd_si256(p.v), _mm256_slli_epi64(_mm256_castpd_si256(t.v), 52)))};

@@ -60,12 +60,6 @@ inline VF negate(VF a) { return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_cas
 inline __mmask16 cmp_lt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
 inline __mmask16 cmp_eq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline VF select(__mmask16 m, VF t, VF f) { return {_mm512_mask_blend_ps(m, f.v, t.v)}; }
-inline bool any_mask(__mmask16 m) { return m != 0; }
-inline VF round_nearest(VF a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-inline VF pow2_int(VF n) {
-  const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
-}
 inline VF add_exponent_bits(VF p, VF t) {
   return {_mm512_castsi512_ps(
       _mm512_add_epi32(_mm512_castps_si512(p.v), _mm512_slli_epi32(_mm512_castps_si512(t.v), 23)))};
@@ -86,12 +80,6 @@ inline VD negate(VD a) { return {_mm512_castsi512_pd(_mm512_xor_si512(_mm512_cas
 inline __mmask8 cmp_lt(VD a, VD b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ); }
 inline __mmask8 cmp_eq(VD a, VD b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline VD select(__mmask8 m, VD t, VD f) { return {_mm512_mask_blend_pd(m, f.v, t.v)}; }
-inline bool any_mask(__mmask8 m) { return m != 0; }
-inline VD round_nearest(VD a) { return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-inline VD pow2_int(VD n) {
-  const __m512i e = _mm512_add_epi64(_mm512_cvtpd_epi64(n.v), _mm512_set1_epi64(1023));
-  return {_mm512_castsi512_pd(_mm512_slli_epi64(e, 52))};
-}
 inline VD add_exponent_bits(VD p, VD t) {
   return {_mm512_castsi512_pd(
       _mm512_add_epi64(_mm512_castpd_si512(p.v), _mm512_slli_epi64(_mm512_castpd_si512(t.v), 52)))};

@@ -46,36 +46,8 @@ template <class T> inline bool cmp_eq(ScalarVec<T> a, ScalarVec<T> b) { return a
 template <class T> inline ScalarVec<T> select(bool m, ScalarVec<T> if_true, ScalarVec<T> if_false) {
   return m ? if_true : if_false;
 }
-template <class T> inline bool any(bool m) { return m; }
-inline bool any_mask(bool m) { return m; }
 template <class T> inline T reduce_add(ScalarVec<T> a) { return a.v; }
 template <class T> inline T reduce_max(ScalarVec<T> a) { return a.v; }
-
-// Round to nearest integer (ties to even, as the SIMD rounding instructions do).
-inline float round_nearest_scalar(float x) {
-  // 1.5 * 2^23: adding and subtracting forces rounding at the units place for |x| < 2^22.
-  const float magic = 12582912.0f;
-  return (x + magic) - magic;
-}
-inline double round_nearest_scalar(double x) {
-  const double magic = 6755399441055744.0;  // 1.5 * 2^52
-  return (x + magic) - magic;
-}
-template <class T> inline ScalarVec<T> round_nearest(ScalarVec<T> a) { return {round_nearest_scalar(a.v)}; }
-
-// 2^n for an integral-valued n in the normal exponent range.
-inline ScalarVec<float> pow2_int(ScalarVec<float> n) {
-  const int32_t bits = (static_cast<int32_t>(n.v) + 127) << 23;
-  float r;
-  std::memcpy(&r, &bits, sizeof r);
-  return {r};
-}
-inline ScalarVec<double> pow2_int(ScalarVec<double> n) {
-  const int64_t bits = (static_cast<int64_t>(n.v) + 1023) << 52;
-  double r;
-  std::memcpy(&r, &bits, sizeof r);
-  return {r};
-}
 
 inline ScalarVec<float> add_exponent_bits(ScalarVec<float> p, ScalarVec<float> t) {
   uint32_t pb, tb;

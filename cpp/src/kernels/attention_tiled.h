@@ -212,6 +212,12 @@ struct TiledAttention {
         } else if (ceil_div(ncols, L) == PV_NRV) {
           const int last = static_cast<int>(ncols - (PV_NRV - 1) * L);
           gemm_microkernel<V, PV_MR, PV_NRV, true, true, false>(nk, a_rows, MB, v + n0, vs, last, c, dv_pad, T(1));
+        } else if (PV_NRV > 2 && ceil_div(ncols, L) == 2) {
+          // A two-vector tail (e.g. the last 16 of 64 features with 24-wide blocks) keeps 2x the FMAs
+          // per load of the one-vector kernel.
+          const int last = static_cast<int>(ncols - L);
+          gemm_microkernel<V, PV_MR, (PV_NRV > 2 ? 2 : 1), true, true, false>(nk, a_rows, MB, v + n0, vs, last, c,
+                                                                           dv_pad, T(1));
         } else {
           for (int64_t c0 = 0; c0 < ncols; c0 += L) {
             const int lanes = static_cast<int>(imin(L, ncols - c0));

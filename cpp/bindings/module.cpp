@@ -67,6 +67,18 @@ void check_status(int status) {
 
 const attnfast::TargetKernels& kernels() { return attnfast::active_kernels(); }
 
+// Calls one kernel on a filled params struct without the GIL; a failed scratch allocation becomes
+// MemoryError.
+template <class Kernel, class Params>
+void run_kernel(Kernel kernel, const Params& p) {
+  int status;
+  {
+    py::gil_scoped_release release;
+    status = kernel(p);
+  }
+  check_status(status);
+}
+
 template <class T>
 void run_scores_dot(const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
   Layouts L;
@@ -80,13 +92,7 @@ void run_scores_dot(const py::array& q, const py::array& k, py::array& out, cons
   p.depth = q.shape(q.ndim() - 1);
   p.scale = static_cast<T>(scale);
   p.num_threads = attnfast::get_num_threads();
-  const auto fn = attnfast::table_for<T>(kernels()).scores_dot;
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = fn(p);
-  }
-  check_status(status);
+  run_kernel(attnfast::table_for<T>(kernels()).scores_dot, p);
 }
 
 template <class T>
@@ -106,13 +112,7 @@ void run_scores_additive(const py::array& qp, const py::array& kp, const py::arr
   p.hidden = qp.shape(qp.ndim() - 1);
   p.scale = static_cast<T>(scale);
   p.num_threads = attnfast::get_num_threads();
-  const auto fn = attnfast::table_for<T>(kernels()).scores_additive;
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = fn(p);
-  }
-  check_status(status);
+  run_kernel(attnfast::table_for<T>(kernels()).scores_additive, p);
 }
 
 template <class T>
@@ -127,13 +127,7 @@ void run_softmax(const py::array& x, const py::object& mask, py::array& out) {
   p.rows = x.shape(x.ndim() - 2);
   p.n = x.shape(x.ndim() - 1);
   p.num_threads = attnfast::get_num_threads();
-  const auto fn = attnfast::table_for<T>(kernels()).softmax;
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = fn(p);
-  }
-  check_status(status);
+  run_kernel(attnfast::table_for<T>(kernels()).softmax, p);
 }
 
 template <class T>
@@ -148,13 +142,7 @@ void run_aggregate(const py::array& w, const py::array& v, py::array& out, const
   p.lk = w.shape(w.ndim() - 1);
   p.dv = v.shape(v.ndim() - 1);
   p.num_threads = attnfast::get_num_threads();
-  const auto fn = attnfast::table_for<T>(kernels()).aggregate;
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = fn(p);
-  }
-  check_status(status);
+  run_kernel(attnfast::table_for<T>(kernels()).aggregate, p);
 }
 
 struct AttentionCall {
@@ -215,13 +203,7 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
     p.v_a = static_cast<const T*>(v_a_arr.data());
   }
   p.num_threads = attnfast::get_num_threads();
-  const auto fn = attnfast::table_for<T>(kernels()).attention;
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = fn(p);
-  }
-  check_status(status);
+  run_kernel(attnfast::table_for<T>(kernels()).attention, p);
 }
 
 template <class Seconds>

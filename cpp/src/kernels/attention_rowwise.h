@@ -13,6 +13,7 @@
 #include "kernels/attention_common.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
+#include "kernels/stage_scores.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -91,19 +92,6 @@ struct RowwiseAttention {
     out[3] = reduce_add(a3);
   }
 
-  // One additive score sum_a va_scaled[a] tanh(q[a] + k[a]), vectorised along the hidden axis.
-  T additive_score(const T* q, const T* k, const T* va) const {
-    const int64_t full = p.depth / L * L;
-    const int tail = static_cast<int>(p.depth - full);
-    V acc = V::zero();
-    int64_t a = 0;
-    for (; a < full; a += L) acc = fmadd(V::load(va + a), tanh_approx(V::load(q + a) + V::load(k + a)), acc);
-    if (tail)  // zero lanes of va cancel the tail
-      acc = fmadd(V::load_partial(va + a, tail), tanh_approx(V::load_partial(q + a, tail) + V::load_partial(k + a, tail)),
-                  acc);
-    return reduce_add(acc);
-  }
-
   // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.
   void score_tile(const Work& w, int64_t j0, int64_t nk) const {
     if (p.v_a) {
@@ -111,7 +99,7 @@ struct RowwiseAttention {
       const T* k = p.k.row(w.kv_item, j0);
       for (int64_t t = 0; t < nk; ++t)
         for (int64_t r = 0; r < rows; ++r)
-          w.s[r * NK + t] = additive_score(w.qs + r * p.depth, k + t * ks, w.va_scaled);
+          w.s[r * NK + t] = additive_score<V>(w.qs + r * p.depth, k + t * ks, w.va_scaled, p.depth);
     } else {
       dot_score_tile(w, j0, nk);
     }

@@ -79,58 +79,38 @@ int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
   return kOk;
 }
 
+// sum_a va[a] * tanh(q[a] + k[a]) over `hidden` features, vectorised along them: one FMA per lane
+// and a fixed-order horizontal sum. Zero lanes of va cancel the masked tail. Shared by the additive
+// scores kernel and the row-wise fused attention, so both give bitwise the same score.
+template <class V>
+inline typename V::Scalar additive_score(const typename V::Scalar* q, const typename V::Scalar* k,
+                                         const typename V::Scalar* va, int64_t hidden) {
+  constexpr int L = V::kLanes;
+  const int64_t full = hidden / L * L;
+  const int tail = static_cast<int>(hidden - full);
+  V acc = V::zero();
+  int64_t a = 0;
+  for (; a < full; a += L) acc = fmadd(V::load(va + a), tanh_approx(V::load(q + a) + V::load(k + a)), acc);
+  if (tail)
+    acc = fmadd(V::load_partial(va + a, tail), tanh_approx(V::load_partial(q + a, tail) + V::load_partial(k + a, tail)),
+                acc);
+  return reduce_add(acc);
+}
+
 template <class V>
 int scores_additive_impl(const ScoresAdditiveParams<typename V::Scalar>& p) {
-  using T = typename V::Scalar;
-  constexpr int L = V::kLanes;
   constexpr int kKeysPerTask = 64;
   if (p.batch == 0 || p.lq == 0 || p.lk == 0) return kOk;
   const int64_t col_blocks = ceil_div(p.lk, int64_t(kKeysPerTask));
-  const int64_t tasks = p.batch * col_blocks;
-  const int64_t A = p.hidden;
-  const int64_t a_full = A / L * L;
-  const int a_tail = static_cast<int>(A - a_full);
-
-  parallel_for(p.num_threads, tasks, [&](int64_t task, int /*slot*/) {
+  parallel_for(p.num_threads, p.batch * col_blocks, [&](int64_t task, int /*slot*/) {
     const int64_t b = task / col_blocks;
     const int64_t j_begin = (task % col_blocks) * kKeysPerTask;
     const int64_t j_end = imin(p.lk, j_begin + kKeysPerTask);
     for (int64_t i = 0; i < p.lq; ++i) {
-      const T* qp = p.qp.row(b, i);
-      T* out = p.out.row(b, i);
-      int64_t j = j_begin;
-      // Two keys at a time: the query row's features are loaded once for both.
-      for (; j + 2 <= j_end; j += 2) {
-        const T* k0 = p.kp.row(b, j);
-        const T* k1 = k0 + p.kp.row_stride_elements;
-        V acc0 = V::zero(), acc1 = V::zero();
-        int64_t a = 0;
-        for (; a < a_full; a += L) {
-          const V qa = V::load(qp + a);
-          const V va = V::load(p.v_a + a);
-          acc0 = fmadd(va, tanh_approx(qa + V::load(k0 + a)), acc0);
-          acc1 = fmadd(va, tanh_approx(qa + V::load(k1 + a)), acc1);
-        }
-        if (a_tail) {
-          const V qa = V::load_partial(qp + a, a_tail);
-          const V va = V::load_partial(p.v_a + a, a_tail);  // zero lanes cancel the tail
-          acc0 = fmadd(va, tanh_approx(qa + V::load_partial(k0 + a, a_tail)), acc0);
-          acc1 = fmadd(va, tanh_approx(qa + V::load_partial(k1 + a, a_tail)), acc1);
-        }
-        out[j] = reduce_add(acc0) * p.scale;
-        out[j + 1] = reduce_add(acc1) * p.scale;
-      }
-      for (; j < j_end; ++j) {
-        const T* k0 = p.kp.row(b, j);
-        V acc0 = V::zero();
-        int64_t a = 0;
-        for (; a < a_full; a += L)
-          acc0 = fmadd(V::load(p.v_a + a), tanh_approx(V::load(qp + a) + V::load(k0 + a)), acc0);
-        if (a_tail)
-          acc0 = fmadd(V::load_partial(p.v_a + a, a_tail),
-                       tanh_approx(V::load_partial(qp + a, a_tail) + V::load_partial(k0 + a, a_tail)), acc0);
-        out[j] = reduce_add(acc0) * p.scale;
-      }
+      const auto* qp = p.qp.row(b, i);
+      auto* out = p.out.row(b, i);
+      for (int64_t j = j_begin; j < j_end; ++j)
+        out[j] = additive_score<V>(qp, p.kp.row(b, j), p.v_a, p.hidden) * p.scale;
     }
   });
   return kOk;

@@ -403,3 +403,13 @@ def relayout(a, layout):
         base[..., 1::2] = a
         return base[..., 1::2]
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def attention_parts(q, k, v, mask, edges):
+    """Attention over each key range [edges[i], edges[i+1]) separately: lists of outs and lses."""
+    outs, lses = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        o, s = attnfast.attention(q, k[..., lo:hi, :], v[..., lo:hi, :], mask=mask[..., lo:hi], return_lse=True)
+        outs.append(o)
+        lses.append(s)
+    return outs, lses

@@ -19,6 +19,7 @@ import pytest
 import attnfast
 from attnfast import reference as ref
 from conftest import (
+    attention_parts,
     DTYPES,
     ISAS,
     METHODS,
@@ -436,12 +437,7 @@ def test_merge_states_of_chunks_equals_whole(isa, rng, dtype, cuts, lq):
     mask = np.broadcast_to(mask, (2, 2, lq, lk)).copy()
     mask[1, 1, 0] = False  # a row empty everywhere
     edges = (0,) + cuts + (lk,)
-    outs, lses = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        o, s = attnfast.attention(q, k[..., lo:hi, :], v[..., lo:hi, :], mask=mask[..., lo:hi],
-                                  return_lse=True)
-        outs.append(o)
-        lses.append(s)
+    outs, lses = attention_parts(q, k, v, mask, edges)
     merged, lse = attnfast.merge_states(outs, lses)
     r_out, r_lse, _ = ref_attention64(q, k, v, mask=mask)
     assert merged.dtype == np.dtype(dtype) and lse.dtype == np.dtype(dtype)

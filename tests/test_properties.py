@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import attnfast
 from attnfast import reference as ref
 from conftest import (
+    attention_parts,
     LAYOUTS,
     assert_close_fixed,
     assert_close_to_reference,
@@ -155,12 +156,7 @@ def test_merge_states_over_any_split_equals_the_whole(data, dtype, seed):
     v = rng.standard_normal((2, 2, lk, 8)).astype(dtype)
     mask = rng.random((2, 2, lq, lk)) < data.draw(st.sampled_from([0.1, 0.5, 1.0]), label="density")
     edges = [0] + cuts + [lk]
-    outs, lses = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        o, s = attnfast.attention(q, k[..., lo:hi, :], v[..., lo:hi, :], mask=mask[..., lo:hi],
-                                  return_lse=True)
-        outs.append(o)
-        lses.append(s)
+    outs, lses = attention_parts(q, k, v, mask, edges)
     merged, lse = attnfast.merge_states(outs, lses)
     whole, whole_lse = attnfast.attention(q, k, v, mask=mask, return_lse=True)
     r_out, r_lse, _ = ref_attention64(q, k, v, mask=mask)

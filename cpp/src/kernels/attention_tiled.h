@@ -135,7 +135,19 @@ struct TiledAttention {
         clamped_rows<T, QK_MR>(p.k.row(bkv, j0 + jj), ks, imin(QK_MR, nk - jj), a_rows);
         gemm_microkernel<V, QK_MR, QK_NRV, false, false, true>(p.depth, a_rows, 1, qpanel, QNR, L,
                                                               blk.s + jj * MB + panel * QNR, MB, T(1));
+        if (panel == 0) prefetch_value_rows(bkv, j0 + jj, imin(QK_MR, nk - jj));
       }
+    }
+  }
+
+  // K and V of a batch item stream from L3 or memory once per block. The hardware prefetcher follows
+  // K (read row after row here), but P.V walks V a column block at a time with a row stride, which it
+  // does not follow well: fetch the tile's V rows while the scores, which need them next, are computed.
+  void prefetch_value_rows(int64_t bkv, int64_t j, int64_t rows) const {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* v = p.v.row(bkv, j + r);
+      for (int64_t c = 0; c < p.dv; c += kLine) __builtin_prefetch(v + c);
     }
   }
 
@@ -190,12 +202,16 @@ struct TiledAttention {
     }
   }
 
+  // acc = alpha * acc + P.V; the block's first tile writes acc (kFirst: nothing to rescale, and the
+  // accumulator needs no zeroing beforehand).
+  template <bool kFirst>
   void rescale_and_accumulate(const Block& blk, int64_t j0, int64_t nk) const {
-    for (int64_t i = 0; i < blk.mb; ++i) {
+    constexpr bool kAcc = !kFirst;
+    for (int64_t i = 0; i < blk.mb && !kFirst; ++i) {
       if (blk.alpha[i] == T(1)) continue;  // max unchanged: nothing to rescale
       const V a = V::set1(blk.alpha[i]);
       T* row = blk.acc + i * dv_pad;
-      for (int64_t c = 0; c < dv_pad; c += L) (V::load(row + c) * a).store(row + c);
+      for (int64_t c = 0; c < p.dv; c += L) (V::load(row + c) * a).store(row + c);  // columns P.V wrote
     }
     const int64_t bkv = blk.b / p.group;
     const T* v = p.v.row(bkv, j0);
@@ -208,20 +224,20 @@ struct TiledAttention {
         clamped_rows<T, PV_MR>(blk.s + i0, 1, imin(PV_MR, blk.mb - i0), a_rows);
         T* c = blk.acc + i0 * dv_pad + n0;
         if (ncols == PV_NR) {
-          gemm_microkernel<V, PV_MR, PV_NRV, true, false, false>(nk, a_rows, MB, v + n0, vs, L, c, dv_pad, T(1));
+          gemm_microkernel<V, PV_MR, PV_NRV, kAcc, false, false>(nk, a_rows, MB, v + n0, vs, L, c, dv_pad, T(1));
         } else if (ceil_div(ncols, L) == PV_NRV) {
           const int last = static_cast<int>(ncols - (PV_NRV - 1) * L);
-          gemm_microkernel<V, PV_MR, PV_NRV, true, true, false>(nk, a_rows, MB, v + n0, vs, last, c, dv_pad, T(1));
+          gemm_microkernel<V, PV_MR, PV_NRV, kAcc, true, false>(nk, a_rows, MB, v + n0, vs, last, c, dv_pad, T(1));
         } else if (PV_NRV > 2 && ceil_div(ncols, L) == 2) {
           // A two-vector tail (e.g. the last 16 of 64 features with 24-wide blocks) keeps 2x the FMAs
           // per load of the one-vector kernel.
           const int last = static_cast<int>(ncols - L);
-          gemm_microkernel<V, PV_MR, (PV_NRV > 2 ? 2 : 1), true, true, false>(nk, a_rows, MB, v + n0, vs, last, c,
+          gemm_microkernel<V, PV_MR, (PV_NRV > 2 ? 2 : 1), kAcc, true, false>(nk, a_rows, MB, v + n0, vs, last, c,
                                                                            dv_pad, T(1));
         } else {
           for (int64_t c0 = 0; c0 < ncols; c0 += L) {
             const int lanes = static_cast<int>(imin(L, ncols - c0));
-            gemm_microkernel<V, PV_MR, 1, true, true, false>(nk, a_rows, MB, v + n0 + c0, vs, lanes, c + c0, dv_pad,
+            gemm_microkernel<V, PV_MR, 1, kAcc, true, false>(nk, a_rows, MB, v + n0 + c0, vs, lanes, c + c0, dv_pad,
                                                             T(1));
           }
         }
@@ -277,16 +293,21 @@ struct TiledAttention {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
     }
-    // Rows past the block's end are never read; the P.V kernel touches rows up to a multiple of PV_MR.
-    for (int64_t e = 0; e < round_up(blk.mb, PV_MR) * dv_pad; ++e) blk.acc[e] = T(0);
     compute_bounds(blk);
     pack_queries(blk);
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
       const int64_t nk = imin(NK, blk.max_hi - j0);
       score_tile(blk, j0, nk);
       softmax_tile(blk, nk);
-      rescale_and_accumulate(blk, j0, nk);
+      if (j0 == blk.min_lo) {
+        rescale_and_accumulate<true>(blk, j0, nk);
+      } else {
+        rescale_and_accumulate<false>(blk, j0, nk);
+      }
     }
+    // No row sees a key: no tile wrote the accumulator, and finish_row multiplies it by 0.
+    if (blk.max_hi == 0)
+      for (int64_t e = 0; e < blk.mb * dv_pad; ++e) blk.acc[e] = T(0);
     for (int64_t i = 0; i < blk.mb; ++i) {
       const T lse = finish_row<V>(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
       if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = lse;

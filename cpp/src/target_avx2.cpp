@@ -10,8 +10,8 @@ template <class T>
 using Vec = Avx2Vec<T>;
 struct Tiles {
   static constexpr int kGemmMR = 6, kGemmNRV = 2;  // 6 x 16 floats
-  static constexpr int kQkMR = 4, kQkNRV = 3;      // 4 keys x 24 queries
-  static constexpr int kPvMR = 3, kPvNRV = 4;      // 3 queries x 32 value features: 3 broadcasts + 4 loads per 12 FMAs
+  static constexpr int kAttnMR = 4, kAttnNRV = 3;    // fused attention: 4 keys (Q.K^T) or 4 value features
+                                                     // (P.V) x 24 queries; 12 accumulators + 3 loads + 1 broadcast = 16 registers
 };
 }  // namespace avx2
 }  // namespace attnfast

@@ -10,8 +10,7 @@ template <class T>
 using Vec = Avx512Vec<T>;
 struct Tiles {
   static constexpr int kGemmMR = 12, kGemmNRV = 2;  // 12 x 32 floats
-  static constexpr int kQkMR = 8, kQkNRV = 3;       // 8 keys x 48 queries
-  static constexpr int kPvMR = 6, kPvNRV = 4;       // 6 queries x 64 value features
+  static constexpr int kAttnMR = 8, kAttnNRV = 3;    // fused attention: 8 keys or value features x 48 queries
 };
 }  // namespace avx512
 }  // namespace attnfast

@@ -20,7 +20,7 @@ KernelTable<T> make_table() {
   t.scores_additive = &scores_additive_impl<V>;
   t.softmax = &softmax_impl<V>;
   t.aggregate = &aggregate_impl<V, Tiles::kGemmMR, Tiles::kGemmNRV>;
-  t.attention = &attention_impl<V, Tiles::kQkMR, Tiles::kQkNRV, Tiles::kPvMR, Tiles::kPvNRV>;
+  t.attention = &attention_impl<V, Tiles::kAttnMR, Tiles::kAttnNRV>;
   return t;
 }
 

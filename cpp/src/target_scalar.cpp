@@ -9,8 +9,7 @@ template <class T>
 using Vec = ScalarVec<T>;
 struct Tiles {
   static constexpr int kGemmMR = 4, kGemmNRV = 2;  // scores and aggregate
-  static constexpr int kQkMR = 4, kQkNRV = 2;      // fused S^T = K Q^T
-  static constexpr int kPvMR = 4, kPvNRV = 2;      // fused O += P V
+  static constexpr int kAttnMR = 4, kAttnNRV = 2;    // fused attention: 4 keys or value features x 2 queries
 };
 }  // namespace scalar
 }  // namespace attnfast

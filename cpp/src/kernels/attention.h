@@ -10,11 +10,11 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+template <class V, int MR, int NRV>
 int attention_impl(const AttentionParams<typename V::Scalar>& p) {
   using T = typename V::Scalar;
   if (p.batch == 0 || p.lq == 0) return kOk;
-  if (!RowwiseAttention<V>::applies(p)) return attention_tiled<V, QK_MR, QK_NRV, PV_MR, PV_NRV>(p);
+  if (!RowwiseAttention<V>::applies(p)) return attention_tiled<V, MR, NRV>(p);
   const RowwiseAttention<V> kernel(p);
   if (!p.weights.data) return kernel.run(nullptr);
   // Weights need every row's final max and sum first: keep them for the second pass.

@@ -29,6 +29,14 @@ inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int
   *hi = h;
 }
 
+// Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), NaN if the
+// row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
+template <class T>
+inline T row_lse(T m, T l) {
+  if (l == T(0)) return neg_inf<T>();
+  return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
+}
+
 // Final normalisation of one row: out = acc / l (0 when no key was visible). Returns the row's
 // log-sum-exp m + ln(l): -inf when no key was visible, NaN if the row had a NaN.
 template <class V, class T = typename V::Scalar>
@@ -38,8 +46,7 @@ inline T finish_row(const T* acc, T m, T l, T* out, int64_t dv) {
   int64_t c = 0;
   for (; c + V::kLanes <= dv; c += V::kLanes) (V::load(acc + c) * vinv).store(out + c);
   if (c < dv) (V::load(acc + c) * vinv).store_partial(out + c, static_cast<int>(dv - c));  // acc is padded
-  if (l == T(0)) return neg_inf<T>();
-  return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
+  return row_lse(m, l);
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -6,10 +6,15 @@
 // are never computed) and keeps, per row, the running max m, running sum l and an unnormalised output
 // accumulator in scratch. Nothing of size Lq x Lk exists.
 //
-// Layout trick: the score tile is computed transposed, S^T[key][query] = K_tile . Qpack^T, with the
-// query block packed once (scaled by scale*log2 e) into microkernel panels. Queries then sit in SIMD
-// lanes, so the per-row max, exp and sum of the online softmax are plain vertical vector operations
-// (no horizontal reductions), K is read in place (never packed), and P.V reads P^T with broadcasts.
+// Layout trick: everything is kept transposed, queries in SIMD lanes. The score tile is
+// S^T[key][query] = K_tile . Qpack^T, with the query block packed once (scaled) into microkernel panels;
+// the output accumulator is O^T[feature][query] += V_tile^T . P^T. So the per-row max, exp and sum of the
+// online softmax and the rescale by alpha are plain vertical vector operations (no horizontal
+// reductions), K and V are read in place (never packed, only broadcast from), and both products run
+// the same register-blocked microkernel shape (MR broadcasts + NRV loads per MR x NRV FMAs), which on
+// AVX2 is the one that fits the 16 registers exactly (a 3 x 4 query-rows-by-features P.V needed 17,
+// and GCC reloaded a B vector for every row: P.V ran ~30% slower than Q.K^T). The block is
+// transposed back once, when its rows are normalised and written.
 //
 // Numerics: s2 = (c q).k accumulated with one FMA per term in d order; m only grows, and the
 // accumulator is rescaled by alpha = 2^(m_old - m_new) only for rows whose max changed; each row is
@@ -25,32 +30,31 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+template <class V, int MR, int NRV>
 struct TiledAttention {
   using T = typename V::Scalar;
   static constexpr int L = V::kLanes;
   static constexpr int MB = 48;  // query rows per block
   static constexpr int NK = 64;  // keys per tile
-  static constexpr int QNR = QK_NRV * L;
-  static constexpr int PV_NR = PV_NRV * L;
+  static constexpr int QNR = NRV * L;  // queries per microkernel panel
   static_assert(MB % QNR == 0, "query block must be whole microkernel panels");
-  static_assert(MB % PV_MR == 0 && NK % QK_MR == 0, "tiles must be whole microkernel blocks");
+  static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
 
   const AttentionParams<T>& p;
-  int64_t dv_pad;
+  int64_t dv_rows;  // rows of O^T: value features rounded up to whole microkernel blocks
 
   explicit TiledAttention(const AttentionParams<T>& params)
-      : p(params), dv_pad(round_up(imax(params.dv, 1), PV_NR)) {}
+      : p(params), dv_rows(round_up(imax(params.dv, 1), MR)) {}
 
   int64_t scratch_bytes() const {
-    return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(MB * dv_pad) +
+    return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(dv_rows * MB) +
            Carver::bytes<T>(p.v_a ? p.depth : 0) +
            3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
   }
 
   struct Block {
     int64_t b, i_begin, mb, panels;
-    T *qpack, *s, *acc, *m, *l, *alpha;
+    T *qpack, *s, *acc_t, *m, *l, *alpha;  // acc_t: O^T, dv_rows x MB, unnormalised
     T* va_scaled;                                // additive only: scale * v_a
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
@@ -99,17 +103,17 @@ struct TiledAttention {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
       for (int64_t j = 0; j < nk; ++j) {
         const T* kr = p.k.row(bkv, j0 + j);
-        decltype(V::v) acc[QK_NRV];  // native vectors: kept in registers (see microkernel.h)
+        decltype(V::v) acc[NRV];  // native vectors: kept in registers (see microkernel.h)
 #pragma GCC unroll 16
-        for (int n = 0; n < QK_NRV; ++n) acc[n] = V::zero().v;
+        for (int n = 0; n < NRV; ++n) acc[n] = V::zero().v;
         for (int64_t a = 0; a < p.depth; ++a) {
           const V kb = V::set1(kr[a]);
           const V vb = V::set1(blk.va_scaled[a]);
 #pragma GCC unroll 16
-          for (int n = 0; n < QK_NRV; ++n)
+          for (int n = 0; n < NRV; ++n)
             acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), V{acc[n]}).v;
         }
-        for (int n = 0; n < QK_NRV; ++n) V{acc[n]}.store(blk.s + j * MB + panel * QNR + n * L);
+        for (int n = 0; n < NRV; ++n) V{acc[n]}.store(blk.s + j * MB + panel * QNR + n * L);
       }
     }
   }
@@ -130,12 +134,12 @@ struct TiledAttention {
     // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
-      for (int64_t jj = 0; jj < nk; jj += QK_MR) {
-        const T* a_rows[QK_MR];
-        clamped_rows<T, QK_MR>(p.k.row(bkv, j0 + jj), ks, imin(QK_MR, nk - jj), a_rows);
-        gemm_microkernel<V, QK_MR, QK_NRV, false, false, true>(p.depth, a_rows, 1, qpanel, QNR, L,
-                                                              blk.s + jj * MB + panel * QNR, MB, T(1));
-        if (panel == 0) prefetch_value_rows(bkv, j0 + jj, imin(QK_MR, nk - jj));
+      for (int64_t jj = 0; jj < nk; jj += MR) {
+        const T* a_rows[MR];
+        clamped_rows<T, MR>(p.k.row(bkv, j0 + jj), ks, imin(MR, nk - jj), a_rows);
+        gemm_microkernel<V, MR, NRV, false, false, true>(p.depth, a_rows, 1, qpanel, QNR, L,
+                                                        blk.s + jj * MB + panel * QNR, MB, T(1));
+        if (panel == 0) prefetch_value_rows(bkv, j0 + jj, imin(MR, nk - jj));
       }
     }
   }
@@ -202,46 +206,46 @@ struct TiledAttention {
     }
   }
 
-  // acc = alpha * acc + P.V; the block's first tile writes acc (kFirst: nothing to rescale, and the
-  // accumulator needs no zeroing beforehand).
+  // O^T = alpha * O^T + V_tile^T . P^T; the block's first tile writes O^T (kFirst: nothing to rescale,
+  // and the accumulator needs no zeroing beforehand).
   template <bool kFirst>
   void rescale_and_accumulate(const Block& blk, int64_t j0, int64_t nk) const {
-    constexpr bool kAcc = !kFirst;
-    for (int64_t i = 0; i < blk.mb && !kFirst; ++i) {
-      if (blk.alpha[i] == T(1)) continue;  // max unchanged: nothing to rescale
-      const V a = V::set1(blk.alpha[i]);
-      T* row = blk.acc + i * dv_pad;
-      for (int64_t c = 0; c < p.dv; c += L) (V::load(row + c) * a).store(row + c);  // columns P.V wrote
-    }
+    if (!kFirst) rescale(blk);
     const int64_t bkv = blk.b / p.group;
     const T* v = p.v.row(bkv, j0);
     const int64_t vs = p.v.row_stride_elements;
-    // Value columns outer: one column block of the V tile (nk x PV_NR) stays in L1 for every row group.
-    for (int64_t n0 = 0; n0 < p.dv; n0 += PV_NR) {
-      const int64_t ncols = imin(PV_NR, p.dv - n0);
-      for (int64_t i0 = 0; i0 < blk.mb; i0 += PV_MR) {
-        const T* a_rows[PV_MR];
-        clamped_rows<T, PV_MR>(blk.s + i0, 1, imin(PV_MR, blk.mb - i0), a_rows);
-        T* c = blk.acc + i0 * dv_pad + n0;
-        if (ncols == PV_NR) {
-          gemm_microkernel<V, PV_MR, PV_NRV, kAcc, false, false>(nk, a_rows, MB, v + n0, vs, L, c, dv_pad, T(1));
-        } else if (ceil_div(ncols, L) == PV_NRV) {
-          const int last = static_cast<int>(ncols - (PV_NRV - 1) * L);
-          gemm_microkernel<V, PV_MR, PV_NRV, kAcc, true, false>(nk, a_rows, MB, v + n0, vs, last, c, dv_pad, T(1));
-        } else if (PV_NRV > 2 && ceil_div(ncols, L) == 2) {
-          // A two-vector tail (e.g. the last 16 of 64 features with 24-wide blocks) keeps 2x the FMAs
-          // per load of the one-vector kernel.
-          const int last = static_cast<int>(ncols - L);
-          gemm_microkernel<V, PV_MR, (PV_NRV > 2 ? 2 : 1), kAcc, true, false>(nk, a_rows, MB, v + n0, vs, last, c,
-                                                                           dv_pad, T(1));
-        } else {
-          for (int64_t c0 = 0; c0 < ncols; c0 += L) {
-            const int lanes = static_cast<int>(imin(L, ncols - c0));
-            gemm_microkernel<V, PV_MR, 1, kAcc, true, false>(nk, a_rows, MB, v + n0 + c0, vs, lanes, c + c0, dv_pad,
-                                                            T(1));
-          }
-        }
+    // Panel outer: the panel's P^T (nk x QNR) stays in L1 while the V tile's columns are broadcast.
+    for (int64_t panel = 0; panel < blk.panels; ++panel) {
+      const T* pt = blk.s + panel * QNR;
+      for (int64_t c0 = 0; c0 < p.dv; c0 += MR) {
+        const T* a_rows[MR];  // MR value features: broadcast V[k][c0 + r], k = 0 .. nk
+        clamped_rows<T, MR>(v + c0, 1, imin(MR, p.dv - c0), a_rows);
+        gemm_microkernel<V, MR, NRV, !kFirst, false, false>(nk, a_rows, vs, pt, MB, L,
+                                                           blk.acc_t + c0 * MB + panel * QNR, MB, T(1));
       }
+    }
+  }
+
+  // O^T *= alpha, query lanes at a time; vectors of rows whose max did not change are skipped.
+  void rescale(const Block& blk) const {
+    for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+      bool unchanged = true;
+      for (int64_t i = i0; i < imin(i0 + L, blk.mb); ++i) unchanged = unchanged && blk.alpha[i] == T(1);
+      if (unchanged) continue;
+      const V a = V::load(blk.alpha + i0);
+      for (int64_t c = 0; c < p.dv; ++c) (V::load(blk.acc_t + c * MB + i0) * a).store(blk.acc_t + c * MB + i0);
+    }
+  }
+
+  // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse.
+  void write_rows(const Block& blk) const {
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      const T l = blk.l[i];
+      const T inv = l > T(0) ? T(1) / l : T(0);
+      T* out = p.out.row(blk.b, blk.i_begin + i);
+      const T* col = blk.acc_t + i;
+      for (int64_t c = 0; c < p.dv; ++c) out[c] = col[c * MB] * inv;
+      if (p.lse) p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], l);
     }
   }
 
@@ -280,7 +284,7 @@ struct TiledAttention {
     blk.panels = ceil_div(blk.mb, QNR);
     blk.qpack = carve.take<T>(MB * p.depth);
     blk.s = carve.take<T>(NK * MB);
-    blk.acc = carve.take<T>(MB * dv_pad);
+    blk.acc_t = carve.take<T>(dv_rows * MB);
     blk.m = carve.take<T>(MB);
     blk.l = carve.take<T>(MB);
     blk.alpha = carve.take<T>(MB);
@@ -305,20 +309,17 @@ struct TiledAttention {
         rescale_and_accumulate<false>(blk, j0, nk);
       }
     }
-    // No row sees a key: no tile wrote the accumulator, and finish_row multiplies it by 0.
+    // No row sees a key: no tile wrote the accumulator, and write_rows multiplies it by 0.
     if (blk.max_hi == 0)
-      for (int64_t e = 0; e < blk.mb * dv_pad; ++e) blk.acc[e] = T(0);
-    for (int64_t i = 0; i < blk.mb; ++i) {
-      const T lse = finish_row<V>(blk.acc + i * dv_pad, blk.m[i], blk.l[i], p.out.row(b, i_begin + i), p.dv);
-      if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i_begin + i] = lse;
-    }
+      for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
+    write_rows(blk);
     if (p.weights.data) write_weights(blk);
   }
 };
 
-template <class V, int QK_MR, int QK_NRV, int PV_MR, int PV_NRV>
+template <class V, int MR, int NRV>
 int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
-  using Kernel = TiledAttention<V, QK_MR, QK_NRV, PV_MR, PV_NRV>;
+  using Kernel = TiledAttention<V, MR, NRV>;
   const Kernel kernel(p);
   const int64_t blocks = ceil_div(p.lq, int64_t(Kernel::MB));
   const int64_t tasks = p.batch * blocks;

@@ -26,6 +26,7 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/microkernel.h"
+#include "kernels/transpose.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -61,18 +62,17 @@ struct TiledAttention {
   };
 
   // Dot scores fold `scale` into the packed queries; additive scores fold it into v_a instead
-  // (tanh(q + k) must see the unscaled projections).
+  // (tanh(q + k) must see the unscaled projections). Lanes past the block's last row are zero.
   void pack_queries(Block& blk) const {
     const T c = p.v_a ? T(1) : p.scale;
-    for (int64_t i = 0; i < blk.panels * QNR; ++i) {
-      const int64_t panel = i / QNR, lane = i % QNR;
-      T* dst = blk.qpack + panel * p.depth * QNR + lane;
-      if (i < blk.mb) {
-        const T* q = p.q.row(blk.b, blk.i_begin + i);
-        for (int64_t d = 0; d < p.depth; ++d) dst[d * QNR] = c * q[d];
-      } else {
-        for (int64_t d = 0; d < p.depth; ++d) dst[d * QNR] = T(0);
-      }
+    for (int64_t panel = 0; panel < blk.panels; ++panel) {
+      T* dst = blk.qpack + panel * p.depth * QNR;
+      const int64_t rows = imin(QNR, blk.mb - panel * QNR);
+      transpose_scaled(p.q.row(blk.b, blk.i_begin + panel * QNR), p.q.row_stride_elements, rows, p.depth, dst,
+                       QNR, &c, 0);
+      if (rows < QNR)
+        for (int64_t d = 0; d < p.depth; ++d)
+          for (int64_t lane = rows; lane < QNR; ++lane) dst[d * QNR + lane] = T(0);
     }
   }
 
@@ -239,14 +239,12 @@ struct TiledAttention {
 
   // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse.
   void write_rows(const Block& blk) const {
-    for (int64_t i = 0; i < blk.mb; ++i) {
-      const T l = blk.l[i];
-      const T inv = l > T(0) ? T(1) / l : T(0);
-      T* out = p.out.row(blk.b, blk.i_begin + i);
-      const T* col = blk.acc_t + i;
-      for (int64_t c = 0; c < p.dv; ++c) out[c] = col[c * MB] * inv;
-      if (p.lse) p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], l);
-    }
+    T* inv = blk.alpha;  // free once the last tile is accumulated
+    for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
+    transpose_scaled(blk.acc_t, MB, p.dv, blk.mb, p.out.row(blk.b, blk.i_begin), p.out.row_stride_elements, inv, 1);
+    if (p.lse)
+      for (int64_t i = 0; i < blk.mb; ++i)
+        p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l[i]);
   }
 
   // Attention weights exp(s - m) / l = exp(s - lse) of the block's rows, only when the caller asked.

@@ -178,6 +178,43 @@ def test_attention_strided_inputs(isa, rng, dtype, layout, lq):
     assert np.array_equal(out, expected)
 
 
+PLAIN_CALLS = [
+    ((), 1, 50, 16, {}),
+    ((3, 2), 1, 50, 24, {}),
+    ((2,), 37, 70, 17, {"causal": True}),
+    ((2, 1), 6, 9, 8, {"causal": True, "causal_align": "bottom_right"}),
+    ((1,), 5, 3, 4, {"method": "dot"}),
+    ((2,), 4, 6, 5, {"method": "dot", "scale": 0.3}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, lq, lk, d, kwargs", PLAIN_CALLS)
+def test_attention_plain_call_path_matches_general_path(isa, rng, monkeypatch, dtype, batch, lq, lk, d, kwargs):
+    # Plain calls (same-dtype ndarrays, one batch shape, dot scores, no mask/out/lse) skip the general
+    # validation; they must give bitwise what the general path gives, which is held to the reference.
+    q, k, v = qkv(rng, batch, lq, lk, d, dtype, dv=d + 3)
+    general, _, _ = check_attention(q, k, v, dtype=dtype, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(attnfast._api._inputs, "check_attention", None)  # the plain path must not need it
+        plain = attnfast.attention(q, k, v, **kwargs)
+    assert plain.dtype == general.dtype and plain.shape == general.shape
+    assert np.array_equal(plain, general)
+
+
+def test_attention_plain_call_path_leaves_unusual_calls_to_validation(rng):
+    # Mixed dtypes, lists, batch broadcasting and bad shapes are not plain: they are promoted,
+    # converted, broadcast or rejected with the general path's message.
+    q, k, v = qkv(rng, (2,), 3, 5, 4, np.float32)
+    assert attnfast.attention(q, k.astype(np.float64), v).dtype == np.float64
+    assert np.array_equal(attnfast.attention(q.tolist(), k, v), attnfast.attention(q.astype(np.float64), k, v))
+    assert attnfast.attention(q[None], k, v).shape == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="same number of keys"):
+        attnfast.attention(q, k, v[:, :4])
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attnfast.attention(q, k, v, scale=float("inf"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lq", [2, 21])
 def test_attention_broadcast_inputs(isa, rng, dtype, lq):

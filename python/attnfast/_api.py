@@ -6,6 +6,8 @@ Every function here has the same signature, errors and semantics as its twin in
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _attnfast as _core
@@ -131,6 +133,39 @@ def _score_operands(a):
     return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
 
 
+_PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plain_attention(q, k, v, scale, causal, causal_align):
+    """The fused kernel called directly for the most common call, or None when the call is not one.
+
+    A decoder step runs in ~100 us; the general validation below costs ~10 us of it. Calls made of
+    three same-dtype float ndarrays with one batch shape, a dot-product method and no mask, weights,
+    lse or out= can be recognised with a few identity tests, and for them check_attention could not
+    fail and would produce exactly these arguments. Anything else returns None and takes the general
+    path (which also raises every error); tests/test_attention.py checks both paths agree bitwise.
+    """
+    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        return None
+    dtype = q.dtype
+    if dtype not in _PLAIN_DTYPES or k.dtype != dtype or v.dtype != dtype or not q.ndim == k.ndim == v.ndim >= 2:
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (qs[:-2] == ks[:-2] == vs[:-2] and ks[-2] == vs[-2] and qs[-1] == ks[-1]):
+        return None
+    if not (causal is False or causal is True) or causal_align not in _inputs.CAUSAL_ALIGNS:
+        return None
+    if scale is not None and not (type(scale) is float and math.isfinite(scale)):
+        return None
+    batch = list(qs[:-2])
+    lq, lk = qs[-2], ks[-2]
+    result = np.empty(qs[:-1] + (vs[-1],), dtype)
+    _core.attention(_unit_last_axis(q), _unit_last_axis(k), _unit_last_axis(v), result, batch, batch, 1,
+                    _inputs._check_scale(scale, "scaled_dot", qs[-1]) if scale is None else scale,
+                    None, None, None, causal, 0 if causal_align == "top_left" else lk - lq, -1, -1, None, None)
+    return result
+
+
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
               causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
               return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
@@ -139,6 +174,13 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     See :func:`attnfast.reference.attention` for the full contract; returns ``out`` (..., Lq, Dv), or a
     tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
+    if type(method) is str and method in ("scaled_dot", "dot") and mask is None and bias is None and window is None \
+            and kv_lengths is None and return_lse is False and return_weights is False and out is None \
+            and w is None and w_q is None and w_k is None and v_a is None and score_bias is None:
+        result = _plain_attention(q, k, v, scale if scale is not None or method == "scaled_dot" else 1.0,
+                                  causal, causal_align)
+        if result is not None:
+            return result
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
                                 causal_align=causal_align, window=window, kv_lengths=kv_lengths,
                                 return_lse=return_lse, return_weights=return_weights, out=out, w=w, w_q=w_q,

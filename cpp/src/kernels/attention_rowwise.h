@@ -13,6 +13,7 @@
 #include "kernels/attention_common.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
+#include "kernels/microkernel.h"
 #include "kernels/stage_scores.h"
 
 namespace attnfast {
@@ -64,12 +65,10 @@ struct RowwiseAttention {
   int64_t query_of(int64_t r) const { return r % p.lq; }
 
   // Four dot products of one query row with four keys, vectorised along the features.
-  void dot4(const T* q, const T* k0, int64_t ks, T* out) const {
+  void dot4(const T* q, const T* const* keys, T* out) const {
     const int64_t full = p.depth / L * L;
     const int tail = static_cast<int>(p.depth - full);
-    const T* k1 = k0 + ks;
-    const T* k2 = k1 + ks;
-    const T* k3 = k2 + ks;
+    const T *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
     V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t d = 0;
     for (; d < full; d += L) {
@@ -106,35 +105,21 @@ struct RowwiseAttention {
     apply_masks(w, j0, nk);
   }
 
+  // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
+  // rows (one instruction per cache line) measured no faster from DRAM and ~15% slower from cache.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
     const T* k = p.k.row(w.kv_item, j0);
-    const T* v = p.v.row(w.kv_item, j0);
-    const int64_t vs = p.v.row_stride_elements;
-    const int64_t v_row_bytes = p.dv * static_cast<int64_t>(sizeof(T));
-    const int64_t k_row_bytes = p.depth * static_cast<int64_t>(sizeof(T));
-    int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-      // Decode is memory-bound: ask for these keys' value rows now, so they stream in from DRAM while
-      // the scores are computed instead of when the value pass walks them column block by block.
-      for (int64_t t = 0; t < 4; ++t) {
-        for (int64_t byte = 0; byte < v_row_bytes; byte += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(v + (j + t) * vs) + byte);
-        if (j + 4 + t < nk)  // and the next group's keys, one group ahead of the dot products
-          for (int64_t byte = 0; byte < k_row_bytes; byte += 64)
-            __builtin_prefetch(reinterpret_cast<const char*>(k + (j + 4 + t) * ks) + byte);
+    for (int64_t j = 0; j < nk; j += 4) {
+      // Past the last key the group repeats the last key's row (only valid memory is read) and those
+      // scores are dropped; every kept score is the same FMA sequence wherever its key sits.
+      const T* keys[4];
+      clamped_rows<T, 4>(k + j * ks, ks, imin(4, nk - j), keys);
+      T out[4];
+      for (int64_t r = 0; r < rows; ++r) {
+        dot4(w.qs + r * p.depth, keys, out);
+        for (int64_t t = 0; t < imin(4, nk - j); ++t) w.s[r * NK + j + t] = out[t];
       }
-      for (int64_t r = 0; r < rows; ++r) dot4(w.qs + r * p.depth, k + j * ks, ks, w.s + r * NK + j);
-    }
-    if (j < nk) {
-      // The last 1-3 keys one at a time (dot4 with a zero key stride computes the same key four times),
-      // so nothing past the last key is read. Each score is the same FMA sequence either way.
-      T tmp[4];
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t t = j; t < nk; ++t) {
-          dot4(w.qs + r * p.depth, k + t * ks, 0, tmp);
-          w.s[r * NK + t] = tmp[0];
-        }
     }
   }
 

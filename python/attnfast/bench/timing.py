@@ -4,13 +4,14 @@ On a shared, noisy machine a burst of load hits whichever implementation runs at
 them one round at a time (A B C, then B C A, ...) spreads the noise over all of them alike, and the
 median of the per-call times ignores the bursts.
 
-Each turn is: a pause (the previous library's spinning workers go idle), one untimed call, one timed
-call.  The untimed call matters for short calls: after the pause the CPUs of this VM were idle, the
-host may have run other guests on them, and the first call paid for waking its workers and refilling
-caches (measured here: a 1.4 ms seq2seq call took 2-4 ms after a 12 ms pause, a 0.2 ms decoder step
-0.4-0.8 ms, for PyTorch and attnfast alike).  That is a property of the VM, not of the kernels; the
-timed call sees what a loop of calls sees (a decoder, the layers of a model).  Calls longer than
-``rewarm_below_s`` skip the untimed call: their cold start is a few percent and the suite stays short.
+Each turn is: a pause (the previous library's spinning workers go idle), untimed calls for
+``rewarm_s``, one timed call.  The untimed calls matter for short calls: after the pause the CPUs of
+this VM were idle, the host may have run other guests on them, and the first calls paid for waking
+workers and refilling caches (measured here: a 1.4 ms seq2seq call took 2-4 ms after a 12 ms pause,
+a 0.13 ms decoder step 0.45 ms, still 0.28 ms after one untimed call and 0.18 ms after three, for
+PyTorch and attnfast alike).  That is a property of the VM, not of the kernels; the timed call sees
+what a loop of calls sees (a decoder, the layers of a model).  Calls longer than ``rewarm_below_s``
+skip the untimed calls: their cold start is a few percent and the suite stays short.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ class TimingPolicy:
     """How long to measure one case.
 
     Each implementation is called ``warmup`` times untimed (first-call costs: JIT compilation, thread
-    pool start-up, page faults); calls shorter than ``rewarm_below_s`` are also preceded by one untimed
-    call in every round (see the module docstring). Then rounds run until every implementation has ``min_repeats`` timings
+    pool start-up, page faults); calls shorter than ``rewarm_below_s`` are also preceded by untimed
+    calls for ``rewarm_s`` in every round (see the module docstring). Then rounds run until every implementation has ``min_repeats`` timings
     and ``budget_s`` seconds have passed, or ``max_repeats`` rounds are done.  Slow cases (seconds per
     round, e.g. NumPy at L=8192) stop after ``floor_repeats`` rounds once ``cap_s`` has passed, so the
     full suite stays within minutes.
     """
 
     warmup: int = 1
+    rewarm_s: float = 0.003
     rewarm_below_s: float = 0.05
     min_repeats: int = 5
     max_repeats: int = 200
@@ -87,7 +89,10 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
             # spinning after a call and would steal cores from the next one.
             time.sleep(SETTLE_AFTER_S.get(previous, SETTLE_S))
             if rewarm[n]:
+                warm_until = clock() + policy.rewarm_s
                 runners[n]()
+                while clock() < warm_until:
+                    runners[n]()
             t0 = clock()
             runners[n]()
             call_s = clock() - t0

@@ -185,6 +185,8 @@ PLAIN_CALLS = [
     ((2, 1), 6, 9, 8, {"causal": True, "causal_align": "bottom_right"}),
     ((1,), 5, 3, 4, {"method": "dot"}),
     ((2,), 4, 6, 5, {"method": "dot", "scale": 0.3}),
+    ((4, 1), 1, 33, 8, {"out": "fresh"}),
+    ((2,), 30, 20, 8, {"out": "fresh", "causal": True}),
 ]
 
 
@@ -194,12 +196,19 @@ def test_attention_plain_call_path_matches_general_path(isa, rng, monkeypatch, d
     # Plain calls (same-dtype ndarrays, one batch shape, dot scores, no mask/out/lse) skip the general
     # validation; they must give bitwise what the general path gives, which is held to the reference.
     q, k, v = qkv(rng, batch, lq, lk, d, dtype, dv=d + 3)
+    out = None
+    if kwargs.get("out") == "fresh":
+        out = np.full(batch + (lq, d + 3), np.nan, dtype)
+        kwargs = dict(kwargs, out=out)
     general, _, _ = check_attention(q, k, v, dtype=dtype, **kwargs)
+    general = general.copy()
     with monkeypatch.context() as m:
         m.setattr(attnfast._api._inputs, "check_attention", None)  # the plain path must not need it
         plain = attnfast.attention(q, k, v, **kwargs)
     assert plain.dtype == general.dtype and plain.shape == general.shape
     assert np.array_equal(plain, general)
+    if out is not None:
+        assert plain is out
 
 
 def test_attention_plain_call_path_leaves_unusual_calls_to_validation(rng):
@@ -213,6 +222,16 @@ def test_attention_plain_call_path_leaves_unusual_calls_to_validation(rng):
         attnfast.attention(q, k, v[:, :4])
     with pytest.raises(ValueError, match="scale must be finite"):
         attnfast.attention(q, k, v, scale=float("inf"))
+    # out= that is strided, of another dtype or shape, or overlapping an input: general path.
+    expected = attnfast.attention(q, k, v)
+    strided = np.zeros((2, 3, 8), np.float32)[..., ::2]
+    assert attnfast.attention(q, k, v, out=strided) is strided and np.array_equal(strided, expected)
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        attnfast.attention(q, k, v, out=np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="out has shape"):
+        attnfast.attention(q, k, v, out=np.zeros((2, 4, 4), np.float32))
+    q2 = q.copy()
+    assert np.array_equal(attnfast.attention(q2, k, v, out=q2), expected)  # out is q itself
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

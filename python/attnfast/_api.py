@@ -136,14 +136,15 @@ def _score_operands(a):
 _PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _plain_attention(q, k, v, scale, causal, causal_align):
+def _plain_attention(q, k, v, scale, causal, causal_align, out):
     """The fused kernel called directly for the most common call, or None when the call is not one.
 
     A decoder step runs in ~100 us; the general validation below costs ~10 us of it. Calls made of
-    three same-dtype float ndarrays with one batch shape, a dot-product method and no mask, weights,
-    lse or out= can be recognised with a few identity tests, and for them check_attention could not
-    fail and would produce exactly these arguments. Anything else returns None and takes the general
-    path (which also raises every error); tests/test_attention.py checks both paths agree bitwise.
+    three same-dtype float ndarrays with one batch shape, a dot-product method, no mask, weights or
+    lse, and either no out= or a C-contiguous one of the exact result shape and dtype that overlaps no
+    input, can be recognised with a few identity tests; for them check_attention could not fail and
+    would produce exactly these arguments. Anything else returns None and takes the general path
+    (which also raises every error); tests/test_attention.py checks both paths agree bitwise.
     """
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         return None
@@ -157,9 +158,17 @@ def _plain_attention(q, k, v, scale, causal, causal_align):
         return None
     if scale is not None and not (type(scale) is float and math.isfinite(scale)):
         return None
+    result_shape = qs[:-1] + (vs[-1],)
+    if out is None:
+        result = np.empty(result_shape, dtype)
+    elif (type(out) is np.ndarray and out.shape == result_shape and out.dtype == dtype and out.flags.writeable
+          and out.flags.c_contiguous and out.flags.aligned
+          and not (np.may_share_memory(out, q) or np.may_share_memory(out, k) or np.may_share_memory(out, v))):
+        result = out
+    else:
+        return None
     batch = list(qs[:-2])
     lq, lk = qs[-2], ks[-2]
-    result = np.empty(qs[:-1] + (vs[-1],), dtype)
     _core.attention(_unit_last_axis(q), _unit_last_axis(k), _unit_last_axis(v), result, batch, batch, 1,
                     _inputs._check_scale(scale, "scaled_dot", qs[-1]) if scale is None else scale,
                     None, None, None, causal, 0 if causal_align == "top_left" else lk - lq, -1, -1, None, None)
@@ -175,10 +184,10 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
     if type(method) is str and method in ("scaled_dot", "dot") and mask is None and bias is None and window is None \
-            and kv_lengths is None and return_lse is False and return_weights is False and out is None \
+            and kv_lengths is None and return_lse is False and return_weights is False \
             and w is None and w_q is None and w_k is None and v_a is None and score_bias is None:
         result = _plain_attention(q, k, v, scale if scale is not None or method == "scaled_dot" else 1.0,
-                                  causal, causal_align)
+                                  causal, causal_align, out)
         if result is not None:
             return result
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,

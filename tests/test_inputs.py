@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+import attnfast
 from attnfast import _inputs
 from attnfast import reference as ref
 
@@ -382,6 +383,10 @@ def test_causal_align_and_offset(batch_qkv):
     msg = "unknown causal_align 'bottom'; valid values are 'top_left', 'bottom_right'."
     with pytest.raises(ValueError, match=exact(msg)):
         ref.attention(q, k, v, causal=True, causal_align="bottom")
+    # A non-string (an array compares elementwise) gets the same message, not NumPy's truth-value error.
+    for f in (ref.attention, attnfast.attention):
+        with pytest.raises(ValueError, match="^unknown causal_align array"):
+            f(q, k, v, causal=True, causal_align=np.array(["top_left", "bottom_right"]))
     with pytest.raises(TypeError, match=exact("causal must be True or False; got 'yes'")):
         ref.attention(q, k, v, causal="yes")
 

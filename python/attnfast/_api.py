@@ -136,7 +136,7 @@ def _score_operands(a):
 _PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _plain_attention(q, k, v, scale, causal, causal_align, out):
+def _plain_attention(q, k, v, method, scale, causal, causal_align, out):
     """The fused kernel called directly for the most common call, or None when the call is not one.
 
     A decoder step runs in ~100 us; the general validation below costs ~10 us of it. Calls made of
@@ -154,9 +154,12 @@ def _plain_attention(q, k, v, scale, causal, causal_align, out):
     qs, ks, vs = q.shape, k.shape, v.shape
     if not (qs[:-2] == ks[:-2] == vs[:-2] and ks[-2] == vs[-2] and qs[-1] == ks[-1]):
         return None
-    if not (causal is False or causal is True) or causal_align not in _inputs.CAUSAL_ALIGNS:
+    if not (causal is False or causal is True) or not (type(causal_align) is str
+                                                       and causal_align in _inputs.CAUSAL_ALIGNS):
         return None
-    if scale is not None and not (type(scale) is float and math.isfinite(scale)):
+    if scale is None:
+        scale = _inputs._check_scale(None, method, qs[-1])
+    elif not (type(scale) is float and math.isfinite(scale)):
         return None
     result_shape = qs[:-1] + (vs[-1],)
     if out is None:
@@ -168,10 +171,9 @@ def _plain_attention(q, k, v, scale, causal, causal_align, out):
     else:
         return None
     batch = list(qs[:-2])
-    lq, lk = qs[-2], ks[-2]
-    _core.attention(_unit_last_axis(q), _unit_last_axis(k), _unit_last_axis(v), result, batch, batch, 1,
-                    _inputs._check_scale(scale, "scaled_dot", qs[-1]) if scale is None else scale,
-                    None, None, None, causal, 0 if causal_align == "top_left" else lk - lq, -1, -1, None, None)
+    offset = _inputs.diagonal_offset(causal_align, qs[-2], ks[-2])
+    _core.attention(_unit_last_axis(q), _unit_last_axis(k), _unit_last_axis(v), result, batch, batch, 1, scale,
+                    None, None, None, causal, offset, -1, -1, None, None)
     return result
 
 
@@ -186,8 +188,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     if type(method) is str and method in ("scaled_dot", "dot") and mask is None and bias is None and window is None \
             and kv_lengths is None and return_lse is False and return_weights is False \
             and w is None and w_q is None and w_k is None and v_a is None and score_bias is None:
-        result = _plain_attention(q, k, v, scale if scale is not None or method == "scaled_dot" else 1.0,
-                                  causal, causal_align, out)
+        result = _plain_attention(q, k, v, method, scale, causal, causal_align, out)
         if result is not None:
             return result
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,

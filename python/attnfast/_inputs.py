@@ -620,6 +620,11 @@ def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
     return n.astype(np.int64, copy=False)
 
 
+def diagonal_offset(causal_align: str, lq: int, lk: int) -> int:
+    """Key index minus query index on the causal diagonal: 0 top-left aligned, Lk - Lq bottom-right."""
+    return 0 if causal_align == "top_left" else lk - lq
+
+
 def _check_window(window: Any) -> Tuple[int, int]:
     if window is None:
         return -1, -1
@@ -737,9 +742,9 @@ def check_attention(
         kv_lengths = _check_kv_lengths(kv_lengths, batch, lk)
 
     causal = _check_bool_flag("causal", causal)
-    if causal_align not in CAUSAL_ALIGNS:
+    if not isinstance(causal_align, str) or causal_align not in CAUSAL_ALIGNS:
         raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
-    offset = 0 if causal_align == "top_left" else lk - lq
+    offset = diagonal_offset(causal_align, lq, lk)
     left, right = _check_window(window)
     return_lse = _check_bool_flag("return_lse", return_lse)
     return_weights = _check_bool_flag("return_weights", return_weights)

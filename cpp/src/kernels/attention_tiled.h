@@ -139,6 +139,7 @@ struct TiledAttention {
   template <bool kAccumulate, bool kUnitAStride>
   static void panel_gemm(int nrv, int64_t depth, const T* const* a_rows, int64_t a_k_stride, const T* b,
                          int64_t b_k_stride, T* c) {
+    static_assert(NRV <= 3, "panel_gemm has 3-, 2- and 1-vector kernels; add widths for wider panels");
     constexpr int kTwo = NRV > 2 ? 2 : 1;
     if (nrv >= NRV) {
       gemm_microkernel<V, MR, NRV, kAccumulate, false, kUnitAStride>(depth, a_rows, a_k_stride, b, b_k_stride, L,
@@ -169,8 +170,8 @@ struct TiledAttention {
   }
 
   // K and V of a batch item stream from L3 or memory once per block. The hardware prefetcher follows
-  // K (read row after row here), but P.V walks V a column block at a time with a row stride, which it
-  // does not follow well: fetch the tile's V rows while the scores, which need them next, are computed.
+  // K (read row after row here), but P.V walks V a few columns at a time down the rows, which it does
+  // not follow well: fetch the tile's V rows while the scores, which need them next, are computed.
   void prefetch_value_rows(int64_t bkv, int64_t j, int64_t rows) const {
     constexpr int64_t kLine = 64 / sizeof(T);
     for (int64_t r = 0; r < rows; ++r) {

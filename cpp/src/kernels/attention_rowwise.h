@@ -3,7 +3,7 @@
 // row that shares it (the `group` query heads of a kv head times Lq).
 // dtypes: float, double. ISA: the including target's V.
 //
-// Scores are dot products vectorised along the feature axis (four keys at a time, then a fixed-order
+// Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum); the online softmax and the P.V update run along the key axis and the value features.
 // When there are few kv items and many keys, the keys are split into chunks processed in parallel and
 // merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
@@ -13,7 +13,6 @@
 #include "kernels/attention_common.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
-#include "kernels/microkernel.h"
 #include "kernels/stage_scores.h"
 
 namespace attnfast {
@@ -64,31 +63,23 @@ struct RowwiseAttention {
   int64_t batch_of(const Work& w, int64_t r) const { return w.kv_item * p.group + r / p.lq; }
   int64_t query_of(int64_t r) const { return r % p.lq; }
 
-  // Four dot products of one query row with four keys, vectorised along the features.
-  void dot4(const T* q, const T* const* keys, T* out) const {
+  // One query row . one key, vectorised along the features with four partial sums (independent FMA
+  // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
+  // stream; four keys read side by side (four streams 1 KB apart) measured ~10% slower from DRAM.
+  T dot_row(const T* q, const T* k) const {
     const int64_t full = p.depth / L * L;
     const int tail = static_cast<int>(p.depth - full);
-    const T *k0 = keys[0], *k1 = keys[1], *k2 = keys[2], *k3 = keys[3];
     V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t d = 0;
-    for (; d < full; d += L) {
-      const V qv = V::load(q + d);
-      a0 = fmadd(qv, V::load(k0 + d), a0);
-      a1 = fmadd(qv, V::load(k1 + d), a1);
-      a2 = fmadd(qv, V::load(k2 + d), a2);
-      a3 = fmadd(qv, V::load(k3 + d), a3);
+    for (; d + 4 * L <= full; d += 4 * L) {
+      a0 = fmadd(V::load(q + d), V::load(k + d), a0);
+      a1 = fmadd(V::load(q + d + L), V::load(k + d + L), a1);
+      a2 = fmadd(V::load(q + d + 2 * L), V::load(k + d + 2 * L), a2);
+      a3 = fmadd(V::load(q + d + 3 * L), V::load(k + d + 3 * L), a3);
     }
-    if (tail) {
-      const V qv = V::load_partial(q + d, tail);
-      a0 = fmadd(qv, V::load_partial(k0 + d, tail), a0);
-      a1 = fmadd(qv, V::load_partial(k1 + d, tail), a1);
-      a2 = fmadd(qv, V::load_partial(k2 + d, tail), a2);
-      a3 = fmadd(qv, V::load_partial(k3 + d, tail), a3);
-    }
-    out[0] = reduce_add(a0);
-    out[1] = reduce_add(a1);
-    out[2] = reduce_add(a2);
-    out[3] = reduce_add(a3);
+    for (; d < full; d += L) a0 = fmadd(V::load(q + d), V::load(k + d), a0);
+    if (tail) a1 = fmadd(V::load_partial(q + d, tail), V::load_partial(k + d, tail), a1);
+    return reduce_add((a0 + a1) + (a2 + a3));
   }
 
   // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.
@@ -107,20 +98,12 @@ struct RowwiseAttention {
 
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
   // rows (one instruction per cache line) measured no faster from DRAM and ~15% slower from cache.
+  // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
     const T* k = p.k.row(w.kv_item, j0);
-    for (int64_t j = 0; j < nk; j += 4) {
-      // Past the last key the group repeats the last key's row (only valid memory is read) and those
-      // scores are dropped; every kept score is the same FMA sequence wherever its key sits.
-      const T* keys[4];
-      clamped_rows<T, 4>(k + j * ks, ks, imin(4, nk - j), keys);
-      T out[4];
-      for (int64_t r = 0; r < rows; ++r) {
-        dot4(w.qs + r * p.depth, keys, out);
-        for (int64_t t = 0; t < imin(4, nk - j); ++t) w.s[r * NK + j + t] = out[t];
-      }
-    }
+    for (int64_t t = 0; t < nk; ++t)
+      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks);
   }
 
   void apply_masks(const Work& w, int64_t j0, int64_t nk) const {

@@ -24,7 +24,7 @@ struct RowwiseAttention {
   static constexpr int L = V::kLanes;
   static constexpr int64_t kMaxRows = 16;  // rows per kv item handled by this path
   static constexpr int64_t NK = 128;       // keys per tile
-  static constexpr int kDvVectors = 8;     // value vectors kept in registers per pass
+  static constexpr int kDvVectors = 16;    // value vectors per pass: Dv = 128 floats is one pass over V
 
   const AttentionParams<T>& p;
   int64_t rows;        // query rows per kv item: group * lq

@@ -384,6 +384,10 @@ def test_attention_out_is_written_and_returned(isa, rng, dtype, lq):
     got2, lse, w = attnfast.attention(q, k, v, causal=True, out=view, return_lse=True, return_weights=True)
     assert got2 is view and np.array_equal(view, expected)
     assert np.all(big[..., 1::2] == 7.0)  # the gaps are untouched
+    # Every other row: the kernel writes straight into it with that row stride.
+    tall = np.full((2, 3, 2 * lq, 10), 7.0, dtype)
+    got3 = attnfast.attention(q, k, v, causal=True, out=tall[..., ::2, :])
+    assert np.array_equal(got3, expected) and np.all(tall[..., 1::2, :] == 7.0)
     r_out, r_lse, r_w = ref_attention64(q, k, v, causal=True)
     assert_close_fixed(lse, r_lse, dtype, what="lse with out=")
     # out may alias an input (here a slice of v): the result is as if the inputs were read first.

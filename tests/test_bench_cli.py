@@ -166,3 +166,24 @@ def test_module_entry_point_dispatches_bench():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--shape" in proc.stdout and "--json" in proc.stdout
+
+
+def test_short_calls_are_warmed_before_each_timed_call_and_long_ones_are_not(monkeypatch):
+    from attnfast.bench import timing
+
+    monkeypatch.setattr(timing, "SETTLE_S", 0.0)
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+
+    def long():
+        calls["long"] += 1
+        timing.time.sleep(0.03)  # well above rewarm_below_s below
+
+    policy = timing.TimingPolicy(warmup=1, rewarm_s=0.002, rewarm_below_s=0.01, min_repeats=3, max_repeats=3,
+                                 budget_s=0.0, floor_repeats=3, cap_s=60.0)
+    times = timing.time_interleaved({"short": short, "long": long}, policy)
+    assert len(times["short"]) == len(times["long"]) == 3
+    assert calls["long"] == 1 + 3  # the warm-up call and the timed calls only
+    assert calls["short"] > 1 + 2 * 3  # at least one untimed call before each timed one (2 ms of them)

@@ -13,8 +13,8 @@ PyTorch and attnfast alike; traced call by call, both threads ran slow for the f
 as if the cores were clocking back up).  That is a property of the VM, not of the kernels; the timed
 call sees what a loop of calls sees (a decoder, the layers of a model).  ``rewarm_s`` = 6 ms leaves
 margin over those 2-3 ms (with 3 ms attnfast's decoder step still measured ~40% above its
-back-to-back time; PyTorch's measured the same with 3 and with 6 ms).  Calls longer than ``rewarm_below_s``
-skip the untimed calls: their cold start is a few percent and the suite stays short.
+back-to-back time; PyTorch's measured the same with 3 and with 6 ms).  Calls longer than
+``rewarm_below_s`` skip the untimed calls: their cold start is a few percent and the suite stays short.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ class TimingPolicy:
 
     Each implementation is called ``warmup`` times untimed (first-call costs: JIT compilation, thread
     pool start-up, page faults); calls shorter than ``rewarm_below_s`` are also preceded by untimed
-    calls for ``rewarm_s`` in every round (see the module docstring). Then rounds run until every implementation has ``min_repeats`` timings
-    and ``budget_s`` seconds have passed, or ``max_repeats`` rounds are done.  Slow cases (seconds per
-    round, e.g. NumPy at L=8192) stop after ``floor_repeats`` rounds once ``cap_s`` has passed, so the
-    full suite stays within minutes.
+    calls for ``rewarm_s`` in every round (see the module docstring). Then rounds run until every
+    implementation has ``min_repeats`` timings and ``budget_s`` seconds have passed, or
+    ``max_repeats`` rounds are done.  Slow cases (seconds per round, e.g. NumPy at L=8192) stop after
+    ``floor_repeats`` rounds once ``cap_s`` has passed, so the full suite stays within minutes.
     """
 
     warmup: int = 1

@@ -164,19 +164,7 @@ struct TiledAttention {
         clamped_rows<T, MR>(p.k.row(bkv, j0 + jj), ks, imin(MR, nk - jj), a_rows);
         panel_gemm<false, true>(panel_vectors(blk, panel), p.depth, a_rows, 1, qpanel, QNR,
                                 blk.s + jj * MB + panel * QNR);
-        if (panel == 0) prefetch_value_rows(bkv, j0 + jj, imin(MR, nk - jj));
       }
-    }
-  }
-
-  // K and V of a batch item stream from L3 or memory once per block. The hardware prefetcher follows
-  // K (read row after row here), but P.V walks V a few columns at a time down the rows, which it does
-  // not follow well: fetch the tile's V rows while the scores, which need them next, are computed.
-  void prefetch_value_rows(int64_t bkv, int64_t j, int64_t rows) const {
-    constexpr int64_t kLine = 64 / sizeof(T);
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* v = p.v.row(bkv, j + r);
-      for (int64_t c = 0; c < p.dv; c += kLine) __builtin_prefetch(v + c);
     }
   }
 

@@ -68,7 +68,8 @@ inline void transpose_scaled(const T* src, int64_t ss, int64_t rows, int64_t col
   const int64_t rows_b = rows - rows % B, cols_b = cols - cols % B;
   for (int64_t r0 = 0; r0 < rows_b; r0 += B)
     for (int64_t c0 = 0; c0 < cols_b; c0 += B)
-      transpose_block(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds, scale_vector(scale + c0 * scale_step, scale_step));
+      transpose_block(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds,
+                      scale_vector(scale + c0 * scale_step, scale_step));
 #else
   const int64_t rows_b = 0, cols_b = 0;
 #endif

@@ -133,9 +133,6 @@ def _score_operands(a):
     return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
 
 
-_PLAIN_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
 def _plain_attention(q, k, v, method, scale, causal, causal_align, out):
     """The fused kernel called directly for the most common call, or None when the call is not one.
 
@@ -149,7 +146,7 @@ def _plain_attention(q, k, v, method, scale, causal, causal_align, out):
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         return None
     dtype = q.dtype
-    if dtype not in _PLAIN_DTYPES or k.dtype != dtype or v.dtype != dtype or not q.ndim == k.ndim == v.ndim >= 2:
+    if dtype not in _inputs._FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype or not q.ndim == k.ndim == v.ndim >= 2:
         return None
     qs, ks, vs = q.shape, k.shape, v.shape
     if not (qs[:-2] == ks[:-2] == vs[:-2] and ks[-2] == vs[-2] and qs[-1] == ks[-1]):

@@ -481,6 +481,28 @@ def test_attention_tiled_path(isa, rng, dtype, batch, lq, lk, d, masks):
     check_attention(q, k, v, dtype=dtype, what=f"tiled {batch} {lq}x{lk} {masks}", **kw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_row_max_growing_across_key_tiles(isa, rng, dtype):
+    """The tiled kernel moves a row's reference max only when a key tile exceeds it by more than a
+    margin (e^5): rows whose max creeps up stay below it, rows that jump past it rescale, and two
+    jumps that are each under the margin but not together must rescale at the second."""
+    lq, lk = 50, 300  # tiled path, five key tiles of 64
+    q, k, v = qkv(rng, (2,), lq, lk, 16, dtype)
+    q *= 0.1
+    j = np.arange(lk, dtype=np.float64)
+    patterns = [
+        0.01 * j,  # creeps up: never past the margin
+        0.05 * j,  # 3.2 per tile: past it every other tile
+        1.0 * j,  # 64 per tile: every tile rescales, earlier tiles underflow to 0
+        -1.0 * j,  # the first tile holds the max
+        4.9 * (j >= 128) + 4.9 * (j >= 192),  # two jumps under the margin, together over it
+        4.99 * (j >= 64) + 1e-3 * j,  # just under the margin, then creeping
+        30.0 * np.sin(j / 7.0),  # up and down
+    ]
+    bias = np.stack([patterns[i % len(patterns)] for i in range(lq)]).astype(dtype)
+    check_attention(q, k, v, dtype=dtype, bias=bias, what="growing row max")
+
+
 # --------------------------------------------------------------------------
 # merge_states
 # --------------------------------------------------------------------------

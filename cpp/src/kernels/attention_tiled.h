@@ -16,9 +16,9 @@
 // and GCC reloaded a B vector for every row: P.V ran ~30% slower than Q.K^T). The block is
 // transposed back once, when its rows are normalised and written.
 //
-// Numerics: s2 = (c q).k accumulated with one FMA per term in d order; m only grows, and the
-// accumulator is rescaled by alpha = 2^(m_old - m_new) only for rows whose max changed; each row is
-// normalised once at the end. Rows with no visible key get out 0 and lse -inf (m is replaced by 0
+// Numerics: s2 = (c q).k accumulated with one FMA per term in d order; the reference max m only
+// grows, by whole steps of more than kLazyMargin (softmax_tile), and the accumulator is rescaled by
+// alpha = exp(m_old - m_new) only for rows whose m moved; each row is normalised once at the end. Rows with no visible key get out 0 and lse -inf (m is replaced by 0
 // before subtracting, so -inf - -inf never happens). Results do not depend on the thread count.
 #pragma once
 #include "attnfast/params.h"
@@ -37,6 +37,7 @@ struct TiledAttention {
   static constexpr int L = V::kLanes;
   static constexpr int MB = 48;  // query rows per block
   static constexpr int NK = 64;  // keys per tile
+  static constexpr double kLazyMargin = 5.0;  // see softmax_tile: exponentials stay below e^5 ~ 148
   static constexpr int QNR = NRV * L;  // queries per microkernel panel
   static_assert(MB % QNR == 0, "query block must be whole microkernel panels");
   static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
@@ -195,21 +196,30 @@ struct TiledAttention {
     }
   }
 
-  // Online softmax update for one tile: new max, rescale factors, P = 2^(S - m) in place, row sums.
+  // Online softmax update for one tile: new reference max m, rescale factors alpha, P = 2^((S - m) log2 e)
+  // in place, row sums. m moves only when the tile's max exceeds it by more than kLazyMargin: below
+  // that, the tile's exponentials are at most e^kLazyMargin (finite, full precision) and O^T and l stay
+  // consistent with the old m, so alpha is 1 and the rescale pass skips the row. Once the first tiles
+  // have set m, a row rarely needs rescaling again (the pass cost 2-3% of a long-context call).
+  // out = O / l and lse = m + ln l do not depend on which m was used.
   void softmax_tile(const Block& blk, int64_t nk) const {
     const V zero = V::zero();
     const V minus_inf = V::set1(neg_inf<T>());
     const V log2e = V::set1(T(kLog2e));
+    const V margin = V::set1(T(kLazyMargin));
     for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
       const V m_old = V::load(blk.m + i0);
-      V m_new = m_old;
-      for (int64_t j = 0; j < nk; ++j) m_new = max(m_new, V::load(blk.s + j * MB + i0));
-      const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);
-      // A row that has seen no key yet has a zero accumulator: alpha = 1 spares rescaling it.
+      V tile_max = minus_inf;
+      for (int64_t j = 0; j < nk; ++j) tile_max = max(tile_max, V::load(blk.s + j * MB + i0));
+      // Rows that have seen no key yet take the tile's max (m_old + margin is -inf there).
+      const V m_new = select(cmp_lt(m_old + margin, tile_max), tile_max, m_old);
+      const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);  // never -inf - -inf
+      // Unchanged m: alpha is exactly 2^0 = 1. A row that has seen no key yet has a zero accumulator:
+      // alpha = 1 spares rescaling it.
       const V alpha = select(cmp_eq(m_old, minus_inf), V::set1(T(1)), exp2_nonpositive((m_old - m_use) * log2e));
       V sum = zero;
       for (int64_t j = 0; j < nk; ++j) {
-        const V pj = exp2_nonpositive((V::load(blk.s + j * MB + i0) - m_use) * log2e);
+        const V pj = exp2_bounded_above((V::load(blk.s + j * MB + i0) - m_use) * log2e);
         pj.store(blk.s + j * MB + i0);
         sum = sum + pj;
       }

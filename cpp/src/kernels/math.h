@@ -11,8 +11,9 @@
 //   Five FMAs and no division: the exponential is the one non-GEMM cost of the fused attention.
 // exp2(x), double: same reduction (magic 1.5*2^52), 2^f from the Cephes (3,2) Pade form
 //   1 + 2fP/(Q - fP); max relative error ~2e-16. x < -1022 returns +0.
-// exp2_approx clamps x above at 127 (1023) so the result stays finite; exp2_nonpositive skips that
-// clamp for callers whose argument is never positive (s - max in a softmax).
+// exp2_approx clamps x above at 127 (1023) so the result stays finite; exp2_bounded_above skips that
+// clamp for callers whose argument is bounded well below it (s - max in a softmax, s - a stale max in
+// the fused attention); exp2_nonpositive is the same function, named for the common case.
 // tanh(x), float: x clamped to +-7.9053 (where tanh rounds to +-1), then the odd (13, 6) rational
 //   minimax form x P(x^2) / Q(x^2) (the published coefficients of Eigen's ptanh_float): 8 FMAs and one
 //   division, no branch and no exp. Max relative error 3.9e-7 (3.3 ulp) measured over [-10, 10] and
@@ -66,9 +67,9 @@ inline V exp2_poly_reduced(V f, double /*tag*/) {
   return r + V::set1(1.0);
 }
 
-// 2^x for x <= 0 (or NaN); see the header comment.
+// 2^x for x <= 127 (1023 for double), or NaN; see the header comment.
 template <class V>
-inline V exp2_nonpositive(V x) {
+inline V exp2_bounded_above(V x) {
   using T = typename V::Scalar;
   const V xc = max(V::set1(MathConst<T>::kExp2Min), x);  // data second: NaN survives
   const V magic = V::set1(MathConst<T>::kRoundMagic);
@@ -78,11 +79,17 @@ inline V exp2_nonpositive(V x) {
   return zero_where(cmp_lt(x, V::set1(MathConst<T>::kExp2Min)), r);
 }
 
+// 2^x for x <= 0 (or NaN).
+template <class V>
+inline V exp2_nonpositive(V x) {
+  return exp2_bounded_above(x);
+}
+
 // 2^x for any x; see the header comment.
 template <class V>
 inline V exp2_approx(V x) {
   using T = typename V::Scalar;
-  return exp2_nonpositive(min(V::set1(MathConst<T>::kExp2Max), x));
+  return exp2_bounded_above(min(V::set1(MathConst<T>::kExp2Max), x));
 }
 
 template <class V>

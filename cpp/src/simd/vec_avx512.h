@@ -1,9 +1,18 @@
 // AVX-512F vectors: 16 floats (__m512) or 8 doubles (__m512d). Only compiled into target_avx512.cpp,
 // built with -mavx512f -mavx512vl -mavx512bw -mavx512dq. Tails use k-mask loads/stores, which never
 // touch memory in disabled lanes.
+// Test builds with ATTNFAST_EMULATE_AVX512 (CMakeLists.txt) take the same intrinsics from SIMDe, which
+// implements them on AVX2: the kernels then run, slowly but with the same lane semantics, on CPUs
+// without AVX-512.
 #pragma once
+#if defined(ATTNFAST_EMULATE_AVX512)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#else
 #include <immintrin.h>
+#endif
 #include <cstdint>
+#include <cstring>
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -23,9 +32,24 @@ struct Avx512Vec<float> {
   static Avx512Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static Avx512Vec broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
   static __mmask16 tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+#if defined(ATTNFAST_EMULATE_AVX512)
+  // SIMDe's masked loads and stores access every lane's memory (and its store writes zeros to the
+  // disabled lanes), so the emulated build moves tails through a buffer instead.
+  static Avx512Vec load_partial(const float* p, int n) {
+    float lanes[kLanes] = {};
+    std::memcpy(lanes, p, sizeof(float) * n);
+    return load(lanes);
+  }
+  void store_partial(float* p, int n) const {
+    float lanes[kLanes];
+    store(lanes);
+    std::memcpy(p, lanes, sizeof(float) * n);
+  }
+#else
   static Avx512Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, tail(n), v); }
+#endif
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
 };
 
 template <>
@@ -40,9 +64,24 @@ struct Avx512Vec<double> {
   static Avx512Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
   static Avx512Vec broadcast(const double* p) { return {_mm512_set1_pd(*p)}; }
   static __mmask8 tail(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
+#if defined(ATTNFAST_EMULATE_AVX512)
+  // SIMDe's masked loads and stores access every lane's memory (and its store writes zeros to the
+  // disabled lanes), so the emulated build moves tails through a buffer instead.
+  static Avx512Vec load_partial(const double* p, int n) {
+    double lanes[kLanes] = {};
+    std::memcpy(lanes, p, sizeof(double) * n);
+    return load(lanes);
+  }
+  void store_partial(double* p, int n) const {
+    double lanes[kLanes];
+    store(lanes);
+    std::memcpy(p, lanes, sizeof(double) * n);
+  }
+#else
   static Avx512Vec load_partial(const double* p, int n) { return {_mm512_maskz_loadu_pd(tail(n), p)}; }
-  void store(double* p) const { _mm512_storeu_pd(p, v); }
   void store_partial(double* p, int n) const { _mm512_mask_storeu_pd(p, tail(n), v); }
+#endif
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
 };
 
 using VF = Avx512Vec<float>;
@@ -65,8 +104,25 @@ inline VF add_exponent_bits(VF p, VF t) {
       _mm512_add_epi32(_mm512_castps_si512(p.v), _mm512_slli_epi32(_mm512_castps_si512(t.v), 23)))};
 }
 inline VF zero_where(__mmask16 m, VF a) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~m), a.v)}; }
-inline float reduce_add(VF a) { return _mm512_reduce_add_ps(a.v); }
-inline float reduce_max(VF a) { return _mm512_reduce_max_ps(a.v); }
+// Horizontal reductions: fold to 256 then 128 bits, the same order as the AVX2 target's. Written out
+// rather than _mm512_reduce_*_ps, which are compiler sequences (not instructions) that SIMDe lacks.
+inline __m256 upper_half(VF a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)); }
+inline __m256 fold_halves_add(VF a) { return _mm256_add_ps(_mm512_castps512_ps256(a.v), upper_half(a)); }
+inline __m256 fold_halves_max(VF a) { return _mm256_max_ps(_mm512_castps512_ps256(a.v), upper_half(a)); }
+inline float reduce_add(VF a) {
+  const __m256 h = fold_halves_add(a);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float reduce_max(VF a) {
+  const __m256 h = fold_halves_max(a);
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 
 inline VD operator+(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
 inline VD operator-(VD a, VD b) { return {_mm512_sub_pd(a.v, b.v)}; }
@@ -85,8 +141,18 @@ inline VD add_exponent_bits(VD p, VD t) {
       _mm512_add_epi64(_mm512_castpd_si512(p.v), _mm512_slli_epi64(_mm512_castpd_si512(t.v), 52)))};
 }
 inline VD zero_where(__mmask8 m, VD a) { return {_mm512_maskz_mov_pd(static_cast<__mmask8>(~m), a.v)}; }
-inline double reduce_add(VD a) { return _mm512_reduce_add_pd(a.v); }
-inline double reduce_max(VD a) { return _mm512_reduce_max_pd(a.v); }
+inline double reduce_add(VD a) {
+  const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(a.v), _mm512_extractf64x4_pd(a.v, 1));
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
+inline double reduce_max(VD a) {
+  const __m256d h = _mm256_max_pd(_mm512_castpd512_pd256(a.v), _mm512_extractf64x4_pd(a.v, 1));
+  __m128d s = _mm_max_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+  s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+  return _mm_cvtsd_f64(s);
+}
 
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

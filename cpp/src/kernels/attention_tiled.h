@@ -18,8 +18,9 @@
 //
 // Numerics: s2 = (c q).k accumulated with one FMA per term in d order; the reference max m only
 // grows, by whole steps of more than kLazyMargin (softmax_tile), and the accumulator is rescaled by
-// alpha = exp(m_old - m_new) only for rows whose m moved; each row is normalised once at the end. Rows with no visible key get out 0 and lse -inf (m is replaced by 0
-// before subtracting, so -inf - -inf never happens). Results do not depend on the thread count.
+// alpha = exp(m_old - m_new) only for rows whose m moved; each row is normalised once at the end.
+// Rows with no visible key get out 0 and lse -inf (m is replaced by 0 before subtracting, so
+// -inf - -inf never happens). Results do not depend on the thread count.
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"

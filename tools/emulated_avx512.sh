@@ -26,6 +26,8 @@ rm -f "$work"/site/attnfast/_attnfast*.so
 cp "$work"/build/_attnfast*.so "$work/site/attnfast/"
 
 export PYTHONPATH="$work/site"
-"$py" -c 'import attnfast, sys; isas = attnfast.capabilities()["isas"]; print("usable targets:", isas); sys.exit("avx512" not in isas)'
+"$py" -c 'import attnfast, sys; isas = attnfast.capabilities()["isas"]
+print("usable targets:", isas)
+sys.exit(0 if "avx512" in isas else "the emulated build does not offer the avx512 target")'
 cd "$repo"
 "$py" -m pytest -q -p no:cacheprovider "$@"

@@ -20,6 +20,23 @@ namespace ATTNFAST_TARGET_NS {
 template <class T>
 struct Avx512Vec;
 
+#if defined(ATTNFAST_EMULATE_AVX512)
+// SIMDe's masked loads and stores access every lane's memory (and its store writes zeros to the
+// disabled lanes), so the emulated build moves partial vectors through a buffer instead.
+template <class Vec, class T>
+inline Vec load_tail_via_buffer(const T* p, int n) {
+  T lanes[Vec::kLanes] = {};
+  std::memcpy(lanes, p, sizeof(T) * n);
+  return Vec::load(lanes);
+}
+template <class Vec, class T>
+inline void store_tail_via_buffer(const Vec& v, T* p, int n) {
+  T lanes[Vec::kLanes];
+  v.store(lanes);
+  std::memcpy(p, lanes, sizeof(T) * n);
+}
+#endif
+
 template <>
 struct Avx512Vec<float> {
   using Scalar = float;
@@ -33,18 +50,8 @@ struct Avx512Vec<float> {
   static Avx512Vec broadcast(const float* p) { return {_mm512_set1_ps(*p)}; }
   static __mmask16 tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 #if defined(ATTNFAST_EMULATE_AVX512)
-  // SIMDe's masked loads and stores access every lane's memory (and its store writes zeros to the
-  // disabled lanes), so the emulated build moves tails through a buffer instead.
-  static Avx512Vec load_partial(const float* p, int n) {
-    float lanes[kLanes] = {};
-    std::memcpy(lanes, p, sizeof(float) * n);
-    return load(lanes);
-  }
-  void store_partial(float* p, int n) const {
-    float lanes[kLanes];
-    store(lanes);
-    std::memcpy(p, lanes, sizeof(float) * n);
-  }
+  static Avx512Vec load_partial(const float* p, int n) { return load_tail_via_buffer<Avx512Vec>(p, n); }
+  void store_partial(float* p, int n) const { store_tail_via_buffer(*this, p, n); }
 #else
   static Avx512Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
   void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, tail(n), v); }
@@ -65,18 +72,8 @@ struct Avx512Vec<double> {
   static Avx512Vec broadcast(const double* p) { return {_mm512_set1_pd(*p)}; }
   static __mmask8 tail(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
 #if defined(ATTNFAST_EMULATE_AVX512)
-  // SIMDe's masked loads and stores access every lane's memory (and its store writes zeros to the
-  // disabled lanes), so the emulated build moves tails through a buffer instead.
-  static Avx512Vec load_partial(const double* p, int n) {
-    double lanes[kLanes] = {};
-    std::memcpy(lanes, p, sizeof(double) * n);
-    return load(lanes);
-  }
-  void store_partial(double* p, int n) const {
-    double lanes[kLanes];
-    store(lanes);
-    std::memcpy(p, lanes, sizeof(double) * n);
-  }
+  static Avx512Vec load_partial(const double* p, int n) { return load_tail_via_buffer<Avx512Vec>(p, n); }
+  void store_partial(double* p, int n) const { store_tail_via_buffer(*this, p, n); }
 #else
   static Avx512Vec load_partial(const double* p, int n) { return {_mm512_maskz_loadu_pd(tail(n), p)}; }
   void store_partial(double* p, int n) const { _mm512_mask_storeu_pd(p, tail(n), v); }
@@ -95,7 +92,9 @@ inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VF min(VF a, VF b) { return {_mm512_min_ps(a.v, b.v)}; }
 inline VF abs(VF a) { return {_mm512_abs_ps(a.v)}; }
-inline VF negate(VF a) { return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)))}; }
+inline VF negate(VF a) {
+  return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)))};
+}
 inline __mmask16 cmp_lt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
 inline __mmask16 cmp_eq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline VF select(__mmask16 m, VF t, VF f) { return {_mm512_mask_blend_ps(m, f.v, t.v)}; }
@@ -105,7 +104,8 @@ inline VF add_exponent_bits(VF p, VF t) {
 }
 inline VF zero_where(__mmask16 m, VF a) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~m), a.v)}; }
 // Horizontal reductions: fold to 256 then 128 bits, the same order as the AVX2 target's. Written out
-// rather than _mm512_reduce_*_ps, which are compiler sequences (not instructions) that SIMDe lacks.
+// because _mm512_reduce_add_* are compiler sequences (not instructions) that SIMDe lacks; max is
+// written the same way so both reductions read alike.
 inline __m256 upper_half(VF a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)); }
 inline __m256 fold_halves_add(VF a) { return _mm256_add_ps(_mm512_castps512_ps256(a.v), upper_half(a)); }
 inline __m256 fold_halves_max(VF a) { return _mm256_max_ps(_mm512_castps512_ps256(a.v), upper_half(a)); }
@@ -132,7 +132,9 @@ inline VD fmadd(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
 inline VD max(VD a, VD b) { return {_mm512_max_pd(a.v, b.v)}; }
 inline VD min(VD a, VD b) { return {_mm512_min_pd(a.v, b.v)}; }
 inline VD abs(VD a) { return {_mm512_abs_pd(a.v)}; }
-inline VD negate(VD a) { return {_mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(a.v), _mm512_set1_epi64(INT64_MIN)))}; }
+inline VD negate(VD a) {
+  return {_mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(a.v), _mm512_set1_epi64(INT64_MIN)))};
+}
 inline __mmask8 cmp_lt(VD a, VD b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ); }
 inline __mmask8 cmp_eq(VD a, VD b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline VD select(__mmask8 m, VD t, VD f) { return {_mm512_mask_blend_pd(m, f.v, t.v)}; }

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m attnfast bench --quick                      # under a minute
+    python -m attnfast bench --quick                      # about a minute
     python -m attnfast bench --json run.json --plot run.png
     python -m attnfast bench --shape 1,8,4096,4096,64 --threads 1 --causal
 """
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "in one process with the same thread count.",
         epilog="Peers are optional: missing ones are listed with the command that installs them.")
     p.add_argument("--quick", action="store_true",
-                   help="fewer sweep points and repeats (under a minute on 2 cores)")
+                   help="fewer sweep points and repeats (about a minute on 2 cores)")
     p.add_argument("--shape", action="append", type=_shape, metavar="B,H,Lq,Lk,D", default=None,
                    help="attention shape to run (repeatable); replaces the default suite")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

@@ -142,6 +142,20 @@ def test_attention_awkward_sizes(isa, rng, dtype, d, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dv", [129, 200, 257, 300])
+@pytest.mark.parametrize("hq, lq", [(1, 1), (2, 3)])
+def test_attention_rowwise_wide_value_rows(isa, rng, dtype, dv, hq, lq):
+    # Decode-shaped calls with value rows wider than the row-wise kernel's register block (128 float32
+    # lanes with AVX2) accumulate in several passes, the last one partial; 300 keys span three key
+    # tiles, so the accumulator is rescaled between them, and the lengths cut one item's keys mid-tile.
+    q = rng.standard_normal((2, hq, lq, 24)).astype(dtype)
+    k = rng.standard_normal((2, 1, 300, 24)).astype(dtype) * 3
+    v = rng.standard_normal((2, 1, 300, dv)).astype(dtype)
+    check_attention(q, k, v, dtype=dtype, what=f"dv {dv}")
+    check_attention(q, k, v, dtype=dtype, kv_lengths=np.array([[300], [170]]), what=f"dv {dv} lengths")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq, hk", [(8, 2), (6, 3), (4, 1), (8, 1), (1, 4)])
 @pytest.mark.parametrize("lq", [1, 3, 33])
 @pytest.mark.parametrize("masks", ["none", "causal_bottom_right+lengths_b", "mask+window"])
@@ -232,6 +246,24 @@ def test_attention_plain_call_path_leaves_unusual_calls_to_validation(rng):
         attnfast.attention(q, k, v, out=np.zeros((2, 4, 4), np.float32))
     q2 = q.copy()
     assert np.array_equal(attnfast.attention(q2, k, v, out=q2), expected)  # out is q itself
+    readonly = np.zeros((2, 3, 4), np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        attnfast.attention(q, k, v, out=readonly)
+    with pytest.raises(TypeError, match="out must be a NumPy ndarray"):
+        attnfast.attention(q, k, v, out=[[0.0] * 4] * 3)
+    # Inputs whose rows are not unit-stride, a subclass, an integer scale, a non-bool causal: general path.
+    qt = np.ascontiguousarray(np.swapaxes(q, -1, -2)).swapaxes(-1, -2)
+    assert np.array_equal(attnfast.attention(qt, k, v), expected)
+    class Sub(np.ndarray):
+        pass
+
+    assert np.array_equal(attnfast.attention(q.view(Sub), k, v), expected)
+    assert np.array_equal(attnfast.attention(q, k, v, method="dot", scale=1),
+                          attnfast.attention(q, k, v, method="dot", scale=1.0))
+    assert np.array_equal(attnfast.attention(q, k, v, causal=np.True_), attnfast.attention(q, k, v, causal=True))
+    with pytest.raises(ValueError, match="unknown causal_align"):
+        attnfast.attention(q, k, v, causal=True, causal_align="top-left")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

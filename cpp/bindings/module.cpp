@@ -1,14 +1,18 @@
 // The only pybind11 code. Every function here: check dtypes and layouts (Python's _inputs module has
 // already validated shapes and values and allocated the outputs), build the params struct, release the
-// GIL, call the active target's kernel, turn a failed scratch allocation into MemoryError.
+// GIL, call the active target's kernel, turn a failed scratch allocation into MemoryError. The one
+// exception is plain_attention, the fast path for the most common attention call, which recognises
+// such calls itself (see its comment) and hands every other call back to the validating Python path.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnfast/kernels.h"
@@ -206,6 +210,108 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   run_kernel(attnfast::table_for<T>(kernels()).attention, p);
 }
 
+// ---- The plain-call fast path -------------------------------------------------------------------
+// A decoder step runs in ~100 us, and the Python validation layer costs several of them. The most
+// common call -- three same-dtype float ndarrays with one batch shape, aligned unit-stride rows,
+// dot-product scores, no mask, lse or weights, and no out= or a C-contiguous one of the result's shape
+// and dtype that overlaps no input -- is recognised here with a few type and shape tests, for which
+// the general validation could not fail and would produce exactly these kernel arguments. Any other
+// call returns None and python/attnfast/_api.py takes the general path, which also raises every error.
+
+bool is_exact_ndarray(py::handle h) {
+  static PyTypeObject* const ndarray = reinterpret_cast<PyTypeObject*>(
+      py::object(py::module_::import("numpy").attr("ndarray")).release().ptr());  // kept for the process' life
+  return Py_TYPE(h.ptr()) == ndarray;
+}
+
+// Byte range [lo, hi) an array's elements occupy; empty for an array with no element. The same bounds
+// test as np.may_share_memory's default.
+std::pair<intptr_t, intptr_t> byte_extent(const py::array& a) {
+  intptr_t lo = reinterpret_cast<intptr_t>(a.data()), hi = lo;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    const intptr_t n = a.shape(i), s = a.strides(i);
+    if (n == 0) return {0, 0};
+    (s > 0 ? hi : lo) += s * (n - 1);
+  }
+  return {lo, hi + a.itemsize()};
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto x = byte_extent(a), y = byte_extent(b);
+  return x.first < x.second && y.first < y.second && x.first < y.second && y.first < x.second;
+}
+
+bool has_aligned_unit_rows(const py::array& a) {
+  constexpr int kAligned = 0x0100;  // NPY_ARRAY_ALIGNED
+  const py::ssize_t last = a.ndim() - 1;
+  return (a.flags() & kAligned) && (a.shape(last) <= 1 || a.strides(last) == a.itemsize());
+}
+
+bool is_one_of(py::handle s, const char* a, const char* b) {
+  return PyUnicode_CheckExact(s.ptr()) &&
+         (PyUnicode_CompareWithASCIIString(s.ptr(), a) == 0 || PyUnicode_CompareWithASCIIString(s.ptr(), b) == 0);
+}
+
+template <class T>
+py::object run_plain_attention(const py::array& q, const py::array& k, const py::array& v, py::handle out,
+                               double scale, bool causal, bool bottom_right) {
+  const py::ssize_t nd = q.ndim();
+  Shape result_shape(q.shape(), q.shape() + nd);
+  result_shape.back() = v.shape(nd - 1);
+  py::array result;
+  if (out.is_none()) {
+    result = py::array_t<T>(result_shape);
+  } else {
+    if (!is_exact_ndarray(out)) return py::none();
+    result = py::reinterpret_borrow<py::array>(out);
+    constexpr int kWriteableContiguousAligned = 0x0400 | 0x0001 | 0x0100;  // NPY_ARRAY_{WRITEABLE,C_CONTIGUOUS,ALIGNED}
+    if (result.ndim() != nd || !result.dtype().is(q.dtype()) ||
+        (result.flags() & kWriteableContiguousAligned) != kWriteableContiguousAligned)
+      return py::none();
+    for (py::ssize_t i = 0; i < nd; ++i)
+      if (result.shape(i) != result_shape[static_cast<size_t>(i)]) return py::none();
+    if (overlaps(result, q) || overlaps(result, k) || overlaps(result, v)) return py::none();
+  }
+  const Shape batch(q.shape(), q.shape() + nd - 2);
+  const int64_t lq = q.shape(nd - 2), lk = k.shape(nd - 2);
+  const AttentionCall c{batch, batch, 1, scale, causal, bottom_right ? lk - lq : 0, -1, -1};
+  run_attention<T>(q, k, v, result, c, py::none(), py::none(), py::none(), py::none(), py::none(), py::none());
+  return std::move(result);
+}
+
+py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::handle out, py::handle method,
+                           py::handle scale, py::handle causal, py::handle causal_align) {
+  if (!is_exact_ndarray(qh) || !is_exact_ndarray(kh) || !is_exact_ndarray(vh)) return py::none();
+  const auto q = py::reinterpret_borrow<py::array>(qh), k = py::reinterpret_borrow<py::array>(kh),
+             v = py::reinterpret_borrow<py::array>(vh);
+  const bool f32 = q.dtype().is(py::dtype::of<float>());
+  if (!f32 && !q.dtype().is(py::dtype::of<double>())) return py::none();
+  if (!k.dtype().is(q.dtype()) || !v.dtype().is(q.dtype())) return py::none();
+  const py::ssize_t nd = q.ndim();
+  if (nd < 2 || k.ndim() != nd || v.ndim() != nd) return py::none();
+  for (py::ssize_t i = 0; i < nd - 2; ++i)
+    if (k.shape(i) != q.shape(i) || v.shape(i) != q.shape(i)) return py::none();
+  if (k.shape(nd - 2) != v.shape(nd - 2) || k.shape(nd - 1) != q.shape(nd - 1)) return py::none();
+  if (!has_aligned_unit_rows(q) || !has_aligned_unit_rows(k) || !has_aligned_unit_rows(v)) return py::none();
+  if (!is_one_of(method, "scaled_dot", "dot") || !is_one_of(causal_align, "top_left", "bottom_right"))
+    return py::none();
+  if (causal.ptr() != Py_True && causal.ptr() != Py_False) return py::none();
+  double c;
+  if (scale.is_none()) {
+    // As _inputs._check_scale: 1/sqrt(D) for scaled_dot (any finite value when D == 0), 1 for dot.
+    const int64_t d = q.shape(nd - 1);
+    c = PyUnicode_CompareWithASCIIString(method.ptr(), "scaled_dot") == 0 && d > 0 ? 1.0 / std::sqrt(double(d)) : 1.0;
+  } else {
+    if (!PyFloat_CheckExact(scale.ptr())) return py::none();
+    c = PyFloat_AS_DOUBLE(scale.ptr());
+    if (!std::isfinite(c)) return py::none();
+  }
+  const bool is_causal = causal.ptr() == Py_True;
+  const bool bottom_right = PyUnicode_CompareWithASCIIString(causal_align.ptr(), "bottom_right") == 0;
+  if (f32) return run_plain_attention<float>(q, k, v, out, c, is_causal, bottom_right);
+  return run_plain_attention<double>(q, k, v, out, c, is_causal, bottom_right);
+}
+
 template <class Seconds>
 double time_seconds(Seconds&& fn) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -251,6 +357,9 @@ PYBIND11_MODULE(_attnfast, m) {
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
       py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
       py::arg("lse"), py::arg("weights"), py::arg("v_a") = py::none());
+
+  m.def("plain_attention", &plain_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("method"), py::arg("scale"), py::arg("causal"), py::arg("causal_align"));
 
   m.def("isa", [] { return std::string(attnfast::active_kernels().name); });
   m.def("usable_isas", &attnfast::usable_targets);

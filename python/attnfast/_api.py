@@ -6,8 +6,6 @@ Every function here has the same signature, errors and semantics as its twin in
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _attnfast as _core
@@ -133,47 +131,6 @@ def _score_operands(a):
     return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
 
 
-def _plain_attention(q, k, v, method, scale, causal, causal_align, out):
-    """The fused kernel called directly for the most common call, or None when the call is not one.
-
-    A decoder step runs in ~100 us; the general validation below costs ~10 us of it. Calls made of
-    three same-dtype float ndarrays with one batch shape, a dot-product method, no mask, weights or
-    lse, and either no out= or a C-contiguous one of the exact result shape and dtype that overlaps no
-    input, can be recognised with a few identity tests; for them check_attention could not fail and
-    would produce exactly these arguments. Anything else returns None and takes the general path
-    (which also raises every error); tests/test_attention.py checks both paths agree bitwise.
-    """
-    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
-        return None
-    dtype = q.dtype
-    if dtype not in _inputs._FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype or not q.ndim == k.ndim == v.ndim >= 2:
-        return None
-    qs, ks, vs = q.shape, k.shape, v.shape
-    if not (qs[:-2] == ks[:-2] == vs[:-2] and ks[-2] == vs[-2] and qs[-1] == ks[-1]):
-        return None
-    if not (causal is False or causal is True) or not (type(causal_align) is str
-                                                       and causal_align in _inputs.CAUSAL_ALIGNS):
-        return None
-    if scale is None:
-        scale = _inputs._check_scale(None, method, qs[-1])
-    elif not (type(scale) is float and math.isfinite(scale)):
-        return None
-    result_shape = qs[:-1] + (vs[-1],)
-    if out is None:
-        result = np.empty(result_shape, dtype)
-    elif (type(out) is np.ndarray and out.shape == result_shape and out.dtype == dtype and out.flags.writeable
-          and out.flags.c_contiguous and out.flags.aligned
-          and not (np.may_share_memory(out, q) or np.may_share_memory(out, k) or np.may_share_memory(out, v))):
-        result = out
-    else:
-        return None
-    batch = list(qs[:-2])
-    offset = _inputs.diagonal_offset(causal_align, qs[-2], ks[-2])
-    _core.attention(_unit_last_axis(q), _unit_last_axis(k), _unit_last_axis(v), result, batch, batch, 1, scale,
-                    None, None, None, causal, offset, -1, -1, None, None)
-    return result
-
-
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
               causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
               return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
@@ -182,10 +139,13 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     See :func:`attnfast.reference.attention` for the full contract; returns ``out`` (..., Lq, Dv), or a
     tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
-    if type(method) is str and method in ("scaled_dot", "dot") and mask is None and bias is None and window is None \
-            and kv_lengths is None and return_lse is False and return_weights is False \
-            and w is None and w_q is None and w_k is None and v_a is None and score_bias is None:
-        result = _plain_attention(q, k, v, method, scale, causal, causal_align, out)
+    # The most common call (ndarrays, dot scores, no mask, lse or weights) is recognised and run by the
+    # compiled core without this module's validation, which would cost ~5 us of a ~100 us decoder step;
+    # it returns None for anything else. tests/test_attention.py checks both paths agree bitwise.
+    if mask is None and bias is None and window is None and kv_lengths is None and return_lse is False \
+            and return_weights is False and w is None and w_q is None and w_k is None and v_a is None \
+            and score_bias is None:
+        result = _core.plain_attention(q, k, v, out, method, scale, causal, causal_align)
         if result is not None:
             return result
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,

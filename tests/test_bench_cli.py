@@ -172,6 +172,7 @@ def test_short_calls_are_warmed_before_each_timed_call_and_long_ones_are_not(mon
     from attnfast.bench import timing
 
     monkeypatch.setattr(timing, "SETTLE_S", 0.0)
+    monkeypatch.setattr(timing, "START_SETTLE_S", 0.0)
     calls = {"short": 0, "long": 0}
 
     def short():

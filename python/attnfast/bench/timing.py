@@ -62,7 +62,10 @@ SETTLE_S = 0.002  # pause between implementations (not timed): attnfast's worker
 # Pools that poll longer: libgomp (PyTorch) spins GOMP_SPINCOUNT = 300000 pauses, several ms here;
 # XLA:CPU's pool longer still. Without these pauses their workers held a core during the next
 # library's call (attnfast at L=256 ran at half speed right after PyTorch).
-SETTLE_AFTER_S = {"torch": 0.012, "jax": 0.06}
+SETTLE_AFTER_S = {"torch": 0.012, "jax": 0.06, "numpy": 0.15}
+# OpenBLAS's workers (NumPy's matmul, and the float64 reference checked before timing starts) poll for
+# 2^28 cycles, ~0.1 s: attnfast measured 30% slower 2-80 ms after a NumPy matmul, normal after 120 ms.
+START_SETTLE_S = 0.15
 
 
 def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPolicy,
@@ -78,6 +81,7 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
         return times
     clock = time.perf_counter
     rewarm = {n: False for n in names}  # known after the first call; until then one cold sample at most
+    time.sleep(START_SETTLE_S)  # whatever ran before (reference checks, the previous case) goes idle
     for _ in range(policy.warmup):
         for n in names:
             t0 = clock()

@@ -141,6 +141,54 @@ def test_attention_awkward_sizes(isa, rng, dtype, d, lq, lk):
     check_attention(q, k, v, dtype=dtype)
 
 
+MASK_LAYOUTS = ["contiguous", "transposed", "every_other_key", "same_for_all_queries", "same_for_all_keys"]
+
+
+def laid_out(a, layout):
+    """The (Lq, Lk) array a, as a view with the given memory layout (same values where defined)."""
+    if layout == "contiguous":
+        return a
+    if layout == "transposed":
+        return np.ascontiguousarray(a.T).T
+    if layout == "every_other_key":
+        wide = np.repeat(a, 2, axis=-1)
+        return wide[:, ::2]
+    if layout == "same_for_all_queries":
+        return np.broadcast_to(a[:1], a.shape)
+    return np.broadcast_to(a[:, :1], a.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", MASK_LAYOUTS)
+@pytest.mark.parametrize("lq, lk", [(1, 300), (3, 70), (97, 150)])
+def test_attention_mask_and_bias_layouts(isa, rng, dtype, layout, lq, lk):
+    # Every memory layout of a bool mask and a float bias, on the row-wise (Lq <= 16) and tiled paths:
+    # the tiled kernel has vector paths for query-broadcast and contiguous rows, element loops otherwise.
+    q, k, v = qkv(rng, (2,), lq, lk, 16, dtype)
+    mask = laid_out(rng.random((lq, lk)) < 0.7, layout)
+    bias = laid_out(rng.standard_normal((lq, lk)).astype(dtype) * 3, layout)
+    check_attention(q, k, v, dtype=dtype, mask=mask, what=f"mask {layout}")
+    check_attention(q, k, v, dtype=dtype, bias=bias, what=f"bias {layout}")
+    check_attention(q, k, v, dtype=dtype, mask=mask, bias=bias, causal=True, what=f"both {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq, lk", [(1, 70), (5, 70), (97, 150)])
+def test_attention_infinite_bias_on_masked_keys_stays_masked(isa, rng, dtype, lq, lk):
+    # A key hidden by the causal range, kv_lengths or the bool mask is hidden whatever its bias: +inf
+    # there must not turn the row into NaN (-inf + inf), and -inf on a visible key just hides it.
+    q, k, v = qkv(rng, (2,), lq, lk, 16, dtype)
+    mask = rng.random((lq, lk)) < 0.8
+    bias = rng.standard_normal((lq, lk)).astype(dtype)
+    bias[~mask] = np.inf
+    bias[np.triu_indices(lq, 1, lk)] = np.inf  # above the (top-left) causal diagonal
+    bias[:, lk - 3:] = np.inf  # past the kv_lengths below
+    bias[:, 0] = -np.inf
+    out, _, _ = check_attention(q, k, v, dtype=dtype, mask=mask, bias=bias, causal=True,
+                                kv_lengths=np.array([lk - 3, lk - 3]), what="inf bias on masked keys")
+    assert np.all(np.isfinite(out))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dv", [129, 200, 257, 300])
 @pytest.mark.parametrize("hq, lq", [(1, 1), (2, 3)])

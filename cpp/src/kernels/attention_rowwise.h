@@ -106,24 +106,25 @@ struct RowwiseAttention {
       for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks);
   }
 
+  // Bias first; then the visible range and the bool mask overwrite with -inf, so a masked key stays
+  // masked whatever its bias (-inf plus an infinite bias would be NaN).
   void apply_masks(const Work& w, int64_t j0, int64_t nk) const {
     for (int64_t r = 0; r < rows; ++r) {
       T* s = w.s + r * NK;
       const int64_t b = batch_of(w, r), i = query_of(r);
-      const int64_t lo = imin(nk, imax(0, w.lo[r] - j0));
-      const int64_t hi = imax(lo, imin(nk, w.hi[r] - j0));
-      for (int64_t t = 0; t < lo; ++t) s[t] = neg_inf<T>();
-      for (int64_t t = hi; t < nk; ++t) s[t] = neg_inf<T>();
       if (p.bias.data) {
         const int64_t cs = p.bias.col_stride_elements;
         const T* brow = p.bias.row(b, i) + j0 * cs;
         for (int64_t t = 0; t < nk; ++t) s[t] += brow[t * cs];
       }
+      const int64_t lo = imin(nk, imax(0, w.lo[r] - j0));
+      const int64_t hi = imax(lo, imin(nk, w.hi[r] - j0));
+      for (int64_t t = 0; t < lo; ++t) s[t] = neg_inf<T>();
+      for (int64_t t = hi; t < nk; ++t) s[t] = neg_inf<T>();
       if (p.mask.data) {
         const int64_t cs = p.mask.col_stride_elements;
         const uint8_t* mrow = p.mask.row(b, i) + j0 * cs;
-        for (int64_t t = 0; t < nk; ++t)
-          if (!mrow[t * cs]) s[t] = neg_inf<T>();
+        for (int64_t t = 0; t < nk; ++t) s[t] = keep_or_neg_inf(s[t], mrow[t * cs]);
       }
     }
   }

@@ -51,7 +51,8 @@ struct TiledAttention {
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(dv_rows * MB) +
-           Carver::bytes<T>(p.v_a ? p.depth : 0) +
+           Carver::bytes<T>(p.v_a ? p.depth : 0) + Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) +
+           Carver::bytes<T>(p.mask.data ? MB * NK : 0) +
            3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
   }
 
@@ -59,6 +60,8 @@ struct TiledAttention {
     int64_t b, i_begin, mb, panels;
     T *qpack, *s, *acc_t, *m, *l, *alpha;  // acc_t: O^T, dv_rows x MB, unnormalised
     T* va_scaled;                                // additive only: scale * v_a
+    T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
+    T* mask_rows;   // a tile of the mask as 0/1, query-major
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
   };
@@ -170,7 +173,10 @@ struct TiledAttention {
     }
   }
 
+  // Bias first; then the visible ranges and the bool mask overwrite with -inf, so a masked key stays
+  // masked whatever its bias (-inf plus an infinite bias would be NaN).
   void apply_masks(const Block& blk, int64_t j0, int64_t nk) const {
+    if (p.bias.data) add_bias(blk, j0, nk);
     const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
     if (!fully_visible) {
       for (int64_t i = 0; i < blk.mb; ++i) {
@@ -180,20 +186,72 @@ struct TiledAttention {
         for (int64_t j = hi; j < nk; ++j) blk.s[j * MB + i] = neg_inf<T>();
       }
     }
-    if (p.bias.data) {
-      const int64_t cs = p.bias.col_stride_elements;
-      for (int64_t i = 0; i < blk.mb; ++i) {
-        const T* brow = p.bias.row(blk.b, blk.i_begin + i) + j0 * cs;
-        for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs];
+    if (p.mask.data) apply_bool_mask(blk, j0, nk);
+  }
+
+  // S^T is key-major, the bias query-major. A bias broadcast over the queries (row stride 0: a per-key
+  // bias) is one vector add per key; a full one is added element by element.
+  void add_bias(const Block& blk, int64_t j0, int64_t nk) const {
+    const int64_t cs = p.bias.col_stride_elements;
+    if (p.bias.row_stride_elements == 0) {
+      const T* brow = p.bias.row(blk.b, blk.i_begin) + j0 * cs;
+      for (int64_t j = 0; j < nk; ++j) {
+        const V b = V::set1(brow[j * cs]);
+        T* sj = blk.s + j * MB;
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) (V::load(sj + i0) + b).store(sj + i0);
       }
+      return;
     }
-    if (p.mask.data) {
-      const int64_t cs = p.mask.col_stride_elements;
+    if (cs == 1) {
+      // Transposed into key-major order by 8 x 8 register blocks (times 1: exact), then added by vectors.
+      const T one = T(1);
+      transpose_scaled(p.bias.row(blk.b, blk.i_begin) + j0, p.bias.row_stride_elements, blk.mb, nk, blk.bias_t, MB,
+                       &one, 0);
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
+          (V::load(blk.s + j * MB + i0) + V::load(blk.bias_t + j * MB + i0)).store(blk.s + j * MB + i0);
+      return;
+    }
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      const T* brow = p.bias.row(blk.b, blk.i_begin + i) + j0 * cs;
+      for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs];
+    }
+  }
+
+  // A mask broadcast over the queries (a key-padding mask) masks whole keys: vector stores of -inf.
+  // A full mask is applied without a branch per element: a random mask made every tenth branch a
+  // mispredict and cost 40% of the call.
+  void apply_bool_mask(const Block& blk, int64_t j0, int64_t nk) const {
+    const int64_t cs = p.mask.col_stride_elements;
+    if (p.mask.row_stride_elements == 0) {
+      const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin) + j0 * cs;
+      const V minus_inf = V::set1(neg_inf<T>());
+      for (int64_t j = 0; j < nk; ++j)
+        if (!mrow[j * cs])
+          for (int64_t i0 = 0; i0 < blk.mb; i0 += L) minus_inf.store(blk.s + j * MB + i0);
+      return;
+    }
+    if (cs == 1) {
+      // Bytes to 0/1 values row by row (contiguous: vectorised), transposed like a bias, then one
+      // compare-and-select per vector.
       for (int64_t i = 0; i < blk.mb; ++i) {
-        const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0 * cs;
-        for (int64_t j = 0; j < nk; ++j)
-          if (!mrow[j * cs]) blk.s[j * MB + i] = neg_inf<T>();
+        const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0;
+        T* keep = blk.mask_rows + i * NK;
+        for (int64_t j = 0; j < nk; ++j) keep[j] = mrow[j] ? T(1) : T(0);
       }
+      const T one = T(1);
+      transpose_scaled(blk.mask_rows, NK, blk.mb, nk, blk.bias_t, MB, &one, 0);
+      const V zero = V::zero(), minus_inf = V::set1(neg_inf<T>());
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+          T* sv = blk.s + j * MB + i0;
+          select(cmp_eq(V::load(blk.bias_t + j * MB + i0), zero), minus_inf, V::load(sv)).store(sv);
+        }
+      return;
+    }
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0 * cs;
+      for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] = keep_or_neg_inf(blk.s[j * MB + i], mrow[j * cs]);
     }
   }
 
@@ -313,6 +371,8 @@ struct TiledAttention {
     blk.lo = carve.take<int64_t>(MB);
     blk.hi = carve.take<int64_t>(MB);
     blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
+    blk.bias_t = carve.take<T>(p.bias.data || p.mask.data ? NK * MB : 0);
+    blk.mask_rows = carve.take<T>(p.mask.data ? MB * NK : 0);
     if (p.v_a)
       for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t i = 0; i < MB; ++i) {

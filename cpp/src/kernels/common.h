@@ -25,6 +25,22 @@ inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// x where keep is nonzero, -inf elsewhere, without a branch: a mask's bytes are data, and a branch on
+// them mispredicts as often as the mask changes.
+template <class T>
+inline T keep_or_neg_inf(T x, uint8_t keep) {
+  using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  const T minus_inf = neg_inf<T>();
+  U x_bits, inf_bits;
+  std::memcpy(&x_bits, &x, sizeof x);
+  std::memcpy(&inf_bits, &minus_inf, sizeof minus_inf);
+  const U keep_all = U(0) - U(keep != 0);  // all ones when kept
+  const U r = (x_bits & keep_all) | (inf_bits & ~keep_all);
+  T out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+
 // Runs f(task, slot) for every task in [0, tasks) on up to `threads` threads (attnfast/parallel.h):
 // slot < threads indexes per-thread scratch. The lambda's type is local to this target's namespace,
 // so the trampoline below is too.

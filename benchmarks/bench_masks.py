@@ -1,10 +1,11 @@
 """What masking costs the fused attention: the encoder shape (8, 8, 512, 512, 64), float32, with each kind
 of mask against none.
 
-Causal and ``kv_lengths`` skip the hidden key tiles, so they cost less than no mask. A bool mask or a float
-bias is read in place, tile by tile: a key-padding mask or a per-key bias (broadcast over the queries) is
-one vector operation per key, a full (B, 1, Lq, Lk) mask or bias is transposed to the scores' layout by
-8 x 8 blocks first. One ``benchmark.group``; ``extra_info`` records the time relative to no mask.
+Causal, ``kv_lengths`` and key tiles that a bool mask hides from every row of a query block are skipped,
+so they cost less than no mask. A bool mask or a float bias is read in place, tile by tile: a key-padding
+mask or a per-key bias (broadcast over the queries) is one vector operation per key, a full
+(B, 1, Lq, Lk) mask or bias is transposed to the scores' layout by 8 x 8 blocks first. One
+``benchmark.group``; ``extra_info`` records the time relative to no mask.
 
     pytest benchmarks/bench_masks.py --benchmark-enable
 """

@@ -173,6 +173,25 @@ def test_attention_mask_and_bias_layouts(isa, rng, dtype, layout, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq, lk, hq, hk", [(97, 300, 2, 2), (1, 600, 4, 2), (3, 4097, 1, 1)])
+def test_attention_skips_key_tiles_the_bool_mask_hides(isa, rng, dtype, lq, lk, hq, hk):
+    # Key tiles that a bool mask hides from every row are skipped: the first tile, middle tiles, the
+    # last one, every tile of one batch item (out 0, lse -inf), a whole split-KV chunk (Lk = 4097), and
+    # the upper half of a triangular mask. The tiled path (Lq = 97), row-wise GQA (Lq = 1, group 2).
+    q = rng.standard_normal((3, hq, lq, 16)).astype(dtype)
+    k = rng.standard_normal((3, hk, lk, 16)).astype(dtype)
+    v = rng.standard_normal((3, hk, lk, 8)).astype(dtype)
+    keys = np.ones((3, 1, 1, lk), bool)
+    keys[0, ..., : lk // 3] = False  # leading tiles
+    keys[0, ..., lk // 2: lk - 5] = False  # middle and trailing tiles, a few keys left at the end
+    keys[1] = False  # nothing visible for this item
+    check_attention(q, k, v, dtype=dtype, mask=keys, what="key padding mask")
+    tri = np.broadcast_to(np.tri(lq, lk, lk - lq, dtype=bool), (3, 1, lq, lk))
+    check_attention(q, k, v, dtype=dtype, mask=tri, what="triangular bool mask")
+    check_attention(q, k, v, dtype=dtype, mask=tri & keys, bias=np.zeros((lq, lk), dtype), what="both + bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lq, lk", [(1, 70), (5, 70), (97, 150)])
 def test_attention_infinite_bias_on_masked_keys_stays_masked(isa, rng, dtype, lq, lk):
     # A key hidden by the causal range, kv_lengths or the bool mask is hidden whatever its bias: +inf

@@ -208,6 +208,19 @@ struct RowwiseAttention {
     }
   }
 
+  // True when the bool mask hides keys j0 .. j0+nk from every row (padding in a KV cache): the tile
+  // would leave m, l and the accumulators unchanged, so it is skipped. Stops at the first visible key.
+  bool bool_mask_hides_tile(const Work& w, int64_t j0, int64_t nk) const {
+    if (!p.mask.data) return false;
+    const int64_t cs = p.mask.col_stride_elements;
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* mrow = p.mask.row(batch_of(w, r), query_of(r)) + j0 * cs;
+      for (int64_t t = 0; t < nk; ++t)
+        if (mrow[t * cs]) return false;
+    }
+    return true;
+  }
+
   void run_chunk(Work& w) const {
     prepare(w);
     int64_t first = w.j_end, last = w.j_begin;
@@ -218,6 +231,7 @@ struct RowwiseAttention {
       }
     for (int64_t j0 = first; j0 < last; j0 += NK) {
       const int64_t nk = imin(NK, last - j0);
+      if (bool_mask_hides_tile(w, j0, nk)) continue;  // neither K nor V of those keys is read
       score_tile(w, j0, nk);
       for (int64_t r = 0; r < rows; ++r) {
         const T alpha = softmax_row(w.s + r * NK, nk, &w.m[r], &w.l[r]);

@@ -2,9 +2,9 @@
 // dtypes: float, double (scores, exponentials and accumulators all in that precision). ISA: target's V.
 //
 // One task = one query block of MB rows of one batch item; it walks the key tiles of NK keys that any
-// of its rows can see (tiles entirely above the causal diagonal, outside the window or past kv_lengths
-// are never computed) and keeps, per row, the running max m, running sum l and an unnormalised output
-// accumulator in scratch. Nothing of size Lq x Lk exists.
+// of its rows can see (tiles entirely above the causal diagonal, outside the window, past kv_lengths or
+// hidden by the bool mask are never computed) and keeps, per row, the running max m, running sum l and
+// an unnormalised output accumulator in scratch. Nothing of size Lq x Lk exists.
 //
 // Layout trick: everything is kept transposed, queries in SIMD lanes. The score tile is
 // S^T[key][query] = K_tile . Qpack^T, with the query block packed once (scaled) into microkernel panels;
@@ -187,6 +187,21 @@ struct TiledAttention {
       }
     }
     if (p.mask.data) apply_bool_mask(blk, j0, nk);
+  }
+
+  // True when the bool mask hides every key of the tile from every row of the block (padding keys, the
+  // masked half of a triangular mask): the tile would add exp(-inf) = 0 to every sum and leave every
+  // max unchanged, so it is skipped like a tile past kv_lengths. Stops at the first visible key.
+  bool bool_mask_hides_tile(const Block& blk, int64_t j0, int64_t nk) const {
+    if (!p.mask.data) return false;
+    const int64_t cs = p.mask.col_stride_elements;
+    const int64_t rows = p.mask.row_stride_elements == 0 ? 1 : blk.mb;  // a key mask: one row decides
+    for (int64_t i = 0; i < rows; ++i) {
+      const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0 * cs;
+      for (int64_t j = 0; j < nk; ++j)
+        if (mrow[j * cs]) return false;
+    }
+    return true;
   }
 
   // S^T is key-major, the bias query-major. A bias broadcast over the queries (row stride 0: a per-key
@@ -381,18 +396,21 @@ struct TiledAttention {
     }
     compute_bounds(blk);
     pack_queries(blk);
+    bool accumulated = false;
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
       const int64_t nk = imin(NK, blk.max_hi - j0);
+      if (bool_mask_hides_tile(blk, j0, nk)) continue;
       score_tile(blk, j0, nk);
       softmax_tile(blk, nk);
-      if (j0 == blk.min_lo) {
+      if (!accumulated) {
         rescale_and_accumulate<true>(blk, j0, nk);
+        accumulated = true;
       } else {
         rescale_and_accumulate<false>(blk, j0, nk);
       }
     }
-    // No row sees a key: no tile wrote the accumulator, and write_rows multiplies it by 0.
-    if (blk.max_hi == 0)
+    // No tile computed (no row sees a key): nothing wrote the accumulator; write_rows multiplies it by 0.
+    if (!accumulated)
       for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
     write_rows(blk);
     if (p.weights.data) write_weights(blk);

@@ -159,6 +159,20 @@ def laid_out(a, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("lq, lk, hk", [(40, 1500, 2), (50, 1100, 1)])
+def test_attention_key_split_of_few_long_query_blocks(isa, rng, dtype, kind, lq, lk, hk):
+    # Few query blocks (1 batch item, 2 heads, 1-2 blocks of rows) and >= 1024 keys: the tiled kernel
+    # splits the keys into chunks of 512 and merges them by log-sum-exp; every mask kind, GQA (hk = 1),
+    # lse and weights against the reference.
+    q = rng.standard_normal((1, 2, lq, 24)).astype(dtype)
+    k = rng.standard_normal((1, hk, lk, 24)).astype(dtype) * 2
+    v = rng.standard_normal((1, hk, lk, 20)).astype(dtype)
+    kw = mask_kwargs(rng, kind, (1, 2), lq, lk, dtype)
+    check_attention(q, k, v, dtype=dtype, what=f"split {kind}", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
 @pytest.mark.parametrize("lq, lk", [(1, 300), (3, 70), (97, 150)])
 def test_attention_mask_and_bias_layouts(isa, rng, dtype, layout, lq, lk):
@@ -642,6 +656,8 @@ def test_merge_states_of_chunks_equals_whole(isa, rng, dtype, cuts, lq):
         ((2, 4), (2, 4), 129, 257, {"causal": True}),  # causal tiled
         ((2, 4), (2, 4), 200, 150, {"causal": True, "causal_align": "bottom_right", "window": (40, 3)}),
         ((16, 2), (16, 2), 1, 300, {}),  # many small decode items
+        ((1, 1), (1, 1), 40, 3000, {}),  # one query block, keys split in chunks (tiled)
+        ((1, 2), (1, 1), 70, 2100, {"causal": True, "causal_align": "bottom_right", "window": (900, 0)}),
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)

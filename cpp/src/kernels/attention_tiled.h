@@ -4,7 +4,10 @@
 // One task = one query block of MB rows of one batch item; it walks the key tiles of NK keys that any
 // of its rows can see (tiles entirely above the causal diagonal, outside the window, past kv_lengths or
 // hidden by the bool mask are never computed) and keeps, per row, the running max m, running sum l and
-// an unnormalised output accumulator in scratch. Nothing of size Lq x Lk exists.
+// an unnormalised output accumulator in scratch. Nothing of size Lq x Lk exists. When the query blocks
+// are too few to keep the cores busy (one long sequence, few heads, few query rows), each block's keys
+// are split into chunks, processed as separate tasks and merged by log-sum-exp in chunk order
+// (key_chunks, merge_block); the split depends on the shape only.
 //
 // Layout trick: everything is kept transposed, queries in SIMD lanes. The score tile is
 // S^T[key][query] = K_tile . Qpack^T, with the query block packed once (scaled) into microkernel panels;
@@ -58,6 +61,7 @@ struct TiledAttention {
 
   struct Block {
     int64_t b, i_begin, mb, panels;
+    int64_t j_begin, j_end;  // the keys this block looks at: all, or one chunk when the keys are split
     T *qpack, *s, *acc_t, *m, *l, *alpha;  // acc_t: O^T, dv_rows x MB, unnormalised
     T* va_scaled;                                // additive only: scale * v_a
     T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
@@ -90,6 +94,8 @@ struct TiledAttention {
     blk.min_hi = p.lk;
     for (int64_t i = 0; i < blk.mb; ++i) {
       visible_range(p, blk.b, blk.i_begin + i, &blk.lo[i], &blk.hi[i]);
+      blk.lo[i] = imax(blk.lo[i], blk.j_begin);
+      blk.hi[i] = imax(blk.lo[i], imin(blk.hi[i], blk.j_end));
       blk.max_lo = imax(blk.max_lo, blk.lo[i]);
       blk.min_hi = imin(blk.min_hi, blk.hi[i]);
       if (blk.hi[i] > blk.lo[i]) {
@@ -370,13 +376,18 @@ struct TiledAttention {
     }
   }
 
-  void run_block(unsigned char* scratch, int64_t b, int64_t i_begin) const {
+  // Carves the block's buffers from one thread's scratch, resets its running max and sum and finds its
+  // rows' visible keys within [j_begin, j_end); packs its queries when `pack`.
+  Block start_block(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
+                    bool pack) const {
     Carver carve(scratch);
     Block blk;
     blk.b = b;
     blk.i_begin = i_begin;
     blk.mb = imin(MB, p.lq - i_begin);
     blk.panels = ceil_div(blk.mb, QNR);
+    blk.j_begin = j_begin;
+    blk.j_end = j_end;
     blk.qpack = carve.take<T>(MB * p.depth);
     blk.s = carve.take<T>(NK * MB);
     blk.acc_t = carve.take<T>(dv_rows * MB);
@@ -395,7 +406,12 @@ struct TiledAttention {
       blk.l[i] = T(0);
     }
     compute_bounds(blk);
-    pack_queries(blk);
+    if (pack) pack_queries(blk);
+    return blk;
+  }
+
+  // The online softmax over the block's key tiles: leaves O^T, m and l, unnormalised.
+  void accumulate_tiles(const Block& blk) const {
     bool accumulated = false;
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
       const int64_t nk = imin(NK, blk.max_hi - j0);
@@ -409,25 +425,110 @@ struct TiledAttention {
         rescale_and_accumulate<false>(blk, j0, nk);
       }
     }
-    // No tile computed (no row sees a key): nothing wrote the accumulator; write_rows multiplies it by 0.
+    // No tile computed (no row sees a key): nothing wrote the accumulator, which stays 0.
     if (!accumulated)
       for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
+  }
+
+  void run_block(unsigned char* scratch, int64_t b, int64_t i_begin) const {
+    const Block blk = start_block(scratch, b, i_begin, 0, p.lk, true);
+    accumulate_tiles(blk);
     write_rows(blk);
     if (p.weights.data) write_weights(blk);
+  }
+
+  // ---- Key split: the block's keys in chunks, merged by log-sum-exp (attention_tiled) ----
+  // One chunk's result: O^T (dv_rows x MB), then m and l (MB each).
+  int64_t part_elements() const { return dv_rows * MB + 2 * MB; }
+
+  void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
+                      T* part) const {
+    const Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true);
+    accumulate_tiles(blk);
+    for (int64_t e = 0; e < dv_rows * MB; ++e) part[e] = blk.acc_t[e];
+    for (int64_t i = 0; i < MB; ++i) {
+      part[dv_rows * MB + i] = blk.m[i];
+      part[dv_rows * MB + MB + i] = blk.l[i];
+    }
+  }
+
+  // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike
+  // (one FMA per chunk and element); the same as one pass over all keys up to rounding, and the same
+  // for any thread count. Then writes the rows (and weights) as run_block does.
+  void merge_block(unsigned char* scratch, int64_t b, int64_t i_begin, const T* parts, int64_t chunks) const {
+    Block blk = start_block(scratch, b, i_begin, 0, p.lk, p.weights.data != nullptr);
+    const int64_t pe = part_elements(), m_at = dv_rows * MB, l_at = m_at + MB;
+    const V minus_inf = V::set1(neg_inf<T>()), log2e = V::set1(T(kLog2e));
+    for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+      V big = minus_inf;
+      for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
+      big.store(blk.m + i0);
+      V::zero().store(blk.l + i0);
+    }
+    for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
+    T* factor = blk.alpha;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T* part = parts + c * pe;
+      for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+        const V big = V::load(blk.m + i0);
+        const V shift = select(cmp_eq(big, minus_inf), V::zero(), big);  // never -inf - -inf
+        const V f = exp2_nonpositive((V::load(part + m_at + i0) - shift) * log2e);  // 0 for an empty chunk
+        f.store(factor + i0);
+        fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
+      }
+      for (int64_t r = 0; r < p.dv; ++r)
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
+          fmadd(V::load(part + r * MB + i0), V::load(factor + i0), V::load(blk.acc_t + r * MB + i0))
+              .store(blk.acc_t + r * MB + i0);
+    }
+    write_rows(blk);
+    if (p.weights.data) write_weights(blk);
+  }
+
+  // Chunks of keys per query block: 1 unless the query blocks alone are too few to keep the cores busy
+  // (one long sequence with few heads: a prompt chunk, cross-attention over a long memory). Reads the
+  // shape only, never the thread count, so results are the same for any number of threads. Chunks of at
+  // least kMinChunkKeys keys, and the partial results stay within kMaxPartialBytes.
+  static constexpr int64_t kMinTasks = 32, kMinChunkKeys = 512, kMaxPartialBytes = int64_t(4) << 20;
+  int64_t key_chunks(int64_t row_tasks) const {
+    if (row_tasks >= kMinTasks) return 1;
+    int64_t chunks = imin(ceil_div(kMinTasks, row_tasks), ceil_div(p.lk, kMinChunkKeys));
+    chunks = imin(chunks, kMaxPartialBytes / (row_tasks * part_elements() * int64_t(sizeof(T))));
+    return imax(1, chunks);
   }
 };
 
 template <class V, int MR, int NRV>
 int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
   using Kernel = TiledAttention<V, MR, NRV>;
+  using T = typename V::Scalar;
   const Kernel kernel(p);
   const int64_t blocks = ceil_div(p.lq, int64_t(Kernel::MB));
   const int64_t tasks = p.batch * blocks;
   ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
   if (!scratch.ok()) return kOutOfMemory;
-  parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
-    kernel.run_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
+  const int64_t wanted = kernel.key_chunks(tasks);
+  const int64_t chunk_len = round_up(ceil_div(imax(p.lk, 1), wanted), int64_t(Kernel::NK));
+  const int64_t chunks = ceil_div(imax(p.lk, 1), chunk_len);
+  if (chunks == 1) {
+    parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+      kernel.run_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
+    });
+    return kOk;
+  }
+  const int64_t pe = kernel.part_elements();
+  T* parts = static_cast<T*>(std::malloc(static_cast<size_t>(tasks * chunks * pe) * sizeof(T)));
+  if (!parts) return kOutOfMemory;
+  parallel_for(p.num_threads, tasks * chunks, [&](int64_t task, int slot) {
+    const int64_t row_task = task / chunks, c = task % chunks;
+    kernel.run_block_part(scratch.slice(slot), row_task / blocks, (row_task % blocks) * Kernel::MB, c * chunk_len,
+                          imin(p.lk, (c + 1) * chunk_len), parts + task * pe);
   });
+  parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
+    kernel.merge_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB, parts + task * chunks * pe,
+                       chunks);
+  });
+  std::free(parts);
   return kOk;
 }
 

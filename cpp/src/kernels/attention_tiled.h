@@ -211,7 +211,8 @@ struct TiledAttention {
   }
 
   // S^T is key-major, the bias query-major. A bias broadcast over the queries (row stride 0: a per-key
-  // bias) is one vector add per key; a full one is added element by element.
+  // bias) is one vector add per key; a full one with contiguous rows is transposed by 8 x 8 register
+  // blocks first; other layouts are added element by element.
   void add_bias(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t cs = p.bias.col_stride_elements;
     if (p.bias.row_stride_elements == 0) {
@@ -224,10 +225,13 @@ struct TiledAttention {
       return;
     }
     if (cs == 1) {
-      // Transposed into key-major order by 8 x 8 register blocks (times 1: exact), then added by vectors.
+      // Transposed (times 1: exact), then added by vectors. Lanes past the block's last row are set to 0,
+      // so the padding lanes of S^T stay finite (they are computed, never read).
       const T one = T(1);
       transpose_scaled(p.bias.row(blk.b, blk.i_begin) + j0, p.bias.row_stride_elements, blk.mb, nk, blk.bias_t, MB,
                        &one, 0);
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t i = blk.mb; i < round_up(blk.mb, L); ++i) blk.bias_t[j * MB + i] = T(0);
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
           (V::load(blk.s + j * MB + i0) + V::load(blk.bias_t + j * MB + i0)).store(blk.s + j * MB + i0);
@@ -239,9 +243,9 @@ struct TiledAttention {
     }
   }
 
-  // A mask broadcast over the queries (a key-padding mask) masks whole keys: vector stores of -inf.
-  // A full mask is applied without a branch per element: a random mask made every tenth branch a
-  // mispredict and cost 40% of the call.
+  // A mask broadcast over the queries (a key-padding mask) masks whole keys: vector stores of -inf. A
+  // full mask with contiguous rows is transposed like a bias; other layouts use a select per element,
+  // never a branch: on a random mask every tenth branch mispredicted and the call took 40% longer.
   void apply_bool_mask(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t cs = p.mask.col_stride_elements;
     if (p.mask.row_stride_elements == 0) {

@@ -381,9 +381,10 @@ struct TiledAttention {
   }
 
   // Carves the block's buffers from one thread's scratch, resets its running max and sum and finds its
-  // rows' visible keys within [j_begin, j_end); packs its queries when `pack`.
-  Block start_block(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
-                    bool pack) const {
+  // rows' visible keys within [j_begin, j_end); packs its queries when `pack`. With `part` (a key chunk's
+  // result, part_elements() long), O^T, m and l live there instead of in the scratch.
+  Block start_block(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end, bool pack,
+                    T* part = nullptr) const {
     Carver carve(scratch);
     Block blk;
     blk.b = b;
@@ -403,6 +404,11 @@ struct TiledAttention {
     blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
     blk.bias_t = carve.take<T>(p.bias.data || p.mask.data ? NK * MB : 0);
     blk.mask_rows = carve.take<T>(p.mask.data ? MB * NK : 0);
+    if (part) {
+      blk.acc_t = part;
+      blk.m = part + dv_rows * MB;
+      blk.l = blk.m + MB;
+    }
     if (p.v_a)
       for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t i = 0; i < MB; ++i) {
@@ -447,13 +453,7 @@ struct TiledAttention {
 
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
-    const Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true);
-    accumulate_tiles(blk);
-    for (int64_t e = 0; e < dv_rows * MB; ++e) part[e] = blk.acc_t[e];
-    for (int64_t i = 0; i < MB; ++i) {
-      part[dv_rows * MB + i] = blk.m[i];
-      part[dv_rows * MB + MB + i] = blk.l[i];
-    }
+    accumulate_tiles(start_block(scratch, b, i_begin, j_begin, j_end, true, part));
   }
 
   // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike

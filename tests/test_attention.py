@@ -141,21 +141,16 @@ def test_attention_awkward_sizes(isa, rng, dtype, d, lq, lk):
     check_attention(q, k, v, dtype=dtype)
 
 
-MASK_LAYOUTS = ["contiguous", "transposed", "every_other_key", "same_for_all_queries", "same_for_all_keys"]
+MASK_LAYOUTS = ["C", "transposed", "negative", "every_other_col", "same_for_all_queries", "same_for_all_keys"]
 
 
-def laid_out(a, layout):
-    """The (Lq, Lk) array a, as a view with the given memory layout (same values where defined)."""
-    if layout == "contiguous":
-        return a
-    if layout == "transposed":
-        return np.ascontiguousarray(a.T).T
-    if layout == "every_other_key":
-        wide = np.repeat(a, 2, axis=-1)
-        return wide[:, ::2]
+def mask_layout(a, layout):
+    """The (Lq, Lk) array a in one of conftest's memory layouts, or broadcast over queries or keys."""
     if layout == "same_for_all_queries":
         return np.broadcast_to(a[:1], a.shape)
-    return np.broadcast_to(a[:, :1], a.shape)
+    if layout == "same_for_all_keys":
+        return np.broadcast_to(a[:, :1], a.shape)
+    return relayout(a, layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,8 +174,8 @@ def test_attention_mask_and_bias_layouts(isa, rng, dtype, layout, lq, lk):
     # Every memory layout of a bool mask and a float bias, on the row-wise (Lq <= 16) and tiled paths:
     # the tiled kernel has vector paths for query-broadcast and contiguous rows, element loops otherwise.
     q, k, v = qkv(rng, (2,), lq, lk, 16, dtype)
-    mask = laid_out(rng.random((lq, lk)) < 0.7, layout)
-    bias = laid_out(rng.standard_normal((lq, lk)).astype(dtype) * 3, layout)
+    mask = mask_layout(rng.random((lq, lk)) < 0.7, layout)
+    bias = mask_layout(rng.standard_normal((lq, lk)).astype(dtype) * 3, layout)
     check_attention(q, k, v, dtype=dtype, mask=mask, what=f"mask {layout}")
     check_attention(q, k, v, dtype=dtype, bias=bias, what=f"bias {layout}")
     check_attention(q, k, v, dtype=dtype, mask=mask, bias=bias, causal=True, what=f"both {layout}")

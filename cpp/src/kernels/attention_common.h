@@ -29,6 +29,14 @@ inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int
   *hi = h;
 }
 
+// True when a bool-mask row hides all of its n keys (col_stride apart); stops at the first visible one.
+// Both paths skip key tiles that the mask hides from every row.
+inline bool mask_row_hides_all(const uint8_t* mrow, int64_t col_stride, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (mrow[j * col_stride]) return false;
+  return true;
+}
+
 // Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), NaN if the
 // row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
 template <class T>

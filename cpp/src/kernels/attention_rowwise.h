@@ -213,11 +213,8 @@ struct RowwiseAttention {
   bool bool_mask_hides_tile(const Work& w, int64_t j0, int64_t nk) const {
     if (!p.mask.data) return false;
     const int64_t cs = p.mask.col_stride_elements;
-    for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* mrow = p.mask.row(batch_of(w, r), query_of(r)) + j0 * cs;
-      for (int64_t t = 0; t < nk; ++t)
-        if (mrow[t * cs]) return false;
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      if (!mask_row_hides_all(p.mask.row(batch_of(w, r), query_of(r)) + j0 * cs, cs, nk)) return false;
     return true;
   }
 

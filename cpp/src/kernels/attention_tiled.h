@@ -202,11 +202,8 @@ struct TiledAttention {
     if (!p.mask.data) return false;
     const int64_t cs = p.mask.col_stride_elements;
     const int64_t rows = p.mask.row_stride_elements == 0 ? 1 : blk.mb;  // a key mask: one row decides
-    for (int64_t i = 0; i < rows; ++i) {
-      const uint8_t* mrow = p.mask.row(blk.b, blk.i_begin + i) + j0 * cs;
-      for (int64_t j = 0; j < nk; ++j)
-        if (mrow[j * cs]) return false;
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      if (!mask_row_hides_all(p.mask.row(blk.b, blk.i_begin + i) + j0 * cs, cs, nk)) return false;
     return true;
   }
 

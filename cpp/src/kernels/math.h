@@ -14,6 +14,11 @@
 // exp2_approx clamps x above at 127 (1023) so the result stays finite; exp2_bounded_above skips that
 // clamp for callers whose argument is bounded well below it (s - max in a softmax, s - a stale max in
 // the fused attention); exp2_nonpositive is the same function, named for the common case.
+// exp2_sum_term is exp2_bounded_above without the final select (two instructions fewer, for the fused
+//   attention's hot loop): x is clamped at -127 instead of -126, where the reduced argument is 0 and
+//   2^0 = 1.0 exactly, whose exponent field the add of -127 cancels: x <= -127 (and -inf) gives
+//   exactly +0, and -127 < x < -126 gives some value in [0, 2^-126] instead of 0. A term that small
+//   beside a row maximum of 1 cannot change a sum that holds the 1; masked keys still weigh 0.
 // tanh(x), float: x clamped to +-7.9053 (where tanh rounds to +-1), then the odd (13, 6) rational
 //   minimax form x P(x^2) / Q(x^2) (the published coefficients of Eigen's ptanh_float): 8 FMAs and one
 //   division, no branch and no exp. Max relative error 3.9e-7 (3.3 ulp) measured over [-10, 10] and
@@ -77,6 +82,17 @@ inline V exp2_bounded_above(V x) {
   const V n = t - magic;
   const V r = add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
   return zero_where(cmp_lt(x, V::set1(MathConst<T>::kExp2Min)), r);
+}
+
+// 2^x for x <= 127 (1023), or NaN, flushing results below 2^-126 (2^-1022) loosely; see the header.
+template <class V>
+inline V exp2_sum_term(V x) {
+  using T = typename V::Scalar;
+  const V xc = max(V::set1(MathConst<T>::kExp2Min - T(1)), x);  // data second: NaN survives
+  const V magic = V::set1(MathConst<T>::kRoundMagic);
+  const V t = xc + magic;
+  const V n = t - magic;
+  return add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
 }
 
 // 2^x for x <= 0 (or NaN).

@@ -372,7 +372,7 @@ struct TiledAttention {
   void write_rows(const Block& blk) const {
     T* inv = blk.alpha;  // free once the last tile is accumulated
     for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
-    transpose_scaled(blk.acc_t, MB, p.dv, blk.mb, p.out.row(blk.b, blk.i_begin), p.out.row_stride_elements, inv, 1);
+    transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out.row(blk.b, blk.i_begin), p.out.row_stride_elements, inv, 1);
     if (p.lse)
       for (int64_t i = 0; i < blk.mb; ++i)
         p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l[i]);

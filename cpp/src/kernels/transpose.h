@@ -60,16 +60,27 @@ inline __m256d scale_vector(const double* s, int64_t step) {
 
 // dst[c * ds + r] = src[r * ss + c] * scale[c * scale_step] for r < rows, c < cols. scale_step is 0
 // (one factor for all) or 1 (one per source column).
-template <class T>
+// Block order: by groups of source rows, or with kDestinationRowsOuter by groups of destination rows,
+// each written from start to end before the next. Use the latter when the destination rows are many
+// and far apart (the attention output): walking the source rows wrote 32 bytes to each of 40 output
+// rows per step, and at a 1 KiB row stride those lines share a few L1 sets and were evicted before
+// their other half came: 20 instead of 9.5 ns per 8 x 8 block (D = 256, Zen 3).
+template <bool kDestinationRowsOuter = false, class T>
 inline void transpose_scaled(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds,
                              const T* scale, int64_t scale_step) {
 #if defined(__AVX__)
   constexpr int B = sizeof(T) == 4 ? 8 : 4;  // one 256-bit register per block row
   const int64_t rows_b = rows - rows % B, cols_b = cols - cols % B;
-  for (int64_t r0 = 0; r0 < rows_b; r0 += B)
+  const auto block = [&](int64_t r0, int64_t c0) {
+    transpose_block(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds, scale_vector(scale + c0 * scale_step, scale_step));
+  };
+  if (kDestinationRowsOuter) {
     for (int64_t c0 = 0; c0 < cols_b; c0 += B)
-      transpose_block(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds,
-                      scale_vector(scale + c0 * scale_step, scale_step));
+      for (int64_t r0 = 0; r0 < rows_b; r0 += B) block(r0, c0);
+  } else {
+    for (int64_t r0 = 0; r0 < rows_b; r0 += B)
+      for (int64_t c0 = 0; c0 < cols_b; c0 += B) block(r0, c0);
+  }
 #else
   const int64_t rows_b = 0, cols_b = 0;
 #endif

@@ -314,23 +314,21 @@ struct TiledAttention {
       // Unchanged m: alpha is exactly 2^0 = 1. A row that has seen no key yet has a zero accumulator:
       // alpha = 1 spares rescaling it.
       const V alpha = select(cmp_eq(m_old, minus_inf), V::set1(T(1)), exp2_nonpositive((m_old - m_use) * log2e));
+      // p = exp of one key's scores, stored in place of them.
+      const auto term = [&](int64_t j) {
+        T* sj = blk.s + j * MB + i0;
+        const V pj = exp2_sum_term((V::load(sj) - m_use) * log2e);
+        pj.store(sj);
+        return pj;
+      };
       // Two sums, even and odd keys: the adds are latency-bound otherwise.
       V sum0 = zero, sum1 = zero;
       int64_t j = 0;
       for (; j + 2 <= nk; j += 2) {
-        T* s0 = blk.s + j * MB + i0;
-        const V p0 = exp2_sum_term((V::load(s0) - m_use) * log2e);
-        const V p1 = exp2_sum_term((V::load(s0 + MB) - m_use) * log2e);
-        p0.store(s0);
-        p1.store(s0 + MB);
-        sum0 = sum0 + p0;
-        sum1 = sum1 + p1;
+        sum0 = sum0 + term(j);
+        sum1 = sum1 + term(j + 1);
       }
-      if (j < nk) {
-        const V p0 = exp2_sum_term((V::load(blk.s + j * MB + i0) - m_use) * log2e);
-        p0.store(blk.s + j * MB + i0);
-        sum0 = sum0 + p0;
-      }
+      if (j < nk) sum0 = sum0 + term(j);
       fmadd(V::load(blk.l + i0), alpha, sum0 + sum1).store(blk.l + i0);
       m_new.store(blk.m + i0);
       alpha.store(blk.alpha + i0);

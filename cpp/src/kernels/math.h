@@ -72,15 +72,21 @@ inline V exp2_poly_reduced(V f, double /*tag*/) {
   return r + V::set1(1.0);
 }
 
+// 2^x for x already clamped below at kExp2Min or kExp2Min - 1 (the callers' choice, see below).
+template <class V>
+inline V exp2_clamped(V xc) {
+  using T = typename V::Scalar;
+  const V magic = V::set1(MathConst<T>::kRoundMagic);
+  const V t = xc + magic;  // low mantissa bits of t hold round(xc)
+  const V n = t - magic;
+  return add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
+}
+
 // 2^x for x <= 127 (1023 for double), or NaN; see the header comment.
 template <class V>
 inline V exp2_bounded_above(V x) {
   using T = typename V::Scalar;
-  const V xc = max(V::set1(MathConst<T>::kExp2Min), x);  // data second: NaN survives
-  const V magic = V::set1(MathConst<T>::kRoundMagic);
-  const V t = xc + magic;  // low mantissa bits of t hold round(xc)
-  const V n = t - magic;
-  const V r = add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
+  const V r = exp2_clamped(max(V::set1(MathConst<T>::kExp2Min), x));  // data second: NaN survives
   return zero_where(cmp_lt(x, V::set1(MathConst<T>::kExp2Min)), r);
 }
 
@@ -88,11 +94,7 @@ inline V exp2_bounded_above(V x) {
 template <class V>
 inline V exp2_sum_term(V x) {
   using T = typename V::Scalar;
-  const V xc = max(V::set1(MathConst<T>::kExp2Min - T(1)), x);  // data second: NaN survives
-  const V magic = V::set1(MathConst<T>::kRoundMagic);
-  const V t = xc + magic;
-  const V n = t - magic;
-  return add_exponent_bits(exp2_poly_reduced(xc - n, T{}), t);
+  return exp2_clamped(max(V::set1(MathConst<T>::kExp2Min - T(1)), x));  // data second: NaN survives
 }
 
 // 2^x for x <= 0 (or NaN).

@@ -188,3 +188,18 @@ def test_short_calls_are_warmed_before_each_timed_call_and_long_ones_are_not(mon
     assert len(times["short"]) == len(times["long"]) == 3
     assert calls["long"] == 1 + 3  # the warm-up call and the timed calls only
     assert calls["short"] > 1 + 2 * 3  # at least one untimed call before each timed one (2 ms of them)
+
+
+@pytest.mark.parametrize("flags, vendor, family, expected", [
+    (["avx", "avx2", "fma"], "GenuineIntel", 6, 32),               # Haswell .. : 2 x 8-lane FMA
+    (["avx", "avx2", "fma", "avx512f"], "GenuineIntel", 6, 64),    # Skylake-SP and later: 2 x 16 lanes
+    (["avx", "avx2", "fma", "avx512f"], "AuthenticAMD", 25, 32),   # Zen 4: 512-bit FMA on 256-bit pipes
+    (["avx", "avx2", "fma", "avx512f"], "AuthenticAMD", 26, 64),   # Zen 5: full 512-bit pipes
+    (["avx", "avx2", "fma"], "AuthenticAMD", 25, 32),              # Zen 3
+    (["sse2"], None, None, 8),                                     # no FMA: 4 lanes, mul and add pipes
+])
+def test_spec_flops_per_cycle_knows_zen4_runs_avx512_at_half_rate(flags, vendor, family, expected):
+    from attnfast.bench.machine import flops_per_cycle_per_core
+
+    assert flops_per_cycle_per_core(flags, 4, vendor, family) == expected
+    assert flops_per_cycle_per_core(flags, 8, vendor, family) == expected // 2

@@ -26,7 +26,7 @@ def _read(path: str) -> Optional[str]:
 def cpu_info() -> Dict[str, object]:
     """CPU model, vendor, SIMD flags and clock in MHz from /proc/cpuinfo and cpufreq (Linux)."""
     info: Dict[str, object] = {"model": platform.processor() or platform.machine(), "vendor": None,
-                               "flags": [], "mhz": None, "max_mhz": None}
+                               "family": None, "flags": [], "mhz": None, "max_mhz": None}
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
@@ -35,6 +35,8 @@ def cpu_info() -> Dict[str, object]:
             info["model"] = value
         elif key == "vendor_id" and info["vendor"] is None:
             info["vendor"] = value
+        elif key == "cpu family" and info["family"] is None and value.isdigit():
+            info["family"] = int(value)
         elif key == "flags" and not info["flags"]:
             info["flags"] = value.split()
         elif key == "cpu MHz" and info["mhz"] is None:
@@ -67,14 +69,19 @@ def available_memory_bytes() -> Optional[int]:
         return None
 
 
-def flops_per_cycle_per_core(flags, itemsize: int) -> int:
+def flops_per_cycle_per_core(flags, itemsize: int, vendor: Optional[str] = None,
+                             family: Optional[int] = None) -> int:
     """Peak FLOPs per cycle of one core from its widest FMA unit.
 
     Assumes two FMA pipes, true for every x86 core with AVX2 since Haswell/Zen and for server
     AVX-512 parts; an FMA counts as 2 FLOPs.  float64 lanes are half as many as float32 lanes.
+    AMD's Zen 4 (family 25, the first Zen with AVX-512) runs a 512-bit FMA as two halves on its
+    256-bit pipes, so it peaks at the AVX2 rate; Zen 5 (family 26) has full 512-bit pipes.
     """
     flags = set(flags or ())
     lanes32 = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+    if lanes32 == 16 and vendor == "AuthenticAMD" and family is not None and family < 26:
+        lanes32 = 8
     per_fma = 2 if ("fma" in flags or "avx512f" in flags) else 1  # without FMA: separate mul and add pipes
     fma_pipes = 2
     lanes = lanes32 * 4 // itemsize
@@ -85,7 +92,7 @@ def theoretical_fma_peak(threads: int, itemsize: int = 4, info: Optional[dict] =
     """cores × FLOP/cycle × clock, in FLOP/s, with the inputs that went into it."""
     info = info or cpu_info()
     mhz = max(x for x in (info.get("mhz"), info.get("max_mhz"), 0.0) if x is not None)
-    per_cycle = flops_per_cycle_per_core(info.get("flags"), itemsize)
+    per_cycle = flops_per_cycle_per_core(info.get("flags"), itemsize, info.get("vendor"), info.get("family"))
     cores = min(threads, usable_cores())
     return {"flops_per_s": cores * per_cycle * mhz * 1e6 if mhz else None, "cores": cores,
             "flops_per_cycle_per_core": per_cycle, "mhz": mhz or None}

@@ -90,7 +90,7 @@ def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict
     """
     itemsize = np.dtype(cfg.dtype).itemsize
     best = max(samples, key=lambda m: m["flops_per_s"])
-    info = {"mhz": facts["mhz"], "max_mhz": facts["max_mhz"], "flags": machine.cpu_info()["flags"]}
+    info = {**machine.cpu_info(), "mhz": facts["mhz"], "max_mhz": facts["max_mhz"]}
     theory = machine.theoretical_fma_peak(cfg.threads, itemsize, info)
     # A BLAS estimate is a lower bound of the peak, the spec sheet an upper bound unless the clock
     # boosts above the reported MHz: take the larger so "% of peak" is never flattering.

@@ -203,3 +203,15 @@ def test_spec_flops_per_cycle_knows_zen4_runs_avx512_at_half_rate(flags, vendor,
 
     assert flops_per_cycle_per_core(flags, 4, vendor, family) == expected
     assert flops_per_cycle_per_core(flags, 8, vendor, family) == expected // 2
+
+
+def test_run_summary_spec_peak_uses_the_cpu_vendor_and_family(monkeypatch):
+    from attnfast.bench import machine, runner
+
+    zen4 = {"model": "AMD EPYC", "vendor": "AuthenticAMD", "family": 25, "flags": ["avx2", "fma", "avx512f"],
+            "mhz": 2600.0, "max_mhz": None}
+    monkeypatch.setattr(machine, "cpu_info", lambda: dict(zen4))
+    sample = {"flops_per_s": 2.3e11, "source": "attnfast._attnfast.probe_fma_peak"}
+    peaks = runner._summarise_peaks(runner.BenchConfig(cases=[], threads=1), {"mhz": 2600.0, "max_mhz": None},
+                                    [sample])
+    assert peaks["fma_theoretical"]["flops_per_cycle_per_core"] == 32

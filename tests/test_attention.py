@@ -590,6 +590,20 @@ def test_attention_tiled_path(isa, rng, dtype, batch, lq, lk, d, masks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("masks", ["none", "causal_bottom_right+lengths"])
+def test_attention_runs_of_query_blocks(isa, threads, rng, dtype, n_threads, masks):
+    """Many query blocks and small K, V: each task is a run of consecutive blocks of one item (QueryRuns
+    in attention_tiled.h), 5 blocks a run on one thread and 2 on two, claimed last run first, the last
+    run partial and the last block 17 rows. Every block must be computed once, in its place."""
+    batch, lq, lk = (2, 4), 1025, 100  # 22 blocks of 48 rows per item, 176 blocks in all
+    attnfast.set_num_threads(n_threads)
+    q, k, v = qkv(rng, batch, lq, lk, 24, dtype)
+    kw = mask_kwargs(rng, masks, batch, lq, lk, dtype)
+    check_attention(q, k, v, dtype=dtype, what=f"runs of query blocks, {n_threads} threads {masks}", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_row_max_growing_across_key_tiles(isa, rng, dtype):
     """The tiled kernel moves a row's reference max only when a key tile exceeds it by more than a
     margin (e^5): rows whose max creeps up stay below it, rows that jump past it rescale, and two
@@ -653,6 +667,7 @@ def test_merge_states_of_chunks_equals_whole(isa, rng, dtype, cuts, lq):
         ((16, 2), (16, 2), 1, 300, {}),  # many small decode items
         ((1, 1), (1, 1), 40, 3000, {}),  # one query block, keys split in chunks (tiled)
         ((1, 2), (1, 1), 70, 2100, {"causal": True, "causal_align": "bottom_right", "window": (900, 0)}),
+        ((2, 4), (2, 2), 1025, 100, {"causal": True}),  # runs of query blocks: 5 a run on 1 thread, 2 on 2
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -549,7 +549,7 @@ struct TiledAttention {
 // one thread reads the item's K and V from memory once and then from its own L2 (and knows which query
 // rows it needs next), instead of every thread fetching them for its own first block of the item.
 // Measured at (8, 8, 512, 512, 64) float32, 2 threads, against one block per task: 1.03x (causal 1.05x)
-// while the host's memory was busy, 1.01x while it was quiet. Only where the item's K and V fit in an L2
+// while the host's memory was busy, 1.00-1.01x while it was quiet. Only where the item's K and V fit in an L2
 // (kMaxKvBytes, smaller than the L2 of server cores since 2017) and the item has several blocks: with
 // K and V of 2 MiB, (1, 8, 4096, 4096, 64) measured 0.993x, and a single block has nothing to reuse.
 // Runs leave at least 32 tasks per thread for the load balance, and an item's runs are claimed last run

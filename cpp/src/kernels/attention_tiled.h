@@ -188,8 +188,8 @@ struct TiledAttention {
     const int64_t bkv = blk.b / p.group;
     const int64_t next = j + MR;
     if (next < blk.max_hi)
-      prefetch_rows(p.k.row(bkv, next), p.k.row_stride_elements, imin(MR, blk.max_hi - next), p.depth, false);
-    prefetch_rows(p.v.row(bkv, j), p.v.row_stride_elements, rows, p.dv, false);
+      prefetch_rows(p.k.row(bkv, next), p.k.row_stride_elements, imin(MR, blk.max_hi - next), p.depth);
+    prefetch_rows(p.v.row(bkv, j), p.v.row_stride_elements, rows, p.dv);
   }
 
   // Bias first; then the visible ranges and the bool mask overwrite with -inf, so a masked key stays
@@ -476,15 +476,15 @@ struct TiledAttention {
   }
 
   // One query block. `kv_cold`: the first block of a run of several (QueryRuns), whose K and V this
-  // thread has not read yet; `next_i_begin`: the block this thread runs next (-1: none), whose query rows are fetched
-  // while this one computes (pack_queries reads them by transposed 8 x 8 blocks, a pattern the hardware
-  // prefetchers miss). Prefetching the output rows as well was measured and left out: at D = 256 their
-  // 40 KiB pushed the block's working set out of L1 (seq2seq batch 2% slower).
+  // thread has not read yet; `next_i_begin`: the block this thread runs next (-1: none), whose query
+  // rows are fetched while this one computes (pack_queries reads them by transposed 8 x 8 blocks, a
+  // pattern the hardware prefetchers miss). Prefetching the output rows as well was measured and left
+  // out: at D = 256 their 40 KiB pushed the block's working set out of L1 (seq2seq batch 2% slower).
   void run_block(unsigned char* scratch, int64_t b, int64_t i_begin, bool kv_cold, int64_t next_i_begin) const {
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, true);
     blk.kv_cold = kv_cold;
     if (next_i_begin >= 0)
-      prefetch_rows(p.q.row(b, next_i_begin), p.q.row_stride_elements, imin(MB, p.lq - next_i_begin), p.depth, false);
+      prefetch_rows(p.q.row(b, next_i_begin), p.q.row_stride_elements, imin(MB, p.lq - next_i_begin), p.depth);
     accumulate_tiles(blk);
     write_rows(blk);
     if (p.weights.data) write_weights(blk);
@@ -549,18 +549,20 @@ struct TiledAttention {
 // one thread reads the item's K and V from memory once and then from its own L2 (and knows which query
 // rows it needs next), instead of every thread fetching them for its own first block of the item.
 // Measured at (8, 8, 512, 512, 64) float32, 2 threads, against one block per task: 1.03x (causal 1.05x)
-// while the host's memory was busy, 1.00-1.01x while it was quiet. Only where the item's K and V fit in an L2
-// (kMaxKvBytes, smaller than the L2 of server cores since 2017) and the item has several blocks: with
-// K and V of 2 MiB, (1, 8, 4096, 4096, 64) measured 0.993x, and a single block has nothing to reuse.
+// while the host's memory was busy, 1.00-1.01x while it was quiet. Only where the item's K and V fit in
+// an L2 (kMaxKvBytes, smaller than the L2 of server cores since 2017) and the item has several blocks:
+// with K and V of 2 MiB, (1, 8, 4096, 4096, 64) measured 0.993x, and a single block has nothing to reuse.
 // Runs leave at least 32 tasks per thread for the load balance, and an item's runs are claimed last run
 // first: under a causal mask the last blocks see the most keys, and the cheap first ones then fill the
 // tail of the call. Scheduling only: no block's result depends on it.
 struct QueryRuns {
   static constexpr int64_t kMaxKvBytes = int64_t(512) << 10;
   int64_t length, per_item;
-  QueryRuns(int64_t blocks, int64_t tasks, int threads, int64_t kv_bytes_per_item)
-      : length(kv_bytes_per_item <= kMaxKvBytes ? imax(1, imin(blocks, tasks / (32 * int64_t(imax(threads, 1))))) : 1),
-        per_item(ceil_div(blocks, length)) {}
+  QueryRuns(int64_t blocks, int64_t tasks, int threads, int64_t kv_bytes_per_item) : length(1), per_item(blocks) {
+    if (kv_bytes_per_item > kMaxKvBytes) return;
+    length = imax(1, imin(blocks, tasks / (32 * int64_t(imax(threads, 1)))));
+    per_item = ceil_div(blocks, length);
+  }
   int64_t first_block(int64_t claimed) const { return (per_item - 1 - claimed) * length; }
 };
 

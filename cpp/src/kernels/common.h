@@ -76,21 +76,15 @@ class ThreadScratch {
   int64_t stride_ = 0;
 };
 
-// Software prefetch of `rows` rows of `row_elements` elements each (every 64-byte line they touch), for
-// reading or for writing. For the few places where the hardware prefetchers leave misses; each caller
-// says what it measured. A prefetch is a hint: it never changes a result.
+// Software prefetch, for reading, of `rows` rows of `row_elements` elements each (every 64-byte line they
+// touch). For the few places where the hardware prefetchers leave misses; each caller says what it
+// measured. A prefetch is a hint: it never changes a result.
 template <class T>
-inline void prefetch_rows(const T* first, int64_t row_stride, int64_t rows, int64_t row_elements, bool for_write) {
+inline void prefetch_rows(const T* first, int64_t row_stride, int64_t rows, int64_t row_elements) {
   const int64_t row_bytes = row_elements * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < rows; ++i) {
     const char* row = reinterpret_cast<const char*>(first + i * row_stride);
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-      if (for_write) {
-        __builtin_prefetch(row + offset, 1, 2);
-      } else {
-        __builtin_prefetch(row + offset, 0, 2);
-      }
-    }
+    for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset, 0, 2);
   }
 }
 

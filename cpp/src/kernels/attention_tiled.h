@@ -1,8 +1,9 @@
 // Fused attention, tiled path (FlashAttention-style) for blocks of many query rows.
 // dtypes: float, double (scores, exponentials and accumulators all in that precision). ISA: target's V.
 //
-// One task = one query block of MB rows of one batch item; it walks the key tiles of NK keys that any
-// of its rows can see (tiles entirely above the causal diagonal, outside the window, past kv_lengths or
+// The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
+// consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its
+// rows can see (tiles entirely above the causal diagonal, outside the window, past kv_lengths or
 // hidden by the bool mask are never computed) and keeps, per row, the running max m, running sum l and
 // an unnormalised output accumulator in scratch. Nothing of size Lq x Lk exists. When the query blocks
 // are too few to keep the cores busy (one long sequence, few heads, few query rows), each block's keys

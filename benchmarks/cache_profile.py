@@ -8,23 +8,24 @@ pair's array, which the kernel reads in place): those inputs stay cached, and th
 fetching them costs. The FMA peak is measured by the same probe as ``python -m attnfast bench`` with the
 same thread count.
 
-Configurations take turns, round after round, and the median per-call time counts: on a shared machine
-a burst of load then hits all of them alike.
+Configurations take turns, round after round, with the interleaved timing of ``python -m attnfast bench``
+(attnfast.bench.timing), and the median per-call time counts: on a shared machine a burst of load then
+hits all of them alike.
 
     python benchmarks/cache_profile.py                  # one thread
-    python benchmarks/cache_profile.py --threads 2 --rounds 5
+    python benchmarks/cache_profile.py --threads 2 --seconds 4
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from typing import Callable, Dict, List
+from typing import Callable
 
 import numpy as np
 
 import attnfast
 from attnfast.bench import probes
+from attnfast.bench.timing import TimingPolicy, median, time_interleaved
 
 
 def _encoder_call(pairs: int, seq: int, depth: int, broadcast: str) -> Callable[[], object]:
@@ -42,30 +43,12 @@ def _encoder_call(pairs: int, seq: int, depth: int, broadcast: str) -> Callable[
     return lambda: attnfast.attention(q, k, v, out=out)
 
 
-def _median_seconds(calls: Dict[str, Callable[[], object]], rounds: int, seconds: float) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()  # warm-up: page faults, thread pool start-up
-    for _ in range(rounds):
-        for name, call in calls.items():
-            until = time.perf_counter() + seconds / rounds
-            while True:
-                start = time.perf_counter()
-                call()
-                end = time.perf_counter()
-                times[name].append(end - start)
-                if end >= until:
-                    break
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512, help="Lq = Lk (default 512)")
     parser.add_argument("--depth", type=int, default=64, help="D (default 64)")
     parser.add_argument("--pairs", default="1,2,4,8,16,32,64", help="B*H values, comma-separated")
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="time per configuration, over all rounds")
     args = parser.parse_args(argv)
 
@@ -76,7 +59,9 @@ def main(argv=None) -> None:
     shared = {"K, V": "kv", "Q": "q", "Q, K, V": "qkv"}
     calls.update({f"shared={label}": _encoder_call(largest, args.seq, args.depth, names)
                   for label, names in shared.items()})
-    medians = _median_seconds(calls, args.rounds, args.seconds)
+    policy = TimingPolicy(min_repeats=5, max_repeats=10_000, budget_s=args.seconds * len(calls),
+                          cap_s=float("inf"))
+    medians = {name: median(t) for name, t in time_interleaved(calls, policy).items()}
     peak = probes.fma_peak(0.3, np.float32, args.threads)["flops_per_s"]
 
     pair_bytes = 4 * args.seq * args.depth * 4  # Q, K, V and the output of one pair

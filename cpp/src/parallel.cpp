@@ -36,12 +36,15 @@ struct Job {
   std::atomic<int> slots{1};  // slot 0 is the caller's
 };
 
+// Claims and runs tasks until none is left; each task's successor is claimed by it (NextTask::claim)
+// or after it returns.
 void run_tasks(Job& job, int slot) {
-  for (;;) {
-    const int64_t t = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (t >= job.tasks) return;
-    job.fn(job.context, t, slot);
+  int64_t t = NextTask(&job.next, job.tasks).claim();
+  while (t >= 0) {
+    NextTask next(&job.next, job.tasks);
+    job.fn(job.context, t, slot, &next);
     job.done.fetch_add(1, std::memory_order_release);
+    t = next.claim();
   }
 }
 
@@ -134,7 +137,11 @@ void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context) {
   if (tasks <= 0) return;
   if (threads > tasks) threads = static_cast<int>(tasks);
   if (threads <= 1) {
-    for (int64_t t = 0; t < tasks; ++t) fn(context, t, 0);
+    Job job;
+    job.fn = fn;
+    job.context = context;
+    job.tasks = tasks;
+    run_tasks(job, 0);
     return;
   }
   pool().run(threads, tasks, fn, context);

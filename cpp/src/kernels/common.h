@@ -52,7 +52,19 @@ inline void parallel_for(int threads, int64_t tasks, F&& f) {
   }
   using Fn = typename std::remove_reference<F>::type;
   run_parallel(
-      threads, tasks, [](void* context, int64_t task, int slot) { (*static_cast<Fn*>(context))(task, slot); },
+      threads, tasks,
+      [](void* context, int64_t task, int slot, NextTask*) { (*static_cast<Fn*>(context))(task, slot); },
+      const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+// parallel_for for tasks that prefetch the inputs of the task their thread runs next:
+// f(task, slot, NextTask& next), where next.claim() names that task (-1: none).
+template <class F>
+inline void parallel_for_with_next(int threads, int64_t tasks, F&& f) {
+  using Fn = typename std::remove_reference<F>::type;
+  run_parallel(
+      threads, tasks,
+      [](void* context, int64_t task, int slot, NextTask* next) { (*static_cast<Fn*>(context))(task, slot, *next); },
       const_cast<void*>(static_cast<const void*>(&f)));
 }
 

@@ -590,12 +590,14 @@ def test_attention_tiled_path(isa, rng, dtype, batch, lq, lk, d, masks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("masks", ["none", "causal_bottom_right+lengths"])
 def test_attention_runs_of_query_blocks(isa, threads, rng, dtype, n_threads, masks):
     """Many query blocks and small K, V: each task is a run of consecutive blocks of one item (QueryRuns
-    in attention_tiled.h), 5 blocks a run on one thread and 2 on two, claimed last run first, the last
-    run partial and the last block 17 rows. Every block must be computed once, in its place."""
+    in attention_tiled.h), 5 blocks a run on one thread, 2 on two and 1 on three, claimed last run
+    first, the last run partial and the last block 17 rows; the last `threads` items go one block per
+    task, and a run's last block claims the next task early. Every block must be computed once, in its
+    place."""
     batch, lq, lk = (2, 4), 1025, 100  # 22 blocks of 48 rows per item, 176 blocks in all
     attnfast.set_num_threads(n_threads)
     q, k, v = qkv(rng, batch, lq, lk, 24, dtype)

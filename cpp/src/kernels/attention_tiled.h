@@ -49,8 +49,10 @@ struct TiledAttention {
 
   const AttentionParams<T>& p;
   int64_t dv_rows;  // rows of O^T: value features rounded up to whole microkernel blocks
-  // Blocks fetch their output rows into cache while Q.K^T runs, a share per microkernel call, so that
-  // write_rows' stores do not each wait on memory: (8, 8, 512, 512, 64) 1.0-1.3% faster. Only where a
+  // Blocks fetch their output rows into cache while the Q.K^T of their last key tile runs, a share per
+  // microkernel call, so that write_rows' stores do not each wait on memory: (8, 8, 512, 512, 64)
+  // 1.0-1.3% faster. (Spread over all of a block's tiles, they were evicted again before write_rows at
+  // (1, 8, 4096, 4096, 64), and that call ran 0.5% slower than without the prefetch.) Only where a
   // block's output is small beside L1: at D = 256 (the seq2seq batch: 40 rows of 1 KiB) it pushed the
   // block's working set out of L1 and that call ran 1-2% slower. (A write prefetch: on targets without
   // PRFCHW the compiler emits the read prefetch, which on x86 brings an unshared line in exclusive.)
@@ -185,10 +187,10 @@ struct TiledAttention {
         const T* a_rows[MR];
         clamped_rows<T, MR>(p.k.row(bkv, j0 + jj), ks, imin(MR, nk - jj), a_rows);
         if (blk.kv_cold && panel == 0) prefetch_keys_ahead(blk, j0 + jj, imin(MR, nk - jj));
-        if (own_output && panel == 0 && blk.max_hi > blk.min_lo) {
-          // This call's share of the block's output rows (see own_output), written here and not through
-          // prefetch_rows: as an out-of-line call inside this loop it measured no gain.
-          const int64_t calls = ceil_div(blk.max_hi - blk.min_lo, int64_t(MR)), c = (j0 + jj - blk.min_lo) / MR;
+        if (own_output && panel == 0 && j0 + nk >= blk.max_hi) {
+          // In the block's last key tile, this call's share of its output rows (see own_output); written
+          // here and not through prefetch_rows: as an out-of-line call inside this loop it measured no gain.
+          const int64_t calls = ceil_div(nk, int64_t(MR)), c = jj / MR;
           const int64_t r0 = c * blk.mb / calls, r1 = (c + 1) * blk.mb / calls;
           for (int64_t r = r0; r < r1; ++r) {
             const char* row = reinterpret_cast<const char*>(p.out.row(blk.b, blk.i_begin + r));

@@ -637,9 +637,10 @@ int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
     parallel_for_with_next(p.num_threads, runs.tasks(p.batch), [&](int64_t task, int slot, NextTask& next) {
       const QueryRuns::Task mine = runs.task(task);
       const int64_t b = mine.b, first = mine.first, last = mine.last;
-      // The next run is claimed when this one's last block starts (the call's tail then waits for at
+      // The next task is claimed when this one's last block starts (the call's tail then waits for at
       // most one block more than otherwise), and its item's K and V are fetched unless it is this item.
-      // Not with runs of one block: claiming a whole task ahead cost the seq2seq batch 3%.
+      // Not where every task is one block (runs.length 1, the seq2seq batch): there claiming a task
+      // ahead of each one cost 3%.
       for (int64_t i = first; i < last; ++i)
         kernel.run_block(scratch.slice(slot), b, i * Kernel::MB, last - first > 1 && i == first,
                          i + 1 < last ? (i + 1) * Kernel::MB : -1,

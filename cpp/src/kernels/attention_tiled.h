@@ -80,6 +80,7 @@ struct TiledAttention {
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
+    bool fetch_output = false;  // fetch the output rows during the last key tile (run_block, own_output)
     bool kv_cold = false;  // this thread has not read the batch item's K and V yet: see prefetch_keys_ahead
   };
 
@@ -187,7 +188,7 @@ struct TiledAttention {
         const T* a_rows[MR];
         clamped_rows<T, MR>(p.k.row(bkv, j0 + jj), ks, imin(MR, nk - jj), a_rows);
         if (blk.kv_cold && panel == 0) prefetch_keys_ahead(blk, j0 + jj, imin(MR, nk - jj));
-        if (own_output && panel == 0 && j0 + nk >= blk.max_hi) {
+        if (blk.fetch_output && panel == 0 && j0 + nk >= blk.max_hi) {
           // In the block's last key tile, this call's share of its output rows (see own_output); written
           // here and not through prefetch_rows: as an out-of-line call inside this loop it measured no gain.
           const int64_t calls = ceil_div(nk, int64_t(MR)), c = jj / MR;
@@ -518,11 +519,17 @@ struct TiledAttention {
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, true);
     blk.kv_cold = kv_cold;
     blk.warm_b = warm_b;
+    blk.fetch_output = own_output;
     if (next_i_begin >= 0)
       prefetch_rows(p.q.row(b, next_i_begin), p.q.row_stride_elements, imin(MB, p.lq - next_i_begin), p.depth);
     accumulate_tiles(blk);
     write_rows(blk);
-    if (p.weights.data) write_weights(blk);
+    if (p.weights.data) {
+      // The weights pass recomputes the scores: what was fetched for this block's end is in use already.
+      blk.warm_b = -1;
+      blk.fetch_output = false;
+      write_weights(blk);
+    }
   }
 
   // ---- Key split: the block's keys in chunks, merged by log-sum-exp (attention_tiled) ----

@@ -6,8 +6,10 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -50,6 +52,29 @@ void run_tasks(Job& job, int slot) {
 
 class Pool {
  public:
+  // See reserve_threads (attnfast/parallel.h). Once every worker a call needs exists, or once the OS
+  // has refused one, this is two atomic loads: no call pays for another attempt.
+  int reserve(int threads) {
+    const int wanted = threads - 1;
+    int workers = workers_.load(std::memory_order_acquire);
+    if (workers < wanted && !start_refused_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> one_attempt_at_a_time(start_mutex_);
+      workers = workers_.load(std::memory_order_relaxed);
+      if (workers < wanted && !start_refused_.load(std::memory_order_relaxed)) workers = grow(wanted);
+    }
+    return 1 + (workers < wanted ? workers : wanted);
+  }
+
+  void retry_thread_start() { start_refused_.store(false, std::memory_order_release); }
+
+  bool take_failure(ThreadStartFailure* failure) {
+    if (!failure_unreported_.load(std::memory_order_acquire)) return false;
+    std::lock_guard<std::mutex> lock(start_mutex_);
+    if (!failure_unreported_.exchange(false, std::memory_order_acq_rel)) return false;
+    *failure = failure_;
+    return true;
+  }
+
   void run(int threads, int64_t tasks, TaskFn fn, void* context) {
     auto job = std::make_shared<Job>();
     job->fn = fn;
@@ -58,7 +83,6 @@ class Pool {
     job->max_slots = threads;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(workers_started_) < threads - 1) start_worker();
       current_ = job;
       ++generation_;
     }
@@ -78,20 +102,60 @@ class Pool {
   // rebuild the synchronisation objects, which may have been held by one of them.
   void reset_after_fork() {
     new (&mutex_) std::mutex();
+    new (&start_mutex_) std::mutex();
     new (&wake_) std::condition_variable();
-    workers_started_ = 0;
+    workers_.store(0);
+    start_refused_.store(false);
+    failure_unreported_.store(false);
     current_.reset();
   }
 
  private:
-  void start_worker() {
-    ++workers_started_;
-    std::thread([this] { worker_loop(); }).detach();
+  // Starts workers until there are `wanted`, with start_mutex_ held; returns how many there are. The OS
+  // refusing a thread means the process has used up something it needs for the rest of its work too
+  // (its thread or process limit, or the address space the stacks take): of the workers this attempt
+  // started, half are kept and the others stopped and joined, so that the call's scratch memory and
+  // the program's own threads and allocations still find room. The refusal is remembered, so later
+  // calls do not try again, and reported once (take_failure).
+  int grow(int wanted) {
+    const int before = workers_.load(std::memory_order_relaxed);
+    std::vector<std::thread> started;
+    std::string refusal;
+    try {
+      started.reserve(static_cast<size_t>(wanted - before));
+      for (int index = before; index < wanted; ++index) started.emplace_back([this, index] { worker_loop(index); });
+    } catch (const std::exception& refused) {  // std::system_error (EAGAIN) or std::bad_alloc
+      refusal = refused.what();
+    }
+    const int kept = before + static_cast<int>(refusal.empty() ? started.size() : started.size() / 2);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      workers_.store(kept, std::memory_order_release);
+      first_stopped_.store(kept, std::memory_order_release);
+      ++generation_;  // wakes the workers to stop
+    }
+    wake_.notify_all();
+    for (size_t i = 0; i < started.size(); ++i) {
+      if (before + static_cast<int>(i) < kept) {
+        started[i].detach();
+      } else {
+        started[i].join();
+      }
+    }
+    first_stopped_.store(kNoneStopped, std::memory_order_release);  // the stopped ones are gone
+    if (!refusal.empty()) {
+      failure_ = ThreadStartFailure{wanted + 1, 1 + kept, refusal};
+      failure_unreported_.store(true, std::memory_order_release);
+      start_refused_.store(true, std::memory_order_release);
+    }
+    return kept;
   }
 
-  void worker_loop() {
+  bool stopped(int index) const { return index >= first_stopped_.load(std::memory_order_acquire); }
+
+  void worker_loop(int index) {
     uint64_t seen = 0;
-    for (;;) {
+    while (!stopped(index)) {
       std::shared_ptr<Job> job;
       {
         // Poll for a few milliseconds before sleeping, as OpenMP runtimes do: calls that follow each other
@@ -108,17 +172,23 @@ class Pool {
         seen = generation_.load(std::memory_order_relaxed);
         job = current_;
       }
-      if (!job) continue;
+      if (!job || stopped(index)) continue;
       const int slot = job->slots.fetch_add(1, std::memory_order_relaxed);
       if (slot < job->max_slots) run_tasks(*job, slot);
     }
   }
 
-  std::mutex mutex_;
+  std::mutex mutex_;        // guards current_ and the wake-up
+  std::mutex start_mutex_;  // one attempt to start workers at a time; guards failure_
   std::condition_variable wake_;
   std::shared_ptr<Job> current_;
   std::atomic<uint64_t> generation_{0};
-  unsigned workers_started_ = 0;
+  std::atomic<int> workers_{0};  // workers numbered 0 .. workers_ - 1 take part in calls
+  static constexpr int kNoneStopped = 1 << 30;
+  std::atomic<int> first_stopped_{kNoneStopped};  // workers numbered this or more stop
+  std::atomic<bool> start_refused_{false};
+  std::atomic<bool> failure_unreported_{false};
+  ThreadStartFailure failure_;
 };
 
 // Never destroyed: detached workers may still be waiting on it while the process exits.
@@ -136,6 +206,7 @@ Pool& pool() {
 void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context) {
   if (tasks <= 0) return;
   if (threads > tasks) threads = static_cast<int>(tasks);
+  if (threads > 1) threads = pool().reserve(threads);
   if (threads <= 1) {
     Job job;
     job.fn = fn;
@@ -146,5 +217,11 @@ void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context) {
   }
   pool().run(threads, tasks, fn, context);
 }
+
+int reserve_threads(int threads) { return threads > 1 ? pool().reserve(threads) : 1; }
+
+void retry_thread_start() { pool().retry_thread_start(); }
+
+bool take_thread_start_failure(ThreadStartFailure* failure) { return pool().take_failure(failure); }
 
 }  // namespace attnfast

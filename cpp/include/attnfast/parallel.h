@@ -2,6 +2,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <string>
 
 namespace attnfast {
 
@@ -37,6 +38,23 @@ using TaskFn = void (*)(void* context, int64_t task, int slot, NextTask* next);
 // a barrier. `slot` < threads indexes per-thread scratch; `next` lets a task learn (and claim) the task
 // its thread runs next. Which slot runs a task never changes its result (tasks are independent), so
 // results do not depend on the thread count.
+// A thread the OS refused to start (a process, thread or memory limit) is not an error: the call runs
+// on the threads that did start, the caller alone at worst.
 void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context);
+
+// Starts pool workers until `threads` threads (the caller and threads - 1 workers) can run a call and
+// returns how many can: `threads`, or fewer once the OS has refused to start a worker. After a refusal
+// no start is attempted again (a call then costs what it costs with the workers there are) until
+// retry_thread_start().
+int reserve_threads(int threads);
+void retry_thread_start();
+
+// The latest refusal to start a worker, handed out once so that it is reported once.
+struct ThreadStartFailure {
+  int requested = 0;  // threads the call wanted
+  int running = 0;    // threads it runs on
+  std::string reason;
+};
+bool take_thread_start_failure(ThreadStartFailure* failure);
 
 }  // namespace attnfast

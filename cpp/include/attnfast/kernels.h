@@ -51,8 +51,12 @@ bool set_active_target(const std::string& name);
 // Value of ATTNFAST_ISA that could not be honoured ("" if none): reported as a warning by Python.
 std::string target_request_problem();
 
-// Threads used by the kernels (run on the pool of attnfast/parallel.h): the OpenMP default, which
-// threadpoolctl and OMP_NUM_THREADS control, lowered by set_num_threads(n) when n > 0.
+// Threads used by the kernels (run on the pool of attnfast/parallel.h): the OpenMP default of the
+// calling thread, which threadpoolctl and OMP_NUM_THREADS control, lowered by set_num_threads(n) when
+// n > 0 (for every thread of the process), at most kMaxThreads, and at most what the pool could start:
+// get_num_threads starts the workers it counts, and reports fewer if the OS refused one
+// (attnfast/parallel.h). set_num_threads also lets the pool try again to start refused workers.
+constexpr int kMaxThreads = 65536;
 int get_num_threads();
 void set_num_threads(int n);
 bool openmp_enabled();

@@ -17,6 +17,7 @@
 
 #include "attnfast/kernels.h"
 #include "batch_layout.h"
+#include "gil.h"
 
 namespace py = pybind11;
 using attnfast::Operand;
@@ -71,16 +72,11 @@ void check_status(int status) {
 
 const attnfast::TargetKernels& kernels() { return attnfast::active_kernels(); }
 
-// Calls one kernel on a filled params struct without the GIL; a failed scratch allocation becomes
-// MemoryError.
+// Calls one kernel on a filled params struct without the GIL (gil.h); a failed scratch allocation
+// becomes MemoryError.
 template <class Kernel, class Params>
 void run_kernel(Kernel kernel, const Params& p) {
-  int status;
-  {
-    py::gil_scoped_release release;
-    status = kernel(p);
-  }
-  check_status(status);
+  check_status(attnfast::bindings::call_without_gil([&] { return kernel(p); }));
 }
 
 template <class T>
@@ -325,6 +321,7 @@ PYBIND11_MODULE(_attnfast, m) {
   m.doc() = "attnfast compiled core (private: use the attnfast package)";
   m.attr("__version__") = ATTNFAST_VERSION;
   m.attr("compiler") = ATTNFAST_COMPILER;
+  py::module_::import("atexit").attr("register")(py::cpp_function(&attnfast::bindings::close_exit_gate));
 
   m.def("scores_dot", [](const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
     if (is_f32(q)) return run_scores_dot<float>(q, k, out, batch, scale);
@@ -366,8 +363,14 @@ PYBIND11_MODULE(_attnfast, m) {
   m.def("compiled_isas", &attnfast::compiled_targets);
   m.def("set_isa", &attnfast::set_active_target);
   m.def("isa_problem", &attnfast::target_request_problem);
-  m.def("get_num_threads", &attnfast::get_num_threads);
+  m.def("get_num_threads", [] {
+    const int threads = attnfast::get_num_threads();
+    attnfast::bindings::warn_if_thread_start_failed();
+    return threads;
+  });
+  // Range-checked by attnfast.set_num_threads, the public function.
   m.def("set_num_threads", &attnfast::set_num_threads);
+  m.attr("max_threads") = attnfast::kMaxThreads;
   m.def("openmp", &attnfast::openmp_enabled);
 
   m.def(
@@ -376,17 +379,18 @@ PYBIND11_MODULE(_attnfast, m) {
         // Best of repeated short runs of pure FMA chains on all kernel threads; GFLOP/s (float32).
         const auto fn = attnfast::active_kernels().fma_chains;
         const int threads = attnfast::get_num_threads();
-        py::gil_scoped_release release;
-        double best = 0, spent = 0;
-        int64_t iterations = 1 << 14;
-        while (spent < seconds) {
-          double flops = 0;
-          const double dt = time_seconds([&] { flops = fn(iterations, threads); });
-          spent += dt;
-          if (dt < 2e-3) iterations *= 2;
-          if (dt > 0 && flops / dt > best) best = flops / dt;
-        }
-        return best / 1e9;
+        return attnfast::bindings::call_without_gil([&] {
+          double best = 0, spent = 0;
+          int64_t iterations = 1 << 14;
+          while (spent < seconds) {
+            double flops = 0;
+            const double dt = time_seconds([&] { flops = fn(iterations, threads); });
+            spent += dt;
+            if (dt < 2e-3) iterations *= 2;
+            if (dt > 0 && flops / dt > best) best = flops / dt;
+          }
+          return best / 1e9;
+        });
       },
       py::arg("seconds") = 0.2);
   m.def(
@@ -397,15 +401,16 @@ PYBIND11_MODULE(_attnfast, m) {
         std::vector<float> buffer(static_cast<size_t>(n), 1.0f);
         const auto fn = attnfast::active_kernels().read_sum;
         const int threads = attnfast::get_num_threads();
-        py::gil_scoped_release release;
-        double best = 0, spent = 0;
-        volatile float sink = 0;
-        while (spent < seconds) {
-          const double dt = time_seconds([&] { sink = sink + fn(buffer.data(), n, threads); });
-          spent += dt;
-          if (dt > 0 && double(n) * 4 / dt > best) best = double(n) * 4 / dt;
-        }
-        return best / 1e9;
+        return attnfast::bindings::call_without_gil([&] {
+          double best = 0, spent = 0;
+          volatile float sink = 0;
+          while (spent < seconds) {
+            const double dt = time_seconds([&] { sink = sink + fn(buffer.data(), n, threads); });
+            spent += dt;
+            if (dt > 0 && double(n) * 4 / dt > best) best = double(n) * 4 / dt;
+          }
+          return best / 1e9;
+        });
       },
       py::arg("nbytes"), py::arg("seconds") = 0.2);
 }

@@ -15,6 +15,7 @@ against it.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 from . import _attnfast as _core
@@ -42,18 +43,31 @@ if _core.isa_problem():
 
 
 def set_num_threads(n: int) -> None:
-    """Use at most ``n`` threads in attnfast's kernels (``n <= 0`` restores the default).
+    """Use at most ``n`` threads in attnfast's kernels; ``n = 0`` restores the default.
 
-    The OpenMP limit (``OMP_NUM_THREADS``, ``threadpoolctl.threadpool_limits``) still caps it.
-    Results are bitwise identical for any thread count.
+    The setting is process-wide: it applies to calls from every Python thread, now and later. The
+    OpenMP limit still caps it, and that one is per thread, as OpenMP defines it: ``OMP_NUM_THREADS``
+    applies everywhere, but ``threadpoolctl.threadpool_limits`` (``omp_set_num_threads``) only limits
+    calls made from the thread that set it. Calling this also lets attnfast try again to start threads
+    the operating system refused earlier. Results are bitwise identical for any thread count.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
         raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
+    n = operator.index(n)
+    if n < 0:
+        raise ValueError(f"set_num_threads: n must be >= 0 (0 restores the default), got {n}")
+    if n > _core.max_threads:
+        # Beyond it a count is a mistake, not a machine.
+        raise ValueError(f"set_num_threads: n must be at most {_core.max_threads}, got {n}")
     _core.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """The number of threads attnfast's kernels use now."""
+    """The number of threads attnfast's kernels use for a call made now from this Python thread.
+
+    Starts the threads it counts; if the operating system refuses one, reports how many there are and
+    warns once (RuntimeWarning).
+    """
     return _core.get_num_threads()
 
 

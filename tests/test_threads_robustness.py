@@ -1,0 +1,324 @@
+"""Threads as a resource: what attnfast does when the OS refuses a thread, when the interpreter exits
+while a daemon thread is inside a call, and which thread limits apply to which Python thread.
+
+Thread-limit semantics (README, "Threads"): ``attnfast.set_num_threads(n)`` is process-wide; the
+OpenMP default it is capped by follows OpenMP, so ``OMP_NUM_THREADS`` applies to every thread while
+``threadpoolctl.threadpool_limits`` (``omp_set_num_threads``) limits only the thread that entered it.
+
+Scenarios that change the process (resource limits, interpreter exit, environment) run in a fresh
+interpreter; no test measures speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attnfast
+
+PACKAGE_DIR = str(Path(attnfast.__file__).resolve().parent.parent)
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": PACKAGE_DIR, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+def run_json(code: str, env: dict | None = None) -> dict:
+    result = run_python(code, env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_limited(tmp_path: Path, code: str) -> dict:
+    # A script file rather than -c, so that LIMITED_PROCESS can re-execute it.
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED_PROCESS + textwrap.dedent(code))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": PACKAGE_DIR, "OMP_NUM_THREADS": "2000"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def other_thread(fn):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("value", fn()))
+    t.start()
+    t.join()
+    return box["value"]
+
+
+@pytest.fixture
+def default_threads():
+    attnfast.set_num_threads(0)
+    yield
+    attnfast.set_num_threads(0)
+
+
+# --------------------------------------------------------------------------
+# A thread the OS refuses to start
+# --------------------------------------------------------------------------
+
+# Makes thread starts fail reproducibly: worker stacks of 64 MiB (the default thread stack is
+# RLIMIT_STACK, read when the interpreter starts, hence the re-exec) and an address-space limit that
+# leaves room for about two of them, with OMP_NUM_THREADS=2000 asking for far more.
+LIMITED_PROCESS = """
+import json, os, re, resource, sys, warnings
+STACK = 64 << 20
+if os.environ.get("ATTNFAST_TEST_STAGE") != "limited":
+    resource.setrlimit(resource.RLIMIT_STACK, (STACK, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+    os.environ["ATTNFAST_TEST_STAGE"] = "limited"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+import numpy as np
+import attnfast
+
+rng = np.random.default_rng(0)
+q = rng.standard_normal((2, 4, 300, 64)).astype(np.float32)
+k = rng.standard_normal((2, 4, 400, 64)).astype(np.float32)
+v = rng.standard_normal((2, 4, 400, 64)).astype(np.float32)
+calls = {
+    "attention": lambda: attnfast.attention(q, k, v, causal=True),
+    "decode": lambda: attnfast.attention(q[:, :, :1], k, v),
+    "scores": lambda: attnfast.scores(q, k),
+    "softmax": lambda: attnfast.softmax(attnfast.scores(q, k)),
+    "aggregate": lambda: attnfast.aggregate(attnfast.softmax(attnfast.scores(q, k)), v),
+}
+attnfast.set_num_threads(1)  # the expected values, before any worker exists
+expected = {name: call() for name, call in calls.items()}
+attnfast.set_num_threads(0)
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmSize:\\s+(\\d+) kB", f.read()).group(1)) << 10
+
+def thread_count():
+    return len(os.listdir("/proc/self/task"))
+
+def same(name):
+    return bool(np.array_equal(calls[name](), expected[name]))
+
+threads_before = thread_count()  # the interpreter's and those of NumPy's BLAS
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + int(2.5 * STACK), resource.RLIM_INFINITY))
+"""
+
+
+def test_refused_thread_start_runs_on_the_threads_that_started_and_warns_once(tmp_path):
+    code = """
+with warnings.catch_warnings(record=True) as first:
+    warnings.simplefilter("always")
+    ok_first = same("attention")
+threads_after_first = thread_count()
+running = attnfast.get_num_threads()
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # any further warning (a new attempt) would raise here
+    ok_all = all(same(name) for name in calls for _ in range(3))
+    vm_before = vm_size()
+    for _ in range(30):
+        ok_all &= same("attention") and same("softmax")
+    vm_after = vm_size()
+threads_after_all = thread_count()
+attnfast.set_num_threads(0)  # lets the pool try again: refused again, reported again
+with warnings.catch_warnings(record=True) as retried:
+    warnings.simplefilter("always")
+    ok_retry = same("attention")
+print(json.dumps(dict(
+    warnings=[(w.category.__name__, str(w.message)) for w in first],
+    retried=[(w.category.__name__, str(w.message)) for w in retried],
+    ok_first=ok_first, ok_all=ok_all, ok_retry=ok_retry, running=running,
+    workers=[threads_after_first - threads_before, threads_after_all - threads_before],
+    vm_growth=vm_after - vm_before)))
+"""
+    r = run_limited(tmp_path, code)
+    assert r["ok_first"] and r["ok_all"] and r["ok_retry"]
+    assert len(r["warnings"]) == 1, r["warnings"]
+    category, message = r["warnings"][0]
+    assert category == "RuntimeWarning"
+    m = re.fullmatch(
+        r"attnfast could not start a thread \((.+)\): running on (\d+) of the 2000 threads requested\. "
+        r"Lower OMP_NUM_THREADS or call attnfast\.set_num_threads\(n\) with a smaller n; "
+        r"attnfast\.set_num_threads\(\) also lets it try again\.",
+        message,
+    )
+    assert m, message
+    assert 1 <= int(m.group(2)) < 2000 and int(m.group(2)) == r["running"]
+    # The caller (this thread) and running - 1 workers; no thread started or lost by later calls.
+    assert r["workers"][0] == r["workers"][1] == r["running"] - 1
+    assert r["vm_growth"] < 8 << 20  # nothing kept per call: no scratch buffer or thread leaks
+    assert len(r["retried"]) == 1 and r["retried"][0][0] == "RuntimeWarning"
+
+
+def test_refused_thread_start_as_an_error_fails_one_call_before_it_writes(tmp_path):
+    # With warnings as errors (as pytest's filterwarnings = error does), the warning is the call's
+    # exception, raised before anything is computed into out=; the next call runs normally.
+    code = """
+out = np.full((2, 4, 300, 64), np.nan, np.float32)
+warnings.simplefilter("error")
+try:
+    attnfast.attention(q, k, v, causal=True, out=out)
+    raised = None
+except RuntimeWarning as e:
+    raised = str(e)
+untouched = bool(np.isnan(out).all())
+attnfast.attention(q, k, v, causal=True, out=out)
+print(json.dumps(dict(raised=raised, untouched=untouched,
+                      ok=bool(np.array_equal(out, expected["attention"])))))
+"""
+    r = run_limited(tmp_path, code)
+    assert r["raised"] and r["raised"].startswith("attnfast could not start a thread (")
+    assert r["untouched"] and r["ok"]
+
+
+# --------------------------------------------------------------------------
+# Interpreter exit while a daemon thread is inside a call
+# --------------------------------------------------------------------------
+
+DAEMON_EXIT = """
+import threading, time
+import numpy as np
+import attnfast
+rng = np.random.default_rng(0)
+q = rng.standard_normal((8, 8, 512, 64)).astype(np.float32)
+inside = threading.Event()
+def loop():
+    while True:
+        inside.set()
+        {call}
+for _ in range(2):
+    threading.Thread(target=loop, daemon=True).start()
+inside.wait()
+time.sleep({delay})
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "attnfast.attention(q, q, q)",
+        "attnfast.attention(q[:, :, :1], q, q)",
+        "attnfast.softmax(q)",
+    ],
+)
+def test_interpreter_exit_with_daemon_threads_inside_calls_is_clean(call):
+    for delay in (0.0, 0.01, 0.05, 0.02, 0.03):
+        r = run_python(DAEMON_EXIT.format(call=call, delay=delay))
+        assert r.returncode == 0 and "terminate" not in r.stderr, (delay, r.returncode, r.stderr)
+
+
+def test_main_thread_can_still_call_from_a_late_atexit_handler():
+    # atexit runs handlers last-registered first, so this one runs after attnfast's own exit hook has
+    # closed its gate: the exiting thread itself must still get its results.
+    r = run_python(
+        """
+        import atexit
+        import numpy as np
+        def late():
+            import attnfast
+            x = np.ones((4, 8, 64, 32), np.float32)
+            print("late", float(attnfast.attention(x, x, x).sum()))
+        atexit.register(late)
+        import attnfast
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"late {4 * 8 * 64 * 32:.1f}"
+
+
+# --------------------------------------------------------------------------
+# Which limits apply to which Python thread
+# --------------------------------------------------------------------------
+
+
+def test_set_num_threads_is_process_wide(default_threads):
+    attnfast.set_num_threads(1)
+    assert other_thread(attnfast.get_num_threads) == 1
+    attnfast.set_num_threads(0)
+    assert other_thread(attnfast.get_num_threads) == attnfast.get_num_threads()
+
+
+def test_set_num_threads_from_another_thread_applies_to_the_main_thread(default_threads):
+    other_thread(lambda: attnfast.set_num_threads(1))
+    assert attnfast.get_num_threads() == 1
+
+
+def test_threadpool_limits_applies_to_the_calling_thread_only(default_threads):
+    # threadpoolctl limits OpenMP with omp_set_num_threads, whose nthreads-var is per thread; attnfast
+    # reads it as every OpenMP library does, so other threads keep their own default.
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="installed by the test extra")
+    default = attnfast.get_num_threads()
+    with threadpoolctl.threadpool_limits(1):
+        assert attnfast.get_num_threads() == 1
+        assert other_thread(attnfast.get_num_threads) == default
+
+    def limited_in_that_thread():
+        with threadpoolctl.threadpool_limits(1):
+            return attnfast.get_num_threads()
+
+    assert other_thread(limited_in_that_thread) == 1
+    assert attnfast.get_num_threads() == default
+
+
+def test_omp_num_threads_applies_to_every_thread():
+    r = run_json(
+        """
+        import json, threading
+        import attnfast
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(attnfast.get_num_threads()))
+        t.start(); t.join()
+        print(json.dumps([attnfast.get_num_threads(), seen[0]]))
+        """,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert r == [1, 1]
+
+
+# --------------------------------------------------------------------------
+# set_num_threads' argument
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (1.5, TypeError, "set_num_threads expects an int, got float"),
+        ("2", TypeError, "set_num_threads expects an int, got str"),
+        (None, TypeError, "set_num_threads expects an int, got NoneType"),
+        (True, TypeError, "set_num_threads expects an int, got bool"),
+        (-1, ValueError, r"set_num_threads: n must be >= 0 \(0 restores the default\), got -1"),
+        (2**31, ValueError, "set_num_threads: n must be at most 65536, got 2147483648"),
+        (65537, ValueError, "set_num_threads: n must be at most 65536, got 65537"),
+    ],
+)
+def test_set_num_threads_rejects_bad_values(default_threads, value, error, message):
+    before = attnfast.get_num_threads()
+    with pytest.raises(error, match=f"^{message}$"):
+        attnfast.set_num_threads(value)
+    assert attnfast.get_num_threads() == before
+
+
+def test_set_num_threads_accepts_integer_types_and_the_cap(default_threads):
+    default = attnfast.get_num_threads()
+    attnfast.set_num_threads(np.int64(1))
+    assert attnfast.get_num_threads() == 1
+    attnfast.set_num_threads(65536)  # only lowers the OpenMP default, never raises it
+    assert attnfast.get_num_threads() == default

@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +57,6 @@ def run_limited(tmp_path: Path, code: str) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def other_thread(fn):
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("value", fn()))
-    t.start()
-    t.join()
-    return box["value"]
 
 
 @pytest.fixture
@@ -290,33 +281,54 @@ def test_forked_child_calls_and_exits_while_parent_threads_are_inside_calls():
 # --------------------------------------------------------------------------
 
 
-def test_set_num_threads_is_process_wide(default_threads):
-    attnfast.set_num_threads(1)
-    assert other_thread(attnfast.get_num_threads) == 1
-    attnfast.set_num_threads(0)
-    assert other_thread(attnfast.get_num_threads) == attnfast.get_num_threads()
+# In a fresh interpreter with OMP_NUM_THREADS=3, so that every thread's OpenMP limit starts at a known
+# value other than 1 (an earlier test of this process may have left threadpoolctl's limit on this one).
+THREAD_LIMITS = """
+import json, threading
+import attnfast
+import threadpoolctl
 
+def in_other_thread(fn):
+    box = []
+    t = threading.Thread(target=lambda: box.append(fn()))
+    t.start()
+    t.join()
+    return box[0]
 
-def test_set_num_threads_from_another_thread_applies_to_the_main_thread(default_threads):
-    other_thread(lambda: attnfast.set_num_threads(1))
-    assert attnfast.get_num_threads() == 1
-
-
-def test_threadpool_limits_applies_to_the_calling_thread_only(default_threads):
-    # threadpoolctl limits OpenMP with omp_set_num_threads, whose nthreads-var is per thread; attnfast
-    # reads it as every OpenMP library does, so other threads keep their own default.
-    threadpoolctl = pytest.importorskip("threadpoolctl", reason="installed by the test extra")
-    default = attnfast.get_num_threads()
+def limited_in_that_thread():
     with threadpoolctl.threadpool_limits(1):
-        assert attnfast.get_num_threads() == 1
-        assert other_thread(attnfast.get_num_threads) == default
+        return attnfast.get_num_threads()
 
-    def limited_in_that_thread():
-        with threadpoolctl.threadpool_limits(1):
-            return attnfast.get_num_threads()
+seen = {"default": [attnfast.get_num_threads(), in_other_thread(attnfast.get_num_threads)]}
+attnfast.set_num_threads(2)
+seen["set_num_threads(2)"] = [attnfast.get_num_threads(), in_other_thread(attnfast.get_num_threads)]
+attnfast.set_num_threads(0)
+in_other_thread(lambda: attnfast.set_num_threads(1))
+seen["set_num_threads(1) in the other thread"] = [attnfast.get_num_threads(), in_other_thread(attnfast.get_num_threads)]
+attnfast.set_num_threads(0)
+with threadpoolctl.threadpool_limits(1):
+    seen["threadpool_limits(1)"] = [attnfast.get_num_threads(), in_other_thread(attnfast.get_num_threads)]
+seen["threadpool_limits(1) in the other thread"] = [attnfast.get_num_threads(), in_other_thread(limited_in_that_thread)]
+with threadpoolctl.threadpool_limits(2):
+    attnfast.set_num_threads(1)
+    seen["both"] = [attnfast.get_num_threads(), in_other_thread(attnfast.get_num_threads)]
+print(json.dumps(seen))
+"""
 
-    assert other_thread(limited_in_that_thread) == 1
-    assert attnfast.get_num_threads() == default
+
+def test_which_thread_limits_apply_to_which_thread():
+    pytest.importorskip("threadpoolctl", reason="installed by the test extra")
+    seen = run_json(THREAD_LIMITS, env={"OMP_NUM_THREADS": "3"})
+    # [this thread, another thread]: set_num_threads is process-wide, whichever thread calls it;
+    # threadpoolctl's OpenMP limit (omp_set_num_threads) is the calling thread's own, as OpenMP defines.
+    assert seen == {
+        "default": [3, 3],
+        "set_num_threads(2)": [2, 2],
+        "set_num_threads(1) in the other thread": [1, 1],
+        "threadpool_limits(1)": [1, 3],
+        "threadpool_limits(1) in the other thread": [3, 1],
+        "both": [1, 1],
+    }
 
 
 def test_omp_num_threads_applies_to_every_thread():

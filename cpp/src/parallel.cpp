@@ -6,10 +6,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <string>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -50,6 +51,15 @@ void run_tasks(Job& job, int slot) {
   }
 }
 
+// Runs every task on the calling thread, slot 0.
+void run_on_caller(int64_t tasks, TaskFn fn, void* context) {
+  Job job;
+  job.fn = fn;
+  job.context = context;
+  job.tasks = tasks;
+  run_tasks(job, 0);
+}
+
 class Pool {
  public:
   // See reserve_threads (attnfast/parallel.h). Once every worker a call needs exists, or once the OS
@@ -71,12 +81,19 @@ class Pool {
     if (!failure_unreported_.load(std::memory_order_acquire)) return false;
     std::lock_guard<std::mutex> lock(start_mutex_);
     if (!failure_unreported_.exchange(false, std::memory_order_acq_rel)) return false;
-    *failure = failure_;
+    failure->requested = failed_requested_;
+    failure->running = failed_running_;
+    failure->reason = failed_reason_;
     return true;
   }
 
   void run(int threads, int64_t tasks, TaskFn fn, void* context) {
-    auto job = std::make_shared<Job>();
+    std::shared_ptr<Job> job;
+    try {
+      job = std::make_shared<Job>();
+    } catch (const std::bad_alloc&) {
+      return run_on_caller(tasks, fn, context);  // run_parallel does not throw (see there)
+    }
     job->fn = fn;
     job->context = context;
     job->tasks = tasks;
@@ -120,21 +137,17 @@ class Pool {
   int grow(int wanted) {
     const int before = workers_.load(std::memory_order_relaxed);
     std::vector<std::thread> started;
-    std::string refusal;
+    const char* refusal = nullptr;
     try {
       started.reserve(static_cast<size_t>(wanted - before));
       for (int index = before; index < wanted; ++index) started.emplace_back([this, index] { worker_loop(index); });
     } catch (const std::exception& refused) {  // std::system_error (EAGAIN) or std::bad_alloc
-      refusal = refused.what();
+      // Copied without allocating: memory may be what ran out.
+      std::snprintf(failed_reason_, sizeof failed_reason_, "%s", refused.what());
+      refusal = failed_reason_;
     }
-    const int kept = before + static_cast<int>(refusal.empty() ? started.size() : started.size() / 2);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      workers_.store(kept, std::memory_order_release);
-      first_stopped_.store(kept, std::memory_order_release);
-      ++generation_;  // wakes the workers to stop
-    }
-    wake_.notify_all();
+    const int kept = before + static_cast<int>(refusal ? started.size() / 2 : started.size());
+    if (kept < before + static_cast<int>(started.size())) stop_workers_from(kept);
     for (size_t i = 0; i < started.size(); ++i) {
       if (before + static_cast<int>(i) < kept) {
         started[i].detach();
@@ -143,12 +156,24 @@ class Pool {
       }
     }
     first_stopped_.store(kNoneStopped, std::memory_order_release);  // the stopped ones are gone
-    if (!refusal.empty()) {
-      failure_ = ThreadStartFailure{wanted + 1, 1 + kept, refusal};
+    workers_.store(kept, std::memory_order_release);
+    if (refusal) {
+      failed_requested_ = wanted + 1;
+      failed_running_ = 1 + kept;
       failure_unreported_.store(true, std::memory_order_release);
       start_refused_.store(true, std::memory_order_release);
     }
     return kept;
+  }
+
+  // Workers numbered `first` or more leave their loop (to be joined) once they see this.
+  void stop_workers_from(int first) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      first_stopped_.store(first, std::memory_order_release);
+      ++generation_;  // wakes them
+    }
+    wake_.notify_all();
   }
 
   bool stopped(int index) const { return index >= first_stopped_.load(std::memory_order_acquire); }
@@ -179,7 +204,7 @@ class Pool {
   }
 
   std::mutex mutex_;        // guards current_ and the wake-up
-  std::mutex start_mutex_;  // one attempt to start workers at a time; guards failure_
+  std::mutex start_mutex_;  // one attempt to start workers at a time; guards the failed_ fields
   std::condition_variable wake_;
   std::shared_ptr<Job> current_;
   std::atomic<uint64_t> generation_{0};
@@ -188,7 +213,9 @@ class Pool {
   std::atomic<int> first_stopped_{kNoneStopped};  // workers numbered this or more stop
   std::atomic<bool> start_refused_{false};
   std::atomic<bool> failure_unreported_{false};
-  ThreadStartFailure failure_;
+  int failed_requested_ = 0;
+  int failed_running_ = 0;
+  char failed_reason_[128] = {};
 };
 
 // Never destroyed: detached workers may still be waiting on it while the process exits.
@@ -207,14 +234,7 @@ void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context) {
   if (tasks <= 0) return;
   if (threads > tasks) threads = static_cast<int>(tasks);
   if (threads > 1) threads = pool().reserve(threads);
-  if (threads <= 1) {
-    Job job;
-    job.fn = fn;
-    job.context = context;
-    job.tasks = tasks;
-    run_tasks(job, 0);
-    return;
-  }
+  if (threads <= 1) return run_on_caller(tasks, fn, context);
   pool().run(threads, tasks, fn, context);
 }
 

@@ -39,7 +39,8 @@ using TaskFn = void (*)(void* context, int64_t task, int slot, NextTask* next);
 // its thread runs next. Which slot runs a task never changes its result (tasks are independent), so
 // results do not depend on the thread count.
 // A thread the OS refused to start (a process, thread or memory limit) is not an error: the call runs
-// on the threads that did start, the caller alone at worst.
+// on the threads that did start, the caller alone at worst. run_parallel never throws, so kernels may
+// hold plain malloc'ed buffers across it.
 void run_parallel(int threads, int64_t tasks, TaskFn fn, void* context);
 
 // Starts pool workers until `threads` threads (the caller and threads - 1 workers) can run a call and

@@ -1,5 +1,5 @@
-// Releasing the GIL around a kernel, so that neither interpreter exit nor a refused thread start can
-// take the process down. Used by every binding that computes (module.cpp).
+// Releasing the GIL around a kernel so that interpreter exit cannot abort the process, and reporting a
+// thread the pool could not start. Used by every binding that computes (module.cpp).
 //
 // Exit: a daemon thread may still be inside a kernel when the main thread finalises the interpreter.
 // Before Python 3.14 a thread that takes the GIL back after finalisation started is ended with

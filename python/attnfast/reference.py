@@ -17,8 +17,9 @@ Numerics that the kernels must reproduce
   if the key were removed, its weight exactly 0.  The products of the weights
   with V are therefore selected by visibility, never multiplied by 0.  A row
   with no visible entry gets weights 0, output 0 and lse -inf: never NaN.
-* A NaN among a row's visible scores makes that row NaN (weights, output and
-  lse) and leaves the other rows alone; a NaN or inf in a visible key's V
+* A NaN among a row's visible scores makes that row NaN (output, lse and the
+  weights of its visible keys; hidden keys still weigh 0 in attention) and
+  leaves the other rows alone; a NaN or inf in a visible key's V
   reaches the rows that see it (even at weight 0, as 0 * NaN).
 * Overflow: attention scores are s = (scale * q) . k (+ bias), scale applied
   to q first (dot, scaled_dot, general) as the fused kernels do; computed in
@@ -333,10 +334,17 @@ def attention(
 
 
 def _attention_from_args(a):
+    # NaN inputs are data here (a KV cache from np.empty holds signalling NaNs too): no warnings.
+    with np.errstate(invalid="ignore"):
+        return _attention_from_args_checked(a)
+
+
+def _attention_from_args_checked(a):
     s = _attention_scores64(a)
     visible = _visibility(a)
     weights, lse = _masked_softmax64(s, visible, axis=-1)
     visible = visible & (s != -np.inf)  # a -inf score (or bias) hides the key too
+    weights = np.where(visible, weights, 0.0)  # 0 even in a row a NaN score made NaN
 
     vv = _gqa_values64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1

@@ -369,7 +369,8 @@ struct RowwiseAttention {
   }
 
   // Weights exp(s - m) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run);
-  // under a max of +inf, 1 / l (l counts them) for +inf scores and 0 for the others.
+  // under a max of +inf, 1 / l (l counts them) for +inf scores and 0 for the others. In a row that a NaN
+  // score made NaN, hidden keys still weigh 0.
   int write_weights(const T* row_stats) const {
     const int64_t kv_items = p.batch / p.group;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
@@ -394,7 +395,8 @@ struct RowwiseAttention {
             T e[L];
             const V x = V::load_partial(s + t, n);
             V y = exp2_nonpositive((x - V::set1(shift)) * V::set1(T(kLog2e))) * inv;
-            if (m2 == pos_inf<T>()) y = select(cmp_eq(x, V::set1(pos_inf<T>())), inv, y);
+            if (m2 == pos_inf<T>() || l != l)  // rare rows: see the comment above
+              y = select(cmp_eq(x, V::set1(neg_inf<T>())), V::zero(), select(cmp_eq(x, V::set1(pos_inf<T>())), inv, y));
             y.store(e);
             for (int u = 0; u < n; ++u) out[t + u] = e[u];
           }

@@ -496,11 +496,12 @@ struct TiledAttention {
 
   // Attention weights exp(s - m) / l = exp(s - lse) of the block's rows, only when the caller asked.
   // Uses m and l separately, not lse: for huge scores (1e30) m + log(l) rounds back to m.
-  // A row whose max is +inf gives each +inf score 1 / l (l counts them) and every other key 0.
+  // Rare rows, found once per block (special): a row whose max is +inf gives each +inf score 1 / l (l
+  // counts them) and every other key 0; in a row that a NaN score made NaN, hidden keys still weigh 0.
   void write_weights(const Block& blk) const {
-    const V log2e = V::set1(T(kLog2e)), plus_inf = V::set1(pos_inf<T>());
-    bool saturated = false;
-    for (int64_t i = 0; i < blk.mb; ++i) saturated = saturated || blk.m[i] == pos_inf<T>();
+    const V log2e = V::set1(T(kLog2e)), plus_inf = V::set1(pos_inf<T>()), minus_inf = V::set1(neg_inf<T>());
+    bool special = false;
+    for (int64_t i = 0; i < blk.mb; ++i) special = special || blk.m[i] == pos_inf<T>() || blk.l[i] != blk.l[i];
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
@@ -515,7 +516,7 @@ struct TiledAttention {
           for (int64_t j = 0; j < nk; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
             V w = exp2_nonpositive((x - shift) * log2e) * inv;
-            if (saturated) w = select(cmp_eq(x, plus_inf), inv, w);
+            if (special) w = select(cmp_eq(x, minus_inf), V::zero(), select(cmp_eq(x, plus_inf), inv, w));
             w.store(blk.s + j * MB + i0);
           }
         }

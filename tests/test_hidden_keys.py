@@ -27,12 +27,12 @@ POISONS = ["nan", "inf", "garbage"]
 
 # (q batch, kv batch, Lq, D) per path; Lk comes from the test (L) or is fixed (the split paths).
 # tiled: 2 items x ceil(L / 48) blocks, never split below Lk = 1024, and for L = 1025 44 tasks >= 32;
-# rowwise: GQA group 2 x 3 query rows = 6 rows per kv item (<= 16); split: one 40-row block over
+# rowwise: GQA group 2 x 3 query rows = 6 rows per kv item (<= 16); split: GQA, two 40-row blocks over
 # 2100 keys (5 chunks of 448, key_chunks); rowwise_split: one kv item, 2500 keys (3 chunks of 1024).
 PATHS = {
     "tiled": ((2, 1), (2, 1), None, 17),
     "rowwise": ((2, 2), (2, 1), 3, 65),
-    "split": ((1, 1), (1, 1), 40, 64),
+    "split": ((1, 2), (1, 1), 40, 64),
     "rowwise_split": ((1, 2), (1, 1), 1, 33),
 }
 SPLIT_LK = {"split": 2100, "rowwise_split": 2500}
@@ -205,11 +205,12 @@ def test_hidden_keys_key_split(isa, path, hiding, poison_kind, dtype):
     _check_hidden_poison(path, hiding, None, poison_kind, dtype)
 
 
-@pytest.mark.parametrize("path, l", [("tiled", 97), ("tiled", 1025), ("rowwise", 97), ("split", None),
-                                     ("rowwise_split", None)])
-def test_clean_cases_match_reference(isa, path, l):
-    # The clean calls the poisoned ones are compared with are right: the tolerance table, every hiding.
-    for hiding in HIDINGS:
+@pytest.mark.parametrize("path, l, hidings", [("tiled", 97, HIDINGS), ("rowwise", 97, HIDINGS),
+                                              ("rowwise_split", None, HIDINGS),
+                                              ("split", None, ["mask_strided", "bias_neg_inf", "combined"])])
+def test_clean_cases_match_reference(isa, path, l, hidings):
+    # The clean calls the poisoned ones are compared with are right (the tolerance table).
+    for hiding in hidings:
         q, k, v, kw, _ = _make_case(path, hiding, l, np.float32)
         check_attention(q, k, v, dtype=np.float32, what=f"{path}/{hiding}", **kw)
 
@@ -293,3 +294,24 @@ def test_neg_inf_bias_hides_a_nan_key_row(isa, dtype, lq, lk):
         for g, w_, r in zip(got, want, ref):
             np.testing.assert_array_equal(g, w_)
             assert_close_fixed(r, w_, dtype, scale=1.0 if r.ndim == 3 and r.shape[-1] == lk else None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path, lq, lk", [("split", 40, 2100), ("rowwise_split", 1, 2500)])
+def test_visible_nan_in_a_chunk_whose_weight_underflows(isa, dtype, path, lq, lk):
+    # The key-split merges weigh a chunk by exp(m_chunk - m); where that underflows to 0 the chunk's
+    # accumulator is still multiplied, never selected away, so a NaN V there reaches the row as it does
+    # in one pass (and in the reference, where 0 * NaN is NaN too).
+    rng = _rng("underflow", path, np.dtype(dtype).name)
+    q = rng.standard_normal((1, 1, lq, 8)).astype(dtype)
+    k = rng.standard_normal((1, 1, lk, 8)).astype(dtype)
+    v = rng.standard_normal((1, 1, lk, 8)).astype(dtype)
+    bias = np.zeros((1, lk), dtype)
+    bias[:, :1024] = -1e4  # the first chunk(s): exp(-1e4) is 0 in both dtypes
+    v[..., 7, 2] = np.nan
+    out = attnfast.attention(q, k, v, bias=bias)
+    ref = reference.attention(q, k, v, bias=bias)
+    expected = np.zeros(out.shape, bool)
+    expected[..., 2] = True
+    np.testing.assert_array_equal(np.isnan(out), expected)
+    np.testing.assert_array_equal(np.isnan(ref), expected)

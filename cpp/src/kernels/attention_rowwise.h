@@ -256,8 +256,10 @@ struct RowwiseAttention {
     if (chunk_needs_care(w)) run_chunk_pass<true>(w);
   }
 
+  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks instead, the
+  // normal pass ran up to 2% slower on 16-row decode shapes.
   template <bool kCareful>
-  void run_chunk_pass(Work& w) const {
+  __attribute__((noinline)) void run_chunk_pass(Work& w) const {
     prepare(w);
     int64_t first = w.j_end, last = w.j_begin;
     for (int64_t r = 0; r < rows; ++r)

@@ -45,8 +45,6 @@ inline bool mask_row_hides_all(const uint8_t* mrow, int64_t col_stride, int64_t 
   return true;
 }
 
-// Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), NaN if the
-// row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
 template <class T>
 inline T pos_inf() {
   return std::numeric_limits<T>::infinity();
@@ -74,6 +72,8 @@ inline bool all_finite(const T* x, int64_t n) {
   return s - s == T(0);
 }
 
+// Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), +inf when its
+// max is +inf, NaN if the row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
 template <class T>
 inline T row_lse(T m, T l) {
   if (l == T(0)) return neg_inf<T>();

@@ -184,19 +184,24 @@ def merge_states(outs, lses):
     """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
 
     lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
-    nothing; a row empty in every part gives out 0 and lse -inf.
+    nothing (whatever their out holds); a row empty in every part gives out 0 and lse -inf. Any other
+    part's NaN or inf reaches the result even when its factor underflows to 0. Parts with lse_i = +inf
+    share the row evenly and the others weigh 0; the merged lse is then +inf (as attention's rows whose
+    max score is +inf).
     """
     a = _inputs.check_merge_states(outs, lses)
     # Elementwise and memory-bound: NumPy in the parts' own dtype is as fast as a kernel would be.
     s = np.stack(a.lses)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(s, axis=0)
-        shift = np.where(m == -np.inf, 0, m)
-        e = np.exp(s - shift)
+        saturated = m == np.inf
+        shift = np.where((m == -np.inf) | saturated, 0, m)
+        e = np.where(saturated, (s == np.inf).astype(s.dtype), np.exp(s - shift))
         total = np.sum(e, axis=0)
-        lse = shift + np.log(total)
-        factor = np.where(s == -np.inf, 0, e / np.where(total == 0, 1, total))
+        lse = np.where(saturated, np.inf, shift + np.log(total)).astype(s.dtype, copy=False)
+        factor = e / np.where(total == 0, 1, total)
         merged = np.zeros(a.shape, a.dtype)
-        for part, f in zip(a.outs, factor):
-            merged += np.where(f[..., None] == 0, 0, f[..., None] * part)
+        for part, f, empty in zip(a.outs, factor, s == -np.inf):
+            # Select, never multiply, an empty part away: its out may hold anything.
+            merged += np.where(empty[..., None], 0, f[..., None] * part)
     return merged.astype(a.dtype, copy=False), lse.astype(a.dtype, copy=False)

@@ -10,12 +10,25 @@ Numerics that the kernels must reproduce
 -----------------------------------------
 * Softmax subtracts the maximum of the *visible* entries of each row, so any
   finite logits (e.g. +-1e30) work.
-* An entry is invisible when masked out (mask False, causal, window,
-  kv_lengths) or when its score is -inf (e.g. from ``bias``).  A row with no
-  visible entry gets weights 0, output 0 and lse -inf: never NaN.
-* A NaN among a row's visible scores makes that row NaN (weights, output and
-  lse) and leaves the other rows alone.  A +inf visible score also yields NaN
-  (inf - inf), as it does in the kernels.
+* An entry is invisible (hidden) when masked out (mask False, causal, window,
+  kv_lengths), when its bias is -inf (whatever the score: even a NaN from K)
+  or when its score is -inf.  A hidden key contributes nothing to the row,
+  whatever its K and V hold (NaN, inf, garbage): out, lse and weights are as
+  if the key were removed, its weight exactly 0.  The products of the weights
+  with V are therefore selected by visibility, never multiplied by 0.  A row
+  with no visible entry gets weights 0, output 0 and lse -inf: never NaN.
+* A NaN among a row's visible scores makes that row NaN (output, lse and the
+  weights of its visible keys; hidden keys still weigh 0 in attention) and
+  leaves the other rows alone; a NaN or inf in a visible key's V
+  reaches the rows that see it (even at weight 0, as 0 * NaN).
+* Overflow: attention scores are s = (scale * q) . k (+ bias), scale applied
+  to q first (dot, scaled_dot, general) as the fused kernels do; computed in
+  float64, a score that does not fit the computation dtype (it would round
+  past float32's largest finite value) becomes +-inf.  A row whose maximum is
+  +inf splits its weight evenly over its +inf scores (the limit of the
+  softmax as they grow together), every other key weighs exactly 0, and its
+  lse is +inf.  :func:`softmax` and :func:`merge_states` (parts with lse
+  +inf) follow the same rule.
 """
 
 from __future__ import annotations
@@ -27,19 +40,36 @@ from . import _inputs
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
 
 _F64 = np.float64
+# The smallest magnitude that rounds to infinity in float32: halfway between its largest finite value,
+# (2 - 2^-23) 2^127, and 2^128 (ties go to the even neighbour, 2^128).
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 def _swap(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
 
-def _scores64(q: np.ndarray, k: np.ndarray, a) -> np.ndarray:
+def _saturate(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float64 ``x`` with the values that overflow ``dtype`` (float32) replaced by +-inf."""
+    if np.dtype(dtype).itemsize >= 8:
+        return x  # float64 arithmetic overflows by itself
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(x) >= _FLOAT32_OVERFLOW, np.copysign(np.inf, x), x)
+
+
+def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.ndarray:
     """Scores of float64 q (..., Lq, D), k (..., Lk, Dk) with the method of ``a``.
 
     ``a`` is a ScoresArgs or AttentionArgs (only the method fields are read).
-    Batch axes broadcast as in ``np.matmul``.
+    Batch axes broadcast as in ``np.matmul``.  ``scale_first``: dot-product
+    methods compute (scale * q) . k, saturated to the computation dtype, as
+    the fused attention does (see the module docstring).
     """
     m = a.method
+    if scale_first and m in ("dot", "scaled_dot", "general"):
+        qq = q @ a.w.astype(_F64) if m == "general" else q
+        qq = _saturate(_saturate(qq, a.dtype) * a.scale, a.dtype)
+        return _saturate(qq @ _swap(k), a.dtype)
     if m in ("dot", "scaled_dot"):
         s = q @ _swap(k)
     elif m == "general":
@@ -63,7 +93,8 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int):
 
     Returns (weights, lse).  ``visible`` is a bool array broadcastable to
     ``s`` or None.  Rows with no visible finite-or-+inf entry give weights 0
-    and lse -inf.
+    and lse -inf.  Rows whose maximum is +inf give each +inf entry the weight
+    1 / (their count), every other entry 0, and lse +inf.
     """
     if visible is not None:
         # Hiding an entry by -inf (rather than multiplying by 0) also hides a
@@ -77,11 +108,14 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int):
             m = np.full(s.shape[:axis] + (1,) + s.shape[axis + 1 :], -np.inf)
         # An all -inf row has max -inf; shifting by 0 instead keeps exp(-inf)
         # = 0 rather than exp(-inf - -inf) = NaN.
-        shift = np.where(m == -np.inf, 0.0, m)
-        e = np.exp(s - shift)
+        saturated = m == np.inf
+        shift = np.where((m == -np.inf) | saturated, 0.0, m)
+        # A row with max +inf: the limit of the softmax as its +inf scores grow
+        # together, weight 1 each before normalising, 0 for every other entry.
+        e = np.where(saturated, (s == np.inf).astype(_F64), np.exp(s - shift))
         total = np.sum(e, axis=axis, keepdims=True)
         weights = e / np.where(total == 0.0, 1.0, total)
-        lse = shift + np.log(total)  # log(0) = -inf for empty rows
+        lse = np.where(saturated, np.inf, shift + np.log(total))  # log(0) = -inf for empty rows
     return weights, np.squeeze(lse, axis=axis)
 
 
@@ -177,18 +211,54 @@ def _visibility(a) -> np.ndarray:
 
 
 def _attention_scores64(a) -> np.ndarray:
-    """Scores (batch..., Lq, Lk) in float64, with GQA done by reshaping, not repeating."""
+    """Final scores (batch..., Lq, Lk) in float64, bias included, saturated to the dtype.
+
+    GQA by reshaping, not repeating.  A -inf bias gives -inf whatever the score.
+    """
     q = np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)).astype(_F64)
     k = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(_F64)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
-    if a.group == 1 or hk == 1:
-        return _scores64(q, k, a)
-    # Query head h = kv_head * group + g, so splitting the head axis into
-    # (Hk, group) lines each query head up with kv head h // group.
-    rest = a.batch_shape[:-1]
-    qg = q.reshape(rest + (hk, a.group, a.lq, a.d))
-    kg = k[..., None, :, :]  # (rest, Hk, 1, Lk, Dk)
-    return _scores64(qg, kg, a).reshape(a.batch_shape + (a.lq, a.lk))
+    with np.errstate(invalid="ignore", over="ignore"):
+        if a.group == 1 or hk == 1:
+            s = _saturate(_scores64(q, k, a, scale_first=True), a.dtype)
+        else:
+            # Query head h = kv_head * group + g, so splitting the head axis into
+            # (Hk, group) lines each query head up with kv head h // group.
+            rest = a.batch_shape[:-1]
+            qg = q.reshape(rest + (hk, a.group, a.lq, a.d))
+            kg = k[..., None, :, :]  # (rest, Hk, 1, Lk, Dk)
+            s = _saturate(_scores64(qg, kg, a, scale_first=True), a.dtype).reshape(a.batch_shape + (a.lq, a.lk))
+        if a.bias is not None:
+            b = a.bias.astype(_F64)
+            s = np.where(b == -np.inf, -np.inf, _saturate(s + b, a.dtype))
+    return s
+
+
+def _weighted_values64(weights: np.ndarray, visible: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """weights @ v, where row i takes key j's product only when j is visible to i.
+
+    A hidden key's V never reaches the row, not even as 0 * NaN; a visible
+    key's NaN or inf does (at any weight).  Broadcasts like ``np.matmul``:
+    weights and visible (..., Lq, Lk), v (..., Lk, Dv).  The finite part of v
+    goes through one matmul; only keys holding a NaN or inf are redone with a
+    select, in slices of keys that keep the (..., Lq, keys, Dv) products small.
+    """
+    finite = np.isfinite(v)
+    out = weights @ np.where(finite, v, 0.0)
+    bad = np.flatnonzero(~np.all(finite, axis=tuple(range(v.ndim - 2)) + (v.ndim - 1,)))
+    if bad.size == 0:
+        return out
+    v_bad = np.where(finite, 0.0, v)  # only the non-finite entries, 0 elsewhere
+    per_key = max(1, out.size)
+    step = max(1, (1 << 24) // per_key)
+    with np.errstate(invalid="ignore"):
+        for start in range(0, bad.size, step):
+            keys = bad[start:start + step]
+            w = weights[..., :, keys][..., None]  # (..., Lq, n, 1)
+            seen = np.broadcast_to(visible, weights.shape)[..., :, keys][..., None]
+            vk = v_bad[..., keys, :][..., None, :, :]  # (..., 1, n, Dv)
+            out = out + np.sum(np.where(seen, w * vk, 0.0), axis=-2)
+    return out
 
 
 def _gqa_values64(a) -> np.ndarray:
@@ -264,19 +334,27 @@ def attention(
 
 
 def _attention_from_args(a):
+    # NaN inputs are data here (a KV cache from np.empty holds signalling NaNs too): no warnings.
+    with np.errstate(invalid="ignore"):
+        return _attention_from_args_checked(a)
+
+
+def _attention_from_args_checked(a):
     s = _attention_scores64(a)
-    if a.bias is not None:
-        s = s + a.bias.astype(_F64)
-    weights, lse = _masked_softmax64(s, _visibility(a), axis=-1)
+    visible = _visibility(a)
+    weights, lse = _masked_softmax64(s, visible, axis=-1)
+    visible = visible & (s != -np.inf)  # a -inf score (or bias) hides the key too
+    weights = np.where(visible, weights, 0.0)  # 0 even in a row a NaN score made NaN
 
     vv = _gqa_values64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
     if a.group == 1 or hk == 1:
-        o = weights @ vv
+        o = _weighted_values64(weights, visible, vv)
     else:
         rest = a.batch_shape[:-1]
         wg = weights.reshape(rest + (hk, a.group, a.lq, a.lk))
-        o = (wg @ vv).reshape(a.batch_shape + (a.lq, a.dv))
+        vg = visible.reshape(rest + (hk, a.group, a.lq, a.lk))
+        o = _weighted_values64(wg, vg, vv).reshape(a.batch_shape + (a.lq, a.dv))
 
     if a.out is not None:
         a.out[...] = o
@@ -307,16 +385,22 @@ def merge_states(outs, lses):
         sum_i exp(lse_i - lse) * out_i; 0 where every part is empty.
     lse : ndarray, (..., Lq)
         log(sum_i exp(lse_i)); -inf where every part is empty.
+
+    A NaN or inf in the out of a part whose lse is not -inf reaches the
+    result even when its weight exp(lse_i - lse) underflows to 0.  Where some
+    parts have lse +inf, they share the weight evenly, the others weigh 0
+    (times their out) and the merged lse is +inf, as in :func:`attention`.
     """
     a = _inputs.check_merge_states(outs, lses)
     o = np.stack([x.astype(_F64) for x in a.outs])  # (n, ..., Lq, Dv)
     s = np.stack([x.astype(_F64) for x in a.lses])  # (n, ..., Lq)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(s, axis=0)
-        shift = np.where(m == -np.inf, 0.0, m)
-        e = np.exp(s - shift)
+        saturated = m == np.inf
+        shift = np.where((m == -np.inf) | saturated, 0.0, m)
+        e = np.where(saturated, (s == np.inf).astype(_F64), np.exp(s - shift))
         total = np.sum(e, axis=0)
-        lse = shift + np.log(total)
+        lse = np.where(saturated, np.inf, shift + np.log(total))
         # An empty part (lse_i = -inf) contributes nothing, even if its out
         # holds garbage; an all-empty row stays 0.
         factor = np.where(s == -np.inf, 0.0, e / np.where(total == 0.0, 1.0, total))

@@ -2,6 +2,14 @@
 // and the online-softmax bookkeeping. Scores stay in natural units (s = scale * q.k + bias, with scale
 // folded into q once); every exponential is exp2((s - m) * log2 e), the row max subtracted *before*
 // the change of base, so the rounding error grows with |s - m| as in the textbook formula, not with |s|.
+//
+// Hidden keys (mask, causal, window, kv_lengths, a -inf bias or score) must not reach a row whatever K
+// and V hold. Their scores are -inf and weigh exactly 0, but the P.V products still form 0 * V, which is
+// NaN for a NaN or infinite V. Both paths therefore check each finished row (a NaN or infinity in its
+// accumulator or sum; free beside the row's work) and only then redo that work carefully, adding a
+// (key, row) product only where the key is visible. The same rerun handles rows whose max is +inf
+// (overflowed scores, +inf bias): each +inf score weighs 1 / (their count), every other key 0, lse +inf,
+// the limit of the softmax as those scores grow together.
 #pragma once
 #include <cmath>
 
@@ -37,8 +45,35 @@ inline bool mask_row_hides_all(const uint8_t* mrow, int64_t col_stride, int64_t 
   return true;
 }
 
-// Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), NaN if the
-// row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
+template <class T>
+inline T pos_inf() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// A bias entry added to a score; a -inf bias hides the key whatever its score (NaN from a NaN or
+// infinite K row included), as the mask does.
+template <class T>
+inline T add_bias_entry(T s, T b) {
+  return b == neg_inf<T>() ? b : s + b;
+}
+
+// True when all n elements of x are finite: one sum, which is NaN or infinite otherwise (or when a sum
+// of large finite values overflows: a false alarm only costs the caller its careful path).
+template <class V, class T = typename V::Scalar>
+inline bool all_finite(const T* x, int64_t n) {
+  V s0 = V::zero(), s1 = V::zero();
+  int64_t e = 0;
+  for (; e + 2 * V::kLanes <= n; e += 2 * V::kLanes) {
+    s0 = s0 + V::load(x + e);
+    s1 = s1 + V::load(x + e + V::kLanes);
+  }
+  for (; e < n; e += V::kLanes) s0 = s0 + V::load_partial(x + e, static_cast<int>(imin(V::kLanes, n - e)));
+  const T s = reduce_add(s0 + s1);
+  return s - s == T(0);
+}
+
+// Log-sum-exp of a row from its running max and sum: -inf when no key was visible (l = 0), +inf when its
+// max is +inf, NaN if the row had a NaN. Evaluated in double, so a float lse is m + ln(l) rounded once.
 template <class T>
 inline T row_lse(T m, T l) {
   if (l == T(0)) return neg_inf<T>();

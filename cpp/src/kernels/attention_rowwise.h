@@ -8,6 +8,10 @@
 // When there are few kv items and many keys, the keys are split into chunks processed in parallel and
 // merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
 // chunk order, so results are bitwise identical for any thread count.
+// Hidden keys (attention_common.h): a chunk whose finished rows hold a NaN or infinity (chunk_needs_care)
+// is run once more with kCareful, where a row's P.V skips the keys it cannot see. A row whose max is
+// +inf gives each +inf score p = 1 and every other key 0 (softmax_row_saturated), so its lse is +inf and
+// its output the mean of those keys' V rows.
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"
@@ -115,7 +119,7 @@ struct RowwiseAttention {
       if (p.bias.data) {
         const int64_t cs = p.bias.col_stride_elements;
         const T* brow = p.bias.row(b, i) + j0 * cs;
-        for (int64_t t = 0; t < nk; ++t) s[t] += brow[t * cs];
+        for (int64_t t = 0; t < nk; ++t) s[t] = add_bias_entry(s[t], brow[t * cs]);
       }
       const int64_t lo = imin(nk, imax(0, w.lo[r] - j0));
       const int64_t hi = imax(lo, imin(nk, w.hi[r] - j0));
@@ -133,6 +137,7 @@ struct RowwiseAttention {
   T softmax_row(T* s, int64_t nk, T* m, T* l) const {
     T m_new = *m;
     for (int64_t t = 0; t < nk; ++t) m_new = s[t] > m_new || s[t] != s[t] ? s[t] : m_new;
+    if (m_new == pos_inf<T>()) return softmax_row_saturated(s, nk, m, l);
     const T m_use = m_new == neg_inf<T>() ? T(0) : m_new;
     const int64_t full = nk / L * L;
     const int tail = static_cast<int>(nk - full);
@@ -157,8 +162,27 @@ struct RowwiseAttention {
     return alpha[0];
   }
 
+  // The row's max is +inf (overflowed scores, a +inf bias): in the limit of the softmax as those scores
+  // grow together each +inf key weighs the same and every other key 0, so p = 1 for them, 0 for finite
+  // and -inf scores (NaN stays NaN), and what the row summed under a finite max weighs 0 (alpha).
+  T softmax_row_saturated(T* s, int64_t nk, T* m, T* l) const {
+    T count = 0;
+    for (int64_t t = 0; t < nk; ++t) {
+      const T x = s[t];
+      s[t] = x == pos_inf<T>() ? T(1) : (x != x ? x : T(0));
+      count += s[t];
+    }
+    const T alpha = *m == pos_inf<T>() ? T(1) : T(0);
+    *l = *l * alpha + count;
+    *m = pos_inf<T>();
+    return alpha;
+  }
+
   // acc[r] = acc[r] * alpha + sum_t s[r][t] * V[j0 + t], kDvVectors value vectors at a time.
-  void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk) const {
+  // kCareful: keys with hidden[t] set (hidden from this row) are skipped, so their V cannot reach the
+  // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
+  template <bool kCareful>
+  void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
     const T* v = p.v.row(w.kv_item, j0);
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
@@ -173,6 +197,7 @@ struct RowwiseAttention {
       for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
       if (nvec == kDvVectors && last == L) {
         for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
           const V pt = V::set1(s[t]);
           const T* vr = v + t * vs + c0;
 #pragma GCC unroll 16
@@ -180,6 +205,7 @@ struct RowwiseAttention {
         }
       } else {
         for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
           const V pt = V::set1(s[t]);
           const T* vr = v + t * vs + c0;
           for (int u = 0; u < nvec; ++u)
@@ -218,7 +244,22 @@ struct RowwiseAttention {
     return true;
   }
 
+  // True when a row of the chunk has a NaN or infinity in its sum or accumulator (see the header).
+  bool chunk_needs_care(const Work& w) const {
+    for (int64_t r = 0; r < rows; ++r)
+      if (w.l[r] - w.l[r] != T(0) || !all_finite<V>(w.acc + r * dv_pad, dv_pad)) return true;
+    return false;
+  }
+
   void run_chunk(Work& w) const {
+    run_chunk_pass<false>(w);
+    if (chunk_needs_care(w)) run_chunk_pass<true>(w);
+  }
+
+  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks instead, the
+  // normal pass ran up to 2% slower on 16-row decode shapes.
+  template <bool kCareful>
+  __attribute__((noinline)) void run_chunk_pass(Work& w) const {
     prepare(w);
     int64_t first = w.j_end, last = w.j_begin;
     for (int64_t r = 0; r < rows; ++r)
@@ -231,8 +272,11 @@ struct RowwiseAttention {
       if (bool_mask_hides_tile(w, j0, nk)) continue;  // neither K nor V of those keys is read
       score_tile(w, j0, nk);
       for (int64_t r = 0; r < rows; ++r) {
+        bool hidden[kCareful ? NK : 1];
+        if (kCareful)
+          for (int64_t t = 0; t < nk; ++t) hidden[t] = w.s[r * NK + t] == neg_inf<T>();
         const T alpha = softmax_row(w.s + r * NK, nk, &w.m[r], &w.l[r]);
-        accumulate(w, r, alpha, j0, nk);
+        accumulate<kCareful>(w, r, alpha, j0, nk, hidden);
       }
     }
   }
@@ -267,7 +311,9 @@ struct RowwiseAttention {
   }
 
   // Merges the chunks of one kv item in chunk order: M = max m_c, l = sum l_c 2^(m_c - M), and the
-  // accumulators alike; identical to having processed all keys in one pass, up to rounding.
+  // accumulators alike; identical to having processed all keys in one pass, up to rounding. A chunk with
+  // m = +inf (its l counts its +inf scores) enters with factor 1 and the finite ones with 0; a factor
+  // that underflows to 0 still multiplies its accumulator, so a NaN there reaches the row.
   void merge(int64_t kv_item, const T* partials, T* row_acc, T* row_stats) const {
     const int64_t ps = partial_stride();
     for (int64_t r = 0; r < rows; ++r) {
@@ -283,8 +329,9 @@ struct RowwiseAttention {
         const T* part = partials + ((kv_item * chunks + c) * rows + r) * ps;
         T f[L];
         exp2_nonpositive(V::set1(part[dv_pad] - shift) * V::set1(T(kLog2e))).store(f);
-        l += part[dv_pad + 1] * f[0];
-        for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * f[0];
+        const T factor = part[dv_pad] == pos_inf<T>() ? T(1) : f[0];
+        l += part[dv_pad + 1] * factor;
+        for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * factor;
       }
       write_row(kv_item, r, row_acc, big, l, row_stats);
     }
@@ -323,7 +370,9 @@ struct RowwiseAttention {
     return kOk;
   }
 
-  // Weights exp(s - m) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run).
+  // Weights exp(s - m) / l = exp(s - lse) for every row, after (m2, l) are final (row_stats from run);
+  // under a max of +inf, 1 / l (l counts them) for +inf scores and 0 for the others. In a row that a NaN
+  // score made NaN, hidden keys still weigh 0.
   int write_weights(const T* row_stats) const {
     const int64_t kv_items = p.batch / p.group;
     ThreadScratch scratch(p.num_threads, scratch_bytes());
@@ -347,7 +396,9 @@ struct RowwiseAttention {
             const int n = static_cast<int>(imin(L, nk - t));
             T e[L];
             const V x = V::load_partial(s + t, n);
-            const V y = exp2_nonpositive((x - V::set1(shift)) * V::set1(T(kLog2e))) * inv;
+            V y = exp2_nonpositive((x - V::set1(shift)) * V::set1(T(kLog2e))) * inv;
+            if (m2 == pos_inf<T>() || l != l)  // rare rows: see the comment above
+              y = select(cmp_eq(x, V::set1(neg_inf<T>())), V::zero(), select(cmp_eq(x, V::set1(pos_inf<T>())), inv, y));
             y.store(e);
             for (int u = 0; u < n; ++u) out[t + u] = e[u];
           }

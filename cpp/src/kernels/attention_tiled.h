@@ -25,6 +25,10 @@
 // alpha = exp(m_old - m_new) only for rows whose m moved; each row is normalised once at the end.
 // Rows with no visible key get out 0 and lse -inf (m is replaced by 0 before subtracting, so
 // -inf - -inf never happens). Results do not depend on the thread count.
+// Hidden keys and +inf scores (attention_common.h): a block whose finished rows hold a NaN or infinity
+// (block_needs_care) is accumulated once more with kCareful, where a V tile that is not all finite is
+// multiplied by P only at visible (key, row) pairs (accumulate_visible) and +inf scores weigh 1 each
+// under a row max of +inf. Blocks of finite rows, nearly all, pay one pass over O^T for the check.
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"
@@ -66,7 +70,7 @@ struct TiledAttention {
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(dv_rows * MB) +
            Carver::bytes<T>(p.v_a ? p.depth : 0) + Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) +
-           Carver::bytes<T>(p.mask.data ? MB * NK : 0) +
+           Carver::bytes<T>(p.mask.data ? MB * NK : 0) + Carver::bytes<T>(NK * MB) +
            3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
   }
 
@@ -77,6 +81,7 @@ struct TiledAttention {
     T* va_scaled;                                // additive only: scale * v_a
     T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
     T* mask_rows;   // a tile of the mask as 0/1, query-major
+    T* s_raw;       // careful pass only: the tile's scores before softmax_tile turns them into P
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
@@ -255,15 +260,18 @@ struct TiledAttention {
 
   // S^T is key-major, the bias query-major. A bias broadcast over the queries (row stride 0: a per-key
   // bias) is one vector add per key; a full one with contiguous rows is transposed by 8 x 8 register
-  // blocks first; other layouts are added element by element.
+  // blocks first; other layouts are added element by element. A -inf bias entry gives -inf whatever the
+  // score (add_bias_entry): the key is hidden even where its K row made the score NaN.
   void add_bias(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t cs = p.bias.col_stride_elements;
+    const V minus_inf = V::set1(neg_inf<T>());
     if (p.bias.row_stride_elements == 0) {
       const T* brow = p.bias.row(blk.b, blk.i_begin) + j0 * cs;
       for (int64_t j = 0; j < nk; ++j) {
         const V b = V::set1(brow[j * cs]);
+        const auto hides = cmp_eq(b, minus_inf);
         T* sj = blk.s + j * MB;
-        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) (V::load(sj + i0) + b).store(sj + i0);
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) select(hides, b, V::load(sj + i0) + b).store(sj + i0);
       }
       return;
     }
@@ -276,13 +284,15 @@ struct TiledAttention {
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t i = blk.mb; i < round_up(blk.mb, L); ++i) blk.bias_t[j * MB + i] = T(0);
       for (int64_t j = 0; j < nk; ++j)
-        for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
-          (V::load(blk.s + j * MB + i0) + V::load(blk.bias_t + j * MB + i0)).store(blk.s + j * MB + i0);
+        for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+          const V b = V::load(blk.bias_t + j * MB + i0);
+          select(cmp_eq(b, minus_inf), b, V::load(blk.s + j * MB + i0) + b).store(blk.s + j * MB + i0);
+        }
       return;
     }
     for (int64_t i = 0; i < blk.mb; ++i) {
       const T* brow = p.bias.row(blk.b, blk.i_begin + i) + j0 * cs;
-      for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] += brow[j * cs];
+      for (int64_t j = 0; j < nk; ++j) blk.s[j * MB + i] = add_bias_entry(blk.s[j * MB + i], brow[j * cs]);
     }
   }
 
@@ -346,9 +356,14 @@ struct TiledAttention {
   // consistent with the old m, so alpha is 1 and the rescale pass skips the row. Once the first tiles
   // have set m, a row rarely needs rescaling again (the pass cost 2-3% of a long-context call).
   // out = O / l and lse = m + ln l do not depend on which m was used.
+  // kCareful (the rerun of a block with a non-finite row): keeps the raw scores in s_raw for
+  // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes
+  // inf - inf = NaN there, which is how such a block gets here); a row that turns +inf drops what it
+  // summed under a finite max (alpha = 0).
+  template <bool kCareful>
   void softmax_tile(const Block& blk, int64_t nk) const {
-    const V zero = V::zero();
-    const V minus_inf = V::set1(neg_inf<T>());
+    const V zero = V::zero(), one = V::set1(T(1));
+    const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>());
     const V log2e = V::set1(T(kLog2e));
     const V margin = V::set1(T(kLazyMargin));
     for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
@@ -359,11 +374,17 @@ struct TiledAttention {
       const V m_use = select(cmp_eq(m_new, minus_inf), zero, m_new);  // never -inf - -inf
       // Unchanged m: alpha is exactly 2^0 = 1. A row that has seen no key yet has a zero accumulator:
       // alpha = 1 spares rescaling it.
-      const V alpha = select(cmp_eq(m_old, minus_inf), V::set1(T(1)), exp2_nonpositive((m_old - m_use) * log2e));
+      V alpha = select(cmp_eq(m_old, minus_inf), one, exp2_nonpositive((m_old - m_use) * log2e));
+      if (kCareful) alpha = select(cmp_eq(m_old, plus_inf), one, alpha);  // already +inf: inf - inf
       // p = exp of one key's scores, stored in place of them.
       const auto term = [&](int64_t j) {
         T* sj = blk.s + j * MB + i0;
-        const V pj = exp2_sum_term((V::load(sj) - m_use) * log2e);
+        const V x = V::load(sj);
+        V pj = exp2_sum_term((x - m_use) * log2e);
+        if (kCareful) {
+          x.store(blk.s_raw + j * MB + i0);
+          pj = select(cmp_eq(x, plus_inf), one, pj);
+        }
         pj.store(sj);
         return pj;
       };
@@ -382,13 +403,18 @@ struct TiledAttention {
   }
 
   // O^T = alpha * O^T + V_tile^T . P^T; the block's first tile writes O^T (kFirst: nothing to rescale,
-  // and the accumulator needs no zeroing beforehand).
-  template <bool kFirst>
+  // and the accumulator needs no zeroing beforehand). kCareful: a V tile with a NaN or infinity goes
+  // through accumulate_visible instead of the microkernel.
+  template <bool kFirst, bool kCareful>
   void rescale_and_accumulate(const Block& blk, int64_t j0, int64_t nk) const {
     if (!kFirst) rescale(blk);
     const int64_t bkv = blk.b / p.group;
     const T* v = p.v.row(bkv, j0);
     const int64_t vs = p.v.row_stride_elements;
+    if (kCareful && !v_tile_finite(v, vs, nk)) {
+      accumulate_visible<kFirst>(blk, v, vs, nk);
+      return;
+    }
     // Panel outer: the panel's P^T (nk x QNR) stays in L1 while the V tile's columns are broadcast.
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const T* pt = blk.s + panel * QNR;
@@ -399,6 +425,52 @@ struct TiledAttention {
                                    blk.acc_t + c0 * MB + panel * QNR);
       }
     }
+  }
+
+  bool v_tile_finite(const T* v, int64_t vs, int64_t nk) const {
+    for (int64_t j = 0; j < nk; ++j)
+      if (!all_finite<V>(v + j * vs, p.dv)) return false;
+    return true;
+  }
+
+  // O^T[c][i] += P^T[j][i] V[j][c] only where key j is visible to row i (its raw score, s_raw, is not
+  // -inf): a hidden key's NaN or infinite V never meets the row, not even as 0 * NaN, while a visible one
+  // propagates as usual. The FMAs run in key order from the same start as the microkernel's, so the
+  // visible terms give bitwise what it gives. Careful pass only: the work is that of the microkernel
+  // without its register blocking.
+  template <bool kFirst>
+  void accumulate_visible(const Block& blk, const T* v, int64_t vs, int64_t nk) const {
+    const V minus_inf = V::set1(neg_inf<T>());
+    for (int64_t c = 0; c < p.dv; ++c)
+      for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+        T* out = blk.acc_t + c * MB + i0;
+        V acc = kFirst ? V::zero() : V::load(out);
+        for (int64_t j = 0; j < nk; ++j) {
+          const auto hidden = cmp_eq(V::load(blk.s_raw + j * MB + i0), minus_inf);
+          acc = select(hidden, acc, fmadd(V::load(blk.s + j * MB + i0), V::set1(v[j * vs + c]), acc));
+        }
+        acc.store(out);
+      }
+  }
+
+  // True when a row of the block has a NaN or infinity in its sum l or its accumulator: a NaN or infinite
+  // V (visible, or hidden and multiplied by 0), a NaN score or a +inf score (inf - inf). Padding lanes
+  // past the block's rows do not count. Two sums per lane vector: the check is latency-bound otherwise.
+  bool block_needs_care(const Block& blk) const {
+    for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+      V s0 = V::load(blk.l + i0), s1 = V::zero();
+      int64_t c = 0;
+      for (; c + 2 <= p.dv; c += 2) {
+        s0 = s0 + V::load(blk.acc_t + c * MB + i0);
+        s1 = s1 + V::load(blk.acc_t + (c + 1) * MB + i0);
+      }
+      if (c < p.dv) s0 = s0 + V::load(blk.acc_t + c * MB + i0);
+      T lanes[L];
+      (s0 + s1).store(lanes);
+      for (int64_t u = 0; u < imin(L, blk.mb - i0); ++u)
+        if (lanes[u] - lanes[u] != T(0)) return true;
+    }
+    return false;
   }
 
   // O^T *= alpha, query lanes at a time; vectors of rows whose max did not change are skipped.
@@ -424,8 +496,12 @@ struct TiledAttention {
 
   // Attention weights exp(s - m) / l = exp(s - lse) of the block's rows, only when the caller asked.
   // Uses m and l separately, not lse: for huge scores (1e30) m + log(l) rounds back to m.
+  // Rare rows, found once per block (special): a row whose max is +inf gives each +inf score 1 / l (l
+  // counts them) and every other key 0; in a row that a NaN score made NaN, hidden keys still weigh 0.
   void write_weights(const Block& blk) const {
-    const V log2e = V::set1(T(kLog2e));
+    const V log2e = V::set1(T(kLog2e)), plus_inf = V::set1(pos_inf<T>()), minus_inf = V::set1(neg_inf<T>());
+    bool special = false;
+    for (int64_t i = 0; i < blk.mb; ++i) special = special || blk.m[i] == pos_inf<T>() || blk.l[i] != blk.l[i];
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
@@ -437,8 +513,12 @@ struct TiledAttention {
           const V shift = select(cmp_eq(m, V::set1(neg_inf<T>())), V::zero(), m);
           const V l = V::load(blk.l + i0);
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
-          for (int64_t j = 0; j < nk; ++j)
-            (exp2_nonpositive((V::load(blk.s + j * MB + i0) - shift) * log2e) * inv).store(blk.s + j * MB + i0);
+          for (int64_t j = 0; j < nk; ++j) {
+            const V x = V::load(blk.s + j * MB + i0);
+            V w = exp2_nonpositive((x - shift) * log2e) * inv;
+            if (special) w = select(cmp_eq(x, minus_inf), V::zero(), select(cmp_eq(x, plus_inf), inv, w));
+            w.store(blk.s + j * MB + i0);
+          }
         }
       }
       for (int64_t i = 0; i < blk.mb; ++i) {
@@ -472,6 +552,7 @@ struct TiledAttention {
     blk.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
     blk.bias_t = carve.take<T>(p.bias.data || p.mask.data ? NK * MB : 0);
     blk.mask_rows = carve.take<T>(p.mask.data ? MB * NK : 0);
+    blk.s_raw = carve.take<T>(NK * MB);
     if (part) {
       blk.acc_t = part;
       blk.m = part + dv_rows * MB;
@@ -488,19 +569,31 @@ struct TiledAttention {
     return blk;
   }
 
-  // The online softmax over the block's key tiles: leaves O^T, m and l, unnormalised.
+  // The online softmax over the block's key tiles: leaves O^T, m and l, unnormalised. A block with a
+  // non-finite row is done again carefully (see the header comment).
   void accumulate_tiles(const Block& blk) const {
+    accumulate_tiles_pass<false>(blk);
+    if (!block_needs_care(blk)) return;
+    for (int64_t i = 0; i < MB; ++i) {
+      blk.m[i] = neg_inf<T>();
+      blk.l[i] = T(0);
+    }
+    accumulate_tiles_pass<true>(blk);
+  }
+
+  template <bool kCareful>
+  void accumulate_tiles_pass(const Block& blk) const {
     bool accumulated = false;
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
       const int64_t nk = imin(NK, blk.max_hi - j0);
       if (bool_mask_hides_tile(blk, j0, nk)) continue;
       score_tile(blk, j0, nk);
-      softmax_tile(blk, nk);
+      softmax_tile<kCareful>(blk, nk);
       if (!accumulated) {
-        rescale_and_accumulate<true>(blk, j0, nk);
+        rescale_and_accumulate<true, kCareful>(blk, j0, nk);
         accumulated = true;
       } else {
-        rescale_and_accumulate<false>(blk, j0, nk);
+        rescale_and_accumulate<false, kCareful>(blk, j0, nk);
       }
     }
     // No tile computed (no row sees a key): nothing wrote the accumulator, which stays 0.
@@ -543,11 +636,14 @@ struct TiledAttention {
 
   // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike
   // (one FMA per chunk and element); the same as one pass over all keys up to rounding, and the same
-  // for any thread count. Then writes the rows (and weights) as run_block does.
+  // for any thread count. Then writes the rows (and weights) as run_block does. A chunk with m = +inf
+  // has counted its +inf scores in l (softmax_tile): it enters with factor 1, so they share the row
+  // evenly, and the finite chunks with factor 0. A factor that underflows to 0 still multiplies its
+  // chunk's O^T, so a NaN there (a visible NaN V) reaches the row as in one pass.
   void merge_block(unsigned char* scratch, int64_t b, int64_t i_begin, const T* parts, int64_t chunks) const {
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, p.weights.data != nullptr);
     const int64_t pe = part_elements(), m_at = dv_rows * MB, l_at = m_at + MB;
-    const V minus_inf = V::set1(neg_inf<T>()), log2e = V::set1(T(kLog2e));
+    const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>()), log2e = V::set1(T(kLog2e));
     for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
       V big = minus_inf;
       for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
@@ -561,7 +657,9 @@ struct TiledAttention {
       for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
         const V big = V::load(blk.m + i0);
         const V shift = select(cmp_eq(big, minus_inf), V::zero(), big);  // never -inf - -inf
-        const V f = exp2_nonpositive((V::load(part + m_at + i0) - shift) * log2e);  // 0 for an empty chunk
+        const V m_part = V::load(part + m_at + i0);
+        const V f = select(cmp_eq(m_part, plus_inf), V::set1(T(1)),
+                           exp2_nonpositive((m_part - shift) * log2e));  // 0 for an empty chunk
         f.store(factor + i0);
         fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
       }

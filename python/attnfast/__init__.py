@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from . import _attnfast as _core
 from . import reference
 from ._api import aggregate, attention, merge_states, scores, softmax
@@ -41,15 +43,28 @@ if _core.isa_problem():
     warnings.warn(f"{_core.isa_problem()}; using {_core.isa()} instead", RuntimeWarning, stacklevel=2)
 
 
-def set_num_threads(n: int) -> None:
-    """Use at most ``n`` threads in attnfast's kernels (``n <= 0`` restores the default).
+_MAX_THREADS = 2**31 - 1  # the core's thread count is a C int
 
-    The OpenMP limit (``OMP_NUM_THREADS``, ``threadpoolctl.threadpool_limits``) still caps it.
-    Results are bitwise identical for any thread count.
+
+def set_num_threads(n: int) -> None:
+    """Use at most ``n`` threads in attnfast's kernels (``n = 0`` restores the default).
+
+    The OpenMP limit (``OMP_NUM_THREADS``, ``threadpoolctl.threadpool_limits``) still caps it, so any
+    ``n`` at least that limit (2**31 or 2**63 included) means "as many as allowed". ``n`` is an int
+    (Python or NumPy); a negative one raises ``ValueError``. Results are bitwise identical for any
+    thread count.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
-    _core.set_num_threads(n)
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(
+            f"set_num_threads expects an int, got {type(n).__name__} ({n!r}); pass a thread count such "
+            f"as set_num_threads(4), or 0 for the default."
+        )
+    n = int(n)
+    if n < 0:
+        raise ValueError(
+            f"set_num_threads expects n >= 0 (a thread count, or 0 for the default); got {n}."
+        )
+    _core.set_num_threads(min(n, _MAX_THREADS))
 
 
 def get_num_threads() -> int:

@@ -58,13 +58,14 @@ struct Layouts {
   }
 };
 
+// Dtype tests by equivalence (PyArray_EquivTypes: type and byte order), not descriptor identity: NumPy
+// may hand over an equal but distinct float32 descriptor (e.g. from astype(dtype.newbyteorder("="))).
 template <class T>
 void require_dtype(const py::array& a, const char* name) {
-  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": internal dtype mismatch");
+  if (!py::isinstance<py::array_t<T>>(a)) throw py::type_error(std::string(name) + ": internal dtype mismatch");
 }
 
-bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+bool is_f32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 
 void check_status(int status) {
   if (status != 0) throw std::bad_alloc();

@@ -240,7 +240,7 @@ def _conversion_hint(name: str, x: Any, dtype: str) -> str:
 
 def _native(a: np.ndarray) -> np.ndarray:
     """``a`` in native byte order ('>f4' -> float32), copying only when it is not."""
-    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+    return a if a.dtype.isnative else a.astype(a.dtype.type)
 
 
 def _float_array(name: str, x: Any) -> np.ndarray:
@@ -369,7 +369,7 @@ def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
     try:
         value = float(scale)
     except OverflowError:  # an int beyond the float range
-        value = math.copysign(math.inf, scale)
+        value = math.inf if scale > 0 else -math.inf
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite; got {value!r}. Pass a finite float or None for the default.")
     with np.errstate(over="ignore"):

@@ -138,6 +138,8 @@ def softmax(x, axis=-1, *, mask=None):
         Rows with no visible entry are all zeros.
     """
     a = _inputs.check_softmax(x, axis, mask)
+    if a.x.size == 0:
+        return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
     weights, _ = _masked_softmax64(a.x.astype(_F64), a.mask, a.axis)
     return weights.astype(a.dtype)
 

@@ -418,7 +418,7 @@ def test_scores_any_layout(isa, rng, dtype, method, arg, layout):
     assert_close_fixed(got, expected, dtype, scale=float(np.abs(expected).max()))
 
 
-ATTENTION_ARGS = [("scaled_dot", a) for a in ("q", "k", "v", "mask", "bias", "out")] + [
+ATTENTION_ARGS = [("scaled_dot", a) for a in ("q", "k", "v", "mask", "bias", "kv_lengths", "out")] + [
     (m, a) for m in ("general", "concat", "additive") for a in SCORE_ARGS[m][2:]]
 
 
@@ -430,6 +430,8 @@ def test_attention_any_layout(isa, rng, dtype, method, arg, layout, lq):
     q, k, v = _qkv(rng, (2,), lq, 33, 17, 5, dtype)
     args = {"q": q, "k": k, "v": v, "mask": rng.random((2, lq, 33)) < 0.8,
             "bias": rng.standard_normal((2, lq, 33)).astype(dtype), **_method_kwargs(rng, method, dtype)}
+    if arg == "kv_lengths":
+        args["kv_lengths"] = np.array([33, 7])
     if arg == "out":
         if layout.startswith("broadcast"):
             pytest.skip("a broadcast view is read-only")
@@ -521,6 +523,24 @@ def test_conversion_hints_fit_the_input(rng, impl):
         f.attention(q, q, q, mask=np.eye(2))
     with pytest.raises(TypeError, match=exact("Convert it with np.asarray(lses[0], dtype=np.float32)")):
         f.merge_states([q], [[1, 2]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indexing_hints_fit_the_input(impl):
+    f = IMPLS[impl]
+    with pytest.raises(ValueError, match=exact("got shape (3,). Use np.asarray(q)[None, :] for a single query.")):
+        f.scores([1.0, 2.0, 3.0], np.ones((2, 3)))
+    with pytest.raises(ValueError, match=exact("got shape (3,). Use q[None, :] for a single query.")):
+        f.scores(np.ones(3), np.ones((2, 3)))
+    with pytest.raises(ValueError, match=exact("Use np.asarray(k)[None, :] for a single key.")):
+        f.attention(np.ones((2, 3)), [1.0, 2.0, 3.0], np.ones((1, 3)))
+    with pytest.raises(ValueError, match=exact("Use np.asarray(v)[:, None] for scalar values.")):
+        f.aggregate(np.ones((2, 3)), [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=exact("Use v[:, None] for scalar values.")):
+        f.aggregate(np.ones((2, 3)), np.ones(3))
+    q = np.ones((2, 3, 4, 5))
+    with pytest.raises(ValueError, match=exact("size-1 axes, e.g. np.asarray(kv_lengths)[:, None].")):
+        f.attention(q, q, q, kv_lengths=[1, 2])
 
 
 @pytest.mark.parametrize("spelling", ["AVX2", "Scalar", " avx512 ", "\tAvx2\n", "SCALAR "])

@@ -29,7 +29,8 @@ def _kernel_layout(a: np.ndarray, unit_last_axis: bool = False) -> np.ndarray:
     if unit_last_axis:
         keep_broadcast[-1] = False
     distinct = tuple(slice(0, 1) if b else slice(None) for b in keep_broadcast)
-    return np.broadcast_to(np.ascontiguousarray(a[distinct]), a.shape)
+    # np.array, not np.ascontiguousarray: the latter returns an unaligned C-contiguous array as it is.
+    return np.broadcast_to(np.array(a[distinct], order="C"), a.shape)
 
 
 def _unit_last_axis(a: np.ndarray) -> np.ndarray:
@@ -90,7 +91,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     else:
         qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
         kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
-        _core.scores_additive(qp, kp, np.ascontiguousarray(a.v_a), out, batch, a.scale)
+        _core.scores_additive(qp, kp, _unit_last_axis(a.v_a), out, batch, a.scale)
     return out
 
 
@@ -146,7 +147,7 @@ def _score_operands(a):
         return qq, kk, 1.0, None
     qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
     kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
-    return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
+    return _unit_last_axis(qp), kp, a.scale, _unit_last_axis(a.v_a)
 
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
@@ -179,7 +180,8 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
     lengths = None
     if a.kv_lengths is not None:
-        lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
+        # One aligned entry per batch item ("A": np.ascontiguousarray keeps an unaligned array as it is).
+        lengths = np.require(np.broadcast_to(a.kv_lengths, batch), np.int64, ("C", "A"))
     vv = _unit_last_axis(a.v)
 
     # Write straight into the caller's out= only when it is safe: native dtype, aligned unit last axis,

@@ -238,6 +238,11 @@ def _conversion_hint(name: str, x: Any, dtype: str) -> str:
     return f"np.asarray({name}, dtype={dtype})"
 
 
+def _indexable(name: str, x: Any) -> str:
+    """``name`` as an expression a hint can index (``q[None, :]``): a list needs np.asarray first."""
+    return name if isinstance(x, np.ndarray) else f"np.asarray({name})"
+
+
 def _native(a: np.ndarray) -> np.ndarray:
     """``a`` in native byte order ('>f4' -> float32), copying only when it is not."""
     return a if a.dtype.isnative else a.astype(a.dtype.type)
@@ -491,10 +496,11 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
     -------
     ScoresArgs
     """
+    q_in, k_in = q, k
     q = _float_array("q", q)
     k = _float_array("k", k)
-    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", f"Use {_indexable('q', q_in)}[None, :] for a single query.")
+    _at_least_2d("k", k, "(..., Lk, Dk)", f"Use {_indexable('k', k_in)}[None, :] for a single key.")
     method = _check_method(method)
     dtype = np.result_type(q, k)
     q, k = _cast(q, dtype), _cast(k, dtype)
@@ -576,10 +582,12 @@ def check_aggregate(weights, v):
     -------
     AggregateArgs
     """
+    weights_in, v_in = weights, v
     weights = _float_array("weights", weights)
     v = _float_array("v", v)
-    _at_least_2d("weights", weights, "(..., Lq, Lk)", "Use weights[None, :] for a single query.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[:, None] for scalar values.")
+    _at_least_2d("weights", weights, "(..., Lq, Lk)",
+                 f"Use {_indexable('weights', weights_in)}[None, :] for a single query.")
+    _at_least_2d("v", v, "(..., Lk, Dv)", f"Use {_indexable('v', v_in)}[:, None] for scalar values.")
     if weights.shape[-1] != v.shape[-2]:
         raise ValueError(
             f"weights has Lk={weights.shape[-1]} keys (last axis, shape {_fmt(weights.shape)}) but v has "
@@ -647,7 +655,7 @@ def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
     if n.ndim >= 1 and len(batch) > n.ndim:
         hint = (
             "Batch axes align from the right; for one length per leading batch entry add trailing "
-            "size-1 axes, e.g. kv_lengths[:, None]."
+            f"size-1 axes, e.g. {_indexable('kv_lengths', kv_lengths)}[:, None]."
         )
     _broadcast_to_target("kv_lengths", n.shape, batch, "the batch shape", hint)
     # Check the range before converting, so huge uint64 values cannot wrap.
@@ -761,12 +769,13 @@ def check_attention(
     -------
     AttentionArgs
     """
+    q_in, k_in, v_in = q, k, v
     q = _float_array("q", q)
     k = _float_array("k", k)
     v = _float_array("v", v)
-    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", f"Use {_indexable('q', q_in)}[None, :] for a single query.")
+    _at_least_2d("k", k, "(..., Lk, Dk)", f"Use {_indexable('k', k_in)}[None, :] for a single key.")
+    _at_least_2d("v", v, "(..., Lk, Dv)", f"Use {_indexable('v', v_in)}[None, :] for a single key.")
     method = _check_method(method)
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(

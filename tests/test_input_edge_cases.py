@@ -11,6 +11,7 @@
 * empty results cost O(1) whatever the (broadcast) batch size.
 """
 
+import math
 import re
 import sys
 import time
@@ -306,10 +307,17 @@ def test_scale_1e39_is_fine_in_float64(isa, rng):
     assert_close_fixed(attnfast.scores(q, k, scale=1e39), ref.scores(q, k, scale=1e39), np.float64)
 
 
-def test_largest_float32_scale_is_accepted(isa, rng):
+def test_float32_scale_boundary(isa, rng):
+    # The largest float64 that rounds to a finite float32 is accepted; the next one rounds to inf.
     q, k, v = _qkv(rng, (2,), 3, 4, 2, 2, np.float32)
-    big = float(np.finfo(np.float32).max)
-    np.testing.assert_array_equal(attnfast.scores(q * 0, k, scale=big), np.zeros((2, 3, 4), np.float32))
+    first_inf = 2.0**128 - 2.0**103
+    for big in (float(np.finfo(np.float32).max), math.nextafter(first_inf, 0.0)):
+        assert np.isfinite(np.float32(big))
+        np.testing.assert_array_equal(attnfast.scores(q * 0, k, scale=big), np.zeros((2, 3, 4), np.float32))
+        assert_close_fixed(attnfast.attention(q * 0, k, v, scale=-big), ref.attention(up(q * 0), up(k), up(v)),
+                           np.float32, scale=float(np.abs(v).max()))
+    with pytest.raises(ValueError, match="overflows float32"):
+        attnfast.attention(q, k, v, scale=first_inf)
 
 
 # --------------------------------------------------------------------------

@@ -180,8 +180,9 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
     lengths = None
     if a.kv_lengths is not None:
-        # One aligned entry per batch item ("A": np.ascontiguousarray keeps an unaligned array as it is).
-        lengths = np.require(np.broadcast_to(a.kv_lengths, batch), np.int64, ("C", "A"))
+        lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
+        if not lengths.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
+            lengths = lengths.copy()
     vv = _unit_last_axis(a.v)
 
     # Write straight into the caller's out= only when it is safe: native dtype, aligned unit last axis,

@@ -75,6 +75,10 @@ _WEIGHT_USERS = {
 }
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
+# The smallest magnitude that rounds to inf in float32: FLT_MAX plus half an ulp (a tie rounds to the
+# even neighbour, and FLT_MAX's significand is odd). Exact in float64.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 Shape = Tuple[int, ...]
 
@@ -251,7 +255,7 @@ def _native(a: np.ndarray) -> np.ndarray:
 def _float_array(name: str, x: Any) -> np.ndarray:
     """Return ``x`` as a native float32/float64 array, or raise ``TypeError``."""
     a = _asarray(name, x)
-    if a.dtype.kind == "f" and not a.dtype.isnative:
+    if a.dtype not in _FLOAT_DTYPES and a.dtype.kind == "f" and not a.dtype.isnative:
         a = _native(a)
     if a.dtype not in _FLOAT_DTYPES:
         raise TypeError(
@@ -282,11 +286,12 @@ def _real_array(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
     return _cast(a, dtype)
 
 
-def _at_least_2d(name: str, a: np.ndarray, layout: str, hint: str) -> None:
+def _at_least_2d(name: str, a: np.ndarray, layout: str, hint: str, given: Any) -> None:
+    """Raise unless ``a`` is at least 2-D; ``hint``'s ``{x}`` becomes an indexable spelling of ``given``."""
     if a.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions {layout}; got shape {_fmt(a.shape)}. "
-            f"{hint}"
+            f"{hint.format(x=_indexable(name, given))}"
         )
 
 
@@ -296,13 +301,17 @@ def _check_bool_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint: str = "") -> None:
-    """Raise unless an array of ``shape`` broadcasts to exactly ``target``."""
+def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint: Any = "") -> None:
+    """Raise unless an array of ``shape`` broadcasts to exactly ``target``.
+
+    ``hint`` is a string, or a function returning one (built only when the check fails).
+    """
     try:
         ok = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
     except ValueError:
         ok = False
     if not ok:
+        hint = hint() if callable(hint) else hint
         raise ValueError(
             f"{name} has shape {_fmt(shape)}, which does not broadcast to {what} "
             f"{_fmt(target)}.{(' ' + hint) if hint else ''}"
@@ -377,9 +386,7 @@ def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
         value = math.inf if scale > 0 else -math.inf
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite; got {value!r}. Pass a finite float or None for the default.")
-    with np.errstate(over="ignore"):
-        finite_in_dtype = bool(np.isfinite(dtype.type(value)))
-    if not finite_in_dtype:
+    if dtype == _FLOAT32 and abs(value) >= _FLOAT32_OVERFLOW:
         raise ValueError(
             f"scale={value!r} overflows {dtype.name} (the computation dtype, whose largest value is "
             f"{float(np.finfo(dtype).max):.8g}); pass a smaller scale, or float64 inputs."
@@ -499,8 +506,8 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
     q_in, k_in = q, k
     q = _float_array("q", q)
     k = _float_array("k", k)
-    _at_least_2d("q", q, "(..., Lq, D)", f"Use {_indexable('q', q_in)}[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", f"Use {_indexable('k', k_in)}[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
     method = _check_method(method)
     dtype = np.result_type(q, k)
     q, k = _cast(q, dtype), _cast(k, dtype)
@@ -586,8 +593,8 @@ def check_aggregate(weights, v):
     weights = _float_array("weights", weights)
     v = _float_array("v", v)
     _at_least_2d("weights", weights, "(..., Lq, Lk)",
-                 f"Use {_indexable('weights', weights_in)}[None, :] for a single query.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", f"Use {_indexable('v', v_in)}[:, None] for scalar values.")
+                 "Use {x}[None, :] for a single query.", weights_in)
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use {x}[:, None] for scalar values.", v_in)
     if weights.shape[-1] != v.shape[-2]:
         raise ValueError(
             f"weights has Lk={weights.shape[-1]} keys (last axis, shape {_fmt(weights.shape)}) but v has "
@@ -639,7 +646,7 @@ def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int
 
 def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
     n = _asarray("kv_lengths", kv_lengths)
-    if n.dtype == object and n.size and all(isinstance(x, int) and not isinstance(x, bool) for x in n.flat):
+    if n.dtype.kind == "O" and n.size and all(isinstance(x, int) and not isinstance(x, bool) for x in n.flat):
         # Python ints too large for any NumPy integer dtype (NumPy made an object array): report the
         # first one outside [0, Lk] like any other out-of-range length.
         bad = next((int(x) for x in n.flat if not 0 <= x <= lk), None)
@@ -651,12 +658,14 @@ def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
             f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "
             f"{n.dtype}. Convert it with {_conversion_hint('kv_lengths', kv_lengths, 'np.int64')}."
         )
-    hint = ""
-    if n.ndim >= 1 and len(batch) > n.ndim:
-        hint = (
-            "Batch axes align from the right; for one length per leading batch entry add trailing "
-            f"size-1 axes, e.g. {_indexable('kv_lengths', kv_lengths)}[:, None]."
-        )
+    def hint():
+        if n.ndim >= 1 and len(batch) > n.ndim:
+            return (
+                "Batch axes align from the right; for one length per leading batch entry add trailing "
+                f"size-1 axes, e.g. {_indexable('kv_lengths', kv_lengths)}[:, None]."
+            )
+        return ""
+
     _broadcast_to_target("kv_lengths", n.shape, batch, "the batch shape", hint)
     # Check the range before converting, so huge uint64 values cannot wrap.
     if n.size:
@@ -691,6 +700,7 @@ def _check_window(window: Any, lq: int, lk: int) -> Tuple[int, int]:
     if len(window) != 2:
         raise ValueError(f"window must be a pair (left, right); got {len(window)} values: {tuple(window)!r}.")
     sides = []
+    reach = lq + lk
     for side, value in zip(("left", "right"), window):
         if value is None:
             sides.append(-1)
@@ -703,12 +713,14 @@ def _check_window(window: Any, lq: int, lk: int) -> Tuple[int, int]:
             raise TypeError(f"window {side} must be an int >= 0 or None; got {value!r}.") from None
         if n < 0:
             raise ValueError(f"window {side} must be >= 0 (or None for unbounded); got {n}.")
-        if n > _INT64_MAX:
-            raise ValueError(
-                f"window {side} must fit in a 64-bit signed integer (at most {_INT64_MAX}); got {n}. "
-                f"Pass None for an unbounded side."
-            )
-        sides.append(min(int(n), lq + lk))
+        if n > reach:
+            if n > _INT64_MAX:
+                raise ValueError(
+                    f"window {side} must fit in a 64-bit signed integer (at most {_INT64_MAX}); got {n}. "
+                    f"Pass None for an unbounded side."
+                )
+            n = reach
+        sides.append(int(n))
     return sides[0], sides[1]
 
 
@@ -723,7 +735,7 @@ def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
             f"Allocate it with np.empty({_fmt(shape)}, dtype=np.{dtype.name})."
         )
     # Any byte order will do: the result is written through a native temporary when out's is not.
-    if out.dtype.newbyteorder("=") != dtype:
+    if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype:
         raise TypeError(
             f"out has dtype {out.dtype} but the result has dtype {dtype} (the promoted dtype of q, k, v). "
             f"Allocate out with dtype=np.{dtype.name}."
@@ -773,9 +785,9 @@ def check_attention(
     q = _float_array("q", q)
     k = _float_array("k", k)
     v = _float_array("v", v)
-    _at_least_2d("q", q, "(..., Lq, D)", f"Use {_indexable('q', q_in)}[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", f"Use {_indexable('k', k_in)}[None, :] for a single key.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", f"Use {_indexable('v', v_in)}[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use {x}[None, :] for a single key.", v_in)
     method = _check_method(method)
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(

@@ -89,8 +89,6 @@ def show_config() -> None:
     """Print version, SIMD targets, threads and build information."""
     import platform
 
-    import numpy as np
-
     caps = capabilities()
     print(f"attnfast {caps['version']}")
     print(f"  SIMD target in use : {caps['isa']}")

@@ -324,7 +324,8 @@ def test_float32_scale_boundary(isa, rng):
 # 7. every layout NumPy can make
 # --------------------------------------------------------------------------
 
-LAYOUTS = ["broadcast_last", "broadcast_rows", "packed_field", "misaligned", "negative", "every_third"]
+LAYOUTS = ["broadcast_last", "broadcast_rows", "packed_field", "misaligned", "negative", "reversed_rows",
+           "every_third"]
 
 
 def weird(a, layout):
@@ -354,6 +355,10 @@ def weird(a, layout):
     if layout == "negative":
         view = np.array(a[(slice(None, None, -1),) * a.ndim])[(slice(None, None, -1),) * a.ndim]
         return a, view
+    if layout == "reversed_rows":
+        if a.ndim < 2:
+            return weird(a, "negative")
+        return a, np.array(a[..., ::-1, :])[..., ::-1, :]
     if layout == "every_third":
         base = np.zeros(a.shape[:-1] + (3 * a.shape[-1],), a.dtype)
         base[..., ::3] = a
@@ -454,6 +459,18 @@ def test_attention_any_layout(isa, rng, dtype, method, arg, layout, lq):
     if out is not None:
         assert got is out
     assert_close_fixed(got, expected, dtype, scale=float(np.abs(v).max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_out_overlapping_itself(isa, rng, dtype):
+    # A writeable out= whose rows all alias one row (zero stride): NumPy's rule, the last write wins,
+    # so every row holds the result of one of the query rows; no thread may race on it half-written.
+    q, k, v = _qkv(rng, (), 40, 33, 17, 5, dtype)
+    expected = ref.attention(up(q), up(k), up(v))
+    base = np.zeros(5, dtype)
+    out = np.lib.stride_tricks.as_strided(base, shape=(40, 5), strides=(0, base.itemsize))
+    attnfast.attention(q, k, v, bias=np.zeros((40, 33)), out=out)
+    assert_close_fixed(base, expected[-1], dtype, scale=float(np.abs(v).max()))
 
 
 def test_attention_packed_field_bias_reported_case(isa):
@@ -606,6 +623,40 @@ def test_empty_results_of_a_huge_broadcast_batch_are_o1(isa, impl):
     assert _fast(lambda: f.aggregate(_huge(lead, 0, 4), kv)).shape == lead + (0, 8)
     assert _fast(lambda: f.aggregate(_huge(lead, 4, 4), v0)).shape == lead + (4, 0)
     assert _fast(lambda: f.softmax(_huge(lead, 4, 0))).shape == lead + (4, 0)
+
+
+_EMPTY_CALLS = """
+import resource, sys
+import numpy as np
+import attnfast
+from attnfast import reference
+
+def huge(lq, d):
+    return np.broadcast_to(np.zeros((1, 1, lq, d), np.float32), (10**8, 1, lq, d))
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for f in (attnfast, reference):
+    f.scores(huge(4, 8), np.zeros((0, 8), np.float32))
+    f.attention(huge(0, 8), huge(4, 8), huge(4, 8))
+    f.attention(huge(0, 8), huge(4, 8), huge(4, 8), kv_lengths=np.array(3), return_lse=True)
+    f.attention(huge(4, 8), huge(4, 8), huge(4, 0))
+    f.attention(huge(4, 8), huge(4, 8), huge(4, 0), method="general", w=np.eye(8))
+    f.aggregate(huge(0, 4), huge(4, 8))
+    f.softmax(huge(4, 0))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_empty_results_of_a_huge_broadcast_batch_allocate_nothing():
+    # Peak memory of a fresh process (ru_maxrss only grows): a table of one 8-byte offset per batch
+    # item would add 800 MB, a materialised broadcast several GB.
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _EMPTY_CALLS], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": __import__("os").pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    grown_mb = int(proc.stdout.strip().splitlines()[-1])
+    assert grown_mb < 50, f"empty results grew the peak memory by {grown_mb} MB"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

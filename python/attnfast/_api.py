@@ -193,6 +193,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     operands = (qq, kk, vv, mask_view, bias_view, lengths, v_a)
     direct = (target is not None and not a.return_weights and target.dtype == a.dtype
               and target.flags.aligned and (a.dv <= 1 or target.strides[-1] == target.itemsize)
+              and not _overlaps_itself(target)
               and not any(x is not None and np.may_share_memory(target, x) for x in operands))
     result = target if direct else np.empty(batch + (a.lq, a.dv), a.dtype)
     lse = np.empty(batch + (a.lq,), a.dtype) if a.return_lse else None
@@ -205,6 +206,12 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         result = target
     extras = [x for x in (lse, weights) if x is not None]
     return (result, *extras) if extras else result
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """True when two elements of ``a`` share memory through a zero stride (np.lib.stride_tricks views):
+    the kernel's threads would race on them, so such an out= gets the result through a copy."""
+    return any(st == 0 and n > 1 for n, st in zip(a.shape, a.strides))
 
 
 def _attention_without_kernel(a):

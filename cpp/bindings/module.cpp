@@ -58,8 +58,8 @@ struct Layouts {
   }
 };
 
-// Dtype tests by equivalence (PyArray_EquivTypes: type and byte order), not descriptor identity: NumPy
-// may hand over an equal but distinct float32 descriptor (e.g. from astype(dtype.newbyteorder("="))).
+// Dtype tests by equivalence (PyArray_EquivTypes: type and byte order), not descriptor identity: an
+// array may carry an equal but distinct float32 descriptor (e.g. one converted from '>f4').
 template <class T>
 void require_dtype(const py::array& a, const char* name) {
   if (!py::isinstance<py::array_t<T>>(a)) throw py::type_error(std::string(name) + ": internal dtype mismatch");

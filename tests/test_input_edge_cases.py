@@ -191,7 +191,8 @@ def test_window_beyond_int64_is_value_error(rng, impl, side, value):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lengths,bad", [([2**70], 2**70), ([1, -2**70], -2**70), (np.array([2**63], np.uint64), 2**63),
                                          (np.array([2**64 - 1], np.uint64), 2**64 - 1), (2**70, 2**70),
-                                         ([INT64_MAX], INT64_MAX), ([INT64_MIN], INT64_MIN)])
+                                         ([INT64_MAX], INT64_MAX), ([INT64_MIN], INT64_MIN),
+                                         ([-1, 2**64 - 1], -1), ([np.uint64(2**63), 0], 2**63)])
 def test_kv_lengths_beyond_lk_or_int64_is_value_error(rng, impl, lengths, bad):
     q, k, v = _qkv(rng, (np.size(lengths),), 3, 4, 2, 2, np.float32)
     with pytest.raises(ValueError, match=exact(f"kv_lengths must lie in [0, Lk] = [0, 4]; got {bad}.")):

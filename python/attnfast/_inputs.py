@@ -644,15 +644,29 @@ def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int
     return rest + (heads,), rest + (hk,), group
 
 
+def _integers_beyond_int64(kv_lengths: Any, n: np.ndarray) -> Optional[np.ndarray]:
+    """``kv_lengths`` as an object array when it holds only integers, but ones no NumPy integer dtype
+    holds together (NumPy made [2**70] an object array and [-1, 2**64 - 1] a float64 one); else None."""
+    if n.dtype.kind == "O":
+        items = n
+    elif n.dtype.kind == "f" and not isinstance(kv_lengths, np.ndarray):
+        items = np.asarray(kv_lengths, dtype=object)
+    else:
+        return None
+    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    return items if items.size and all(is_int(x) for x in items.flat) else None
+
+
 def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
     n = _asarray("kv_lengths", kv_lengths)
-    if n.dtype.kind == "O" and n.size and all(isinstance(x, int) and not isinstance(x, bool) for x in n.flat):
-        # Python ints too large for any NumPy integer dtype (NumPy made an object array): report the
-        # first one outside [0, Lk] like any other out-of-range length.
-        bad = next((int(x) for x in n.flat if not 0 <= x <= lk), None)
-        if bad is not None:
-            raise ValueError(f"kv_lengths must lie in [0, Lk] = [0, {lk}]; got {bad}.")
-        n = n.astype(np.int64)
+    if n.dtype.kind not in "iu":
+        wide = _integers_beyond_int64(kv_lengths, n)
+        if wide is not None:
+            # Report the first one outside [0, Lk] like any other out-of-range length.
+            bad = next((int(x) for x in wide.flat if not 0 <= x <= lk), None)
+            if bad is not None:
+                raise ValueError(f"kv_lengths must lie in [0, Lk] = [0, {lk}]; got {bad}.")
+            n = wide.astype(np.int64)
     if n.dtype.kind not in "iu":
         raise TypeError(
             f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "

@@ -26,7 +26,9 @@ def check(name: str, got: np.ndarray, want: np.ndarray, tol: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--expect-isa", required=True, choices=["scalar", "avx2", "avx512"])
+    # Spelled as ATTNFAST_ISA may be: any case, surrounding whitespace ignored.
+    parser.add_argument("--expect-isa", required=True, type=lambda s: s.strip().lower(),
+                        choices=["scalar", "avx2", "avx512"])
     args = parser.parse_args()
     caps = attnfast.capabilities()
     print(f"attnfast {caps['version']}: isa={caps['isa']} usable={caps['isas']}")

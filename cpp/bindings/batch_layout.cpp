@@ -17,15 +17,18 @@ OperandLayout layout_operand(const ArrayLayout& a, const std::vector<int64_t>& b
                              const char* name) {
   const int ndim = static_cast<int>(a.shape.size());
   if (ndim < core_dims) throw std::invalid_argument(std::string(name) + ": too few dimensions");
-  auto elements = [&](int64_t stride_bytes) {
+  // An axis of extent 0 or 1 is never stepped along, so NumPy lets it carry any stride (a structured
+  // field view of one row has the record's stride, e.g. 17 bytes for float32): it counts as stride 0.
+  auto elements = [&](int axis) -> int64_t {
+    if (a.shape[axis] <= 1) return 0;
+    const int64_t stride_bytes = a.strides_bytes[axis];
     if (stride_bytes % a.itemsize != 0)
       throw std::invalid_argument(std::string(name) + ": stride is not a multiple of the item size");
     return stride_bytes / a.itemsize;
   };
   OperandLayout out;
-  if (core_dims >= 2) out.row_stride = elements(a.strides_bytes[ndim - 2]);
-  if (core_dims >= 1) out.col_stride = elements(a.strides_bytes[ndim - 1]);
-  // Matrix axes of size 1 may carry any stride; a broadcast view of them is still safe to read.
+  if (core_dims >= 2) out.row_stride = elements(ndim - 2);
+  if (core_dims >= 1) out.col_stride = elements(ndim - 1);
   const int batch_ndim_a = ndim - core_dims;
   const int nb = static_cast<int>(batch_shape.size());
   if (batch_ndim_a > nb) throw std::invalid_argument(std::string(name) + ": more batch axes than the result");
@@ -35,7 +38,7 @@ OperandLayout layout_operand(const ArrayLayout& a, const std::vector<int64_t>& b
     if (axis < 0) continue;
     const int64_t extent = a.shape[axis];
     if (extent == batch_shape[k]) {
-      stride[k] = extent == 1 ? 0 : elements(a.strides_bytes[axis]);
+      stride[k] = elements(axis);
     } else if (extent != 1) {
       throw std::invalid_argument(std::string(name) + ": batch axis does not broadcast");
     }

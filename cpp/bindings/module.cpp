@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <new>
 #include <string>
 #include <utility>
@@ -58,13 +59,14 @@ struct Layouts {
   }
 };
 
+// Dtype tests by equivalence (PyArray_EquivTypes: type and byte order), not descriptor identity: an
+// array may carry an equal but distinct float32 descriptor (e.g. one converted from '>f4').
 template <class T>
 void require_dtype(const py::array& a, const char* name) {
-  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": internal dtype mismatch");
+  if (!py::isinstance<py::array_t<T>>(a)) throw py::type_error(std::string(name) + ": internal dtype mismatch");
 }
 
-bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+bool is_f32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 
 void check_status(int status) {
   if (status != 0) throw std::bad_alloc();
@@ -81,6 +83,7 @@ void run_kernel(Kernel kernel, const Params& p) {
 
 template <class T>
 void run_scores_dot(const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
+  if (out.size() == 0) return;  // nothing to compute: no per-item offset tables for a huge empty batch
   Layouts L;
   attnfast::ScoresDotParams<T> p;
   p.q = L.make<const T>(q, batch, 2, "q", true);
@@ -98,6 +101,7 @@ void run_scores_dot(const py::array& q, const py::array& k, py::array& out, cons
 template <class T>
 void run_scores_additive(const py::array& qp, const py::array& kp, const py::array& v_a, py::array& out,
                          const Shape& batch, double scale) {
+  if (out.size() == 0) return;
   Layouts L;
   attnfast::ScoresAdditiveParams<T> p;
   p.qp = L.make<const T>(qp, batch, 2, "qp", true);
@@ -117,6 +121,7 @@ void run_scores_additive(const py::array& qp, const py::array& kp, const py::arr
 
 template <class T>
 void run_softmax(const py::array& x, const py::object& mask, py::array& out) {
+  if (out.size() == 0) return;
   Layouts L;
   Shape batch(x.shape(), x.shape() + x.ndim() - 2);
   attnfast::SoftmaxParams<T> p;
@@ -132,6 +137,7 @@ void run_softmax(const py::array& x, const py::object& mask, py::array& out) {
 
 template <class T>
 void run_aggregate(const py::array& w, const py::array& v, py::array& out, const Shape& batch) {
+  if (out.size() == 0) return;
   Layouts L;
   attnfast::AggregateParams<T> p;
   p.weights = L.make<const T>(w, batch, 2, "weights", true);
@@ -158,6 +164,11 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
                    const AttentionCall& c, const py::object& mask, const py::object& bias,
                    const py::object& kv_lengths, const py::object& lse, const py::object& weights,
                    const py::object& v_a) {
+  // Only the outputs asked for cost anything: with no output element (Lq = 0, an empty batch, or Dv = 0
+  // without lse and weights) there is nothing to compute, and no per-item offset table to build.
+  const bool no_lse = lse.is_none() || py::cast<py::array>(lse).size() == 0;
+  const bool no_weights = weights.is_none() || py::cast<py::array>(weights).size() == 0;
+  if (out.size() == 0 && no_lse && no_weights) return;
   Layouts L;
   attnfast::AttentionParams<T> p;
   p.q = L.make<const T>(q, c.batch, 2, "q", true);
@@ -266,8 +277,11 @@ py::object run_plain_attention(const py::array& q, const py::array& k, const py:
       return py::none();
     for (py::ssize_t i = 0; i < nd; ++i)
       if (result.shape(i) != result_shape[static_cast<size_t>(i)]) return py::none();
+    // The kernel writes out while it still reads q, k and v: an overlapping out= takes the Python
+    // path, which computes into a temporary first (as NumPy's ufuncs do).
     if (overlaps(result, q) || overlaps(result, k) || overlaps(result, v)) return py::none();
   }
+  if (result.size() == 0) return std::move(result);  // Lq = 0 or Dv = 0 or an empty batch: O(1)
   const Shape batch(q.shape(), q.shape() + nd - 2);
   const int64_t lq = q.shape(nd - 2), lk = k.shape(nd - 2);
   const AttentionCall c{batch, batch, 1, scale, causal, bottom_right ? lk - lq : 0, -1, -1};
@@ -300,7 +314,8 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   } else {
     if (!PyFloat_CheckExact(scale.ptr())) return py::none();
     c = PyFloat_AS_DOUBLE(scale.ptr());
-    if (!std::isfinite(c)) return py::none();
+    // A scale that is not finite, or not in float32 for float32 inputs, is the Python path's error to raise.
+    if (!std::isfinite(c) || (f32 && std::fabs(c) > std::numeric_limits<float>::max())) return py::none();
   }
   const bool is_causal = causal.ptr() == Py_True;
   const bool bottom_right = PyUnicode_CompareWithASCIIString(causal_align.ptr(), "bottom_right") == 0;

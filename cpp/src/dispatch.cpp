@@ -3,6 +3,7 @@
 // can force a lower one (tests use it to cover every path on one machine). __builtin_cpu_supports checks
 // the OS-enabled register state (XCR0) as well as CPUID, so AVX-512 is not picked where the OS does not
 // save zmm registers.
+#include <cctype>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -54,6 +55,19 @@ const std::vector<Target>& all_targets() {
   return targets;
 }
 
+// ATTNFAST_ISA as a target name: surrounding whitespace dropped and lower-cased, so "AVX2" or " Avx512 "
+// (as shell scripts and CI matrices tend to spell it) select the same target as "avx2" / "avx512".
+std::string normalized_target_name(const char* text) {
+  std::string name(text);
+  const auto is_space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!name.empty() && is_space(name.back())) name.pop_back();
+  size_t first = 0;
+  while (first < name.size() && is_space(name[first])) ++first;
+  name.erase(0, first);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
 struct State {
   TargetKernels active{};
   std::string problem;
@@ -69,12 +83,15 @@ State& state() {
         break;
       }
     const char* forced = std::getenv("ATTNFAST_ISA");
-    if (forced && *forced) {
+    const std::string wanted = forced ? normalized_target_name(forced) : std::string();
+    if (!wanted.empty()) {
       const Target* match = nullptr;
       for (const Target& t : all_targets())
-        if (std::string(t.name) == forced) match = &t;
+        if (wanted == t.name) match = &t;
       if (!match) {
-        init.problem = std::string("ATTNFAST_ISA=") + forced + " is not a target of this build";
+        std::string valid;
+        for (const Target& t : all_targets()) valid += std::string(valid.empty() ? "" : ", ") + t.name;
+        init.problem = std::string("ATTNFAST_ISA=") + forced + " is not a target of this build (valid: " + valid + ")";
       } else if (!match->supported()) {
         init.problem = std::string("ATTNFAST_ISA=") + forced + " is not supported by this CPU";
       } else {
@@ -110,8 +127,9 @@ std::vector<std::string> compiled_targets() {
 const TargetKernels& active_kernels() { return state().active; }
 
 bool set_active_target(const std::string& name) {
+  const std::string wanted = normalized_target_name(name.c_str());
   for (const Target& t : all_targets())
-    if (name == t.name && t.supported()) {
+    if (wanted == t.name && t.supported()) {
       std::lock_guard<std::mutex> lock(switch_mutex());
       state().active = t.make();
       return true;

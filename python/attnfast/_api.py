@@ -14,17 +14,28 @@ from . import _inputs
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
 
 
-def _unit_last_axis(a: np.ndarray) -> np.ndarray:
-    """Return ``a`` with a unit-stride, aligned last axis, copying only if it has not.
+def _kernel_layout(a: np.ndarray, unit_last_axis: bool = False) -> np.ndarray:
+    """Return ``a`` in a layout the kernels read, copying only if it is not one already.
 
-    The kernels vectorise along the feature axis, so a transposed or strided
-    last axis is copied once. Broadcast (stride-0) axes stay broadcast: only
+    The kernels take any element strides (negative and zero included) but need aligned elements, so an
+    unaligned array (e.g. a packed structured-field view, strides (17, 4) for float32) is copied once;
+    with ``unit_last_axis`` (the operands the kernels vectorise along the feature axis) a transposed,
+    strided or broadcast last axis is copied too. Other broadcast (stride-0) axes stay broadcast: only
     the distinct data is copied, never the broadcast expansion.
     """
-    if a.ndim == 0 or a.flags.aligned and (a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
+    if a.ndim == 0 or a.flags.aligned and (not unit_last_axis or a.shape[-1] <= 1 or a.strides[-1] == a.itemsize):
         return a
-    distinct = tuple(slice(0, 1) if (st == 0 and n > 1) else slice(None) for n, st in zip(a.shape, a.strides))
-    return np.broadcast_to(np.ascontiguousarray(a[distinct]), a.shape)
+    keep_broadcast = [st == 0 and n > 1 for n, st in zip(a.shape, a.strides)]
+    if unit_last_axis:
+        keep_broadcast[-1] = False
+    distinct = tuple(slice(0, 1) if b else slice(None) for b in keep_broadcast)
+    # np.array, not np.ascontiguousarray: the latter returns an unaligned C-contiguous array as it is.
+    return np.broadcast_to(np.array(a[distinct], order="C"), a.shape)
+
+
+def _unit_last_axis(a: np.ndarray) -> np.ndarray:
+    """``a`` aligned with a unit-stride last axis (see :func:`_kernel_layout`)."""
+    return _kernel_layout(a, unit_last_axis=True)
 
 
 def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -62,6 +73,9 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)
     out = np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)
+    if out.size == 0:
+        # O(1) whatever the (broadcast) batch: no projection, no kernel, no per-item table.
+        return out
     batch = list(a.batch_shape)
     if a.method in ("dot", "scaled_dot", "general"):
         qq = _projected(a.q, a.w) if a.method == "general" else _unit_last_axis(a.q)
@@ -77,7 +91,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     else:
         qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
         kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
-        _core.scores_additive(qp, kp, np.ascontiguousarray(a.v_a), out, batch, a.scale)
+        _core.scores_additive(qp, kp, _unit_last_axis(a.v_a), out, batch, a.scale)
     return out
 
 
@@ -97,14 +111,19 @@ def softmax(x, axis=-1, *, mask=None):
     if xv.ndim == 1:
         xv, ov = xv[None], ov[None]
         mv = None if mv is None else mv[None]
-    _core.softmax(xv, mv, ov)
+    _core.softmax(_kernel_layout(xv), mv, ov)
     return out
 
 
 def aggregate(weights, v):
     """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
     a = _inputs.check_aggregate(weights, v)
+    if a.lk == 0:
+        # An empty sum; also O(1) for an empty result, whatever the (broadcast) batch.
+        return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
     out = np.empty(a.batch_shape + (a.lq, a.dv), a.dtype)
+    if out.size == 0:
+        return out
     _core.aggregate(_unit_last_axis(a.weights), _unit_last_axis(a.v), out, list(a.batch_shape))
     return out
 
@@ -128,7 +147,7 @@ def _score_operands(a):
         return qq, kk, 1.0, None
     qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
     kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
-    return _unit_last_axis(qp), kp, a.scale, np.ascontiguousarray(a.v_a)
+    return _unit_last_axis(qp), kp, a.scale, _unit_last_axis(a.v_a)
 
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
@@ -154,29 +173,65 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
                                 w_k=w_k, v_a=v_a, score_bias=score_bias)
     batch = a.batch_shape
     full = batch + (a.lq, a.lk)
+    if a.lk == 0 or a.lq == 0 or (a.dv == 0 and not a.return_lse and not a.return_weights):
+        return _attention_without_kernel(a)
     qq, kk, kernel_scale, v_a = _score_operands(a)
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
-    bias_view = None if a.bias is None else np.broadcast_to(a.bias, full)
+    bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
     lengths = None
     if a.kv_lengths is not None:
         lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
+        if not lengths.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
+            lengths = lengths.copy()
+    vv = _unit_last_axis(a.v)
 
-    # Write straight into the caller's out= only when it is safe: unit last axis, no overlap with any
-    # input, and no second pass that could still fail after out was written.
+    # Write straight into the caller's out= only when it is safe: native dtype, aligned unit last axis,
+    # no overlap with anything the kernel reads while it writes (NumPy's ufuncs are overlap-safe, and so
+    # is this: an overlapping out= gets the result through a temporary), and no second pass that could
+    # still fail after out was written.
     target = a.out
-    direct = (target is not None and not a.return_weights and target.flags.aligned
-              and (a.dv <= 1 or target.strides[-1] == target.itemsize)
-              and not any(np.may_share_memory(target, x) for x in (a.q, a.k, a.v)))
+    operands = (qq, kk, vv, mask_view, bias_view, lengths, v_a)
+    direct = (target is not None and not a.return_weights and target.dtype == a.dtype
+              and target.flags.aligned and (a.dv <= 1 or target.strides[-1] == target.itemsize)
+              and not _overlaps_itself(target)
+              and not any(x is not None and np.may_share_memory(target, x) for x in operands))
     result = target if direct else np.empty(batch + (a.lq, a.dv), a.dtype)
     lse = np.empty(batch + (a.lq,), a.dtype) if a.return_lse else None
     weights = np.empty(full, a.dtype) if a.return_weights else None
-    _core.attention(qq, kk, _unit_last_axis(a.v), result, list(batch), list(a.kv_batch_shape), a.group,
+    _core.attention(qq, kk, vv, result, list(batch), list(a.kv_batch_shape), a.group,
                     kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
                     a.window_right, lse, weights, v_a)
     if target is not None and not direct:
         np.copyto(target, result)
         result = target
     extras = [x for x in (lse, weights) if x is not None]
+    return (result, *extras) if extras else result
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """True when two elements of ``a`` share memory through a zero stride (np.lib.stride_tricks views):
+    the kernel's threads would race on them, so such an out= gets the result through a copy."""
+    return any(st == 0 and n > 1 for n, st in zip(a.shape, a.strides))
+
+
+def _attention_without_kernel(a):
+    """attention() when there is nothing to compute: no key (Lk = 0), no query, or Dv = 0 with no lse or
+    weights asked for. O(1) in the batch size apart from the outputs themselves (out 0, lse -inf).
+
+    Runs before any projection or broadcast, so an empty result of a 10^8-item broadcast batch costs
+    nothing.
+    """
+    shape = a.batch_shape + (a.lq, a.dv)
+    if a.out is not None:
+        a.out[...] = 0
+        result = a.out
+    else:
+        result = np.zeros(shape, a.dtype)
+    extras = []
+    if a.return_lse:
+        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
+    if a.return_weights:
+        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
     return (result, *extras) if extras else result
 
 

@@ -13,7 +13,14 @@ Policy
   matches is never copied (views, negative strides and Fortran order are kept:
   deciding whether a contiguous copy is worth it is the kernel's business).
 * q/k/v/x/weights/v/outs/lses must be float32 or float64; mixed inputs promote
-  like NumPy (``np.result_type``).  Anything else is a ``TypeError``.
+  like NumPy (``np.result_type``).  Anything else is a ``TypeError``.  Any
+  byte order is accepted: a non-native one (``'>f4'``) is converted once.
+* Every layout NumPy can make is accepted (zero, negative, unaligned or
+  non-multiple strides); the fast path copies only what its kernels need.
+* Integer parameters (window sides, kv_lengths) must fit int64, else a
+  ``ValueError``; window sides are clamped to Lq + Lk, which changes nothing
+  (no query sees further than that) and keeps all index arithmetic in range.
+* ``scale`` must be finite in the computation dtype (1e39 is not a float32).
 * Method weights and ``bias`` are converted to the computation dtype (they may
   be float32/float64, integer or float16: those convert exactly or harmlessly).
 * Shapes and values: ``ValueError``; kinds and dtypes: ``TypeError``.  Every
@@ -68,6 +75,10 @@ _WEIGHT_USERS = {
 }
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
+# The smallest magnitude that rounds to inf in float32: FLT_MAX plus half an ulp (a tie rounds to the
+# even neighbour, and FLT_MAX's significand is odd). Exact in float64.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 Shape = Tuple[int, ...]
 
@@ -224,13 +235,32 @@ def _asarray(name: str, x: Any) -> np.ndarray:
         ) from None
 
 
+def _conversion_hint(name: str, x: Any, dtype: str) -> str:
+    """How to convert argument ``name`` to ``dtype``: ``.astype`` for arrays, ``np.asarray`` otherwise."""
+    if isinstance(x, np.ndarray):
+        return f"{name}.astype({dtype})"
+    return f"np.asarray({name}, dtype={dtype})"
+
+
+def _indexable(name: str, x: Any) -> str:
+    """``name`` as an expression a hint can index (``q[None, :]``): a list needs np.asarray first."""
+    return name if isinstance(x, np.ndarray) else f"np.asarray({name})"
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """``a`` in native byte order ('>f4' -> float32), copying only when it is not."""
+    return a if a.dtype.isnative else a.astype(a.dtype.type)
+
+
 def _float_array(name: str, x: Any) -> np.ndarray:
-    """Return ``x`` as a float32/float64 array, or raise ``TypeError``."""
+    """Return ``x`` as a native float32/float64 array, or raise ``TypeError``."""
     a = _asarray(name, x)
+    if a.dtype not in _FLOAT_DTYPES and a.dtype.kind == "f" and not a.dtype.isnative:
+        a = _native(a)
     if a.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"attnfast computes in float32 or float64; {name} has dtype {a.dtype}. "
-            f"Convert it with {name}.astype(np.float32) (or np.float64)."
+            f"Convert it with {_conversion_hint(name, x, 'np.float32')} (or np.float64)."
         )
     return a
 
@@ -251,16 +281,17 @@ def _real_array(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
     if a.dtype.kind not in "iuf":
         raise TypeError(
             f"{name} must be a real floating-point array; got dtype {a.dtype}. "
-            f"Convert it with {name}.astype(np.{dtype.name})."
+            f"Convert it with {_conversion_hint(name, x, 'np.' + dtype.name)}."
         )
     return _cast(a, dtype)
 
 
-def _at_least_2d(name: str, a: np.ndarray, layout: str, hint: str) -> None:
+def _at_least_2d(name: str, a: np.ndarray, layout: str, hint: str, given: Any) -> None:
+    """Raise unless ``a`` is at least 2-D; ``hint``'s ``{x}`` becomes an indexable spelling of ``given``."""
     if a.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions {layout}; got shape {_fmt(a.shape)}. "
-            f"{hint}"
+            f"{hint.format(x=_indexable(name, given))}"
         )
 
 
@@ -270,13 +301,17 @@ def _check_bool_flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint: str = "") -> None:
-    """Raise unless an array of ``shape`` broadcasts to exactly ``target``."""
+def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint: Any = "") -> None:
+    """Raise unless an array of ``shape`` broadcasts to exactly ``target``.
+
+    ``hint`` is a string, or a function returning one (built only when the check fails).
+    """
     try:
         ok = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
     except ValueError:
         ok = False
     if not ok:
+        hint = hint() if callable(hint) else hint
         raise ValueError(
             f"{name} has shape {_fmt(shape)}, which does not broadcast to {what} "
             f"{_fmt(target)}.{(' ' + hint) if hint else ''}"
@@ -335,7 +370,7 @@ def _check_method(method: Any) -> str:
     return str(method)
 
 
-def _check_scale(scale: Any, method: str, d: int) -> float:
+def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
     if scale is None:
         # 1/sqrt(D) keeps the variance of q.k near 1 for unit-variance inputs;
         # with D == 0 every score is 0 anyway, so any finite scale will do.
@@ -345,9 +380,17 @@ def _check_scale(scale: Any, method: str, d: int) -> float:
             scale = scale.item()
         else:
             raise TypeError(f"scale must be a real number (a Python float); got {scale!r}.")
-    value = float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if scale > 0 else -math.inf
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite; got {value!r}. Pass a finite float or None for the default.")
+    if dtype == _FLOAT32 and abs(value) >= _FLOAT32_OVERFLOW:
+        raise ValueError(
+            f"scale={value!r} overflows {dtype.name} (the computation dtype, whose largest value is "
+            f"{float(np.finfo(dtype).max):.8g}); pass a smaller scale, or float64 inputs."
+        )
     return value
 
 
@@ -460,10 +503,11 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
     -------
     ScoresArgs
     """
+    q_in, k_in = q, k
     q = _float_array("q", q)
     k = _float_array("k", k)
-    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
     method = _check_method(method)
     dtype = np.result_type(q, k)
     q, k = _cast(q, dtype), _cast(k, dtype)
@@ -482,7 +526,7 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
         d=d,
         dk=dk,
         method=method,
-        scale=_check_scale(scale, method, d),
+        scale=_check_scale(scale, method, d, dtype),
         **fields,
     )
 
@@ -502,9 +546,10 @@ def _check_axis(axis: Any, ndim: int) -> int:
 def _check_mask(mask: Any) -> np.ndarray:
     m = _asarray("mask", mask)
     if m.dtype != np.bool_:
+        compare = "m != 0" if isinstance(mask, np.ndarray) else "np.asarray(m) != 0"
         raise TypeError(
             f"mask must be a boolean array (True = attend); got dtype {m.dtype}. "
-            f"Build it with a comparison, e.g. mask = (m != 0), or pass additive scores as bias=."
+            f"Build it with a comparison, e.g. mask = ({compare}), or pass additive scores as bias=."
         )
     return m
 
@@ -544,10 +589,12 @@ def check_aggregate(weights, v):
     -------
     AggregateArgs
     """
+    weights_in, v_in = weights, v
     weights = _float_array("weights", weights)
     v = _float_array("v", v)
-    _at_least_2d("weights", weights, "(..., Lq, Lk)", "Use weights[None, :] for a single query.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[:, None] for scalar values.")
+    _at_least_2d("weights", weights, "(..., Lq, Lk)",
+                 "Use {x}[None, :] for a single query.", weights_in)
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use {x}[:, None] for scalar values.", v_in)
     if weights.shape[-1] != v.shape[-2]:
         raise ValueError(
             f"weights has Lk={weights.shape[-1]} keys (last axis, shape {_fmt(weights.shape)}) but v has "
@@ -597,19 +644,42 @@ def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int
     return rest + (heads,), rest + (hk,), group
 
 
+def _integers_beyond_int64(kv_lengths: Any, n: np.ndarray) -> Optional[np.ndarray]:
+    """``kv_lengths`` as an object array when it holds only integers, but ones no NumPy integer dtype
+    holds together (NumPy made [2**70] an object array and [-1, 2**64 - 1] a float64 one); else None."""
+    if n.dtype.kind == "O":
+        items = n
+    elif n.dtype.kind == "f" and not isinstance(kv_lengths, np.ndarray):
+        items = np.asarray(kv_lengths, dtype=object)
+    else:
+        return None
+    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    return items if items.size and all(is_int(x) for x in items.flat) else None
+
+
 def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
     n = _asarray("kv_lengths", kv_lengths)
     if n.dtype.kind not in "iu":
+        wide = _integers_beyond_int64(kv_lengths, n)
+        if wide is not None:
+            # Report the first one outside [0, Lk] like any other out-of-range length.
+            bad = next((int(x) for x in wide.flat if not 0 <= x <= lk), None)
+            if bad is not None:
+                raise ValueError(f"kv_lengths must lie in [0, Lk] = [0, {lk}]; got {bad}.")
+            n = wide.astype(np.int64)
+    if n.dtype.kind not in "iu":
         raise TypeError(
             f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "
-            f"{n.dtype}. Convert it with kv_lengths.astype(np.int64)."
+            f"{n.dtype}. Convert it with {_conversion_hint('kv_lengths', kv_lengths, 'np.int64')}."
         )
-    hint = ""
-    if n.ndim >= 1 and len(batch) > n.ndim:
-        hint = (
-            "Batch axes align from the right; for one length per leading batch entry add trailing "
-            "size-1 axes, e.g. kv_lengths[:, None]."
-        )
+    def hint():
+        if n.ndim >= 1 and len(batch) > n.ndim:
+            return (
+                "Batch axes align from the right; for one length per leading batch entry add trailing "
+                f"size-1 axes, e.g. {_indexable('kv_lengths', kv_lengths)}[:, None]."
+            )
+        return ""
+
     _broadcast_to_target("kv_lengths", n.shape, batch, "the batch shape", hint)
     # Check the range before converting, so huge uint64 values cannot wrap.
     if n.size:
@@ -625,7 +695,15 @@ def diagonal_offset(causal_align: str, lq: int, lk: int) -> int:
     return 0 if causal_align == "top_left" else lk - lq
 
 
-def _check_window(window: Any) -> Tuple[int, int]:
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _check_window(window: Any, lq: int, lk: int) -> Tuple[int, int]:
+    """(left, right) with -1 for an unbounded side, each clamped to Lq + Lk.
+
+    No query's diagonal is more than Lq + Lk keys away from any key, so the clamp leaves every visible
+    range unchanged, and ``diag +- side`` stays far inside int64 in the kernels and the reference.
+    """
     if window is None:
         return -1, -1
     if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)):
@@ -636,6 +714,7 @@ def _check_window(window: Any) -> Tuple[int, int]:
     if len(window) != 2:
         raise ValueError(f"window must be a pair (left, right); got {len(window)} values: {tuple(window)!r}.")
     sides = []
+    reach = lq + lk
     for side, value in zip(("left", "right"), window):
         if value is None:
             sides.append(-1)
@@ -648,6 +727,13 @@ def _check_window(window: Any) -> Tuple[int, int]:
             raise TypeError(f"window {side} must be an int >= 0 or None; got {value!r}.") from None
         if n < 0:
             raise ValueError(f"window {side} must be >= 0 (or None for unbounded); got {n}.")
+        if n > reach:
+            if n > _INT64_MAX:
+                raise ValueError(
+                    f"window {side} must fit in a 64-bit signed integer (at most {_INT64_MAX}); got {n}. "
+                    f"Pass None for an unbounded side."
+                )
+            n = reach
         sides.append(int(n))
     return sides[0], sides[1]
 
@@ -662,7 +748,8 @@ def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
             f"out has shape {_fmt(out.shape)} but the result has shape batch_shape + (Lq, Dv) = {_fmt(shape)}. "
             f"Allocate it with np.empty({_fmt(shape)}, dtype=np.{dtype.name})."
         )
-    if out.dtype != dtype:
+    # Any byte order will do: the result is written through a native temporary when out's is not.
+    if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype:
         raise TypeError(
             f"out has dtype {out.dtype} but the result has dtype {dtype} (the promoted dtype of q, k, v). "
             f"Allocate out with dtype=np.{dtype.name}."
@@ -708,12 +795,13 @@ def check_attention(
     -------
     AttentionArgs
     """
+    q_in, k_in, v_in = q, k, v
     q = _float_array("q", q)
     k = _float_array("k", k)
     v = _float_array("v", v)
-    _at_least_2d("q", q, "(..., Lq, D)", "Use q[None, :] for a single query.")
-    _at_least_2d("k", k, "(..., Lk, Dk)", "Use k[None, :] for a single key.")
-    _at_least_2d("v", v, "(..., Lk, Dv)", "Use v[None, :] for a single key.")
+    _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
+    _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
+    _at_least_2d("v", v, "(..., Lk, Dv)", "Use {x}[None, :] for a single key.", v_in)
     method = _check_method(method)
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(
@@ -745,7 +833,7 @@ def check_attention(
     if not isinstance(causal_align, str) or causal_align not in CAUSAL_ALIGNS:
         raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
     offset = diagonal_offset(causal_align, lq, lk)
-    left, right = _check_window(window)
+    left, right = _check_window(window, lq, lk)
     return_lse = _check_bool_flag("return_lse", return_lse)
     return_weights = _check_bool_flag("return_weights", return_weights)
     if out is not None:
@@ -757,7 +845,7 @@ def check_attention(
         v=v,
         dtype=dtype,
         method=method,
-        scale=_check_scale(scale, method, d),
+        scale=_check_scale(scale, method, d, dtype),
         lq=lq,
         lk=lk,
         d=d,

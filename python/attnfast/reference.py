@@ -149,6 +149,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     a = _inputs.check_scores(
         q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
+    if 0 in a.batch_shape or a.lq == 0 or a.lk == 0:
+        return np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)  # without up-casting a broadcast batch
     return _scores64(a.q.astype(_F64), a.k.astype(_F64), a).astype(a.dtype)
 
 
@@ -170,6 +172,8 @@ def softmax(x, axis=-1, *, mask=None):
         Rows with no visible entry are all zeros.
     """
     a = _inputs.check_softmax(x, axis, mask)
+    if a.x.size == 0:
+        return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
     weights, _ = _masked_softmax64(a.x.astype(_F64), a.mask, a.axis)
     return weights.astype(a.dtype)
 
@@ -187,6 +191,8 @@ def aggregate(weights, v):
     ndarray, (..., Lq, Dv)
     """
     a = _inputs.check_aggregate(weights, v)
+    if 0 in a.batch_shape or a.lq == 0 or a.dv == 0 or a.lk == 0:
+        return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)  # an empty sum is 0
     return (a.weights.astype(_F64) @ a.v.astype(_F64)).astype(a.dtype)
 
 
@@ -330,7 +336,25 @@ def attention(
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,
         return_weights=return_weights, out=out, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias,
     )
+    if a.lk == 0 or a.lq == 0 or 0 in a.batch_shape or (a.dv == 0 and not (a.return_lse or a.return_weights)):
+        return _attention_without_keys_or_outputs(a)
     return _attention_from_args(a)
+
+
+def _attention_without_keys_or_outputs(a):
+    """attention() with no key (out 0, lse -inf) or nothing to compute, without materialising a
+    broadcast batch: the outputs are the only allocation."""
+    if a.out is not None:
+        a.out[...] = 0
+        result = a.out
+    else:
+        result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
+    extras = []
+    if a.return_lse:
+        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
+    if a.return_weights:
+        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
+    return (result, *extras) if extras else result
 
 
 def _attention_from_args(a):

@@ -21,16 +21,30 @@ namespace ATTNFAST_TARGET_NS {
 
 constexpr double kLog2e = 1.4426950408889634073599246810019;
 
+// a + b and a - b clamped to the int64 range. Window sides and offsets come from the caller and may be
+// anything up to INT64_MAX (the Python layer clamps window sides to Lq + Lk, which leaves the visible
+// range unchanged; this is the kernels' own defence): a wrapped sum would hide or show every key.
+inline int64_t add_saturated(int64_t a, int64_t b) {
+  if (b > 0 && a > INT64_MAX - b) return INT64_MAX;
+  if (b < 0 && a < INT64_MIN - b) return INT64_MIN;
+  return a + b;
+}
+inline int64_t sub_saturated(int64_t a, int64_t b) {
+  if (b < 0 && a > INT64_MAX + b) return INT64_MAX;
+  if (b > 0 && a < INT64_MIN + b) return INT64_MIN;
+  return a - b;
+}
+
 // Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
-// Empty ranges come back as lo == hi.
+// Empty ranges come back as lo == hi. Saturating arithmetic: no offset or window overflows.
 template <class T>
 inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
   int64_t l = 0, h = p.lk;
   if (p.kv_lengths) h = imin(h, p.kv_lengths[b]);
-  const int64_t diag = i + p.diagonal_offset;
-  if (p.causal) h = imin(h, diag + 1);
-  if (p.window_left >= 0) l = imax(l, diag - p.window_left);
-  if (p.window_right >= 0) h = imin(h, diag + p.window_right + 1);
+  const int64_t diag = add_saturated(i, p.diagonal_offset);
+  if (p.causal) h = imin(h, add_saturated(diag, 1));
+  if (p.window_left >= 0) l = imax(l, sub_saturated(diag, p.window_left));
+  if (p.window_right >= 0) h = imin(h, add_saturated(add_saturated(diag, p.window_right), 1));
   l = imax(0, imin(l, p.lk));
   h = imax(l, imin(h, p.lk));
   *lo = l;

@@ -7,19 +7,20 @@
 //                                         b_last_lanes lanes (masked), so B may be an unpadded row tail.
 // MR * NRV accumulators stay in registers for a depth of up to kDepthBlock: per step NRV loads + MR
 // broadcasts feed MR * NRV FMAs. Accumulation is in the operand precision, in k order, one FMA per term.
-// A longer depth is summed as a tree (gemm_microkernel_blocked): chains of at most kDepthBlock terms,
-// whose results are added in k order in chains of at most kDepthBlock again, and so on. A float32 sum
-// over Lk = 1M keys or D = 64K features then keeps an error of ~sqrt(kDepthBlock) eps per level in
-// practice (kDepthBlock eps per level at worst) instead of one chain's ~sqrt(depth) (depth eps).
-// The blocks depend on the depth only, so results stay independent of the thread count.
+// A longer depth is summed as a tree (gemm_block_sums, gemm_microkernel_blocked): chains of at most
+// kDepthBlock terms, whose results are added in k order in chains of at most kDepthBlock again, and so
+// on. The rounding error of a sum of n terms is then at most about kDepthBlock * ceil(log_kDepthBlock n)
+// eps relative to sum |terms| (768 eps for n = 2^20, against n eps for one chain) and in practice far
+// less, while one long chain of same-sign terms drifts by ~1e-4 in float32 at n = 2^20 (every add rounds
+// against the whole partial sum). The blocks depend on the depth only, never on the thread count.
 #pragma once
 #include <cstdint>
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-// Terms of one accumulation chain. Depths up to it (every common head size, D = 64..256) run the one
-// chain exactly as before; beyond it the tree costs one tile add per block, < 1% of the block's FMAs.
+// Terms of one accumulation chain. Depths up to it (every common head size, D = 64..256) run the single
+// chain below; beyond it the tree costs one tile add per block, < 1% of the block's FMAs.
 constexpr int64_t kDepthBlock = 256;
 
 template <class V, int MR, int NRV, bool kAccumulate, bool kPartialB, bool kUnitAStride>
@@ -76,10 +77,64 @@ inline void gemm_microkernel(int64_t depth, const typename V::Scalar* const* a_r
     }
 }
 
-// The tree for depth > kDepthBlock: the depth is cut into pieces of kDepthBlock^j terms (the largest
-// such power below depth), each summed by gemm_microkernel (itself a tree when the piece is longer than
-// one block) into a tile, and the pieces' tiles are added in k order. Out of line: it holds two tiles on
-// the stack and is not part of the common (short depth) code.
+// gemm_microkernel for kDepthBlock < depth <= kDepthBlock^2: the accumulators restart from zero every
+// kDepthBlock steps; each block's sums are added, in k order, into a tile on the stack, and the last
+// block's straight into the result C (= scale * sums, or C += sums). Out of line, as the tree below:
+// neither is part of the common, short-depth code.
+template <class V, int MR, int NRV, bool kAccumulate, bool kPartialB, bool kUnitAStride>
+__attribute__((noinline)) void gemm_block_sums(int64_t depth, const typename V::Scalar* const* a_rows,
+                                               int64_t a_k_stride, const typename V::Scalar* b, int64_t b_k_stride,
+                                               int b_last_lanes, typename V::Scalar* c, int64_t c_row_stride,
+                                               typename V::Scalar c_scale) {
+  using T = typename V::Scalar;
+  using Native = decltype(V::v);
+  constexpr int L = V::kLanes;
+  constexpr int NR = NRV * L;
+  alignas(64) T total[MR * NR];
+  const T* a[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) a[r] = a_rows[r];
+  const int64_t ak = kUnitAStride ? 1 : a_k_stride;
+  for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
+    const bool last = depth - k0 <= kDepthBlock;
+    const int64_t k1 = last ? depth : k0 + kDepthBlock;
+    Native acc[MR][NRV];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int n = 0; n < NRV; ++n) acc[r][n] = V::zero().v;
+    for (int64_t k = k0; k < k1; ++k) {
+      V bv[NRV];
+#pragma GCC unroll 16
+      for (int n = 0; n < NRV; ++n)
+        bv[n] = (kPartialB && n == NRV - 1) ? V::load_partial(b + n * L, b_last_lanes) : V::load(b + n * L);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const V av = V::broadcast(a[r] + k * ak);
+#pragma GCC unroll 16
+        for (int n = 0; n < NRV; ++n) acc[r][n] = fmadd(av, bv[n], V{acc[r][n]}).v;
+      }
+      b += b_k_stride;
+    }
+    const V s = V::set1(c_scale);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+      for (int n = 0; n < NRV; ++n) {
+        T* t = total + r * NR + n * L;
+        const V sum = k0 == 0 ? V{acc[r][n]} : V::load(t) + V{acc[r][n]};
+        if (!last) {
+          sum.store(t);
+        } else {
+          T* out = c + r * c_row_stride + n * L;
+          (kAccumulate ? V::load(out) + sum : sum * s).store(out);
+        }
+      }
+  }
+}
+
+// gemm_microkernel for depth > kDepthBlock^2: pieces of kDepthBlock^j terms (the largest such power below
+// depth, so at most kDepthBlock pieces), each summed as a tree into a tile, the tiles added in k order.
 template <class V, int MR, int NRV, bool kAccumulate, bool kPartialB, bool kUnitAStride>
 __attribute__((noinline)) void gemm_microkernel_blocked(int64_t depth, const typename V::Scalar* const* a_rows,
                                                         int64_t a_k_stride, const typename V::Scalar* b,
@@ -89,20 +144,24 @@ __attribute__((noinline)) void gemm_microkernel_blocked(int64_t depth, const typ
   using T = typename V::Scalar;
   constexpr int L = V::kLanes;
   constexpr int NR = NRV * L;
-  int64_t piece = kDepthBlock;
-  while (piece * kDepthBlock < depth) piece *= kDepthBlock;  // at most kDepthBlock pieces
+  if (depth <= kDepthBlock * kDepthBlock) {
+    gemm_block_sums<V, MR, NRV, kAccumulate, kPartialB, kUnitAStride>(depth, a_rows, a_k_stride, b, b_k_stride,
+                                                                      b_last_lanes, c, c_row_stride, c_scale);
+    return;
+  }
+  int64_t piece = kDepthBlock * kDepthBlock;
+  while (piece * kDepthBlock < depth) piece *= kDepthBlock;
   const int64_t ak = kUnitAStride ? 1 : a_k_stride;
   alignas(64) T total[MR * NR];
   alignas(64) T part[MR * NR];
   for (int64_t k0 = 0; k0 < depth; k0 += piece) {
-    const int64_t len = depth - k0 < piece ? depth - k0 : piece;
     const T* a_piece[MR];
     for (int r = 0; r < MR; ++r) a_piece[r] = a_rows[r] + k0 * ak;
-    T* dst = k0 == 0 ? total : part;
-    gemm_microkernel<V, MR, NRV, false, kPartialB, kUnitAStride>(len, a_piece, a_k_stride, b + k0 * b_k_stride,
-                                                                 b_k_stride, b_last_lanes, dst, NR, T(1));
-    if (k0 == 0) continue;
-    for (int i = 0; i < MR * NR; i += L) (V::load(total + i) + V::load(part + i)).store(total + i);
+    gemm_microkernel_blocked<V, MR, NRV, false, kPartialB, kUnitAStride>(
+        depth - k0 < piece ? depth - k0 : piece, a_piece, a_k_stride, b + k0 * b_k_stride, b_k_stride, b_last_lanes,
+        k0 == 0 ? total : part, NR, T(1));
+    if (k0 > 0)
+      for (int i = 0; i < MR * NR; i += L) (V::load(total + i) + V::load(part + i)).store(total + i);
   }
   const V s = V::set1(c_scale);
   for (int r = 0; r < MR; ++r)

@@ -154,44 +154,114 @@ def test_scores_long_depth(isa, long_depth_qk, dtype, method):
 
 
 @pytest.fixture(scope="module")
-def long_depth_attention_inputs():
+def long_depth_attention_case():
+    """Inputs, float64 reference and naive float32 output (computed once: the reference is slow)."""
     rng = np.random.default_rng(25)
     d = 8192
     q = rng.standard_normal((1, 2, 48, d)).astype(np.float32)
     k = rng.standard_normal((1, 2, 97, d)).astype(np.float32)
     v = rng.standard_normal((1, 2, 97, 5)).astype(np.float32)
-    return q, k, v
+    return q, k, v, ref_attention64(q, k, v)[0], naive_attention(q, k, v)[0]
 
 
 @pytest.mark.parametrize("rows", [48, 3], ids=["tiled", "rowwise"])
-def test_attention_long_depth(isa, long_depth_attention_inputs, rows):
+def test_attention_long_depth(isa, long_depth_attention_case, rows):
     # 48 query rows per head run the tiled kernel (Q.K^T through the microkernel), 3 the row-wise one.
     # Bound: NAIVE_FACTOR times the plain float32 NumPy error, plus 3 eps max|v| (not the table's FLOOR
     # of ~8 eps, which would hide the defect): the kernel's exp2 (<= 1.6 ulp) and its multiply by
     # 1 / sum (<= 1.5 ulp) may cost each weight ~3 ulp more than NumPy's exp and division, which reach
     # the output (a convex combination of the rows of v) as at most ~3 eps max|v|. A single chain over
     # D = 8192 measured 5.4-5.8 eps max|v| on the tiled path against 0.6-1.0 blocked, bound ~4.2.
-    q, k, v = long_depth_attention_inputs
-    q = q[:, :, :rows]
-    got = attnfast.attention(q, k, v)
-    expected = ref_attention64(q, k, v)[0]
-    naive = naive_attention(q, k, v)[0]
+    q, k, v, expected, naive = long_depth_attention_case
+    got = attnfast.attention(q[:, :, :rows], k, v)
+    expected, naive = expected[:, :, :rows], naive[:, :, :rows]
     v_max = float(np.abs(v).max())
     err = float(np.max(np.abs(got - expected)))
     bound = NAIVE_FACTOR * float(np.max(np.abs(naive - expected))) + 3 * eps(np.float32) * v_max
     assert err <= bound, f"attention D = 8192 ({rows} rows): max error {err:.3e} > {bound:.3e}"
 
 
-@pytest.mark.parametrize("rows, lk", [(1, (1 << 20) + 7), (48, (1 << 18) + 7)], ids=["rowwise", "tiled"])
-def test_attention_long_lk_stays_accurate(isa, rows, lk):
-    # The fused kernels' sums over keys are blocked by key tiles (and key chunks merged by log-sum-exp):
-    # a guard that they stay as accurate as the naive float32 computation for a long Lk.
+@pytest.fixture(scope="module", params=[(1, (1 << 20) + 7), (48, (1 << 18) + 7)], ids=["rowwise", "tiled"])
+def long_lk_attention_case(request):
+    rows, lk = request.param
     rng = np.random.default_rng(26)
     q = rng.standard_normal((1, rows, 8)).astype(np.float32)
     k = rng.standard_normal((1, lk, 8)).astype(np.float32)
     v = rng.standard_normal((1, lk, 3)).astype(np.float32)
+    return q, k, v, ref_attention64(q, k, v)[0], naive_attention(q, k, v)[0]
+
+
+def test_attention_long_lk_stays_accurate(isa, long_lk_attention_case):
+    # The fused kernels' sums over keys are blocked by key tiles (and key chunks merged by log-sum-exp):
+    # a guard that they stay as accurate as the naive float32 computation for a long Lk.
+    q, k, v, expected, naive = long_lk_attention_case
     got = attnfast.attention(q, k, v)
-    expected = ref_attention64(q, k, v)[0]
-    naive = naive_attention(q, k, v)[0]
     assert_close_to_reference(got, expected, naive, np.float32, scale=float(np.abs(v).max()),
-                              what=f"attention Lk = {lk}")
+                              what=f"attention Lk = {k.shape[-2]}")
+
+
+# --------------------------------------------------------------------------
+# additive scores over a long hidden size
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_hidden_inputs():
+    rng = np.random.default_rng(27)
+    hidden = 65536 + 17
+    # Already projected queries and keys (w_q = w_k = None): tanh(q + k) in [0.46, 0.76] and v_a > 0, so
+    # every term is positive, as above.
+    q = rng.uniform(0.25, 0.5, (1, 48, hidden))
+    k = rng.uniform(0.25, 0.5, (1, 5, hidden))
+    v_a = rng.uniform(0.5, 1.5, hidden)
+    return q, k, v_a
+
+
+def tanh_log_bound(n, dtype):
+    # eps * log2(n) for the sum (as above) plus 4 eps: the vectorised tanh is within 3.3 ulp per term in
+    # float32 (~1 ulp in float64), which a sum of positive terms can carry over to its total.
+    return eps(dtype) * (np.log2(n) + 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_additive_scores_long_hidden(isa, long_hidden_inputs, dtype):
+    q, k, v_a = (a.astype(dtype) for a in long_hidden_inputs)
+    got = attnfast.scores(q[:, :3], k, method="additive", v_a=v_a)
+    err = max_relative_error(got, ref.scores(up(q[:, :3]), up(k), method="additive", v_a=up(v_a)))
+    bound = tanh_log_bound(q.shape[-1], dtype)
+    assert err <= bound, f"additive scores over hidden = 65553: relative error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("rows", [48, 3], ids=["tiled", "rowwise"])
+def test_additive_attention_long_hidden(isa, long_hidden_inputs, rows):
+    # lse = log sum_j exp(s_j) moves by at most max_j |error of s_j|: bounded by the scores' relative
+    # bound times max s.
+    q, k, v_a = (a.astype(np.float32) for a in long_hidden_inputs)
+    q = q[:, :rows]
+    v = np.random.default_rng(28).standard_normal((1, k.shape[1], 3)).astype(np.float32)
+    _, lse = attnfast.attention(q, k, v, method="additive", v_a=v_a, return_lse=True)
+    _, expected_lse, _ = ref_attention64(q, k, v, method="additive", v_a=v_a)
+    s_max = float(np.max(ref.scores(up(q), up(k), method="additive", v_a=up(v_a))))
+    err = float(np.max(np.abs(lse - expected_lse)))
+    bound = tanh_log_bound(q.shape[-1], np.float32) * s_max
+    assert err <= bound, f"additive attention lse over hidden = 65553 ({rows} rows): error {err:.3e} > {bound:.3e}"
+
+
+# --------------------------------------------------------------------------
+# the blocking depends on the shape only
+# --------------------------------------------------------------------------
+
+
+def test_long_reductions_do_not_depend_on_the_thread_count(isa, threads, long_depth_qk, long_aggregate_inputs):
+    q, k = (a.astype(np.float32) for a in long_depth_qk)
+    lk = (1 << 17) + 3
+    w, v = long_aggregate_inputs[0][:, :, :lk].astype(np.float32), long_aggregate_inputs[1][:, :lk].astype(np.float32)
+    x = np.random.default_rng(29).standard_normal((3, (1 << 18) + 1)).astype(np.float32)
+    values = np.random.default_rng(30).standard_normal((2, 3, 5)).astype(np.float32)
+    results = []
+    for n in (1, 2):
+        attnfast.set_num_threads(n)
+        results.append((attnfast.scores(q, k), attnfast.aggregate(w, v), attnfast.softmax(x),
+                        attnfast.attention(q[:, :, :8192], k[:, :, :8192], values)))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

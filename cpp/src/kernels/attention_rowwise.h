@@ -4,7 +4,7 @@
 // dtypes: float, double. ISA: the including target's V.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
-// horizontal sum); the online softmax and the P.V update run along the key axis and the value features.
+// horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
 // When there are few kv items and many keys, the keys are split into chunks processed in parallel and
 // merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
 // chunk order, so results are bitwise identical for any thread count.
@@ -66,11 +66,12 @@ struct RowwiseAttention {
   // One query row . one key, vectorised along the features with four partial sums (independent FMA
   // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
   // stream; four keys read side by side (four streams 1 KB apart) measured ~20% slower from DRAM.
-  // A depth beyond kDotBlock is summed as a tree of blocks (dot_blocked), which keeps the rounding error
-  // of a long D near that of one block; up to it the code and results are the single block's.
-  static constexpr int64_t kDotBlock = 1024;
+  // A depth beyond kVectorSumBlock is summed as a tree of blocks (tree_sum, common.h), which keeps the
+  // rounding error of a long D near that of one block; up to it the one block is the whole computation.
   T dot_row(const T* q, const T* k) const {
-    return p.depth <= kDotBlock ? dot_block(q, k, p.depth) : dot_blocked(q, k, p.depth);
+    if (p.depth <= kVectorSumBlock) return dot_block(q, k, p.depth);
+    return tree_sum<T>(0, p.depth, kVectorSumBlock,
+                       [&](int64_t d, int64_t n) { return dot_block(q + d, k + d, n); });
   }
   T dot_block(const T* q, const T* k, int64_t depth) const {
     const int64_t full = depth / L * L;
@@ -86,16 +87,6 @@ struct RowwiseAttention {
     for (; d < full; d += L) a0 = fmadd(V::load(q + d), V::load(k + d), a0);
     if (tail) a1 = fmadd(V::load_partial(q + d, tail), V::load_partial(k + d, tail), a1);
     return reduce_add((a0 + a1) + (a2 + a3));
-  }
-  // Pieces of kDotBlock^j features (the largest such power below depth, so at most kDotBlock pieces),
-  // each a tree itself, added in feature order.
-  T dot_blocked(const T* q, const T* k, int64_t depth) const {
-    if (depth <= kDotBlock) return dot_block(q, k, depth);
-    int64_t piece = kDotBlock;
-    while (piece * kDotBlock < depth) piece *= kDotBlock;
-    T total = 0;
-    for (int64_t d = 0; d < depth; d += piece) total += dot_blocked(q + d, k + d, imin(piece, depth - d));
-    return total;
   }
 
   // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.

@@ -33,7 +33,8 @@ import pytest
 import attnfast
 from attnfast import reference as ref
 
-from conftest import NAIVE_FACTOR, assert_close_to_reference, naive_attention, ref_attention64, up
+from conftest import (NAIVE_FACTOR, assert_close_to_reference, check_attention, naive_attention, naive_scores,
+                      naive_softmax, ref_attention64, scores_magnitude, sum_magnitude, up)
 
 DTYPES = [np.float32, np.float64]
 
@@ -265,3 +266,41 @@ def test_long_reductions_do_not_depend_on_the_thread_count(isa, threads, long_de
                         attnfast.attention(q[:, :, :8192], k[:, :, :8192], values)))
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+# --------------------------------------------------------------------------
+# block boundaries: lengths just below, at and above a block (256 terms per chain in the microkernel,
+# 1024 elements in the vectorised sums and the softmax), held to the tolerance table like every other
+# stage test. (Lengths above a block squared, 65536, are the long tests above: 65553, 2^20 + 3.)
+# --------------------------------------------------------------------------
+
+EDGE_LENGTHS = [255, 256, 257, 511, 513, 1023, 1024, 1025, 2049, 4097]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", EDGE_LENGTHS)
+def test_block_edges_scores_and_aggregate(isa, rng, dtype, n):
+    q = rng.standard_normal((2, 13, n)).astype(dtype)
+    k = rng.standard_normal((2, 35, n)).astype(dtype)
+    assert_close_to_reference(attnfast.scores(q, k), ref.scores(up(q), up(k)), naive_scores(q, k), dtype,
+                              scale=scores_magnitude(q, k), what=f"scores D = {n}")
+    w = rng.random((2, 13, n)).astype(dtype)
+    v = rng.standard_normal((2, n, 35)).astype(dtype)
+    assert_close_to_reference(attnfast.aggregate(w, v), ref.aggregate(up(w), up(v)), (w @ v).astype(dtype), dtype,
+                              scale=sum_magnitude(w, v), what=f"aggregate Lk = {n}")
+
+
+@pytest.mark.parametrize("n", EDGE_LENGTHS)
+def test_block_edges_softmax(isa, rng, n):
+    x = (rng.standard_normal((3, n)) * 3).astype(np.float32)
+    assert_close_to_reference(attnfast.softmax(x), ref.softmax(up(x)), naive_softmax(x), np.float32,
+                              what=f"softmax n = {n}")
+
+
+@pytest.mark.parametrize("n", [1023, 1024, 1025, 4097])
+@pytest.mark.parametrize("rows", [48, 2], ids=["tiled", "rowwise"])
+def test_block_edges_attention(isa, rng, n, rows):
+    q = rng.standard_normal((2, rows, n)).astype(np.float32)
+    k = rng.standard_normal((2, 19, n)).astype(np.float32)
+    v = rng.standard_normal((2, 19, 3)).astype(np.float32)
+    check_attention(q, k, v, dtype=np.float32, what=f"attention D = {n}")

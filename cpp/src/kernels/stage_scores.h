@@ -98,14 +98,22 @@ inline typename V::Scalar additive_score_block(const typename V::Scalar* q, cons
   return reduce_add(acc);
 }
 
-// More than kVectorSumBlock features are summed as a tree of such blocks (tree_sum, common.h).
+// More than kVectorSumBlock features are summed as a tree of such blocks (tree_sum, common.h), out of
+// line so that the common, short code is not shaped by it.
+template <class V>
+__attribute__((noinline)) typename V::Scalar additive_score_tree(const typename V::Scalar* q,
+                                                                 const typename V::Scalar* k,
+                                                                 const typename V::Scalar* va, int64_t hidden) {
+  using T = typename V::Scalar;
+  return tree_sum<T>(0, hidden, kVectorSumBlock,
+                     [&](int64_t a, int64_t n) { return additive_score_block<V>(q + a, k + a, va + a, n); });
+}
+
 template <class V>
 inline typename V::Scalar additive_score(const typename V::Scalar* q, const typename V::Scalar* k,
                                          const typename V::Scalar* va, int64_t hidden) {
-  using T = typename V::Scalar;
-  if (hidden <= kVectorSumBlock) return additive_score_block<V>(q, k, va, hidden);
-  return tree_sum<T>(0, hidden, kVectorSumBlock,
-                     [&](int64_t a, int64_t n) { return additive_score_block<V>(q + a, k + a, va + a, n); });
+  if (hidden > kVectorSumBlock) return additive_score_tree<V>(q, k, va, hidden);
+  return additive_score_block<V>(q, k, va, hidden);
 }
 
 template <class V>

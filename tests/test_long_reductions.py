@@ -2,7 +2,7 @@
 
 Every kernel sums long runs of terms as a tree of short chains (see README, Numerics): the
 stage softmax adds blocks of 1024 entries pairwise, the GEMM microkernel (scores, aggregate, the
-tiled attention's Q.K^T) cuts depths beyond 256 into pieces of 256^j terms, the row-wise
+tiled attention's Q.K^T) cuts depths beyond 512 into pieces of 512^j terms, the row-wise
 attention's dot cuts D beyond 1024 features the same way. A single running sum instead loses
 accuracy in proportion to its length: for terms of one sign its rounding errors all push the same
 way (each add rounds relative to the whole partial sum), so a float32 row of 16M softmax terms
@@ -269,12 +269,12 @@ def test_long_reductions_do_not_depend_on_the_thread_count(isa, threads, long_de
 
 
 # --------------------------------------------------------------------------
-# block boundaries: lengths just below, at and above a block (256 terms per chain in the microkernel,
+# block boundaries: lengths just below, at and above a block (512 terms per chain in the microkernel,
 # 1024 elements in the vectorised sums and the softmax), held to the tolerance table like every other
-# stage test. (Lengths above a block squared, 65536, are the long tests above: 65553, 2^20 + 3.)
+# stage test. (Above a microkernel block squared, 2^18: the long aggregate test above, 2^20 + 3.)
 # --------------------------------------------------------------------------
 
-EDGE_LENGTHS = [255, 256, 257, 511, 513, 1023, 1024, 1025, 2049, 4097]
+EDGE_LENGTHS = [255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2049, 4097]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

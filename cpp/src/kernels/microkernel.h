@@ -10,7 +10,7 @@
 // A longer depth is summed as a tree (gemm_block_sums, gemm_microkernel_blocked): chains of at most
 // kDepthBlock terms, whose results are added in k order in chains of at most kDepthBlock again, and so
 // on. The rounding error of a sum of n terms is then at most about kDepthBlock * ceil(log_kDepthBlock n)
-// eps relative to sum |terms| (768 eps for n = 2^20, against n eps for one chain) and in practice far
+// eps relative to sum |terms| (1536 eps for n = 2^20, against n eps for one chain) and in practice far
 // less, while one long chain of same-sign terms drifts by ~1e-4 in float32 at n = 2^20 (every add rounds
 // against the whole partial sum). The blocks depend on the depth only, never on the thread count.
 #pragma once
@@ -19,9 +19,10 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-// Terms of one accumulation chain. Depths up to it (every common head size, D = 64..256) run the single
-// chain below; beyond it the tree costs one tile add per block, < 1% of the block's FMAs.
-constexpr int64_t kDepthBlock = 256;
+// Terms of one accumulation chain. Depths up to it (every common head size, and key counts up to 512 in
+// the aggregate) run the single chain below; beyond it the tree costs one tile add per block, ~1-2% of
+// the block's FMAs at two to eight blocks.
+constexpr int64_t kDepthBlock = 512;
 
 template <class V, int MR, int NRV, bool kAccumulate, bool kPartialB, bool kUnitAStride>
 __attribute__((noinline)) void gemm_microkernel_blocked(int64_t depth, const typename V::Scalar* const* a_rows,

@@ -4,7 +4,7 @@
 // dtypes: float, double. ISA: the including target's V.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
-// horizontal sum); the online softmax and the P.V update run along the key axis and the value features.
+// horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
 // When there are few kv items and many keys, the keys are split into chunks processed in parallel and
 // merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
 // chunk order, so results are bitwise identical for any thread count.
@@ -70,9 +70,11 @@ struct RowwiseAttention {
   // One query row . one key, vectorised along the features with four partial sums (independent FMA
   // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
   // stream; four keys read side by side (four streams 1 KB apart) measured ~20% slower from DRAM.
-  T dot_row(const T* q, const T* k) const {
-    const int64_t full = p.depth / L * L;
-    const int tail = static_cast<int>(p.depth - full);
+  // A depth beyond kVectorSumBlock is summed as a tree of such blocks (dot_score_tile_tree), which keeps the
+  // rounding error of a long D near that of one block.
+  T dot_row(const T* q, const T* k, int64_t depth) const {
+    const int64_t full = depth / L * L;
+    const int tail = static_cast<int>(depth - full);
     V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t d = 0;
     for (; d + 4 * L <= full; d += 4 * L) {
@@ -84,6 +86,19 @@ struct RowwiseAttention {
     for (; d < full; d += L) a0 = fmadd(V::load(q + d), V::load(k + d), a0);
     if (tail) a1 = fmadd(V::load_partial(q + d, tail), V::load_partial(k + d, tail), a1);
     return reduce_add((a0 + a1) + (a2 + a3));
+  }
+  // dot_score_tile for depth > kVectorSumBlock. Out of line, so that the common loop's code is not
+  // shaped by it.
+  __attribute__((noinline)) void dot_score_tile_tree(const Work& w, int64_t j0, int64_t nk) const {
+    const int64_t ks = p.k.row_stride_elements;
+    const T* k = p.k.row(w.kv_item, j0);
+    for (int64_t t = 0; t < nk; ++t)
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* qr = w.qs + r * p.depth;
+        const T* kt = k + t * ks;
+        w.s[r * NK + t] = tree_sum<T>(0, p.depth, kVectorSumBlock,
+                                      [&](int64_t d, int64_t n) { return dot_row(qr + d, kt + d, n); });
+      }
   }
 
   // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.
@@ -106,8 +121,12 @@ struct RowwiseAttention {
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
     const T* k = p.k.row(w.kv_item, j0);
+    if (p.depth > kVectorSumBlock) {
+      dot_score_tile_tree(w, j0, nk);
+      return;
+    }
     for (int64_t t = 0; t < nk; ++t)
-      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks);
+      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
   }
 
   // Bias first; then the visible range and the bool mask overwrite with -inf, so a masked key stays

@@ -20,7 +20,8 @@
 // and GCC reloaded a B vector for every row: P.V ran ~30% slower than Q.K^T). The block is
 // transposed back once, when its rows are normalised and written.
 //
-// Numerics: s2 = (c q).k accumulated with one FMA per term in d order; the reference max m only
+// Numerics: s2 = (c q).k accumulated with one FMA per term in d order (a D beyond kDepthBlock as a tree
+// of blocks: microkernel.h; the additive sum over hidden in blocks too); the reference max m only
 // grows, by whole steps of more than kLazyMargin (softmax_tile), and the accumulator is rescaled by
 // alpha = exp(m_old - m_new) only for rows whose m moved; each row is normalised once at the end.
 // Rows with no visible key get out 0 and lse -inf (m is replaced by 0 before subtracting, so
@@ -133,17 +134,27 @@ struct TiledAttention {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
       for (int64_t j = 0; j < nk; ++j) {
         const T* kr = p.k.row(bkv, j0 + j);
-        decltype(V::v) acc[NRV];  // native vectors: kept in registers (see microkernel.h)
+        // native vectors: kept in registers (see microkernel.h). Blocks of kDepthBlock features restart
+        // the chains, each block's sums added in order, so a long hidden keeps a block's error per level.
+        decltype(V::v) sum[NRV];
 #pragma GCC unroll 16
-        for (int n = 0; n < NRV; ++n) acc[n] = V::zero().v;
-        for (int64_t a = 0; a < p.depth; ++a) {
-          const V kb = V::set1(kr[a]);
-          const V vb = V::set1(blk.va_scaled[a]);
+        for (int n = 0; n < NRV; ++n) sum[n] = V::zero().v;
+        for (int64_t a0 = 0; a0 < p.depth; a0 += kDepthBlock) {
+          const int64_t a1 = imin(p.depth, a0 + kDepthBlock);
+          decltype(V::v) acc[NRV];
 #pragma GCC unroll 16
-          for (int n = 0; n < NRV; ++n)
-            acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), V{acc[n]}).v;
+          for (int n = 0; n < NRV; ++n) acc[n] = V::zero().v;
+          for (int64_t a = a0; a < a1; ++a) {
+            const V kb = V::set1(kr[a]);
+            const V vb = V::set1(blk.va_scaled[a]);
+#pragma GCC unroll 16
+            for (int n = 0; n < NRV; ++n)
+              acc[n] = fmadd(vb, tanh_approx(V::load(qpanel + a * QNR + n * L) + kb), V{acc[n]}).v;
+          }
+#pragma GCC unroll 16
+          for (int n = 0; n < NRV; ++n) sum[n] = a0 == 0 ? acc[n] : (V{sum[n]} + V{acc[n]}).v;
         }
-        for (int n = 0; n < NRV; ++n) V{acc[n]}.store(blk.s + j * MB + panel * QNR + n * L);
+        for (int n = 0; n < NRV; ++n) V{sum[n]}.store(blk.s + j * MB + panel * QNR + n * L);
       }
     }
   }

@@ -41,6 +41,24 @@ inline T keep_or_neg_inf(T x, uint8_t keep) {
   return out;
 }
 
+// Elements per block of a sum vectorised along its terms (one partial sum per lane, chains of
+// kVectorSumBlock / lanes terms), used by the dot and additive score reductions over the features.
+constexpr int64_t kVectorSumBlock = 1024;
+
+// sum of block_sum(begin, length) over [begin, begin + n), cut as a tree: n <= block is one call;
+// otherwise pieces of block^j elements (the largest such power below n, so at most `block` pieces),
+// each a tree itself, added in order. Keeps the rounding error of a long sum near that of one block
+// per level; the cut depends on n only.
+template <class T, class F>
+inline T tree_sum(int64_t begin, int64_t n, int64_t block, const F& block_sum) {
+  if (n <= block) return block_sum(begin, n);
+  int64_t piece = block;
+  while (piece * block < n) piece *= block;
+  T total = T(0);
+  for (int64_t i = 0; i < n; i += piece) total += tree_sum<T>(begin + i, imin(piece, n - i), block, block_sum);
+  return total;
+}
+
 // Runs f(task, slot) for every task in [0, tasks) on up to `threads` threads (attnfast/parallel.h):
 // slot < threads indexes per-thread scratch. The lambda's type is local to this target's namespace,
 // so the trampoline below is too.

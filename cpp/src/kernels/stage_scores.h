@@ -2,9 +2,10 @@
 //   scores_dot:      S = scale * Q K^T  (methods dot, scaled_dot, and general after Q <- Q W).
 //   scores_additive: S[i][j] = scale * sum_a v_a[a] tanh(qp[i][a] + kp[j][a])  (Bahdanau).
 // dtypes: float, double (computed and accumulated in that precision). ISA: the including target's V.
-// Numerics: dot products accumulate in k order with one FMA per term; the additive reduction uses
-// tanh_approx (math.h) and accumulates per-lane partial sums then a fixed-order horizontal sum, so
-// results do not depend on the thread count.
+// Numerics: dot products accumulate in k order with one FMA per term (a depth beyond kDepthBlock as a
+// tree of blocks: microkernel.h); the additive reduction uses tanh_approx (math.h) and accumulates
+// per-lane partial sums then a fixed-order horizontal sum, over blocks of kVectorSumBlock features
+// added as a tree (tree_sum, common.h) when hidden is longer. Results do not depend on the thread count.
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/common.h"
@@ -83,8 +84,8 @@ int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
 // and a fixed-order horizontal sum. Zero lanes of va cancel the masked tail. Shared by the additive
 // scores kernel and the row-wise fused attention, so both give bitwise the same score.
 template <class V>
-inline typename V::Scalar additive_score(const typename V::Scalar* q, const typename V::Scalar* k,
-                                         const typename V::Scalar* va, int64_t hidden) {
+inline typename V::Scalar additive_score_block(const typename V::Scalar* q, const typename V::Scalar* k,
+                                               const typename V::Scalar* va, int64_t hidden) {
   constexpr int L = V::kLanes;
   const int64_t full = hidden / L * L;
   const int tail = static_cast<int>(hidden - full);
@@ -95,6 +96,24 @@ inline typename V::Scalar additive_score(const typename V::Scalar* q, const type
     acc = fmadd(V::load_partial(va + a, tail), tanh_approx(V::load_partial(q + a, tail) + V::load_partial(k + a, tail)),
                 acc);
   return reduce_add(acc);
+}
+
+// More than kVectorSumBlock features are summed as a tree of such blocks (tree_sum, common.h), out of
+// line so that the common, short code is not shaped by it.
+template <class V>
+__attribute__((noinline)) typename V::Scalar additive_score_tree(const typename V::Scalar* q,
+                                                                 const typename V::Scalar* k,
+                                                                 const typename V::Scalar* va, int64_t hidden) {
+  using T = typename V::Scalar;
+  return tree_sum<T>(0, hidden, kVectorSumBlock,
+                     [&](int64_t a, int64_t n) { return additive_score_block<V>(q + a, k + a, va + a, n); });
+}
+
+template <class V>
+inline typename V::Scalar additive_score(const typename V::Scalar* q, const typename V::Scalar* k,
+                                         const typename V::Scalar* va, int64_t hidden) {
+  if (hidden > kVectorSumBlock) return additive_score_tree<V>(q, k, va, hidden);
+  return additive_score_block<V>(q, k, va, hidden);
 }
 
 template <class V>

@@ -147,6 +147,32 @@ def test_positive_infinite_bias(isa, path, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_positive_infinite_score_in_a_nan_row(isa, path, dtype):
+    # A row with both a +inf score (+inf bias) and a NaN score (a NaN in a visible key's K) is a NaN
+    # row: every visible key's weight is NaN, the +inf key's included, and hidden keys weigh 0. Rows
+    # with only the +inf key split their weight over it; rows with only the NaN key are NaN.
+    rng = _rng("inf-in-nan-row", path, np.dtype(dtype).name)
+    q, k, v = _qkv(path, 8, dtype, rng)
+    qb, kvb, lq, lk = PATHS[path]
+    k[..., 3, 0] = np.nan
+    bias = rng.standard_normal(qb + (lq, lk)).astype(dtype)
+    bias[..., 0::2, lk - 1] = np.inf  # even rows: +inf and NaN; odd rows: NaN only
+    mask = np.ones(qb + (lq, lk), bool)
+    mask[..., 1::4, 3] = False  # and some rows have only the +inf key
+    mask[..., :, 5] = False
+    got, ref = _both(q, k, v, bias=bias, mask=mask)
+    _assert_agree(got, ref, dtype, path)
+    w = got[2]
+    both = np.zeros(qb + (lq,), bool)
+    both[..., 0::2] = True
+    both &= mask[..., 3]
+    assert both.any()
+    assert np.all(np.isnan(w[both][:, lk - 1])) and np.all(np.isnan(w[both][:, 3]))
+    assert np.all(w[both][:, 5] == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_reference_softmax_positive_infinity(dtype):
     x = np.array([[1.0, np.inf, 2.0, np.inf], [1.0, 2.0, 3.0, np.inf], [np.inf, np.nan, 0, 0],
                   [-np.inf, -np.inf, -np.inf, -np.inf]], dtype)

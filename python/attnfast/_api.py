@@ -263,8 +263,7 @@ def merge_states(outs, lses):
         # Select, never multiply, an empty part away: its out may hold anything.
         terms = (np.where(empty[..., None], 0, f[..., None] * part)
                  for part, f, empty in zip(a.outs, factor, s == -np.inf))
-        merged = np.zeros(a.shape, a.dtype)
-        merged += _pairwise_sum(terms)
+        merged = _pairwise_sum(terms)
     return merged.astype(a.dtype, copy=False), lse.astype(a.dtype, copy=False)
 
 

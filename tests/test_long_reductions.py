@@ -304,3 +304,29 @@ def test_block_edges_attention(isa, rng, n, rows):
     k = rng.standard_normal((2, 19, n)).astype(np.float32)
     v = rng.standard_normal((2, 19, 3)).astype(np.float32)
     check_attention(q, k, v, dtype=np.float32, what=f"attention D = {n}")
+
+
+# --------------------------------------------------------------------------
+# merge_states over many parts
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_states_many_parts(dtype):
+    # 65539 split-KV parts of one sign: the sums over the parts (of exp(lse_i - m), and of the weighted
+    # outs) are trees, so the merged out and lse stay within eps * log2(n) of the exact merge. NumPy's
+    # reduction over a stacked axis adds one part at a time: ~700 eps on this float32 input.
+    rng = np.random.default_rng(21)
+    n = (1 << 16) + 3
+    outs = [(1.0 + 0.1 * rng.random((2, 3))).astype(dtype) for _ in range(n)]
+    lses = [(3.0 + 0.01 * rng.random(2)).astype(dtype) for _ in range(n)]
+    out, lse = attnfast.merge_states(outs, lses)
+    # The exact merge in x87 extended precision (64-bit significand): float64's own sums over 65539
+    # parts would be off by more than the float64 bound.
+    o_x, l_x = np.stack(outs).astype(np.longdouble), np.stack(lses).astype(np.longdouble)
+    m = l_x.max(axis=0)
+    e = np.exp(l_x - m)
+    exact_out = ((e[..., None] * o_x).sum(axis=0) / e.sum(axis=0)[:, None]).astype(np.float64)
+    exact_lse = (m + np.log(e.sum(axis=0))).astype(np.float64)
+    assert_log_bound(max_relative_error(out, exact_out), n, dtype, "merged out")
+    assert_log_bound(max_relative_error(lse, exact_lse), n, dtype, "merged lse")

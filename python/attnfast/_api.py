@@ -79,7 +79,12 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     batch = list(a.batch_shape)
     if a.method in ("dot", "scaled_dot", "general"):
         qq = _projected(a.q, a.w) if a.method == "general" else _unit_last_axis(a.q)
-        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, a.scale)
+        # (scale * q) . k, scale folded into q as attention() does, so both give the same scores and a
+        # small scale keeps a q . k past the dtype's range finite when the scaled score fits.
+        if a.scale != 1.0:
+            with np.errstate(over="ignore"):  # a scaled q past the range saturates, as in attention()
+                qq = qq * a.dtype.type(a.scale)
+        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, 1.0)
     elif a.method == "concat":
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
         q_term = _projected(a.q, a.w_q)[..., :, None]
@@ -252,11 +257,31 @@ def merge_states(outs, lses):
         saturated = m == np.inf
         shift = np.where((m == -np.inf) | saturated, 0, m)
         e = np.where(saturated, (s == np.inf).astype(s.dtype), np.exp(s - shift))
-        total = np.sum(e, axis=0)
+        total = _pairwise_sum(iter(e))
         lse = np.where(saturated, np.inf, shift + np.log(total)).astype(s.dtype, copy=False)
         factor = e / np.where(total == 0, 1, total)
-        merged = np.zeros(a.shape, a.dtype)
-        for part, f, empty in zip(a.outs, factor, s == -np.inf):
-            # Select, never multiply, an empty part away: its out may hold anything.
-            merged += np.where(empty[..., None], 0, f[..., None] * part)
+        # Select, never multiply, an empty part away: its out may hold anything.
+        terms = (np.where(empty[..., None], 0, f[..., None] * part)
+                 for part, f, empty in zip(a.outs, factor, s == -np.inf))
+        merged = _pairwise_sum(terms)
     return merged.astype(a.dtype, copy=False), lse.astype(a.dtype, copy=False)
+
+
+def _pairwise_sum(terms):
+    """Sum of an iterable of same-shape arrays as a balanced binary tree, holding O(log n) partial sums.
+
+    NumPy reduces over a stacked leading axis one row at a time, whose float32 rounding errors grow in
+    proportion to the number of parts (~700 eps over 65536 parts); the tree's grow like log n, as the
+    kernels' long sums do.
+    """
+    pending = []  # (level, sum of 2**level consecutive terms), levels strictly decreasing
+    for t in terms:
+        level = 0
+        while pending and pending[-1][0] == level:
+            t = pending.pop()[1] + t
+            level += 1
+        pending.append((level, t))
+    total = pending.pop()[1]
+    while pending:
+        total = pending.pop()[1] + total
+    return total

@@ -408,7 +408,8 @@ struct RowwiseAttention {
           const int64_t b = batch_of(w, r), i = query_of(r);
           const T m2 = row_stats[2 * (b * p.lq + i)], l = row_stats[2 * (b * p.lq + i) + 1];
           const T shift = m2 == neg_inf<T>() ? T(0) : m2;
-          const V inv = V::set1(l > T(0) ? T(1) / l : T(0));
+          // l is NaN in a row a NaN score made NaN: 1 / l keeps its +inf keys' weights NaN as well.
+          const V inv = V::set1(l == T(0) ? T(0) : T(1) / l);
           T* out = p.weights.row(b, i) + j0;
           const T* s = w.s + r * NK;
           for (int64_t t = 0; t < nk; t += L) {

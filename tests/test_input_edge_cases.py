@@ -240,6 +240,63 @@ def test_kernel_visibility_saturates(isa, rng, dtype, lq, lk):
         assert np.all(out == 0) and np.all(lse == -np.inf)
 
 
+def _zeros_view(shape, dtype=np.float32, last_stride=0):
+    """A read-only view of ``shape`` over one row of zeros: any number of (broadcast) elements, no memory."""
+    row = np.zeros(shape[-1] if last_stride else 1, dtype)
+    strides = (0,) * (len(shape) - 1) + ((row.itemsize if last_stride else 0),)
+    return np.lib.stride_tricks.as_strided(row, shape, strides, writeable=False)
+
+
+N32 = 2**32
+TOO_MANY = "more than one NumPy array can hold"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_broadcasting_beyond_int64_is_not_called_a_mismatch(impl):
+    # (2^32, 1) and (1, 2^32) do broadcast; to 2^64 items, which no array holds.
+    f, z = IMPLS[impl], _zeros_view
+    items = exact(f"broadcast to (4294967296, 4294967296), {2**64} batch items: {TOO_MANY}")
+    with pytest.raises(ValueError, match=r"q \(4294967296, 1\), k \(1, 4294967296\) " + items):
+        f.scores(z((N32, 1, 4, 8)), z((1, N32, 0, 8)))
+    with pytest.raises(ValueError, match=r"weights \(4294967296, 1\), v \(1, 4294967296\) " + items):
+        f.aggregate(z((N32, 1, 4, 6)), z((1, N32, 6, 0)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "return_lse": True}, {"kv_lengths": 0},
+                                {"mask": np.ones((1, 1), bool)}, {"method": "general", "w": np.eye(8)}])
+@pytest.mark.parametrize("lk,dv", [(6, 4), (0, 4), (6, 0)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_result_beyond_int64_is_a_clear_value_error(impl, lk, dv, kw):
+    # An empty result is refused too: NumPy cannot make an array whose other extents multiply past int64.
+    z = _zeros_view
+    with pytest.raises(ValueError, match=exact(
+            f"the result would have shape (4294967296, 4294967296, 4, {dv}) ") + r".*" + exact(
+            f"{TOO_MANY} (at most {INT64_MAX} bytes); q has shape (4294967296, 1, 4, 8), k (1, 4294967296, {lk}, 8) "
+            f"and v (1, 4294967296, {lk}, {dv}). Loop over a part of the batch or of the queries.")):
+        IMPLS[impl].attention(z((N32, 1, 4, 8)), z((1, N32, lk, 8)), z((1, N32, lk, dv)), **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plain_path_result_beyond_int64_is_a_clear_value_error(impl):
+    # Every input fits (2^62 bytes at most) but the result, 2^58 x 4 x 4 float32, does not.
+    z = _zeros_view
+    q, k, v = z((2**58, 4, 1)), z((2**58, 1, 1)), z((2**58, 1, 4), last_stride=True)
+    with pytest.raises(ValueError, match=exact(f"the result would have shape ({2**58}, 4, 4) ({2**64} bytes of "
+                                               f"float32), {TOO_MANY}")):
+        IMPLS[impl].attention(q, k, v)
+
+
+@pytest.mark.parametrize("kw,what", [({"mask": np.ones((1, 1), bool)}, "mask broadcast to the score shape"),
+                                     ({"bias": np.zeros((1, 1))}, "bias broadcast to the score shape"),
+                                     ({"return_weights": True}, "weights (return_weights=True)")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_score_shape_beyond_int64_is_a_clear_value_error(impl, kw, what):
+    # Lq x Lk = 2^64: the result (2^31 x 4) fits, the score-shaped operand does not; not a shape mismatch.
+    z = _zeros_view
+    with pytest.raises(ValueError, match=exact(f"{what} would have shape (2147483648, 8589934592) (")):
+        IMPLS[impl].attention(z((2**31, 8)), z((2**33, 8)), z((2**33, 4)), **kw)
+
+
 # --------------------------------------------------------------------------
 # 5. scale out of the computation dtype's range
 # --------------------------------------------------------------------------

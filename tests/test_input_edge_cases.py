@@ -255,10 +255,13 @@ TOO_MANY = "more than one NumPy array can hold"
 def test_batch_broadcasting_beyond_int64_is_not_called_a_mismatch(impl):
     # (2^32, 1) and (1, 2^32) do broadcast; to 2^64 items, which no array holds.
     f, z = IMPLS[impl], _zeros_view
-    items = exact(f"broadcast to (4294967296, 4294967296), {2**64} batch items: {TOO_MANY}")
-    with pytest.raises(ValueError, match=r"q \(4294967296, 1\), k \(1, 4294967296\) " + items):
+    with pytest.raises(ValueError, match=exact(
+            f"the scores would have shape (4294967296, 4294967296, 4, 0) ({2**68} bytes of float32), {TOO_MANY} "
+            f"(at most {INT64_MAX} bytes); q has shape (4294967296, 1, 4, 8) and k (1, 4294967296, 0, 8).")):
         f.scores(z((N32, 1, 4, 8)), z((1, N32, 0, 8)))
-    with pytest.raises(ValueError, match=r"weights \(4294967296, 1\), v \(1, 4294967296\) " + items):
+    with pytest.raises(ValueError, match=exact(
+            f"the result would have shape (4294967296, 4294967296, 4, 0) ({2**68} bytes of float32), {TOO_MANY} "
+            f"(at most {INT64_MAX} bytes); weights has shape (4294967296, 1, 4, 6) and v (1, 4294967296, 6, 0).")):
         f.aggregate(z((N32, 1, 4, 6)), z((1, N32, 6, 0)))
 
 
@@ -509,6 +512,40 @@ def test_attention_packed_field_bias_reported_case(isa):
     q, k, v = np.ones((10, 4), np.float32), np.ones((4, 4), np.float32), np.eye(4, dtype=np.float32)
     expected = ref.attention(q, k, v, bias=np.array(bias))
     assert_close_fixed(attnfast.attention(q, k, v, bias=bias), expected, np.float32)
+
+
+MANY = (1,) * 29 + (2,) + (1,) * 30  # 60 batch axes: beyond np.broadcast_shapes' 32, within NumPy's 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batches_of_up_to_64_axes_broadcast(isa, rng, dtype):
+    # q, the weights and outs with 62 axes meet k, v and masks with 2: batch broadcasting is not limited
+    # to the 32 axes np.broadcast_shapes takes.
+    q = rng.standard_normal(MANY + (5, 8)).astype(dtype)
+    k, v = rng.standard_normal((7, 8)).astype(dtype), rng.standard_normal((7, 3)).astype(dtype)
+    mask = rng.random((5, 7)) < 0.8
+    for kw in ({}, {"mask": mask}, {"causal": True, "return_weights": True}, {"kv_lengths": np.array(4)}):
+        expected = _reference_attention(q, k, v, **kw)
+        for f in IMPLS.values():
+            for got, want in zip(*(x if isinstance(x, tuple) else (x,) for x in (f.attention(q, k, v, **kw), expected))):
+                assert_close_fixed(got, want, dtype, scale=1.0)
+    for f in IMPLS.values():
+        assert_close_fixed(f.scores(q, k), ref.scores(up(q), up(k)), dtype)
+        weights = attnfast.softmax(f.scores(q, k))
+        assert_close_fixed(f.aggregate(weights, v), ref.aggregate(up(weights), up(v)), dtype)
+        assert_close_fixed(f.softmax(q, axis=29, mask=mask[0, :1, None].T), ref.softmax(up(q), axis=29,
+                           mask=mask[0, :1, None].T), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_merge_states_of_64_axis_parts(rng, impl):
+    outs = [rng.standard_normal((1,) * 62 + (3, 2)) for _ in range(3)]
+    lses = [rng.standard_normal((1,) * 62 + (3,)) for _ in range(3)]
+    out, lse = IMPLS[impl].merge_states(outs, lses)
+    flat_out, flat_lse = ref.merge_states([o.reshape(3, 2) for o in outs], [s.reshape(3) for s in lses])
+    assert out.shape == outs[0].shape and lse.shape == lses[0].shape
+    np.testing.assert_allclose(out.reshape(3, 2), flat_out, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(lse.reshape(3), flat_lse, rtol=1e-12, atol=1e-15)
 
 
 # --------------------------------------------------------------------------

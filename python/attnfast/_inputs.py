@@ -308,8 +308,8 @@ def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint
 
     ``hint`` is a string, or a function returning one (built only when the check fails).
     """
-    # By hand, not np.broadcast_shapes: that one also fails when ``target`` holds more elements than an
-    # array can, which is not this argument's fault (the result-size checks report it).
+    # By hand, not np.broadcast_shapes, which takes at most 32 axes and also fails when ``target`` holds
+    # more elements than an array can, which is not this argument's fault (the result-size checks say so).
     ok = len(shape) <= len(target) and all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
     if not ok:
         hint = hint() if callable(hint) else hint
@@ -321,7 +321,7 @@ def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint
 
 def _broadcast_shape(shapes: Sequence[Shape]) -> Optional[Shape]:
     """NumPy's broadcast of ``shapes``, or None when they do not broadcast; unlike np.broadcast_shapes,
-    whatever the size of the result."""
+    for any number of axes and whatever the size of the result."""
     ndim = max(len(s) for s in shapes)
     joint = []
     for axis in range(-ndim, 0):
@@ -380,20 +380,14 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
     if type(first) is tuple and all(s == first for s in shapes[1:]):
         return first
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-    try:
-        return tuple(np.broadcast_shapes(*shapes))
-    except ValueError:
-        pass
+    # By hand, not np.broadcast_shapes, which takes at most 32 axes (an array may have 64) and refuses a
+    # broadcast larger than one array can hold (the callers check the arrays they make).
+    joint = _broadcast_shape(shapes)
+    if joint is not None:
+        return joint
     if names is None:
         names = [f"argument {i}" for i in range(len(shapes))]
     listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, shapes))
-    joint = _broadcast_shape(shapes)
-    if joint is not None:
-        # np.broadcast_shapes also refuses shapes that broadcast to more elements than an array can hold.
-        raise ValueError(
-            f"the batch shapes (all axes before the last two) {listing} broadcast to {_fmt(joint)}, "
-            f"{math.prod(joint)} batch items: more than one NumPy array can hold. Loop over a part of the batch."
-        )
     raise ValueError(
         f"the batch shapes (all axes before the last two) do not broadcast: {listing}. "
         f"Batch axes follow NumPy broadcasting, aligned from the right: each axis must be "

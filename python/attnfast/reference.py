@@ -416,7 +416,8 @@ def merge_states(outs, lses):
     (times their out) and the merged lse is +inf, as in :func:`attention`.
     """
     a = _inputs.check_merge_states(outs, lses)
-    o = np.stack([x.astype(_F64) for x in a.outs])  # (n, ..., Lq, Dv)
+    # The lses are stacked, the outs summed part by part: stacking them would add an axis, one too many
+    # for outs that already have NumPy's maximum of 64.
     s = np.stack([x.astype(_F64) for x in a.lses])  # (n, ..., Lq)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(s, axis=0)
@@ -428,6 +429,7 @@ def merge_states(outs, lses):
         # An empty part (lse_i = -inf) contributes nothing, even if its out
         # holds garbage; an all-empty row stays 0.
         factor = np.where(s == -np.inf, 0.0, e / np.where(total == 0.0, 1.0, total))
-        contrib = np.where((s == -np.inf)[..., None], 0.0, factor[..., None] * o)
-        merged = np.sum(contrib, axis=0)
+        merged = np.zeros(a.shape, _F64)
+        for part, f, empty in zip(a.outs, factor, s == -np.inf):
+            merged += np.where(empty[..., None], 0.0, f[..., None] * part.astype(_F64))
     return merged.astype(a.dtype), lse.astype(a.dtype)

@@ -538,6 +538,18 @@ def test_batches_of_up_to_64_axes_broadcast(isa, rng, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_additive_scores_of_64_axis_inputs(rng, impl):
+    # The reference's tanh tensor has one axis more than the scores: it must not need a 65th.
+    q, k, v = rng.standard_normal((1,) * 62 + (5, 8)), rng.standard_normal((7, 6)), rng.standard_normal((7, 3))
+    weights = dict(method="additive", w_q=rng.standard_normal((4, 8)), w_k=rng.standard_normal((4, 6)),
+                   v_a=rng.standard_normal(4), score_bias=rng.standard_normal(4))
+    flat = ref.scores(q.reshape(5, 8), k, **weights)
+    np.testing.assert_allclose(IMPLS[impl].scores(q, k, **weights).reshape(5, 7), flat, rtol=1e-12, atol=1e-12)
+    flat = ref.attention(q.reshape(5, 8), k, v, **weights)
+    np.testing.assert_allclose(IMPLS[impl].attention(q, k, v, **weights).reshape(5, 3), flat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_merge_states_of_64_axis_parts(rng, impl):
     outs = [rng.standard_normal((1,) * 62 + (3, 2)) for _ in range(3)]
     lses = [rng.standard_normal((1,) * 62 + (3,)) for _ in range(3)]

@@ -506,6 +506,43 @@ def test_attention_out_overlapping_itself(isa, rng, dtype):
     assert_close_fixed(base, expected[-1], dtype, scale=float(np.abs(v).max()))
 
 
+def _interleaved(dtype, shape, strides_in_items):
+    """A writeable as_strided view whose rows share elements (e.g. row i starting at element i)."""
+    itemsize = np.dtype(dtype).itemsize
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides_in_items))
+    base = np.zeros(span, dtype)
+    return base, np.lib.stride_tricks.as_strided(base, shape, tuple(st * itemsize for st in strides_in_items))
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (3, 1), (1, 40)], ids=["rows-shifted-by-1", "rows-shifted-by-3",
+                                                                    "columns-shifted-by-1"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"bias": np.zeros((97, 33))}], ids=["plain", "causal", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_out_with_interleaved_rows(isa, rng, dtype, kw, strides):
+    # Not a zero stride but the same hazard: rows that share elements. The result lands as NumPy's
+    # np.copyto of the reference would leave it, never as threads racing on the shared elements.
+    q, k, v = _qkv(rng, (), 97, 33, 17, 6, dtype)
+    expected = ref.attention(up(q), up(k), up(v), **kw).astype(dtype)
+    base, out = _interleaved(dtype, (97, 6), strides)
+    want_base, want = _interleaved(dtype, (97, 6), strides)
+    np.copyto(want, expected)
+    assert attnfast.attention(q, k, v, out=out, **kw) is out
+    assert_close_fixed(base, want_base, dtype, scale=float(np.abs(v).max()))
+
+
+def test_only_self_overlapping_out_is_copied(rng):
+    from attnfast._api import _overlaps_itself
+
+    a = np.zeros((4, 6, 5), np.float32)
+    packed = np.zeros((4, 6), dtype=[("a", "u1"), ("x", "<f4")])["x"]
+    for distinct in (a, a.T, np.asfortranarray(a), a[::-1, :, ::-2], a[:, 1:4], a.transpose(1, 0, 2), packed,
+                     a[:, :1], a[:0]):
+        assert not _overlaps_itself(distinct)
+    for shared in (np.broadcast_to(a[:1], a.shape), _interleaved(np.float32, (5, 6), (1, 1))[1],
+                   _interleaved(np.float32, (5, 6), (6, 2))[1], _interleaved(np.float32, (2, 5, 6), (5, 6, 1))[1]):
+        assert _overlaps_itself(shared)
+
+
 def test_attention_packed_field_bias_reported_case(isa):
     bias = np.zeros(10, dtype=[("a", "u1"), ("x", "<f4", (4,))])["x"]
     bias[...] = np.arange(4, dtype=np.float32)

@@ -189,6 +189,22 @@ def test_window_beyond_int64_is_value_error(rng, impl, side, value):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window,shape", [(np.array([[1, 2]]), "(1, 2)"), (np.zeros((2, 2), np.int64), "(2, 2)"),
+                                          (np.array([1, 2, 3]), "(3,)")])
+def test_window_array_of_the_wrong_shape_is_named(rng, impl, window, shape):
+    q, k, v = _qkv(rng, (), 3, 4, 2, 2, np.float32)
+    with pytest.raises(ValueError, match=exact(f"window must be a pair (left, right); got an array of shape {shape}. "
+                                               f"Use e.g. window=(128, 0), or window=None for no window.")):
+        IMPLS[impl].attention(q, k, v, window=window)
+    # A 0-d array is a scalar, as window=3 is (it had no len(): 'len() of unsized object').
+    with pytest.raises(TypeError, match=exact("window must be a pair (left, right) of non-negative ints or None; "
+                                              "got array(3). Use e.g. window=(128, 0)")):
+        IMPLS[impl].attention(q, k, v, window=np.array(3))
+    assert_close_fixed(IMPLS[impl].attention(q, k, v, window=np.array([1, 0])),
+                       ref.attention(up(q), up(k), up(v), window=(1, 0)), np.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lengths,bad", [([2**70], 2**70), ([1, -2**70], -2**70), (np.array([2**63], np.uint64), 2**63),
                                          (np.array([2**64 - 1], np.uint64), 2**64 - 1), (2**70, 2**70),
                                          ([INT64_MAX], INT64_MAX), ([INT64_MIN], INT64_MIN),

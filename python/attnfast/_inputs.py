@@ -747,9 +747,15 @@ def _check_window(window: Any, lq: int, lk: int) -> Tuple[int, int]:
     """
     if window is None:
         return -1, -1
-    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)):
+    # A 0-d array is a scalar, not a pair, like window=4.
+    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)) or np.ndim(window) == 0:
         raise TypeError(
             f"window must be a pair (left, right) of non-negative ints or None; got {window!r}. "
+            f"Use e.g. window=(128, 0), or window=None for no window."
+        )
+    if isinstance(window, np.ndarray) and window.shape != (2,):
+        raise ValueError(
+            f"window must be a pair (left, right); got an array of shape {_fmt(window.shape)}. "
             f"Use e.g. window=(128, 0), or window=None for no window."
         )
     if len(window) != 2:

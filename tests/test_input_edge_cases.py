@@ -683,6 +683,19 @@ def test_conversion_hints_fit_the_input(rng, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias,fix", [([0.5], "Pass a float: score_bias=0.5."),
+                                      (np.array([[0.25]]), "Pass a float: score_bias=0.25."),
+                                      (np.zeros(3), "Pass a float: concat adds one bias to every score "
+                                                    "(method='additive' takes an (A,) one).")])
+def test_concat_score_bias_hint_names_the_argument(impl, bias, fix):
+    # It said float(b[0]): no argument is called b, and for an (A,) bias that drops all but one value.
+    q = np.ones((2, 3))
+    with pytest.raises(ValueError, match=exact(f"score_bias for method='concat' must be a scalar (shape ()); got "
+                                               f"shape {np.shape(bias)}. {fix}")):
+        IMPLS[impl].scores(q, q, method="concat", w_q=np.ones(3), w_k=np.ones(3), score_bias=bias)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_indexing_hints_fit_the_input(impl):
     f = IMPLS[impl]
     with pytest.raises(ValueError, match=exact("got shape (3,). Use np.asarray(q)[None, :] for a single query.")):

@@ -474,9 +474,12 @@ def _check_method_weights(
         else:
             b = _real_array("score_bias", b, dtype)
             if b.shape != ():
+                # The hint names the argument and, for a one-element array, the very float to pass.
+                given_value = np.asarray(given["score_bias"]).reshape(-1)[:1]  # before the cast to dtype
+                fix = (f"Pass a float: score_bias={float(given_value[0])!r}." if b.size == 1 else
+                       "Pass a float: concat adds one bias to every score (method='additive' takes an (A,) one).")
                 raise ValueError(
-                    f"score_bias for method='concat' must be a scalar (shape ()); got shape "
-                    f"{_fmt(b.shape)}. Pass a float, e.g. float(b[0])."
+                    f"score_bias for method='concat' must be a scalar (shape ()); got shape {_fmt(b.shape)}. {fix}"
                 )
             fields["score_bias"] = b
     elif method == "additive":

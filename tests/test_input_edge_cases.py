@@ -189,6 +189,22 @@ def test_window_beyond_int64_is_value_error(rng, impl, side, value):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window,shape", [(np.array([[1, 2]]), "(1, 2)"), (np.zeros((2, 2), np.int64), "(2, 2)"),
+                                          (np.array([1, 2, 3]), "(3,)")])
+def test_window_array_of_the_wrong_shape_is_named(rng, impl, window, shape):
+    q, k, v = _qkv(rng, (), 3, 4, 2, 2, np.float32)
+    with pytest.raises(ValueError, match=exact(f"window must be a pair (left, right); got an array of shape {shape}. "
+                                               f"Use e.g. window=(128, 0), or window=None for no window.")):
+        IMPLS[impl].attention(q, k, v, window=window)
+    # A 0-d array is a scalar, as window=3 is (it had no len(): 'len() of unsized object').
+    with pytest.raises(TypeError, match=exact("window must be a pair (left, right) of non-negative ints or None; "
+                                              "got array(3). Use e.g. window=(128, 0)")):
+        IMPLS[impl].attention(q, k, v, window=np.array(3))
+    assert_close_fixed(IMPLS[impl].attention(q, k, v, window=np.array([1, 0])),
+                       ref.attention(up(q), up(k), up(v), window=(1, 0)), np.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("lengths,bad", [([2**70], 2**70), ([1, -2**70], -2**70), (np.array([2**63], np.uint64), 2**63),
                                          (np.array([2**64 - 1], np.uint64), 2**64 - 1), (2**70, 2**70),
                                          ([INT64_MAX], INT64_MAX), ([INT64_MIN], INT64_MIN),
@@ -238,6 +254,66 @@ def test_kernel_visibility_saturates(isa, rng, dtype, lq, lk):
                                         (False, INT64_MIN, INT64_MAX, 0)]:
         out, lse = _core_attention(q, k, v, causal=causal, offset=offset, left=left, right=right)
         assert np.all(out == 0) and np.all(lse == -np.inf)
+
+
+def _zeros_view(shape, dtype=np.float32, last_stride=0):
+    """A read-only view of ``shape`` over one row of zeros: any number of (broadcast) elements, no memory."""
+    row = np.zeros(shape[-1] if last_stride else 1, dtype)
+    strides = (0,) * (len(shape) - 1) + ((row.itemsize if last_stride else 0),)
+    return np.lib.stride_tricks.as_strided(row, shape, strides, writeable=False)
+
+
+N32 = 2**32
+TOO_MANY = "more than one NumPy array can hold"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_broadcasting_beyond_int64_is_not_called_a_mismatch(impl):
+    # (2^32, 1) and (1, 2^32) do broadcast; to 2^64 items, which no array holds.
+    f, z = IMPLS[impl], _zeros_view
+    with pytest.raises(ValueError, match=exact(
+            f"the scores would have shape (4294967296, 4294967296, 4, 0) ({2**68} bytes of float32), {TOO_MANY} "
+            f"(at most {INT64_MAX} bytes); q has shape (4294967296, 1, 4, 8) and k (1, 4294967296, 0, 8).")):
+        f.scores(z((N32, 1, 4, 8)), z((1, N32, 0, 8)))
+    with pytest.raises(ValueError, match=exact(
+            f"the result would have shape (4294967296, 4294967296, 4, 0) ({2**68} bytes of float32), {TOO_MANY} "
+            f"(at most {INT64_MAX} bytes); weights has shape (4294967296, 1, 4, 6) and v (1, 4294967296, 6, 0).")):
+        f.aggregate(z((N32, 1, 4, 6)), z((1, N32, 6, 0)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "return_lse": True}, {"kv_lengths": 0},
+                                {"mask": np.ones((1, 1), bool)}, {"method": "general", "w": np.eye(8)}])
+@pytest.mark.parametrize("lk,dv", [(6, 4), (0, 4), (6, 0)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_result_beyond_int64_is_a_clear_value_error(impl, lk, dv, kw):
+    # An empty result is refused too: NumPy cannot make an array whose other extents multiply past int64.
+    z = _zeros_view
+    with pytest.raises(ValueError, match=exact(
+            f"the result would have shape (4294967296, 4294967296, 4, {dv}) ") + r".*" + exact(
+            f"{TOO_MANY} (at most {INT64_MAX} bytes); q has shape (4294967296, 1, 4, 8), k (1, 4294967296, {lk}, 8) "
+            f"and v (1, 4294967296, {lk}, {dv}). Loop over a part of the batch or of the queries.")):
+        IMPLS[impl].attention(z((N32, 1, 4, 8)), z((1, N32, lk, 8)), z((1, N32, lk, dv)), **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plain_path_result_beyond_int64_is_a_clear_value_error(impl):
+    # Every input fits (2^62 bytes at most) but the result, 2^58 x 4 x 4 float32, does not.
+    z = _zeros_view
+    q, k, v = z((2**58, 4, 1)), z((2**58, 1, 1)), z((2**58, 1, 4), last_stride=True)
+    with pytest.raises(ValueError, match=exact(f"the result would have shape ({2**58}, 4, 4) ({2**64} bytes of "
+                                               f"float32), {TOO_MANY}")):
+        IMPLS[impl].attention(q, k, v)
+
+
+@pytest.mark.parametrize("kw,what", [({"mask": np.ones((1, 1), bool)}, "mask broadcast to the score shape"),
+                                     ({"bias": np.zeros((1, 1))}, "bias broadcast to the score shape"),
+                                     ({"return_weights": True}, "weights (return_weights=True)")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_score_shape_beyond_int64_is_a_clear_value_error(impl, kw, what):
+    # Lq x Lk = 2^64: the result (2^31 x 4) fits, the score-shaped operand does not; not a shape mismatch.
+    z = _zeros_view
+    with pytest.raises(ValueError, match=exact(f"{what} would have shape (2147483648, 8589934592) (")):
+        IMPLS[impl].attention(z((2**31, 8)), z((2**33, 8)), z((2**33, 4)), **kw)
 
 
 # --------------------------------------------------------------------------
@@ -446,12 +522,95 @@ def test_attention_out_overlapping_itself(isa, rng, dtype):
     assert_close_fixed(base, expected[-1], dtype, scale=float(np.abs(v).max()))
 
 
+def _interleaved(dtype, shape, strides_in_items):
+    """A writeable as_strided view whose rows share elements (e.g. row i starting at element i)."""
+    itemsize = np.dtype(dtype).itemsize
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides_in_items))
+    base = np.zeros(span, dtype)
+    return base, np.lib.stride_tricks.as_strided(base, shape, tuple(st * itemsize for st in strides_in_items))
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (3, 1), (1, 40)], ids=["rows-shifted-by-1", "rows-shifted-by-3",
+                                                                    "columns-shifted-by-1"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"bias": np.zeros((97, 33))}], ids=["plain", "causal", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_out_with_interleaved_rows(isa, rng, dtype, kw, strides):
+    # Not a zero stride but the same hazard: rows that share elements. The result lands as NumPy's
+    # np.copyto of the reference would leave it, never as threads racing on the shared elements.
+    q, k, v = _qkv(rng, (), 97, 33, 17, 6, dtype)
+    expected = ref.attention(up(q), up(k), up(v), **kw).astype(dtype)
+    base, out = _interleaved(dtype, (97, 6), strides)
+    want_base, want = _interleaved(dtype, (97, 6), strides)
+    np.copyto(want, expected)
+    assert attnfast.attention(q, k, v, out=out, **kw) is out
+    assert_close_fixed(base, want_base, dtype, scale=float(np.abs(v).max()))
+
+
+def test_only_self_overlapping_out_is_copied(rng):
+    from attnfast._api import _overlaps_itself
+
+    a = np.zeros((4, 6, 5), np.float32)
+    packed = np.zeros((4, 6), dtype=[("a", "u1"), ("x", "<f4")])["x"]
+    for distinct in (a, a.T, np.asfortranarray(a), a[::-1, :, ::-2], a[:, 1:4], a.transpose(1, 0, 2), packed,
+                     a[:, :1], a[:0]):
+        assert not _overlaps_itself(distinct)
+    for shared in (np.broadcast_to(a[:1], a.shape), _interleaved(np.float32, (5, 6), (1, 1))[1],
+                   _interleaved(np.float32, (5, 6), (6, 2))[1], _interleaved(np.float32, (2, 5, 6), (5, 6, 1))[1]):
+        assert _overlaps_itself(shared)
+
+
 def test_attention_packed_field_bias_reported_case(isa):
     bias = np.zeros(10, dtype=[("a", "u1"), ("x", "<f4", (4,))])["x"]
     bias[...] = np.arange(4, dtype=np.float32)
     q, k, v = np.ones((10, 4), np.float32), np.ones((4, 4), np.float32), np.eye(4, dtype=np.float32)
     expected = ref.attention(q, k, v, bias=np.array(bias))
     assert_close_fixed(attnfast.attention(q, k, v, bias=bias), expected, np.float32)
+
+
+MANY = (1,) * 29 + (2,) + (1,) * 30  # 60 batch axes: beyond np.broadcast_shapes' 32, within NumPy's 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batches_of_up_to_64_axes_broadcast(isa, rng, dtype):
+    # q, the weights and outs with 62 axes meet k, v and masks with 2: batch broadcasting is not limited
+    # to the 32 axes np.broadcast_shapes takes.
+    q = rng.standard_normal(MANY + (5, 8)).astype(dtype)
+    k, v = rng.standard_normal((7, 8)).astype(dtype), rng.standard_normal((7, 3)).astype(dtype)
+    mask = rng.random((5, 7)) < 0.8
+    for kw in ({}, {"mask": mask}, {"causal": True, "return_weights": True}, {"kv_lengths": np.array(4)}):
+        expected = _reference_attention(q, k, v, **kw)
+        for f in IMPLS.values():
+            for got, want in zip(*(x if isinstance(x, tuple) else (x,) for x in (f.attention(q, k, v, **kw), expected))):
+                assert_close_fixed(got, want, dtype, scale=1.0)
+    for f in IMPLS.values():
+        assert_close_fixed(f.scores(q, k), ref.scores(up(q), up(k)), dtype)
+        weights = attnfast.softmax(f.scores(q, k))
+        assert_close_fixed(f.aggregate(weights, v), ref.aggregate(up(weights), up(v)), dtype)
+        assert_close_fixed(f.softmax(q, axis=29, mask=mask[0, :1, None].T), ref.softmax(up(q), axis=29,
+                           mask=mask[0, :1, None].T), dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_additive_scores_of_64_axis_inputs(rng, impl):
+    # The reference's tanh tensor has one axis more than the scores: it must not need a 65th.
+    q, k, v = rng.standard_normal((1,) * 62 + (5, 8)), rng.standard_normal((7, 6)), rng.standard_normal((7, 3))
+    weights = dict(method="additive", w_q=rng.standard_normal((4, 8)), w_k=rng.standard_normal((4, 6)),
+                   v_a=rng.standard_normal(4), score_bias=rng.standard_normal(4))
+    flat = ref.scores(q.reshape(5, 8), k, **weights)
+    np.testing.assert_allclose(IMPLS[impl].scores(q, k, **weights).reshape(5, 7), flat, rtol=1e-12, atol=1e-12)
+    flat = ref.attention(q.reshape(5, 8), k, v, **weights)
+    np.testing.assert_allclose(IMPLS[impl].attention(q, k, v, **weights).reshape(5, 3), flat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_merge_states_of_64_axis_parts(rng, impl):
+    outs = [rng.standard_normal((1,) * 62 + (3, 2)) for _ in range(3)]
+    lses = [rng.standard_normal((1,) * 62 + (3,)) for _ in range(3)]
+    out, lse = IMPLS[impl].merge_states(outs, lses)
+    flat_out, flat_lse = ref.merge_states([o.reshape(3, 2) for o in outs], [s.reshape(3) for s in lses])
+    assert out.shape == outs[0].shape and lse.shape == lses[0].shape
+    np.testing.assert_allclose(out.reshape(3, 2), flat_out, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(lse.reshape(3), flat_lse, rtol=1e-12, atol=1e-15)
 
 
 # --------------------------------------------------------------------------
@@ -521,6 +680,19 @@ def test_conversion_hints_fit_the_input(rng, impl):
         f.attention(q, q, q, mask=np.eye(2))
     with pytest.raises(TypeError, match=exact("Convert it with np.asarray(lses[0], dtype=np.float32)")):
         f.merge_states([q], [[1, 2]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias,fix", [([0.5], "Pass a float: score_bias=0.5."),
+                                      (np.array([[0.25]]), "Pass a float: score_bias=0.25."),
+                                      (np.zeros(3), "Pass a float: concat adds one bias to every score "
+                                                    "(method='additive' takes an (A,) one).")])
+def test_concat_score_bias_hint_names_the_argument(impl, bias, fix):
+    # It said float(b[0]): no argument is called b, and for an (A,) bias that drops all but one value.
+    q = np.ones((2, 3))
+    with pytest.raises(ValueError, match=exact(f"score_bias for method='concat' must be a scalar (shape ()); got "
+                                               f"shape {np.shape(bias)}. {fix}")):
+        IMPLS[impl].scores(q, q, method="concat", w_q=np.ones(3), w_k=np.ones(3), score_bias=bias)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -259,6 +259,18 @@ bool is_one_of(py::handle s, const char* a, const char* b) {
          (PyUnicode_CompareWithASCIIString(s.ptr(), a) == 0 || PyUnicode_CompareWithASCIIString(s.ptr(), b) == 0);
 }
 
+// True when NumPy can make an array of this shape: (product of the nonzero extents) x itemsize fits
+// its intp, as NumPy counts (an empty shape with huge other extents is refused too).
+bool fits_one_array(const Shape& shape, int64_t itemsize) {
+  int64_t bytes = itemsize;
+  for (const int64_t n : shape) {
+    if (n <= 1) continue;
+    if (bytes > std::numeric_limits<int64_t>::max() / n) return false;
+    bytes *= n;
+  }
+  return true;
+}
+
 template <class T>
 py::object run_plain_attention(const py::array& q, const py::array& k, const py::array& v, py::handle out,
                                double scale, bool causal, bool bottom_right) {
@@ -267,6 +279,8 @@ py::object run_plain_attention(const py::array& q, const py::array& k, const py:
   result_shape.back() = v.shape(nd - 1);
   py::array result;
   if (out.is_none()) {
+    // A result NumPy cannot make is the Python path's error to raise, with the shapes that caused it.
+    if (!fits_one_array(result_shape, sizeof(T))) return py::none();
     result = py::array_t<T>(result_shape);
   } else {
     if (!is_exact_ndarray(out)) return py::none();

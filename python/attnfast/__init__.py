@@ -51,9 +51,19 @@ def set_num_threads(n: int) -> None:
     calls made from the thread that set it. Calling this also lets attnfast try again to start threads
     the operating system refused earlier. Results are bitwise identical for any thread count.
     """
-    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
-        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}")
-    n = operator.index(n)
+    try:
+        # bool is an int but a flag, not a count; an ndarray has __index__, but only a 0-d integer one
+        # converts (operator.index's own error would not name this function).
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        import numpy as np
+
+        what = type(n).__name__
+        if isinstance(n, np.ndarray):
+            what += f" of shape {tuple(n.shape)} and dtype {n.dtype}"
+        raise TypeError(f"set_num_threads expects an int, got {what}") from None
     if n < 0:
         raise ValueError(f"set_num_threads: n must be >= 0 (0 restores the default), got {n}")
     if n > _core.max_threads:

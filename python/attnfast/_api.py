@@ -214,9 +214,17 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
 
 
 def _overlaps_itself(a: np.ndarray) -> bool:
-    """True when two elements of ``a`` share memory through a zero stride (np.lib.stride_tricks views):
-    the kernel's threads would race on them, so such an out= gets the result through a copy."""
-    return any(st == 0 and n > 1 for n, st in zip(a.shape, a.strides))
+    """True unless the elements of ``a`` provably occupy distinct memory: with the axes sorted by stride
+    size, each stride must clear the whole span of the smaller axes (C, Fortran, transposed, sliced and
+    reversed layouts all do). A zero stride, or an np.lib.stride_tricks view whose rows interleave,
+    fails this: the kernel's threads would race on the shared elements, so such an out= gets the
+    result through a copy, with NumPy's assignment rule for which write lands last."""
+    span = a.itemsize
+    for n, stride in sorted(((n, abs(st)) for n, st in zip(a.shape, a.strides) if n > 1), key=lambda x: x[1]):
+        if stride < span:
+            return True
+        span += stride * (n - 1)
+    return False
 
 
 def _attention_without_kernel(a):

@@ -21,6 +21,8 @@ Policy
   ``ValueError``; window sides are clamped to Lq + Lk, which changes nothing
   (no query sees further than that) and keeps all index arithmetic in range.
 * ``scale`` must be finite in the computation dtype (1e39 is not a float32).
+* Shapes that broadcast to a result (or score-shaped operand) larger than one
+  NumPy array can hold are a ``ValueError`` saying so, not a shape mismatch.
 * Method weights and ``bias`` are converted to the computation dtype (they may
   be float32/float64, integer or float16: those convert exactly or harmlessly).
 * Shapes and values: ``ValueError``; kinds and dtypes: ``TypeError``.  Every
@@ -306,15 +308,49 @@ def _broadcast_to_target(name: str, shape: Shape, target: Shape, what: str, hint
 
     ``hint`` is a string, or a function returning one (built only when the check fails).
     """
-    try:
-        ok = np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
-    except ValueError:
-        ok = False
+    # By hand, not np.broadcast_shapes, which takes at most 32 axes and also fails when ``target`` holds
+    # more elements than an array can, which is not this argument's fault (the result-size checks say so).
+    ok = len(shape) <= len(target) and all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
     if not ok:
         hint = hint() if callable(hint) else hint
         raise ValueError(
             f"{name} has shape {_fmt(shape)}, which does not broadcast to {what} "
             f"{_fmt(target)}.{(' ' + hint) if hint else ''}"
+        )
+
+
+def _broadcast_shape(shapes: Sequence[Shape]) -> Optional[Shape]:
+    """NumPy's broadcast of ``shapes``, or None when they do not broadcast; unlike np.broadcast_shapes,
+    for any number of axes and whatever the size of the result."""
+    ndim = max(len(s) for s in shapes)
+    joint = []
+    for axis in range(-ndim, 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
+        if len(sizes) > 1:
+            return None
+        joint.append(sizes.pop() if sizes else 1)
+    return tuple(joint)
+
+
+_MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+
+
+def _check_result_size(what: str, shape: Shape, dtype: np.dtype, inputs) -> None:
+    """Raise ``ValueError`` when an array of ``shape`` and ``dtype`` (a result, or a broadcast operand) is
+    larger than NumPy can make: (product of the nonzero extents) x itemsize above the largest intp, as
+    NumPy counts, so an empty shape whose other extents are that large is refused as well.
+
+    ``inputs`` is a function returning the message's description of the inputs (built only on failure).
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if 0 < nbytes <= _MAX_ARRAY_BYTES:
+        return
+    nominal = math.prod(max(int(n), 1) for n in shape) * dtype.itemsize
+    if nominal > _MAX_ARRAY_BYTES:
+        raise ValueError(
+            f"{what} would have shape {_fmt(shape)} ({nominal} bytes of {dtype.name}), more than one NumPy "
+            f"array can hold (at most {_MAX_ARRAY_BYTES} bytes); {inputs()}. Loop over a part of the batch "
+            f"or of the queries."
         )
 
 
@@ -344,10 +380,11 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
     if type(first) is tuple and all(s == first for s in shapes[1:]):
         return first
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-    try:
-        return tuple(np.broadcast_shapes(*shapes))
-    except ValueError:
-        pass
+    # By hand, not np.broadcast_shapes, which takes at most 32 axes (an array may have 64) and refuses a
+    # broadcast larger than one array can hold (the callers check the arrays they make).
+    joint = _broadcast_shape(shapes)
+    if joint is not None:
+        return joint
     if names is None:
         names = [f"argument {i}" for i in range(len(shapes))]
     listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, shapes))
@@ -437,9 +474,12 @@ def _check_method_weights(
         else:
             b = _real_array("score_bias", b, dtype)
             if b.shape != ():
+                # The hint names the argument and, for a one-element array, the very float to pass.
+                given_value = np.asarray(given["score_bias"]).reshape(-1)[:1]  # before the cast to dtype
+                fix = (f"Pass a float: score_bias={float(given_value[0])!r}." if b.size == 1 else
+                       "Pass a float: concat adds one bias to every score (method='additive' takes an (A,) one).")
                 raise ValueError(
-                    f"score_bias for method='concat' must be a scalar (shape ()); got shape "
-                    f"{_fmt(b.shape)}. Pass a float, e.g. float(b[0])."
+                    f"score_bias for method='concat' must be a scalar (shape ()); got shape {_fmt(b.shape)}. {fix}"
                 )
             fields["score_bias"] = b
     elif method == "additive":
@@ -512,6 +552,8 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
     dtype = np.result_type(q, k)
     q, k = _cast(q, dtype), _cast(k, dtype)
     batch = broadcast_batch(q.shape[:-2], k.shape[:-2], names=("q", "k"))
+    _check_result_size("the scores", batch + (q.shape[-2], k.shape[-2]), dtype,
+                       lambda: f"q has shape {_fmt(q.shape)} and k {_fmt(k.shape)}")
     d, dk = int(q.shape[-1]), int(k.shape[-1])
     fields = _check_method_weights(
         method, dtype, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
@@ -603,6 +645,8 @@ def check_aggregate(weights, v):
     dtype = np.result_type(weights, v)
     weights, v = _cast(weights, dtype), _cast(v, dtype)
     batch = broadcast_batch(weights.shape[:-2], v.shape[:-2], names=("weights", "v"))
+    _check_result_size("the result", batch + (weights.shape[-2], v.shape[-1]), dtype,
+                       lambda: f"weights has shape {_fmt(weights.shape)} and v {_fmt(v.shape)}")
     return AggregateArgs(
         weights=weights,
         v=v,
@@ -706,9 +750,15 @@ def _check_window(window: Any, lq: int, lk: int) -> Tuple[int, int]:
     """
     if window is None:
         return -1, -1
-    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)):
+    # A 0-d array is a scalar, not a pair, like window=4.
+    if isinstance(window, (str, bytes)) or not isinstance(window, (tuple, list, np.ndarray)) or np.ndim(window) == 0:
         raise TypeError(
             f"window must be a pair (left, right) of non-negative ints or None; got {window!r}. "
+            f"Use e.g. window=(128, 0), or window=None for no window."
+        )
+    if isinstance(window, np.ndarray) and window.shape != (2,):
+        raise ValueError(
+            f"window must be a pair (left, right); got an array of shape {_fmt(window.shape)}. "
             f"Use e.g. window=(128, 0), or window=None for no window."
         )
     if len(window) != 2:
@@ -757,6 +807,20 @@ def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like(out)).")
     return out
+
+
+def _check_attention_sizes(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Shape, scores_shape: Shape,
+                           dtype: np.dtype, mask: bool, bias: bool, weights: bool) -> None:
+    """Every array attention makes (the result; lse is never larger), or views with the score shape, fits
+    in one NumPy array."""
+    inputs = lambda: f"q has shape {_fmt(q.shape)}, k {_fmt(k.shape)} and v {_fmt(v.shape)}"  # noqa: E731
+    _check_result_size("the result", batch + (scores_shape[-2], v.shape[-1]), dtype, inputs)
+    if mask:
+        _check_result_size("mask broadcast to the score shape", scores_shape, np.dtype(np.bool_), inputs)
+    if bias:
+        _check_result_size("bias broadcast to the score shape", scores_shape, dtype, inputs)
+    if weights:
+        _check_result_size("weights (return_weights=True)", scores_shape, dtype, inputs)
 
 
 def check_attention(
@@ -836,6 +900,7 @@ def check_attention(
     left, right = _check_window(window, lq, lk)
     return_lse = _check_bool_flag("return_lse", return_lse)
     return_weights = _check_bool_flag("return_weights", return_weights)
+    _check_attention_sizes(q, k, v, batch, scores_shape, dtype, mask is not None, bias is not None, return_weights)
     if out is not None:
         out = _check_out(out, batch + (lq, dv), dtype)
 

@@ -4,7 +4,7 @@ Same signatures and the same input validation (:mod:`attnfast._inputs`) as the
 fast path, so the two raise identical errors.  Everything is computed in
 float64 with the textbook formulas and returned in the input's dtype.  This
 module favours obviousness over speed: it materialises the full (..., Lq, Lk)
-score matrix (and, for ``method="additive"``, the (..., Lq, Lk, A) tensor).
+score matrix (and, for ``method="additive"``, a (..., Lk, A) tensor per query).
 
 Numerics that the kernels must reproduce
 -----------------------------------------
@@ -85,8 +85,13 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
         # w_q / w_k None: q / k are already the projections (A features).
         pq = q if a.w_q is None else q @ _swap(a.w_q.astype(_F64))  # (..., Lq, A)
         pk = k if a.w_k is None else k @ _swap(a.w_k.astype(_F64))  # (..., Lk, A)
-        hidden = np.tanh(pq[..., :, None, :] + pk[..., None, :, :] + a.score_bias.astype(_F64))
-        s = hidden @ a.v_a.astype(_F64)  # (..., Lq, Lk)
+        bias, v_a = a.score_bias.astype(_F64), a.v_a.astype(_F64)
+        # One query at a time: the (..., Lk, A) tanh tensor has as many axes as q, where a whole
+        # (..., Lq, Lk, A) one would need one more than NumPy's 64 for inputs with 64.
+        batch = _inputs.broadcast_batch(pq.shape[:-2], pk.shape[:-2])
+        s = np.empty(batch + (pq.shape[-2], pk.shape[-2]))
+        for i in range(pq.shape[-2]):
+            s[..., i, :] = np.tanh(pq[..., i, None, :] + pk + bias) @ v_a
     return s * a.scale
 
 
@@ -419,7 +424,8 @@ def merge_states(outs, lses):
     (times their out) and the merged lse is +inf, as in :func:`attention`.
     """
     a = _inputs.check_merge_states(outs, lses)
-    o = np.stack([x.astype(_F64) for x in a.outs])  # (n, ..., Lq, Dv)
+    # The lses are stacked, the outs summed part by part: stacking them would add an axis, one too many
+    # for outs that already have NumPy's maximum of 64.
     s = np.stack([x.astype(_F64) for x in a.lses])  # (n, ..., Lq)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(s, axis=0)
@@ -431,6 +437,7 @@ def merge_states(outs, lses):
         # An empty part (lse_i = -inf) contributes nothing, even if its out
         # holds garbage; an all-empty row stays 0.
         factor = np.where(s == -np.inf, 0.0, e / np.where(total == 0.0, 1.0, total))
-        contrib = np.where((s == -np.inf)[..., None], 0.0, factor[..., None] * o)
-        merged = np.sum(contrib, axis=0)
+        merged = np.zeros(a.shape, _F64)
+        for part, f, empty in zip(a.outs, factor, s == -np.inf):
+            merged += np.where(empty[..., None], 0.0, f[..., None] * part.astype(_F64))
     return merged.astype(a.dtype), lse.astype(a.dtype)

@@ -178,8 +178,8 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
                                 w_k=w_k, v_a=v_a, score_bias=score_bias)
     batch = a.batch_shape
     full = batch + (a.lq, a.lk)
-    if a.lk == 0 or a.lq == 0 or (a.dv == 0 and not a.return_lse and not a.return_weights):
-        return _attention_without_kernel(a)
+    if _inputs.nothing_to_compute(a):
+        return _inputs.result_without_scores(a)
     qq, kk, kernel_scale, v_a = _score_operands(a)
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
@@ -225,27 +225,6 @@ def _overlaps_itself(a: np.ndarray) -> bool:
             return True
         span += stride * (n - 1)
     return False
-
-
-def _attention_without_kernel(a):
-    """attention() when there is nothing to compute: no key (Lk = 0), no query, or Dv = 0 with no lse or
-    weights asked for. O(1) in the batch size apart from the outputs themselves (out 0, lse -inf).
-
-    Runs before any projection or broadcast, so an empty result of a 10^8-item broadcast batch costs
-    nothing.
-    """
-    shape = a.batch_shape + (a.lq, a.dv)
-    if a.out is not None:
-        a.out[...] = 0
-        result = a.out
-    else:
-        result = np.zeros(shape, a.dtype)
-    extras = []
-    if a.return_lse:
-        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
-    if a.return_weights:
-        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
-    return (result, *extras) if extras else result
 
 
 def merge_states(outs, lses):

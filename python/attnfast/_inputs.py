@@ -823,6 +823,30 @@ def _check_attention_sizes(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: S
         _check_result_size("weights (return_weights=True)", scores_shape, dtype, inputs)
 
 
+def nothing_to_compute(a: AttentionArgs) -> bool:
+    """True when attention() has no score to compute: no key, no query row, an empty batch, or Dv = 0
+    with neither lse nor weights asked for."""
+    return a.lk == 0 or a.lq == 0 or 0 in a.batch_shape or (a.dv == 0 and not (a.return_lse or a.return_weights))
+
+
+def result_without_scores(a: AttentionArgs):
+    """attention()'s result when :func:`nothing_to_compute`: out 0, lse -inf, weights 0 (written into
+    ``out=`` when given). Shared by the fast path and the reference; it runs before any projection or
+    broadcast, so the outputs are the only allocation and an empty result of a 10^8-item broadcast batch
+    costs O(1)."""
+    if a.out is not None:
+        a.out[...] = 0
+        result = a.out
+    else:
+        result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
+    extras = []
+    if a.return_lse:
+        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
+    if a.return_weights:
+        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
+    return (result, *extras) if extras else result
+
+
 def check_attention(
     q,
     k,

@@ -344,25 +344,9 @@ def attention(
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,
         return_weights=return_weights, out=out, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias,
     )
-    if a.lk == 0 or a.lq == 0 or 0 in a.batch_shape or (a.dv == 0 and not (a.return_lse or a.return_weights)):
-        return _attention_without_keys_or_outputs(a)
+    if _inputs.nothing_to_compute(a):
+        return _inputs.result_without_scores(a)
     return _attention_from_args(a)
-
-
-def _attention_without_keys_or_outputs(a):
-    """attention() with no key (out 0, lse -inf) or nothing to compute, without materialising a
-    broadcast batch: the outputs are the only allocation."""
-    if a.out is not None:
-        a.out[...] = 0
-        result = a.out
-    else:
-        result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
-    extras = []
-    if a.return_lse:
-        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
-    if a.return_weights:
-        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
-    return (result, *extras) if extras else result
 
 
 def _attention_from_args(a):

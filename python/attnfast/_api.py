@@ -79,12 +79,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     batch = list(a.batch_shape)
     if a.method in ("dot", "scaled_dot", "general"):
         qq = _projected(a.q, a.w) if a.method == "general" else _unit_last_axis(a.q)
-        # (scale * q) . k, scale folded into q as attention() does, so both give the same scores and a
-        # small scale keeps a q . k past the dtype's range finite when the scaled score fits.
-        if a.scale != 1.0:
-            with np.errstate(over="ignore"):  # a scaled q past the range saturates, as in attention()
-                qq = qq * a.dtype.type(a.scale)
-        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, 1.0)
+        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, a.scale)
     elif a.method == "concat":
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
         q_term = _projected(a.q, a.w_q)[..., :, None]

@@ -28,9 +28,7 @@ Numerics that the kernels must reproduce
   +inf splits its weight evenly over its +inf scores (the limit of the
   softmax as they grow together), every other key weighs exactly 0, and its
   lse is +inf.  :func:`softmax` and :func:`merge_states` (parts with lse
-  +inf) follow the same rule.  :func:`scores` computes the dot-product
-  methods' scores the same way (scale applied to q first, saturated), so
-  they are the scores attention uses.
+  +inf) follow the same rule.
 """
 
 from __future__ import annotations
@@ -158,8 +156,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     )
     if 0 in a.batch_shape or a.lq == 0 or a.lk == 0:
         return np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)  # without up-casting a broadcast batch
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _scores64(a.q.astype(_F64), a.k.astype(_F64), a, scale_first=True).astype(a.dtype)
+    return _scores64(a.q.astype(_F64), a.k.astype(_F64), a).astype(a.dtype)
 
 
 def softmax(x, axis=-1, *, mask=None):

@@ -268,3 +268,25 @@ def test_merge_states_of_saturated_attention_parts(isa, dtype):
         out, lse = merge([p[0] for p in parts], [p[1] for p in parts])
         assert_close_fixed(out, full[0], dtype, what="out")
         assert_close_fixed(lse, full[1], dtype, what="lse")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("method", ["dot", "scaled_dot", "general"])
+def test_scores_scale_after_the_dot_product_as_the_reference(isa, method, dtype):
+    # scores() computes (q . k) * scale, and so does reference.scores: a q . k past the dtype's range is
+    # +-inf in both even when the scaled score would fit (attention() folds scale into q instead: README).
+    rng = _rng("scores-scale-after", method, np.dtype(dtype).name)
+    huge, scale = (1e20, 1e-10) if dtype == np.float32 else (1e160, 1e-20)
+    d = 17
+    q = (rng.uniform(0.5, 1.0, (2, 5, d)) * huge).astype(dtype)
+    k = (rng.uniform(0.5, 1.0, (2, 7, d)) * huge * np.where(rng.random((2, 7, 1)) < 0.5, 1, -1)).astype(dtype)
+    kw = {"method": method, "scale": scale}
+    if method == "general":
+        kw["w"] = np.eye(d, dtype=dtype)
+    got, ref = attnfast.scores(q, k, **kw), reference.scores(q, k, **kw)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(np.abs(ref), np.inf)
+    # Inside the range both give the same finite scores.
+    small = (q / huge).astype(dtype), (k / huge).astype(dtype)
+    assert_close_fixed(attnfast.scores(*small, **kw), reference.scores(*small, **kw), dtype,
+                       scale=scale * d, what="scores")

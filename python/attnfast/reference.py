@@ -63,17 +63,20 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     ``a`` is a ScoresArgs or AttentionArgs (only the method fields are read).
     Batch axes broadcast as in ``np.matmul``.  ``scale_first``: dot-product
     methods compute (scale * q) . k, saturated to the computation dtype, as
-    the fused attention does (see the module docstring).
+    the fused attention does (see the module docstring); otherwise
+    (q . k) * scale, as :func:`attnfast.scores` does.
     """
     m = a.method
     if scale_first and m in ("dot", "scaled_dot", "general"):
         qq = q @ a.w.astype(_F64) if m == "general" else q
         qq = _saturate(_saturate(qq, a.dtype) * a.scale, a.dtype)
         return _saturate(qq @ _swap(k), a.dtype)
+    # scores(): (q . k) * scale, with q . k (and q W) saturated to the computation dtype as the fast
+    # path's products are.
     if m in ("dot", "scaled_dot"):
-        s = q @ _swap(k)
+        s = _saturate(q @ _swap(k), a.dtype)
     elif m == "general":
-        s = (q @ a.w.astype(_F64)) @ _swap(k)
+        s = _saturate(_saturate(q @ a.w.astype(_F64), a.dtype) @ _swap(k), a.dtype)
     elif m == "concat":
         # A linear layer over [q_i; k_j] splits into a query term and a key term.
         sq = q @ a.w_q.astype(_F64)  # (..., Lq)
@@ -156,7 +159,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     )
     if 0 in a.batch_shape or a.lq == 0 or a.lk == 0:
         return np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)  # without up-casting a broadcast batch
-    return _scores64(a.q.astype(_F64), a.k.astype(_F64), a).astype(a.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # overflowing scores are +-inf, as in the kernels
+        return _scores64(a.q.astype(_F64), a.k.astype(_F64), a).astype(a.dtype)
 
 
 def softmax(x, axis=-1, *, mask=None):

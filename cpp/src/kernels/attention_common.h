@@ -59,11 +59,6 @@ inline bool mask_row_hides_all(const uint8_t* mrow, int64_t col_stride, int64_t 
   return true;
 }
 
-template <class T>
-inline T pos_inf() {
-  return std::numeric_limits<T>::infinity();
-}
-
 // A bias entry added to a score; a -inf bias hides the key whatever its score (NaN from a NaN or
 // infinite K row included), as the mask does.
 template <class T>

@@ -24,6 +24,10 @@ template <class T>
 inline T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
+template <class T>
+inline T pos_inf() {
+  return std::numeric_limits<T>::infinity();
+}
 
 // x where keep is nonzero, -inf elsewhere, without a branch: a mask's bytes are data, and a branch on
 // them mispredicts as often as the mask changes.
@@ -42,7 +46,8 @@ inline T keep_or_neg_inf(T x, uint8_t keep) {
 }
 
 // Elements per block of a sum vectorised along its terms (one partial sum per lane, chains of
-// kVectorSumBlock / lanes terms), used by the dot and additive score reductions over the features.
+// kVectorSumBlock / lanes terms): the dot and additive score reductions over the features, and the
+// stage softmax's row sums.
 constexpr int64_t kVectorSumBlock = 1024;
 
 // sum of block_sum(begin, length) over [begin, begin + n), cut as a tree: n <= block is one call;

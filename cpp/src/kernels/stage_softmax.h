@@ -3,11 +3,12 @@
 // Numerics, per row: m = max of the visible entries (masked entries count as -inf); e_j = 2^((x_j - m)
 // * log2 e) with exp2_nonpositive (math.h: 1.6 ulp float, ~2e-16 double); x_j - m is computed first so the
 // error grows with |x_j - m| (as in the naive formula), not with |x_j|: logits of 1e30 or spreads of 1e4
-// stay exact where it matters. The sum keeps one partial sum per lane over blocks of kSumBlock entries;
-// the blocks' sums are added pairwise (PairwiseSum), then the lanes in a fixed order. A sum of n terms
-// (all positive) so has a relative rounding error of at most about (kSumBlock / lanes + log2(n /
-// kSumBlock) + log2 lanes) eps, and far less in practice: a float32 row of 16M entries sums to 1 within
-// 1e-7, where one running sum drifted by 3% (scalar target) and one per lane by 1e-4 (8 lanes).
+// stay exact where it matters. The sum keeps one partial sum per lane over blocks of kVectorSumBlock
+// entries (common.h); the blocks' sums are added pairwise (PairwiseSum), then the lanes in a fixed
+// order. A sum of n terms (all positive) so has a relative rounding error of at most about
+// (kVectorSumBlock / lanes + log2(n / kVectorSumBlock) + log2 lanes) eps, and far less in practice: a
+// float32 row of 16M entries sums to 1 within 1e-7, where one running sum drifted by 3% (scalar target)
+// and one per lane by 1e-4 (8 lanes).
 // Output e_j * (1 / sum): one more rounding than a division, within 1.5 ulp of e_j / sum.
 // Special rows (a rare branch, taken only when the maximum is infinite): a row whose maximum is +inf
 // splits its weight evenly over its +inf entries (the limit of softmax) and gives its finite entries
@@ -20,9 +21,6 @@
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
-
-// Entries whose exponentials one partial sum per lane adds before the block's sum joins the row total.
-constexpr int64_t kSumBlock = 1024;
 
 // Pairwise (cascade) sum of block sums: level i holds the sum of 2^i blocks, and adding a block merges
 // equal levels as a binary counter carries. Memory and work are tiny (one vector per level, one add per
@@ -62,10 +60,10 @@ inline void softmax_row_special(const T* x, T* y, int64_t n, T m) {
   bool nan = m != m;
   for (int64_t j = 0; j < n; ++j) {
     nan |= x[j] != x[j];
-    plus_inf += x[j] == -neg_inf<T>();
+    plus_inf += x[j] == pos_inf<T>();
   }
   const T share = nan ? std::numeric_limits<T>::quiet_NaN() : T(plus_inf > 0 ? T(1) / T(plus_inf) : T(0));
-  for (int64_t j = 0; j < n; ++j) y[j] = nan || x[j] == -neg_inf<T>() ? share : T(0);
+  for (int64_t j = 0; j < n; ++j) y[j] = nan || x[j] == pos_inf<T>() ? share : T(0);
 }
 
 // Softmax of one contiguous row x[0..n) into y[0..n) (y may alias x).
@@ -73,22 +71,22 @@ template <class V>
 inline void softmax_row_contiguous(const typename V::Scalar* x, typename V::Scalar* y, int64_t n) {
   using T = typename V::Scalar;
   constexpr int L = V::kLanes;
-  static_assert(kSumBlock % L == 0, "a sum block must be whole vectors");
+  static_assert(kVectorSumBlock % L == 0, "a sum block must be whole vectors");
   const int64_t n_full = n / L * L;
   const int tail = static_cast<int>(n - n_full);
   V vmax = V::set1(neg_inf<T>());
   for (int64_t j = 0; j < n_full; j += L) vmax = max(vmax, V::load(x + j));
   T m = reduce_max(vmax);
   for (int64_t j = n_full; j < n; ++j) m = x[j] > m || x[j] != x[j] ? x[j] : m;
-  if (m == neg_inf<T>() || m == -neg_inf<T>() || m != m) {
+  if (m == neg_inf<T>() || m == pos_inf<T>() || m != m) {
     softmax_row_special(x, y, n, m);
     return;
   }
   const V vm = V::set1(m);
   const V log2e = V::set1(T(1.4426950408889634073599246810019));
   PairwiseSum<V> sum;
-  for (int64_t j0 = 0; j0 < n_full; j0 += kSumBlock) {
-    const int64_t j1 = imin(n_full, j0 + kSumBlock);
+  for (int64_t j0 = 0; j0 < n_full; j0 += kVectorSumBlock) {
+    const int64_t j1 = imin(n_full, j0 + kVectorSumBlock);
     V vsum = V::zero();
     for (int64_t j = j0; j < j1; j += L) {
       const V e = exp2_nonpositive((V::load(x + j) - vm) * log2e);

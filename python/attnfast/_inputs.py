@@ -80,7 +80,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT32 = np.dtype(np.float32)
 # The smallest magnitude that rounds to inf in float32: FLT_MAX plus half an ulp (a tie rounds to the
 # even neighbour, and FLT_MAX's significand is odd). Exact in float64.
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 Shape = Tuple[int, ...]
 
@@ -423,7 +423,7 @@ def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
         value = math.inf if scale > 0 else -math.inf
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite; got {value!r}. Pass a finite float or None for the default.")
-    if dtype == _FLOAT32 and abs(value) >= _FLOAT32_OVERFLOW:
+    if dtype == _FLOAT32 and abs(value) >= FLOAT32_OVERFLOW:
         raise ValueError(
             f"scale={value!r} overflows {dtype.name} (the computation dtype, whose largest value is "
             f"{float(np.finfo(dtype).max):.8g}); pass a smaller scale, or float64 inputs."

@@ -40,9 +40,6 @@ from . import _inputs
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
 
 _F64 = np.float64
-# The smallest magnitude that rounds to infinity in float32: halfway between its largest finite value,
-# (2 - 2^-23) 2^127, and 2^128 (ties go to the even neighbour, 2^128).
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 def _swap(x: np.ndarray) -> np.ndarray:
@@ -54,7 +51,7 @@ def _saturate(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.dtype(dtype).itemsize >= 8:
         return x  # float64 arithmetic overflows by itself
     with np.errstate(invalid="ignore"):
-        return np.where(np.abs(x) >= _FLOAT32_OVERFLOW, np.copysign(np.inf, x), x)
+        return np.where(np.abs(x) >= _inputs.FLOAT32_OVERFLOW, np.copysign(np.inf, x), x)
 
 
 def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.ndarray:

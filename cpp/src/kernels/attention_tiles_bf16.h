@@ -14,7 +14,7 @@
 //   so K is never packed. An odd depth ends with (q[i][D-1], 0) against the key's last feature alone
 //   (zero-extended): the word past a K row, perhaps past the array, is never read.
 // - P.V, reduced over keys: P is rounded to bfloat16 and packed as key pairs, lane i of pair t holding
-//   (P[2t][i], P[2t+1][i]) (pack_probability_pairs); the V tile is packed per tile as key pairs of each
+//   (P[2t][i], P[2t+1][i]) (by the online softmax, as it makes P: probability_pair_words); the V tile is packed per tile as key pairs of each
 //   feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd key count pairs its last key with
 //   P = 0 and V = 0: a zero, not the row past the tile, whose NaN would leak through 0 * NaN.
 // Both run one register-blocked microkernel (bf16_pair_microkernel): per pair step NRV loads and MR
@@ -110,23 +110,6 @@ inline void pack_query_pairs(const uint16_t* q, int64_t q_row_stride, int64_t ro
 // (even[i], odd[i]).
 inline __m512i probability_pair_words(__m512i even_rounded, __m512i odd_rounded) {
   return _mm512_or_si512(_mm512_srli_epi32(even_rounded, 16), odd_rounded);
-}
-
-// P as key pairs: dst[t * dst_stride + i] = (P[2t][i], P[2t+1][i]) rounded to bfloat16, t < ceil(nk / 2),
-// i < lanes (a multiple of 16), from S^T's layout (s[j * s_stride + i]). An odd nk pairs its last key
-// with 0. Rounding a P that the softmax rounded already changes nothing.
-inline void pack_probability_pairs(const float* s, int64_t s_stride, int64_t nk, int64_t lanes, uint32_t* dst,
-                                   int64_t dst_stride) {
-  for (int64_t t = 0; 2 * t < nk; ++t) {
-    const float* even = s + 2 * t * s_stride;
-    const bool has_odd = 2 * t + 1 < nk;
-    for (int64_t i0 = 0; i0 < lanes; i0 += 16) {
-      const __m512i odd =
-          has_odd ? round_to_bfloat16_bits(_mm512_loadu_ps(even + s_stride + i0)) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + t * dst_stride + i0,
-                          probability_pair_words(round_to_bfloat16_bits(_mm512_loadu_ps(even + i0)), odd));
-    }
-  }
 }
 
 // 16-bit lanes [0, n) of p, the rest 0. The emulated build goes through a buffer (SIMDe's masked loads
@@ -269,6 +252,85 @@ inline void bf16_pair_gemm(int64_t pairs, bool a_last_single, const uint16_t* co
   bf16_pair_microkernel<MR, NRV, kAccumulate>(pairs, a_last_single, a_rows, a_pair_stride, b, b_pair_stride, c,
                                               c_row_stride, scale);
 }
+
+
+// The tiled path's bfloat16 products (attention_tiled.h declares the primary template, empty: other
+// targets and storage types widen the tiles to float instead). Used when K, V and Q are all bfloat16;
+// float32 queries over a bfloat16 cache keep the widening path. The query block is packed as pairs once
+// (pack_queries), each score call reads K rows in place, and each P.V packs the tile's V and P first.
+template <int MR, int NRV>
+struct PairProducts<true, MR, NRV> {
+  static constexpr int QNR = NRV * 16;
+  static_assert(NRV <= 3, "pair_panel_gemm has 3-, 2- and 1-vector kernels");
+
+  // Scratch words per block: query pairs (MB rows), P pairs and V pairs of one tile.
+  static int64_t query_words(int64_t mb, int64_t depth) { return mb * ceil_div(depth, 2); }
+  static int64_t probability_words(int64_t nk, int64_t mb) { return ceil_div(nk, 2) * mb; }
+  static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(nk, 2) * dv; }
+
+  static Avx512Vec<float> round(Avx512Vec<float> x) { return round_to_bfloat16(x); }
+  // The online softmax's rounded P of keys 2t and 2t + 1 (odd: 0 past the tile) as the words of pair t.
+  static void store_pair(Avx512Vec<float> even, Avx512Vec<float> odd, uint32_t* dst) {
+    _mm512_storeu_si512(dst, probability_pair_words(_mm512_castps_si512(even.v), _mm512_castps_si512(odd.v)));
+  }
+
+  // bf16_pair_gemm with only the nrv vectors of query lanes the panel needs (the last panel of a block
+  // may be partly empty, as in the float path's panel_gemm).
+  template <bool kAccumulate>
+  static void pair_panel_gemm(int nrv, int64_t pairs, bool a_last_single, const uint16_t* const* a_rows,
+                              int64_t a_pair_stride, const uint32_t* b, int64_t b_pair_stride, float* c,
+                              int64_t c_row_stride, float scale) {
+    constexpr int kTwo = NRV > 2 ? 2 : 1;
+    if (nrv >= NRV) {
+      bf16_pair_gemm<MR, NRV, kAccumulate>(pairs, a_last_single, a_rows, a_pair_stride, b, b_pair_stride, c,
+                                           c_row_stride, scale);
+    } else if (nrv == 2) {
+      bf16_pair_gemm<MR, kTwo, kAccumulate>(pairs, a_last_single, a_rows, a_pair_stride, b, b_pair_stride, c,
+                                            c_row_stride, scale);
+    } else {
+      bf16_pair_gemm<MR, 1, kAccumulate>(pairs, a_last_single, a_rows, a_pair_stride, b, b_pair_stride, c,
+                                         c_row_stride, scale);
+    }
+  }
+
+  template <class Kernel, class Block>
+  static void pack_queries(const Kernel& k, const Block& blk) {
+    const int64_t pairs = ceil_div(k.p.depth, 2);
+    for (int64_t panel = 0; panel < blk.panels; ++panel) {
+      pack_query_pairs(reinterpret_cast<const uint16_t*>(k.p.q.row(blk.b, blk.i_begin + panel * QNR)),
+                       k.p.q.row_stride_elements, imin(QNR, blk.mb - panel * QNR), k.p.depth, QNR,
+                       blk.q_pairs + panel * pairs * QNR);
+    }
+  }
+
+  // S^T rows j .. j + rows (at most MR keys) of one query panel: (q . k) * scale, K read in place.
+  template <class Kernel, class Block>
+  static void score_call(const Kernel& k, const Block& blk, int64_t panel, int64_t j, int64_t rows, float* out) {
+    const int64_t pairs = ceil_div(k.p.depth, 2);
+    const uint16_t* a_rows[MR];
+    clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(k.p.k.row(blk.b / k.p.group, j)),
+                               k.p.k.row_stride_elements, rows, a_rows);
+    pair_panel_gemm<false>(k.panel_vectors(blk, panel), pairs, k.p.depth % 2 != 0, a_rows, 2,
+                           blk.q_pairs + panel * pairs * QNR, QNR, out, Kernel::MB, k.p.scale);
+  }
+
+  // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk from the bfloat16 V rows in place and the tile's P,
+  // which the online softmax left rounded and packed as key pairs in blk.p_pairs.
+  template <bool kFirst, class Kernel, class Block>
+  static void accumulate(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
+    constexpr int64_t MB = Kernel::MB;
+    const int64_t dv = k.p.dv, pairs = ceil_div(nk, 2);
+    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(blk.b / k.p.group, j0)), k.p.v.row_stride_elements,
+                     nk, dv, blk.v_pairs);
+    for (int64_t panel = 0; panel < blk.panels; ++panel)
+      for (int64_t c0 = 0; c0 < dv; c0 += MR) {
+        const uint16_t* a_rows[MR];  // MR value features: broadcast their key pairs
+        clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(blk.v_pairs + c0), 2, imin(MR, dv - c0), a_rows);
+        pair_panel_gemm<!kFirst>(k.panel_vectors(blk, panel), pairs, false, a_rows, 2 * dv,
+                                 blk.p_pairs + panel * QNR, MB, blk.acc_t + c0 * MB + panel * QNR, MB, 1.0f);
+      }
+  }
+};
 
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

@@ -40,11 +40,25 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// vdpbf16ps (the avx512bf16 target's fused bfloat16 attention). The emulated build has SIMDe's.
+bool cpu_has_avx512bf16() {
+#if defined(ATTNFAST_EMULATE_AVX512)
+  return cpu_has_avx512();
+#elif defined(__x86_64__) || defined(_M_X64)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool always() { return true; }
 
 // Best first.
 const std::vector<Target>& all_targets() {
   static const std::vector<Target> targets = {
+#if defined(ATTNFAST_HAVE_AVX512BF16)
+      {"avx512bf16", &avx512bf16::kernels, &avx512bf16::probes, &cpu_has_avx512bf16},
+#endif
 #if defined(ATTNFAST_HAVE_AVX512)
       {"avx512", &avx512::kernels, &avx512::probes, &cpu_has_avx512},
 #endif

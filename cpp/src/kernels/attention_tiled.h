@@ -4,7 +4,11 @@
 // ISA: target's V. 16-bit K and V are read in place from memory (half the bytes) and widened, exactly,
 // once per key tile and query block into a T tile that the microkernels then read as they read float
 // data (the widening is 1 / MB of the tile's FMAs); the query block is widened when it is packed and
-// the output rounded once to its storage type when the rows are written.
+// the output rounded once to its storage type when the rows are written. On a target with vdpbf16ps
+// (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on bfloat16 pairs
+// (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the scale is
+// applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P), with the same
+// blocks, tiles, masks, online softmax, careful pass and key split as here.
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
 // consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its
@@ -36,6 +40,8 @@
 // multiplied by P only at visible (key, row) pairs (accumulate_visible) and +inf scores weigh 1 each
 // under a row max of +inf. Blocks of finite rows, nearly all, pay one pass over O^T for the check.
 #pragma once
+#include <type_traits>
+
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"
 #include "kernels/common.h"
@@ -47,11 +53,32 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
+// Both products of a tile on bfloat16 pairs, where the target has them (kOn: see the header comment).
+// Empty here; attention_tiles_bf16.h specialises kOn = true for the avx512bf16 target.
+template <bool kOn, int MR, int NRV>
+struct PairProducts {};
+
+}  // namespace ATTNFAST_TARGET_NS
+}  // namespace attnfast
+
+#if defined(ATTNFAST_TARGET_AVX512BF16)
+#include "kernels/attention_tiles_bf16.h"
+#endif
+
+namespace attnfast {
+namespace ATTNFAST_TARGET_NS {
+
 template <class V, class S, int MR, int NRV>
 struct TiledAttention {
   using T = typename V::Scalar;
   using Params = AttentionParams<S, T>;
   static constexpr bool kInPlace = kSameType<S, T>;  // K and V read by the microkernels where they are
+#if defined(ATTNFAST_TARGET_AVX512BF16)
+  static constexpr bool kPairs = std::is_same<S, bfloat16_bits>::value;  // bfloat16 pair products possible
+#else
+  static constexpr bool kPairs = false;
+#endif
+  using Pairs = PairProducts<kPairs, MR, NRV>;
   static constexpr int L = V::kLanes;
   static constexpr int MB = 48;  // query rows per block
   static constexpr int NK = 64;  // keys per tile
@@ -80,7 +107,15 @@ struct TiledAttention {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(dv_rows * MB) +
            Carver::bytes<T>(p.v_a ? p.depth : 0) + Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) +
            Carver::bytes<T>(p.mask.data ? MB * NK : 0) + Carver::bytes<T>(NK * MB) +
-           3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB) + widened_bytes();
+           3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB) + widened_bytes() + pair_bytes();
+  }
+  int64_t pair_bytes() const {
+    if constexpr (kPairs) {
+      return Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
+             Carver::bytes<uint32_t>(Pairs::probability_words(NK, MB)) +
+             Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv));
+    }
+    return 0;
   }
   // Tiles of K, V, the query block and the output rows in T, for storage types the microkernels cannot
   // read in place.
@@ -99,6 +134,8 @@ struct TiledAttention {
     T* mask_rows;   // a tile of the mask as 0/1, query-major
     T* s_raw;       // careful pass only: the tile's scores before softmax_tile turns them into P
     T *k_tile, *v_tile, *q_rows, *out_rows;  // widened K and V tiles, query rows, output rows (!kInPlace)
+    bool pairs = false;  // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
+    uint32_t *q_pairs, *p_pairs, *v_pairs;  // the pair-packed query block, P tile and V tile (pairs)
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
@@ -109,6 +146,12 @@ struct TiledAttention {
   // Dot scores fold `scale` into the packed queries; additive scores fold it into v_a instead
   // (tanh(q + k) must see the unscaled projections). Lanes past the block's last row are zero.
   void pack_queries(Block& blk) const {
+    if constexpr (kPairs) {
+      if (blk.pairs) {
+        Pairs::pack_queries(*this, blk);
+        return;
+      }
+    }
     const T c = p.v_a ? T(1) : p.scale;
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       T* dst = blk.qpack + panel * p.depth * QNR;
@@ -250,13 +293,11 @@ struct TiledAttention {
   void dot_score_tile(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t bkv = blk.b / p.group;
     int64_t ks = 0;
-    const T* k = kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
+    const T* k = blk.pairs ? nullptr : kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
     // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
       for (int64_t jj = 0; jj < nk; jj += MR) {
-        const T* a_rows[MR];
-        clamped_rows<T, MR>(k + jj * ks, ks, imin(MR, nk - jj), a_rows);
         if (blk.kv_cold && panel == 0) prefetch_keys_ahead(blk, j0 + jj, imin(MR, nk - jj));
         if (blk.fetch_output && panel == 0 && j0 + nk >= blk.max_hi) {
           // In the block's last key tile, this call's share of its output rows (see own_output); written
@@ -278,6 +319,14 @@ struct TiledAttention {
           prefetch_rows(p.k.row(wb, j0 + jj), p.k.row_stride_elements, imin(MR, nk - jj), p.depth);
           prefetch_rows(p.v.row(wb, j0 + jj), p.v.row_stride_elements, imin(MR, nk - jj), p.dv);
         }
+        if constexpr (kPairs) {
+          if (blk.pairs) {
+            Pairs::score_call(*this, blk, panel, j0 + jj, imin(MR, nk - jj), blk.s + jj * MB + panel * QNR);
+            continue;
+          }
+        }
+        const T* a_rows[MR];
+        clamped_rows<T, MR>(k + jj * ks, ks, imin(MR, nk - jj), a_rows);
         panel_gemm<false, true>(panel_vectors(blk, panel), p.depth, a_rows, 1, qpanel, QNR,
                                 blk.s + jj * MB + panel * QNR);
       }
@@ -425,7 +474,10 @@ struct TiledAttention {
   // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes
   // inf - inf = NaN there, which is how such a block gets here); a row that turns +inf drops what it
   // summed under a finite max (alpha = 0).
-  template <bool kCareful>
+  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 before it is summed, so that l is the sum
+  // of the very P that P.V multiplies, and stored straight as the key pairs P.V reads (p_pairs); as floats
+  // too in the careful pass, for accumulate_visible.
+  template <bool kCareful, bool kRoundP = false>
   void softmax_tile(const Block& blk, int64_t nk) const {
     const V zero = V::zero(), one = V::set1(T(1));
     const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>());
@@ -450,17 +502,24 @@ struct TiledAttention {
           x.store(blk.s_raw + j * MB + i0);
           pj = select(cmp_eq(x, plus_inf), one, pj);
         }
-        pj.store(sj);
+        if constexpr (kRoundP) pj = Pairs::round(pj);
+        if (!kRoundP || kCareful) pj.store(sj);
         return pj;
       };
       // Two sums, even and odd keys: the adds are latency-bound otherwise.
       V sum0 = zero, sum1 = zero;
       int64_t j = 0;
       for (; j + 2 <= nk; j += 2) {
-        sum0 = sum0 + term(j);
-        sum1 = sum1 + term(j + 1);
+        const V even = term(j), odd = term(j + 1);
+        if constexpr (kRoundP) Pairs::store_pair(even, odd, blk.p_pairs + (j / 2) * MB + i0);
+        sum0 = sum0 + even;
+        sum1 = sum1 + odd;
       }
-      if (j < nk) sum0 = sum0 + term(j);
+      if (j < nk) {
+        const V last = term(j);
+        if constexpr (kRoundP) Pairs::store_pair(last, zero, blk.p_pairs + (j / 2) * MB + i0);
+        sum0 = sum0 + last;
+      }
       fmadd(V::load(blk.l + i0), alpha, sum0 + sum1).store(blk.l + i0);
       m_new.store(blk.m + i0);
       alpha.store(blk.alpha + i0);
@@ -475,6 +534,19 @@ struct TiledAttention {
     if (!kFirst) rescale(blk);
     const int64_t bkv = blk.b / p.group;
     int64_t vs = 0;
+    if constexpr (kPairs) {
+      if (blk.pairs) {
+        if (kCareful) {
+          const T* v = kv_tile(p.v, bkv, j0, nk, p.dv, blk.v_tile, &vs);
+          if (!v_tile_finite(v, vs, nk)) {
+            accumulate_visible<kFirst>(blk, v, vs, nk);
+            return;
+          }
+        }
+        Pairs::template accumulate<kFirst>(*this, blk, j0, nk);
+        return;
+      }
+    }
     const T* v = kv_tile(p.v, bkv, j0, nk, p.dv, blk.v_tile, &vs);
     if (kCareful && !v_tile_finite(v, vs, nk)) {
       accumulate_visible<kFirst>(blk, v, vs, nk);
@@ -599,7 +671,9 @@ struct TiledAttention {
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
           for (int64_t j = 0; j < nk; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
-            V w = exp2_nonpositive((x - shift) * log2e) * inv;
+            V e = exp2_nonpositive((x - shift) * log2e);
+            if constexpr (kPairs) e = blk.pairs ? Pairs::round(e) : e;  // the P that P.V multiplied
+            V w = e * inv;
             if (special) w = select(cmp_eq(x, minus_inf), V::zero(), select(cmp_eq(x, plus_inf), inv, w));
             w.store(blk.s + j * MB + i0);
           }
@@ -641,6 +715,12 @@ struct TiledAttention {
     blk.v_tile = carve.take<T>(kInPlace ? 0 : NK * p.dv);
     blk.q_rows = carve.take<T>(kInPlace ? 0 : QNR * p.depth);
     blk.out_rows = carve.take<T>(kInPlace ? 0 : MB * p.dv);
+    if constexpr (kPairs) {
+      blk.pairs = p.q.data != nullptr;  // float32 queries (q_wide) keep the widening path
+      blk.q_pairs = carve.take<uint32_t>(Pairs::query_words(MB, p.depth));
+      blk.p_pairs = carve.take<uint32_t>(Pairs::probability_words(NK, MB));
+      blk.v_pairs = carve.take<uint32_t>(Pairs::value_words(NK, p.dv));
+    }
     if (part) {
       blk.acc_t = part;
       blk.m = part + dv_rows * MB;
@@ -676,7 +756,11 @@ struct TiledAttention {
       const int64_t nk = imin(NK, blk.max_hi - j0);
       if (bool_mask_hides_tile(blk, j0, nk)) continue;
       score_tile(blk, j0, nk);
-      softmax_tile<kCareful>(blk, nk);
+      if (blk.pairs) {
+        if constexpr (kPairs) softmax_tile<kCareful, true>(blk, nk);
+      } else {
+        softmax_tile<kCareful>(blk, nk);
+      }
       if (!accumulated) {
         rescale_and_accumulate<true, kCareful>(blk, j0, nk);
         accumulated = true;

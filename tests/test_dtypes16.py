@@ -514,6 +514,12 @@ def test_torch_bfloat16_tensors_get_a_how_to_message(impl):
         assert impl.attention(torch.ones((4, 8), dtype=dt), n, n).dtype == _inputs.result_dtype(npdt, BF16)
 
 
+def test_the_compiled_core_stores_what_the_python_layer_accepts():
+    from attnfast import _attnfast as core
+
+    assert list(core.storage_types()) == [d.name for d in _inputs.STORAGE_DTYPES]
+
+
 def test_importing_attnfast_imports_no_framework():
     import subprocess
     import sys

@@ -9,6 +9,11 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "attnfast/kernels.h"
 
 namespace attnfast {
@@ -51,11 +56,37 @@ bool cpu_has_avx512bf16() {
 #endif
 }
 
+// AMX-BF16 tiles (the amx target): CPUID's AMX-TILE and AMX-BF16 with the tile state enabled in XCR0
+// (__builtin_cpu_supports checks both), AVX512_BF16 (every AMX-BF16 CPU has it; the target is built
+// with it), and Linux's permission for the process to use the tile data: the kernel leaves XTILEDATA
+// disabled until the process asks (arch_prctl ARCH_REQ_XCOMP_PERM), and a tile instruction before that
+// is SIGILL. Asked once; a refusal (an old kernel, a seccomp policy, a signal stack too small for the 8 KiB
+// of tile data) leaves the target unusable and the next one is chosen. The model build (test only) runs
+// the tile operations in software and needs what the avx512bf16 target needs.
+bool cpu_has_amx() {
+#if defined(ATTNFAST_AMX_MODEL)
+  return cpu_has_avx512bf16();
+#elif defined(__linux__) && defined(__x86_64__)
+  static const bool granted = [] {
+    if (!cpu_has_avx512bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+      return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;  // other systems grant the tile state differently: not requested here
+#endif
+}
+
 bool always() { return true; }
 
 // Best first.
 const std::vector<Target>& all_targets() {
   static const std::vector<Target> targets = {
+#if defined(ATTNFAST_HAVE_AMX)
+      {"amx", &amx::kernels, &amx::probes, &cpu_has_amx},
+#endif
 #if defined(ATTNFAST_HAVE_AVX512BF16)
       {"avx512bf16", &avx512bf16::kernels, &avx512bf16::probes, &cpu_has_avx512bf16},
 #endif

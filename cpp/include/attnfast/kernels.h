@@ -64,6 +64,7 @@ namespace scalar { TargetKernels kernels(); TargetProbes probes(); }
 namespace avx2 { TargetKernels kernels(); TargetProbes probes(); }
 namespace avx512 { TargetKernels kernels(); TargetProbes probes(); }
 namespace avx512bf16 { TargetKernels kernels(); TargetProbes probes(); }
+namespace amx { TargetKernels kernels(); TargetProbes probes(); }
 
 // Targets this build contains and this CPU + OS can run, best first.
 std::vector<std::string> usable_targets();

@@ -180,13 +180,21 @@ inline const AmxTileConfig& attention_tile_config() {
 
 // Holds the tile configuration for one pass over a query block's key tiles and releases it after, so
 // that no tile state outlives the pass (other code in the thread, another library's AMX kernels
-// included, may configure tiles differently between calls).
+// included, may configure tiles differently between calls). `on` false: a block that does not use the
+// tiles (no configuration, nothing to release).
 class AmxTileSession {
  public:
-  AmxTileSession() { amx_ops::load_config(&attention_tile_config()); }
-  ~AmxTileSession() { amx_ops::release(); }
+  explicit AmxTileSession(bool on = true) : on_(on) {
+    if (on_) amx_ops::load_config(&attention_tile_config());
+  }
+  ~AmxTileSession() {
+    if (on_) amx_ops::release();
+  }
   AmxTileSession(const AmxTileSession&) = delete;
   AmxTileSession& operator=(const AmxTileSession&) = delete;
+
+ private:
+  bool on_;
 };
 
 // ---- Operand layouts and sizes ----

@@ -8,7 +8,9 @@
 // (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on bfloat16 pairs
 // (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the scale is
 // applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P), with the same
-// blocks, tiles, masks, online softmax, careful pass and key split as here.
+// blocks, tiles, masks, online softmax, careful pass and key split as here. The amx target runs the
+// same two products on AMX tiles instead (AmxTileProducts, attention_tiles_amx.h: same layout of P and
+// of the packed queries, same numerics up to the order of the float32 additions).
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
 // consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its
@@ -64,6 +66,9 @@ struct PairProducts {};
 #if defined(ATTNFAST_TARGET_AVX512BF16)
 #include "kernels/attention_tiles_bf16.h"
 #endif
+#if defined(ATTNFAST_TARGET_AMX)
+#include "kernels/attention_tiles_amx.h"
+#endif
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -78,7 +83,15 @@ struct TiledAttention {
 #else
   static constexpr bool kPairs = false;
 #endif
+#if defined(ATTNFAST_TARGET_AMX)
+  using Pairs = AmxTileProducts<MR, NRV>;  // used only where kPairs
+  // O^T is computed in whole AMX tiles of 16 value features (a multiple of MR).
+  static constexpr int kOutRowMultiple = kAmxRows;
+  static_assert(kAmxRows % MR == 0, "O^T rows: whole tiles and whole microkernel blocks");
+#else
   using Pairs = PairProducts<kPairs, MR, NRV>;
+  static constexpr int kOutRowMultiple = MR;
+#endif
   static constexpr int L = V::kLanes;
   static constexpr int MB = 48;  // query rows per block
   static constexpr int NK = 64;  // keys per tile
@@ -88,7 +101,7 @@ struct TiledAttention {
   static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
 
   const Params& p;
-  int64_t dv_rows;  // rows of O^T: value features rounded up to whole microkernel blocks
+  int64_t dv_rows;  // rows of O^T: value features rounded up to whole microkernel blocks (or AMX tiles)
   // Blocks fetch their output rows into cache while the Q.K^T of their last key tile runs, a share per
   // microkernel call, so that write_rows' stores do not each wait on memory: (8, 8, 512, 512, 64)
   // 1.0-1.3% faster. (Spread over all of a block's tiles, they were evicted again before write_rows at
@@ -100,7 +113,7 @@ struct TiledAttention {
   bool own_output;
 
   explicit TiledAttention(const Params& params)
-      : p(params), dv_rows(round_up(imax(params.dv, 1), MR)),
+      : p(params), dv_rows(round_up(imax(params.dv, 1), kOutRowMultiple)),
         own_output(MB * params.dv * int64_t(sizeof(T)) <= kMaxOwnedOutputBytes) {}
 
   int64_t scratch_bytes() const {
@@ -291,6 +304,15 @@ struct TiledAttention {
   }
 
   void dot_score_tile(const Block& blk, int64_t j0, int64_t nk) const {
+#if defined(ATTNFAST_TARGET_AMX)
+    if constexpr (kPairs) {
+      if (blk.pairs) {
+        // A whole tile at a time (16 keys per A tile); the tile loads stream K's rows.
+        Pairs::score_tile(*this, blk, j0, nk);
+        return;
+      }
+    }
+#endif
     const int64_t bkv = blk.b / p.group;
     int64_t ks = 0;
     const T* k = blk.pairs ? nullptr : kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
@@ -658,6 +680,9 @@ struct TiledAttention {
     const V log2e = V::set1(T(kLog2e)), plus_inf = V::set1(pos_inf<T>()), minus_inf = V::set1(neg_inf<T>());
     bool special = false;
     for (int64_t i = 0; i < blk.mb; ++i) special = special || blk.m[i] == pos_inf<T>() || blk.l[i] != blk.l[i];
+#if defined(ATTNFAST_TARGET_AMX)
+    const AmxTileSession tiles(blk.pairs);
+#endif
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
@@ -751,6 +776,9 @@ struct TiledAttention {
 
   template <bool kCareful>
   void accumulate_tiles_pass(const Block& blk) const {
+#if defined(ATTNFAST_TARGET_AMX)
+    const AmxTileSession tiles(blk.pairs);
+#endif
     bool accumulated = false;
     for (int64_t j0 = blk.min_lo; j0 < blk.max_hi; j0 += NK) {
       const int64_t nk = imin(NK, blk.max_hi - j0);

@@ -7,7 +7,7 @@
 // the output rounded once to its storage type when the rows are written. On a target with vdpbf16ps
 // (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on bfloat16 pairs
 // (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the scale is
-// applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P), with the same
+// applied after Q.K^T, and P is rounded to bfloat16 for P.V, while l sums the float32 P), with the same
 // blocks, tiles, masks, online softmax, careful pass and key split as here. The amx target runs the
 // same two products on AMX tiles instead (AmxTileProducts, attention_tiles_amx.h: same layout of P and
 // of the packed queries, same numerics up to the order of the float32 additions).
@@ -496,11 +496,19 @@ struct TiledAttention {
   // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes
   // inf - inf = NaN there, which is how such a block gets here); a row that turns +inf drops what it
   // summed under a finite max (alpha = 0).
-  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 before it is summed, so that l is the sum
-  // of the very P that P.V multiplies, and stored straight as the key pairs P.V reads (p_pairs); as floats
-  // too in the careful pass, for accumulate_visible.
+  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 and stored straight as the key pairs P.V
+  // reads (p_pairs), as floats too in the careful pass, for accumulate_visible; l sums the float32 P, as
+  // everywhere else, so that lse = m + ln l and the weights keep float32 accuracy (a sum of the rounded P
+  // put lse off by up to ln(1 + 2^-9), 1e-3, against a float32 lse's 1e-6).
   template <bool kCareful, bool kRoundP = false>
   void softmax_tile(const Block& blk, int64_t nk) const {
+    const auto rounded_p = [](V x) {
+      if constexpr (kRoundP) {
+        return Pairs::round(x);
+      } else {
+        return x;
+      }
+    };
     const V zero = V::zero(), one = V::set1(T(1));
     const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>());
     const V log2e = V::set1(T(kLog2e));
@@ -515,7 +523,7 @@ struct TiledAttention {
       // alpha = 1 spares rescaling it.
       V alpha = select(cmp_eq(m_old, minus_inf), one, exp2_nonpositive((m_old - m_use) * log2e));
       if (kCareful) alpha = select(cmp_eq(m_old, plus_inf), one, alpha);  // already +inf: inf - inf
-      // p = exp of one key's scores, stored in place of them.
+      // p = exp of one key's scores, stored in place of them (kRoundP: rounded, as P.V multiplies it).
       const auto term = [&](int64_t j) {
         T* sj = blk.s + j * MB + i0;
         const V x = V::load(sj);
@@ -524,8 +532,8 @@ struct TiledAttention {
           x.store(blk.s_raw + j * MB + i0);
           pj = select(cmp_eq(x, plus_inf), one, pj);
         }
-        if constexpr (kRoundP) pj = Pairs::round(pj);
-        if (!kRoundP || kCareful) pj.store(sj);
+        if (!kRoundP) pj.store(sj);
+        if (kRoundP && kCareful) rounded_p(pj).store(sj);
         return pj;
       };
       // Two sums, even and odd keys: the adds are latency-bound otherwise.
@@ -533,13 +541,13 @@ struct TiledAttention {
       int64_t j = 0;
       for (; j + 2 <= nk; j += 2) {
         const V even = term(j), odd = term(j + 1);
-        if constexpr (kRoundP) Pairs::store_pair(even, odd, blk.p_pairs + (j / 2) * MB + i0);
+        if constexpr (kRoundP) Pairs::store_pair(rounded_p(even), rounded_p(odd), blk.p_pairs + (j / 2) * MB + i0);
         sum0 = sum0 + even;
         sum1 = sum1 + odd;
       }
       if (j < nk) {
         const V last = term(j);
-        if constexpr (kRoundP) Pairs::store_pair(last, zero, blk.p_pairs + (j / 2) * MB + i0);
+        if constexpr (kRoundP) Pairs::store_pair(rounded_p(last), zero, blk.p_pairs + (j / 2) * MB + i0);
         sum0 = sum0 + last;
       }
       fmadd(V::load(blk.l + i0), alpha, sum0 + sum1).store(blk.l + i0);
@@ -696,9 +704,7 @@ struct TiledAttention {
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
           for (int64_t j = 0; j < nk; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
-            V e = exp2_nonpositive((x - shift) * log2e);
-            if constexpr (kPairs) e = blk.pairs ? Pairs::round(e) : e;  // the P that P.V multiplied
-            V w = e * inv;
+            V w = exp2_nonpositive((x - shift) * log2e) * inv;
             if (special) w = select(cmp_eq(x, minus_inf), V::zero(), select(cmp_eq(x, plus_inf), inv, w));
             w.store(blk.s + j * MB + i0);
           }

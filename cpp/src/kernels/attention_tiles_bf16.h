@@ -33,11 +33,10 @@
 //   the float32 path does, would round every scaled q to bfloat16 (2^-9 relative).
 // - Chains of at most kDepthBlock products (microkernel.h); a longer depth adds the chains' sums in order.
 // - P = exp(s - m) is rounded to bfloat16 (to nearest even, relative error <= 2^-9) before P.V, as
-//   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l must then add the same rounded values
-//   (round_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
-//   of the visible V rows (a constant V column comes out exactly, every output lies within its column's
-//   range), where a sum of the unrounded P would scale the whole row by sum P / sum round(P), off by up
-//   to 2^-9 in the same direction for all features.
+//   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l adds the float32 P, so that lse and the
+//   weights keep float32 accuracy (a sum of the rounded P put lse off by up to ln(1 + 2^-9) ~ 1e-3, where
+//   the tolerance table allows a float32 lse about 1e-6); out = sum_j round(P_j) V_j / sum_j P_j then
+//   carries the factor sum round(P) / sum P, within 2^-9 of 1: at most half a bfloat16 ulp.
 // - The emulated build (SIMDe) adds the even element's product first and keeps denormals: it agrees with
 //   the hardware up to rounding, not bitwise.
 #pragma once

@@ -5,7 +5,8 @@
 #      the CPU has AMX-BF16 and the OS grants the tile state, against the hardware as well;
 #   2. the extension built with ATTNFAST_AMX_MODEL=ON, whose amx target then runs its tile kernels on the
 #      model (usable wherever the avx512bf16 target is), and the given tests against it (default: the
-#      bfloat16 tests of the 16-bit and attention test files; the `isa` fixture covers the amx target).
+#      bfloat16 tests of the tiled-path, 16-bit, attention and hidden-key test files; the `isa` fixture
+#      runs each on every usable target, the amx one included).
 # Without AVX-512 the extension is built on SIMDe's emulated AVX-512 as well (tools/emulated_avx512.sh).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,7 +55,7 @@ sys.exit(0 if "amx" in isas else "the model build does not offer the amx target"
 cd "$repo"
 if [ "$#" -eq 0 ]; then
   tests=()
-  for f in tests/test_dtypes16.py tests/test_attention.py tests/test_hidden_keys.py; do
+  for f in tests/test_bf16_tiled.py tests/test_dtypes16.py tests/test_attention.py tests/test_hidden_keys.py; do
     [ -e "$f" ] && tests+=("$f")
   done
   set -- -k "bfloat16 or bf16" "${tests[@]}"

@@ -11,6 +11,11 @@ and its merge, the weights pass, and the careful pass for non-finite values. Eve
 float64 reference on the same bfloat16 values with the one tolerance table (conftest.check_attention).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -124,3 +129,41 @@ def test_visible_infinite_value_reaches_its_column_only(isa, rng):
     assert np.all(np.isposinf(out[0, :, 2])), "every row sees key 13, whose feature 2 is +inf"
     others = np.delete(out[0], 2, axis=-1)
     assert np.all(np.isfinite(others)), "the other features stay finite"
+
+
+_PROBE = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import attnfast, ml_dtypes, numpy as np
+    from attnfast import reference
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 40, 24)).astype(ml_dtypes.bfloat16) for _ in range(3))
+    out = attnfast.attention(q, k, v, causal=True, out=np.empty((2, 40, 24), np.float32))
+    r = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
+    err = float(np.max(np.abs(out - r)))
+print(json.dumps({"caps": attnfast.capabilities(), "err": err,
+                  "warnings": [[w.category.__name__, str(w.message)] for w in caught]}))
+"""
+
+
+def test_env_selects_the_amx_target_or_falls_back():
+    # ATTNFAST_ISA=amx: the amx target where it is usable (AMX-BF16 and the OS's permission, or the model
+    # build), otherwise a RuntimeWarning and the best usable target.
+    caps = attnfast.capabilities()
+    if "amx" not in caps["compiled_isas"]:
+        pytest.skip("this build has no amx target")
+    env = dict(os.environ, ATTNFAST_ISA="amx")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(attnfast.__file__)),
+                                                    env.get("PYTHONPATH", "")] if p)
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    runtime = [msg for cat, msg in res["warnings"] if cat == "RuntimeWarning"]
+    if "amx" in caps["isas"]:
+        assert res["caps"]["isa"] == "amx" and res["caps"]["isas"][0] == "amx" and not runtime
+    else:
+        assert res["caps"]["isa"] == caps["isas"][0]
+        assert len(runtime) == 1 and "ATTNFAST_ISA=amx" in runtime[0] and "not supported" in runtime[0]
+    # bfloat16 inputs, float32 out: P rounded to bfloat16 (2^-9) bounds the error well below 1e-2.
+    assert res["err"] < 1e-2

@@ -113,7 +113,7 @@ struct TiledAttention {
     if constexpr (kPairs) {
       return Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
              Carver::bytes<uint32_t>(Pairs::probability_words(NK, MB)) +
-             Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv));
+             Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv)) + Carver::bytes<T>(MB);  // + l_exp
     }
     return 0;
   }
@@ -129,6 +129,9 @@ struct TiledAttention {
     int64_t b, i_begin, mb, panels;
     int64_t j_begin, j_end;  // the keys this block looks at: all, or one chunk when the keys are split
     T *qpack, *s, *acc_t, *m, *l, *alpha;  // acc_t: O^T, dv_rows x MB, unnormalised
+    // The row sums for lse: l itself, except on the pair path, where l adds the rounded P that P.V
+    // multiplied (the output's normaliser) and l_exp the unrounded ones, which lse needs to float32 accuracy.
+    T* l_exp;
     T* va_scaled;                                // additive only: scale * v_a
     T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
     T* mask_rows;   // a tile of the mask as 0/1, query-major
@@ -478,9 +481,9 @@ struct TiledAttention {
   // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes
   // inf - inf = NaN there, which is how such a block gets here); a row that turns +inf drops what it
   // summed under a finite max (alpha = 0).
-  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 before it is summed, so that l is the sum
-  // of the very P that P.V multiplies, and stored straight as the key pairs P.V reads (p_pairs); as floats
-  // too in the careful pass, for accumulate_visible.
+  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 before it is summed into l, so that l is
+  // the sum of the very P that P.V multiplies, and stored straight as the key pairs P.V reads (p_pairs);
+  // as floats too in the careful pass, for accumulate_visible. l_exp sums the unrounded P, for lse.
   template <bool kCareful, bool kRoundP = false>
   void softmax_tile(const Block& blk, int64_t nk) const {
     const V zero = V::zero(), one = V::set1(T(1));
@@ -506,23 +509,42 @@ struct TiledAttention {
           x.store(blk.s_raw + j * MB + i0);
           pj = select(cmp_eq(x, plus_inf), one, pj);
         }
-        if constexpr (kRoundP) pj = Pairs::round(pj);
-        if (!kRoundP || kCareful) pj.store(sj);
+        if (!kRoundP) pj.store(sj);
         return pj;
       };
       // Two sums, even and odd keys: the adds are latency-bound otherwise.
       V sum0 = zero, sum1 = zero;
       int64_t j = 0;
-      for (; j + 2 <= nk; j += 2) {
-        const V even = term(j), odd = term(j + 1);
-        if constexpr (kRoundP) Pairs::store_pair(even, odd, blk.p_pairs + (j / 2) * MB + i0);
-        sum0 = sum0 + even;
-        sum1 = sum1 + odd;
-      }
-      if (j < nk) {
-        const V last = term(j);
-        if constexpr (kRoundP) Pairs::store_pair(last, zero, blk.p_pairs + (j / 2) * MB + i0);
-        sum0 = sum0 + last;
+      if constexpr (kRoundP) {
+        V exact0 = zero, exact1 = zero;
+        const auto rounded = [&](int64_t key, V& exact) {
+          const V pj = term(key);
+          exact = exact + pj;
+          return Pairs::round(pj);
+        };
+        for (; j + 2 <= nk; j += 2) {
+          const V even = rounded(j, exact0), odd = rounded(j + 1, exact1);
+          Pairs::store_pair(even, odd, blk.p_pairs + (j / 2) * MB + i0);
+          if (kCareful) {
+            even.store(blk.s + j * MB + i0);
+            odd.store(blk.s + (j + 1) * MB + i0);
+          }
+          sum0 = sum0 + even;
+          sum1 = sum1 + odd;
+        }
+        if (j < nk) {
+          const V last = rounded(j, exact0);
+          Pairs::store_pair(last, zero, blk.p_pairs + (j / 2) * MB + i0);
+          if (kCareful) last.store(blk.s + j * MB + i0);
+          sum0 = sum0 + last;
+        }
+        fmadd(V::load(blk.l_exp + i0), alpha, exact0 + exact1).store(blk.l_exp + i0);
+      } else {
+        for (; j + 2 <= nk; j += 2) {
+          sum0 = sum0 + term(j);
+          sum1 = sum1 + term(j + 1);
+        }
+        if (j < nk) sum0 = sum0 + term(j);
       }
       fmadd(V::load(blk.l + i0), alpha, sum0 + sum1).store(blk.l + i0);
       m_new.store(blk.m + i0);
@@ -644,7 +666,7 @@ struct TiledAttention {
     }
     if (p.lse)
       for (int64_t i = 0; i < blk.mb; ++i)
-        p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l[i]);
+        p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l_exp[i]);
   }
 
   // The output row (b, i) as bytes, wherever the result is stored, and the size of one of its elements.
@@ -708,6 +730,7 @@ struct TiledAttention {
     blk.acc_t = carve.take<T>(dv_rows * MB);
     blk.m = carve.take<T>(MB);
     blk.l = carve.take<T>(MB);
+    blk.l_exp = blk.l;
     blk.alpha = carve.take<T>(MB);
     blk.lo = carve.take<int64_t>(MB);
     blk.hi = carve.take<int64_t>(MB);
@@ -724,17 +747,20 @@ struct TiledAttention {
       blk.q_pairs = carve.take<uint32_t>(Pairs::query_words(MB, p.depth));
       blk.p_pairs = carve.take<uint32_t>(Pairs::probability_words(NK, MB));
       blk.v_pairs = carve.take<uint32_t>(Pairs::value_words(NK, p.dv));
+      if (blk.pairs) blk.l_exp = carve.take<T>(MB);
     }
     if (part) {
       blk.acc_t = part;
       blk.m = part + dv_rows * MB;
       blk.l = blk.m + MB;
+      blk.l_exp = blk.pairs ? blk.l + MB : blk.l;
     }
     if (p.v_a)
       for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
+      blk.l_exp[i] = T(0);
     }
     compute_bounds(blk);
     if (pack) pack_queries(blk);
@@ -749,6 +775,7 @@ struct TiledAttention {
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
+      blk.l_exp[i] = T(0);
     }
     accumulate_tiles_pass<true>(blk);
   }
@@ -812,8 +839,8 @@ struct TiledAttention {
   }
 
   // ---- Key split: the block's keys in chunks, merged by log-sum-exp (attention_tiled) ----
-  // One chunk's result: O^T (dv_rows x MB), then m and l (MB each).
-  int64_t part_elements() const { return dv_rows * MB + 2 * MB; }
+  // One chunk's result: O^T (dv_rows x MB), then m and l (MB each), and l_exp where it is not l (kPairs).
+  int64_t part_elements() const { return dv_rows * MB + (kPairs ? 3 : 2) * MB; }
 
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
@@ -835,6 +862,7 @@ struct TiledAttention {
       for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
       big.store(blk.m + i0);
       V::zero().store(blk.l + i0);
+      V::zero().store(blk.l_exp + i0);
     }
     for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
     T* factor = blk.alpha;
@@ -848,6 +876,8 @@ struct TiledAttention {
                            exp2_nonpositive((m_part - shift) * log2e));  // 0 for an empty chunk
         f.store(factor + i0);
         fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
+        if (blk.l_exp != blk.l)
+          fmadd(V::load(part + l_at + MB + i0), f, V::load(blk.l_exp + i0)).store(blk.l_exp + i0);
       }
       for (int64_t r = 0; r < p.dv; ++r)
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L)

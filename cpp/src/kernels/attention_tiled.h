@@ -7,8 +7,8 @@
 // the output rounded once to its storage type when the rows are written. On a target with vdpbf16ps
 // (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on bfloat16 pairs
 // (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the scale is
-// applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P), with the same
-// blocks, tiles, masks, online softmax, careful pass and key split as here.
+// applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P and l_exp the
+// unrounded ones for lse), with the same blocks, tiles, masks, online softmax, careful pass and key split.
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
 // consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its

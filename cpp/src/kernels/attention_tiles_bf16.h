@@ -37,7 +37,9 @@
 //   (round_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
 //   of the visible V rows (a constant V column comes out exactly, every output lies within its column's
 //   range), where a sum of the unrounded P would scale the whole row by sum P / sum round(P), off by up
-//   to 2^-9 in the same direction for all features.
+//   to 2^-9 in the same direction for all features. lse, though, takes a second sum of the unrounded P
+//   (l_exp in attention_tiled.h): m + log(l) of the rounded sum would be off by up to 2^-9 too, where a
+//   float32 lse must be good to a few float32 ulps for merge_states.
 // - The emulated build (SIMDe) adds the even element's product first and keeps denormals: it agrees with
 //   the hardware up to rounding, not bitwise.
 #pragma once
@@ -90,16 +92,46 @@ inline Avx512Vec<float> round_to_bfloat16(Avx512Vec<float> x) {
   return {_mm512_castsi512_ps(round_to_bfloat16_bits(x.v))};
 }
 
+// dst[c * dst_stride + r] = the word of pair t0 + c of row r, for an 8 x 8 block of 32-bit words
+// (interleave pairs of rows, then pairs of pairs, then swap 128-bit halves: transpose.h's float block,
+// here on integers, so that no bit pattern is touched by floating-point arithmetic).
+inline void transpose_pair_words_8x8(const uint16_t* const* rows, int64_t t0, uint32_t* dst, int64_t dst_stride) {
+  __m256i r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + 2 * t0));
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_unpacklo_epi64(u[i], u[i + 2]);
+    r[i + 1] = _mm256_unpackhi_epi64(u[i], u[i + 2]);
+    r[i + 2] = _mm256_unpacklo_epi64(u[i + 1], u[i + 3]);
+    r[i + 3] = _mm256_unpackhi_epi64(u[i + 1], u[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * dst_stride), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i + 4) * dst_stride),
+                        _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
+  }
+}
+
 // Pair panels of a query block (`rows` rows of `depth` bfloat16 features at stride q_row_stride):
 // dst[t * lanes + i] = (q[i][2t], q[i][2t+1]) for t < ceil(depth / 2), i < lanes (one panel of `lanes`
 // queries); lanes past `rows` are 0, and so is the high half of the last pair of an odd depth. Once per
-// query block: its cost is that of reading the block.
+// query block, by 8 x 8 word transposes (a strided store per word took a third of a seq2seq call's
+// products' time at D = 256), the edges word by word.
 inline void pack_query_pairs(const uint16_t* q, int64_t q_row_stride, int64_t rows, int64_t depth, int64_t lanes,
                              uint32_t* dst) {
   const int64_t full = depth / 2, pairs = ceil_div(depth, 2);
+  const int64_t block_rows = rows / 8 * 8, block_pairs = full / 8 * 8;
+  for (int64_t i0 = 0; i0 < block_rows; i0 += 8) {
+    const uint16_t* r[8];
+    for (int i = 0; i < 8; ++i) r[i] = q + (i0 + i) * q_row_stride;
+    for (int64_t t0 = 0; t0 < block_pairs; t0 += 8) transpose_pair_words_8x8(r, t0, dst + t0 * lanes + i0, lanes);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const uint16_t* row = q + i * q_row_stride;
-    for (int64_t t = 0; t < full; ++t) dst[t * lanes + i] = load_pair(row + 2 * t);
+    for (int64_t t = i < block_rows ? block_pairs : 0; t < full; ++t) dst[t * lanes + i] = load_pair(row + 2 * t);
     if (pairs > full) dst[full * lanes + i] = row[depth - 1];
   }
   for (int64_t t = 0; t < pairs; ++t)

@@ -14,9 +14,10 @@
 //   so K is never packed. An odd depth ends with (q[i][D-1], 0) against the key's last feature alone
 //   (zero-extended): the word past a K row, perhaps past the array, is never read.
 // - P.V, reduced over keys: P is rounded to bfloat16 and packed as key pairs, lane i of pair t holding
-//   (P[2t][i], P[2t+1][i]) (by the online softmax, as it makes P: probability_pair_words); the V tile is packed per tile as key pairs of each
-//   feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd key count pairs its last key with
-//   P = 0 and V = 0: a zero, not the row past the tile, whose NaN would leak through 0 * NaN.
+//   (P[2t][i], P[2t+1][i]), by the online softmax as it makes P (probability_pair_words); the V tile is
+//   packed per tile as key pairs of each feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd
+//   key count pairs its last key with P = 0 and V = 0: a zero, not the row past the tile, whose NaN
+//   would leak through 0 * NaN.
 // Both run one register-blocked microkernel (bf16_pair_microkernel): per pair step NRV loads and MR
 // broadcasts feed MR x NRV vdpbf16ps. MR x NRV = 8 x 3 as for float32 (24 accumulators, 3 loads and a
 // broadcast of the 32 zmm registers), with the query block of 48 rows and key tiles of 64 unchanged.
@@ -34,7 +35,7 @@
 // - Chains of at most kDepthBlock products (microkernel.h); a longer depth adds the chains' sums in order.
 // - P = exp(s - m) is rounded to bfloat16 (to nearest even, relative error <= 2^-9) before P.V, as
 //   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l must then add the same rounded values
-//   (round_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
+//   (round_probability_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
 //   of the visible V rows (a constant V column comes out exactly, every output lies within its column's
 //   range), where a sum of the unrounded P would scale the whole row by sum P / sum round(P), off by up
 //   to 2^-9 in the same direction for all features. lse, though, takes a second sum of the unrounded P
@@ -74,22 +75,31 @@ inline __m512bh as_bf16_pairs(__m512i x) {
 #endif
 }
 
-// x rounded to the nearest bfloat16 (ties to even) as float32 bit patterns: the bfloat16 in the high half,
-// the low half zero. Integer operations (SIMDe has no vcvtneps2bf16), 7 per vector: the softmax runs it
-// on every P. Infinities stay, values past the largest bfloat16 round to infinity, and a NaN becomes the
-// default quiet NaN first: the rounding bias added to its payload could carry into the sign (0x7fffffff
-// would give -0) or leave an infinity (0x7f800001).
-inline __m512i round_to_bfloat16_bits(__m512 x) {
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __m512i bits = _mm512_mask_mov_epi32(_mm512_castps_si512(x), nan, _mm512_set1_epi32(0x7fc00000));
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
-  return _mm512_and_si512(biased, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+// p rounded to the nearest bfloat16, ties to even, for the online softmax's P: 0 <= p < 2^111 (P is at
+// most e^5 in the forward pass and 1 in the weights pass), or NaN. The float add does the rounding: with
+// M = 2^(e + 16) for p's exponent e, p + M lies on the grid of 2^(e - 7) that keeps p's 8 leading bits,
+// rounded to nearest even by the FPU, and subtracting M again is exact. Four operations, no mask (an
+// integer add-and-shift with a NaN guard took seven, and the NaN guard's mask was on the softmax's
+// critical path); SIMDe runs it as it is. A NaN stays NaN (quieted, so the bfloat16 half keeps a set
+// mantissa bit), +inf stays +inf. Below 2^-126 the grid is 2^-134, finer than bfloat16's: such a P keeps
+// a few low bits that probability_pair_words drops and vdpbf16ps reads as 0 anyway (DAZ), while l adds
+// them to a sum of at least 1, where they vanish.
+inline __m512 round_probability_to_bfloat16(__m512 p) {
+  const __m512i exponent = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(0x7f800000));
+  const __m512 magic = _mm512_castsi512_ps(_mm512_add_epi32(exponent, _mm512_set1_epi32(16 << 23)));
+  return _mm512_sub_ps(_mm512_add_ps(p, magic), magic);
 }
 
-// The float32 value of round_to_bfloat16_bits: what the online softmax stores and sums as P.
-inline Avx512Vec<float> round_to_bfloat16(Avx512Vec<float> x) {
-  return {_mm512_castsi512_ps(round_to_bfloat16_bits(x.v))};
+inline Avx512Vec<float> round_probability_to_bfloat16(Avx512Vec<float> p) {
+  return {round_probability_to_bfloat16(p.v)};
+}
+
+// One vector of key-pair words from two vectors of rounded P: lane i holds (even[i], odd[i]), the high
+// halves of both (the low halves are 0 except below 2^-126: see round_probability_to_bfloat16).
+inline __m512i probability_pair_words(__m512 even_rounded, __m512 odd_rounded) {
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(even_rounded), 16),
+                                   _mm512_castps_si512(odd_rounded),
+                                   _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)), 0xf8);  // a | (b & c)
 }
 
 // dst[c * dst_stride + r] = the word of pair t0 + c of row r, for an 8 x 8 block of 32-bit words
@@ -136,12 +146,6 @@ inline void pack_query_pairs(const uint16_t* q, int64_t q_row_stride, int64_t ro
   }
   for (int64_t t = 0; t < pairs; ++t)
     for (int64_t i = rows; i < lanes; ++i) dst[t * lanes + i] = 0;
-}
-
-// One vector of key-pair words from two vectors of rounded P (round_to_bfloat16_bits): lane i holds
-// (even[i], odd[i]).
-inline __m512i probability_pair_words(__m512i even_rounded, __m512i odd_rounded) {
-  return _mm512_or_si512(_mm512_srli_epi32(even_rounded, 16), odd_rounded);
 }
 
 // 16-bit lanes [0, n) of p, the rest 0. The emulated build goes through a buffer (SIMDe's masked loads
@@ -300,10 +304,10 @@ struct PairProducts<true, MR, NRV> {
   static int64_t probability_words(int64_t nk, int64_t mb) { return ceil_div(nk, 2) * mb; }
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(nk, 2) * dv; }
 
-  static Avx512Vec<float> round(Avx512Vec<float> x) { return round_to_bfloat16(x); }
+  static Avx512Vec<float> round(Avx512Vec<float> x) { return round_probability_to_bfloat16(x); }
   // The online softmax's rounded P of keys 2t and 2t + 1 (odd: 0 past the tile) as the words of pair t.
   static void store_pair(Avx512Vec<float> even, Avx512Vec<float> odd, uint32_t* dst) {
-    _mm512_storeu_si512(dst, probability_pair_words(_mm512_castps_si512(even.v), _mm512_castps_si512(odd.v)));
+    _mm512_storeu_si512(dst, probability_pair_words(even.v, odd.v));
   }
 
   // bf16_pair_gemm with only the nrv vectors of query lanes the panel needs (the last panel of a block

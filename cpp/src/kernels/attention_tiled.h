@@ -111,7 +111,8 @@ struct TiledAttention {
   }
   int64_t pair_bytes() const {
     if constexpr (kPairs) {
-      return Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
+      return Carver::bytes<int64_t>(1) + Carver::bytes<uint32_t>(Pairs::value_cache_words(p.lk, p.dv)) +
+             Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
              Carver::bytes<uint32_t>(Pairs::probability_words(NK, MB)) +
              Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv)) + Carver::bytes<T>(MB);  // + l_exp
     }
@@ -139,6 +140,10 @@ struct TiledAttention {
     T *k_tile, *v_tile, *q_rows, *out_rows;  // widened K and V tiles, query rows, output rows (!kInPlace)
     bool pairs = false;  // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
     uint32_t *q_pairs, *p_pairs, *v_pairs;  // the pair-packed query block, P tile and V tile (pairs)
+    // The item's whole V packed as key pairs, kept in the thread's scratch across the blocks of a run
+    // (nullptr: each tile packs its own), and the kv item it holds (-1: none yet; reset_scratch).
+    uint32_t* v_cache = nullptr;
+    int64_t* v_cache_item = nullptr;
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
@@ -719,6 +724,7 @@ struct TiledAttention {
                     T* part = nullptr) const {
     Carver carve(scratch);
     Block blk;
+    if constexpr (kPairs) blk.v_cache_item = carve.take<int64_t>(1);  // first: reset_scratch finds it there
     blk.b = b;
     blk.i_begin = i_begin;
     blk.mb = imin(MB, p.lq - i_begin);
@@ -747,7 +753,12 @@ struct TiledAttention {
       blk.q_pairs = carve.take<uint32_t>(Pairs::query_words(MB, p.depth));
       blk.p_pairs = carve.take<uint32_t>(Pairs::probability_words(NK, MB));
       blk.v_pairs = carve.take<uint32_t>(Pairs::value_words(NK, p.dv));
-      if (blk.pairs) blk.l_exp = carve.take<T>(MB);
+      uint32_t* cache = carve.take<uint32_t>(Pairs::value_cache_words(p.lk, p.dv));
+      T* l_exp = carve.take<T>(MB);
+      if (blk.pairs) {
+        blk.l_exp = l_exp;
+        if (Pairs::value_cache_words(p.lk, p.dv) > 0) blk.v_cache = cache;
+      }
     }
     if (part) {
       blk.acc_t = part;
@@ -814,6 +825,11 @@ struct TiledAttention {
     }
   }
 
+  // Marks a thread's scratch as holding no packed V (the pair path's value cache): once per call, since
+  // the scratch is new memory. No-op elsewhere.
+  void reset_scratch(unsigned char* scratch) const {
+    if constexpr (kPairs) *reinterpret_cast<int64_t*>(scratch) = -1;
+  }
   // One query block. `kv_cold`: the first block of a run of several (QueryRuns), whose K and V this
   // thread has not read yet; `next_i_begin`: the block this thread runs next in the run (-1: none),
   // whose query rows are fetched while this one computes (pack_queries reads them by transposed 8 x 8
@@ -844,7 +860,11 @@ struct TiledAttention {
 
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
-    accumulate_tiles(start_block(scratch, b, i_begin, j_begin, j_end, true, part));
+    Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true, part);
+    // The pair path's value cache serves the blocks of a run, which share their item (QueryRuns); the
+    // tasks of a chunk change item, and a chunk needs only its share of the keys: pack per tile.
+    blk.v_cache = nullptr;
+    accumulate_tiles(blk);
   }
 
   // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike
@@ -950,6 +970,7 @@ int attention_tiled(const AttentionParams<S, typename V::Scalar>& p) {
   const int64_t tasks = p.batch * blocks;
   ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
   if (!scratch.ok()) return kOutOfMemory;
+  for (int t = 0; t < imax(p.num_threads, 1); ++t) kernel.reset_scratch(scratch.slice(t));
   const int64_t wanted = kernel.key_chunks(tasks);
   const int64_t chunk_len = round_up(ceil_div(imax(p.lk, 1), wanted), int64_t(Kernel::NK));
   const int64_t chunks = ceil_div(imax(p.lk, 1), chunk_len);

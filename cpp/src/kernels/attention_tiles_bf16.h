@@ -303,6 +303,12 @@ struct PairProducts<true, MR, NRV> {
   static int64_t query_words(int64_t mb, int64_t depth) { return mb * ceil_div(depth, 2); }
   static int64_t probability_words(int64_t nk, int64_t mb) { return ceil_div(nk, 2) * mb; }
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(nk, 2) * dv; }
+  // A kv item's whole V as key pairs, which the blocks of a run share instead of each packing every tile
+  // again: where it is small beside an L2 (QueryRuns gives runs only to items whose K and V fit one).
+  static constexpr int64_t kMaxCachedValueBytes = int64_t(256) << 10;
+  static int64_t value_cache_words(int64_t lk, int64_t dv) {
+    return value_words(lk, dv) * 4 <= kMaxCachedValueBytes ? value_words(lk, dv) : 0;
+  }
 
   static Avx512Vec<float> round(Avx512Vec<float> x) { return round_probability_to_bfloat16(x); }
   // The online softmax's rounded P of keys 2t and 2t + 1 (odd: 0 past the tile) as the words of pair t.
@@ -350,19 +356,39 @@ struct PairProducts<true, MR, NRV> {
                            blk.q_pairs + panel * pairs * QNR, QNR, out, Kernel::MB, k.p.scale);
   }
 
-  // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk from the bfloat16 V rows in place and the tile's P,
-  // which the online softmax left rounded and packed as key pairs in blk.p_pairs.
+  // The V pairs of keys j0 .. j0 + nk: from the item's cache where the block has one and the tile starts
+  // at an even key (a window can start tiles at odd keys), packing the whole item on its first use by
+  // this thread; else packed for this tile. The cache pairs the tile's last key of an odd count with the
+  // key after it, which accumulate then never reads (a_last_single).
+  template <class Kernel, class Block>
+  static const uint32_t* value_pairs(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
+    const int64_t bkv = blk.b / k.p.group, dv = k.p.dv;
+    if (blk.v_cache && j0 % 2 == 0) {
+      if (*blk.v_cache_item != bkv) {
+        pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, 0)), k.p.v.row_stride_elements, k.p.lk,
+                         dv, blk.v_cache);
+        *blk.v_cache_item = bkv;
+      }
+      return blk.v_cache + (j0 / 2) * dv;
+    }
+    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, j0)), k.p.v.row_stride_elements, nk, dv,
+                     blk.v_pairs);
+    return blk.v_pairs;
+  }
+
+  // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk from the tile's V pairs and its P, which the online
+  // softmax left rounded and packed as key pairs in blk.p_pairs (0 past an odd count). The last pair of
+  // an odd count broadcasts V's even key alone.
   template <bool kFirst, class Kernel, class Block>
   static void accumulate(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
     constexpr int64_t MB = Kernel::MB;
     const int64_t dv = k.p.dv, pairs = ceil_div(nk, 2);
-    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(blk.b / k.p.group, j0)), k.p.v.row_stride_elements,
-                     nk, dv, blk.v_pairs);
+    const uint32_t* v_pairs = value_pairs(k, blk, j0, nk);
     for (int64_t panel = 0; panel < blk.panels; ++panel)
       for (int64_t c0 = 0; c0 < dv; c0 += MR) {
         const uint16_t* a_rows[MR];  // MR value features: broadcast their key pairs
-        clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(blk.v_pairs + c0), 2, imin(MR, dv - c0), a_rows);
-        pair_panel_gemm<!kFirst>(k.panel_vectors(blk, panel), pairs, false, a_rows, 2 * dv,
+        clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(v_pairs + c0), 2, imin(MR, dv - c0), a_rows);
+        pair_panel_gemm<!kFirst>(k.panel_vectors(blk, panel), pairs, nk % 2 != 0, a_rows, 2 * dv,
                                  blk.p_pairs + panel * QNR, MB, blk.acc_t + c0 * MB + panel * QNR, MB, 1.0f);
       }
   }

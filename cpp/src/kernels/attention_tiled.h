@@ -140,8 +140,8 @@ struct TiledAttention {
     T *k_tile, *v_tile, *q_rows, *out_rows;  // widened K and V tiles, query rows, output rows (!kInPlace)
     bool pairs = false;  // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
     uint32_t *q_pairs, *p_pairs, *v_pairs;  // the pair-packed query block, P tile and V tile (pairs)
-    // The item's whole V packed as key pairs, kept in the thread's scratch across the blocks of a run
-    // (nullptr: each tile packs its own), and the kv item it holds (-1: none yet; reset_scratch).
+    // The item's whole V packed as key pairs, kept in the thread's scratch across the blocks it runs in a
+    // row (nullptr: each tile packs its own), and the kv item it holds (-1: none yet; reset_scratch).
     uint32_t* v_cache = nullptr;
     int64_t* v_cache_item = nullptr;
     int64_t *lo, *hi;
@@ -861,8 +861,8 @@ struct TiledAttention {
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
     Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true, part);
-    // The pair path's value cache serves the blocks of a run, which share their item (QueryRuns); the
-    // tasks of a chunk change item, and a chunk needs only its share of the keys: pack per tile.
+    // The pair path's value cache serves consecutive blocks of one item; a thread's chunk tasks change
+    // item, and a chunk needs only its share of the keys: pack per tile.
     blk.v_cache = nullptr;
     accumulate_tiles(blk);
   }

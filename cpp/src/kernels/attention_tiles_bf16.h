@@ -303,9 +303,10 @@ struct PairProducts<true, MR, NRV> {
   static int64_t query_words(int64_t mb, int64_t depth) { return mb * ceil_div(depth, 2); }
   static int64_t probability_words(int64_t nk, int64_t mb) { return ceil_div(nk, 2) * mb; }
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(nk, 2) * dv; }
-  // A kv item's whole V as key pairs, which the blocks of a run share instead of each packing every tile
-  // again: where it is small beside an L2 (QueryRuns gives runs only to items whose K and V fit one).
-  static constexpr int64_t kMaxCachedValueBytes = int64_t(256) << 10;
+  // A kv item's whole V as key pairs, which the blocks a thread runs in a row share instead of each
+  // packing every tile again: those are blocks of one item, in runs (QueryRuns) or as consecutive tasks
+  // (a long sequence's blocks go out one by one, in order). Up to an L2's worth of pairs.
+  static constexpr int64_t kMaxCachedValueBytes = int64_t(1) << 20;
   static int64_t value_cache_words(int64_t lk, int64_t dv) {
     return value_words(lk, dv) * 4 <= kMaxCachedValueBytes ? value_words(lk, dv) : 0;
   }

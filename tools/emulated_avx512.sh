@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the extension with its avx512 target compiled against SIMDe's portable AVX-512 intrinsics
-# (implemented on AVX2) and runs the given tests against it. On a CPU without AVX-512 this is the only
-# way to execute the avx512 kernels (16 float lanes, 8 x 3 attention tiles, k-mask tails): the tests'
-# `isa` fixture then covers scalar, avx2 and the emulated avx512. Needs an AVX2 CPU; skips otherwise.
+# Builds the extension with its avx512 and avx512bf16 targets compiled against SIMDe's portable AVX-512
+# intrinsics (implemented on AVX2, _mm512_dpbf16_ps included) and runs the given tests against them. On a
+# CPU without AVX-512 (or AVX512_BF16) this is the only way to execute those kernels (16 float lanes,
+# 8 x 3 attention tiles, k-mask tails, the bfloat16 pair products): the tests' `isa` fixture then covers
+# scalar, avx2 and the emulated avx512 and avx512bf16. Needs an AVX2 CPU; skips otherwise.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -28,6 +29,7 @@ cp "$work"/build/_attnfast*.so "$work/site/attnfast/"
 export PYTHONPATH="$work/site"
 "$py" -c 'import attnfast, sys; isas = attnfast.capabilities()["isas"]
 print("usable targets:", isas)
-sys.exit(0 if "avx512" in isas else "the emulated build does not offer the avx512 target")'
+missing = [t for t in ("avx512bf16", "avx512") if t not in isas]
+sys.exit("the emulated build does not offer " + ", ".join(missing) if missing else 0)'
 cd "$repo"
 "$py" -m pytest -q -p no:cacheprovider "$@"

@@ -7,10 +7,11 @@
 // the output rounded once to its storage type when the rows are written. On a target with vdpbf16ps
 // (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on bfloat16 pairs
 // (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the scale is
-// applied after Q.K^T, and P is rounded to bfloat16 for P.V, while l sums the float32 P), with the same
-// blocks, tiles, masks, online softmax, careful pass and key split as here. The amx target runs the
-// same two products on AMX tiles instead (AmxTileProducts, attention_tiles_amx.h: same layout of P and
-// of the packed queries, same numerics up to the order of the float32 additions).
+// applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P and l_exp the
+// unrounded ones for lse), with the same blocks, tiles, masks, online softmax, careful pass and key split.
+// The amx target runs the same two products on AMX tiles instead (AmxTileProducts,
+// attention_tiles_amx.h: same layout of P and of the packed queries, same numerics up to the order of
+// the float32 additions).
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
 // consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its
@@ -124,9 +125,10 @@ struct TiledAttention {
   }
   int64_t pair_bytes() const {
     if constexpr (kPairs) {
-      return Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
+      return Carver::bytes<int64_t>(1) + Carver::bytes<uint32_t>(Pairs::value_cache_words(p.lk, p.dv)) +
+             Carver::bytes<uint32_t>(Pairs::query_words(MB, p.depth)) +
              Carver::bytes<uint32_t>(Pairs::probability_words(NK, MB)) +
-             Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv));
+             Carver::bytes<uint32_t>(Pairs::value_words(NK, p.dv)) + Carver::bytes<T>(MB);  // + l_exp
     }
     return 0;
   }
@@ -142,6 +144,9 @@ struct TiledAttention {
     int64_t b, i_begin, mb, panels;
     int64_t j_begin, j_end;  // the keys this block looks at: all, or one chunk when the keys are split
     T *qpack, *s, *acc_t, *m, *l, *alpha;  // acc_t: O^T, dv_rows x MB, unnormalised
+    // The row sums for lse: l itself, except on the pair path, where l adds the rounded P that P.V
+    // multiplied (the output's normaliser) and l_exp the unrounded ones, which lse needs to float32 accuracy.
+    T* l_exp;
     T* va_scaled;                                // additive only: scale * v_a
     T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
     T* mask_rows;   // a tile of the mask as 0/1, query-major
@@ -149,6 +154,10 @@ struct TiledAttention {
     T *k_tile, *v_tile, *q_rows, *out_rows;  // widened K and V tiles, query rows, output rows (!kInPlace)
     bool pairs = false;  // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
     uint32_t *q_pairs, *p_pairs, *v_pairs;  // the pair-packed query block, P tile and V tile (pairs)
+    // The item's whole V packed as key pairs, kept in the thread's scratch across the blocks it runs in a
+    // row (nullptr: each tile packs its own), and the kv item it holds (-1: none yet; reset_scratch).
+    uint32_t* v_cache = nullptr;
+    int64_t* v_cache_item = nullptr;
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
@@ -204,7 +213,11 @@ struct TiledAttention {
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
     } else {
-      for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
+      if (x.row_stride_elements == cols) {
+        widen_row<V>(x.row(bkv, j0), nk * cols, tile);  // contiguous rows: one run, no per-row tail
+      } else {
+        for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
+      }
       *stride = cols;
       return tile;
     }
@@ -496,19 +509,11 @@ struct TiledAttention {
   // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes
   // inf - inf = NaN there, which is how such a block gets here); a row that turns +inf drops what it
   // summed under a finite max (alpha = 0).
-  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 and stored straight as the key pairs P.V
-  // reads (p_pairs), as floats too in the careful pass, for accumulate_visible; l sums the float32 P, as
-  // everywhere else, so that lse = m + ln l and the weights keep float32 accuracy (a sum of the rounded P
-  // put lse off by up to ln(1 + 2^-9), 1e-3, against a float32 lse's 1e-6).
+  // kRoundP (bfloat16 pair products): P is rounded to bfloat16 before it is summed into l, so that l is
+  // the sum of the very P that P.V multiplies, and stored straight as the key pairs P.V reads (p_pairs);
+  // as floats too in the careful pass, for accumulate_visible. l_exp sums the unrounded P, for lse.
   template <bool kCareful, bool kRoundP = false>
   void softmax_tile(const Block& blk, int64_t nk) const {
-    const auto rounded_p = [](V x) {
-      if constexpr (kRoundP) {
-        return Pairs::round(x);
-      } else {
-        return x;
-      }
-    };
     const V zero = V::zero(), one = V::set1(T(1));
     const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>());
     const V log2e = V::set1(T(kLog2e));
@@ -523,7 +528,7 @@ struct TiledAttention {
       // alpha = 1 spares rescaling it.
       V alpha = select(cmp_eq(m_old, minus_inf), one, exp2_nonpositive((m_old - m_use) * log2e));
       if (kCareful) alpha = select(cmp_eq(m_old, plus_inf), one, alpha);  // already +inf: inf - inf
-      // p = exp of one key's scores, stored in place of them (kRoundP: rounded, as P.V multiplies it).
+      // p = exp of one key's scores, stored in place of them.
       const auto term = [&](int64_t j) {
         T* sj = blk.s + j * MB + i0;
         const V x = V::load(sj);
@@ -533,22 +538,41 @@ struct TiledAttention {
           pj = select(cmp_eq(x, plus_inf), one, pj);
         }
         if (!kRoundP) pj.store(sj);
-        if (kRoundP && kCareful) rounded_p(pj).store(sj);
         return pj;
       };
       // Two sums, even and odd keys: the adds are latency-bound otherwise.
       V sum0 = zero, sum1 = zero;
       int64_t j = 0;
-      for (; j + 2 <= nk; j += 2) {
-        const V even = term(j), odd = term(j + 1);
-        if constexpr (kRoundP) Pairs::store_pair(rounded_p(even), rounded_p(odd), blk.p_pairs + (j / 2) * MB + i0);
-        sum0 = sum0 + even;
-        sum1 = sum1 + odd;
-      }
-      if (j < nk) {
-        const V last = term(j);
-        if constexpr (kRoundP) Pairs::store_pair(rounded_p(last), zero, blk.p_pairs + (j / 2) * MB + i0);
-        sum0 = sum0 + last;
+      if constexpr (kRoundP) {
+        V exact0 = zero, exact1 = zero;
+        const auto rounded = [&](int64_t key, V& exact) {
+          const V pj = term(key);
+          exact = exact + pj;
+          return Pairs::round(pj);
+        };
+        for (; j + 2 <= nk; j += 2) {
+          const V even = rounded(j, exact0), odd = rounded(j + 1, exact1);
+          Pairs::store_pair(even, odd, blk.p_pairs + (j / 2) * MB + i0);
+          if (kCareful) {
+            even.store(blk.s + j * MB + i0);
+            odd.store(blk.s + (j + 1) * MB + i0);
+          }
+          sum0 = sum0 + even;
+          sum1 = sum1 + odd;
+        }
+        if (j < nk) {
+          const V last = rounded(j, exact0);
+          Pairs::store_pair(last, zero, blk.p_pairs + (j / 2) * MB + i0);
+          if (kCareful) last.store(blk.s + j * MB + i0);
+          sum0 = sum0 + last;
+        }
+        fmadd(V::load(blk.l_exp + i0), alpha, exact0 + exact1).store(blk.l_exp + i0);
+      } else {
+        for (; j + 2 <= nk; j += 2) {
+          sum0 = sum0 + term(j);
+          sum1 = sum1 + term(j + 1);
+        }
+        if (j < nk) sum0 = sum0 + term(j);
       }
       fmadd(V::load(blk.l + i0), alpha, sum0 + sum1).store(blk.l + i0);
       m_new.store(blk.m + i0);
@@ -670,7 +694,7 @@ struct TiledAttention {
     }
     if (p.lse)
       for (int64_t i = 0; i < blk.mb; ++i)
-        p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l[i]);
+        p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l_exp[i]);
   }
 
   // The output row (b, i) as bytes, wherever the result is stored, and the size of one of its elements.
@@ -704,7 +728,9 @@ struct TiledAttention {
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
           for (int64_t j = 0; j < nk; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
-            V w = exp2_nonpositive((x - shift) * log2e) * inv;
+            V e = exp2_nonpositive((x - shift) * log2e);
+            if constexpr (kPairs) e = blk.pairs ? Pairs::round(e) : e;  // the P that P.V multiplied
+            V w = e * inv;
             if (special) w = select(cmp_eq(x, minus_inf), V::zero(), select(cmp_eq(x, plus_inf), inv, w));
             w.store(blk.s + j * MB + i0);
           }
@@ -724,6 +750,7 @@ struct TiledAttention {
                     T* part = nullptr) const {
     Carver carve(scratch);
     Block blk;
+    if constexpr (kPairs) blk.v_cache_item = carve.take<int64_t>(1);  // first: reset_scratch finds it there
     blk.b = b;
     blk.i_begin = i_begin;
     blk.mb = imin(MB, p.lq - i_begin);
@@ -735,6 +762,7 @@ struct TiledAttention {
     blk.acc_t = carve.take<T>(dv_rows * MB);
     blk.m = carve.take<T>(MB);
     blk.l = carve.take<T>(MB);
+    blk.l_exp = blk.l;
     blk.alpha = carve.take<T>(MB);
     blk.lo = carve.take<int64_t>(MB);
     blk.hi = carve.take<int64_t>(MB);
@@ -751,17 +779,25 @@ struct TiledAttention {
       blk.q_pairs = carve.take<uint32_t>(Pairs::query_words(MB, p.depth));
       blk.p_pairs = carve.take<uint32_t>(Pairs::probability_words(NK, MB));
       blk.v_pairs = carve.take<uint32_t>(Pairs::value_words(NK, p.dv));
+      uint32_t* cache = carve.take<uint32_t>(Pairs::value_cache_words(p.lk, p.dv));
+      T* l_exp = carve.take<T>(MB);
+      if (blk.pairs) {
+        blk.l_exp = l_exp;
+        if (Pairs::value_cache_words(p.lk, p.dv) > 0) blk.v_cache = cache;
+      }
     }
     if (part) {
       blk.acc_t = part;
       blk.m = part + dv_rows * MB;
       blk.l = blk.m + MB;
+      blk.l_exp = blk.pairs ? blk.l + MB : blk.l;
     }
     if (p.v_a)
       for (int64_t a = 0; a < p.depth; ++a) blk.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
+      blk.l_exp[i] = T(0);
     }
     compute_bounds(blk);
     if (pack) pack_queries(blk);
@@ -776,6 +812,7 @@ struct TiledAttention {
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
+      blk.l_exp[i] = T(0);
     }
     accumulate_tiles_pass<true>(blk);
   }
@@ -817,6 +854,11 @@ struct TiledAttention {
     }
   }
 
+  // Marks a thread's scratch as holding no packed V (the pair path's value cache): once per call, since
+  // the scratch is new memory. No-op elsewhere.
+  void reset_scratch(unsigned char* scratch) const {
+    if constexpr (kPairs) *reinterpret_cast<int64_t*>(scratch) = -1;
+  }
   // One query block. `kv_cold`: the first block of a run of several (QueryRuns), whose K and V this
   // thread has not read yet; `next_i_begin`: the block this thread runs next in the run (-1: none),
   // whose query rows are fetched while this one computes (pack_queries reads them by transposed 8 x 8
@@ -842,12 +884,16 @@ struct TiledAttention {
   }
 
   // ---- Key split: the block's keys in chunks, merged by log-sum-exp (attention_tiled) ----
-  // One chunk's result: O^T (dv_rows x MB), then m and l (MB each).
-  int64_t part_elements() const { return dv_rows * MB + 2 * MB; }
+  // One chunk's result: O^T (dv_rows x MB), then m and l (MB each), and l_exp where it is not l (kPairs).
+  int64_t part_elements() const { return dv_rows * MB + (kPairs ? 3 : 2) * MB; }
 
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
-    accumulate_tiles(start_block(scratch, b, i_begin, j_begin, j_end, true, part));
+    Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true, part);
+    // The pair path's value cache serves consecutive blocks of one item; a thread's chunk tasks change
+    // item, and a chunk needs only its share of the keys: pack per tile.
+    blk.v_cache = nullptr;
+    accumulate_tiles(blk);
   }
 
   // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike
@@ -865,6 +911,7 @@ struct TiledAttention {
       for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
       big.store(blk.m + i0);
       V::zero().store(blk.l + i0);
+      V::zero().store(blk.l_exp + i0);
     }
     for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
     T* factor = blk.alpha;
@@ -878,6 +925,8 @@ struct TiledAttention {
                            exp2_nonpositive((m_part - shift) * log2e));  // 0 for an empty chunk
         f.store(factor + i0);
         fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
+        if (blk.l_exp != blk.l)
+          fmadd(V::load(part + l_at + MB + i0), f, V::load(blk.l_exp + i0)).store(blk.l_exp + i0);
       }
       for (int64_t r = 0; r < p.dv; ++r)
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
@@ -950,6 +999,7 @@ int attention_tiled(const AttentionParams<S, typename V::Scalar>& p) {
   const int64_t tasks = p.batch * blocks;
   ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
   if (!scratch.ok()) return kOutOfMemory;
+  for (int t = 0; t < imax(p.num_threads, 1); ++t) kernel.reset_scratch(scratch.slice(t));
   const int64_t wanted = kernel.key_chunks(tasks);
   const int64_t chunk_len = round_up(ceil_div(imax(p.lk, 1), wanted), int64_t(Kernel::NK));
   const int64_t chunks = ceil_div(imax(p.lk, 1), chunk_len);

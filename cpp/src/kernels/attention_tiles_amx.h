@@ -47,6 +47,8 @@ struct AmxTileProducts : PairProducts<true, MR, NRV> {
   static int64_t probability_words(int64_t nk, int64_t mb) { return amx_pair_rows(nk) * mb; }
   // V^T of one tile: amx_value_rows(dv) rows of amx_value_keys(nk) bfloat16.
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(amx_value_rows(dv) * amx_value_keys(nk), 2); }
+  // No cache of an item's V in PairProducts' key-pair layout: the tiles read V^T, packed per tile.
+  static int64_t value_cache_words(int64_t, int64_t) { return 0; }
 
   template <class Kernel, class Block>
   static void pack_queries(const Kernel& k, const Block& blk) {

@@ -14,9 +14,10 @@
 //   so K is never packed. An odd depth ends with (q[i][D-1], 0) against the key's last feature alone
 //   (zero-extended): the word past a K row, perhaps past the array, is never read.
 // - P.V, reduced over keys: P is rounded to bfloat16 and packed as key pairs, lane i of pair t holding
-//   (P[2t][i], P[2t+1][i]) (by the online softmax, as it makes P: probability_pair_words); the V tile is packed per tile as key pairs of each
-//   feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd key count pairs its last key with
-//   P = 0 and V = 0: a zero, not the row past the tile, whose NaN would leak through 0 * NaN.
+//   (P[2t][i], P[2t+1][i]), by the online softmax as it makes P (probability_pair_words); the V tile is
+//   packed per tile as key pairs of each feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd
+//   key count pairs its last key with P = 0 and V = 0: a zero, not the row past the tile, whose NaN
+//   would leak through 0 * NaN.
 // Both run one register-blocked microkernel (bf16_pair_microkernel): per pair step NRV loads and MR
 // broadcasts feed MR x NRV vdpbf16ps. MR x NRV = 8 x 3 as for float32 (24 accumulators, 3 loads and a
 // broadcast of the 32 zmm registers), with the query block of 48 rows and key tiles of 64 unchanged.
@@ -33,10 +34,13 @@
 //   the float32 path does, would round every scaled q to bfloat16 (2^-9 relative).
 // - Chains of at most kDepthBlock products (microkernel.h); a longer depth adds the chains' sums in order.
 // - P = exp(s - m) is rounded to bfloat16 (to nearest even, relative error <= 2^-9) before P.V, as
-//   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l adds the float32 P, so that lse and the
-//   weights keep float32 accuracy (a sum of the rounded P put lse off by up to ln(1 + 2^-9) ~ 1e-3, where
-//   the tolerance table allows a float32 lse about 1e-6); out = sum_j round(P_j) V_j / sum_j P_j then
-//   carries the factor sum round(P) / sum P, within 2^-9 of 1: at most half a bfloat16 ulp.
+//   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l must then add the same rounded values
+//   (round_probability_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
+//   of the visible V rows (a constant V column comes out exactly, every output lies within its column's
+//   range), where a sum of the unrounded P would scale the whole row by sum P / sum round(P), off by up
+//   to 2^-9 in the same direction for all features. lse, though, takes a second sum of the unrounded P
+//   (l_exp in attention_tiled.h): m + log(l) of the rounded sum would be off by up to 2^-9 too, where a
+//   float32 lse must be good to a few float32 ulps for merge_states.
 // - The emulated build (SIMDe) adds the even element's product first and keeps denormals: it agrees with
 //   the hardware up to rounding, not bitwise.
 #pragma once
@@ -71,44 +75,77 @@ inline __m512bh as_bf16_pairs(__m512i x) {
 #endif
 }
 
-// x rounded to the nearest bfloat16 (ties to even) as float32 bit patterns: the bfloat16 in the high half,
-// the low half zero. Integer operations (SIMDe has no vcvtneps2bf16), 7 per vector: the softmax runs it
-// on every P. Infinities stay, values past the largest bfloat16 round to infinity, and a NaN becomes the
-// default quiet NaN first: the rounding bias added to its payload could carry into the sign (0x7fffffff
-// would give -0) or leave an infinity (0x7f800001).
-inline __m512i round_to_bfloat16_bits(__m512 x) {
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __m512i bits = _mm512_mask_mov_epi32(_mm512_castps_si512(x), nan, _mm512_set1_epi32(0x7fc00000));
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
-  return _mm512_and_si512(biased, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)));
+// p rounded to the nearest bfloat16, ties to even, for the online softmax's P: 0 <= p < 2^111 (P is at
+// most e^5 in the forward pass and 1 in the weights pass), or NaN. The float add does the rounding: with
+// M = 2^(e + 16) for p's exponent e, p + M lies on the grid of 2^(e - 7) that keeps p's 8 leading bits,
+// rounded to nearest even by the FPU, and subtracting M again is exact. Four operations, no mask (an
+// integer add-and-shift with a NaN guard took seven, and the NaN guard's mask was on the softmax's
+// critical path); SIMDe runs it as it is. A NaN stays NaN (quieted, so the bfloat16 half keeps a set
+// mantissa bit), +inf stays +inf. Below 2^-126 the grid is 2^-134, finer than bfloat16's: such a P keeps
+// a few low bits that probability_pair_words drops and vdpbf16ps reads as 0 anyway (DAZ), while l adds
+// them to a sum of at least 1, where they vanish.
+inline __m512 round_probability_to_bfloat16(__m512 p) {
+  const __m512i exponent = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(0x7f800000));
+  const __m512 magic = _mm512_castsi512_ps(_mm512_add_epi32(exponent, _mm512_set1_epi32(16 << 23)));
+  return _mm512_sub_ps(_mm512_add_ps(p, magic), magic);
 }
 
-// The float32 value of round_to_bfloat16_bits: what the online softmax stores and sums as P.
-inline Avx512Vec<float> round_to_bfloat16(Avx512Vec<float> x) {
-  return {_mm512_castsi512_ps(round_to_bfloat16_bits(x.v))};
+inline Avx512Vec<float> round_probability_to_bfloat16(Avx512Vec<float> p) {
+  return {round_probability_to_bfloat16(p.v)};
+}
+
+// One vector of key-pair words from two vectors of rounded P: lane i holds (even[i], odd[i]), the high
+// halves of both (the low halves are 0 except below 2^-126: see round_probability_to_bfloat16).
+inline __m512i probability_pair_words(__m512 even_rounded, __m512 odd_rounded) {
+  return _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(even_rounded), 16),
+                                   _mm512_castps_si512(odd_rounded),
+                                   _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u)), 0xf8);  // a | (b & c)
+}
+
+// dst[c * dst_stride + r] = the word of pair t0 + c of row r, for an 8 x 8 block of 32-bit words
+// (interleave pairs of rows, then pairs of pairs, then swap 128-bit halves: transpose.h's float block,
+// here on integers, so that no bit pattern is touched by floating-point arithmetic).
+inline void transpose_pair_words_8x8(const uint16_t* const* rows, int64_t t0, uint32_t* dst, int64_t dst_stride) {
+  __m256i r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + 2 * t0));
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_unpacklo_epi64(u[i], u[i + 2]);
+    r[i + 1] = _mm256_unpackhi_epi64(u[i], u[i + 2]);
+    r[i + 2] = _mm256_unpacklo_epi64(u[i + 1], u[i + 3]);
+    r[i + 3] = _mm256_unpackhi_epi64(u[i + 1], u[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * dst_stride), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i + 4) * dst_stride),
+                        _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
+  }
 }
 
 // Pair panels of a query block (`rows` rows of `depth` bfloat16 features at stride q_row_stride):
 // dst[t * lanes + i] = (q[i][2t], q[i][2t+1]) for t < ceil(depth / 2), i < lanes (one panel of `lanes`
 // queries); lanes past `rows` are 0, and so is the high half of the last pair of an odd depth. Once per
-// query block: its cost is that of reading the block.
+// query block, by 8 x 8 word transposes (a strided store per word took a third of a seq2seq call's
+// products' time at D = 256), the edges word by word.
 inline void pack_query_pairs(const uint16_t* q, int64_t q_row_stride, int64_t rows, int64_t depth, int64_t lanes,
                              uint32_t* dst) {
   const int64_t full = depth / 2, pairs = ceil_div(depth, 2);
+  const int64_t block_rows = rows / 8 * 8, block_pairs = full / 8 * 8;
+  for (int64_t i0 = 0; i0 < block_rows; i0 += 8) {
+    const uint16_t* r[8];
+    for (int i = 0; i < 8; ++i) r[i] = q + (i0 + i) * q_row_stride;
+    for (int64_t t0 = 0; t0 < block_pairs; t0 += 8) transpose_pair_words_8x8(r, t0, dst + t0 * lanes + i0, lanes);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     const uint16_t* row = q + i * q_row_stride;
-    for (int64_t t = 0; t < full; ++t) dst[t * lanes + i] = load_pair(row + 2 * t);
+    for (int64_t t = i < block_rows ? block_pairs : 0; t < full; ++t) dst[t * lanes + i] = load_pair(row + 2 * t);
     if (pairs > full) dst[full * lanes + i] = row[depth - 1];
   }
   for (int64_t t = 0; t < pairs; ++t)
     for (int64_t i = rows; i < lanes; ++i) dst[t * lanes + i] = 0;
-}
-
-// One vector of key-pair words from two vectors of rounded P (round_to_bfloat16_bits): lane i holds
-// (even[i], odd[i]).
-inline __m512i probability_pair_words(__m512i even_rounded, __m512i odd_rounded) {
-  return _mm512_or_si512(_mm512_srli_epi32(even_rounded, 16), odd_rounded);
 }
 
 // 16-bit lanes [0, n) of p, the rest 0. The emulated build goes through a buffer (SIMDe's masked loads
@@ -266,11 +303,18 @@ struct PairProducts<true, MR, NRV> {
   static int64_t query_words(int64_t mb, int64_t depth) { return mb * ceil_div(depth, 2); }
   static int64_t probability_words(int64_t nk, int64_t mb) { return ceil_div(nk, 2) * mb; }
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(nk, 2) * dv; }
+  // A kv item's whole V as key pairs, which the blocks a thread runs in a row share instead of each
+  // packing every tile again: those are blocks of one item, in runs (QueryRuns) or as consecutive tasks
+  // (a long sequence's blocks go out one by one, in order). Up to an L2's worth of pairs.
+  static constexpr int64_t kMaxCachedValueBytes = int64_t(1) << 20;
+  static int64_t value_cache_words(int64_t lk, int64_t dv) {
+    return value_words(lk, dv) * 4 <= kMaxCachedValueBytes ? value_words(lk, dv) : 0;
+  }
 
-  static Avx512Vec<float> round(Avx512Vec<float> x) { return round_to_bfloat16(x); }
+  static Avx512Vec<float> round(Avx512Vec<float> x) { return round_probability_to_bfloat16(x); }
   // The online softmax's rounded P of keys 2t and 2t + 1 (odd: 0 past the tile) as the words of pair t.
   static void store_pair(Avx512Vec<float> even, Avx512Vec<float> odd, uint32_t* dst) {
-    _mm512_storeu_si512(dst, probability_pair_words(_mm512_castps_si512(even.v), _mm512_castps_si512(odd.v)));
+    _mm512_storeu_si512(dst, probability_pair_words(even.v, odd.v));
   }
 
   // bf16_pair_gemm with only the nrv vectors of query lanes the panel needs (the last panel of a block
@@ -313,19 +357,39 @@ struct PairProducts<true, MR, NRV> {
                            blk.q_pairs + panel * pairs * QNR, QNR, out, Kernel::MB, k.p.scale);
   }
 
-  // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk from the bfloat16 V rows in place and the tile's P,
-  // which the online softmax left rounded and packed as key pairs in blk.p_pairs.
+  // The V pairs of keys j0 .. j0 + nk: from the item's cache where the block has one and the tile starts
+  // at an even key (a window can start tiles at odd keys), packing the whole item on its first use by
+  // this thread; else packed for this tile. The cache pairs the tile's last key of an odd count with the
+  // key after it, which accumulate then never reads (a_last_single).
+  template <class Kernel, class Block>
+  static const uint32_t* value_pairs(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
+    const int64_t bkv = blk.b / k.p.group, dv = k.p.dv;
+    if (blk.v_cache && j0 % 2 == 0) {
+      if (*blk.v_cache_item != bkv) {
+        pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, 0)), k.p.v.row_stride_elements, k.p.lk,
+                         dv, blk.v_cache);
+        *blk.v_cache_item = bkv;
+      }
+      return blk.v_cache + (j0 / 2) * dv;
+    }
+    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, j0)), k.p.v.row_stride_elements, nk, dv,
+                     blk.v_pairs);
+    return blk.v_pairs;
+  }
+
+  // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk from the tile's V pairs and its P, which the online
+  // softmax left rounded and packed as key pairs in blk.p_pairs (0 past an odd count). The last pair of
+  // an odd count broadcasts V's even key alone.
   template <bool kFirst, class Kernel, class Block>
   static void accumulate(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
     constexpr int64_t MB = Kernel::MB;
     const int64_t dv = k.p.dv, pairs = ceil_div(nk, 2);
-    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(blk.b / k.p.group, j0)), k.p.v.row_stride_elements,
-                     nk, dv, blk.v_pairs);
+    const uint32_t* v_pairs = value_pairs(k, blk, j0, nk);
     for (int64_t panel = 0; panel < blk.panels; ++panel)
       for (int64_t c0 = 0; c0 < dv; c0 += MR) {
         const uint16_t* a_rows[MR];  // MR value features: broadcast their key pairs
-        clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(blk.v_pairs + c0), 2, imin(MR, dv - c0), a_rows);
-        pair_panel_gemm<!kFirst>(k.panel_vectors(blk, panel), pairs, false, a_rows, 2 * dv,
+        clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(v_pairs + c0), 2, imin(MR, dv - c0), a_rows);
+        pair_panel_gemm<!kFirst>(k.panel_vectors(blk, panel), pairs, nk % 2 != 0, a_rows, 2 * dv,
                                  blk.p_pairs + panel * QNR, MB, blk.acc_t + c0 * MB + panel * QNR, MB, 1.0f);
       }
   }

@@ -66,7 +66,8 @@ sys.exit(0 if "amx" in isas else "the model build does not offer the amx target"
 cd "$repo"
 if [ "$#" -eq 0 ]; then
   tests=()
-  for f in tests/test_bf16_tiled.py tests/test_dtypes16.py tests/test_attention.py tests/test_hidden_keys.py; do
+  for f in tests/test_bf16_tiled.py tests/test_attention_bf16_pairs.py tests/test_dtypes16.py tests/test_attention.py \
+    tests/test_hidden_keys.py; do
     [ -e "$f" ] && tests+=("$f")
   done
   set -- -k "bfloat16 or bf16" "${tests[@]}"

@@ -13,7 +13,8 @@
 //   multiplied by the scale after the product, as in the AVX512_BF16 path;
 // - the packed operands are padded with zeros to whole tiles: the query pairs to 16 pair rows
 //   (query_words, which also holds the staging tile of amx_score_tile after the pairs), P's key pairs
-//   past an odd or short tile (zeroed before each P.V), V^T to 16 feature rows and 32 keys;
+//   past an odd or short tile (zeroed before each P.V), V^T to 16 feature rows and 32 keys; V^T is packed
+//   once per kv item and thread where it fits the pair path's value cache (value_transposed);
 // - O^T has whole 16-row tiles: the tiled path rounds its rows to kAmxRows (attention_tiled.h);
 // - a pass over a block's key tiles holds the tile configuration (AmxTileSession), released after it.
 // The schedule, masks, online softmax, careful pass, key split and weights pass are the tiled path's.
@@ -47,8 +48,16 @@ struct AmxTileProducts : PairProducts<true, MR, NRV> {
   static int64_t probability_words(int64_t nk, int64_t mb) { return amx_pair_rows(nk) * mb; }
   // V^T of one tile: amx_value_rows(dv) rows of amx_value_keys(nk) bfloat16.
   static int64_t value_words(int64_t nk, int64_t dv) { return ceil_div(amx_value_rows(dv) * amx_value_keys(nk), 2); }
-  // No cache of an item's V in PairProducts' key-pair layout: the tiles read V^T, packed per tile.
-  static int64_t value_cache_words(int64_t, int64_t) { return 0; }
+  // A kv item's whole V^T (amx_value_rows(dv) rows of amx_value_keys(lk) keys), shared by the blocks a
+  // thread runs in a row as PairProducts shares its key pairs (same cache slot, same invalidation), up to
+  // the same size: the transposition then runs once per item and thread instead of once per block and
+  // tile. Only tiles of whole 32-key steps read it: a shorter step would multiply the zero P past the
+  // tile's keys by the next keys' V, and a NaN or infinity there (a hidden key) would leak in.
+  static int64_t value_cache_stride(int64_t lk) { return amx_value_keys(lk); }
+  static int64_t value_cache_words(int64_t lk, int64_t dv) {
+    const int64_t words = ceil_div(amx_value_rows(dv) * value_cache_stride(lk), 2);
+    return words * 4 <= PairProducts<true, MR, NRV>::kMaxCachedValueBytes ? words : 0;
+  }
 
   template <class Kernel, class Block>
   static void pack_queries(const Kernel& k, const Block& blk) {
@@ -84,13 +93,35 @@ struct AmxTileProducts : PairProducts<true, MR, NRV> {
 
   // O^T (+)= V_tile^T . P^T for keys j0 .. j0 + nk: the tile's V transposed from its bfloat16 rows, and
   // the P that the online softmax left rounded and packed as key pairs in blk.p_pairs, zero past them.
+  // V^T for the keys j0 .. j0 + nk, zero past them to whole 32-key steps: from the item's cached V^T
+  // where it applies (value_cache_words), else packed for this tile into blk.v_pairs.
+  template <class Kernel, class Block>
+  static const uint16_t* value_transposed(const Kernel& k, const Block& blk, int64_t j0, int64_t nk,
+                                          int64_t* stride) {
+    const int64_t bkv = blk.b / k.p.group;
+    if (blk.v_cache && nk % kAmxReduce == 0) {
+      uint16_t* cache = reinterpret_cast<uint16_t*>(blk.v_cache);
+      *stride = value_cache_stride(k.p.lk);
+      if (*blk.v_cache_item != bkv) {
+        pack_value_transposed(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, 0)), k.p.v.row_stride_elements,
+                              k.p.lk, k.p.dv, cache, *stride);
+        *blk.v_cache_item = bkv;
+      }
+      return cache + j0;
+    }
+    uint16_t* vt = reinterpret_cast<uint16_t*>(blk.v_pairs);
+    *stride = amx_value_keys(Kernel::NK);
+    pack_value_transposed(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, j0)), k.p.v.row_stride_elements, nk,
+                          k.p.dv, vt, *stride);
+    return vt;
+  }
+
   template <bool kFirst, class Kernel, class Block>
   static void accumulate(const Kernel& k, const Block& blk, int64_t j0, int64_t nk) {
     constexpr int64_t MB = Kernel::MB;
-    const int64_t dv = k.p.dv, vt_stride = amx_value_keys(Kernel::NK);
-    uint16_t* vt = reinterpret_cast<uint16_t*>(blk.v_pairs);
-    pack_value_transposed(reinterpret_cast<const uint16_t*>(k.p.v.row(blk.b / k.p.group, j0)),
-                          k.p.v.row_stride_elements, nk, dv, vt, vt_stride);
+    const int64_t dv = k.p.dv;
+    int64_t vt_stride = 0;
+    const uint16_t* vt = value_transposed(k, blk, j0, nk, &vt_stride);
     const int64_t pairs = ceil_div(nk, 2), lanes = round_up(blk.mb, int64_t(kAmxLanes));
     for (int64_t t = pairs; t < amx_pair_rows(nk); ++t) std::memset(blk.p_pairs + t * MB, 0, sizeof(uint32_t) * lanes);
     for (int64_t panel = 0; panel < blk.panels; ++panel)

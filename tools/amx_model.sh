@@ -9,6 +9,8 @@
 #      bfloat16 tests of the tiled-path, 16-bit, attention and hidden-key test files; the `isa` fixture
 #      runs each on every usable target, the amx one included).
 # Without AVX-512 the extension is built on SIMDe's emulated AVX-512 as well (tools/emulated_avx512.sh).
+# AMX_MODEL_SANITIZE=1 builds the extension with ASan + UBSan too (tools/sanitize.sh): the model moves
+# tile rows with memcpy, so every byte a tile load or store would touch is checked.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
@@ -50,7 +52,12 @@ if ! grep -qw avx512bw /proc/cpuinfo 2>/dev/null || ! grep -qw avx512_bf16 /proc
   "$py" -m pip install --quiet simde-py
   extra=(-DATTNFAST_EMULATE_AVX512=ON -DSIMDE_INCLUDE_DIR="$("$py" -c 'import simde_py; print(simde_py.get_include())')")
 fi
-cmake -S "$repo" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNFAST_AMX_MODEL=ON "${extra[@]}" \
+build_type=Release
+if [ "${AMX_MODEL_SANITIZE:-0}" = 1 ]; then
+  build_type=Debug
+  extra+=(-DATTNFAST_SANITIZE=ON)
+fi
+cmake -S "$repo" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=$build_type -DATTNFAST_AMX_MODEL=ON "${extra[@]}" \
   -DSKBUILD_PROJECT_VERSION=0.0.0+amx-model -DPython_EXECUTABLE="$py" \
   -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" >/dev/null
 cmake --build "$work/build" >/dev/null
@@ -60,6 +67,10 @@ rm -f "$work"/site/attnfast/_attnfast*.so
 cp "$work"/build/_attnfast*.so "$work/site/attnfast/"
 
 export PYTHONPATH="$work/site"
+if [ "${AMX_MODEL_SANITIZE:-0}" = 1 ]; then
+  export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+  export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+fi
 "$py" -c 'import attnfast, sys; isas = attnfast.capabilities()["isas"]
 print("usable targets:", isas)
 sys.exit(0 if "amx" in isas else "the model build does not offer the amx target")'

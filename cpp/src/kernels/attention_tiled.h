@@ -328,7 +328,7 @@ struct TiledAttention {
 #endif
     const int64_t bkv = blk.b / p.group;
     int64_t ks = 0;
-    const T* k = blk.pairs ? nullptr : kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
+    const T* k = kPairs && blk.pairs ? nullptr : kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
     // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
@@ -797,7 +797,7 @@ struct TiledAttention {
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
-      blk.l_exp[i] = T(0);
+      if constexpr (kPairs) blk.l_exp[i] = T(0);
     }
     compute_bounds(blk);
     if (pack) pack_queries(blk);
@@ -812,7 +812,7 @@ struct TiledAttention {
     for (int64_t i = 0; i < MB; ++i) {
       blk.m[i] = neg_inf<T>();
       blk.l[i] = T(0);
-      blk.l_exp[i] = T(0);
+      if constexpr (kPairs) blk.l_exp[i] = T(0);
     }
     accumulate_tiles_pass<true>(blk);
   }
@@ -827,7 +827,7 @@ struct TiledAttention {
       const int64_t nk = imin(NK, blk.max_hi - j0);
       if (bool_mask_hides_tile(blk, j0, nk)) continue;
       score_tile(blk, j0, nk);
-      if (blk.pairs) {
+      if (kPairs && blk.pairs) {
         if constexpr (kPairs) softmax_tile<kCareful, true>(blk, nk);
       } else {
         softmax_tile<kCareful>(blk, nk);
@@ -911,7 +911,7 @@ struct TiledAttention {
       for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
       big.store(blk.m + i0);
       V::zero().store(blk.l + i0);
-      V::zero().store(blk.l_exp + i0);
+      if constexpr (kPairs) V::zero().store(blk.l_exp + i0);
     }
     for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
     T* factor = blk.alpha;
@@ -925,7 +925,7 @@ struct TiledAttention {
                            exp2_nonpositive((m_part - shift) * log2e));  // 0 for an empty chunk
         f.store(factor + i0);
         fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
-        if (blk.l_exp != blk.l)
+        if (kPairs && blk.l_exp != blk.l)
           fmadd(V::load(part + l_at + MB + i0), f, V::load(blk.l_exp + i0)).store(blk.l_exp + i0);
       }
       for (int64_t r = 0; r < p.dv; ++r)

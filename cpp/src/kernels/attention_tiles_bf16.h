@@ -14,10 +14,11 @@
 //   so K is never packed. An odd depth ends with (q[i][D-1], 0) against the key's last feature alone
 //   (zero-extended): the word past a K row, perhaps past the array, is never read.
 // - P.V, reduced over keys: P is rounded to bfloat16 and packed as key pairs, lane i of pair t holding
-//   (P[2t][i], P[2t+1][i]), by the online softmax as it makes P (probability_pair_words); the V tile is
-//   packed per tile as key pairs of each feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs). An odd
-//   key count pairs its last key with P = 0 and V = 0: a zero, not the row past the tile, whose NaN
-//   would leak through 0 * NaN.
+//   (P[2t][i], P[2t+1][i]), by the online softmax as it makes P (probability_pair_words); V is packed
+//   as key pairs of each feature, V[2t][f] beside V[2t+1][f] (pack_value_pairs), once per kv item for
+//   the blocks a thread runs in a row (PairProducts::value_pairs), else per tile. An odd key count
+//   pairs its last key with P = 0 and broadcasts that key's V alone (zero-extended): neither the row
+//   past the tile nor past the array is read, so a hidden key's NaN never meets a row as 0 * NaN.
 // Both run one register-blocked microkernel (bf16_pair_microkernel): per pair step NRV loads and MR
 // broadcasts feed MR x NRV vdpbf16ps. MR x NRV = 8 x 3 as for float32 (24 accumulators, 3 loads and a
 // broadcast of the 32 zmm registers), with the query block of 48 rows and key tiles of 64 unchanged.
@@ -35,10 +36,11 @@
 // - Chains of at most kDepthBlock products (microkernel.h); a longer depth adds the chains' sums in order.
 // - P = exp(s - m) is rounded to bfloat16 (to nearest even, relative error <= 2^-9) before P.V, as
 //   FlashAttention and PyTorch's bfloat16 SDPA do. The row sum l must then add the same rounded values
-//   (round_probability_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a convex combination
-//   of the visible V rows (a constant V column comes out exactly, every output lies within its column's
-//   range), where a sum of the unrounded P would scale the whole row by sum P / sum round(P), off by up
-//   to 2^-9 in the same direction for all features. lse, though, takes a second sum of the unrounded P
+//   (round_probability_to_bfloat16, in the online softmax): out = sum_j P_j V_j / sum_j P_j stays a
+//   convex combination of the visible V rows (a constant V column comes out as that constant to float32
+//   rounding, every output within its column's range up to float32 rounding), where a sum of the
+//   unrounded P would scale the whole row by sum P / sum round(P), off by up to 2^-9 in the same
+//   direction for all features. lse, though, takes a second sum of the unrounded P
 //   (l_exp in attention_tiled.h): m + log(l) of the rounded sum would be off by up to 2^-9 too, where a
 //   float32 lse must be good to a few float32 ulps for merge_states.
 // - The emulated build (SIMDe) adds the even element's product first and keeps denormals: it agrees with
@@ -119,7 +121,8 @@ inline void transpose_pair_words_8x8(const uint16_t* const* rows, int64_t t0, ui
     r[i + 3] = _mm256_unpackhi_epi64(u[i + 1], u[i + 3]);
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * dst_stride), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i * dst_stride),
+                        _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i + 4) * dst_stride),
                         _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
   }

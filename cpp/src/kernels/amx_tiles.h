@@ -61,8 +61,9 @@ namespace ATTNFAST_TARGET_NS {
 // The tile register is a template argument: GCC's _tile_* macros paste the register number into the
 // instruction text, so each register needs its own literal. GCC 12's tileloadd and ldtilecfg asm
 // statements do not tell the compiler which memory they read (tileloadd names none, ldtilecfg 8 of the
-// 64 bytes), so a compiler barrier before them makes every store to a packed or staged operand happen
-// first; without it, stores to a staging buffer could be sunk past the load or dropped as dead.
+// 64 bytes), so compiler barriers around them order them with every other memory access: the stores
+// that fill a packed or staged operand happen before its load (without the barrier they could be sunk
+// past it or dropped as dead), and the next refill of a staging buffer after it.
 namespace amx_ops {
 
 inline void memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
@@ -90,6 +91,7 @@ inline void dpbf16ps() {
 inline void load_config(const void* cfg) {
   memory_barrier();
   _tile_loadconfig(cfg);
+  memory_barrier();
 }
 inline void release() { _tile_release(); }
 #define ATTNFAST_AMX_FOR_TILE(n, statement) \
@@ -108,6 +110,7 @@ inline void load(const void* base, int64_t stride) {
   ATTNFAST_AMX_FOR_TILE(5, _tile_loadd(5, base, stride))
   ATTNFAST_AMX_FOR_TILE(6, _tile_loadd(6, base, stride))
   ATTNFAST_AMX_FOR_TILE(7, _tile_loadd(7, base, stride))
+  memory_barrier();
 }
 template <int kTile>
 inline void store(void* base, int64_t stride) {

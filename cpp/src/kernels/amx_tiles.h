@@ -16,10 +16,10 @@
 //   the AVX512_BF16 path's pack_query_pairs), C tiles stored straight into S^T at its row stride.
 //   (The other way round, S = Q . K^T, would need K^T in pairs: K repacked for every block and tile.)
 // - O^T += V_tile^T . P^T: M = value features, N = queries, K = keys. B = P as key pairs (word (t, i) =
-//   (P[2t][i], P[2t+1][i]), the AVX512_BF16 path's pack_probability_pairs of S^T), C = O^T's tiles,
-//   loaded from and stored back to the accumulator in place. A must be V^T (features x keys, keys
-//   contiguous), and V is key-major in memory: the V tile is transposed once per tile
-//   (pack_value_transposed). Both operands of this product have the reduction axis (keys) as their
+//   (P[2t][i], P[2t+1][i]), the AVX512_BF16 path's layout, which its online softmax stores as it makes
+//   P), C = O^T's tiles, loaded from and stored back to the accumulator in place. A must be V^T
+//   (features x keys, keys contiguous), and V is key-major in memory: V is transposed
+//   (pack_value_transposed), per tile or once per kv item and thread (attention_tiles_amx.h). Both operands of this product have the reduction axis (keys) as their
 //   major axis, so one of them has to be transposed whichever is A; V^T it is, because P^T -> P would
 //   also leave C as O (queries x features), not the O^T the online softmax rescales by vectors.
 // One tile configuration serves both products (palette 1, all eight registers 16 rows x 64 bytes:
@@ -40,7 +40,7 @@
 // vdpbf16ps. Per score, the error is that of chains of 16 terms plus one add per 32 features: no
 // kDepthBlock splitting is needed. The scale multiplies the float32 score after the product (folding it
 // into q would round c q to bfloat16), and P is rounded to bfloat16 by the online softmax, the row sum l
-// adding the same rounded P (attention_tiles_bf16.h explains both).
+// adding the same rounded P and l_exp the float32 ones, for lse (attention_tiles_bf16.h explains both).
 #pragma once
 #include <cstdint>
 #include <cstring>

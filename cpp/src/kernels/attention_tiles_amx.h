@@ -10,7 +10,9 @@
 //   choice (K rows as A tiles read in place, V^T as A, the pair-packed queries and P as B, C in S^T's
 //   and O^T's layouts) and the numerics;
 // - a score tile is computed whole (score_tile: 16 keys per A tile, 48 queries in three C tiles) and
-//   multiplied by the scale after the product, as in the AVX512_BF16 path;
+//   multiplied by the scale after the product, as in the AVX512_BF16 path; the software prefetches of
+//   the float path's Q.K^T loop (the next keys, the next item's K and V, the output rows) are not issued
+//   here, as no AMX machine was at hand to measure whether the tile loads want them;
 // - the packed operands are padded with zeros to whole tiles: the query pairs to 16 pair rows
 //   (query_words, which also holds the staging tile of amx_score_tile after the pairs), P's key pairs
 //   past an odd or short tile (zeroed before each P.V), V^T to 16 feature rows and 32 keys; V^T is packed

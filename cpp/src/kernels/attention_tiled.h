@@ -2,17 +2,18 @@
 // dtypes: float, double (scores, exponentials and accumulators all in that precision). ISA: target's V.
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
-// consecutive blocks of one item: QueryRuns). A block's score tiles and masks are
+// consecutive blocks of one item: QueryRuns, attention_schedule.h). A block's score tiles and masks are
 // tiled_score_tile.h, its online softmax over the key tiles and the writing of its rows
 // tiled_online_softmax.h (layout and numerics are described there); TiledAttention composes the two
 // and adds a block's scratch, its prefetches and the key split. When the query blocks are too few to
 // keep the cores busy (one long sequence, few heads, few query rows), each block's keys are split into
-// chunks, processed as separate tasks and merged by log-sum-exp in chunk order (key_chunks,
-// merge_block); the split depends on the shape only.
+// chunks, processed as separate tasks and merged by log-sum-exp in chunk order (split_keys,
+// merge_chunk_states: attention_schedule.h); the split depends on the shape only.
 #pragma once
 #include <cstdlib>
 
 #include "attnfast/params.h"
+#include "kernels/attention_schedule.h"
 #include "kernels/common.h"
 #include "kernels/tiled_online_softmax.h"
 
@@ -102,99 +103,23 @@ struct TiledAttention : TiledOnlineSoftmax<V, MR, NRV> {
   // One chunk's result: O^T (dv_rows x MB), then m and l (MB each).
   int64_t part_elements() const { return dv_rows * MB + 2 * MB; }
 
+  KeyChunks key_chunks(int64_t row_tasks) const {
+    return split_keys(kTiledKeySplit, row_tasks, p.lk, NK, part_elements() * int64_t(sizeof(T)));
+  }
+
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
     this->accumulate_tiles(start_block(scratch, b, i_begin, j_begin, j_end, true, part));
   }
 
-  // Combines the block's chunks in chunk order: M = max m_c, l = sum l_c 2^((m_c - M) log2 e), O^T alike
-  // (one FMA per chunk and element); the same as one pass over all keys up to rounding, and the same
-  // for any thread count. Then writes the rows (and weights) as run_block does. A chunk with m = +inf
-  // has counted its +inf scores in l (softmax_tile): it enters with factor 1, so they share the row
-  // evenly, and the finite chunks with factor 0. A factor that underflows to 0 still multiplies its
-  // chunk's O^T, so a NaN there (a visible NaN V) reaches the row as in one pass.
+  // Combines the block's chunks (merge_chunk_states, rows in lanes as in O^T), then writes the rows (and
+  // weights) as run_block does.
   void merge_block(unsigned char* scratch, int64_t b, int64_t i_begin, const T* parts, int64_t chunks) const {
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, p.weights.data != nullptr);
-    const int64_t pe = part_elements(), m_at = dv_rows * MB, l_at = m_at + MB;
-    const V minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>()), log2e = V::set1(T(kLog2e));
-    for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
-      V big = minus_inf;
-      for (int64_t c = 0; c < chunks; ++c) big = max(big, V::load(parts + c * pe + m_at + i0));
-      big.store(blk.m + i0);
-      V::zero().store(blk.l + i0);
-    }
-    for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
-    T* factor = blk.alpha;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const T* part = parts + c * pe;
-      for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
-        const V big = V::load(blk.m + i0);
-        const V shift = select(cmp_eq(big, minus_inf), V::zero(), big);  // never -inf - -inf
-        const V m_part = V::load(part + m_at + i0);
-        const V f = select(cmp_eq(m_part, plus_inf), V::set1(T(1)),
-                           exp2_nonpositive((m_part - shift) * log2e));  // 0 for an empty chunk
-        f.store(factor + i0);
-        fmadd(V::load(part + l_at + i0), f, V::load(blk.l + i0)).store(blk.l + i0);
-      }
-      for (int64_t r = 0; r < p.dv; ++r)
-        for (int64_t i0 = 0; i0 < blk.mb; i0 += L)
-          fmadd(V::load(part + r * MB + i0), V::load(factor + i0), V::load(blk.acc_t + r * MB + i0))
-              .store(blk.acc_t + r * MB + i0);
-    }
+    const ChunkStateLayout at{dv_rows * MB, dv_rows * MB + MB, p.dv, MB, ceil_div(blk.mb, int64_t(L))};
+    merge_chunk_states<V, ChunkRows::kLanes>(at, parts, part_elements(), chunks, blk.m, blk.l, blk.acc_t, blk.alpha);
     this->write_rows(blk);
     if (p.weights.data) this->write_weights(blk);
-  }
-
-  // Chunks of keys per query block: 1 unless the query blocks alone are too few to keep the cores busy
-  // (one long sequence with few heads: a prompt chunk, cross-attention over a long memory). Reads the
-  // shape only, never the thread count, so results are the same for any number of threads. Chunks of at
-  // least kMinChunkKeys keys, and the partial results stay within kMaxPartialBytes.
-  static constexpr int64_t kMinTasks = 32, kMinChunkKeys = 512, kMaxPartialBytes = int64_t(4) << 20;
-  int64_t key_chunks(int64_t row_tasks) const {
-    if (row_tasks >= kMinTasks) return 1;
-    int64_t chunks = imin(ceil_div(kMinTasks, row_tasks), ceil_div(p.lk, kMinChunkKeys));
-    chunks = imin(chunks, kMaxPartialBytes / (row_tasks * part_elements() * int64_t(sizeof(T))));
-    return imax(1, chunks);
-  }
-};
-
-// How attention_tiled hands out query blocks: a task is a run of consecutive blocks of one batch item, so
-// one thread reads the item's K and V from memory once and then from its own L2 (and knows which query
-// rows it needs next), instead of every thread fetching them for its own first block of the item.
-// Measured at (8, 8, 512, 512, 64) float32, 2 threads, against one block per task: 1.03x (causal 1.05x)
-// while the host's memory was busy, 1.00-1.01x while it was quiet. Only where the item's K and V fit in
-// an L2 (kMaxKvBytes, smaller than the L2 of server cores since 2017) and the item has several blocks:
-// with K and V of 2 MiB, (1, 8, 4096, 4096, 64) measured 0.993x, and a single block has nothing to reuse.
-// Runs leave at least 32 tasks per thread for the load balance, and an item's runs are claimed last run
-// first: under a causal mask the last blocks see the most keys, and the cheap first ones then fill the
-// tail of the call. The last `threads` items go one block per task (last block first), so the threads
-// finish within a block of each other instead of a run: (8, 8, 512, 512, 64) had ended 0.1-0.5 ms apart.
-// A run's last block claims the thread's next task (NextTask) and fetches that item's K and V while it
-// computes. Scheduling only: no block's result depends on it.
-struct QueryRuns {
-  static constexpr int64_t kMaxKvBytes = int64_t(512) << 10;
-  int64_t blocks, length = 1, per_item, run_items = 0;  // items [0, run_items) go in runs of `length`
-
-  QueryRuns(int64_t batch, int64_t blocks_per_item, int threads, int64_t kv_bytes_per_item)
-      : blocks(blocks_per_item), per_item(blocks_per_item) {
-    if (kv_bytes_per_item > kMaxKvBytes) return;
-    length = imax(1, imin(blocks, batch * blocks / (32 * int64_t(imax(threads, 1)))));
-    if (length == 1) return;
-    per_item = ceil_div(blocks, length);
-    run_items = imax(0, batch - threads);
-  }
-  int64_t tasks(int64_t batch) const { return run_items * per_item + (batch - run_items) * blocks; }
-
-  struct Task {
-    int64_t b, first, last;  // blocks [first, last) of item b
-  };
-  Task task(int64_t t) const {
-    if (t < run_items * per_item) {
-      const int64_t first = (per_item - 1 - t % per_item) * length;
-      return {t / per_item, first, imin(blocks, first + length)};
-    }
-    const int64_t u = t - run_items * per_item, first = blocks - 1 - u % blocks;
-    return {run_items + u / blocks, first, first + 1};
   }
 };
 
@@ -207,9 +132,8 @@ int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
   const int64_t tasks = p.batch * blocks;
   ThreadScratch scratch(p.num_threads, kernel.scratch_bytes());
   if (!scratch.ok()) return kOutOfMemory;
-  const int64_t wanted = kernel.key_chunks(tasks);
-  const int64_t chunk_len = round_up(ceil_div(imax(p.lk, 1), wanted), int64_t(Kernel::NK));
-  const int64_t chunks = ceil_div(imax(p.lk, 1), chunk_len);
+  const KeyChunks split = kernel.key_chunks(tasks);
+  const int64_t chunk_len = split.length, chunks = split.count;
   if (chunks == 1) {
     const QueryRuns runs(p.batch, blocks, p.num_threads, p.lk * (p.depth + p.dv) * int64_t(sizeof(T)));
     parallel_for_with_next(p.num_threads, runs.tasks(p.batch), [&](int64_t task, int slot, NextTask& next) {

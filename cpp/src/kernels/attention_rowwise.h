@@ -72,7 +72,8 @@ struct RowwiseAttention {
 
   // One query row . one key, vectorised along the features with four partial sums (independent FMA
   // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
-  // stream; four keys read side by side (four streams 1 KB apart) measured ~20% slower from DRAM.
+  // stream, which the hardware prefetchers follow; four keys read side by side are four streams 1 KB apart,
+  // which they follow worse (docs/kernel_decisions.md).
   // A depth beyond kVectorSumBlock is summed as a tree of such blocks (dot_score_tile_tree), which keeps the
   // rounding error of a long D near that of one block.
   T dot_row(const T* q, const S* k, int64_t depth) const {
@@ -123,7 +124,7 @@ struct RowwiseAttention {
   }
 
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
-  // rows (one instruction per cache line) measured no faster from DRAM and ~15% slower from cache.
+  // rows (one instruction per cache line) only add instructions (docs/kernel_decisions.md).
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
@@ -288,8 +289,8 @@ struct RowwiseAttention {
     if (chunk_needs_care(w)) run_chunk_pass<true>(w);
   }
 
-  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks instead, the
-  // normal pass ran up to 2% slower on 16-row decode shapes.
+  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks, the normal
+  // pass's code is shaped by the careful one's and runs slower (docs/kernel_decisions.md).
   template <bool kCareful>
   __attribute__((noinline)) void run_chunk_pass(Work& w) const {
     prepare(w);

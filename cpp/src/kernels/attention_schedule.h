@@ -18,15 +18,14 @@ namespace ATTNFAST_TARGET_NS {
 
 // How attention_tiled hands out query blocks: a task is a run of consecutive blocks of one batch item, so
 // one thread reads the item's K and V from memory once and then from its own L2 (and knows which query
-// rows it needs next), instead of every thread fetching them for its own first block of the item.
-// Measured at (8, 8, 512, 512, 64) float32, 2 threads, against one block per task: 1.03x (causal 1.05x)
-// while the host's memory was busy, 1.00-1.01x while it was quiet. Only where the item's K and V fit in
-// an L2 (kMaxKvBytes, smaller than the L2 of server cores since 2017) and the item has several blocks:
-// with K and V of 2 MiB, (1, 8, 4096, 4096, 64) measured 0.993x, and a single block has nothing to reuse.
+// rows it needs next), instead of every thread fetching them for its own first block of the item. Only
+// where the item's K and V fit in an L2 (kMaxKvBytes, smaller than the L2 of server cores since 2017)
+// and the item has several blocks: K and V beyond an L2 are read from memory again anyway, and a single
+// block has nothing to reuse. (Measurements: docs/kernel_decisions.md.)
 // Runs leave at least 32 tasks per thread for the load balance, and an item's runs are claimed last run
 // first: under a causal mask the last blocks see the most keys, and the cheap first ones then fill the
 // tail of the call. The last `threads` items go one block per task (last block first), so the threads
-// finish within a block of each other instead of a run: (8, 8, 512, 512, 64) had ended 0.1-0.5 ms apart.
+// finish within a block of each other instead of a run apart.
 // A run's last block claims the thread's next task (NextTask) and fetches that item's K and V while it
 // computes. Scheduling only: no block's result depends on it.
 struct QueryRuns {

@@ -35,12 +35,11 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
   using Softmax::QNR;
 
   // Blocks fetch their output rows into cache while the Q.K^T of their last key tile runs, a share per
-  // microkernel call, so that write_rows' stores do not each wait on memory: (8, 8, 512, 512, 64)
-  // 1.0-1.3% faster. (Spread over all of a block's tiles, they were evicted again before write_rows at
-  // (1, 8, 4096, 4096, 64), and that call ran 0.5% slower than without the prefetch.) Only where a
-  // block's output is small beside L1: at D = 256 (the seq2seq batch: 40 rows of 1 KiB) it pushed the
-  // block's working set out of L1 and that call ran 1-2% slower. (A write prefetch: on targets without
-  // PRFCHW the compiler emits the read prefetch, which on x86 brings an unshared line in exclusive.)
+  // microkernel call, so that write_rows' stores do not each wait on memory. (Spread over all of a
+  // block's tiles, the lines are evicted again before write_rows on long rows.) Only where a block's
+  // output is small beside L1: a large one (D = 256: 40 rows of 1 KiB) pushes the block's working set
+  // out of L1. (A write prefetch: on targets without PRFCHW the compiler emits the read prefetch, which
+  // on x86 brings an unshared line in exclusive.) Measurements: docs/kernel_decisions.md.
   static constexpr int64_t kMaxOwnedOutputBytes = int64_t(16) << 10;
   bool own_output;
 
@@ -157,8 +156,8 @@ int attention_tiled(const AttentionParams<S, typename V::Scalar>& p) {
       const int64_t b = mine.b, first = mine.first, last = mine.last;
       // The next task is claimed when this one's last block starts (the call's tail then waits for at
       // most one block more than otherwise), and its item's K and V are fetched unless it is this item.
-      // Not where every task is one block (runs.length 1, the seq2seq batch): there claiming a task
-      // ahead of each one cost 3%.
+      // Not where every task is one block (runs.length 1, the seq2seq batch): there the claim costs more
+      // than the fetch saves.
       for (int64_t i = first; i < last; ++i)
         kernel.run_block(scratch.slice(slot), b, i * Kernel::MB, last - first > 1 && i == first,
                          i + 1 < last ? (i + 1) * Kernel::MB : -1,
@@ -172,7 +171,7 @@ int attention_tiled(const AttentionParams<S, typename V::Scalar>& p) {
   T* parts = static_cast<T*>(std::malloc(static_cast<size_t>(tasks * chunks * pe) * sizeof(T)));
   if (!parts) return kOutOfMemory;
   // Chunk-major: the blocks that share a chunk's K and V run at about the same time, and the later ones
-  // find them in the shared cache ((1,2,64,16384,128): ~15% faster than block-major, 2 threads).
+  // find them in the shared cache (docs/kernel_decisions.md).
   parallel_for(p.num_threads, tasks * chunks, [&](int64_t task, int slot) {
     const int64_t row_task = task % tasks, c = task / tasks;
     kernel.run_block_part(scratch.slice(slot), row_task / blocks, (row_task % blocks) * Kernel::MB, c * chunk_len,

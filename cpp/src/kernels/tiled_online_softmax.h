@@ -121,7 +121,7 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
   // in place, row sums. m moves only when the tile's max exceeds it by more than kLazyMargin: below
   // that, the tile's exponentials are at most e^kLazyMargin (finite, full precision) and O^T and l stay
   // consistent with the old m, so alpha is 1 and the rescale pass skips the row. Once the first tiles
-  // have set m, a row rarely needs rescaling again (the pass cost 2-3% of a long-context call).
+  // have set m, a row rarely needs rescaling again, and the rescale pass over O^T is skipped.
   // out = O / l and lse = m + ln l do not depend on which m was used.
   // kCareful (the rerun of a block with a non-finite row): keeps the raw scores in s_raw for
   // accumulate_visible, and gives +inf scores p = 1 under a row max of +inf (the normal pass makes

@@ -17,8 +17,8 @@
 // rescale by alpha are plain vertical vector operations (no horizontal reductions), K and V are read in
 // place (never packed, only broadcast from), and both products run the same register-blocked
 // microkernel shape (MR broadcasts + NRV loads per MR x NRV FMAs), which on AVX2 is the one that fits
-// the 16 registers exactly (a 3 x 4 query-rows-by-features P.V needed 17, and GCC reloaded a B vector
-// for every row: P.V ran ~30% slower than Q.K^T).
+// the 16 registers exactly (a 3 x 4 query-rows-by-features P.V needs 17, and GCC then reloads a B
+// vector for every row).
 //
 // Numerics: s2 = (c q).k accumulated with one FMA per term in d order (a D beyond kDepthBlock as a tree
 // of blocks: microkernel.h; the additive sum over hidden in blocks too). Masks: the bias is added
@@ -222,7 +222,7 @@ struct TiledScoreTile {
   }
 
   // Vectors of query lanes a panel really needs: the block's last panel may be partly empty (40 query
-  // rows fill 24 + 16 lanes), and computing its empty lanes cost 17% of a seq2seq call's FMAs.
+  // rows fill 24 + 16 lanes): its empty lanes are not computed (a third of that panel's FMAs at 40 rows).
   int panel_vectors(const TileBlock<T>& blk, int64_t panel) const {
     return static_cast<int>(imin(NRV, ceil_div(blk.mb - panel * QNR, int64_t(L))));
   }
@@ -259,8 +259,8 @@ struct TiledScoreTile {
         if (blk.kv_cold && panel == 0) prefetch_keys_ahead(blk, j0 + jj, imin(MR, nk - jj));
         if (blk.fetch_output && panel == 0 && j0 + nk >= blk.max_hi) {
           // In the block's last key tile, this call's share of its output rows (see the forward's
-          // own_output); written here and not through prefetch_rows: as an out-of-line call inside this
-          // loop it measured no gain.
+          // own_output); written here and not through prefetch_rows, whose out-of-line call inside this
+          // loop costs what the prefetch gains.
           const int64_t calls = ceil_div(nk, int64_t(MR)), c = jj / MR;
           const int64_t r0 = c * blk.mb / calls, r1 = (c + 1) * blk.mb / calls;
           for (int64_t r = r0; r < r1; ++r) {
@@ -270,10 +270,10 @@ struct TiledScoreTile {
         }
         if (blk.warm_b >= 0 && panel == 0) {
           // The last block of a run fetches the same K and V rows of the item this thread runs next, so
-          // that its first block finds them in L2 instead of waiting on memory: (8, 8, 512, 512, 64)
-          // 1.7% faster, causal 4%. Spread over the block's microkernel calls, the fetch stays in the
-          // background (all at once per tile gained nothing); keys this block does not see (causal)
-          // are left to that block's own prefetch_keys_ahead.
+          // that its first block finds them in L2 instead of waiting on memory. Spread over the block's
+          // microkernel calls, the fetch stays in the background (all at once per tile, it competes with
+          // the block's own loads); keys this block does not see (causal) are left to that block's own
+          // prefetch_keys_ahead. Measurements: docs/kernel_decisions.md.
           const int64_t wb = blk.warm_b / p.group;
           prefetch_rows(p.k.row(wb, j0 + jj), p.k.row_stride_elements, imin(MR, nk - jj), p.depth);
           prefetch_rows(p.v.row(wb, j0 + jj), p.v.row_stride_elements, imin(MR, nk - jj), p.dv);
@@ -363,7 +363,7 @@ struct TiledScoreTile {
 
   // A mask broadcast over the queries (a key-padding mask) masks whole keys: vector stores of -inf. A
   // full mask with contiguous rows is transposed like a bias; other layouts use a select per element,
-  // never a branch: on a random mask every tenth branch mispredicted and the call took 40% longer.
+  // never a branch: a branch on mask bytes mispredicts as often as the mask changes.
   void apply_bool_mask(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
     const int64_t cs = p.mask.col_stride_elements;
     if (p.mask.row_stride_elements == 0) {

@@ -595,7 +595,7 @@ def test_attention_tiled_path(isa, rng, dtype, batch, lq, lk, d, masks):
 @pytest.mark.parametrize("masks", ["none", "causal_bottom_right+lengths"])
 def test_attention_runs_of_query_blocks(isa, threads, rng, dtype, n_threads, masks):
     """Many query blocks and small K, V: each task is a run of consecutive blocks of one item (QueryRuns
-    in attention_tiled.h), 5 blocks a run on one thread, 2 on two and 1 on three, claimed last run
+    in attention_schedule.h), 5 blocks a run on one thread, 2 on two and 1 on three, claimed last run
     first, the last run partial and the last block 17 rows; the last `threads` items go one block per
     task, and a run's last block claims the next task early. Every block must be computed once, in its
     place."""

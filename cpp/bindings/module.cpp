@@ -298,7 +298,7 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
 }
 
 // ---- The plain-call fast path -------------------------------------------------------------------
-// A decoder step runs in ~100 us, and the Python validation layer costs several of them. The most
+// A decoder step is a short call, and the Python validation layer costs several percent of it. The most
 // common call -- three same-dtype float ndarrays with one batch shape, aligned unit-stride rows,
 // dot-product scores, no mask, lse or weights, and no out= or a C-contiguous one of the result's shape
 // and dtype that overlaps no input -- is recognised here with a few type and shape tests, for which

@@ -1,5 +1,6 @@
 // Fused attention driver: picks the row-wise path for decode-shaped calls (few query rows per kv head)
-// and the tiled path otherwise. See attention_tiled.h and attention_rowwise.h for layout and numerics.
+// and the tiled path otherwise. See attention_tiled.h (and the pieces it is made of) and
+// attention_rowwise.h for layout and numerics, attention_schedule.h for what both share.
 // dtypes: K/V storage S with compute type T = V::Scalar (see attnfast/params.h).
 #pragma once
 #include <cstdlib>

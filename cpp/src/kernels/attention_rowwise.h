@@ -8,8 +8,9 @@
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
 // When there are few kv items and many keys, the keys are split into chunks processed in parallel and
-// merged by log-sum-exp. The number of chunks depends only on the problem's shape, and the merge runs in
-// chunk order, so results are bitwise identical for any thread count.
+// merged by log-sum-exp (split_keys and merge_chunk_states, attention_schedule.h). The number of chunks
+// depends only on the problem's shape, and the merge runs in chunk order, so results are bitwise
+// identical for any thread count.
 // Hidden keys (attention_common.h): a chunk whose finished rows hold a NaN or infinity (chunk_needs_care)
 // is run once more with kCareful, where a row's P.V skips the keys it cannot see. A row whose max is
 // +inf gives each +inf score p = 1 and every other key 0 (softmax_row_saturated), so its lse is +inf and
@@ -17,6 +18,7 @@
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"
+#include "kernels/attention_schedule.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/stage_scores.h"
@@ -43,13 +45,10 @@ struct RowwiseAttention {
   explicit RowwiseAttention(const Params& params) : p(params) {
     rows = p.group * p.lq;
     dv_pad = round_up(imax(p.dv, 1), L);
-    const int64_t kv_items = p.batch / p.group;
-    // Split only when the kv items alone cannot keep the cores busy and the keys are many; the rule
-    // reads the shape only (never the thread count).
-    int64_t c = 1;
-    if (kv_items < 8 && p.lk >= 2048) c = imin(16, ceil_div(p.lk, 1024));
-    chunk_len = round_up(ceil_div(imax(p.lk, 1), c), NK);
-    chunks = ceil_div(imax(p.lk, 1), chunk_len);
+    const KeyChunks split = split_keys(kRowwiseKeySplit, p.batch / p.group, p.lk, NK,
+                                       rows * partial_stride() * int64_t(sizeof(T)));  // attention_schedule.h
+    chunks = split.count;
+    chunk_len = split.length;
   }
 
   static bool applies(const Params& params) { return params.group * params.lq <= kMaxRows; }
@@ -73,7 +72,8 @@ struct RowwiseAttention {
 
   // One query row . one key, vectorised along the features with four partial sums (independent FMA
   // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
-  // stream; four keys read side by side (four streams 1 KB apart) measured ~20% slower from DRAM.
+  // stream, which the hardware prefetchers follow; four keys read side by side are four streams 1 KB apart,
+  // which they follow worse (docs/kernel_decisions.md).
   // A depth beyond kVectorSumBlock is summed as a tree of such blocks (dot_score_tile_tree), which keeps the
   // rounding error of a long D near that of one block.
   T dot_row(const T* q, const S* k, int64_t depth) const {
@@ -124,7 +124,7 @@ struct RowwiseAttention {
   }
 
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
-  // rows (one instruction per cache line) measured no faster from DRAM and ~15% slower from cache.
+  // rows (one instruction per cache line) only add instructions (docs/kernel_decisions.md).
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
@@ -289,8 +289,8 @@ struct RowwiseAttention {
     if (chunk_needs_care(w)) run_chunk_pass<true>(w);
   }
 
-  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks instead, the
-  // normal pass ran up to 2% slower on 16-row decode shapes.
+  // Out of line, as run_chunk was before the careful pass existed: inlined into run's tasks, the normal
+  // pass's code is shaped by the careful one's and runs slower (docs/kernel_decisions.md).
   template <bool kCareful>
   __attribute__((noinline)) void run_chunk_pass(Work& w) const {
     prepare(w);
@@ -344,30 +344,16 @@ struct RowwiseAttention {
     }
   }
 
-  // Merges the chunks of one kv item in chunk order: M = max m_c, l = sum l_c 2^(m_c - M), and the
-  // accumulators alike; identical to having processed all keys in one pass, up to rounding. A chunk with
-  // m = +inf (its l counts its +inf scores) enters with factor 1 and the finite ones with 0; a factor
-  // that underflows to 0 still multiplies its accumulator, so a NaN there reaches the row.
+  // Merges the chunks of one kv item (merge_chunk_states, attention_schedule.h), a row at a time: the
+  // row's accumulator in row_acc (dv_pad elements).
   void merge(int64_t kv_item, const T* partials, T* row_acc, T* row_stats) const {
     const int64_t ps = partial_stride();
+    const ChunkStateLayout at{dv_pad, dv_pad + 1, dv_pad / L, L, 1};
     for (int64_t r = 0; r < rows; ++r) {
-      T big = neg_inf<T>();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const T m2 = partials[((kv_item * chunks + c) * rows + r) * ps + dv_pad];
-        big = m2 > big || m2 != m2 ? m2 : big;
-      }
-      const T shift = big == neg_inf<T>() ? T(0) : big;
-      T l = 0;
-      for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] = T(0);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const T* part = partials + ((kv_item * chunks + c) * rows + r) * ps;
-        T f[L];
-        exp2_nonpositive(V::set1(part[dv_pad] - shift) * V::set1(T(kLog2e))).store(f);
-        const T factor = part[dv_pad] == pos_inf<T>() ? T(1) : f[0];
-        l += part[dv_pad + 1] * factor;
-        for (int64_t e = 0; e < dv_pad; ++e) row_acc[e] += part[e] * factor;
-      }
-      write_row(kv_item, r, row_acc, big, l, row_stats);
+      T m2, l, factor[L];
+      merge_chunk_states<V, ChunkRows::kOne>(at, partials + (kv_item * chunks * rows + r) * ps, rows * ps, chunks,
+                                             &m2, &l, row_acc, factor);
+      write_row(kv_item, r, row_acc, m2, l, row_stats);
     }
   }
 

@@ -112,8 +112,8 @@ class ThreadScratch {
 };
 
 // Software prefetch, for reading, of `rows` rows of `row_elements` elements each (every 64-byte line they
-// touch). For the few places where the hardware prefetchers leave misses; each caller says what it
-// measured. A prefetch is a hint: it never changes a result.
+// touch). For the few places where the hardware prefetchers leave misses; each caller says which. A
+// prefetch is a hint: it never changes a result.
 template <class T>
 inline void prefetch_rows(const T* first, int64_t row_stride, int64_t rows, int64_t row_elements) {
   const int64_t row_bytes = row_elements * static_cast<int64_t>(sizeof(T));

@@ -5,8 +5,9 @@
 // and for the edges. Numerics: one multiplication per element, so the result is exact up to that one
 // rounding, identical for every path.
 //
-// Why by hand: a compiler turns the strided scalar loop into one extract-and-store per element; in a
-// seq2seq-sized call (40 queries x 50 keys x 256 features) the two transposes took 20% of the time.
+// Why by hand: a compiler turns the strided scalar loop into one extract-and-store per element, and in
+// a seq2seq-sized call (40 queries x 50 keys x 256 features) the two transposes are then a fifth of the
+// time (docs/kernel_decisions.md).
 #pragma once
 #include <cstdint>
 #if defined(__AVX__)
@@ -63,8 +64,8 @@ inline __m256d scale_vector(const double* s, int64_t step) {
 // Block order: by groups of source rows, or with kDestinationRowsOuter by groups of destination rows,
 // each written from start to end before the next. Use the latter when the destination rows are many
 // and far apart (the attention output): walking the source rows wrote 32 bytes to each of 40 output
-// rows per step, and at a 1 KiB row stride those lines share a few L1 sets and were evicted before
-// their other half came: 20 instead of 9.5 ns per 8 x 8 block (D = 256, Zen 3).
+// rows per step, and at a 1 KiB row stride those lines share a few L1 sets and are evicted before
+// their other half comes.
 template <bool kDestinationRowsOuter = false, class T>
 inline void transpose_scaled(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds,
                              const T* scale, int64_t scale_step) {

@@ -80,9 +80,9 @@ inline __m512bh as_bf16_pairs(__m512i x) {
 // p rounded to the nearest bfloat16, ties to even, for the online softmax's P: 0 <= p < 2^111 (P is at
 // most e^5 in the forward pass and 1 in the weights pass), or NaN. The float add does the rounding: with
 // M = 2^(e + 16) for p's exponent e, p + M lies on the grid of 2^(e - 7) that keeps p's 8 leading bits,
-// rounded to nearest even by the FPU, and subtracting M again is exact. Four operations, no mask (an
-// integer add-and-shift with a NaN guard took seven, and the NaN guard's mask was on the softmax's
-// critical path); SIMDe runs it as it is. A NaN stays NaN (quieted, so the bfloat16 half keeps a set
+// rounded to nearest even by the FPU, and subtracting M again is exact. Four operations and no mask,
+// where an integer add-and-shift needs seven with its NaN guard, whose mask sits on the softmax's
+// critical path; SIMDe runs it as it is. A NaN stays NaN (quieted, so the bfloat16 half keeps a set
 // mantissa bit), +inf stays +inf. Below 2^-126 the grid is 2^-134, finer than bfloat16's: such a P keeps
 // a few low bits that probability_pair_words drops and vdpbf16ps reads as 0 anyway (DAZ), while l adds
 // them to a sum of at least 1, where they vanish.
@@ -131,8 +131,8 @@ inline void transpose_pair_words_8x8(const uint16_t* const* rows, int64_t t0, ui
 // Pair panels of a query block (`rows` rows of `depth` bfloat16 features at stride q_row_stride):
 // dst[t * lanes + i] = (q[i][2t], q[i][2t+1]) for t < ceil(depth / 2), i < lanes (one panel of `lanes`
 // queries); lanes past `rows` are 0, and so is the high half of the last pair of an odd depth. Once per
-// query block, by 8 x 8 word transposes (a strided store per word took a third of a seq2seq call's
-// products' time at D = 256), the edges word by word.
+// query block, by 8 x 8 word transposes (one strided store per word is too slow beside the products at
+// a large depth and few keys, the seq2seq shape), the edges word by word.
 inline void pack_query_pairs(const uint16_t* q, int64_t q_row_stride, int64_t rows, int64_t depth, int64_t lanes,
                              uint32_t* dst) {
   const int64_t full = depth / 2, pairs = ceil_div(depth, 2);

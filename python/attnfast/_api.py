@@ -36,7 +36,7 @@ def _storage_or_compute(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> 
     return x if x.dtype == storage or x.dtype == compute else x.astype(compute)
 
 
-def _written(result: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.dtype:
+def _written(result: np.dtype, storage: np.dtype, compute: np.dtype) -> np.dtype:
     """The dtype a kernel reading ``storage`` writes a result of dtype ``result`` in: that dtype when it
     can (the storage or the computation dtype), else the computation dtype (rounded once afterwards):
     e.g. a bfloat16 concat attention, whose keys became float32 projections and v with them."""

@@ -109,7 +109,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
 
     Returns
     -------
-    ndarray, (..., Lq, Lk), the dtype of q and k (float32 or float64).
+    ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
     """
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)

@@ -727,7 +727,7 @@ def check_softmax(x, axis=-1, mask=None):
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 1
+    x : array_like, float64, float32, float16 or bfloat16, ndim >= 1
     axis : int
     mask : array_like of bool, optional, broadcastable to ``x.shape``
 

@@ -552,3 +552,13 @@ def test_a_16_bit_cache_is_kept_as_stored(rng):
     assert a.k is k and a.v is v and a.q is q and (a.dtype, a.compute) == (F32, F32)
     s = _inputs.check_scores(k, k)
     assert s.q is k and s.k is k and (s.dtype, s.compute) == (BF16, F32)
+
+
+def test_16_bit_results_overflow_like_the_reference(isa, rng):
+    # float16's range ends at 65504: scores beyond it are +-inf in the kernel as in the reference (both
+    # round the finite float32/float64 value once), and large float16 logits still give an exact softmax.
+    q = (300 * np.abs(rng.standard_normal((3, 64)))).astype(F16)
+    s = attnfast.scores(q, q, method="dot")
+    assert np.isinf(up(s)).any() and np.array_equal(s, ref.scores(q, q, method="dot"))
+    x = np.array([[60000, 60000, -np.inf, 1]], F16)
+    assert np.array_equal(attnfast.softmax(x), np.array([[0.5, 0.5, 0, 0]], F16))

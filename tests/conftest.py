@@ -451,6 +451,17 @@ def check_attention(q, k, v, *, dtype, what="attention", **kw):
 LAYOUTS = ["C", "F", "transposed", "negative", "every_other_row", "every_other_col"]
 
 
+def random_qkv(rng, dtypes, batch, lq, lk, d, dv=None, kv_batch=None):
+    """Standard-normal q (batch + (lq, d)), k and v (kv_batch + (lk, d / dv)) stored in ``dtypes``, a
+    (q, k, v) triple of dtypes; kv_batch defaults to batch."""
+    dq, dk, dvt = dtypes
+    kv_batch = batch if kv_batch is None else kv_batch
+    q = rng.standard_normal(batch + (lq, d)).astype(dq)
+    k = rng.standard_normal(kv_batch + (lk, d)).astype(dk)
+    v = rng.standard_normal(kv_batch + (lk, d if dv is None else dv)).astype(dvt)
+    return q, k, v
+
+
 def relayout(a, layout):
     """The same values as ``a`` stored with another memory layout (views with unusual strides)."""
     if layout == "C":

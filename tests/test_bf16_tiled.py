@@ -21,17 +21,13 @@ import numpy as np
 import pytest
 
 import attnfast
-from conftest import BFLOAT16, check_attention, relayout, up
+from conftest import BFLOAT16, check_attention, random_qkv, relayout, up
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def qkv(rng, batch, lq, lk, d, dv=None, kv_batch=None):
-    kv_batch = batch if kv_batch is None else kv_batch
-    q = rng.standard_normal(batch + (lq, d)).astype(BF16)
-    k = rng.standard_normal(kv_batch + (lk, d)).astype(BF16)
-    v = rng.standard_normal(kv_batch + (lk, d if dv is None else dv)).astype(BF16)
-    return q, k, v
+    return random_qkv(rng, (BF16, BF16, BF16), batch, lq, lk, d, dv=dv, kv_batch=kv_batch)
 
 
 # (lq, lk, d, dv): depth and value width on both sides of 16 and 32 and odd; keys leaving partial tiles of

@@ -20,8 +20,8 @@ from attnfast import _inputs
 from attnfast import reference as ref
 from conftest import (BFLOAT16, FLOAT16, SIXTEEN_BIT, assert_close_fixed, assert_close_to_reference,
                       check_attention, method_weights, naive16_aggregate, naive16_scores, naive16_softmax,
-                      naive_scores, naive_softmax, relayout, rounded_to, scores_magnitude, sum_magnitude, up,
-                      weights64)
+                      naive_scores, naive_softmax, random_qkv, relayout, rounded_to, scores_magnitude,
+                      sum_magnitude, up, weights64)
 
 F16, BF16 = FLOAT16, BFLOAT16
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -46,12 +46,7 @@ def result_of(mix):
 
 
 def qkv16(rng, mix, batch, lq, lk, d, dv=None, kv_batch=None):
-    dq, dk, dv_ = MIXES[mix]
-    kv_batch = batch if kv_batch is None else kv_batch
-    q = rng.standard_normal(batch + (lq, d)).astype(dq)
-    k = rng.standard_normal(kv_batch + (lk, d)).astype(dk)
-    v = rng.standard_normal(kv_batch + (lk, d if dv is None else dv)).astype(dv_)
-    return q, k, v
+    return random_qkv(rng, MIXES[mix], batch, lq, lk, d, dv=dv, kv_batch=kv_batch)
 
 
 # --------------------------------------------------------------------------

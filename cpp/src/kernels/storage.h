@@ -6,6 +6,7 @@
 // including target's V.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "attnfast/params.h"
@@ -26,12 +27,17 @@ inline V load_as(const S* p) {
   }
 }
 
+// A partial vector of 16-bit values (a row's tail) goes through a buffer of one vector, for every target:
+// no x86 target has a 16-bit masked load that SIMDe emulates without touching the masked lanes' memory,
+// and a tail is converted once per row.
 template <class V, class S>
 inline V load_partial_as(const S* p, int n) {
   if constexpr (kSameType<S, typename V::Scalar>) {
     return V::load_partial(p, n);
   } else {
-    return load_partial_converted(p, n);
+    S lanes[V::kLanes] = {};
+    std::memcpy(lanes, p, sizeof(S) * n);
+    return load_converted(lanes);
   }
 }
 
@@ -49,7 +55,9 @@ inline void store_partial_as(V x, S* p, int n) {
   if constexpr (kSameType<S, typename V::Scalar>) {
     x.store_partial(p, n);
   } else {
-    store_partial_converted(x, p, n);
+    S lanes[V::kLanes];
+    store_converted(x, lanes);
+    std::memcpy(p, lanes, sizeof(S) * n);
   }
 }
 

@@ -160,7 +160,8 @@ inline double reduce_max(VD a) {
 }
 
 // 16-bit storage (float lanes only): 16 values per vector, widened on load with AVX-512 and narrowed
-// on store as two 8-lane halves (half_f16c.h). Tails go through a buffer, as the emulated build's do.
+// on store as two 8-lane halves (half_f16c.h). Partial vectors go through a buffer (kernels/storage.h),
+// as the emulated build's do.
 inline VF load_converted(const bfloat16_bits* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
 }
@@ -176,18 +177,6 @@ inline void store_converted(VF x, float16_bits* p) {
   __m128i* out = reinterpret_cast<__m128i*>(p);
   _mm_storeu_si128(out, float_to_float16x8(_mm512_castps512_ps256(x.v)));
   _mm_storeu_si128(out + 1, float_to_float16x8(upper_half(x)));
-}
-template <class H>
-inline VF load_partial_converted(const H* p, int n) {
-  H lanes[16] = {};
-  std::memcpy(lanes, p, sizeof(H) * n);
-  return load_converted(lanes);
-}
-template <class H>
-inline void store_partial_converted(VF x, H* p, int n) {
-  H lanes[16];
-  store_converted(x, lanes);
-  std::memcpy(p, lanes, sizeof(H) * n);
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -407,3 +407,22 @@ def test_fma_peak_of_a_half_run_is_the_float32_one(half_run):
     _, text, report = half_run
     assert report["probes"]["fma_dtype"] == "float32"
     assert "(float32 FMA)" in text
+
+
+def test_a_stage_the_library_has_no_runner_for_is_skipped_as_such_not_as_a_dtype(monkeypatch):
+    from attnfast.bench.cases import StageCase
+    from attnfast.bench.runner import BenchConfig, run_benchmark
+
+    class NoFloat16(peers.Impl):
+        name, label = "jax", "no-float16 peer"
+
+        def dtype_unsupported(self, dtype):
+            return f"no {np.dtype(dtype).name} here"
+
+    monkeypatch.setattr(peers, "all_impls", lambda threads=None, dtype=None: [NoFloat16()])
+    cases = [StageCase("softmax", 2, 8, 8, 4), AttentionCase(1, 1, 4, 4, 4)]
+    report = run_benchmark(BenchConfig(cases=cases, dtype="float16", threads=1, quick=True,
+                                       measure_memory=False, progress=False))
+    stage_row, attention_row = (res["rows"][0] for res in report["results"])
+    assert (stage_row["skipped"], stage_row["unsupported"]) == ("stage not benchmarked for this library", False)
+    assert (attention_row["skipped"], attention_row["unsupported"]) == ("no float16 here", True)

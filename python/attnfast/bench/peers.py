@@ -121,9 +121,13 @@ class Impl:
         """
         return None
 
+    def runs(self, case) -> bool:
+        """Whether the benchmark has a runner of this implementation for the kind of ``case``."""
+        return self.stages or not isinstance(case, StageCase)
+
     def skip_reason(self, case, dtype: np.dtype, causal: bool) -> Optional[str]:
         """Why this implementation cannot run ``case`` (None when it can)."""
-        if isinstance(case, StageCase) and not self.stages:
+        if not self.runs(case):
             return "stage not benchmarked for this library"
         return self.dtype_unsupported(dtype)
 
@@ -408,9 +412,7 @@ class OnnxRuntimeImpl(Impl):
         return self._threads
 
     def skip_reason(self, case, dtype, causal):
-        if isinstance(case, StageCase):
-            return super().skip_reason(case, dtype, causal)
-        reason = self.dtype_unsupported(dtype)
+        reason = super().skip_reason(case, dtype, causal)
         if reason:
             return reason
         if causal and case.Lq != case.Lk:

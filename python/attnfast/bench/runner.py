@@ -183,7 +183,7 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
         row = rows.setdefault(impl.name, {"impl": impl.name, "label": impl.label_for(case, dtype),
                                           "skipped": None, "unsupported": False,
                                           "note": impl.input_note(case, inputs)})
-        unsupported = impl.dtype_unsupported(dtype)
+        unsupported = impl.dtype_unsupported(dtype) if impl.runs(case) else None
         if unsupported:
             row["skipped"], row["unsupported"] = unsupported, True
             continue

@@ -40,7 +40,8 @@ def exact(message):
         np.ones((2, 3), dtype=np.uint8),
         np.ones((2, 3), dtype=bool),
         np.ones((2, 3), dtype=np.complex128),
-        np.ones((2, 3), dtype=np.float16),
+        np.ones((2, 3), dtype=np.int8),
+        np.ones((2, 3), dtype=np.complex64),
         np.ones((2, 3), dtype=object),
         np.full((2, 3), "a"),
     ],
@@ -49,7 +50,9 @@ def exact(message):
 def test_non_float_q_is_type_error(rng, bad):
     k = arr(rng, 4, 3)
     msg = (f"attnfast computes in float32 or float64; q has dtype {bad.dtype}. "
-           f"Convert it with q.astype(np.float32) (or np.float64).")
+           f"Convert it with q.astype(np.float32) (or np.float64). It also takes float16 and "
+           f"ml_dtypes.bfloat16 arrays as they are (computed in float32): the accepted dtypes are float64, "
+           f"float32, float16 or ml_dtypes.bfloat16.")
     with pytest.raises(TypeError, match=exact(msg)):
         ref.scores(bad, k)
     with pytest.raises(TypeError, match=exact(msg)):
@@ -69,8 +72,8 @@ def test_softmax_aggregate_merge_dtypes(rng):
         ref.softmax(np.arange(3))
     with pytest.raises(TypeError, match=exact("weights has dtype complex128")):
         ref.aggregate(np.ones((2, 3), complex), arr(rng, 3, 2))
-    with pytest.raises(TypeError, match=exact("lses[1] has dtype float16")):
-        ref.merge_states([arr(rng, 2, 3)] * 2, [arr(rng, 2), np.zeros(2, np.float16)])
+    with pytest.raises(TypeError, match=exact("lses[1] has dtype int16")):
+        ref.merge_states([arr(rng, 2, 3)] * 2, [arr(rng, 2), np.zeros(2, np.int16)])
 
 
 def test_mixed_float_dtypes_promote(rng):
@@ -417,8 +420,11 @@ def test_bad_out(batch_qkv):
            "Allocate it with np.empty((2, 4, 3, 6), dtype=np.float64).")
     with pytest.raises(ValueError, match=exact(msg)):
         ref.attention(q, k, v, out=np.empty((2, 4, 3, 5)))
-    with pytest.raises(TypeError, match=exact("out has dtype float32 but the result has dtype float64")):
-        ref.attention(q, k, v, out=np.empty((2, 4, 3, 6), np.float32))
+    msg = ("out has dtype int64 but the result has dtype float64 (the promoted dtype of q, k, v), and out= "
+           "must have one of the dtypes float64, float32, float16 or ml_dtypes.bfloat16 (the result is rounded "
+           "once into it). Allocate out with dtype=np.float64.")
+    with pytest.raises(TypeError, match=exact(msg)):
+        ref.attention(q, k, v, out=np.empty((2, 4, 3, 6), np.int64))
     read_only = np.zeros((2, 4, 3, 6))
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match=exact("out is read-only")):
@@ -484,7 +490,7 @@ _K = np.ones((2, 3, 6, 8), np.float32)
 _BAD_CALLS = {
     "int q": ("attention", (np.ones((4, 8), int), _K[0, 0], _K[0, 0]), {}),
     "complex k": ("scores", (_F, np.ones((2, 3, 6, 8), complex)), {}),
-    "float16 v": ("attention", (_F, _K, np.ones((2, 3, 6, 8), np.float16)), {}),
+    "int8 v": ("attention", (_F, _K, np.ones((2, 3, 6, 8), np.int8)), {}),
     "object x": ("softmax", (np.ones((2, 3), object),), {}),
     "1-D q": ("attention", (np.ones(8, np.float32), _K, _K), {}),
     "D mismatch": ("attention", (_F, np.ones((2, 3, 6, 7), np.float32), _K), {}),
@@ -504,7 +510,7 @@ _BAD_CALLS = {
     "w shape": ("scores", (_F, _K), {"method": "general", "w": np.ones((8, 7))}),
     "unused weight": ("attention", (_F, _K, _K), {"w": np.ones((8, 8))}),
     "out shape": ("attention", (_F, _K, _K), {"out": np.empty((2, 3, 4, 7), np.float32)}),
-    "out dtype": ("attention", (_F, _K, _K), {"out": np.empty((2, 3, 4, 8), np.float64)}),
+    "out dtype": ("attention", (_F, _K, _K), {"out": np.empty((2, 3, 4, 8), np.int32)}),
     "out read-only": ("attention", (_F, _K, _K), {"out": np.broadcast_to(np.float32(0), (2, 3, 4, 8))}),
     "softmax axis": ("softmax", (_F,), {"axis": 4}),
     "aggregate Lk": ("aggregate", (np.ones((4, 6), np.float32), np.ones((5, 2), np.float32)), {}),

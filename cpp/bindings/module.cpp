@@ -59,14 +59,62 @@ struct Layouts {
   }
 };
 
-// Dtype tests by equivalence (PyArray_EquivTypes: type and byte order), not descriptor identity: an
-// array may carry an equal but distinct float32 descriptor (e.g. one converted from '>f4').
-template <class T>
-void require_dtype(const py::array& a, const char* name) {
-  if (!py::isinstance<py::array_t<T>>(a)) throw py::type_error(std::string(name) + ": internal dtype mismatch");
+// ---- Storage types ---------------------------------------------------------------------------
+// The one place NumPy dtypes meet the kernel tables. Dtype tests are by equivalence (PyArray_EquivTypes:
+// type and byte order), not descriptor identity: an array may carry an equal but distinct float32
+// descriptor (e.g. one converted from '>f4'). bfloat16 is ml_dtypes' dtype (a dependency of the
+// package), looked up on first use.
+enum class Storage { f64, f32, f16, bf16, unsupported };
+
+const py::dtype& bfloat16_dtype() {
+  static const py::dtype* const dt =
+      new py::dtype(py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16")));  // kept for the process' life
+  return *dt;
 }
 
-bool is_f32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
+Storage storage_of(const py::dtype& dt) {
+  if (dt.equal(py::dtype::of<float>())) return Storage::f32;
+  if (dt.equal(py::dtype::of<double>())) return Storage::f64;
+  if (dt.equal(py::dtype("float16"))) return Storage::f16;
+  if (dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bfloat16_dtype())) return Storage::bf16;
+  return Storage::unsupported;
+}
+Storage storage_of(const py::array& a) { return storage_of(a.dtype()); }
+
+template <class S>
+constexpr Storage storage_tag() {
+  if constexpr (std::is_same<S, double>::value) return Storage::f64;
+  if constexpr (std::is_same<S, float>::value) return Storage::f32;
+  if constexpr (std::is_same<S, attnfast::float16_bits>::value) return Storage::f16;
+  return Storage::bf16;
+}
+
+template <class S, class T>
+struct Types {
+  using Stored = S;
+  using Compute = T;
+};
+
+// Calls f(Types<S, T>{}) for the storage type of `a` and its compute type (double for double, float for
+// the others). The Python layer only passes the dtypes the contract allows; anything else is an
+// internal error, reported as such.
+template <class F>
+void with_storage(const py::array& a, const char* name, F&& f) {
+  switch (storage_of(a)) {
+    case Storage::f64: return f(Types<double, double>{});
+    case Storage::f32: return f(Types<float, float>{});
+    case Storage::f16: return f(Types<attnfast::float16_bits, float>{});
+    case Storage::bf16: return f(Types<attnfast::bfloat16_bits, float>{});
+    case Storage::unsupported: break;
+  }
+  throw py::type_error(std::string(name) + ": internal dtype mismatch (unsupported storage type " +
+                       std::string(py::str(a.dtype())) + ")");
+}
+
+template <class T>
+void require_dtype(const py::array& a, const char* name) {
+  if (storage_of(a) != storage_tag<T>()) throw py::type_error(std::string(name) + ": internal dtype mismatch");
+}
 
 void check_status(int status) {
   if (status != 0) throw std::bad_alloc();
@@ -75,33 +123,51 @@ void check_status(int status) {
 const attnfast::TargetKernels& kernels() { return attnfast::active_kernels(); }
 
 // Calls one kernel on a filled params struct without the GIL (gil.h); a failed scratch allocation
-// becomes MemoryError.
+// becomes MemoryError. A table entry the target does not provide is an internal error.
 template <class Kernel, class Params>
 void run_kernel(Kernel kernel, const Params& p) {
+  if (!kernel) throw py::type_error("internal dtype mismatch: no kernel for this storage type");
   check_status(attnfast::bindings::call_without_gil([&] { return kernel(p); }));
 }
 
-template <class T>
+// A result operand in the storage type S or the compute type T: fills `stored` or `wide`.
+template <class S, class T>
+void set_result(Layouts& L, py::array& out, const Shape& batch, const char* name, bool need_unit_columns,
+                Operand<S>* stored, Operand<T>* wide) {
+  if (storage_of(out) == storage_tag<S>()) {
+    *stored = L.make<S>(out, batch, 2, name, need_unit_columns);
+  } else if (storage_of(out) == storage_tag<T>()) {
+    *wide = L.make<T>(out, batch, 2, name, need_unit_columns);
+  } else {
+    throw py::type_error(std::string(name) + ": internal dtype mismatch");
+  }
+}
+
+template <class S, class T>
 void run_scores_dot(const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
   if (out.size() == 0) return;  // nothing to compute: no per-item offset tables for a huge empty batch
+  require_dtype<S>(k, "k");
   Layouts L;
-  attnfast::ScoresDotParams<T> p;
-  p.q = L.make<const T>(q, batch, 2, "q", true);
-  p.k = L.make<const T>(k, batch, 2, "k", true);
-  p.out = L.make<T>(out, batch, 2, "out", true);
+  attnfast::ScoresDotParams<S, T> p;
+  p.q = L.make<const S>(q, batch, 2, "q", true);
+  p.k = L.make<const S>(k, batch, 2, "k", true);
+  set_result(L, out, batch, "out", true, &p.out, &p.out_wide);
   p.batch = attnfast::bindings::checked_product(batch, "batch");
   p.lq = q.shape(q.ndim() - 2);
   p.lk = k.shape(k.ndim() - 2);
   p.depth = q.shape(q.ndim() - 1);
   p.scale = static_cast<T>(scale);
   p.num_threads = attnfast::get_num_threads();
-  run_kernel(attnfast::table_for<T>(kernels()).scores_dot, p);
+  run_kernel(attnfast::table_for<S, T>(kernels()).scores_dot, p);
 }
 
 template <class T>
 void run_scores_additive(const py::array& qp, const py::array& kp, const py::array& v_a, py::array& out,
                          const Shape& batch, double scale) {
   if (out.size() == 0) return;
+  require_dtype<T>(kp, "kp");
+  require_dtype<T>(v_a, "v_a");
+  require_dtype<T>(out, "out");
   Layouts L;
   attnfast::ScoresAdditiveParams<T> p;
   p.qp = L.make<const T>(qp, batch, 2, "qp", true);
@@ -116,39 +182,40 @@ void run_scores_additive(const py::array& qp, const py::array& kp, const py::arr
   p.hidden = qp.shape(qp.ndim() - 1);
   p.scale = static_cast<T>(scale);
   p.num_threads = attnfast::get_num_threads();
-  run_kernel(attnfast::table_for<T>(kernels()).scores_additive, p);
+  run_kernel(attnfast::table_for<T, T>(kernels()).scores_additive, p);
 }
 
-template <class T>
+template <class S, class T>
 void run_softmax(const py::array& x, const py::object& mask, py::array& out) {
   if (out.size() == 0) return;
   Layouts L;
   Shape batch(x.shape(), x.shape() + x.ndim() - 2);
-  attnfast::SoftmaxParams<T> p;
-  p.x = L.make<const T>(x, batch, 2, "x", false);
-  p.out = L.make<T>(out, batch, 2, "out", false);
+  attnfast::SoftmaxParams<S, T> p;
+  p.x = L.make<const S>(x, batch, 2, "x", false);
+  set_result(L, out, batch, "out", false, &p.out, &p.out_wide);
   if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), batch, 2, "mask", false);
   p.batch = attnfast::bindings::checked_product(batch, "batch");
   p.rows = x.shape(x.ndim() - 2);
   p.n = x.shape(x.ndim() - 1);
   p.num_threads = attnfast::get_num_threads();
-  run_kernel(attnfast::table_for<T>(kernels()).softmax, p);
+  run_kernel(attnfast::table_for<S, T>(kernels()).softmax, p);
 }
 
-template <class T>
+template <class S, class T>
 void run_aggregate(const py::array& w, const py::array& v, py::array& out, const Shape& batch) {
   if (out.size() == 0) return;
+  require_dtype<S>(v, "v");
   Layouts L;
-  attnfast::AggregateParams<T> p;
-  p.weights = L.make<const T>(w, batch, 2, "weights", true);
-  p.v = L.make<const T>(v, batch, 2, "v", true);
-  p.out = L.make<T>(out, batch, 2, "out", true);
+  attnfast::AggregateParams<S, T> p;
+  p.weights = L.make<const S>(w, batch, 2, "weights", true);
+  p.v = L.make<const S>(v, batch, 2, "v", true);
+  set_result(L, out, batch, "out", true, &p.out, &p.out_wide);
   p.batch = attnfast::bindings::checked_product(batch, "batch");
   p.lq = w.shape(w.ndim() - 2);
   p.lk = w.shape(w.ndim() - 1);
   p.dv = v.shape(v.ndim() - 1);
   p.num_threads = attnfast::get_num_threads();
-  run_kernel(attnfast::table_for<T>(kernels()).aggregate, p);
+  run_kernel(attnfast::table_for<S, T>(kernels()).aggregate, p);
 }
 
 struct AttentionCall {
@@ -159,7 +226,7 @@ struct AttentionCall {
   int64_t diagonal_offset, window_left, window_right;
 };
 
-template <class T>
+template <class S, class T>
 void run_attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                    const AttentionCall& c, const py::object& mask, const py::object& bias,
                    const py::object& kv_lengths, const py::object& lse, const py::object& weights,
@@ -169,12 +236,19 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   const bool no_lse = lse.is_none() || py::cast<py::array>(lse).size() == 0;
   const bool no_weights = weights.is_none() || py::cast<py::array>(weights).size() == 0;
   if (out.size() == 0 && no_lse && no_weights) return;
+  require_dtype<S>(k, "k");
+  require_dtype<S>(v, "v");
   Layouts L;
-  attnfast::AttentionParams<T> p;
-  p.q = L.make<const T>(q, c.batch, 2, "q", true);
-  p.k = L.make<const T>(k, c.kv_batch, 2, "k", true);
-  p.v = L.make<const T>(v, c.kv_batch, 2, "v", true);
-  p.out = L.make<T>(out, c.batch, 2, "out", true);
+  attnfast::AttentionParams<S, T> p;
+  if (storage_of(q) == storage_tag<S>()) {
+    p.q = L.make<const S>(q, c.batch, 2, "q", true);
+  } else {
+    require_dtype<T>(q, "q");
+    p.q_wide = L.make<const T>(q, c.batch, 2, "q", true);
+  }
+  p.k = L.make<const S>(k, c.kv_batch, 2, "k", true);
+  p.v = L.make<const S>(v, c.kv_batch, 2, "v", true);
+  set_result(L, out, c.batch, "out", true, &p.out, &p.out_wide);
   p.batch = attnfast::bindings::checked_product(c.batch, "batch");
   p.group = c.group;
   p.lq = q.shape(q.ndim() - 2);
@@ -187,7 +261,10 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   p.window_left = c.window_left;
   p.window_right = c.window_right;
   if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
-  if (!bias.is_none()) p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
+  if (!bias.is_none()) {
+    require_dtype<T>(py::cast<py::array>(bias), "bias");
+    p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
+  }
   py::array_t<int64_t> lengths;
   if (!kv_lengths.is_none()) {
     lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
@@ -204,7 +281,10 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
     for (int64_t b = 0; b < p.batch; ++b) lse_offsets[static_cast<size_t>(b)] = b * p.lq;
     p.lse_batch_offset_elements = lse_offsets.data();
   }
-  if (!weights.is_none()) p.weights = L.make<T>(py::cast<py::array>(weights), c.batch, 2, "weights", true);
+  if (!weights.is_none()) {
+    require_dtype<T>(py::cast<py::array>(weights), "weights");
+    p.weights = L.make<T>(py::cast<py::array>(weights), c.batch, 2, "weights", true);
+  }
   py::array v_a_arr;
   if (!v_a.is_none()) {
     v_a_arr = py::cast<py::array>(v_a);
@@ -214,7 +294,7 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
     p.v_a = static_cast<const T*>(v_a_arr.data());
   }
   p.num_threads = attnfast::get_num_threads();
-  run_kernel(attnfast::table_for<T>(kernels()).attention, p);
+  run_kernel(attnfast::table_for<S, T>(kernels()).attention, p);
 }
 
 // ---- The plain-call fast path -------------------------------------------------------------------
@@ -271,7 +351,7 @@ bool fits_one_array(const Shape& shape, int64_t itemsize) {
   return true;
 }
 
-template <class T>
+template <class S, class T>
 py::object run_plain_attention(const py::array& q, const py::array& k, const py::array& v, py::handle out,
                                double scale, bool causal, bool bottom_right) {
   const py::ssize_t nd = q.ndim();
@@ -280,8 +360,8 @@ py::object run_plain_attention(const py::array& q, const py::array& k, const py:
   py::array result;
   if (out.is_none()) {
     // A result NumPy cannot make is the Python path's error to raise, with the shapes that caused it.
-    if (!fits_one_array(result_shape, sizeof(T))) return py::none();
-    result = py::array_t<T>(result_shape);
+    if (!fits_one_array(result_shape, sizeof(S))) return py::none();
+    result = py::array(q.dtype(), result_shape);
   } else {
     if (!is_exact_ndarray(out)) return py::none();
     result = py::reinterpret_borrow<py::array>(out);
@@ -299,7 +379,7 @@ py::object run_plain_attention(const py::array& q, const py::array& k, const py:
   const Shape batch(q.shape(), q.shape() + nd - 2);
   const int64_t lq = q.shape(nd - 2), lk = k.shape(nd - 2);
   const AttentionCall c{batch, batch, 1, scale, causal, bottom_right ? lk - lq : 0, -1, -1};
-  run_attention<T>(q, k, v, result, c, py::none(), py::none(), py::none(), py::none(), py::none(), py::none());
+  run_attention<S, T>(q, k, v, result, c, py::none(), py::none(), py::none(), py::none(), py::none(), py::none());
   return std::move(result);
 }
 
@@ -308,9 +388,10 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   if (!is_exact_ndarray(qh) || !is_exact_ndarray(kh) || !is_exact_ndarray(vh)) return py::none();
   const auto q = py::reinterpret_borrow<py::array>(qh), k = py::reinterpret_borrow<py::array>(kh),
              v = py::reinterpret_borrow<py::array>(vh);
-  const bool f32 = q.dtype().is(py::dtype::of<float>());
-  if (!f32 && !q.dtype().is(py::dtype::of<double>())) return py::none();
+  const Storage storage = storage_of(q);
+  if (storage == Storage::unsupported) return py::none();
   if (!k.dtype().is(q.dtype()) || !v.dtype().is(q.dtype())) return py::none();
+  const bool f32 = storage != Storage::f64;  // computed in float32
   const py::ssize_t nd = q.ndim();
   if (nd < 2 || k.ndim() != nd || v.ndim() != nd) return py::none();
   for (py::ssize_t i = 0; i < nd - 2; ++i)
@@ -333,8 +414,12 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   }
   const bool is_causal = causal.ptr() == Py_True;
   const bool bottom_right = PyUnicode_CompareWithASCIIString(causal_align.ptr(), "bottom_right") == 0;
-  if (f32) return run_plain_attention<float>(q, k, v, out, c, is_causal, bottom_right);
-  return run_plain_attention<double>(q, k, v, out, c, is_causal, bottom_right);
+  py::object result;
+  with_storage(q, "q", [&](auto types) {
+    using Ty = decltype(types);
+    result = run_plain_attention<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, c, is_causal, bottom_right);
+  });
+  return result;
 }
 
 template <class Seconds>
@@ -353,21 +438,30 @@ PYBIND11_MODULE(_attnfast, m) {
   py::module_::import("atexit").attr("register")(py::cpp_function(&attnfast::bindings::close_exit_gate));
 
   m.def("scores_dot", [](const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
-    if (is_f32(q)) return run_scores_dot<float>(q, k, out, batch, scale);
-    run_scores_dot<double>(q, k, out, batch, scale);
+    with_storage(q, "q", [&](auto types) {
+      using Ty = decltype(types);
+      run_scores_dot<typename Ty::Stored, typename Ty::Compute>(q, k, out, batch, scale);
+    });
   });
   m.def("scores_additive", [](const py::array& qp, const py::array& kp, const py::array& v_a, py::array& out,
                               const Shape& batch, double scale) {
-    if (is_f32(qp)) return run_scores_additive<float>(qp, kp, v_a, out, batch, scale);
-    run_scores_additive<double>(qp, kp, v_a, out, batch, scale);
+    switch (storage_of(qp)) {
+      case Storage::f32: return run_scores_additive<float>(qp, kp, v_a, out, batch, scale);
+      case Storage::f64: return run_scores_additive<double>(qp, kp, v_a, out, batch, scale);
+      default: throw py::type_error("qp: internal dtype mismatch (additive scores take projections in float32 or float64)");
+    }
   });
   m.def("softmax", [](const py::array& x, const py::object& mask, py::array& out) {
-    if (is_f32(x)) return run_softmax<float>(x, mask, out);
-    run_softmax<double>(x, mask, out);
+    with_storage(x, "x", [&](auto types) {
+      using Ty = decltype(types);
+      run_softmax<typename Ty::Stored, typename Ty::Compute>(x, mask, out);
+    });
   });
   m.def("aggregate", [](const py::array& w, const py::array& v, py::array& out, const Shape& batch) {
-    if (is_f32(w)) return run_aggregate<float>(w, v, out, batch);
-    run_aggregate<double>(w, v, out, batch);
+    with_storage(w, "weights", [&](auto types) {
+      using Ty = decltype(types);
+      run_aggregate<typename Ty::Stored, typename Ty::Compute>(w, v, out, batch);
+    });
   });
   m.def(
       "attention",
@@ -376,8 +470,12 @@ PYBIND11_MODULE(_attnfast, m) {
          const py::object& kv_lengths, bool causal, int64_t diagonal_offset, int64_t window_left,
          int64_t window_right, const py::object& lse, const py::object& weights, const py::object& v_a) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
-        if (is_f32(q)) return run_attention<float>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights, v_a);
-        run_attention<double>(q, k, v, out, c, mask, bias, kv_lengths, lse, weights, v_a);
+        // Keyed by the storage of K and V, which the kernels read in place.
+        with_storage(k, "k", [&](auto types) {
+          using Ty = decltype(types);
+          run_attention<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, c, mask, bias, kv_lengths, lse,
+                                                                   weights, v_a);
+        });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"), py::arg("kv_batch"),
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
@@ -387,6 +485,7 @@ PYBIND11_MODULE(_attnfast, m) {
   m.def("plain_attention", &plain_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("method"), py::arg("scale"), py::arg("causal"), py::arg("causal_align"));
 
+  m.def("storage_types", [] { return std::vector<std::string>{"float64", "float32", "float16", "bfloat16"}; });
   m.def("isa", [] { return std::string(attnfast::active_kernels().name); });
   m.def("usable_isas", &attnfast::usable_targets);
   m.def("compiled_isas", &attnfast::compiled_targets);
@@ -406,7 +505,7 @@ PYBIND11_MODULE(_attnfast, m) {
       "probe_fma_peak",
       [](double seconds) {
         // Best of repeated short runs of pure FMA chains on all kernel threads; GFLOP/s (float32).
-        const auto fn = attnfast::active_kernels().fma_chains;
+        const auto fn = attnfast::active_probes().fma_chains;
         const int threads = attnfast::get_num_threads();
         return attnfast::bindings::call_without_gil([&] {
           double best = 0, spent = 0;
@@ -428,7 +527,7 @@ PYBIND11_MODULE(_attnfast, m) {
         // Best of repeated vectorised reads of an nbytes buffer on all kernel threads; GB/s.
         const int64_t n = nbytes / 4 > 64 ? nbytes / 4 : 64;
         std::vector<float> buffer(static_cast<size_t>(n), 1.0f);
-        const auto fn = attnfast::active_kernels().read_sum;
+        const auto fn = attnfast::active_probes().read_sum;
         const int threads = attnfast::get_num_threads();
         return attnfast::bindings::call_without_gil([&] {
           double best = 0, spent = 0;

@@ -17,6 +17,7 @@ namespace {
 struct Target {
   const char* name;
   TargetKernels (*make)();
+  TargetProbes (*make_probes)();
   bool (*supported)();
 };
 
@@ -45,12 +46,12 @@ bool always() { return true; }
 const std::vector<Target>& all_targets() {
   static const std::vector<Target> targets = {
 #if defined(ATTNFAST_HAVE_AVX512)
-      {"avx512", &avx512::kernels, &cpu_has_avx512},
+      {"avx512", &avx512::kernels, &avx512::probes, &cpu_has_avx512},
 #endif
 #if defined(ATTNFAST_HAVE_AVX2)
-      {"avx2", &avx2::kernels, &cpu_has_avx2},
+      {"avx2", &avx2::kernels, &avx2::probes, &cpu_has_avx2},
 #endif
-      {"scalar", &scalar::kernels, &always},
+      {"scalar", &scalar::kernels, &scalar::probes, &always},
   };
   return targets;
 }
@@ -70,6 +71,7 @@ std::string normalized_target_name(const char* text) {
 
 struct State {
   TargetKernels active{};
+  TargetProbes probes{};
   std::string problem;
 };
 
@@ -99,6 +101,7 @@ State& state() {
       }
     }
     init.active = chosen->make();
+    init.probes = chosen->make_probes();
     return init;
   }();
   return s;
@@ -125,6 +128,7 @@ std::vector<std::string> compiled_targets() {
 }
 
 const TargetKernels& active_kernels() { return state().active; }
+const TargetProbes& active_probes() { return state().probes; }
 
 bool set_active_target(const std::string& name) {
   const std::string wanted = normalized_target_name(name.c_str());
@@ -132,6 +136,7 @@ bool set_active_target(const std::string& name) {
     if (wanted == t.name && t.supported()) {
       std::lock_guard<std::mutex> lock(switch_mutex());
       state().active = t.make();
+      state().probes = t.make_probes();
       return true;
     }
   return false;

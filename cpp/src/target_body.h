@@ -1,6 +1,7 @@
 // The body of every SIMD target: instantiates all kernel templates with the target's vector type and
-// tile shapes. Included by target_<name>.cpp after it defines ATTNFAST_TARGET_NS, the vector wrapper
-// template `Vec<T>`, and `struct Tiles` (microkernel shapes sized to the target's register file).
+// tile shapes, one table per (storage, compute) pair. Included by target_<name>.cpp after it defines
+// ATTNFAST_TARGET_NS, the vector wrapper template `Vec<T>`, and `struct Tiles` (microkernel shapes sized
+// to the target's register file).
 #pragma once
 #include "attnfast/kernels.h"
 #include "kernels/attention.h"
@@ -12,22 +13,24 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-template <class T>
-KernelTable<T> make_table() {
+template <class S, class T>
+KernelTable<S, T> make_table() {
   using V = Vec<T>;
-  KernelTable<T> t;
-  t.scores_dot = &scores_dot_impl<V, Tiles::kGemmMR, Tiles::kGemmNRV>;
-  t.scores_additive = &scores_additive_impl<V>;
-  t.softmax = &softmax_impl<V>;
-  t.aggregate = &aggregate_impl<V, Tiles::kGemmMR, Tiles::kGemmNRV>;
-  t.attention = &attention_impl<V, Tiles::kAttnMR, Tiles::kAttnNRV>;
+  KernelTable<S, T> t;
+  t.scores_dot = &scores_dot_impl<V, S, Tiles::kGemmMR, Tiles::kGemmNRV>;
+  if constexpr (kSameType<S, T>) t.scores_additive = &scores_additive_impl<V>;
+  t.softmax = &softmax_impl<V, S>;
+  t.aggregate = &aggregate_impl<V, S, Tiles::kGemmMR, Tiles::kGemmNRV>;
+  t.attention = &attention_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV>;
   return t;
 }
 
 TargetKernels kernels() {
-  return TargetKernels{ATTNFAST_TARGET_NAME, make_table<float>(), make_table<double>(), &fma_chains,
-                       &read_sum};
+  return TargetKernels{ATTNFAST_TARGET_NAME, make_table<double, double>(), make_table<float, float>(),
+                       make_table<float16_bits, float>(), make_table<bfloat16_bits, float>()};
 }
+
+TargetProbes probes() { return TargetProbes{&fma_chains, &read_sum}; }
 
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

@@ -2,6 +2,14 @@
 
 Every function here has the same signature, errors and semantics as its twin in
 :mod:`attnfast.reference`; the tests hold the two together.
+
+Storage and computation dtypes: the compiled core reads arrays stored in a dtype S (float64, float32,
+float16 or bfloat16) and computes in T = float64 for S = float64, else float32. Each kernel takes the
+operands it streams (k and v; the stage kernels' inputs) in one S, q in S or T, writes its result in S or
+T, and takes everything else (bias, lse, weights, v_a, projections) in T. This module converts what does
+not fit exactly (e.g. k bfloat16 with v float16: both to float32; a float64 q with a bfloat16 cache: the
+cache to float64) and rounds a result the kernel cannot write (a float16 out= of a bfloat16 attention)
+once, from T.
 """
 
 from __future__ import annotations
@@ -12,6 +20,32 @@ from . import _attnfast as _core
 from . import _inputs
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
+
+
+def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype):
+    """``x`` and ``y`` in one storage dtype whose kernels compute in ``compute``: as given when they
+    already are, else both converted (exactly) to ``compute``."""
+    if x.dtype == y.dtype and _inputs.compute_dtype(x.dtype) == compute:
+        return x, y
+    return x.astype(compute), y.astype(compute)
+
+
+def _storage_or_compute(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.ndarray:
+    """``x`` as given when its dtype is ``storage`` or ``compute`` (what the kernels take for q), else
+    converted to ``compute``."""
+    return x if x.dtype == storage or x.dtype == compute else x.astype(compute)
+
+
+def _finished(result: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A result computed in the computation dtype, rounded once into the result ``dtype``."""
+    return result if result.dtype == dtype else _inputs.round_to(result, dtype)
+
+
+def _copy_rounded(target: np.ndarray, result: np.ndarray) -> None:
+    """Copy ``result`` into ``target`` (any storage dtype and byte order), rounding once."""
+    if result.dtype != target.dtype.newbyteorder("="):
+        result = _inputs.round_to(result, target.dtype.newbyteorder("="))
+    np.copyto(target, result, casting="unsafe")
 
 
 def _kernel_layout(a: np.ndarray, unit_last_axis: bool = False) -> np.ndarray:
@@ -72,27 +106,36 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     """
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)
-    out = np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)
-    if out.size == 0:
+    shape = a.batch_shape + (a.lq, a.lk)
+    if 0 in shape:
         # O(1) whatever the (broadcast) batch: no projection, no kernel, no per-item table.
-        return out
+        return np.empty(shape, a.dtype)
     batch = list(a.batch_shape)
-    if a.method in ("dot", "scaled_dot", "general"):
-        qq = _projected(a.q, a.w) if a.method == "general" else _unit_last_axis(a.q)
-        _core.scores_dot(qq, _unit_last_axis(a.k), out, batch, a.scale)
+    t = a.compute
+    if a.method in ("dot", "scaled_dot"):
+        # q and k in one storage dtype: the result dtype is then that one or t, both of which the kernel writes.
+        qq, kk = _one_storage(a.q, a.k, t)
+        out = np.empty(shape, a.dtype)
+        _core.scores_dot(_unit_last_axis(qq), _unit_last_axis(kk), out, batch, a.scale)
+        return out
+    # The projected methods compute in t from q and k converted to t, and round once at the end.
+    q_t, k_t = a.q.astype(t, copy=False), a.k.astype(t, copy=False)
+    out = np.empty(shape, t)
+    if a.method == "general":
+        _core.scores_dot(_projected(q_t, a.w), _unit_last_axis(k_t), out, batch, a.scale)
     elif a.method == "concat":
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
-        q_term = _projected(a.q, a.w_q)[..., :, None]
-        k_term = _projected(a.k, a.w_k)[..., None, :]
+        q_term = _projected(q_t, a.w_q)[..., :, None]
+        k_term = _projected(k_t, a.w_k)[..., None, :]
         np.add(q_term, k_term, out=out)
         out += a.score_bias
         if a.scale != 1.0:
-            out *= a.dtype.type(a.scale)
+            out *= t.type(a.scale)
     else:
-        qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
-        kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
+        qp = (q_t if a.w_q is None else _projected(q_t, a.w_q.T)) + a.score_bias
+        kp = _unit_last_axis(k_t) if a.w_k is None else _projected(k_t, a.w_k.T)
         _core.scores_additive(qp, kp, _unit_last_axis(a.v_a), out, batch, a.scale)
-    return out
+    return _finished(out, a.dtype)
 
 
 def softmax(x, axis=-1, *, mask=None):
@@ -124,7 +167,9 @@ def aggregate(weights, v):
     out = np.empty(a.batch_shape + (a.lq, a.dv), a.dtype)
     if out.size == 0:
         return out
-    _core.aggregate(_unit_last_axis(a.weights), _unit_last_axis(a.v), out, list(a.batch_shape))
+    # weights and v in one storage dtype: the result dtype is then that one or the computation dtype.
+    weights, v = _one_storage(a.weights, a.v, a.compute)
+    _core.aggregate(_unit_last_axis(weights), _unit_last_axis(v), out, list(a.batch_shape))
     return out
 
 
@@ -133,21 +178,33 @@ def _score_operands(a):
 
     general folds W into q once; concat becomes a 2-feature dot product
     [scale (w_q.q_i + b), scale] . [1, w_k.k_j]; additive hands over the projected queries (bias
-    included) and keys, and the kernel evaluates v_a . tanh(qp_i + kp_j) tile by tile.
+    included) and keys, and the kernel evaluates v_a . tanh(qp_i + kp_j) tile by tile. Projections are
+    computed in the computation dtype from q and k converted to it; unprojected operands stay as stored.
     """
+    t = a.compute
     if a.method in ("dot", "scaled_dot"):
-        return _unit_last_axis(a.q), _unit_last_axis(a.k), a.scale, None
+        return a.q, a.k, a.scale, None
     if a.method == "general":
-        return _projected(a.q, a.w), _unit_last_axis(a.k), a.scale, None
+        return _projected(a.q.astype(t, copy=False), a.w), a.k, a.scale, None
     if a.method == "concat":
-        q_term = (_projected(a.q, a.w_q) + a.score_bias) * a.dtype.type(a.scale)
+        q_term = (_projected(a.q.astype(t, copy=False), a.w_q) + a.score_bias) * t.type(a.scale)
         qq = np.stack([q_term, np.full_like(q_term, a.scale)], axis=-1)
-        k_term = _projected(a.k, a.w_k)
+        k_term = _projected(a.k.astype(t, copy=False), a.w_k)
         kk = np.stack([np.ones_like(k_term), k_term], axis=-1)
         return qq, kk, 1.0, None
-    qp = (a.q if a.w_q is None else _projected(a.q, a.w_q.T)) + a.score_bias
-    kp = _unit_last_axis(a.k) if a.w_k is None else _projected(a.k, a.w_k.T)
-    return _unit_last_axis(qp), kp, a.scale, _unit_last_axis(a.v_a)
+    qp = (a.q.astype(t, copy=False) if a.w_q is None else _projected(a.q.astype(t, copy=False), a.w_q.T)) \
+        + a.score_bias
+    kp = a.k if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    return qp, kp, a.scale, _unit_last_axis(a.v_a)
+
+
+def _kernel_operands(a):
+    """q, k, v, scale and v_a as the fused kernel takes them: k and v in one storage dtype S, q in S
+    or the computation dtype (see the module docstring), each with an aligned unit-stride last axis."""
+    qq, kk, kernel_scale, v_a = _score_operands(a)
+    kk, vv = _one_storage(kk, a.v, a.compute)
+    qq = _storage_or_compute(qq, kk.dtype, a.compute)
+    return _unit_last_axis(qq), _unit_last_axis(kk), _unit_last_axis(vv), kernel_scale, v_a
 
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
@@ -175,7 +232,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     full = batch + (a.lq, a.lk)
     if _inputs.nothing_to_compute(a):
         return _inputs.result_without_scores(a)
-    qq, kk, kernel_scale, v_a = _score_operands(a)
+    qq, kk, vv, kernel_scale, v_a = _kernel_operands(a)
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
     lengths = None
@@ -183,27 +240,37 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64)
         if not lengths.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
             lengths = lengths.copy()
-    vv = _unit_last_axis(a.v)
 
-    # Write straight into the caller's out= only when it is safe: native dtype, aligned unit last axis,
-    # no overlap with anything the kernel reads while it writes (NumPy's ufuncs are overlap-safe, and so
-    # is this: an overlapping out= gets the result through a temporary), and no second pass that could
-    # still fail after out was written.
+    # The kernel writes its result in the storage dtype of k and v or in the computation dtype. The
+    # result dtype is always one of them; an out= of another dtype gets the result computed in the
+    # computation dtype and rounded into it once.
+    t = a.compute
     target = a.out
+    if target is None:
+        work = a.dtype
+    else:
+        work = target.dtype if target.dtype == kk.dtype or target.dtype == t else t
+    # Write straight into the caller's out= only when it is safe: native dtype the kernel writes, aligned
+    # unit last axis, no overlap with anything the kernel reads while it writes (NumPy's ufuncs are
+    # overlap-safe, and so is this: an overlapping out= gets the result through a temporary), and no
+    # second pass that could still fail after out was written.
     operands = (qq, kk, vv, mask_view, bias_view, lengths, v_a)
-    direct = (target is not None and not a.return_weights and target.dtype == a.dtype
+    direct = (target is not None and not a.return_weights and target.dtype == work
               and target.flags.aligned and (a.dv <= 1 or target.strides[-1] == target.itemsize)
               and not _overlaps_itself(target)
               and not any(x is not None and np.may_share_memory(target, x) for x in operands))
-    result = target if direct else np.empty(batch + (a.lq, a.dv), a.dtype)
-    lse = np.empty(batch + (a.lq,), a.dtype) if a.return_lse else None
-    weights = np.empty(full, a.dtype) if a.return_weights else None
+    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    # lse and weights are made in the computation dtype; lse's is already lse_dtype(a.dtype).
+    lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
+    weights = np.empty(full, t) if a.return_weights else None
     _core.attention(qq, kk, vv, result, list(batch), list(a.kv_batch_shape), a.group,
                     kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
                     a.window_right, lse, weights, v_a)
     if target is not None and not direct:
-        np.copyto(target, result)
+        _copy_rounded(target, result)
         result = target
+    if weights is not None:
+        weights = _finished(weights, a.dtype)
     extras = [x for x in (lse, weights) if x is not None]
     return (result, *extras) if extras else result
 
@@ -232,8 +299,10 @@ def merge_states(outs, lses):
     max score is +inf).
     """
     a = _inputs.check_merge_states(outs, lses)
-    # Elementwise and memory-bound: NumPy in the parts' own dtype is as fast as a kernel would be.
-    s = np.stack(a.lses)
+    # Elementwise and memory-bound: NumPy in the computation dtype (the parts' own for float32/float64;
+    # float32 for 16-bit parts, rounded once at the end) is as fast as a kernel would be.
+    t = a.compute
+    s = np.stack([x.astype(t, copy=False) for x in a.lses])
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m = np.max(s, axis=0)
         saturated = m == np.inf
@@ -243,10 +312,10 @@ def merge_states(outs, lses):
         lse = np.where(saturated, np.inf, shift + np.log(total)).astype(s.dtype, copy=False)
         factor = e / np.where(total == 0, 1, total)
         # Select, never multiply, an empty part away: its out may hold anything.
-        terms = (np.where(empty[..., None], 0, f[..., None] * part)
+        terms = (np.where(empty[..., None], 0, f[..., None] * part.astype(t, copy=False))
                  for part, f, empty in zip(a.outs, factor, s == -np.inf))
         merged = _pairwise_sum(terms)
-    return merged.astype(a.dtype, copy=False), lse.astype(a.dtype, copy=False)
+    return _finished(merged.astype(t, copy=False), a.dtype), lse.astype(a.lse_dtype, copy=False)
 
 
 def _pairwise_sum(terms):

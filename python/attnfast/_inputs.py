@@ -12,9 +12,16 @@ Policy
 * Arrays go through :func:`numpy.asarray`; an array whose dtype already
   matches is never copied (views, negative strides and Fortran order are kept:
   deciding whether a contiguous copy is worth it is the kernel's business).
-* q/k/v/x/weights/v/outs/lses must be float32 or float64; mixed inputs promote
-  like NumPy (``np.result_type``).  Anything else is a ``TypeError``.  Any
-  byte order is accepted: a non-native one (``'>f4'``) is converted once.
+* q/k/v/x/weights/v/outs/lses must be float64, float32, float16 or
+  ``ml_dtypes.bfloat16`` (the storage dtypes).  The result dtype is NumPy's
+  promotion of them, except float16 + bfloat16, which NumPy refuses and
+  attnfast defines as float32 (:func:`result_dtype`, the one rule used
+  everywhere); the computation dtype is float64 when the result is, else
+  float32 (:func:`compute_dtype`).  float32/float64 inputs are converted to
+  the result dtype; 16-bit ones are kept as given (converted exactly where
+  they are computed with), so a 16-bit KV cache is never copied.  Anything
+  else is a ``TypeError``.  Any byte order is accepted: a non-native one
+  (``'>f4'``) is converted once.
 * Every layout NumPy can make is accepted (zero, negative, unaligned or
   non-multiple strides); the fast path copies only what its kernels need.
 * Integer parameters (window sides, kv_lengths) must fit int64, else a
@@ -24,7 +31,9 @@ Policy
 * Shapes that broadcast to a result (or score-shaped operand) larger than one
   NumPy array can hold are a ``ValueError`` saying so, not a shape mismatch.
 * Method weights and ``bias`` are converted to the computation dtype (they may
-  be float32/float64, integer or float16: those convert exactly or harmlessly).
+  be any storage dtype or integer: those convert exactly or harmlessly).
+* A torch.Tensor of dtype bfloat16, which NumPy cannot wrap, is a
+  ``TypeError`` that says how to pass it (duck-typed: torch is never imported).
 * Shapes and values: ``ValueError``; kinds and dtypes: ``TypeError``.  Every
   message names the argument, shows what was received and what was expected,
   and says how to fix it.
@@ -37,6 +46,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -53,6 +63,11 @@ __all__ = [
     "check_aggregate",
     "check_attention",
     "check_merge_states",
+    "result_dtype",
+    "compute_dtype",
+    "lse_dtype",
+    "round_to",
+    "STORAGE_DTYPES",
 ]
 
 METHODS = ("dot", "scaled_dot", "general", "concat", "additive")
@@ -76,8 +91,14 @@ _WEIGHT_USERS = {
     "v_a": "method='additive'",
 }
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT64 = np.dtype(np.float64)
 _FLOAT32 = np.dtype(np.float32)
+_FLOAT16 = np.dtype(np.float16)
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# The dtypes arrays may be stored in (widest first); the kernels compute in float32 or float64.
+STORAGE_DTYPES = (_FLOAT64, _FLOAT32, _FLOAT16, _BFLOAT16)
+_SIXTEEN_BIT = (_FLOAT16, _BFLOAT16)
+_ACCEPTED = "float64, float32, float16 or ml_dtypes.bfloat16"
 # The smallest magnitude that rounds to inf in float32: FLT_MAX plus half an ulp (a tie rounds to the
 # even neighbour, and FLT_MAX's significand is odd). Exact in float64.
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
@@ -96,14 +117,17 @@ Shape = Tuple[int, ...]
 class ScoresArgs:
     """Validated arguments of ``scores``.
 
-    ``q``: (..., Lq, D) and ``k``: (..., Lk, Dk) in ``dtype``, not broadcast.
-    Weights a method does not use are None.  ``score_bias`` is a 0-d array for
-    ``concat`` and an (A,) array for ``additive``.
+    ``q``: (..., Lq, D) and ``k``: (..., Lk, Dk), not broadcast, each in
+    ``dtype`` (the result dtype) or its own 16-bit dtype.  Weights a method
+    does not use are None; the others are in ``compute`` (float32 or
+    float64).  ``score_bias`` is a 0-d array for ``concat`` and an (A,)
+    array for ``additive``.
     """
 
     q: np.ndarray
     k: np.ndarray
     dtype: np.dtype
+    compute: np.dtype
     batch_shape: Shape
     lq: int
     lk: int
@@ -131,15 +155,18 @@ class SoftmaxArgs:
     axis: int
     mask: Optional[np.ndarray]
     dtype: np.dtype
+    compute: np.dtype
 
 
 @dataclass(eq=False)
 class AggregateArgs:
-    """Validated arguments of ``aggregate``: weights (..., Lq, Lk), v (..., Lk, Dv)."""
+    """Validated arguments of ``aggregate``: weights (..., Lq, Lk), v (..., Lk, Dv), each in ``dtype``
+    (the result dtype) or its own 16-bit dtype."""
 
     weights: np.ndarray
     v: np.ndarray
     dtype: np.dtype
+    compute: np.dtype
     batch_shape: Shape
     lq: int
     lk: int
@@ -152,7 +179,9 @@ class AttentionArgs:
 
     Shapes (none of the arrays is broadcast or copied beyond dtype promotion):
 
-    * ``q``: (..., Lq, D), ``k``: (..., Lk, Dk), ``v``: (..., Lk, Dv);
+    * ``q``: (..., Lq, D), ``k``: (..., Lk, Dk), ``v``: (..., Lk, Dv), each
+      in ``dtype`` (the result dtype) or its own 16-bit dtype; method
+      weights and ``bias`` in ``compute`` (float32 or float64);
     * ``batch_shape``: the output's batch shape, so out is
       ``batch_shape + (lq, dv)``;
     * ``kv_batch_shape``: the batch shape k and v broadcast to (same as
@@ -172,6 +201,7 @@ class AttentionArgs:
     k: np.ndarray
     v: np.ndarray
     dtype: np.dtype
+    compute: np.dtype
     method: str
     scale: float
     w: Optional[np.ndarray]
@@ -205,13 +235,71 @@ class MergeArgs:
     """Validated arguments of ``merge_states``.
 
     ``outs``: list of arrays of one shape (..., Lq, Dv); ``lses``: list of the
-    same length of arrays of shape (..., Lq); all in ``dtype``.
+    same length of arrays of shape (..., Lq); each in ``dtype`` (the merged
+    out's dtype) or its own 16-bit dtype.  The merged lse has ``lse_dtype``;
+    both are computed in ``compute``.
     """
 
     outs: list
     lses: list
     dtype: np.dtype
+    lse_dtype: np.dtype
+    compute: np.dtype
     shape: Shape
+
+
+# --------------------------------------------------------------------------
+# Dtypes: the storage/compute contract
+# --------------------------------------------------------------------------
+
+
+def result_dtype(*dtypes: Any) -> np.dtype:
+    """The result dtype of inputs of these storage dtypes: NumPy's promotion (``np.result_type``, with
+    ml_dtypes' rules for bfloat16), except float16 + bfloat16, which ml_dtypes refuses (neither holds the
+    other) and attnfast defines as float32, the narrowest dtype that holds both exactly."""
+    kinds = {np.dtype(d) for d in dtypes}
+    if _FLOAT16 in kinds and _BFLOAT16 in kinds:
+        kinds = (kinds - {_FLOAT16, _BFLOAT16}) | {_FLOAT32}
+    return np.result_type(*kinds)
+
+
+def compute_dtype(result: np.dtype) -> np.dtype:
+    """The dtype the kernels compute a result of dtype ``result`` in: float64 for float64, else float32
+    (16-bit values are converted exactly on load and rounded once, on the final store)."""
+    return _FLOAT64 if result == _FLOAT64 else _FLOAT32
+
+
+def lse_dtype(result: np.dtype) -> np.dtype:
+    """The dtype of ``lse`` next to a result of dtype ``result``: float32 for a 16-bit result (a 16-bit
+    lse would lose the precision merge_states needs: exp(lse_i - lse) amplifies its error), else the
+    result's."""
+    return _FLOAT32 if result in _SIXTEEN_BIT else np.dtype(result)
+
+
+def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` rounded to nearest-even into ``dtype``, once.
+
+    ``astype`` does that for every pair but float64 -> bfloat16, which ml_dtypes performs through float32
+    (1 + 2^-8 + 2^-30 becomes 1, not 1 + 2^-7: two roundings). For that pair the float32 step rounds to
+    odd instead (truncate, then set the last bit when inexact): with 16 more bits than bfloat16 it keeps
+    every tie and sticky bit the final rounding needs, which then is exact RNE.
+    """
+    dtype = np.dtype(dtype)
+    if dtype != _BFLOAT16 or x.dtype != _FLOAT64:
+        return x.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x.astype(_FLOAT32)
+        too_far = np.abs(y.astype(_FLOAT64)) > np.abs(x)  # rounded away from zero: step back
+        y = np.where(too_far, np.nextafter(y, np.float32(0)), y)
+        inexact = y.astype(_FLOAT64) != x
+    bits = y.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(_FLOAT32).astype(_BFLOAT16)
+
+
+def dtype_expr(dtype: np.dtype) -> str:
+    """How to spell ``dtype`` in Python: ``np.float32``, ``ml_dtypes.bfloat16``."""
+    dtype = np.dtype(dtype)
+    return "ml_dtypes.bfloat16" if dtype == _BFLOAT16 else f"np.{dtype.name}"
 
 
 # --------------------------------------------------------------------------
@@ -224,10 +312,23 @@ def _fmt(shape: Sequence[int]) -> str:
     return str(tuple(int(s) for s in shape))
 
 
+def _reject_torch_bfloat16(name: str, x: Any) -> None:
+    """TypeError for a torch.Tensor of dtype bfloat16, which NumPy cannot wrap (np.asarray raises, or
+    with other versions makes an object array); recognised by duck typing so that torch is never
+    imported."""
+    if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        raise TypeError(
+            f"{name} is a torch.Tensor of dtype torch.bfloat16, which NumPy cannot wrap. Pass "
+            f"{name}.view(torch.int16).numpy().view(ml_dtypes.bfloat16) (the same memory, no copy; call "
+            f".detach().cpu() first for a tensor on a GPU or one that requires grad)."
+        )
+
+
 def _asarray(name: str, x: Any) -> np.ndarray:
     """``np.asarray`` that names the argument when the input is ragged."""
     if x is None:
         raise TypeError(f"{name} is required; got None. Pass a NumPy array.")
+    _reject_torch_bfloat16(name, x)
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as exc:
@@ -255,16 +356,26 @@ def _native(a: np.ndarray) -> np.ndarray:
 
 
 def _float_array(name: str, x: Any) -> np.ndarray:
-    """Return ``x`` as a native float32/float64 array, or raise ``TypeError``."""
+    """Return ``x`` as a native array of a storage dtype (float64/32/16, bfloat16), or raise ``TypeError``."""
     a = _asarray(name, x)
-    if a.dtype not in _FLOAT_DTYPES and a.dtype.kind == "f" and not a.dtype.isnative:
+    # bfloat16 has kind 'V' (it is not a NumPy float), so membership is by dtype equality, never by kind.
+    if a.dtype not in STORAGE_DTYPES and a.dtype.kind == "f" and not a.dtype.isnative:
         a = _native(a)
-    if a.dtype not in _FLOAT_DTYPES:
+    if a.dtype not in STORAGE_DTYPES:
         raise TypeError(
             f"attnfast computes in float32 or float64; {name} has dtype {a.dtype}. "
-            f"Convert it with {_conversion_hint(name, x, 'np.float32')} (or np.float64)."
+            f"Convert it with {_conversion_hint(name, x, 'np.float32')} (or np.float64). It also takes "
+            f"float16 and ml_dtypes.bfloat16 arrays as they are (computed in float32): the accepted dtypes "
+            f"are {_ACCEPTED}."
         )
     return a
+
+
+def _to_result(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float32/float64 input converted to the result dtype (as before 16-bit storage existed); a
+    16-bit one kept as given: its consumer converts it exactly where it computes, so a 16-bit KV cache
+    is neither copied nor widened here."""
+    return a if a.dtype in _SIXTEEN_BIT else _cast(a, dtype)
 
 
 def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -275,15 +386,16 @@ def _cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _real_array(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
     """Coerce a weight/bias to ``dtype``; accepts any real int or float dtype.
 
-    Weights do not decide the computation dtype (q/k/v do); integer or float16
-    weights convert to it exactly, so they are accepted.  bool, complex,
-    object and strings are almost certainly mistakes and raise ``TypeError``.
+    Weights do not decide the computation dtype (q/k/v do); integer, float16
+    or bfloat16 weights convert to it exactly, so they are accepted.  bool,
+    complex, object and strings are almost certainly mistakes and raise
+    ``TypeError``.
     """
     a = _asarray(name, x)
-    if a.dtype.kind not in "iuf":
+    if a.dtype.kind not in "iuf" and a.dtype != _BFLOAT16:
         raise TypeError(
             f"{name} must be a real floating-point array; got dtype {a.dtype}. "
-            f"Convert it with {_conversion_hint(name, x, 'np.' + dtype.name)}."
+            f"Convert it with {_conversion_hint(name, x, dtype_expr(dtype))}."
         )
     return _cast(a, dtype)
 
@@ -412,8 +524,9 @@ def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
         # 1/sqrt(D) keeps the variance of q.k near 1 for unit-variance inputs;
         # with D == 0 every score is 0 anyway, so any finite scale will do.
         return 1.0 / math.sqrt(d) if (method == "scaled_dot" and d > 0) else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        if isinstance(scale, np.ndarray) and scale.ndim == 0 and scale.dtype.kind in "iuf":
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(
+            scale, (int, float, np.integer, np.floating, ml_dtypes.bfloat16)):
+        if isinstance(scale, np.ndarray) and scale.ndim == 0 and (scale.dtype.kind in "iuf" or scale.dtype == _BFLOAT16):
             scale = scale.item()
         else:
             raise TypeError(f"scale must be a real number (a Python float); got {scale!r}.")
@@ -549,26 +662,28 @@ def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
     _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
     _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
     method = _check_method(method)
-    dtype = np.result_type(q, k)
-    q, k = _cast(q, dtype), _cast(k, dtype)
+    dtype = result_dtype(q.dtype, k.dtype)
+    compute = compute_dtype(dtype)
+    q, k = _to_result(q, dtype), _to_result(k, dtype)
     batch = broadcast_batch(q.shape[:-2], k.shape[:-2], names=("q", "k"))
     _check_result_size("the scores", batch + (q.shape[-2], k.shape[-2]), dtype,
                        lambda: f"q has shape {_fmt(q.shape)} and k {_fmt(k.shape)}")
     d, dk = int(q.shape[-1]), int(k.shape[-1])
     fields = _check_method_weights(
-        method, dtype, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
+        method, compute, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
     return ScoresArgs(
         q=q,
         k=k,
         dtype=dtype,
+        compute=compute,
         batch_shape=batch,
         lq=int(q.shape[-2]),
         lk=int(k.shape[-2]),
         d=d,
         dk=dk,
         method=method,
-        scale=_check_scale(scale, method, d, dtype),
+        scale=_check_scale(scale, method, d, compute),
         **fields,
     )
 
@@ -616,7 +731,7 @@ def check_softmax(x, axis=-1, mask=None):
     if mask is not None:
         mask = _check_mask(mask)
         _broadcast_to_target("mask", mask.shape, x.shape, "the shape of x")
-    return SoftmaxArgs(x=x, axis=ax, mask=mask, dtype=x.dtype)
+    return SoftmaxArgs(x=x, axis=ax, mask=mask, dtype=x.dtype, compute=compute_dtype(x.dtype))
 
 
 def check_aggregate(weights, v):
@@ -642,8 +757,8 @@ def check_aggregate(weights, v):
             f"weights has Lk={weights.shape[-1]} keys (last axis, shape {_fmt(weights.shape)}) but v has "
             f"Lk={v.shape[-2]} rows (axis -2, shape {_fmt(v.shape)}); they must be equal."
         )
-    dtype = np.result_type(weights, v)
-    weights, v = _cast(weights, dtype), _cast(v, dtype)
+    dtype = result_dtype(weights.dtype, v.dtype)
+    weights, v = _to_result(weights, dtype), _to_result(v, dtype)
     batch = broadcast_batch(weights.shape[:-2], v.shape[:-2], names=("weights", "v"))
     _check_result_size("the result", batch + (weights.shape[-2], v.shape[-1]), dtype,
                        lambda: f"weights has shape {_fmt(weights.shape)} and v {_fmt(v.shape)}")
@@ -651,6 +766,7 @@ def check_aggregate(weights, v):
         weights=weights,
         v=v,
         dtype=dtype,
+        compute=compute_dtype(dtype),
         batch_shape=batch,
         lq=int(weights.shape[-2]),
         lk=int(weights.shape[-1]),
@@ -796,13 +912,15 @@ def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
     if out.shape != tuple(shape):
         raise ValueError(
             f"out has shape {_fmt(out.shape)} but the result has shape batch_shape + (Lq, Dv) = {_fmt(shape)}. "
-            f"Allocate it with np.empty({_fmt(shape)}, dtype=np.{dtype.name})."
+            f"Allocate it with np.empty({_fmt(shape)}, dtype={dtype_expr(dtype)})."
         )
-    # Any byte order will do: the result is written through a native temporary when out's is not.
-    if out.dtype != dtype and out.dtype.newbyteorder("=") != dtype:
+    # Any storage dtype will do (the result is rounded once into it), and any byte order (the result is
+    # written through a native temporary when out's is not).
+    if out.dtype not in STORAGE_DTYPES and (out.dtype.kind != "f" or out.dtype.newbyteorder("=") not in STORAGE_DTYPES):
         raise TypeError(
-            f"out has dtype {out.dtype} but the result has dtype {dtype} (the promoted dtype of q, k, v). "
-            f"Allocate out with dtype=np.{dtype.name}."
+            f"out has dtype {out.dtype} but the result has dtype {dtype} (the promoted dtype of q, k, v), and "
+            f"out= must have one of the dtypes {_ACCEPTED} (the result is rounded once into it). "
+            f"Allocate out with dtype={dtype_expr(dtype)}."
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like(out)).")
@@ -810,17 +928,17 @@ def _check_out(out: Any, shape: Shape, dtype: np.dtype) -> np.ndarray:
 
 
 def _check_attention_sizes(q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Shape, scores_shape: Shape,
-                           dtype: np.dtype, mask: bool, bias: bool, weights: bool) -> None:
+                           dtype: np.dtype, compute: np.dtype, mask: bool, bias: bool, weights: bool) -> None:
     """Every array attention makes (the result; lse is never larger), or views with the score shape, fits
-    in one NumPy array."""
+    in one NumPy array; bias and weights are made in the computation dtype."""
     inputs = lambda: f"q has shape {_fmt(q.shape)}, k {_fmt(k.shape)} and v {_fmt(v.shape)}"  # noqa: E731
     _check_result_size("the result", batch + (scores_shape[-2], v.shape[-1]), dtype, inputs)
     if mask:
         _check_result_size("mask broadcast to the score shape", scores_shape, np.dtype(np.bool_), inputs)
     if bias:
-        _check_result_size("bias broadcast to the score shape", scores_shape, dtype, inputs)
+        _check_result_size("bias broadcast to the score shape", scores_shape, compute, inputs)
     if weights:
-        _check_result_size("weights (return_weights=True)", scores_shape, dtype, inputs)
+        _check_result_size("weights (return_weights=True)", scores_shape, compute, inputs)
 
 
 def nothing_to_compute(a: AttentionArgs) -> bool:
@@ -841,7 +959,7 @@ def result_without_scores(a: AttentionArgs):
         result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
     extras = []
     if a.return_lse:
-        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, a.dtype))
+        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, lse_dtype(a.dtype)))
     if a.return_weights:
         extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
     return (result, *extras) if extras else result
@@ -896,15 +1014,16 @@ def check_attention(
             f"k and v must have the same number of keys Lk (axis -2); got k shape {_fmt(k.shape)} "
             f"and v shape {_fmt(v.shape)}."
         )
-    dtype = np.result_type(q, k, v)
-    q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+    dtype = result_dtype(q.dtype, k.dtype, v.dtype)
+    compute = compute_dtype(dtype)
+    q, k, v = _to_result(q, dtype), _to_result(k, dtype), _to_result(v, dtype)
     lq, lk = int(q.shape[-2]), int(k.shape[-2])
     d, dk, dv = int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])
 
     kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
     batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
     fields = _check_method_weights(
-        method, dtype, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
+        method, compute, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
     scores_shape = batch + (lq, lk)
 
@@ -912,7 +1031,7 @@ def check_attention(
         mask = _check_mask(mask)
         _broadcast_to_target("mask", mask.shape, scores_shape, "the score shape batch_shape + (Lq, Lk)")
     if bias is not None:
-        bias = _real_array("bias", bias, dtype)
+        bias = _real_array("bias", bias, compute)
         _broadcast_to_target("bias", bias.shape, scores_shape, "the score shape batch_shape + (Lq, Lk)")
     if kv_lengths is not None:
         kv_lengths = _check_kv_lengths(kv_lengths, batch, lk)
@@ -924,7 +1043,8 @@ def check_attention(
     left, right = _check_window(window, lq, lk)
     return_lse = _check_bool_flag("return_lse", return_lse)
     return_weights = _check_bool_flag("return_weights", return_weights)
-    _check_attention_sizes(q, k, v, batch, scores_shape, dtype, mask is not None, bias is not None, return_weights)
+    _check_attention_sizes(q, k, v, batch, scores_shape, dtype, compute, mask is not None, bias is not None,
+                           return_weights)
     if out is not None:
         out = _check_out(out, batch + (lq, dv), dtype)
 
@@ -933,8 +1053,9 @@ def check_attention(
         k=k,
         v=v,
         dtype=dtype,
+        compute=compute,
         method=method,
-        scale=_check_scale(scale, method, d, dtype),
+        scale=_check_scale(scale, method, d, compute),
         lq=lq,
         lk=lk,
         d=d,
@@ -998,10 +1119,23 @@ def check_merge_states(outs, lses):
             raise ValueError(
                 f"lses[{i}] has shape {_fmt(s.shape)} but must have shape outs.shape[:-1] = {_fmt(shape[:-1])}."
             )
-    dtype = np.result_type(*outs, *lses)
+    dtype = _merged_dtype([o.dtype for o in outs], [s.dtype for s in lses])
     return MergeArgs(
-        outs=[_cast(o, dtype) for o in outs],
-        lses=[_cast(s, dtype) for s in lses],
+        outs=[_to_result(o, dtype) for o in outs],
+        # A 16-bit result keeps the lses as given (float32 ones are never rounded to 16 bits).
+        lses=[s if dtype in _SIXTEEN_BIT else _to_result(s, dtype) for s in lses],
         dtype=dtype,
+        lse_dtype=lse_dtype(dtype),
+        compute=compute_dtype(dtype),
         shape=tuple(shape),
     )
+
+
+def _merged_dtype(outs: Sequence[np.dtype], lses: Sequence[np.dtype]) -> np.dtype:
+    """The merged out's dtype: the promotion of the parts' outs and lses, except that lses no wider than
+    float32 leave 16-bit outs 16-bit, since attention() returns float32 lses beside 16-bit outs and the
+    merge of its parts should have the parts' dtype."""
+    of_outs = result_dtype(*outs)
+    if of_outs in _SIXTEEN_BIT and result_dtype(*lses) != _FLOAT64:
+        return of_outs
+    return result_dtype(*outs, *lses)

@@ -2,7 +2,10 @@
 
 Same signatures and the same input validation (:mod:`attnfast._inputs`) as the
 fast path, so the two raise identical errors.  Everything is computed in
-float64 with the textbook formulas and returned in the input's dtype.  This
+float64 with the textbook formulas, on the values as given (16-bit inputs are
+converted exactly), and rounded to nearest-even once into the result dtype
+(the promotion of the inputs, see :func:`attnfast._inputs.result_dtype`;
+``lse`` is float32 for a 16-bit result).  This
 module favours obviousness over speed: it materialises the full (..., Lq, Lk)
 score matrix (and, for ``method="additive"``, a (..., Lk, A) tensor per query).
 
@@ -47,7 +50,8 @@ def _swap(x: np.ndarray) -> np.ndarray:
 
 
 def _saturate(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Float64 ``x`` with the values that overflow ``dtype`` (float32) replaced by +-inf."""
+    """Float64 ``x`` with the values that overflow the computation dtype ``dtype`` (float32) replaced by
+    +-inf."""
     if np.dtype(dtype).itemsize >= 8:
         return x  # float64 arithmetic overflows by itself
     with np.errstate(invalid="ignore"):
@@ -66,14 +70,14 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     m = a.method
     if scale_first and m in ("dot", "scaled_dot", "general"):
         qq = q @ a.w.astype(_F64) if m == "general" else q
-        qq = _saturate(_saturate(qq, a.dtype) * a.scale, a.dtype)
-        return _saturate(qq @ _swap(k), a.dtype)
+        qq = _saturate(_saturate(qq, a.compute) * a.scale, a.compute)
+        return _saturate(qq @ _swap(k), a.compute)
     # scores(): (q . k) * scale, with q . k (and q W) saturated to the computation dtype as the fast
     # path's products are.
     if m in ("dot", "scaled_dot"):
-        s = _saturate(q @ _swap(k), a.dtype)
+        s = _saturate(q @ _swap(k), a.compute)
     elif m == "general":
-        s = _saturate(_saturate(q @ a.w.astype(_F64), a.dtype) @ _swap(k), a.dtype)
+        s = _saturate(_saturate(q @ a.w.astype(_F64), a.compute) @ _swap(k), a.compute)
     elif m == "concat":
         # A linear layer over [q_i; k_j] splits into a query term and a key term.
         sq = q @ a.w_q.astype(_F64)  # (..., Lq)
@@ -157,7 +161,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     if 0 in a.batch_shape or a.lq == 0 or a.lk == 0:
         return np.empty(a.batch_shape + (a.lq, a.lk), a.dtype)  # without up-casting a broadcast batch
     with np.errstate(invalid="ignore", over="ignore"):  # overflowing scores are +-inf, as in the kernels
-        return _scores64(a.q.astype(_F64), a.k.astype(_F64), a).astype(a.dtype)
+        return _inputs.round_to(_scores64(a.q.astype(_F64), a.k.astype(_F64), a), a.dtype)
 
 
 def softmax(x, axis=-1, *, mask=None):
@@ -181,7 +185,7 @@ def softmax(x, axis=-1, *, mask=None):
     if a.x.size == 0:
         return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
     weights, _ = _masked_softmax64(a.x.astype(_F64), a.mask, a.axis)
-    return weights.astype(a.dtype)
+    return _inputs.round_to(weights, a.dtype)
 
 
 def aggregate(weights, v):
@@ -199,7 +203,7 @@ def aggregate(weights, v):
     a = _inputs.check_aggregate(weights, v)
     if 0 in a.batch_shape or a.lq == 0 or a.dv == 0 or a.lk == 0:
         return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)  # an empty sum is 0
-    return (a.weights.astype(_F64) @ a.v.astype(_F64)).astype(a.dtype)
+    return _inputs.round_to(a.weights.astype(_F64) @ a.v.astype(_F64), a.dtype)
 
 
 def _visibility(a) -> np.ndarray:
@@ -232,17 +236,17 @@ def _attention_scores64(a) -> np.ndarray:
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
     with np.errstate(invalid="ignore", over="ignore"):
         if a.group == 1 or hk == 1:
-            s = _saturate(_scores64(q, k, a, scale_first=True), a.dtype)
+            s = _saturate(_scores64(q, k, a, scale_first=True), a.compute)
         else:
             # Query head h = kv_head * group + g, so splitting the head axis into
             # (Hk, group) lines each query head up with kv head h // group.
             rest = a.batch_shape[:-1]
             qg = q.reshape(rest + (hk, a.group, a.lq, a.d))
             kg = k[..., None, :, :]  # (rest, Hk, 1, Lk, Dk)
-            s = _saturate(_scores64(qg, kg, a, scale_first=True), a.dtype).reshape(a.batch_shape + (a.lq, a.lk))
+            s = _saturate(_scores64(qg, kg, a, scale_first=True), a.compute).reshape(a.batch_shape + (a.lq, a.lk))
         if a.bias is not None:
             b = a.bias.astype(_F64)
-            s = np.where(b == -np.inf, -np.inf, _saturate(s + b, a.dtype))
+            s = np.where(b == -np.inf, -np.inf, _saturate(s + b, a.compute))
     return s
 
 
@@ -371,15 +375,17 @@ def _attention_from_args_checked(a):
         o = _weighted_values64(wg, vg, vv).reshape(a.batch_shape + (a.lq, a.dv))
 
     if a.out is not None:
-        a.out[...] = o
+        # Rounded once into out's dtype, whichever of the storage dtypes it has.
+        native = a.out.dtype if a.out.dtype.isnative else a.out.dtype.newbyteorder("=")
+        np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
         result = a.out
     else:
-        result = o.astype(a.dtype)
+        result = _inputs.round_to(o, a.dtype)
     extras = []
     if a.return_lse:
-        extras.append(lse.astype(a.dtype))
+        extras.append(lse.astype(_inputs.lse_dtype(a.dtype)))
     if a.return_weights:
-        extras.append(weights.astype(a.dtype))
+        extras.append(_inputs.round_to(weights, a.dtype))
     return (result, *extras) if extras else result
 
 
@@ -422,4 +428,4 @@ def merge_states(outs, lses):
         merged = np.zeros(a.shape, _F64)
         for part, f, empty in zip(a.outs, factor, s == -np.inf):
             merged += np.where(empty[..., None], 0.0, f[..., None] * part.astype(_F64))
-    return merged.astype(a.dtype), lse.astype(a.dtype)
+    return _inputs.round_to(merged, a.dtype), lse.astype(a.lse_dtype)

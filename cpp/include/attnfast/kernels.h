@@ -10,35 +10,59 @@ namespace attnfast {
 
 // Kernels return 0 on success, 1 when scratch memory could not be allocated (nothing else can fail:
 // every argument was validated before the call).
-template <class T>
+// One table per (storage S, compute T) pair. scores_additive exists for S = T only (its operands are
+// projections the caller computes in T); a null entry is a pair the target does not provide.
+template <class S, class T = S>
 struct KernelTable {
-  int (*scores_dot)(const ScoresDotParams<T>&);
-  int (*scores_additive)(const ScoresAdditiveParams<T>&);
-  int (*softmax)(const SoftmaxParams<T>&);
-  int (*aggregate)(const AggregateParams<T>&);
-  int (*attention)(const AttentionParams<T>&);
+  int (*scores_dot)(const ScoresDotParams<S, T>&) = nullptr;
+  int (*scores_additive)(const ScoresAdditiveParams<T>&) = nullptr;
+  int (*softmax)(const SoftmaxParams<S, T>&) = nullptr;
+  int (*aggregate)(const AggregateParams<S, T>&) = nullptr;
+  int (*attention)(const AttentionParams<S, T>&) = nullptr;
 };
 
 struct TargetKernels {
   const char* name;
-  KernelTable<float> f32;
   KernelTable<double> f64;
-  // Benchmark probes (float32, see kernels/probes.h); the caller times them.
+  KernelTable<float> f32;
+  KernelTable<float16_bits, float> f16;
+  KernelTable<bfloat16_bits, float> bf16;
+};
+
+// The table of one (storage, compute) pair: the only place that maps types to tables.
+template <class S, class T>
+struct TableOf;
+template <>
+struct TableOf<double, double> {
+  static const KernelTable<double>& get(const TargetKernels& k) { return k.f64; }
+};
+template <>
+struct TableOf<float, float> {
+  static const KernelTable<float>& get(const TargetKernels& k) { return k.f32; }
+};
+template <>
+struct TableOf<float16_bits, float> {
+  static const KernelTable<float16_bits, float>& get(const TargetKernels& k) { return k.f16; }
+};
+template <>
+struct TableOf<bfloat16_bits, float> {
+  static const KernelTable<bfloat16_bits, float>& get(const TargetKernels& k) { return k.bf16; }
+};
+template <class S, class T>
+const KernelTable<S, T>& table_for(const TargetKernels& k) {
+  return TableOf<S, T>::get(k);
+}
+
+// Hardware probes for the benchmark (float32, see kernels/probes.h); not kernels: the caller times them.
+struct TargetProbes {
   double (*fma_chains)(int64_t iterations, int threads);
   float (*read_sum)(const float* data, int64_t n, int threads);
 };
 
-template <class T>
-const KernelTable<T>& table_for(const TargetKernels& k);
-template <>
-inline const KernelTable<float>& table_for<float>(const TargetKernels& k) { return k.f32; }
-template <>
-inline const KernelTable<double>& table_for<double>(const TargetKernels& k) { return k.f64; }
-
 // Each target's table, defined in cpp/src/target_<name>.cpp (only those the build compiled exist).
-namespace scalar { TargetKernels kernels(); }
-namespace avx2 { TargetKernels kernels(); }
-namespace avx512 { TargetKernels kernels(); }
+namespace scalar { TargetKernels kernels(); TargetProbes probes(); }
+namespace avx2 { TargetKernels kernels(); TargetProbes probes(); }
+namespace avx512 { TargetKernels kernels(); TargetProbes probes(); }
 
 // Targets this build contains and this CPU + OS can run, best first.
 std::vector<std::string> usable_targets();
@@ -46,6 +70,8 @@ std::vector<std::string> usable_targets();
 std::vector<std::string> compiled_targets();
 // The target in use: the best usable one, or the one forced by ATTNFAST_ISA (read once, at first use).
 const TargetKernels& active_kernels();
+// The probes of the target in use.
+const TargetProbes& active_probes();
 // Switches the target in use (tests pin every target this way); returns false if it is not usable.
 bool set_active_target(const std::string& name);
 // Value of ATTNFAST_ISA that could not be honoured ("" if none): reported as a warning by Python.

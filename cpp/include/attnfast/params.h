@@ -5,10 +5,28 @@
 //     data[batch_offset_elements[b] + r * row_stride_elements + c * col_stride_elements]
 // The per-batch offset table is how broadcasting (stride-0 batch axes), GQA (query head h reads kv head
 // h / group) and arbitrary strides reach the kernels without copies.
+//
+// Storage type and compute type are separate (as PyTorch's opmath_type): every params struct is
+// templated on S, the type the caller's data is stored in (double, float, or one of the 16-bit types
+// below), and T, the type everything is computed and accumulated in (double for double data, float
+// otherwise). Kernels convert S to T on load (exactly: every 16-bit value is a float) and round T to S
+// once, to nearest even, on the final store. Scales, running maxima and sums, lse, additive biases and
+// attention weights are in T. Results are stored in S (out) or, when the caller asked for the wider
+// type, in T (out_wide: a float32 result of bfloat16 keys and values under float32 queries); exactly one
+// has data, and for S = T only `out` is used.
 #pragma once
 #include <cstdint>
 
 namespace attnfast {
+
+// IEEE binary16 and bfloat16 (the upper half of a binary32) as their bit patterns: the C++ core only
+// moves and converts them, it never does arithmetic in them, so no compiler extension type is needed.
+struct float16_bits {
+  uint16_t bits;
+};
+struct bfloat16_bits {
+  uint16_t bits;
+};
 
 template <class T>
 struct Operand {
@@ -22,17 +40,19 @@ struct Operand {
 
 // S[b] = scale * Q[b] K[b]^T   (dot and scaled_dot; general after projecting q by W).
 // Q: (batch, lq, depth), K: (batch, lk, depth), out: (batch, lq, lk). Unit column strides.
-template <class T>
+template <class S, class T = S>
 struct ScoresDotParams {
   int64_t batch = 0, lq = 0, lk = 0, depth = 0;
-  Operand<const T> q, k;
-  Operand<T> out;
+  Operand<const S> q, k;
+  Operand<S> out;
+  Operand<T> out_wide;
   T scale = 1;
   int num_threads = 1;
 };
 
 // S[b, i, j] = scale * sum_a v_a[a] * tanh(qp[b, i, a] + kp[b, j, a])   (Bahdanau additive).
 // qp already holds W_q q_i + bias, kp holds W_k k_j; the (lq, lk, hidden) tensor is never built.
+// Compute type only: the projections are made in T by the caller.
 template <class T>
 struct ScoresAdditiveParams {
   int64_t batch = 0, lq = 0, lk = 0, hidden = 0;
@@ -45,21 +65,23 @@ struct ScoresAdditiveParams {
 
 // Row softmax over the last axis of x: (batch, rows, n). Any column stride (gathered when not 1).
 // mask (optional, bool as uint8, 1 = keep) uses the same indexing, broadcast by zero strides.
-template <class T>
+template <class S, class T = S>
 struct SoftmaxParams {
   int64_t batch = 0, rows = 0, n = 0;
-  Operand<const T> x;
+  Operand<const S> x;
   Operand<const uint8_t> mask;  // data == nullptr: no mask
-  Operand<T> out;
+  Operand<S> out;
+  Operand<T> out_wide;
   int num_threads = 1;
 };
 
 // out[b] = weights[b] @ v[b]: weights (batch, lq, lk), v (batch, lk, dv), out (batch, lq, dv).
-template <class T>
+template <class S, class T = S>
 struct AggregateParams {
   int64_t batch = 0, lq = 0, lk = 0, dv = 0;
-  Operand<const T> weights, v;
-  Operand<T> out;
+  Operand<const S> weights, v;
+  Operand<S> out;
+  Operand<T> out_wide;
   int num_threads = 1;
 };
 
@@ -74,11 +96,16 @@ struct AggregateParams {
 // Scores: q.k * scale (dot; general and concat arrive here as dot products of projected features), or,
 // when v_a is set, Bahdanau's additive score scale * sum_a v_a[a] tanh(q[a] + k[a]) with q and k the
 // projected queries (bias included) and keys, depth = hidden size A. Never materialised.
-template <class T>
+//
+// K and V are read in place in their storage type S. Q is converted once per query block, so it may be
+// stored in S (q) or in T (q_wide: float32 queries over a 16-bit cache); exactly one has data.
+template <class S, class T = S>
 struct AttentionParams {
   int64_t batch = 0, group = 1, lq = 0, lk = 0, depth = 0, dv = 0;
-  Operand<const T> q, k, v;  // unit column stride
-  Operand<T> out;            // unit column stride
+  Operand<const S> q, k, v;  // unit column stride
+  Operand<const T> q_wide;   // unit column stride; instead of q
+  Operand<S> out;            // unit column stride
+  Operand<T> out_wide;       // unit column stride; instead of out
   T scale = 1;               // multiplies the score
   const T* v_a = nullptr;    // additive scores when set: (depth,), contiguous
   Operand<const uint8_t> mask;  // optional; any strides (0 = broadcast)

@@ -15,6 +15,7 @@
 
 #include "attnfast/params.h"
 #include "kernels/common.h"
+#include "kernels/storage.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -37,8 +38,8 @@ inline int64_t sub_saturated(int64_t a, int64_t b) {
 
 // Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
 // Empty ranges come back as lo == hi. Saturating arithmetic: no offset or window overflows.
-template <class T>
-inline void visible_range(const AttentionParams<T>& p, int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
+template <class Params>
+inline void visible_range(const Params& p, int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
   int64_t l = 0, h = p.lk;
   if (p.kv_lengths) h = imin(h, p.kv_lengths[b]);
   const int64_t diag = add_saturated(i, p.diagonal_offset);
@@ -89,15 +90,13 @@ inline T row_lse(T m, T l) {
   return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
 }
 
-// Final normalisation of one row: out = acc / l (0 when no key was visible). Returns the row's
-// log-sum-exp m + ln(l): -inf when no key was visible, NaN if the row had a NaN.
-template <class V, class T = typename V::Scalar>
-inline T finish_row(const T* acc, T m, T l, T* out, int64_t dv) {
+// Final normalisation of one row: out = acc / l (0 when no key was visible), rounded once to the
+// output's storage type SO. Returns the row's log-sum-exp m + ln(l): -inf when no key was visible, NaN
+// if the row had a NaN.
+template <class V, class SO, class T = typename V::Scalar>
+inline T finish_row(const T* acc, T m, T l, SO* out, int64_t dv) {
   const T inv = l > T(0) ? T(1) / l : T(0);
-  const V vinv = V::set1(inv);
-  int64_t c = 0;
-  for (; c + V::kLanes <= dv; c += V::kLanes) (V::load(acc + c) * vinv).store(out + c);
-  if (c < dv) (V::load(acc + c) * vinv).store_partial(out + c, static_cast<int>(dv - c));  // acc is padded
+  store_row_scaled<V>(acc, dv, V::set1(inv), out);
   return row_lse(m, l);
 }
 

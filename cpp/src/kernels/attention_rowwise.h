@@ -1,7 +1,9 @@
 // Fused attention, row-wise path for decode-shaped calls: few query rows per kv head (one decoder step,
 // KV-cache decode, GQA groups). Memory-bound: each K and V row is streamed once and used by every query
 // row that shares it (the `group` query heads of a kv head times Lq).
-// dtypes: float, double. ISA: the including target's V.
+// dtypes: K and V stored in S (double, float, float16, bfloat16), read in place and widened on load;
+// queries in S or T (packed once per call into qs); computed in T = V::Scalar (double for double, else
+// float); the result rounded once to its storage type. ISA: the including target's V.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
@@ -18,25 +20,27 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/stage_scores.h"
+#include "kernels/storage.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-template <class V>
+template <class V, class S>
 struct RowwiseAttention {
   using T = typename V::Scalar;
+  using Params = AttentionParams<S, T>;
   static constexpr int L = V::kLanes;
   static constexpr int64_t kMaxRows = 16;  // rows per kv item handled by this path
   static constexpr int64_t NK = 128;       // keys per tile
   static constexpr int kDvVectors = 16;    // value vectors per pass: Dv = 128 floats is one pass over V
 
-  const AttentionParams<T>& p;
+  const Params& p;
   int64_t rows;        // query rows per kv item: group * lq
   int64_t chunks;      // key chunks per kv item
   int64_t chunk_len;   // keys per chunk (a multiple of NK)
   int64_t dv_pad;
 
-  explicit RowwiseAttention(const AttentionParams<T>& params) : p(params) {
+  explicit RowwiseAttention(const Params& params) : p(params) {
     rows = p.group * p.lq;
     dv_pad = round_up(imax(p.dv, 1), L);
     const int64_t kv_items = p.batch / p.group;
@@ -48,7 +52,7 @@ struct RowwiseAttention {
     chunks = ceil_div(imax(p.lk, 1), chunk_len);
   }
 
-  static bool applies(const AttentionParams<T>& params) { return params.group * params.lq <= kMaxRows; }
+  static bool applies(const Params& params) { return params.group * params.lq <= kMaxRows; }
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(rows * p.depth) + Carver::bytes<T>(rows * NK) + Carver::bytes<T>(rows * dv_pad) +
@@ -72,30 +76,30 @@ struct RowwiseAttention {
   // stream; four keys read side by side (four streams 1 KB apart) measured ~20% slower from DRAM.
   // A depth beyond kVectorSumBlock is summed as a tree of such blocks (dot_score_tile_tree), which keeps the
   // rounding error of a long D near that of one block.
-  T dot_row(const T* q, const T* k, int64_t depth) const {
+  T dot_row(const T* q, const S* k, int64_t depth) const {
     const int64_t full = depth / L * L;
     const int tail = static_cast<int>(depth - full);
     V a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t d = 0;
     for (; d + 4 * L <= full; d += 4 * L) {
-      a0 = fmadd(V::load(q + d), V::load(k + d), a0);
-      a1 = fmadd(V::load(q + d + L), V::load(k + d + L), a1);
-      a2 = fmadd(V::load(q + d + 2 * L), V::load(k + d + 2 * L), a2);
-      a3 = fmadd(V::load(q + d + 3 * L), V::load(k + d + 3 * L), a3);
+      a0 = fmadd(V::load(q + d), load_as<V>(k + d), a0);
+      a1 = fmadd(V::load(q + d + L), load_as<V>(k + d + L), a1);
+      a2 = fmadd(V::load(q + d + 2 * L), load_as<V>(k + d + 2 * L), a2);
+      a3 = fmadd(V::load(q + d + 3 * L), load_as<V>(k + d + 3 * L), a3);
     }
-    for (; d < full; d += L) a0 = fmadd(V::load(q + d), V::load(k + d), a0);
-    if (tail) a1 = fmadd(V::load_partial(q + d, tail), V::load_partial(k + d, tail), a1);
+    for (; d < full; d += L) a0 = fmadd(V::load(q + d), load_as<V>(k + d), a0);
+    if (tail) a1 = fmadd(V::load_partial(q + d, tail), load_partial_as<V>(k + d, tail), a1);
     return reduce_add((a0 + a1) + (a2 + a3));
   }
   // dot_score_tile for depth > kVectorSumBlock. Out of line, so that the common loop's code is not
   // shaped by it.
   __attribute__((noinline)) void dot_score_tile_tree(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
-    const T* k = p.k.row(w.kv_item, j0);
+    const S* k = p.k.row(w.kv_item, j0);
     for (int64_t t = 0; t < nk; ++t)
       for (int64_t r = 0; r < rows; ++r) {
         const T* qr = w.qs + r * p.depth;
-        const T* kt = k + t * ks;
+        const S* kt = k + t * ks;
         w.s[r * NK + t] = tree_sum<T>(0, p.depth, kVectorSumBlock,
                                       [&](int64_t d, int64_t n) { return dot_row(qr + d, kt + d, n); });
       }
@@ -103,15 +107,19 @@ struct RowwiseAttention {
 
   // Scores s[r][j] (masks applied as -inf) of keys j0 .. j0+nk for every row.
   void score_tile(const Work& w, int64_t j0, int64_t nk) const {
-    if (p.v_a) {
-      const int64_t ks = p.k.row_stride_elements;
-      const T* k = p.k.row(w.kv_item, j0);
-      for (int64_t t = 0; t < nk; ++t)
-        for (int64_t r = 0; r < rows; ++r)
-          w.s[r * NK + t] = additive_score<V>(w.qs + r * p.depth, k + t * ks, w.va_scaled, p.depth);
-    } else {
-      dot_score_tile(w, j0, nk);
+    if constexpr (kSameType<S, T>) {
+      // Additive scores come with projected (compute-type) keys only.
+      if (p.v_a) {
+        const int64_t ks = p.k.row_stride_elements;
+        const T* k = p.k.row(w.kv_item, j0);
+        for (int64_t t = 0; t < nk; ++t)
+          for (int64_t r = 0; r < rows; ++r)
+            w.s[r * NK + t] = additive_score<V>(w.qs + r * p.depth, k + t * ks, w.va_scaled, p.depth);
+        apply_masks(w, j0, nk);
+        return;
+      }
     }
+    dot_score_tile(w, j0, nk);
     apply_masks(w, j0, nk);
   }
 
@@ -120,7 +128,7 @@ struct RowwiseAttention {
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
-    const T* k = p.k.row(w.kv_item, j0);
+    const S* k = p.k.row(w.kv_item, j0);
     if (p.depth > kVectorSumBlock) {
       dot_score_tile_tree(w, j0, nk);
       return;
@@ -202,7 +210,7 @@ struct RowwiseAttention {
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
-    const T* v = p.v.row(w.kv_item, j0);
+    const S* v = p.v.row(w.kv_item, j0);
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
     T* acc = w.acc + r * dv_pad;
@@ -218,17 +226,17 @@ struct RowwiseAttention {
         for (int64_t t = 0; t < nk; ++t) {
           if (kCareful && hidden[t]) continue;
           const V pt = V::set1(s[t]);
-          const T* vr = v + t * vs + c0;
+          const S* vr = v + t * vs + c0;
 #pragma GCC unroll 16
-          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, V::load(vr + u * L), V{o[u]}).v;
+          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
         }
       } else {
         for (int64_t t = 0; t < nk; ++t) {
           if (kCareful && hidden[t]) continue;
           const V pt = V::set1(s[t]);
-          const T* vr = v + t * vs + c0;
+          const S* vr = v + t * vs + c0;
           for (int u = 0; u < nvec; ++u)
-            o[u] = fmadd(pt, u == nvec - 1 ? V::load_partial(vr + u * L, last) : V::load(vr + u * L), V{o[u]}).v;
+            o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
         }
       }
       for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
@@ -241,8 +249,14 @@ struct RowwiseAttention {
       for (int64_t a = 0; a < p.depth; ++a) w.va_scaled[a] = p.v_a[a] * p.scale;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = batch_of(w, r), i = query_of(r);
-      const T* q = p.q.row(b, i);
-      for (int64_t d = 0; d < p.depth; ++d) w.qs[r * p.depth + d] = c * q[d];
+      T* qs = w.qs + r * p.depth;
+      if (p.q_wide.data) {
+        const T* q = p.q_wide.row(b, i);
+        for (int64_t d = 0; d < p.depth; ++d) qs[d] = c * q[d];
+      } else {
+        const S* q = p.q.row(b, i);
+        for (int64_t d = 0; d < p.depth; ++d) qs[d] = c * scalar_as<T>(q[d]);
+      }
       int64_t lo, hi;
       visible_range(p, b, i, &lo, &hi);
       w.lo[r] = imax(lo, w.j_begin);
@@ -321,7 +335,8 @@ struct RowwiseAttention {
   // weights pass.
   void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
-    const T lse = finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv);
+    const T lse = p.out_wide.data ? finish_row<V>(acc, m2, l, p.out_wide.row(b, i), p.dv)
+                                  : finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv);
     if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = lse;
     if (row_stats) {
       row_stats[2 * (b * p.lq + i)] = m2;

@@ -1,5 +1,10 @@
 // Fused attention, tiled path (FlashAttention-style) for blocks of many query rows.
-// dtypes: float, double (scores, exponentials and accumulators all in that precision). ISA: target's V.
+// dtypes: K and V stored in S (double, float, float16, bfloat16), queries in S or T, computed in
+// T = V::Scalar (double for double, else float): scores, exponentials and accumulators all in T.
+// ISA: target's V. 16-bit K and V are read in place from memory (half the bytes) and widened, exactly,
+// once per key tile and query block into a T tile that the microkernels then read as they read float
+// data (the widening is 1 / MB of the tile's FMAs); the query block is widened when it is packed and
+// the output rounded once to its storage type when the rows are written.
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of
 // consecutive blocks of one item: QueryRuns); a block walks the key tiles of NK keys that any of its
@@ -36,14 +41,17 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/microkernel.h"
+#include "kernels/storage.h"
 #include "kernels/transpose.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-template <class V, int MR, int NRV>
+template <class V, class S, int MR, int NRV>
 struct TiledAttention {
   using T = typename V::Scalar;
+  using Params = AttentionParams<S, T>;
+  static constexpr bool kInPlace = kSameType<S, T>;  // K and V read by the microkernels where they are
   static constexpr int L = V::kLanes;
   static constexpr int MB = 48;  // query rows per block
   static constexpr int NK = 64;  // keys per tile
@@ -52,7 +60,7 @@ struct TiledAttention {
   static_assert(MB % QNR == 0, "query block must be whole microkernel panels");
   static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
 
-  const AttentionParams<T>& p;
+  const Params& p;
   int64_t dv_rows;  // rows of O^T: value features rounded up to whole microkernel blocks
   // Blocks fetch their output rows into cache while the Q.K^T of their last key tile runs, a share per
   // microkernel call, so that write_rows' stores do not each wait on memory: (8, 8, 512, 512, 64)
@@ -64,7 +72,7 @@ struct TiledAttention {
   static constexpr int64_t kMaxOwnedOutputBytes = int64_t(16) << 10;
   bool own_output;
 
-  explicit TiledAttention(const AttentionParams<T>& params)
+  explicit TiledAttention(const Params& params)
       : p(params), dv_rows(round_up(imax(params.dv, 1), MR)),
         own_output(MB * params.dv * int64_t(sizeof(T)) <= kMaxOwnedOutputBytes) {}
 
@@ -72,7 +80,14 @@ struct TiledAttention {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(dv_rows * MB) +
            Carver::bytes<T>(p.v_a ? p.depth : 0) + Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) +
            Carver::bytes<T>(p.mask.data ? MB * NK : 0) + Carver::bytes<T>(NK * MB) +
-           3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB);
+           3 * Carver::bytes<T>(MB) + 2 * Carver::bytes<int64_t>(MB) + widened_bytes();
+  }
+  // Tiles of K, V, the query block and the output rows in T, for storage types the microkernels cannot
+  // read in place.
+  int64_t widened_bytes() const {
+    if (kInPlace) return 0;
+    return Carver::bytes<T>(NK * p.depth) + Carver::bytes<T>(NK * p.dv) + Carver::bytes<T>(QNR * p.depth) +
+           Carver::bytes<T>(MB * p.dv);
   }
 
   struct Block {
@@ -83,6 +98,7 @@ struct TiledAttention {
     T* bias_t;      // a tile of the bias or of the mask (as 0/1), key-major: S^T's layout
     T* mask_rows;   // a tile of the mask as 0/1, query-major
     T* s_raw;       // careful pass only: the tile's scores before softmax_tile turns them into P
+    T *k_tile, *v_tile, *q_rows, *out_rows;  // widened K and V tiles, query rows, output rows (!kInPlace)
     int64_t *lo, *hi;
     int64_t min_lo, max_lo, min_hi, max_hi;  // over rows that see at least one key
     int64_t warm_b = -1;   // the item whose K and V this block fetches for the thread's next run (-1: none)
@@ -97,11 +113,44 @@ struct TiledAttention {
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       T* dst = blk.qpack + panel * p.depth * QNR;
       const int64_t rows = imin(QNR, blk.mb - panel * QNR);
-      transpose_scaled(p.q.row(blk.b, blk.i_begin + panel * QNR), p.q.row_stride_elements, rows, p.depth, dst,
-                       QNR, &c, 0);
+      int64_t stride = 0;
+      const T* src = query_rows(blk, blk.i_begin + panel * QNR, rows, &stride);
+      transpose_scaled(src, stride, rows, p.depth, dst, QNR, &c, 0);
       if (rows < QNR)
         for (int64_t d = 0; d < p.depth; ++d)
           for (int64_t lane = rows; lane < QNR; ++lane) dst[d * QNR + lane] = T(0);
+    }
+  }
+
+  // Query rows [i, i + rows) of the block's item in T: in place, or widened into q_rows.
+  const T* query_rows(const Block& blk, int64_t i, int64_t rows, int64_t* stride) const {
+    if (p.q_wide.data) {
+      *stride = p.q_wide.row_stride_elements;
+      return p.q_wide.row(blk.b, i);
+    }
+    if constexpr (kInPlace) {
+      *stride = p.q.row_stride_elements;
+      return p.q.row(blk.b, i);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) widen_row<V>(p.q.row(blk.b, i + r), p.depth, blk.q_rows + r * p.depth);
+      *stride = p.depth;
+      return blk.q_rows;
+    }
+  }
+
+  // Rows [j0, j0 + nk) of K or V (`cols` features) of kv item bkv in T: in place, or widened into `tile`.
+  const T* kv_tile(const Operand<const S>& x, int64_t bkv, int64_t j0, int64_t nk, int64_t cols, T* tile,
+                   int64_t* stride) const {
+    if constexpr (kInPlace) {
+      (void)nk;
+      (void)cols;
+      (void)tile;
+      *stride = x.row_stride_elements;
+      return x.row(bkv, j0);
+    } else {
+      for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
+      *stride = cols;
+      return tile;
     }
   }
 
@@ -161,11 +210,15 @@ struct TiledAttention {
 
   // S^T[j][i] for keys j0 .. j0+nk of the block, with every mask applied (-inf).
   void score_tile(const Block& blk, int64_t j0, int64_t nk) const {
-    if (p.v_a) {
-      additive_score_tile(blk, j0, nk);
-    } else {
-      dot_score_tile(blk, j0, nk);
+    if constexpr (kInPlace) {
+      // Additive scores come with projected (compute-type) keys only.
+      if (p.v_a) {
+        additive_score_tile(blk, j0, nk);
+        apply_masks(blk, j0, nk);
+        return;
+      }
     }
+    dot_score_tile(blk, j0, nk);
     apply_masks(blk, j0, nk);
   }
 
@@ -196,13 +249,14 @@ struct TiledAttention {
 
   void dot_score_tile(const Block& blk, int64_t j0, int64_t nk) const {
     const int64_t bkv = blk.b / p.group;
-    const int64_t ks = p.k.row_stride_elements;
+    int64_t ks = 0;
+    const T* k = kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
     // Panel outer: one packed query panel (depth x QNR) stays in L1 while the tile's keys stream by.
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const T* qpanel = blk.qpack + panel * p.depth * QNR;
       for (int64_t jj = 0; jj < nk; jj += MR) {
         const T* a_rows[MR];
-        clamped_rows<T, MR>(p.k.row(bkv, j0 + jj), ks, imin(MR, nk - jj), a_rows);
+        clamped_rows<T, MR>(k + jj * ks, ks, imin(MR, nk - jj), a_rows);
         if (blk.kv_cold && panel == 0) prefetch_keys_ahead(blk, j0 + jj, imin(MR, nk - jj));
         if (blk.fetch_output && panel == 0 && j0 + nk >= blk.max_hi) {
           // In the block's last key tile, this call's share of its output rows (see own_output); written
@@ -210,8 +264,8 @@ struct TiledAttention {
           const int64_t calls = ceil_div(nk, int64_t(MR)), c = jj / MR;
           const int64_t r0 = c * blk.mb / calls, r1 = (c + 1) * blk.mb / calls;
           for (int64_t r = r0; r < r1; ++r) {
-            const char* row = reinterpret_cast<const char*>(p.out.row(blk.b, blk.i_begin + r));
-            for (int64_t o = 0; o < p.dv * int64_t(sizeof(T)); o += 64) __builtin_prefetch(row + o, 1, 2);
+            const char* row = output_row(blk.b, blk.i_begin + r);
+            for (int64_t o = 0; o < p.dv * output_element_bytes(); o += 64) __builtin_prefetch(row + o, 1, 2);
           }
         }
         if (blk.warm_b >= 0 && panel == 0) {
@@ -420,8 +474,8 @@ struct TiledAttention {
   void rescale_and_accumulate(const Block& blk, int64_t j0, int64_t nk) const {
     if (!kFirst) rescale(blk);
     const int64_t bkv = blk.b / p.group;
-    const T* v = p.v.row(bkv, j0);
-    const int64_t vs = p.v.row_stride_elements;
+    int64_t vs = 0;
+    const T* v = kv_tile(p.v, bkv, j0, nk, p.dv, blk.v_tile, &vs);
     if (kCareful && !v_tile_finite(v, vs, nk)) {
       accumulate_visible<kFirst>(blk, v, vs, nk);
       return;
@@ -499,11 +553,30 @@ struct TiledAttention {
   void write_rows(const Block& blk) const {
     T* inv = blk.alpha;  // free once the last tile is accumulated
     for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
-    transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out.row(blk.b, blk.i_begin), p.out.row_stride_elements, inv, 1);
+    if (p.out_wide.data) {
+      transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out_wide.row(blk.b, blk.i_begin),
+                             p.out_wide.row_stride_elements, inv, 1);
+    } else if constexpr (kInPlace) {
+      transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out.row(blk.b, blk.i_begin), p.out.row_stride_elements,
+                             inv, 1);
+    } else {
+      // Normalised rows in T first, then each rounded once to S.
+      transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, blk.out_rows, p.dv, inv, 1);
+      const V one = V::set1(T(1));
+      for (int64_t i = 0; i < blk.mb; ++i)
+        store_row_scaled<V>(blk.out_rows + i * p.dv, p.dv, one, p.out.row(blk.b, blk.i_begin + i));
+    }
     if (p.lse)
       for (int64_t i = 0; i < blk.mb; ++i)
         p.lse[p.lse_batch_offset_elements[blk.b] + blk.i_begin + i] = row_lse(blk.m[i], blk.l[i]);
   }
+
+  // The output row (b, i) as bytes, wherever the result is stored, and the size of one of its elements.
+  const char* output_row(int64_t b, int64_t i) const {
+    return p.out_wide.data ? reinterpret_cast<const char*>(p.out_wide.row(b, i))
+                           : reinterpret_cast<const char*>(p.out.row(b, i));
+  }
+  int64_t output_element_bytes() const { return p.out_wide.data ? int64_t(sizeof(T)) : int64_t(sizeof(S)); }
 
   // Attention weights exp(s - m) / l = exp(s - lse) of the block's rows, only when the caller asked.
   // Uses m and l separately, not lse: for huge scores (1e30) m + log(l) rounds back to m.
@@ -564,6 +637,10 @@ struct TiledAttention {
     blk.bias_t = carve.take<T>(p.bias.data || p.mask.data ? NK * MB : 0);
     blk.mask_rows = carve.take<T>(p.mask.data ? MB * NK : 0);
     blk.s_raw = carve.take<T>(NK * MB);
+    blk.k_tile = carve.take<T>(kInPlace ? 0 : NK * p.depth);
+    blk.v_tile = carve.take<T>(kInPlace ? 0 : NK * p.dv);
+    blk.q_rows = carve.take<T>(kInPlace ? 0 : QNR * p.depth);
+    blk.out_rows = carve.take<T>(kInPlace ? 0 : MB * p.dv);
     if (part) {
       blk.acc_t = part;
       blk.m = part + dv_rows * MB;
@@ -612,6 +689,16 @@ struct TiledAttention {
       for (int64_t e = 0; e < dv_rows * MB; ++e) blk.acc_t[e] = T(0);
   }
 
+  // Fetches the query rows of the block at i_begin (see run_block), wherever they are stored.
+  void prefetch_query_rows(int64_t b, int64_t i_begin) const {
+    const int64_t rows = imin(MB, p.lq - i_begin);
+    if (p.q_wide.data) {
+      prefetch_rows(p.q_wide.row(b, i_begin), p.q_wide.row_stride_elements, rows, p.depth);
+    } else {
+      prefetch_rows(p.q.row(b, i_begin), p.q.row_stride_elements, rows, p.depth);
+    }
+  }
+
   // One query block. `kv_cold`: the first block of a run of several (QueryRuns), whose K and V this
   // thread has not read yet; `next_i_begin`: the block this thread runs next in the run (-1: none),
   // whose query rows are fetched while this one computes (pack_queries reads them by transposed 8 x 8
@@ -625,7 +712,7 @@ struct TiledAttention {
     blk.warm_b = warm_b;
     blk.fetch_output = own_output;
     if (next_i_begin >= 0)
-      prefetch_rows(p.q.row(b, next_i_begin), p.q.row_stride_elements, imin(MB, p.lq - next_i_begin), p.depth);
+      prefetch_query_rows(b, next_i_begin);
     accumulate_tiles(blk);
     write_rows(blk);
     if (p.weights.data) {
@@ -736,9 +823,9 @@ struct QueryRuns {
   }
 };
 
-template <class V, int MR, int NRV>
-int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
-  using Kernel = TiledAttention<V, MR, NRV>;
+template <class V, class S, int MR, int NRV>
+int attention_tiled(const AttentionParams<S, typename V::Scalar>& p) {
+  using Kernel = TiledAttention<V, S, MR, NRV>;
   using T = typename V::Scalar;
   const Kernel kernel(p);
   const int64_t blocks = ceil_div(p.lq, int64_t(Kernel::MB));
@@ -749,7 +836,7 @@ int attention_tiled(const AttentionParams<typename V::Scalar>& p) {
   const int64_t chunk_len = round_up(ceil_div(imax(p.lk, 1), wanted), int64_t(Kernel::NK));
   const int64_t chunks = ceil_div(imax(p.lk, 1), chunk_len);
   if (chunks == 1) {
-    const QueryRuns runs(p.batch, blocks, p.num_threads, p.lk * (p.depth + p.dv) * int64_t(sizeof(T)));
+    const QueryRuns runs(p.batch, blocks, p.num_threads, p.lk * (p.depth + p.dv) * int64_t(sizeof(S)));
     parallel_for_with_next(p.num_threads, runs.tasks(p.batch), [&](int64_t task, int slot, NextTask& next) {
       const QueryRuns::Task mine = runs.task(task);
       const int64_t b = mine.b, first = mine.first, last = mine.last;

@@ -1,7 +1,10 @@
 // Stage 1 kernels: score matrices.
 //   scores_dot:      S = scale * Q K^T  (methods dot, scaled_dot, and general after Q <- Q W).
 //   scores_additive: S[i][j] = scale * sum_a v_a[a] tanh(qp[i][a] + kp[j][a])  (Bahdanau).
-// dtypes: float, double (computed and accumulated in that precision). ISA: the including target's V.
+// dtypes: scores_dot reads Q and K stored in S (double, float, float16, bfloat16) and computes in
+// T = V::Scalar (double for double, else float), widening 16-bit values on load (exact) and rounding
+// the result once to its storage type; scores_additive is T only (its operands are projections made
+// in T). ISA: the including target's V.
 // Numerics: dot products accumulate in k order with one FMA per term (a depth beyond kDepthBlock as a
 // tree of blocks: microkernel.h); the additive reduction uses tanh_approx (math.h) and accumulates
 // per-lane partial sums then a fixed-order horizontal sum, over blocks of kVectorSumBlock features
@@ -11,70 +14,116 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/microkernel.h"
+#include "kernels/storage.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-// Packs keys [j0, j0 + nr_valid) of K (row-major, unit column stride) into one B panel [depth][NR],
-// zero padding missing keys, so the microkernel reads NR consecutive keys' d-th features per step.
-template <class T, int NR>
-inline void pack_keys_panel(const T* k, int64_t k_row_stride, int64_t nr_valid, int64_t depth, T* panel) {
+// Packs keys [j0, j0 + nr_valid) of K (row-major, unit column stride) into one B panel [depth][NR] of
+// the compute type, zero padding missing keys, so the microkernel reads NR consecutive keys' d-th
+// features per step.
+template <class T, int NR, class S>
+inline void pack_keys_panel(const S* k, int64_t k_row_stride, int64_t nr_valid, int64_t depth, T* panel) {
   for (int64_t n = 0; n < NR; ++n) {
     if (n < nr_valid) {
-      const T* src = k + n * k_row_stride;
-      for (int64_t d = 0; d < depth; ++d) panel[d * NR + n] = src[d];
+      const S* src = k + n * k_row_stride;
+      for (int64_t d = 0; d < depth; ++d) panel[d * NR + n] = scalar_as<T>(src[d]);
     } else {
       for (int64_t d = 0; d < depth; ++d) panel[d * NR + n] = T(0);
     }
   }
 }
 
-// Copies the valid top-left corner of a full microkernel tile to strided output.
-template <class T>
-inline void copy_tile(const T* tile, int64_t tile_row_stride, int64_t rows, int64_t cols, T* out,
+// Copies the valid top-left corner of a full microkernel tile to strided output, rounding to its
+// storage type SO.
+template <class T, class SO>
+inline void copy_tile(const T* tile, int64_t tile_row_stride, int64_t rows, int64_t cols, SO* out,
                       int64_t out_row_stride) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) out[r * out_row_stride + c] = tile[r * tile_row_stride + c];
+    for (int64_t c = 0; c < cols; ++c) out[r * out_row_stride + c] = storage_of<SO>(tile[r * tile_row_stride + c]);
 }
 
-template <class V, int MR, int NRV>
-int scores_dot_impl(const ScoresDotParams<typename V::Scalar>& p) {
+// The A operand of a stage GEMM: MR rows of a matrix stored in S, as row pointers the microkernel
+// broadcasts from. Rows of the compute type are read in place; 16-bit rows are widened into `buffer`
+// (MR x cols) first, once per microkernel call (1 / NR of the call's FMAs).
+template <class T, int MR, class S>
+inline void a_operand_rows(const S* first, int64_t row_stride, int64_t valid_rows, int64_t cols, T* buffer,
+                           const T** a_rows) {
+  if constexpr (kSameType<S, T>) {
+    (void)cols;
+    (void)buffer;
+    clamped_rows<T, MR>(first, row_stride, valid_rows, a_rows);
+  } else {
+    for (int64_t r = 0; r < valid_rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) buffer[r * cols + c] = scalar_as<T>(first[r * row_stride + c]);
+    clamped_rows<T, MR>(buffer, cols, valid_rows, a_rows);
+  }
+}
+
+// One stage GEMM result tile (MR x NR at dst): straight from the microkernel when the tile is whole
+// and the output holds the compute type; otherwise through `tile`, copied (and rounded) to the output.
+template <class V, int MR, int NRV, bool kPartialB, class SO>
+inline void stage_gemm_tile(int64_t depth, const typename V::Scalar* const* a_rows, const typename V::Scalar* b,
+                            int64_t b_k_stride, int b_last_lanes, typename V::Scalar scale, int64_t rows,
+                            int64_t cols, SO* dst, int64_t dst_row_stride, typename V::Scalar* tile) {
   using T = typename V::Scalar;
   constexpr int NR = NRV * V::kLanes;
-  constexpr int kPanelsPerTask = 4;  // keys per task = 4 * NR: enough tasks, panel reuse across Lq
-  if (p.batch == 0 || p.lq == 0 || p.lk == 0) return kOk;
-  const int64_t col_blocks = ceil_div(p.lk, int64_t(NR) * kPanelsPerTask);
-  const int64_t tasks = p.batch * col_blocks;
-  const int64_t panel_elems = p.depth * NR;
-  ThreadScratch scratch(p.num_threads, Carver::bytes<T>(panel_elems) + Carver::bytes<T>(MR * NR));
-  if (!scratch.ok()) return kOutOfMemory;
+  if constexpr (kSameType<SO, T>) {
+    if (rows == MR && cols == NR) {
+      gemm_microkernel<V, MR, NRV, false, kPartialB, true>(depth, a_rows, 1, b, b_k_stride, b_last_lanes, dst,
+                                                          dst_row_stride, scale);
+      return;
+    }
+  }
+  gemm_microkernel<V, MR, NRV, false, kPartialB, true>(depth, a_rows, 1, b, b_k_stride, b_last_lanes, tile, NR,
+                                                      scale);
+  copy_tile(tile, NR, rows, cols, dst, dst_row_stride);
+}
 
+template <class V, class S, int MR, int NRV, class SO>
+void scores_dot_rows(const ScoresDotParams<S, typename V::Scalar>& p, const Operand<SO>& out,
+                     const ThreadScratch& scratch, int64_t task, int slot, int64_t col_blocks, int64_t keys_per_task) {
+  using T = typename V::Scalar;
+  constexpr int NR = NRV * V::kLanes;
+  Carver carve(scratch.slice(slot));
+  T* panel = carve.take<T>(p.depth * NR);
+  T* tile = carve.take<T>(MR * NR);
+  T* q_rows = carve.take<T>(kSameType<S, T> ? 0 : MR * p.depth);
+  const int64_t b = task / col_blocks;
+  const int64_t j_begin = (task % col_blocks) * keys_per_task;
+  const int64_t j_end = imin(p.lk, j_begin + keys_per_task);
+  const S* q = p.q.row(b, 0);
+  SO* o = out.row(b, 0);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += NR) {
+    const int64_t ncols = imin(NR, j_end - j0);
+    pack_keys_panel<T, NR>(p.k.row(b, j0), p.k.row_stride_elements, ncols, p.depth, panel);
+    for (int64_t i0 = 0; i0 < p.lq; i0 += MR) {
+      const int64_t nrows = imin(MR, p.lq - i0);
+      const T* a_rows[MR];
+      a_operand_rows<T, MR>(q + i0 * p.q.row_stride_elements, p.q.row_stride_elements, nrows, p.depth, q_rows,
+                            a_rows);
+      stage_gemm_tile<V, MR, NRV, false>(p.depth, a_rows, panel, NR, V::kLanes, p.scale, nrows, ncols,
+                                         o + i0 * out.row_stride_elements + j0, out.row_stride_elements, tile);
+    }
+  }
+}
+
+template <class V, class S, int MR, int NRV>
+int scores_dot_impl(const ScoresDotParams<S, typename V::Scalar>& p) {
+  using T = typename V::Scalar;
+  constexpr int NR = NRV * V::kLanes;
+  constexpr int64_t kKeysPerTask = 4 * NR;  // enough tasks, panel reuse across Lq
+  if (p.batch == 0 || p.lq == 0 || p.lk == 0) return kOk;
+  const int64_t col_blocks = ceil_div(p.lk, kKeysPerTask);
+  const int64_t tasks = p.batch * col_blocks;
+  ThreadScratch scratch(p.num_threads, Carver::bytes<T>(p.depth * NR) + Carver::bytes<T>(MR * NR) +
+                                           Carver::bytes<T>(kSameType<S, T> ? 0 : MR * p.depth));
+  if (!scratch.ok()) return kOutOfMemory;
   parallel_for(p.num_threads, tasks, [&](int64_t task, int slot) {
-    Carver carve(scratch.slice(slot));
-    T* panel = carve.take<T>(panel_elems);
-    T* tile = carve.take<T>(MR * NR);
-    const int64_t b = task / col_blocks;
-    const int64_t j_begin = (task % col_blocks) * NR * kPanelsPerTask;
-    const int64_t j_end = imin(p.lk, j_begin + int64_t(NR) * kPanelsPerTask);
-    const T* q = p.q.row(b, 0);
-    T* out = p.out.row(b, 0);
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += NR) {
-      const int64_t ncols = imin(NR, j_end - j0);
-      pack_keys_panel<T, NR>(p.k.row(b, j0), p.k.row_stride_elements, ncols, p.depth, panel);
-      for (int64_t i0 = 0; i0 < p.lq; i0 += MR) {
-        const int64_t nrows = imin(MR, p.lq - i0);
-        const T* a_rows[MR];
-        clamped_rows<T, MR>(q + i0 * p.q.row_stride_elements, p.q.row_stride_elements, nrows, a_rows);
-        T* dst = out + i0 * p.out.row_stride_elements + j0;
-        if (nrows == MR && ncols == NR) {
-          gemm_microkernel<V, MR, NRV, false, false, true>(p.depth, a_rows, 1, panel, NR, V::kLanes, dst,
-                                                          p.out.row_stride_elements, p.scale);
-        } else {
-          gemm_microkernel<V, MR, NRV, false, false, true>(p.depth, a_rows, 1, panel, NR, V::kLanes, tile, NR,
-                                                          p.scale);
-          copy_tile(tile, NR, nrows, ncols, dst, p.out.row_stride_elements);
-        }
-      }
+    if (p.out_wide.data) {
+      scores_dot_rows<V, S, MR, NRV>(p, p.out_wide, scratch, task, slot, col_blocks, kKeysPerTask);
+    } else {
+      scores_dot_rows<V, S, MR, NRV>(p, p.out, scratch, task, slot, col_blocks, kKeysPerTask);
     }
   });
   return kOk;

@@ -1,5 +1,6 @@
 // Stage 2 kernel: numerically stable softmax along the last axis of (batch, rows, n).
-// dtypes: float, double. ISA: the including target's V.
+// dtypes: x stored in S (double, float, float16, bfloat16), computed in T = V::Scalar (double for
+// double, else float), the result rounded once to its storage type. ISA: the including target's V.
 // Numerics, per row: m = max of the visible entries (masked entries count as -inf); e_j = 2^((x_j - m)
 // * log2 e) with exp2_nonpositive (math.h: 1.6 ulp float, ~2e-16 double); x_j - m is computed first so the
 // error grows with |x_j - m| (as in the naive formula), not with |x_j|: logits of 1e30 or spreads of 1e4
@@ -18,6 +19,7 @@
 #include "attnfast/params.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
+#include "kernels/storage.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -108,43 +110,61 @@ inline void softmax_row_contiguous(const typename V::Scalar* x, typename V::Scal
   if (tail) (V::load_partial(y + n_full, tail) * inv).store_partial(y + n_full, tail);
 }
 
-template <class V>
-int softmax_impl(const SoftmaxParams<typename V::Scalar>& p) {
+// Rows of x (stored in S) to rows of out (stored in SO). A contiguous row of the compute type is done in
+// place; any other row (strided, masked, or 16-bit on either side) is gathered into `buffer` in T,
+// computed there and written back, rounded once to SO.
+template <class V, class S, class SO>
+void softmax_rows(const SoftmaxParams<S, typename V::Scalar>& p, const Operand<SO>& out, typename V::Scalar* buffer,
+                  int64_t r0, int64_t r1) {
   using T = typename V::Scalar;
-  if (p.batch == 0 || p.rows == 0 || p.n == 0) return kOk;
-  const int64_t total_rows = p.batch * p.rows;
-  const bool x_unit = p.x.col_stride_elements == 1;
-  const bool out_unit = p.out.col_stride_elements == 1;
+  const int64_t xs = p.x.col_stride_elements, ys = out.col_stride_elements;
   const bool has_mask = p.mask.data != nullptr;
-  const bool need_buffer = !x_unit || !out_unit || has_mask;
-  ThreadScratch scratch(p.num_threads, need_buffer ? Carver::bytes<T>(p.n) : 64);
-  if (!scratch.ok()) return kOutOfMemory;
-  // Rows are independent; chunks of rows keep the scheduling cost negligible for short rows.
-  const int64_t rows_per_task = imax(1, 4096 / imax(p.n, 1));
-
-  parallel_for(p.num_threads, ceil_div(total_rows, rows_per_task), [&](int64_t task, int slot) {
-    T* buffer = reinterpret_cast<T*>(scratch.slice(slot));
-    const int64_t r0 = task * rows_per_task;
-    const int64_t r1 = imin(total_rows, r0 + rows_per_task);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / p.rows, i = r % p.rows;
-      const T* x = p.x.row(b, i);
-      T* y = p.out.row(b, i);
-      if (!need_buffer) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.rows, i = r % p.rows;
+    const S* x = p.x.row(b, i);
+    SO* y = out.row(b, i);
+    if constexpr (kSameType<S, T> && kSameType<SO, T>) {
+      if (xs == 1 && ys == 1 && !has_mask) {
         softmax_row_contiguous<V>(x, y, p.n);
         continue;
       }
-      const int64_t xs = p.x.col_stride_elements;
-      for (int64_t j = 0; j < p.n; ++j) buffer[j] = x[j * xs];
-      if (has_mask) {
-        const uint8_t* mk = p.mask.row(b, i);
-        const int64_t ms = p.mask.col_stride_elements;
-        for (int64_t j = 0; j < p.n; ++j)
-          if (!mk[j * ms]) buffer[j] = neg_inf<T>();
-      }
-      softmax_row_contiguous<V>(buffer, buffer, p.n);
-      const int64_t ys = p.out.col_stride_elements;
-      for (int64_t j = 0; j < p.n; ++j) y[j * ys] = buffer[j];
+    }
+    if (xs == 1) {
+      widen_row<V>(x, p.n, buffer);
+    } else {
+      for (int64_t j = 0; j < p.n; ++j) buffer[j] = scalar_as<T>(x[j * xs]);
+    }
+    if (has_mask) {
+      const uint8_t* mk = p.mask.row(b, i);
+      const int64_t ms = p.mask.col_stride_elements;
+      for (int64_t j = 0; j < p.n; ++j)
+        if (!mk[j * ms]) buffer[j] = neg_inf<T>();
+    }
+    softmax_row_contiguous<V>(buffer, buffer, p.n);
+    if (ys == 1) {
+      store_row_scaled<V>(buffer, p.n, V::set1(T(1)), y);
+    } else {
+      for (int64_t j = 0; j < p.n; ++j) y[j * ys] = storage_of<SO>(buffer[j]);
+    }
+  }
+}
+
+template <class V, class S>
+int softmax_impl(const SoftmaxParams<S, typename V::Scalar>& p) {
+  using T = typename V::Scalar;
+  if (p.batch == 0 || p.rows == 0 || p.n == 0) return kOk;
+  const int64_t total_rows = p.batch * p.rows;
+  ThreadScratch scratch(p.num_threads, Carver::bytes<T>(p.n));
+  if (!scratch.ok()) return kOutOfMemory;
+  // Rows are independent; chunks of rows keep the scheduling cost negligible for short rows.
+  const int64_t rows_per_task = imax(1, 4096 / imax(p.n, 1));
+  parallel_for(p.num_threads, ceil_div(total_rows, rows_per_task), [&](int64_t task, int slot) {
+    T* buffer = reinterpret_cast<T*>(scratch.slice(slot));
+    const int64_t r0 = task * rows_per_task, r1 = imin(total_rows, r0 + rows_per_task);
+    if (p.out_wide.data) {
+      softmax_rows<V>(p, p.out_wide, buffer, r0, r1);
+    } else {
+      softmax_rows<V>(p, p.out, buffer, r0, r1);
     }
   });
   return kOk;

@@ -4,6 +4,10 @@
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
+#include <cstring>
+
+#include "attnfast/params.h"
+#include "simd/half_f16c.h"
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
@@ -114,6 +118,25 @@ inline double reduce_max(VD a) {
   __m128d s = _mm_max_pd(_mm256_castpd256_pd128(a.v), _mm256_extractf128_pd(a.v, 1));
   s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
   return _mm_cvtsd_f64(s);
+}
+
+// 16-bit storage (float lanes only): 8 values per vector. Tails go through a buffer: AVX2 has no
+// 16-bit masked load or store.
+inline VF load_converted(const bfloat16_bits* p) { return {bfloat16x8_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline VF load_converted(const float16_bits* p) { return {float16x8_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline void store_converted(VF x, bfloat16_bits* p) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float_to_bfloat16x8(x.v)); }
+inline void store_converted(VF x, float16_bits* p) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float_to_float16x8(x.v)); }
+template <class H>
+inline VF load_partial_converted(const H* p, int n) {
+  H lanes[8] = {};
+  std::memcpy(lanes, p, sizeof(H) * n);
+  return load_converted(lanes);
+}
+template <class H>
+inline void store_partial_converted(VF x, H* p, int n) {
+  H lanes[8];
+  store_converted(x, lanes);
+  std::memcpy(p, lanes, sizeof(H) * n);
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -14,6 +14,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attnfast/params.h"
+#include "simd/half_f16c.h"
+
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
@@ -154,6 +157,37 @@ inline double reduce_max(VD a) {
   __m128d s = _mm_max_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
   s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
   return _mm_cvtsd_f64(s);
+}
+
+// 16-bit storage (float lanes only): 16 values per vector, widened on load with AVX-512 and narrowed
+// on store as two 8-lane halves (half_f16c.h). Tails go through a buffer, as the emulated build's do.
+inline VF load_converted(const bfloat16_bits* p) {
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
+}
+inline VF load_converted(const float16_bits* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline void store_converted(VF x, bfloat16_bits* p) {
+  __m128i* out = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(out, float_to_bfloat16x8(_mm512_castps512_ps256(x.v)));
+  _mm_storeu_si128(out + 1, float_to_bfloat16x8(upper_half(x)));
+}
+inline void store_converted(VF x, float16_bits* p) {
+  __m128i* out = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(out, float_to_float16x8(_mm512_castps512_ps256(x.v)));
+  _mm_storeu_si128(out + 1, float_to_float16x8(upper_half(x)));
+}
+template <class H>
+inline VF load_partial_converted(const H* p, int n) {
+  H lanes[16] = {};
+  std::memcpy(lanes, p, sizeof(H) * n);
+  return load_converted(lanes);
+}
+template <class H>
+inline void store_partial_converted(VF x, H* p, int n) {
+  H lanes[16];
+  store_converted(x, lanes);
+  std::memcpy(p, lanes, sizeof(H) * n);
 }
 
 }  // namespace ATTNFAST_TARGET_NS

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "simd/half_bits.h"
+
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
@@ -68,6 +70,18 @@ inline ScalarVec<double> add_exponent_bits(ScalarVec<double> p, ScalarVec<double
   return {r};
 }
 template <class T> inline ScalarVec<T> zero_where(bool m, ScalarVec<T> a) { return m ? ScalarVec<T>{T(0)} : a; }
+
+// 16-bit storage (float lanes only): one value, converted by half_bits.h.
+template <class H>
+inline ScalarVec<float> load_converted(const H* p) { return {to_float(*p)}; }
+template <class H>
+inline ScalarVec<float> load_partial_converted(const H* p, int n) { return {n > 0 ? to_float(*p) : 0.0f}; }
+inline void store_converted(ScalarVec<float> x, bfloat16_bits* p) { *p = to_bfloat16(x.v); }
+inline void store_converted(ScalarVec<float> x, float16_bits* p) { *p = to_float16(x.v); }
+template <class H>
+inline void store_partial_converted(ScalarVec<float> x, H* p, int n) {
+  if (n > 0) store_converted(x, p);
+}
 
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

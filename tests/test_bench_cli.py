@@ -324,15 +324,17 @@ def test_half_run_numpy_row_computes_in_float32_and_rounds_once(half_run):
         assert 0 < row["max_abs_err"] < HALF_OUTPUT_ERROR[dtype]
 
 
-def test_half_run_attnfast_row_is_measured_or_reported_unsupported(half_run):
+def test_half_run_measures_attnfast_in_the_16_bit_dtype(half_run):
     dtype, text, report = half_run
     for res in report["results"]:
-        row = {r["impl"]: r for r in res["rows"]}["attnfast"]
-        if row["skipped"]:
-            assert row["unsupported"] and row["skipped"].startswith("unsupported: TypeError: ")
-            assert f"attnfast: n/a in {dtype} (unsupported: TypeError: " in text
-        else:
-            assert row["output_dtype"] == dtype and row["max_abs_err"] < HALF_OUTPUT_ERROR[dtype]
+        rows = {r["impl"]: r for r in res["rows"]}
+        row = rows["attnfast"]
+        assert row["skipped"] is None and row["label"] == "attnfast"
+        # One rounding of a float32 result: within the dtype's half ulp, as NumPy's float32-then-round.
+        assert row["output_dtype"] == dtype and 0 < row["max_abs_err"] < HALF_OUTPUT_ERROR[dtype]
+        assert row["speedup_vs_attnfast_float32"] == pytest.approx(rows["attnfast-float32"]["median_s"]
+                                                                    / row["median_s"])
+        assert row["bytes"] == rows["numpy"]["bytes"]  # 16-bit K/V/q/out
 
 
 class _Float32Only(peers.Impl):
@@ -376,17 +378,26 @@ def test_a_peer_needing_one_dtype_gets_q_converted_and_says_so():
     assert peers.AttnfastImpl().input_note(case, inputs) is None
 
 
-def test_float32_query_decode_case_runs_against_the_reference(capsys):
-    """The mixed case through the whole runner: NumPy promotes to float32, as attnfast does."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float32_query_decode_case_runs_against_the_reference(dtype):
+    """The mixed case through the whole runner: attnfast takes the float32 q and returns float32, the
+    float32 reference on the same 16-bit K/V values agrees to float32 accuracy; NumPy promotes too."""
     from attnfast.bench.runner import BenchConfig, run_benchmark
 
+    _half_dtype(dtype)
     case = AttentionCase(2, 2, 1, 40, 16, label="decode", q_dtype="float32")
-    report = run_benchmark(BenchConfig(cases=[case], dtype="float16", threads=1, quick=True,
-                                       measure_memory=False, progress=False, only=["numpy"]))
-    (row,) = report["results"][0]["rows"]
-    assert report["results"][0]["q_dtype"] == "float32"
-    assert row["output_dtype"] == "float32" and row["max_abs_err"] < 1e-6
-    assert row["note"] == "converts the 16-bit inputs to float32, in the timed call"
+    report = run_benchmark(BenchConfig(cases=[case], dtype=dtype, threads=1, quick=True,
+                                       measure_memory=False, progress=False, only=["attnfast", "numpy"]))
+    (res,) = report["results"]
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert res["q_dtype"] == "float32" and set(rows) == {"attnfast", "attnfast-float32", "numpy"}
+    for row in rows.values():
+        assert row["skipped"] is None and row["output_dtype"] == "float32" and row["max_abs_err"] < 1e-6
+    assert rows["attnfast"]["note"] is None
+    assert rows["numpy"]["note"] == "converts the 16-bit inputs to float32, in the timed call"
+    # q and the output in float32, K and V in 16 bits; the baseline's K and V in float32.
+    assert rows["attnfast"]["bytes"] == case.bytes_moved(2)
+    assert rows["attnfast-float32"]["bytes"] == case.bytes_moved(4)
 
 
 def test_torch_tensors_share_the_16_bit_buffers():

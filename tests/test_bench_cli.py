@@ -172,10 +172,12 @@ def test_float64_and_causal_run(tmp_path):
         assert row["max_abs_err"] < 1e-10
 
 
-def test_plot_writes_a_png(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_plot_writes_a_png(tmp_path, dtype):
     pytest.importorskip("matplotlib")
     path = tmp_path / "run.png"
-    assert cli.main(["--shape", "1,2,32,32,8", "--shape", "1,2,64,64,8", "--plot", str(path), *FAST]) == 0
+    assert cli.main(["--shape", "1,2,32,32,8", "--shape", "1,2,64,64,8", "--dtype", dtype, "--plot", str(path),
+                     *FAST]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -433,8 +433,9 @@ class OnnxRuntimeImpl(Impl):
                 x = np.zeros((1, 1, 8), dtype=_numpy_dtype(dtype_name))
                 sess.run(None, {"q": x, "k": x, "v": x})
             except Exception as exc:  # noqa: BLE001 - whatever ORT raises means "no kernel for this dtype"
-                reason = (f"onnxruntime {self._ort.__version__} has no CPU MultiHeadAttention kernel for "
-                          f"{dtype_name} ({_first_line(exc)})")
+                # Its messages read "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : <what>": keep the what.
+                what = _first_line(exc).rsplit(" : ", 1)[-1]
+                reason = f"onnxruntime {self._ort.__version__} has no CPU MultiHeadAttention kernel for {dtype_name}: {what}"
             self._dtype_support[dtype_name] = reason
         return self._dtype_support[dtype_name]
 

@@ -179,7 +179,7 @@ def format_summary(report: dict) -> str:
 def format_report(report: dict) -> str:
     blocks = [format_header(report)]
     blocks += [format_case(res, report["config"]) for res in report["results"]]
-    if report["config"]["dtype"] in _HALF and report["results"]:
+    if report["config"]["dtype"] in _HALF and report["results"] and "attnfast" in report["implementations"]:
         blocks.append(format_summary(report))
     blocks.append(f"done in {report['elapsed_s']:.1f} s")
     return "\n\n".join(blocks)

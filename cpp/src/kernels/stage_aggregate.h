@@ -74,7 +74,7 @@ void aggregate_rows(const AggregateParams<S, typename V::Scalar>& p, const Opera
         continue;
       }
       const T* a_rows[MR];
-      a_operand_rows<T, MR>(w + i0 * ws, ws, nrows, p.lk, w_rows, a_rows);
+      a_operand_rows<V, MR>(w + i0 * ws, ws, nrows, p.lk, w_rows, a_rows);
       if (!partial) {
         stage_gemm_tile<V, MR, NRV, false>(p.lk, a_rows, bcols, bks, L, T(1), nrows, ncols, dst, os, tile);
       } else if (ceil_div(ncols, L) == NRV) {

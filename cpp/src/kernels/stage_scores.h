@@ -46,7 +46,7 @@ inline void copy_tile(const T* tile, int64_t tile_row_stride, int64_t rows, int6
 // The A operand of a stage GEMM: MR rows of a matrix stored in S, as row pointers the microkernel
 // broadcasts from. Rows of the compute type are read in place; 16-bit rows are widened into `buffer`
 // (MR x cols) first, once per microkernel call (1 / NR of the call's FMAs).
-template <class T, int MR, class S>
+template <class V, int MR, class S, class T = typename V::Scalar>
 inline void a_operand_rows(const S* first, int64_t row_stride, int64_t valid_rows, int64_t cols, T* buffer,
                            const T** a_rows) {
   if constexpr (kSameType<S, T>) {
@@ -54,8 +54,7 @@ inline void a_operand_rows(const S* first, int64_t row_stride, int64_t valid_row
     (void)buffer;
     clamped_rows<T, MR>(first, row_stride, valid_rows, a_rows);
   } else {
-    for (int64_t r = 0; r < valid_rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) buffer[r * cols + c] = scalar_as<T>(first[r * row_stride + c]);
+    for (int64_t r = 0; r < valid_rows; ++r) widen_row<V>(first + r * row_stride, cols, buffer + r * cols);
     clamped_rows<T, MR>(buffer, cols, valid_rows, a_rows);
   }
 }
@@ -100,7 +99,7 @@ void scores_dot_rows(const ScoresDotParams<S, typename V::Scalar>& p, const Oper
     for (int64_t i0 = 0; i0 < p.lq; i0 += MR) {
       const int64_t nrows = imin(MR, p.lq - i0);
       const T* a_rows[MR];
-      a_operand_rows<T, MR>(q + i0 * p.q.row_stride_elements, p.q.row_stride_elements, nrows, p.depth, q_rows,
+      a_operand_rows<V, MR>(q + i0 * p.q.row_stride_elements, p.q.row_stride_elements, nrows, p.depth, q_rows,
                             a_rows);
       stage_gemm_tile<V, MR, NRV, false>(p.depth, a_rows, panel, NR, V::kLanes, p.scale, nrows, ncols,
                                          o + i0 * out.row_stride_elements + j0, out.row_stride_elements, tile);

@@ -310,7 +310,8 @@ def test_half_run_times_attnfast_float32_as_a_same_run_baseline(half_run):
         assert base["speedup_vs_attnfast_float32"] == pytest.approx(1.0)
         # The baseline is another dtype: it is no peer and no NumPy row to compare with.
         assert base["speedup_vs_numpy"] is None and base["speedup_vs_best_peer"] is None
-        assert numpy_row["speedup_vs_attnfast_float32"] == pytest.approx(base["median_s"] / numpy_row["median_s"])
+        assert (numpy_row["speedup_vs_attnfast_float32"]
+                == pytest.approx(base["median_s"] / numpy_row["median_s"]))
         # The baseline reads and writes float32: twice the bytes of the 16-bit rows.
         assert base["bytes"] == pytest.approx(2 * numpy_row["bytes"])
         assert base["peak_extra_bytes"] is not None

@@ -20,7 +20,7 @@ gets zero-copy tensors of the same buffers, ONNX Runtime and JAX their FLOAT16/B
 no fast 16-bit matmul (float16 runs a naive loop at ~1 GFLOP/s), so its rows convert to float32, compute,
 and round the result, as a NumPy user would; that row says so.  A library that cannot run a dtype shows
 "n/a" with its reason.  ``attnfast-float32`` is attnfast on the same values converted to float32 (outside
-the timed region): the baseline of the "× attnfast float32" column, measured in the same run.
+the timed region): the baseline of the "× af f32" column, measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .cases import HALF_DTYPES, AttentionCase, StageCase
+from .cases import HALF_DTYPES, AttentionCase, StageCase, storage_dtype
 
 __all__ = ["Impl", "all_impls", "PEER_NAMES", "BASELINE_NAME", "INSTALL_HINTS", "pin_threads",
-           "numpy_attention", "select"]
+           "numpy_attention", "select", "error_summary"]
 
 #: Implementations that count as "peers" for the "speed-up over the best peer" column.
 PEER_NAMES = ("torch", "onnxruntime", "jax")
@@ -51,7 +51,8 @@ INSTALL_HINTS = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
+def error_summary(exc: BaseException) -> str:
+    """``"TypeError: <first line of the message>"``: libraries' messages can run over many lines."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
@@ -262,6 +263,13 @@ class NumpyImpl(Impl):
     stages = True
     mixed_query = True  # NumPy promotes
 
+    def __init__(self):
+        super().__init__()
+        self._limiter = None
+
+    def version(self):
+        return np.__version__
+
     def label_for(self, case, dtype=None) -> str:
         if dtype is not None and _is_half(dtype):
             return "NumPy (float32 math)"
@@ -272,15 +280,9 @@ class NumpyImpl(Impl):
             return None
         result = np.result_type(*inputs)
         if _is_half(result):
-            return f"converts the 16-bit inputs to float32 and rounds the result to {result.name}, in the timed call"
+            return (f"converts the 16-bit inputs to float32 and rounds the result to {result.name}, "
+                    "in the timed call")
         return "converts the 16-bit inputs to float32, in the timed call"
-
-    def __init__(self):
-        super().__init__()
-        self._limiter = None
-
-    def version(self):
-        return np.__version__
 
     def set_threads(self, n):
         # NumPy itself is single-threaded; its BLAS (matmul) is not.
@@ -430,12 +432,13 @@ class OnnxRuntimeImpl(Impl):
             reason = None
             try:
                 sess = self._session(1, False, dtype_name)
-                x = np.zeros((1, 1, 8), dtype=_numpy_dtype(dtype_name))
+                x = np.zeros((1, 1, 8), dtype=storage_dtype(dtype_name))
                 sess.run(None, {"q": x, "k": x, "v": x})
             except Exception as exc:  # noqa: BLE001 - whatever ORT raises means "no kernel for this dtype"
                 # Its messages read "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : <what>": keep the what.
-                what = _first_line(exc).rsplit(" : ", 1)[-1]
-                reason = f"onnxruntime {self._ort.__version__} has no CPU MultiHeadAttention kernel for {dtype_name}: {what}"
+                what = error_summary(exc).rsplit(" : ", 1)[-1]
+                reason = (f"onnxruntime {self._ort.__version__} has no CPU MultiHeadAttention kernel for "
+                          f"{dtype_name}: {what}")
             self._dtype_support[dtype_name] = reason
         return self._dtype_support[dtype_name]
 
@@ -534,12 +537,12 @@ class JaxImpl(Impl):
         if dtype_name not in self._dtype_support:
             reason = None
             try:
-                x = self._jax.device_put(np.zeros((1, 2, 1, 8), dtype=_numpy_dtype(dtype_name)))
+                x = self._jax.device_put(np.zeros((1, 2, 1, 8), dtype=storage_dtype(dtype_name)))
                 fn = self._jax.jit(lambda a, b, c: self._jax.nn.dot_product_attention(a, b, c))
                 fn(x, x, x).block_until_ready()
             except Exception as exc:  # noqa: BLE001 - any failure means this dtype cannot be measured
                 reason = (f"jax {self._jax.__version__}: jit(dot_product_attention) fails in {dtype_name} "
-                          f"on CPU ({_first_line(exc)})")
+                          f"on CPU ({error_summary(exc)})")
             self._dtype_support[dtype_name] = reason
         return self._dtype_support[dtype_name]
 
@@ -560,11 +563,6 @@ class JaxImpl(Impl):
 def _loaded_modules():
     import sys
     return sys.modules
-
-
-def _numpy_dtype(name: str) -> np.dtype:
-    from .cases import storage_dtype
-    return storage_dtype(name)
 
 
 def all_impls(threads: Optional[int] = None, dtype: Optional[str] = None) -> List[Impl]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from .peers import BASELINE_NAME
+
 __all__ = ["format_report", "format_header", "format_case", "format_summary"]
 
 _HALF = ("bfloat16", "float16")
@@ -139,9 +141,12 @@ def _rows_by_impl(res: dict) -> dict:
 def _shape_text(res: dict) -> str:
     if res.get("kind") == "stage":
         return res["name"]
-    shape = ",".join(str(res[k]) for k in ("B", "H", "Lq", "Lk", "D"))
-    return shape + (f" q {res['q_dtype']}" if res.get("q_dtype") else "") + (
-        f" ({res['label']})" if res.get("label") not in (None, "", "--shape") and res.get("group") != "sweep" else "")
+    text = ",".join(str(res[k]) for k in ("B", "H", "Lq", "Lk", "D"))
+    if res.get("q_dtype"):
+        text += f" q {res['q_dtype']}"
+    if res.get("label") not in (None, "", "--shape") and res.get("group") != "sweep":
+        text += f" ({res['label']})"
+    return text
 
 
 def format_summary(report: dict) -> str:
@@ -166,12 +171,13 @@ def format_summary(report: dict) -> str:
             return _num(by[name]["median_s"] / own["median_s"], ".2f", "×")
 
         best_name = best["impl"] if best else ""
-        rows.append([_shape_text(res), time_of("attnfast"), time_of("attnfast-float32"),
-                     faster("attnfast-float32"), time_of("torch"), faster("torch"),
+        rows.append([_shape_text(res), time_of("attnfast"), time_of(BASELINE_NAME),
+                     faster(BASELINE_NAME), time_of("torch"), faster("torch"),
                      f"{time_of(best_name)} {best['label']}" if best else "-", faster(best_name)])
+    simd = " ".join(m.get("cpu_simd") or []) or "?"
+    isa = (m.get("attnfast") or {}).get("isa", "-")
     title = (f"Summary: attnfast {dtype} vs its own float32 and the peers in {dtype}"
-             f" — {m.get('cpu')}, {cfg['threads']} threads, "
-             f"SIMD {' '.join(m.get('cpu_simd') or []) or '?'}, ISA {(m.get('attnfast') or {}).get('isa', '-')}")
+             f" — {m.get('cpu')}, {cfg['threads']} threads, SIMD {simd}, ISA {isa}")
     return "\n".join([title, "  (× = how many times faster attnfast is; median times)",
                       _table(headers, rows)])
 

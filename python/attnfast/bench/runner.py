@@ -162,11 +162,6 @@ def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize
 _MATERIALISING = ("numpy", "jax")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
 def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Optional[int]) -> dict:
     """Time one case on every implementation, interleaved; check accuracy on the first call's output.
 
@@ -202,11 +197,11 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
             row["max_abs_err"] = check.max_abs_error(got, np.asarray)
             del out, got
         except TypeError as exc:
-            row["skipped"] = f"unsupported: {_first_line(exc)}"
+            row["skipped"] = f"unsupported: {peers.error_summary(exc)}"
             row["unsupported"] = True
             continue
         except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the benchmark
-            row["skipped"] = f"failed: {_first_line(exc)}"
+            row["skipped"] = f"failed: {peers.error_summary(exc)}"
             continue
         runners[impl.name] = run
     policy = dataclasses.replace(cfg.policy, warmup=max(0, cfg.policy.warmup - 1))
@@ -223,7 +218,8 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
         rows[name]["median_s"] = median(ts)
         rows[name]["repeats"] = len(ts)
     result = case.to_dict()
-    result.update({"dtype": dtype.name, "flops": case.flops(cfg.causal), "bytes": case.bytes_moved(dtype.itemsize),
+    result.update({"dtype": dtype.name, "flops": case.flops(cfg.causal),
+                   "bytes": case.bytes_moved(dtype.itemsize),
                    "bound": "memory" if case.memory_bound else "compute",
                    "output_bytes": case.output_bytes(dtype.itemsize),
                    "output_bytes_float32": case.output_bytes(4),
@@ -270,7 +266,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 per_impl = mem.get("results", {}).get(res["name"], {})
                 for r in res["rows"]:
                     peak = per_impl.get(r["impl"])
-                    output = res["output_bytes"] if r["impl"] != peers.BASELINE_NAME else res["output_bytes_float32"]
+                    baseline = r["impl"] == peers.BASELINE_NAME
+                    output = res["output_bytes_float32" if baseline else "output_bytes"]
                     r["peak_rss_delta_bytes"] = peak
                     r["peak_extra_bytes"] = None if peak is None else max(0, peak - output)
             progress.step()

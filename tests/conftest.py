@@ -19,6 +19,7 @@ import os
 import warnings
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -75,11 +76,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 #   atol 2e-6 of the data scale covers outputs that cancel to ~0. float64: same reasoning
 #   with eps 2.2e-16 (rtol 1e-12 ~ 4500 eps, generous because it costs nothing to detect a bug,
 #   which shows up as O(1) errors).
+#
+# 16-bit results (float16, ml_dtypes.bfloat16): computed in float32 from the exactly converted 16-bit
+# values and rounded once, so the error against the float64 reference (on the same 16-bit inputs) is
+# dominated by that final rounding, half an ulp: eps/2 of the value (float16 eps 2^-11 = 4.9e-4,
+# bfloat16 eps 2^-8 = 3.9e-3). The naive same-precision implementation is the computation in the 16-bit
+# type as PyTorch's math SDPA does it (naive_attention(..., rounded=dtype): every stage -- scores, the
+# scale, the bias, the softmax, P.V -- computed in float32 and rounded to the 16-bit type).
+#   FLOOR = eps of the 16-bit type (one ulp of the data scale): the half ulp of the final rounding plus
+#   the float32 computation's error, which can move a value across a rounding boundary (then the
+#   rounded result is one ulp from the reference's); it decides only where the naive computation happens
+#   to round exactly (D = 1, one key).
+#   FIXED rtol = atol = eps: two results of the same value each rounded once to 16 bits (the kernel's
+#   and the reference's merge_states) lie at most one ulp apart, and one ulp is at most eps x |value|.
+FLOAT16 = np.dtype(np.float16)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+SIXTEEN_BIT = (FLOAT16, BFLOAT16)
 NAIVE_FACTOR = 2.0
-FLOOR = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14}
+FLOOR = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-14, FLOAT16: 2.0**-11, BFLOAT16: 2.0**-8}
 FIXED = {
     np.dtype(np.float32): {"rtol": 2e-5, "atol": 2e-6},
     np.dtype(np.float64): {"rtol": 1e-12, "atol": 1e-13},
+    FLOAT16: {"rtol": 2.0**-11, "atol": 2.0**-11},
+    BFLOAT16: {"rtol": 2.0**-8, "atol": 2.0**-8},
 }
 
 DTYPES = [np.float32, np.float64]
@@ -152,6 +171,7 @@ def assert_close_to_reference(actual, expected64, naive, dtype, *, scale=None, w
     dtype = np.dtype(dtype)
     actual = np.asarray(actual)
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    actual = actual.astype(np.float64)  # exact for every dtype compared here (16-bit included)
     expected64 = np.asarray(expected64, dtype=np.float64)
     assert actual.shape == expected64.shape, f"{what}: shape {actual.shape} != {expected64.shape}"
     finite = _check_special_values(actual, expected64, what)
@@ -175,7 +195,7 @@ def assert_close_to_reference(actual, expected64, naive, dtype, *, scale=None, w
 def assert_close_fixed(actual, expected, dtype, *, scale=None, what="result"):
     """|actual - expected| <= atol * scale + rtol * |expected| with the FIXED table."""
     dtype = np.dtype(dtype)
-    actual = np.asarray(actual)
+    actual = np.asarray(actual).astype(np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     finite = _check_special_values(actual, expected, what)
@@ -315,29 +335,70 @@ def naive_softmax(x, axis=-1, mask=None, return_lse=False):
     return (out, lse) if return_lse else out
 
 
-def naive_attention(q, k, v, **kw):
-    """attention() in plain NumPy in the input dtype: (out, lse, weights).
+def rounded_to(dtype):
+    """The rounding of one intermediate of a computation in ``dtype``: float32 values rounded to the
+    16-bit ``dtype`` and back (identity for ``None``)."""
+    if dtype is None:
+        return lambda x: x
+    return lambda x: np.asarray(x, np.float32).astype(dtype).astype(np.float32)
+
+
+def naive_attention(q, k, v, *, rounded=None, **kw):
+    """attention() in plain NumPy in the result dtype: (out, lse, weights).
 
     Visibility comes from the reference's own mask logic (validated args); everything numeric
-    (scores, softmax, P.V) is done in the input precision. GQA by repeating kv heads.
+    (scores, softmax, P.V) is done in the result precision. GQA by repeating kv heads. 16-bit inputs
+    are converted exactly to the computation dtype; with ``rounded`` (a 16-bit dtype) the computation
+    is PyTorch's math SDPA in that dtype: float32 arithmetic, and each stage's result -- q.k, times
+    scale, plus bias, the softmax, P.V -- rounded to ``rounded`` (lse stays float32: attnfast's lse
+    of a 16-bit result is float32).
     """
     kw = {key: val for key, val in kw.items() if key not in ("return_lse", "return_weights", "out")}
     a = _inputs.check_attention(q, k, v, **kw)
-    dtype = a.dtype
+    dtype = a.compute
+    rnd = rounded_to(rounded)
     visible = reference._visibility(a)
-    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk))
-    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv))
+    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(dtype)
+    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)).astype(dtype)
     if a.group > 1:
         kk = np.repeat(kk, a.group, axis=-3) if kk.shape[-3] > 1 else kk
         vv = np.repeat(vv, a.group, axis=-3) if vv.shape[-3] > 1 else vv
-    s = naive_scores(a.q, kk, method=a.method, scale=a.scale, w=a.w, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a,
-                     score_bias=a.score_bias)
+    weights_kw = dict(w=a.w, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a, score_bias=a.score_bias)
+    if rounded is None:
+        s = naive_scores(a.q.astype(dtype), kk, method=a.method, scale=a.scale, **weights_kw)
+    else:
+        s = rnd(naive_scores(a.q.astype(dtype), kk, method=a.method, scale=1.0, **weights_kw))
+        s = rnd(s * dtype.type(a.scale)) if a.scale != 1.0 else s
     s = np.broadcast_to(s, a.batch_shape + (a.lq, a.lk))
     if a.bias is not None:
-        s = (s + a.bias).astype(dtype)
+        s = rnd((s + a.bias).astype(dtype))
     weights, lse = naive_softmax(s, -1, visible, return_lse=True)
-    out = (weights @ vv).astype(dtype)
+    weights = rnd(weights)
+    out = rnd((weights @ vv).astype(dtype))
     return out, lse, weights
+
+
+def naive16_scores(q, k, dtype, *, method="scaled_dot", scale=None, **weights):
+    """scores() computed in the 16-bit ``dtype`` as PyTorch does: the unscaled scores in float32 rounded
+    to ``dtype``, then times scale, rounded again (float32 values holding 16-bit ones)."""
+    rnd = rounded_to(dtype)
+    q, k = np.asarray(q, np.float32), np.asarray(k, np.float32)
+    d = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if (method == "scaled_dot" and d > 0) else 1.0
+    weights = {name: None if x is None else np.asarray(x, np.float32) for name, x in weights.items()}
+    s = rnd(naive_scores(q, k, method=method, scale=1.0, **weights))
+    return rnd(s * np.float32(scale)) if scale != 1.0 else s
+
+
+def naive16_softmax(x, dtype, axis=-1, mask=None):
+    """softmax() in the 16-bit ``dtype`` as PyTorch computes it: in float32, rounded to ``dtype``."""
+    return rounded_to(dtype)(naive_softmax(np.asarray(x, np.float32), axis, mask))
+
+
+def naive16_aggregate(weights, v, dtype):
+    """aggregate() in the 16-bit ``dtype`` as PyTorch's matmul does: float32 sums, rounded once."""
+    return rounded_to(dtype)(np.asarray(weights, np.float32) @ np.asarray(v, np.float32))
 
 
 def ref_attention64(q, k, v, **kw):
@@ -358,12 +419,18 @@ def check_attention(q, k, v, *, dtype, what="attention", **kw):
     Also checks the contract for rows with no visible key: out exactly 0, weights exactly 0,
     lse exactly -inf wherever the reference's lse is -inf. Returns (out, lse, weights).
     """
+    dtype = np.dtype(dtype)
     out, lse, w = attnfast.attention(q, k, v, return_lse=True, return_weights=True, **kw)
     r_out, r_lse, r_w = ref_attention64(q, k, v, **kw)
     n_out, n_lse, n_w = naive_attention(q, k, v, **kw)
+    if dtype in SIXTEEN_BIT:
+        # out and weights against the computation in the 16-bit type; lse (float32) against float32's.
+        n_out, _, n_w = naive_attention(q, k, v, rounded=dtype, **kw)
     v_scale = float(np.max(np.abs(np.asarray(v, dtype=np.float64)), initial=0.0)) or 1.0
+    if dtype in SIXTEEN_BIT:
+        v_scale = None  # the final rounding's error is relative to the result itself (max |out|), not to v
     assert_close_to_reference(out, r_out, n_out, dtype, scale=v_scale, what=f"{what}: out")
-    assert_close_to_reference(lse, r_lse, n_lse, dtype, what=f"{what}: lse")
+    assert_close_to_reference(lse, r_lse, n_lse, _inputs.lse_dtype(dtype), what=f"{what}: lse")
     assert_close_to_reference(w, r_w, n_w, dtype, scale=1.0, what=f"{what}: weights")
     empty = r_lse == -np.inf
     assert np.all(lse[empty] == -np.inf)

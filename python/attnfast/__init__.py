@@ -9,6 +9,9 @@ Lq x Lk score matrix::
     attention(q, k, v, ...)    -> (..., Lq, Dv)      fused, with masks, causal, window, GQA, lse
     merge_states(outs, lses)   -> (out, lse)         combine attention over disjoint key sets
 
+Arrays may be float64, float32, float16 or ``ml_dtypes.bfloat16``, in any mix: 16-bit data is read as
+stored, computed in float32 (float64 when any input is float64) and rounded once into the result.
+
 ``attnfast.reference`` has the same functions in plain NumPy (float64 inside); every kernel is tested
 against it.
 """

@@ -36,6 +36,13 @@ def _storage_or_compute(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> 
     return x if x.dtype == storage or x.dtype == compute else x.astype(compute)
 
 
+def _written(result: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.dtype:
+    """The dtype a kernel reading ``storage`` writes a result of dtype ``result`` in: that dtype when it
+    can (the storage or the computation dtype), else the computation dtype (rounded once afterwards):
+    e.g. a bfloat16 concat attention, whose keys became float32 projections and v with them."""
+    return result if result == storage or result == compute else compute
+
+
 def _finished(result: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A result computed in the computation dtype, rounded once into the result ``dtype``."""
     return result if result.dtype == dtype else _inputs.round_to(result, dtype)
@@ -113,11 +120,10 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     batch = list(a.batch_shape)
     t = a.compute
     if a.method in ("dot", "scaled_dot"):
-        # q and k in one storage dtype: the result dtype is then that one or t, both of which the kernel writes.
         qq, kk = _one_storage(a.q, a.k, t)
-        out = np.empty(shape, a.dtype)
+        out = np.empty(shape, _written(a.dtype, kk.dtype, t))
         _core.scores_dot(_unit_last_axis(qq), _unit_last_axis(kk), out, batch, a.scale)
-        return out
+        return _finished(out, a.dtype)
     # The projected methods compute in t from q and k converted to t, and round once at the end.
     q_t, k_t = a.q.astype(t, copy=False), a.k.astype(t, copy=False)
     out = np.empty(shape, t)
@@ -164,13 +170,13 @@ def aggregate(weights, v):
     if a.lk == 0:
         # An empty sum; also O(1) for an empty result, whatever the (broadcast) batch.
         return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
-    out = np.empty(a.batch_shape + (a.lq, a.dv), a.dtype)
-    if out.size == 0:
-        return out
-    # weights and v in one storage dtype: the result dtype is then that one or the computation dtype.
+    shape = a.batch_shape + (a.lq, a.dv)
+    if 0 in shape:
+        return np.empty(shape, a.dtype)
     weights, v = _one_storage(a.weights, a.v, a.compute)
+    out = np.empty(shape, _written(a.dtype, v.dtype, a.compute))
     _core.aggregate(_unit_last_axis(weights), _unit_last_axis(v), out, list(a.batch_shape))
-    return out
+    return _finished(out, a.dtype)
 
 
 def _score_operands(a):
@@ -241,15 +247,11 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         if not lengths.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
             lengths = lengths.copy()
 
-    # The kernel writes its result in the storage dtype of k and v or in the computation dtype. The
-    # result dtype is always one of them; an out= of another dtype gets the result computed in the
-    # computation dtype and rounded into it once.
+    # The kernel writes its result in the storage dtype of k and v or in the computation dtype; any other
+    # result or out= dtype gets the result computed in the computation dtype and rounded into it once.
     t = a.compute
     target = a.out
-    if target is None:
-        work = a.dtype
-    else:
-        work = target.dtype if target.dtype == kk.dtype or target.dtype == t else t
+    work = _written(a.dtype if target is None else target.dtype, kk.dtype, t)
     # Write straight into the caller's out= only when it is safe: native dtype the kernel writes, aligned
     # unit last axis, no overlap with anything the kernel reads while it writes (NumPy's ufuncs are
     # overlap-safe, and so is this: an overlapping out= gets the result through a temporary), and no
@@ -269,6 +271,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     if target is not None and not direct:
         _copy_rounded(target, result)
         result = target
+    result = _finished(result, a.dtype) if target is None else result
     if weights is not None:
         weights = _finished(weights, a.dtype)
     extras = [x for x in (lse, weights) if x is not None]

@@ -263,6 +263,20 @@ def test_out_of_every_dtype(isa, rng, mix, out_dtype):
     assert np.array_equal(r_out, _inputs.round_to(ref.attention(up(q), up(k), up(v), **kw), out_dtype))
 
 
+def test_byte_swapped_float16_in_and_out(isa, rng):
+    q, k, v = qkv16(rng, "f16", (2,), 5, 9, 8)
+    expected = attnfast.attention(q, k, v)
+    swapped = [x.astype(">f2") for x in (q, k, v)]
+    for impl in (attnfast, ref):
+        assert impl.attention(*swapped).dtype == F16
+    assert np.array_equal(attnfast.attention(*swapped), expected)
+    out = np.empty((2, 5, 8), ">f2")
+    assert attnfast.attention(q, k, v, out=out) is out and np.array_equal(out, expected)
+    out = np.empty((2, 5, 8), ">f4")  # another dtype and byte order: the float32 result as it is
+    assert attnfast.attention(q, k, v, out=out) is out
+    assert np.array_equal(out, attnfast.attention(q, k, v, out=np.empty((2, 5, 8), F32)))
+
+
 def test_round_to_rounds_float64_to_bfloat16_once():
     # ml_dtypes' float64 -> bfloat16 goes through float32 and rounds twice; round_to must not.
     x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 1 + 3 * 2**-8, 2.0**-133, 2.0**-134,
@@ -527,3 +541,24 @@ def test_importing_attnfast_imports_no_framework():
     code = ("import sys, attnfast; bad = [m for m in ('torch', 'jax', 'onnxruntime') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_16_bit_cache_is_kept_as_stored(rng):
+    # Validation never widens or copies 16-bit arrays (the kernels convert them on load).
+    q = rng.standard_normal((2, 3, 8)).astype(F32)
+    k = rng.standard_normal((2, 9, 8)).astype(BF16)[:, ::-1]  # a view with negative strides
+    v = rng.standard_normal((2, 9, 8)).astype(BF16)
+    a = _inputs.check_attention(q, k, v)
+    assert a.k is k and a.v is v and a.q is q and (a.dtype, a.compute) == (F32, F32)
+    s = _inputs.check_scores(k, k)
+    assert s.q is k and s.k is k and (s.dtype, s.compute) == (BF16, F32)
+
+
+def test_16_bit_results_overflow_like_the_reference(isa, rng):
+    # float16's range ends at 65504: scores beyond it are +-inf in the kernel as in the reference (both
+    # round the finite float32/float64 value once), and large float16 logits still give an exact softmax.
+    q = (300 * np.abs(rng.standard_normal((3, 64)))).astype(F16)
+    s = attnfast.scores(q, q, method="dot")
+    assert np.isinf(up(s)).any() and np.array_equal(s, ref.scores(q, q, method="dot"))
+    x = np.array([[60000, 60000, -np.inf, 1]], F16)
+    assert np.array_equal(attnfast.softmax(x), np.array([[0.5, 0.5, 0, 0]], F16))

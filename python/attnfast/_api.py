@@ -36,7 +36,7 @@ def _storage_or_compute(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> 
     return x if x.dtype == storage or x.dtype == compute else x.astype(compute)
 
 
-def _written(result: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.dtype:
+def _written(result: np.dtype, storage: np.dtype, compute: np.dtype) -> np.dtype:
     """The dtype a kernel reading ``storage`` writes a result of dtype ``result`` in: that dtype when it
     can (the storage or the computation dtype), else the computation dtype (rounded once afterwards):
     e.g. a bfloat16 concat attention, whose keys became float32 projections and v with them."""
@@ -109,7 +109,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
 
     Returns
     -------
-    ndarray, (..., Lq, Lk), the dtype of q and k (float32 or float64).
+    ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
     """
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)

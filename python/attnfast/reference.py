@@ -169,7 +169,7 @@ def softmax(x, axis=-1, *, mask=None):
 
     Parameters
     ----------
-    x : array_like, float32 or float64
+    x : array_like, float64, float32, float16 or bfloat16
         Logits.  -inf entries get weight 0.
     axis : int, default -1
         Axis to normalise over.

@@ -148,7 +148,11 @@ struct TiledAttention {
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
     } else {
-      for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
+      if (x.row_stride_elements == cols) {
+        widen_row<V>(x.row(bkv, j0), nk * cols, tile);  // contiguous rows: one run, no per-row tail
+      } else {
+        for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
+      }
       *stride = cols;
       return tile;
     }

@@ -10,10 +10,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from attnfast.bench import cli
-from attnfast.bench.cases import AttentionCase, case_from_dict, default_cases, parse_shape, stage_cases
+from attnfast.bench import cli, peers
+from attnfast.bench.cases import (AttentionCase, case_from_dict, default_cases, make_attention_inputs,
+                                  parse_shape, stage_cases)
 from attnfast.bench.peers import INSTALL_HINTS, all_impls
 
 TINY = "1,2,16,24,8"
@@ -54,11 +56,26 @@ def test_options_parse():
     assert (args.dtype, args.threads, args.json, args.plot) == ("float64", 2, "a.json", "a.png")
 
 
-@pytest.mark.parametrize("argv", [["--dtype", "float16"], ["--threads", "0"], ["--threads", "x"]])
+@pytest.mark.parametrize("argv", [["--dtype", "int8"], ["--threads", "0"], ["--threads", "x"]])
 def test_invalid_options_exit_with_usage(argv):
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def test_dtype_option_takes_the_four_storage_types(dtype):
+    assert cli.build_parser().parse_args(["--dtype", dtype]).dtype == dtype
+
+
+@pytest.mark.parametrize("bad", ["bf16", "fp16", "half", "float128", "int16", "Float16"])
+def test_bad_dtype_is_a_usage_error_listing_the_choices(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["--dtype", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --dtype: invalid choice: '{bad}'" in err
+    assert "'float32', 'float64', 'bfloat16', 'float16'" in err
 
 
 def test_default_suite_has_the_issue_shapes_sweep_and_stages():
@@ -73,8 +90,33 @@ def test_default_suite_has_the_issue_shapes_sweep_and_stages():
 
 
 def test_cases_round_trip_through_json():
-    for case in default_cases(quick=True) + stage_cases():
+    for case in default_cases(quick=True, dtype="float16") + stage_cases():
         assert case_from_dict(json.loads(json.dumps(case.to_dict()))) == case
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_suites_add_the_float32_query_decode_shapes(dtype):
+    for quick in (True, False):
+        mixed = [(c.shape, c.q_dtype) for c in default_cases(quick, dtype) if c.q_dtype]
+        assert mixed == [((1, 32, 1, 4096, 128), "float32"), ((64, 1, 1, 50, 256), "float32")]
+        # The all-16-bit decode shapes stay: the two runs differ only in q's dtype.
+        shapes = [c.shape for c in default_cases(quick, dtype) if not c.q_dtype]
+        assert shapes == [c.shape for c in default_cases(quick)]
+    assert not any(c.q_dtype for c in default_cases(quick=False, dtype="float32"))
+    assert not any(c.q_dtype for c in default_cases(quick=False, dtype="float64"))
+
+
+def test_float32_query_over_a_16_bit_cache_counts_its_bytes_per_operand():
+    case = AttentionCase(1, 32, 1, 4096, 128, q_dtype="float32")
+    kv = 2 * 32 * 4096 * 128
+    q_and_out = 2 * 32 * 1 * 128
+    assert case.bytes_moved(2) == kv * 2 + q_and_out * 4  # K, V in 16 bits; q and the float32 output
+    assert case.bytes_moved(2, q_itemsize=4) == case.bytes_moved(2)
+    assert AttentionCase(1, 32, 1, 4096, 128).bytes_moved(2) == (kv + q_and_out) * 2
+    assert case.output_bytes(2) == 32 * 128 * 4
+    assert case.name.endswith("q=float32") and case.name != AttentionCase(1, 32, 1, 4096, 128).name
+    q, k, v = make_attention_inputs(AttentionCase(1, 2, 1, 8, 4, q_dtype="float32"), np.float16)
+    assert (q.dtype, k.dtype, v.dtype) == (np.float32, np.float16, np.float16)
 
 
 def test_decode_shapes_are_memory_bound():
@@ -130,10 +172,12 @@ def test_float64_and_causal_run(tmp_path):
         assert row["max_abs_err"] < 1e-10
 
 
-def test_plot_writes_a_png(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_plot_writes_a_png(tmp_path, dtype):
     pytest.importorskip("matplotlib")
     path = tmp_path / "run.png"
-    assert cli.main(["--shape", "1,2,32,32,8", "--shape", "1,2,64,64,8", "--plot", str(path), *FAST]) == 0
+    assert cli.main(["--shape", "1,2,32,32,8", "--shape", "1,2,64,64,8", "--dtype", dtype, "--plot", str(path),
+                     *FAST]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -215,3 +259,184 @@ def test_run_summary_spec_peak_uses_the_cpu_vendor_and_family(monkeypatch):
     peaks = runner._summarise_peaks(runner.BenchConfig(cases=[], threads=1), {"mhz": 2600.0, "max_mhz": None},
                                     [sample])
     assert peaks["fma_theoretical"]["flops_per_cycle_per_core"] == 32
+
+
+# -- 16-bit runs ----------------------------------------------------------------------------------------
+#: Largest error of a float32 computation rounded once to the dtype, for outputs of magnitude <= ~2
+#: (half an ulp at 2: 2^-7 for bfloat16's 8-bit significand, 2^-10 for float16's 11 bits), with margin.
+HALF_OUTPUT_ERROR = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+
+
+def _half_dtype(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half_run(request, tmp_path_factory):
+    """A tiny 16-bit run (attnfast, its float32 baseline, NumPy), with peak memory: (dtype, text, report)."""
+    _half_dtype(request.param)
+    path = tmp_path_factory.mktemp("bench16") / "run.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["--dtype", request.param, "--shape", TINY, "--shape", DECODE, "--json", str(path),
+                         *FAST]) == 0
+    with open(path) as f:
+        return request.param, buf.getvalue(), json.load(f)
+
+
+def test_half_run_names_the_dtype_in_every_table(half_run):
+    dtype, text, report = half_run
+    assert report["config"]["dtype"] == dtype
+    assert f"dtype      {dtype}" in text
+    titles = [line for line in text.splitlines() if line.startswith("attention ")]
+    assert len(titles) == 2 and all(f"[{dtype}, 1 threads]" in t for t in titles), titles
+    assert f"Summary: attnfast {dtype} vs its own float32 and the peers in {dtype}" in text
+    assert all(res["dtype"] == dtype for res in report["results"])
+
+
+def test_half_run_times_attnfast_float32_as_a_same_run_baseline(half_run):
+    dtype, text, report = half_run
+    assert "attnfast float32 (baseline)" in text and "× af f32" in text
+    assert set(report["implementations"]) == {"attnfast", "attnfast-float32", "numpy"}
+    for res in report["results"]:
+        rows = {row["impl"]: row for row in res["rows"]}
+        base, numpy_row = rows["attnfast-float32"], rows["numpy"]
+        assert base["output_dtype"] == "float32" and base["max_abs_err"] < 1e-5
+        assert base["speedup_vs_attnfast_float32"] == pytest.approx(1.0)
+        # The baseline is another dtype: it is no peer and no NumPy row to compare with.
+        assert base["speedup_vs_numpy"] is None and base["speedup_vs_best_peer"] is None
+        assert (numpy_row["speedup_vs_attnfast_float32"]
+                == pytest.approx(base["median_s"] / numpy_row["median_s"]))
+        # The baseline reads and writes float32: twice the bytes of the 16-bit rows.
+        assert base["bytes"] == pytest.approx(2 * numpy_row["bytes"])
+        assert base["peak_extra_bytes"] is not None
+
+
+def test_half_run_numpy_row_computes_in_float32_and_rounds_once(half_run):
+    dtype, text, report = half_run
+    assert (f"NumPy (float32 math): converts the 16-bit inputs to float32 and rounds the result to {dtype}, "
+            "in the timed call") in text
+    for res in report["results"]:
+        row = {r["impl"]: r for r in res["rows"]}["numpy"]
+        assert row["label"] == "NumPy (float32 math)" and row["output_dtype"] == dtype
+        assert 0 < row["max_abs_err"] < HALF_OUTPUT_ERROR[dtype]
+
+
+def test_half_run_measures_attnfast_in_the_16_bit_dtype(half_run):
+    dtype, text, report = half_run
+    for res in report["results"]:
+        rows = {r["impl"]: r for r in res["rows"]}
+        row = rows["attnfast"]
+        assert row["skipped"] is None and row["label"] == "attnfast"
+        # One rounding of a float32 result: within the dtype's half ulp, as NumPy's float32-then-round.
+        assert row["output_dtype"] == dtype and 0 < row["max_abs_err"] < HALF_OUTPUT_ERROR[dtype]
+        assert row["speedup_vs_attnfast_float32"] == pytest.approx(rows["attnfast-float32"]["median_s"]
+                                                                    / row["median_s"])
+        assert row["bytes"] == rows["numpy"]["bytes"]  # 16-bit K/V/q/out
+
+
+class _Float32Only(peers.Impl):
+    """A peer that takes one dtype for q, k and v, and only float32: TypeError otherwise."""
+
+    name = "torch"  # counted as a peer
+    label = "float32-only peer"
+
+    def __init__(self):
+        super().__init__()
+        self.q_dtypes = []
+
+    def prepare_attention(self, case, q, k, v, causal):
+        self.q_dtypes.append(q.dtype)
+        if k.dtype != np.float32:
+            raise TypeError(f"float32-only peer takes float32, got {k.dtype}")
+        return (lambda: peers.numpy_attention(q, k, v, causal)), np.asarray
+
+
+def test_a_peer_raising_type_error_is_reported_unsupported_and_the_run_goes_on(monkeypatch, capsys):
+    fake = _Float32Only()
+    monkeypatch.setattr(peers, "all_impls", lambda threads=None, dtype=None: [peers.NumpyImpl(), fake])
+    assert cli.main(["--dtype", "float16", "--shape", TINY, "--no-memory", "--no-progress", "--quick",
+                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert ("float32-only peer: n/a in float16 (unsupported: TypeError: float32-only peer takes float32, "
+            "got float16)") in out
+    assert "NumPy (float32 math)" in out  # measured as usual
+
+
+def test_a_peer_needing_one_dtype_gets_q_converted_and_says_so():
+    fake = _Float32Only()
+    case = AttentionCase(1, 2, 1, 8, 4, q_dtype="float32")
+    inputs = make_attention_inputs(case, np.float16)
+    assert fake.input_note(case, inputs) == ("q converted to float16 before timing "
+                                             "(needs one dtype for q, k and v)")
+    with pytest.raises(TypeError, match="float32-only peer takes float32, got float16"):
+        fake.prepare(case, inputs, causal=False)
+    assert fake.q_dtypes == [np.float16]
+    # attnfast takes the float32 q as it is.
+    assert peers.AttnfastImpl().input_note(case, inputs) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_float32_query_decode_case_runs_against_the_reference(dtype):
+    """The mixed case through the whole runner: attnfast takes the float32 q and returns float32, the
+    float32 reference on the same 16-bit K/V values agrees to float32 accuracy; NumPy promotes too."""
+    from attnfast.bench.runner import BenchConfig, run_benchmark
+
+    _half_dtype(dtype)
+    case = AttentionCase(2, 2, 1, 40, 16, label="decode", q_dtype="float32")
+    report = run_benchmark(BenchConfig(cases=[case], dtype=dtype, threads=1, quick=True,
+                                       measure_memory=False, progress=False, only=["attnfast", "numpy"]))
+    (res,) = report["results"]
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert res["q_dtype"] == "float32" and set(rows) == {"attnfast", "attnfast-float32", "numpy"}
+    for row in rows.values():
+        assert row["skipped"] is None and row["output_dtype"] == "float32" and row["max_abs_err"] < 1e-6
+    assert rows["attnfast"]["note"] is None
+    assert rows["numpy"]["note"] == "converts the 16-bit inputs to float32, in the timed call"
+    # q and the output in float32, K and V in 16 bits; the baseline's K and V in float32.
+    assert rows["attnfast"]["bytes"] == case.bytes_moved(2)
+    assert rows["attnfast-float32"]["bytes"] == case.bytes_moved(4)
+
+
+def test_torch_tensors_share_the_16_bit_buffers():
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    impl = peers.TorchImpl()
+    assert impl.available()
+    for dtype, tdtype in ((ml_dtypes.bfloat16, torch.bfloat16), (np.float16, torch.float16)):
+        a = np.arange(12, dtype=np.float32).reshape(3, 4).astype(dtype)
+        t = impl._tensor(a)
+        assert t.dtype == tdtype and t.data_ptr() == a.ctypes.data
+        back = impl._to_numpy(t * 2)
+        assert back.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(back.astype(np.float32), 2 * a.astype(np.float32))
+
+
+def test_fma_peak_of_a_half_run_is_the_float32_one(half_run):
+    _, text, report = half_run
+    assert report["probes"]["fma_dtype"] == "float32"
+    assert "(float32 FMA)" in text
+
+
+def test_a_stage_the_library_has_no_runner_for_is_skipped_as_such_not_as_a_dtype(monkeypatch):
+    from attnfast.bench.cases import StageCase
+    from attnfast.bench.runner import BenchConfig, run_benchmark
+
+    class NoFloat16(peers.Impl):
+        name, label = "jax", "no-float16 peer"
+
+        def dtype_unsupported(self, dtype):
+            return f"no {np.dtype(dtype).name} here"
+
+    monkeypatch.setattr(peers, "all_impls", lambda threads=None, dtype=None: [NoFloat16()])
+    cases = [StageCase("softmax", 2, 8, 8, 4), AttentionCase(1, 1, 4, 4, 4)]
+    report = run_benchmark(BenchConfig(cases=cases, dtype="float16", threads=1, quick=True,
+                                       measure_memory=False, progress=False))
+    stage_row, attention_row = (res["rows"][0] for res in report["results"])
+    assert (stage_row["skipped"], stage_row["unsupported"]) == ("stage not benchmarked for this library", False)
+    assert (attention_row["skipped"], attention_row["unsupported"]) == ("no float16 here", True)

@@ -8,7 +8,7 @@ so the report can say how close each implementation gets to the machine's limit.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -20,6 +20,11 @@ __all__ = [
     "SWEEP_QUICK",
     "SWEEP_B_H_D",
     "MEMORY_BOUND_MAX_LQ",
+    "DTYPES",
+    "HALF_DTYPES",
+    "MIXED_DECODE_SHAPES",
+    "storage_dtype",
+    "compute_dtype",
     "parse_shape",
     "default_cases",
     "stage_cases",
@@ -41,6 +46,17 @@ DEFAULT_SHAPES: List[Tuple[Tuple[int, int, int, int, int], str]] = [
     ((1, 32, 1, 4096, 128), "KV-cache decode"),
 ]
 
+#: The storage dtypes ``--dtype`` accepts, and the 16-bit ones among them (bfloat16 is ml_dtypes').
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+HALF_DTYPES = ("bfloat16", "float16")
+
+#: Decode shapes that 16-bit runs also measure with a float32 query: a float32 decoder reading a 16-bit
+#: KV cache, where halving the bytes of K and V is the whole point of the 16-bit storage.
+MIXED_DECODE_SHAPES: List[Tuple[Tuple[int, int, int, int, int], str]] = [
+    ((1, 32, 1, 4096, 128), "KV-cache decode, float32 q"),
+    ((64, 1, 1, 50, 256), "one decoder step, float32 q"),
+]
+
 #: Sequence-length sweep Lq = Lk at B=1, H=8, D=64: the full run and the --quick run.
 SWEEP_B_H_D = (1, 8, 64)
 SWEEP_FULL = (256, 512, 1024, 2048, 4096, 8192)
@@ -58,11 +74,14 @@ class AttentionCase:
     D: int
     label: str = ""
     group: str = "suite"  # "suite" (the default shapes or --shape) or "sweep"
+    #: The query's dtype when it differs from K's and V's (the run's dtype); None: the run's dtype.
+    q_dtype: Optional[str] = None
     kind: str = dataclasses.field(default="attention", init=False)
 
     @property
     def name(self) -> str:
-        return f"attention B={self.B} H={self.H} Lq={self.Lq} Lk={self.Lk} D={self.D}"
+        name = f"attention B={self.B} H={self.H} Lq={self.Lq} Lk={self.Lk} D={self.D}"
+        return name + (f" q={self.q_dtype}" if self.q_dtype else "")
 
     @property
     def shape(self) -> Tuple[int, int, int, int, int]:
@@ -76,17 +95,25 @@ class AttentionCase:
         """
         return 4.0 * self.B * self.H * self.Lq * self.Lk * self.D
 
-    def bytes_moved(self, itemsize: int) -> float:
-        """The least traffic a kernel can have: read q, K and V once, write the output once."""
+    def bytes_moved(self, itemsize: int, q_itemsize: Optional[int] = None) -> float:
+        """The least traffic a kernel can have: read q, K and V once, write the output once.
+
+        ``itemsize`` is K's and V's; q and the output have ``q_itemsize`` (default: :attr:`q_dtype`'s,
+        else ``itemsize``): a float32 query over a 16-bit cache gives a float32 output.
+        """
+        if q_itemsize is None:
+            q_itemsize = np.dtype(self.q_dtype).itemsize if self.q_dtype else itemsize
         q_and_out = 2 * self.B * self.H * self.Lq * self.D
         k_and_v = 2 * self.B * self.H * self.Lk * self.D
-        return float((q_and_out + k_and_v) * itemsize)
+        return float(q_and_out * q_itemsize + k_and_v * itemsize)
 
     @property
     def memory_bound(self) -> bool:
         return self.Lq <= MEMORY_BOUND_MAX_LQ
 
     def output_bytes(self, itemsize: int) -> int:
+        if self.q_dtype:
+            itemsize = max(itemsize, np.dtype(self.q_dtype).itemsize)  # the promoted result dtype
         return self.B * self.H * self.Lq * self.D * itemsize
 
     def score_matrix_bytes(self, itemsize: int) -> int:
@@ -95,7 +122,7 @@ class AttentionCase:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "name": self.name, "label": self.label, "group": self.group,
-                "B": self.B, "H": self.H, "Lq": self.Lq, "Lk": self.Lk, "D": self.D}
+                "B": self.B, "H": self.H, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "q_dtype": self.q_dtype}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +186,22 @@ class StageCase:
                 "stage": self.stage, "B": self.B, "Lq": self.Lq, "Lk": self.Lk, "D": self.D}
 
 
+def storage_dtype(name) -> np.dtype:
+    """The NumPy dtype of a ``--dtype`` name; bfloat16 needs ml_dtypes (imported only then)."""
+    name = np.dtype(name).name if not isinstance(name, str) else name
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return np.dtype(name)
+
+
+def compute_dtype(name) -> np.dtype:
+    """The type the arithmetic runs in: float64 for float64 data, float32 for everything else."""
+    return np.dtype(np.float64) if storage_dtype(name) == np.float64 else np.dtype(np.float32)
+
+
 def parse_shape(text: str) -> AttentionCase:
     """Parse ``"B,H,Lq,Lk,D"`` (five positive integers) into an :class:`AttentionCase`."""
     parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
@@ -173,9 +216,11 @@ def parse_shape(text: str) -> AttentionCase:
     return AttentionCase(*dims, label="--shape")
 
 
-def default_cases(quick: bool) -> List[AttentionCase]:
-    """The five issue shapes followed by the sequence-length sweep (without repeating a shape)."""
+def default_cases(quick: bool, dtype: str = "float32") -> List[AttentionCase]:
+    """The five issue shapes, then (16-bit ``dtype``) the float32-query decode shapes, then the sweep."""
     cases = [AttentionCase(*shape, label=label) for shape, label in DEFAULT_SHAPES]
+    if dtype in HALF_DTYPES:
+        cases += [AttentionCase(*shape, label=label, q_dtype="float32") for shape, label in MIXED_DECODE_SHAPES]
     seen = {c.shape for c in cases}
     b, h, d = SWEEP_B_H_D
     for length in SWEEP_QUICK if quick else SWEEP_FULL:
@@ -199,9 +244,13 @@ def stage_cases() -> List[StageCase]:
 
 
 def make_attention_inputs(case: AttentionCase, dtype, seed: int = 0):
-    """Deterministic q, k, v in (B, H, L, D) layout; standard normal, like projected activations."""
+    """Deterministic q, k, v in (B, H, L, D) layout; standard normal, like projected activations.
+
+    k and v have ``dtype``; q has the case's :attr:`~AttentionCase.q_dtype` when it sets one.
+    """
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((case.B, case.H, case.Lq, case.D), dtype=np.float64).astype(dtype)
+    q_dtype = storage_dtype(case.q_dtype) if case.q_dtype else dtype
+    q = rng.standard_normal((case.B, case.H, case.Lq, case.D), dtype=np.float64).astype(q_dtype)
     k = rng.standard_normal((case.B, case.H, case.Lk, case.D), dtype=np.float64).astype(dtype)
     v = rng.standard_normal((case.B, case.H, case.Lk, case.D), dtype=np.float64).astype(dtype)
     return q, k, v

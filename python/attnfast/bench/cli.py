@@ -5,6 +5,7 @@ Examples::
     python -m attnfast bench --quick                      # about a minute
     python -m attnfast bench --json run.json --plot run.png
     python -m attnfast bench --shape 1,8,4096,4096,64 --threads 1 --causal
+    python -m attnfast bench --dtype bfloat16             # every library in bfloat16, + attnfast float32
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .cases import default_cases, parse_shape, stage_cases
+from .cases import DTYPES, default_cases, parse_shape, stage_cases
 
 __all__ = ["build_parser", "main"]
 
@@ -48,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fewer sweep points and repeats (about a minute on 2 cores)")
     p.add_argument("--shape", action="append", type=_shape, metavar="B,H,Lq,Lk,D", default=None,
                    help="attention shape to run (repeatable); replaces the default suite")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of every input (default float32). bfloat16 (ml_dtypes) and float16 "
+                        "runs hand every library 16-bit arrays, add the decode shapes with a float32 q "
+                        "over 16-bit K/V, and time attnfast in float32 on the same shapes as a baseline")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="threads for every library (default: all usable cores)")
     p.add_argument("--causal", action="store_true", help="causal (top-left aligned) attention")
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cases(args) -> list:
     if args.shape:
         return list(args.shape)
-    return default_cases(args.quick) + stage_cases()
+    return default_cases(args.quick, args.dtype) + stage_cases()
 
 
 #: OpenBLAS worker threads busy-wait ~2^28 cycles (~0.1 s) after each BLAS call.  Interleaved with NumPy,
@@ -102,6 +106,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .plot import have_matplotlib
         if not have_matplotlib():
             parser.error("--plot needs matplotlib: pip install matplotlib")
+    if args.dtype == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401
+        except ImportError:
+            parser.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
 
     # Heavy imports (NumPy work, peers) only after the arguments are known to be good.
     from .machine import usable_cores

@@ -144,7 +144,8 @@ def machine_facts(threads: int) -> Dict[str, object]:
         "vendor": info["vendor"],
         "mhz": info["mhz"],
         "max_mhz": info["max_mhz"],
-        "cpu_simd": [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16")
+        "cpu_simd": [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16",
+                                 "avx512_fp16", "amx_bf16")
                      if f in flags],
         "cores": usable_cores(),
         "threads": threads,

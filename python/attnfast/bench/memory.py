@@ -134,16 +134,14 @@ def measure_in_child(jobs: List[dict], dtype: str, causal: bool, threads: int,
 
 def _child_main(request_path: str, answer_path: str) -> None:
     """Child side of :func:`measure_in_child`."""
-    import numpy as np
-
     from . import peers
-    from .cases import AttentionCase, case_from_dict, make_attention_inputs, make_stage_inputs
+    from .cases import AttentionCase, case_from_dict, make_attention_inputs, make_stage_inputs, storage_dtype
 
     with open(request_path) as f:
         req = json.load(f)
     tuned = tune_malloc_for_measurement()
-    dtype = np.dtype(req["dtype"])
-    impls = {i.name: i for i in peers.all_impls(req["threads"])}
+    dtype = storage_dtype(req["dtype"])
+    impls = {i.name: i for i in peers.all_impls(req["threads"], req["dtype"])}
     wanted = {name for job in req["jobs"] for name in job["impls"]}
     for name in list(impls):
         if name not in wanted or not impls[name].available():

@@ -14,6 +14,13 @@ converted back to (B, H, Lq, D) only for the error check.
 | jax           | ``jax.jit(jax.nn.dot_product_attention)`` on CPU                   | (B, L, H, D) |
 
 All of them are pinned to the same thread count (:func:`pin_threads`).
+
+16-bit runs (``--dtype bfloat16`` / ``float16``) hand every library the 16-bit arrays themselves: PyTorch
+gets zero-copy tensors of the same buffers, ONNX Runtime and JAX their FLOAT16/BFLOAT16 types.  NumPy has
+no fast 16-bit matmul (float16 runs a naive loop at ~1 GFLOP/s), so its rows convert to float32, compute,
+and round the result, as a NumPy user would; that row says so.  A library that cannot run a dtype shows
+"n/a" with its reason.  ``attnfast-float32`` is attnfast on the same values converted to float32 (outside
+the timed region): the baseline of the "× af f32" column, measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .cases import AttentionCase, StageCase
+from .cases import HALF_DTYPES, AttentionCase, StageCase, storage_dtype
 
-__all__ = ["Impl", "all_impls", "PEER_NAMES", "INSTALL_HINTS", "pin_threads", "numpy_attention"]
+__all__ = ["Impl", "all_impls", "PEER_NAMES", "BASELINE_NAME", "INSTALL_HINTS", "pin_threads",
+           "numpy_attention", "select", "error_summary"]
 
 #: Implementations that count as "peers" for the "speed-up over the best peer" column.
 PEER_NAMES = ("torch", "onnxruntime", "jax")
+
+#: attnfast in float32 on the same shape, the baseline of 16-bit runs.
+BASELINE_NAME = "attnfast-float32"
 
 INSTALL_HINTS = {
     "attnfast": "pip install .  (from the attnfast checkout; needs a C++17 compiler and CMake)",
@@ -38,6 +49,17 @@ INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime onnx",
     "jax": "pip install jax",
 }
+
+
+def error_summary(exc: BaseException) -> str:
+    """``"TypeError: <first line of the message>"``: libraries' messages can run over many lines."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _is_half(dtype) -> bool:
+    return (dtype if isinstance(dtype, str) else np.dtype(dtype).name) in HALF_DTYPES
+
 
 Runner = Callable[[], object]
 ToBHLD = Callable[[object], np.ndarray]
@@ -55,6 +77,12 @@ class Impl:
     stages = False
     #: Whether the first call does one-time work (compilation, arenas) that a memory probe must skip.
     first_call_allocates = False
+    #: Whether attention takes a query whose dtype differs from K's and V's (float32 q, 16-bit K/V).
+    #: Those that do not get q converted to K's dtype before timing, and the row says so.
+    mixed_query = False
+    #: The implementation whose availability and ``--impl`` name this one shares (the float32 baseline
+    #: comes with attnfast).
+    family: Optional[str] = None
 
     def __init__(self):
         self._error: Optional[str] = None
@@ -87,19 +115,44 @@ class Impl:
         return None
 
     # -- cases ----------------------------------------------------------------------------------
-    def skip_reason(self, case, dtype: np.dtype, causal: bool) -> Optional[str]:
-        """Why this implementation cannot run ``case`` (None when it can)."""
-        if isinstance(case, StageCase) and not self.stages:
-            return "stage not benchmarked for this library"
+    def dtype_unsupported(self, dtype: np.dtype) -> Optional[str]:
+        """Why this implementation cannot compute in ``dtype`` at all (None when it can), shown as "n/a".
+
+        Libraries that raise TypeError for a dtype need not say so here: the runner reports that too.
+        """
         return None
 
-    def label_for(self, case) -> str:
+    def runs(self, case) -> bool:
+        """Whether the benchmark has a runner of this implementation for the kind of ``case``."""
+        return self.stages or not isinstance(case, StageCase)
+
+    def skip_reason(self, case, dtype: np.dtype, causal: bool) -> Optional[str]:
+        """Why this implementation cannot run ``case`` (None when it can)."""
+        if not self.runs(case):
+            return "stage not benchmarked for this library"
+        return self.dtype_unsupported(dtype)
+
+    def label_for(self, case, dtype=None) -> str:
         return self.stage_label if isinstance(case, StageCase) and self.stage_label else self.label
+
+    def input_note(self, case, inputs: tuple) -> Optional[str]:
+        """What :meth:`prepare` changes about the inputs before timing (shown under the table)."""
+        if self._converts_query(case, inputs):
+            return (f"q converted to {inputs[1].dtype.name} before timing "
+                    f"(needs one dtype for q, k and v)")
+        return None
+
+    def _converts_query(self, case, inputs) -> bool:
+        return (isinstance(case, AttentionCase) and not self.mixed_query
+                and inputs[0].dtype != inputs[1].dtype)
 
     def prepare(self, case, inputs: tuple, causal: bool) -> Tuple[Runner, ToBHLD]:
         """A zero-argument callable that runs the case, and a function mapping its result to NumPy."""
         if isinstance(case, AttentionCase):
-            return self.prepare_attention(case, *inputs, causal=causal)
+            q, k, v = inputs
+            if self._converts_query(case, inputs):
+                q = q.astype(k.dtype)
+            return self.prepare_attention(case, q, k, v, causal=causal)
         return self.prepare_stage(case, inputs)
 
     def prepare_attention(self, case, q, k, v, causal) -> Tuple[Runner, ToBHLD]:
@@ -114,6 +167,7 @@ class AttnfastImpl(Impl):
     name = "attnfast"
     label = "attnfast"
     stages = True
+    mixed_query = True
 
     def _import(self):
         import attnfast
@@ -151,6 +205,24 @@ class AttnfastImpl(Impl):
         return (lambda: af.aggregate(w, v)), np.asarray
 
 
+class AttnfastFloat32Impl(AttnfastImpl):
+    """attnfast on the case's values converted to float32: the same-run baseline of 16-bit runs."""
+
+    name = BASELINE_NAME
+    label = "attnfast float32"
+    family = "attnfast"
+
+    def label_for(self, case, dtype=None) -> str:
+        return "attnfast float32 (baseline)"
+
+    def input_note(self, case, inputs):
+        return None
+
+    def prepare(self, case, inputs, causal):
+        # Converted outside the timed region: the values are the 16-bit ones, exactly.
+        return super().prepare(case, tuple(a.astype(np.float32) for a in inputs), causal)
+
+
 # ----------------------------------------------------------------------------------------------------
 def numpy_attention(q, k, v, causal=False):
     """Unfused attention in the inputs' dtype the way a NumPy user writes it, with in-place temporaries.
@@ -176,11 +248,20 @@ def numpy_softmax(x):
     return e
 
 
+def _in_float32(fn, result_dtype):
+    """``fn`` on float32 copies of its arguments, the result rounded to ``result_dtype``: NumPy's only
+    fast way with 16-bit arrays (its float16 matmul is a naive loop)."""
+    def run(*arrays):
+        return fn(*(a.astype(np.float32) for a in arrays)).astype(result_dtype)
+    return run
+
+
 class NumpyImpl(Impl):
     name = "numpy"
     label = "NumPy"
     quadratic_memory = True
     stages = True
+    mixed_query = True  # NumPy promotes
 
     def __init__(self):
         super().__init__()
@@ -188,6 +269,20 @@ class NumpyImpl(Impl):
 
     def version(self):
         return np.__version__
+
+    def label_for(self, case, dtype=None) -> str:
+        if dtype is not None and _is_half(dtype):
+            return "NumPy (float32 math)"
+        return super().label_for(case, dtype)
+
+    def input_note(self, case, inputs):
+        if not any(_is_half(a.dtype) for a in inputs):
+            return None
+        result = np.result_type(*inputs)
+        if _is_half(result):
+            return (f"converts the 16-bit inputs to float32 and rounds the result to {result.name}, "
+                    "in the timed call")
+        return "converts the 16-bit inputs to float32, in the timed call"
 
     def set_threads(self, n):
         # NumPy itself is single-threaded; its BLAS (matmul) is not.
@@ -208,17 +303,21 @@ class NumpyImpl(Impl):
         return max(counts) if counts else None
 
     def prepare_attention(self, case, q, k, v, causal):
+        if _is_half(k.dtype):
+            fn = _in_float32(lambda a, b, c: numpy_attention(a, b, c, causal), np.result_type(q, k, v))
+            return (lambda: fn(q, k, v)), np.asarray
         return (lambda: numpy_attention(q, k, v, causal)), np.asarray
 
     def prepare_stage(self, case, inputs):
         if case.stage == "scores":
-            q, k = inputs
-            return (lambda: np.matmul(q, np.swapaxes(k, -1, -2))), np.asarray
-        if case.stage == "softmax":
-            (x,) = inputs
-            return (lambda: numpy_softmax(x)), np.asarray
-        w, v = inputs
-        return (lambda: np.matmul(w, v)), np.asarray
+            fn = lambda q, k: np.matmul(q, np.swapaxes(k, -1, -2))  # noqa: E731
+        elif case.stage == "softmax":
+            fn = numpy_softmax
+        else:
+            fn = np.matmul
+        if _is_half(inputs[0].dtype):
+            fn = _in_float32(fn, np.result_type(*inputs))
+        return (lambda: fn(*inputs)), np.asarray
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,20 +342,32 @@ class TorchImpl(Impl):
     def threads(self):
         return self._torch.get_num_threads()
 
+    def _tensor(self, a: np.ndarray):
+        """A zero-copy tensor of ``a``'s buffer; bfloat16 through an int16 view (NumPy has no bfloat16)."""
+        if a.dtype.name == "bfloat16":
+            return self._torch.from_numpy(a.view(np.int16)).view(self._torch.bfloat16)
+        return self._torch.from_numpy(a)
+
+    def _to_numpy(self, t) -> np.ndarray:
+        if t.dtype == self._torch.bfloat16:
+            import ml_dtypes
+            return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
     def prepare_attention(self, case, q, k, v, causal):
         torch = self._torch
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))  # zero-copy views of the NumPy buffers
+        tq, tk, tv = (self._tensor(a) for a in (q, k, v))  # zero-copy views of the NumPy buffers
 
         def run():
             with torch.inference_mode():
                 return sdpa(tq, tk, tv, is_causal=causal)
 
-        return run, lambda t: t.numpy()
+        return run, self._to_numpy
 
     def prepare_stage(self, case, inputs):
         torch = self._torch
-        ts = [torch.from_numpy(a) for a in inputs]
+        ts = [self._tensor(a) for a in inputs]
         if case.stage == "scores":
             q, k = ts
             fn = lambda: torch.matmul(q, k.transpose(-1, -2))  # noqa: E731
@@ -271,7 +382,7 @@ class TorchImpl(Impl):
             with torch.inference_mode():
                 return fn()
 
-        return run, lambda t: t.numpy()
+        return run, self._to_numpy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,6 +396,7 @@ class OnnxRuntimeImpl(Impl):
         super().__init__()
         self._threads = None
         self.arena = True  # the memory probe turns the arena off so freed memory shows as freed
+        self._dtype_support: Dict[str, Optional[str]] = {}
 
     def _import(self):
         import onnxruntime as ort
@@ -302,21 +414,43 @@ class OnnxRuntimeImpl(Impl):
         return self._threads
 
     def skip_reason(self, case, dtype, causal):
-        if isinstance(case, StageCase):
-            return super().skip_reason(case, dtype, causal)
-        if np.dtype(dtype) != np.float32:
-            return "MultiHeadAttention has no float64 CPU kernel"
+        reason = super().skip_reason(case, dtype, causal)
+        if reason:
+            return reason
         if causal and case.Lq != case.Lk:
             return "unidirectional masking is aligned differently when Lq != Lk"
         return None
 
-    def _session(self, heads: int, causal: bool):
+    def dtype_unsupported(self, dtype) -> Optional[str]:
+        """Why the CPU provider cannot run MultiHeadAttention in this dtype (None when it can).
+
+        Asked of the installed ONNX Runtime once per dtype (a session on a tiny input): its CPU kernels
+        have changed between releases (1.32: float32 and float16, no float64 or bfloat16).
+        """
+        dtype_name = np.dtype(dtype).name
+        if dtype_name not in self._dtype_support:
+            reason = None
+            try:
+                sess = self._session(1, False, dtype_name)
+                x = np.zeros((1, 1, 8), dtype=storage_dtype(dtype_name))
+                sess.run(None, {"q": x, "k": x, "v": x})
+            except Exception as exc:  # noqa: BLE001 - whatever ORT raises means "no kernel for this dtype"
+                # Its messages read "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : <what>": keep the what.
+                what = error_summary(exc).rsplit(" : ", 1)[-1]
+                reason = (f"onnxruntime {self._ort.__version__} has no CPU MultiHeadAttention kernel for "
+                          f"{dtype_name}: {what}")
+            self._dtype_support[dtype_name] = reason
+        return self._dtype_support[dtype_name]
+
+    def _session(self, heads: int, causal: bool, dtype_name: str = "float32"):
         helper, tp, ort = self._helper, self._tp, self._ort
         attrs = {"num_heads": heads}
         if causal:
             attrs["unidirectional"] = 1
+        elem = {"float32": tp.FLOAT, "float64": tp.DOUBLE, "float16": tp.FLOAT16,
+                "bfloat16": tp.BFLOAT16}[dtype_name]
         node = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", **attrs)
-        io = [helper.make_tensor_value_info(n, tp.FLOAT, None) for n in ("q", "k", "v", "o")]
+        io = [helper.make_tensor_value_info(n, elem, None) for n in ("q", "k", "v", "o")]
         graph = helper.make_graph([node], "mha", io[:3], io[3:])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                          helper.make_opsetid("com.microsoft", 1)])
@@ -334,7 +468,7 @@ class OnnxRuntimeImpl(Impl):
     def prepare_attention(self, case, q, k, v, causal):
         ort = self._ort
         B, H, Lq, _, D = case.shape
-        sess = self._session(H, causal)
+        sess = self._session(H, causal, k.dtype.name)
         # Query must be (B, Lq, H·D); key and value may stay (B, H, Lk, D) ("BNSH"), saving two copies.
         q_bsd = np.ascontiguousarray(q.transpose(0, 2, 1, 3).reshape(B, Lq, H * D))
         binding = sess.io_binding()
@@ -365,6 +499,7 @@ class JaxImpl(Impl):
     def __init__(self, threads: Optional[int] = None):
         super().__init__()
         self._threads = threads
+        self._dtype_support: Dict[str, Optional[str]] = {}
 
     def _import(self):
         # XLA reads its flags once, at import: the thread count must be set before.
@@ -391,6 +526,26 @@ class JaxImpl(Impl):
         from .machine import usable_cores
         return 1 if self._threads == 1 else usable_cores()
 
+    def dtype_unsupported(self, dtype) -> Optional[str]:
+        """Why the jitted call fails in this 16-bit dtype on CPU (None when it runs), asked once.
+
+        jax 0.10 compiles float16 to a float16 x float16 -> float32 dot that XLA:CPU rejects; bfloat16 runs.
+        """
+        dtype_name = np.dtype(dtype).name
+        if not _is_half(dtype_name):
+            return None
+        if dtype_name not in self._dtype_support:
+            reason = None
+            try:
+                x = self._jax.device_put(np.zeros((1, 2, 1, 8), dtype=storage_dtype(dtype_name)))
+                fn = self._jax.jit(lambda a, b, c: self._jax.nn.dot_product_attention(a, b, c))
+                fn(x, x, x).block_until_ready()
+            except Exception as exc:  # noqa: BLE001 - any failure means this dtype cannot be measured
+                reason = (f"jax {self._jax.__version__}: jit(dot_product_attention) fails in {dtype_name} "
+                          f"on CPU ({error_summary(exc)})")
+            self._dtype_support[dtype_name] = reason
+        return self._dtype_support[dtype_name]
+
     def prepare_attention(self, case, q, k, v, causal):
         jax = self._jax
         if q.dtype == np.float64:
@@ -410,9 +565,22 @@ def _loaded_modules():
     return sys.modules
 
 
-def all_impls(threads: Optional[int] = None) -> List[Impl]:
-    """Every implementation the benchmark knows, attnfast first and NumPy second."""
-    return [AttnfastImpl(), NumpyImpl(), TorchImpl(), OnnxRuntimeImpl(), JaxImpl(threads)]
+def all_impls(threads: Optional[int] = None, dtype: Optional[str] = None) -> List[Impl]:
+    """Every implementation the benchmark knows, attnfast first and NumPy second.
+
+    For a 16-bit ``dtype`` the float32 baseline (:data:`BASELINE_NAME`) follows attnfast.
+    """
+    impls: List[Impl] = [AttnfastImpl()]
+    if dtype is not None and _is_half(dtype):
+        impls.append(AttnfastFloat32Impl())
+    return impls + [NumpyImpl(), TorchImpl(), OnnxRuntimeImpl(), JaxImpl(threads)]
+
+
+def select(impls: List[Impl], names: Optional[List[str]]) -> List[Impl]:
+    """The implementations ``--impl`` names (all when ``names`` is None); a family brings its members."""
+    if not names:
+        return list(impls)
+    return [i for i in impls if i.name in names or (i.family is not None and i.family in names)]
 
 
 def pin_threads(impls, n: int) -> Dict[str, Optional[int]]:

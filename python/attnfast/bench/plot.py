@@ -64,8 +64,10 @@ def plot_report(report: dict, path: str) -> str:
             ax_mem.plot(xs, ys, marker="o", label=label)
     peak = report["probes"].get("fma_peak_flops_per_s")
     if peak:
+        fma_dtype = report["probes"].get("fma_dtype")
+        which = f" ({fma_dtype})" if fma_dtype and fma_dtype != cfg["dtype"] else ""
         ax_speed.axhline(peak / 1e9, color="black", linestyle="--", linewidth=1,
-                         label=f"FMA peak {peak / 1e9:.0f} GFLOP/s")
+                         label=f"FMA peak{which} {peak / 1e9:.0f} GFLOP/s")
     title = (f"Lq=Lk, {cfg['dtype']}, {cfg['threads']} threads"
              f"{', causal' if cfg.get('causal') else ''}")
     ax_speed.set(xscale="log", xlabel="sequence length", ylabel="GFLOP/s", title=f"Speed — {title}")

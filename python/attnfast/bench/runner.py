@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import machine, memory, peers, probes
-from .cases import AttentionCase, make_attention_inputs, make_stage_inputs
+from .cases import (AttentionCase, compute_dtype, make_attention_inputs, make_stage_inputs,
+                    storage_dtype)
 from .progress import Progress
 from .reference_check import ReferenceCheck
 from .timing import TimingPolicy, median, time_interleaved
@@ -80,7 +81,8 @@ def _detect(impls: List[peers.Impl]) -> Dict[str, dict]:
 
 
 def _probe_fma(cfg: BenchConfig) -> dict:
-    return probes.fma_peak(0.3 if cfg.quick else 1.0, cfg.dtype, cfg.threads)
+    # 16-bit data is computed in float32: the float32 FMA peak is the limit its kernels are measured by.
+    return probes.fma_peak(0.3 if cfg.quick else 1.0, compute_dtype(cfg.dtype), cfg.threads)
 
 
 def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict:
@@ -88,7 +90,7 @@ def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict
 
     The best sample counts: on a shared machine either probe may have lost its cores for a while.
     """
-    itemsize = np.dtype(cfg.dtype).itemsize
+    itemsize = compute_dtype(cfg.dtype).itemsize
     best = max(samples, key=lambda m: m["flops_per_s"])
     info = {**machine.cpu_info(), "mhz": facts["mhz"], "max_mhz": facts["max_mhz"]}
     theory = machine.theoretical_fma_peak(cfg.threads, itemsize, info)
@@ -104,19 +106,33 @@ def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict
         note = ("FMA probe disturbed (other processes busy?): using the spec-sheet peak; "
                 "timings of this run are likely disturbed too")
     return {"fma_peak_flops_per_s": used, "fma_measured": best, "fma_samples": samples,
-            "fma_theoretical": theory, "fma_note": note, "read_bandwidth": []}
+            "fma_theoretical": theory, "fma_note": note, "fma_dtype": compute_dtype(cfg.dtype).name,
+            "read_bandwidth": []}
+
+
+def _row_bytes(case, row: dict, itemsize: int) -> float:
+    """Least bytes the row's call moves: the baseline reads and writes float32, the rest the run's dtype."""
+    if row["impl"] != peers.BASELINE_NAME:
+        return case.bytes_moved(itemsize)
+    if isinstance(case, AttentionCase):
+        return case.bytes_moved(4, q_itemsize=4)
+    return case.bytes_moved(4)
 
 
 def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize: int,
             causal: bool) -> None:
-    """Fill GFLOP/s, GB/s, % of the limit and the speed-ups into each row of ``result``."""
+    """Fill GFLOP/s, GB/s, % of the limit and the speed-ups into each row of ``result``.
+
+    "× NumPy" and "× best peer" compare rows of the run's dtype only; the float32 baseline of a 16-bit
+    run has its own column, ``speedup_vs_attnfast_float32``, filled for every row.
+    """
     flops = case.flops(causal)
     nbytes = case.bytes_moved(itemsize)
-    limit_bw = bw.rate(nbytes) if case.memory_bound else None
-    result["read_bandwidth_bytes_per_s"] = limit_bw
+    result["read_bandwidth_bytes_per_s"] = bw.rate(nbytes) if case.memory_bound else None
     rows = result["rows"]
     times = {r["impl"]: r["median_s"] for r in rows if r.get("median_s")}
     numpy_t = times.get("numpy")
+    baseline_t = times.get(peers.BASELINE_NAME)
     peer_times = [t for name, t in times.items() if name in peers.PEER_NAMES]
     best_peer = min(peer_times) if peer_times else None
     best_peer_name = next((n for n, t in times.items() if t == best_peer and n in peers.PEER_NAMES), None)
@@ -125,32 +141,47 @@ def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize
         t = r.get("median_s")
         if not t:
             continue
+        row_bytes = _row_bytes(case, r, itemsize)
+        r["bytes"] = row_bytes
         r["gflops"] = flops / t / 1e9
-        r["gbps"] = nbytes / t / 1e9
+        r["gbps"] = row_bytes / t / 1e9
         if case.memory_bound:
-            r["pct_of_limit"] = 100.0 * (nbytes / t) / limit_bw if limit_bw else None
+            limit_bw = bw.rate(row_bytes)
+            r["pct_of_limit"] = 100.0 * (row_bytes / t) / limit_bw if limit_bw else None
             r["limit"] = "read_bandwidth"
         else:
             peak = peaks["fma_peak_flops_per_s"]
             r["pct_of_limit"] = 100.0 * (flops / t) / peak if peak else None
             r["limit"] = "fma_peak"
-        r["speedup_vs_numpy"] = numpy_t / t if numpy_t else None
-        r["speedup_vs_best_peer"] = best_peer / t if best_peer else None
+        same_dtype = r["impl"] != peers.BASELINE_NAME
+        r["speedup_vs_numpy"] = numpy_t / t if numpy_t and same_dtype else None
+        r["speedup_vs_best_peer"] = best_peer / t if best_peer and same_dtype else None
+        r["speedup_vs_attnfast_float32"] = baseline_t / t if baseline_t else None
 
 
 _MATERIALISING = ("numpy", "jax")
 
 
 def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Optional[int]) -> dict:
-    """Time one case on every implementation, interleaved; check accuracy on the first call's output."""
-    dtype = np.dtype(cfg.dtype)
+    """Time one case on every implementation, interleaved; check accuracy on the first call's output.
+
+    An implementation that raises TypeError on its first call does not take this dtype: its row says
+    "unsupported" with the message, and the others are measured as usual.
+    """
+    dtype = storage_dtype(cfg.dtype)
     inputs = (make_attention_inputs(case, dtype) if isinstance(case, AttentionCase)
               else make_stage_inputs(case, dtype))
     check = ReferenceCheck(case, inputs, cfg.causal)
     rows: Dict[str, dict] = {}
     runners = {}
     for impl in impls:
-        row = rows.setdefault(impl.name, {"impl": impl.name, "label": impl.label_for(case), "skipped": None})
+        row = rows.setdefault(impl.name, {"impl": impl.name, "label": impl.label_for(case, dtype),
+                                          "skipped": None, "unsupported": False,
+                                          "note": impl.input_note(case, inputs)})
+        unsupported = impl.dtype_unsupported(dtype) if impl.runs(case) else None
+        if unsupported:
+            row["skipped"], row["unsupported"] = unsupported, True
+            continue
         reason = impl.skip_reason(case, dtype, cfg.causal)
         need = memory_need(impl, case, dtype.itemsize)
         if reason is None and available_mem is not None and need > _MEMORY_HEADROOM * available_mem:
@@ -161,10 +192,16 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
         try:
             run, to_numpy = impl.prepare(case, inputs, cfg.causal)
             out = run()  # first call: also the first warm-up
-            row["max_abs_err"] = check.max_abs_error(out, to_numpy)
-            del out
+            got = np.asarray(to_numpy(out))
+            row["output_dtype"] = got.dtype.name
+            row["max_abs_err"] = check.max_abs_error(got, np.asarray)
+            del out, got
+        except TypeError as exc:
+            row["skipped"] = f"unsupported: {peers.error_summary(exc)}"
+            row["unsupported"] = True
+            continue
         except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the benchmark
-            row["skipped"] = f"failed: {type(exc).__name__}: {exc}"
+            row["skipped"] = f"failed: {peers.error_summary(exc)}"
             continue
         runners[impl.name] = run
     policy = dataclasses.replace(cfg.policy, warmup=max(0, cfg.policy.warmup - 1))
@@ -181,9 +218,11 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
         rows[name]["median_s"] = median(ts)
         rows[name]["repeats"] = len(ts)
     result = case.to_dict()
-    result.update({"flops": case.flops(cfg.causal), "bytes": case.bytes_moved(dtype.itemsize),
+    result.update({"dtype": dtype.name, "flops": case.flops(cfg.causal),
+                   "bytes": case.bytes_moved(dtype.itemsize),
                    "bound": "memory" if case.memory_bound else "compute",
                    "output_bytes": case.output_bytes(dtype.itemsize),
+                   "output_bytes_float32": case.output_bytes(4),
                    "reference_note": check.error, "rows": list(rows.values())})
     return result
 
@@ -200,9 +239,7 @@ def _memory_jobs(results: List[dict], cases: Sequence[object]) -> List[dict]:
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run everything ``cfg`` asks for and return the report dict (schema :data:`SCHEMA`)."""
     t_start = time.perf_counter()
-    impls = peers.all_impls(cfg.threads)
-    if cfg.only:
-        impls = [i for i in impls if i.name in cfg.only]
+    impls = peers.select(peers.all_impls(cfg.threads, cfg.dtype), cfg.only)
     detected = _detect(impls)
     thread_counts = peers.pin_threads(impls, cfg.threads)
     active = [i for i in impls if i.available()]
@@ -229,13 +266,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                 per_impl = mem.get("results", {}).get(res["name"], {})
                 for r in res["rows"]:
                     peak = per_impl.get(r["impl"])
+                    baseline = r["impl"] == peers.BASELINE_NAME
+                    output = res["output_bytes_float32" if baseline else "output_bytes"]
                     r["peak_rss_delta_bytes"] = peak
-                    r["peak_extra_bytes"] = None if peak is None else max(0, peak - res["output_bytes"])
+                    r["peak_extra_bytes"] = None if peak is None else max(0, peak - output)
             progress.step()
         fma_samples.append(_probe_fma(cfg))
         peaks = _summarise_peaks(cfg, facts, fma_samples)
         bw = probes.BandwidthCache(0.1 if cfg.quick else 0.3, cfg.threads)
-        itemsize = np.dtype(cfg.dtype).itemsize
+        itemsize = storage_dtype(cfg.dtype).itemsize
         for res, case in zip(results, cfg.cases):
             _derive(res, case, peaks, bw, itemsize, cfg.causal)
         peaks["read_bandwidth"] = list(bw.results.values())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import attnfast
+from attnfast import _attnfast as _core
 from attnfast import _inputs
 from attnfast import reference as ref
 from conftest import (BFLOAT16, FLOAT16, SIXTEEN_BIT, assert_close_fixed, assert_close_to_reference,
@@ -225,6 +226,22 @@ def test_plain_fast_path_agrees_with_the_validated_path(isa, rng, mix):
     out = np.empty_like(plain)
     assert attnfast.attention(q, k, v, causal=True, out=out) is out
     assert np.array_equal(out, plain)
+
+
+@pytest.mark.parametrize("mix", ["f16", "bf16", "f32q+bf16kv"])
+def test_the_fast_path_takes_one_16_bit_cache_and_float32_or_same_type_queries(rng, mix):
+    # The compiled core runs these calls itself (a decoder step over a 16-bit cache must not pay the
+    # validating layer); the result has q's dtype, bitwise what the validated path gives.
+    q, k, v = qkv16(rng, mix, (3, 2), 1, 50, 32)
+    fast = _core.plain_attention(q, k, v, None, "scaled_dot", None, False, "top_left")
+    assert fast is not None and fast.dtype == q.dtype == result_of(mix)
+    assert np.array_equal(fast, attnfast.attention(q, k, v, kv_lengths=np.array(50)))
+
+
+@pytest.mark.parametrize("mix", ["f16q+bf16kv", "f64q+bf16kv"])
+def test_the_fast_path_leaves_other_mixes_to_the_validated_path(rng, mix):
+    q, k, v = qkv16(rng, mix, (3, 2), 1, 50, 32)
+    assert _core.plain_attention(q, k, v, None, "scaled_dot", None, False, "top_left") is None
 
 
 # --------------------------------------------------------------------------

@@ -299,9 +299,10 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
 
 // ---- The plain-call fast path -------------------------------------------------------------------
 // A decoder step is a short call, and the Python validation layer costs several percent of it. The most
-// common call -- three same-dtype float ndarrays with one batch shape, aligned unit-stride rows,
-// dot-product scores, no mask, lse or weights, and no out= or a C-contiguous one of the result's shape
-// and dtype that overlaps no input -- is recognised here with a few type and shape tests, for which
+// common call -- three same-dtype float ndarrays (or float32 queries over a 16-bit cache) with one batch
+// shape, aligned unit-stride rows, dot-product scores, no mask, lse or weights, and no out= or a
+// C-contiguous one of the result's shape and dtype that overlaps no input -- is recognised here with a
+// few type and shape tests, for which
 // the general validation could not fail and would produce exactly these kernel arguments. Any other
 // call returns None and python/attnfast/_api.py takes the general path, which also raises every error.
 
@@ -360,7 +361,7 @@ py::object run_plain_attention(const py::array& q, const py::array& k, const py:
   py::array result;
   if (out.is_none()) {
     // A result NumPy cannot make is the Python path's error to raise, with the shapes that caused it.
-    if (!fits_one_array(result_shape, sizeof(S))) return py::none();
+    if (!fits_one_array(result_shape, q.itemsize())) return py::none();
     result = py::array(q.dtype(), result_shape);
   } else {
     if (!is_exact_ndarray(out)) return py::none();
@@ -388,9 +389,12 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   if (!is_exact_ndarray(qh) || !is_exact_ndarray(kh) || !is_exact_ndarray(vh)) return py::none();
   const auto q = py::reinterpret_borrow<py::array>(qh), k = py::reinterpret_borrow<py::array>(kh),
              v = py::reinterpret_borrow<py::array>(vh);
-  const Storage storage = storage_of(q);
-  if (storage == Storage::unsupported) return py::none();
-  if (!k.dtype().is(q.dtype()) || !v.dtype().is(q.dtype())) return py::none();
+  // k and v of one storage type; q of that type, or float32 over a 16-bit cache (the result then has
+  // q's dtype in both cases: NumPy's promotion).
+  const Storage storage = storage_of(k);
+  if (storage == Storage::unsupported || !v.dtype().is(k.dtype())) return py::none();
+  const bool sixteen_bit = storage == Storage::f16 || storage == Storage::bf16;
+  if (!q.dtype().is(k.dtype()) && !(sixteen_bit && storage_of(q) == Storage::f32)) return py::none();
   const bool f32 = storage != Storage::f64;  // computed in float32
   const py::ssize_t nd = q.ndim();
   if (nd < 2 || k.ndim() != nd || v.ndim() != nd) return py::none();
@@ -415,7 +419,7 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   const bool is_causal = causal.ptr() == Py_True;
   const bool bottom_right = PyUnicode_CompareWithASCIIString(causal_align.ptr(), "bottom_right") == 0;
   py::object result;
-  with_storage(q, "q", [&](auto types) {
+  with_storage(k, "k", [&](auto types) {
     using Ty = decltype(types);
     result = run_plain_attention<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, c, is_causal, bottom_right);
   });

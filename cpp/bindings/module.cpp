@@ -72,10 +72,15 @@ const py::dtype& bfloat16_dtype() {
   return *dt;
 }
 
+const py::dtype& float16_dtype() {
+  static const py::dtype* const dt = new py::dtype("float16");  // kept for the process' life
+  return *dt;
+}
+
 Storage storage_of(const py::dtype& dt) {
   if (dt.equal(py::dtype::of<float>())) return Storage::f32;
   if (dt.equal(py::dtype::of<double>())) return Storage::f64;
-  if (dt.equal(py::dtype("float16"))) return Storage::f16;
+  if (dt.equal(float16_dtype())) return Storage::f16;
   if (dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bfloat16_dtype())) return Storage::bf16;
   return Storage::unsupported;
 }

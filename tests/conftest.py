@@ -462,6 +462,18 @@ def random_qkv(rng, dtypes, batch, lq, lk, d, dv=None, kv_batch=None):
     return q, k, v
 
 
+def poisoned_kv(k, v, lengths, masked_key, garbage):
+    """Copies of k and v (batch, Lk, D) holding ``garbage`` in every key a row cannot see: those past
+    ``lengths[b]`` of item b, and key ``masked_key`` (which the caller's mask hides)."""
+    dirty_k, dirty_v = k.copy(), v.copy()
+    for b, n in enumerate(lengths):
+        dirty_k[b, n:] = garbage
+        dirty_v[b, n:] = garbage
+    dirty_k[:, masked_key] = garbage
+    dirty_v[:, masked_key] = garbage
+    return dirty_k, dirty_v
+
+
 def relayout(a, layout):
     """The same values as ``a`` stored with another memory layout (views with unusual strides)."""
     if layout == "C":

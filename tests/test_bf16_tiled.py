@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import attnfast
-from conftest import BFLOAT16, check_attention, random_qkv, relayout, up
+from conftest import BFLOAT16, check_attention, poisoned_kv, random_qkv, relayout, up
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -104,12 +104,7 @@ def test_hidden_non_finite_values_stay_hidden(isa, rng, garbage):
     lengths = np.array([70, 5])
     mask = np.ones((30, 90), bool)
     mask[:, 9] = False
-    dirty_k, dirty_v = k.copy(), v.copy()
-    for b, n in enumerate(lengths):
-        dirty_k[b, n:] = garbage
-        dirty_v[b, n:] = garbage
-    dirty_k[:, 9] = garbage
-    dirty_v[:, 9] = garbage
+    dirty_k, dirty_v = poisoned_kv(k, v, lengths, 9, garbage)
     kw = {"kv_lengths": lengths, "mask": mask}
     clean = attnfast.attention(q, k, v, return_lse=True, return_weights=True, **kw)
     dirty = attnfast.attention(q, dirty_k, dirty_v, return_lse=True, return_weights=True, **kw)

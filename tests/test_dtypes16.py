@@ -21,8 +21,8 @@ from attnfast import _inputs
 from attnfast import reference as ref
 from conftest import (BFLOAT16, FLOAT16, SIXTEEN_BIT, assert_close_fixed, assert_close_to_reference,
                       check_attention, method_weights, naive16_aggregate, naive16_scores, naive16_softmax,
-                      naive_scores, naive_softmax, random_qkv, relayout, rounded_to, scores_magnitude,
-                      sum_magnitude, up, weights64)
+                      naive_scores, naive_softmax, poisoned_kv, random_qkv, relayout, rounded_to,
+                      scores_magnitude, sum_magnitude, up, weights64)
 
 F16, BF16 = FLOAT16, BFLOAT16
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -433,12 +433,7 @@ def test_hidden_garbage_never_reaches_visible_rows(isa, rng, mix, garbage):
     lengths = np.array([25, 3])
     mask = np.ones((6, 40), bool)
     mask[:, 5] = False
-    dirty_k, dirty_v = k.copy(), v.copy()
-    for b, n in enumerate(lengths):
-        dirty_k[b, n:] = garbage
-        dirty_v[b, n:] = garbage
-    dirty_k[:, 5] = garbage  # masked key
-    dirty_v[:, 5] = garbage
+    dirty_k, dirty_v = poisoned_kv(k, v, lengths, 5, garbage)  # key 5: masked
     for kw in ({"kv_lengths": lengths, "mask": mask}, {"kv_lengths": lengths, "mask": mask, "causal": True}):
         clean = attnfast.attention(q, k, v, return_lse=True, return_weights=True, **kw)
         dirty = attnfast.attention(q, dirty_k, dirty_v, return_lse=True, return_weights=True, **kw)

@@ -19,6 +19,7 @@ struct KernelTable {
   int (*softmax)(const SoftmaxParams<S, T>&) = nullptr;
   int (*aggregate)(const AggregateParams<S, T>&) = nullptr;
   int (*attention)(const AttentionParams<S, T>&) = nullptr;
+  int (*attention_backward)(const AttentionBackwardParams<S, T>&) = nullptr;
 };
 
 struct TargetKernels {

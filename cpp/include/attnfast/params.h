@@ -120,4 +120,30 @@ struct AttentionParams {
   int num_threads = 1;
 };
 
+// Gradients of the fused attention (FlashAttention-2 style): P is recomputed tile by tile from the
+// forward's lse, never stored. `forward` holds exactly the operands, masks and sizes the forward call
+// got (q or q_wide, k, v, scale, v_a, mask, bias, kv_lengths, causal, diagonal_offset, window), its
+// result O in out or out_wide (read here, for delta_i = dO_i . O_i) and its lse (read; required).
+// forward.weights is unused. dO is stored in S (dout) or T (dout_wide); exactly one has data.
+//
+// Outputs, all in T, written (never accumulated into), unit column strides:
+//   dq (batch, lq, depth); dk (kv items, lk, depth), dv (kv items, lk, dv), where kv item = b / group:
+//   a kv item's gradient sums the contributions of its `group` query items (GQA/MQA).
+//   dscores (optional; batch, lq, lk): dS, the gradient of the final scores (bias included), i.e. the
+//   gradient of an additive bias before any broadcast reduction; 0 where a key is hidden.
+//   dv_a (additive scores only, forward.v_a set; (depth,)): the gradient of v_a. dq and dk are then the
+//   gradients of the projected queries (bias included) and keys.
+// A row with no visible key gets zero gradients; a hidden key contributes nothing to any gradient,
+// whatever its K and V hold. Every output element is computed by one task in an order that depends on
+// the shapes only: results are bitwise identical for any thread count.
+template <class S, class T = S>
+struct AttentionBackwardParams {
+  AttentionParams<S, T> forward;
+  Operand<const S> dout;       // unit column stride
+  Operand<const T> dout_wide;  // unit column stride; instead of dout
+  Operand<T> dq, dk, dv;
+  Operand<T> dscores;  // optional
+  T* dv_a = nullptr;   // additive only
+};
+
 }  // namespace attnfast

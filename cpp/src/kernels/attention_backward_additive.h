@@ -28,7 +28,8 @@
 // Parallel: one task per kv item owns that item's dkp and dV rows and the dqp and dscores rows of its
 // `group` query items, and writes its dv_a partial into its own slot; the partials are added in task
 // order afterwards. Every output element is therefore computed in an order fixed by the shape: results
-// are bitwise identical for any thread count. Scratch per thread: four hidden-sized vectors.
+// are bitwise identical for any thread count. Scratch: four hidden-sized vectors per thread and one
+// hidden-sized partial per kv item; nothing grows with the sequence lengths.
 #pragma once
 #include <cstdlib>
 
@@ -181,22 +182,18 @@ struct AdditiveBackward {
 
   // A row whose lse is +inf: the forward weighed its +inf scores 1 / count each and the rest 0 (a NaN
   // score makes the count, and so the weights, NaN); dS = 0, so only dV changes.
+  T saturated_share(int64_t b, int64_t i, int64_t j, Work& w) const {
+    if (!kept(b, i, j)) return T(0);
+    const T s = score(query_row(b, i), f.k.row(b / f.group, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
+    return s == pos_inf<T>() ? T(1) : (s != s ? s : T(0));
+  }
   void saturated_row(int64_t b, int64_t i, int64_t lo, int64_t hi, Work& w) const {
-    const int64_t bkv = b / f.group;
-    const T* qp = query_row(b, i);
     T count = 0;
-    for (int64_t pass = 0; pass < 2; ++pass) {
-      const T weight = T(1) / count;
-      for (int64_t j = lo; j < hi; ++j) {
-        if (!kept(b, i, j)) continue;
-        const T s = score(qp, f.k.row(bkv, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
-        const T share = s == pos_inf<T>() ? T(1) : (s != s ? s : T(0));
-        if (pass == 0) {
-          count += share;
-        } else if (share != T(0)) {
-          add_scaled(dout_row(b, i), share * weight, p.dv.row(bkv, j), f.dv);
-        }
-      }
+    for (int64_t j = lo; j < hi; ++j) count += saturated_share(b, i, j, w);
+    const T weight = T(1) / count;
+    for (int64_t j = lo; j < hi; ++j) {
+      const T share = saturated_share(b, i, j, w);
+      if (share != T(0)) add_scaled(dout_row(b, i), share * weight, p.dv.row(b / f.group, j), f.dv);
     }
   }
 

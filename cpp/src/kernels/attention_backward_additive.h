@@ -62,13 +62,13 @@ struct AdditiveBackward {
     T *va_scaled, *tanh, *dva_row, *dva_item;
   };
 
-  int64_t scratch_bytes() const { return 4 * Carver::bytes<T>(hidden_pad); }
+  int64_t scratch_bytes() const { return 3 * Carver::bytes<T>(hidden_pad) + Carver::bytes<T>(2 * hidden_pad); }
 
   Work carve_work(unsigned char* scratch) const {
     Carver carve(scratch);
     Work w;
     w.va_scaled = carve.take<T>(hidden_pad);
-    w.tanh = carve.take<T>(hidden_pad);
+    w.tanh = carve.take<T>(2 * hidden_pad);
     w.dva_row = carve.take<T>(hidden_pad);
     w.dva_item = carve.take<T>(hidden_pad);
     for (int64_t a = 0; a < hidden_pad; ++a) w.va_scaled[a] = a < f.depth ? f.v_a[a] * f.scale : T(0);
@@ -93,6 +93,34 @@ struct AdditiveBackward {
       acc = fmadd(V::load_partial(va + a, tail), th, acc);
     }
     return reduce_add(acc);
+  }
+
+  // score_block for two keys of one query: the same two sums, each term for term as score_block's,
+  // side by side (two FMA chains, one load of q and v_a for both).
+  static void score_block_two(const T* q, const T* k0, const T* k1, const T* va, int64_t n, T* t0, T* t1,
+                              T* s0, T* s1) {
+    const int64_t full = n / L * L;
+    const int tail = static_cast<int>(n - full);
+    V acc0 = V::zero(), acc1 = V::zero();
+    int64_t a = 0;
+    for (; a < full; a += L) {
+      const V qa = V::load(q + a), vaa = V::load(va + a);
+      const V th0 = tanh_approx(qa + V::load(k0 + a)), th1 = tanh_approx(qa + V::load(k1 + a));
+      th0.store(t0 + a);
+      th1.store(t1 + a);
+      acc0 = fmadd(vaa, th0, acc0);
+      acc1 = fmadd(vaa, th1, acc1);
+    }
+    if (tail) {
+      const V qa = V::load_partial(q + a, tail), vaa = V::load_partial(va + a, tail);
+      const V th0 = tanh_approx(qa + V::load_partial(k0 + a, tail)), th1 = tanh_approx(qa + V::load_partial(k1 + a, tail));
+      th0.store(t0 + a);
+      th1.store(t1 + a);
+      acc0 = fmadd(vaa, th0, acc0);
+      acc1 = fmadd(vaa, th1, acc1);
+    }
+    *s0 = reduce_add(acc0);
+    *s1 = reduce_add(acc1);
   }
 
   // The score of one pair before its bias, as the forward's additive_score sums it (a tree of blocks
@@ -166,6 +194,32 @@ struct AdditiveBackward {
     }
   }
 
+  // accumulate_pair for two keys of one row, in the same order (key j0's terms first): bitwise the
+  // same sums, with one load and store of dq and dva_row for both.
+  void accumulate_two(const T* t0, const T* t1, const T* va, T ds0, T ds1, T* dq, T* dk0, T* dk1,
+                      T* dva_row) const {
+    const V d0 = V::set1(ds0), d1 = V::set1(ds1), one = V::set1(T(1));
+    const int64_t full = f.depth / L * L;
+    const int tail = static_cast<int>(f.depth - full);
+    int64_t a = 0;
+    for (; a < full; a += L) {
+      const V u0 = V::load(t0 + a), u1 = V::load(t1 + a), vaa = V::load(va + a);
+      const V g0 = (d0 * vaa) * fmadd(negate(u0), u0, one), g1 = (d1 * vaa) * fmadd(negate(u1), u1, one);
+      ((V::load(dq + a) + g0) + g1).store(dq + a);
+      (V::load(dk0 + a) + g0).store(dk0 + a);
+      (V::load(dk1 + a) + g1).store(dk1 + a);
+      fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+    }
+    if (tail) {
+      const V u0 = V::load(t0 + a), u1 = V::load(t1 + a), vaa = V::load(va + a);
+      const V g0 = (d0 * vaa) * fmadd(negate(u0), u0, one), g1 = (d1 * vaa) * fmadd(negate(u1), u1, one);
+      ((V::load_partial(dq + a, tail) + g0) + g1).store_partial(dq + a, tail);
+      (V::load_partial(dk0 + a, tail) + g0).store_partial(dk0 + a, tail);
+      (V::load_partial(dk1 + a, tail) + g1).store_partial(dk1 + a, tail);
+      fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+    }
+  }
+
   // The bias of key j in row (b, i), or 0 without one; -inf hides the key (add_bias_entry).
   T bias_of(int64_t b, int64_t i, int64_t j) const {
     return f.bias.data ? f.bias.row(b, i)[j * f.bias.col_stride_elements] : T(0);
@@ -197,10 +251,41 @@ struct AdditiveBackward {
     }
   }
 
+  // One visible (row, key) pair: P and dS from the recomputed score, then every gradient update.
+  void pair_backward(int64_t b, int64_t i, int64_t j, T lse, T delta, T* dq, T* dscores, Work& w) const {
+    const int64_t bkv = b / f.group;
+    const T* dout = dout_row(b, i);
+    const T s = score(query_row(b, i), f.k.row(bkv, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
+    const T pij = exp_of(s - lse);
+    const T ds = pij * (dot(dout, f.v.row(bkv, j), f.dv) - delta);
+    add_scaled(dout, pij, p.dv.row(bkv, j), f.dv);
+    accumulate_pair(w.tanh, w.va_scaled, ds, dq, p.dk.row(bkv, j), w.dva_row);
+    if (dscores) dscores[j] = ds;
+  }
+
+  // pair_backward for two keys j0 < j1 of one row: bitwise the same results, fewer loads and stores.
+  void two_pairs_backward(int64_t b, int64_t i, int64_t j0, int64_t j1, T lse, T delta, T* dq, T* dscores,
+                          Work& w) const {
+    const int64_t bkv = b / f.group;
+    const T* dout = dout_row(b, i);
+    T* t1 = w.tanh + hidden_pad;
+    T s0, s1;
+    score_block_two(query_row(b, i), f.k.row(bkv, j0), f.k.row(bkv, j1), w.va_scaled, f.depth, w.tanh, t1, &s0, &s1);
+    const T p0 = exp_of(s0 + bias_of(b, i, j0) - lse), p1 = exp_of(s1 + bias_of(b, i, j1) - lse);
+    const T ds0 = p0 * (dot(dout, f.v.row(bkv, j0), f.dv) - delta);
+    const T ds1 = p1 * (dot(dout, f.v.row(bkv, j1), f.dv) - delta);
+    add_scaled(dout, p0, p.dv.row(bkv, j0), f.dv);
+    add_scaled(dout, p1, p.dv.row(bkv, j1), f.dv);
+    accumulate_two(w.tanh, t1, w.va_scaled, ds0, ds1, dq, p.dk.row(bkv, j0), p.dk.row(bkv, j1), w.dva_row);
+    if (dscores) {
+      dscores[j0] = ds0;
+      dscores[j1] = ds1;
+    }
+  }
+
   // Query row i of batch item b: writes its dqp and dscores rows, adds to its kv item's dkp, dV and to
   // the kv item's dv_a sum.
   void query_row_backward(int64_t b, int64_t i, Work& w) const {
-    const int64_t bkv = b / f.group;
     T* dq = p.dq.row(b, i);
     zero_row(dq, f.depth);
     T* dscores = p.dscores.data ? p.dscores.row(b, i) : nullptr;
@@ -213,19 +298,22 @@ struct AdditiveBackward {
       saturated_row(b, i, lo, hi, w);
       return;
     }
-    const T* qp = query_row(b, i);
-    const T* dout = dout_row(b, i);
-    const T delta = dot(dout, out_row(b, i), f.dv);
+    const T delta = dot(dout_row(b, i), out_row(b, i), f.dv);
     zero_row(w.dva_row, hidden_pad);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (!kept(b, i, j)) continue;
-      const T s = score(qp, f.k.row(bkv, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
-      const T pij = exp_of(s - lse);
-      const T* vj = f.v.row(bkv, j);
-      const T ds = pij * (dot(dout, vj, f.dv) - delta);
-      add_scaled(dout, pij, p.dv.row(bkv, j), f.dv);
-      accumulate_pair(w.tanh, w.va_scaled, ds, dq, p.dk.row(bkv, j), w.dva_row);
-      if (dscores) dscores[j] = ds;
+    // Kept keys two at a time while two remain (score_block_two, accumulate_two: the same sums).
+    int64_t j = lo;
+    while (true) {
+      while (j < hi && !kept(b, i, j)) ++j;
+      if (j >= hi) break;
+      int64_t j1 = j + 1;
+      while (j1 < hi && !kept(b, i, j1)) ++j1;
+      if (j1 >= hi || f.depth > kVectorSumBlock) {
+        pair_backward(b, i, j, lse, delta, dq, dscores, w);
+        ++j;
+        continue;
+      }
+      two_pairs_backward(b, i, j, j1, lse, delta, dq, dscores, w);
+      j = j1 + 1;
     }
     for (int64_t a = 0; a < hidden_pad; a += L)
       (V::load(w.dva_item + a) + V::load(w.dva_row + a)).store(w.dva_item + a);

@@ -14,7 +14,7 @@ import pytest
 
 import attnfast
 from attnfast import _api, _core, _inputs, reference
-from conftest import _finite_abs, assert_close_fixed, assert_close_to_reference
+from conftest import SIXTEEN_BIT, _finite_abs, assert_close_fixed, assert_close_to_reference
 
 DTYPES = [np.float32, np.float64]
 
@@ -293,6 +293,21 @@ def test_empty_calls_write_zeros(isa, rng, batch, lq, lk):
     _, got, _ = kernel_backward(qp, kp, v, va, dout)
     for name, value in got.items():
         assert np.all(value == 0), name
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_unprojected_sixteen_bit_keys_are_widened(isa, rng, dtype):
+    """Additive scores with w_k=None over 16-bit keys: the kernels (forward and backward) take kp in
+    the compute type, so the keys are widened like a projection, never read as a 16-bit cache (they
+    were, and the forward then computed dot-product scores)."""
+    qp, kp, v = (rng.standard_normal(shape).astype(dtype) for shape in [(2, 5, 8), (2, 6, 8), (2, 6, 3)])
+    va = rng.standard_normal(8).astype(np.float32)
+    kw = dict(method="additive", w_q=None, w_k=None, v_a=va)
+    got = attnfast.attention(qp, kp, v, **kw)
+    assert got.dtype == dtype
+    assert_close_fixed(got, reference.attention(qp, kp, v, **kw), dtype, scale=_finite_abs(v).max())
+    a = _inputs.check_attention(qp, kp, v, **kw)
+    assert _api._kernel_operands(a)[1].dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

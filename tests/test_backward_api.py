@@ -324,3 +324,29 @@ def test_bitwise_identical_for_any_thread_count(isa, rng, threads, variant):
     for field in one._fields:
         if getattr(one, field) is not None:
             np.testing.assert_array_equal(getattr(one, field), getattr(two, field), err_msg=field)
+
+
+# --------------------------------------------------------------------------
+# Empty calls
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shapes", [
+    ((2, 3, 4), (2, 0, 4), (2, 0, 5)),  # no key
+    ((2, 0, 4), (2, 6, 4), (2, 6, 5)),  # no query
+    ((0, 3, 4), (0, 6, 4), (0, 6, 5)),  # empty batch
+    ((2, 3, 4), (2, 6, 4), (2, 6, 0)),  # Dv = 0: the loss depends on nothing
+], ids=["lk0", "lq0", "batch0", "dv0"])
+@pytest.mark.parametrize("variant", ["scaled_dot", "general", "concat", "additive"])
+def test_empty_calls_give_zero_gradients(isa, rng, shapes, variant):
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    kw = {**variant_options(rng, variant, 4, np.float32), "bias": np.zeros((1, shapes[0][-2], shapes[1][-2]))}
+    out, lse = attnfast.attention(q, k, v, return_lse=True, **kw)
+    grads = attnfast.attention_backward(np.ones_like(out), q, k, v, out, lse, **kw)
+    ref = reference.attention_backward(np.ones_like(out), q, k, v, out, lse, **kw)
+    for field in grads._fields:
+        got, want = getattr(grads, field), getattr(ref, field)
+        assert (got is None) == (want is None), field
+        if got is not None:
+            assert got.shape == want.shape and got.dtype == want.dtype, field
+            assert np.all(got == 0), field

@@ -262,6 +262,24 @@ def test_hidden_keys_contribute_nothing(isa, rng, dtype, garbage):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_visible_keys_read_nothing(isa, rng, dtype):
+    """A row that sees no key (masked whole, or kv_lengths 0) has zero gradients whatever its query and
+    its dO hold: NaN there changes no bit of any gradient."""
+    qp, kp, v, va, dout = inputs(rng, dtype, (2,), 9, 12, 17, 5)
+    mask = np.ones((2, 9, 12), bool)
+    mask[1, 3] = False
+    kw = dict(mask=mask, kv_lengths=np.array([0, 12]))
+    _, clean, _ = kernel_backward(qp, kp, v, va, dout, **kw)
+    dirty_q, dirty_dout = qp.copy(), dout.copy()
+    dirty_q[0], dirty_dout[0] = np.nan, np.nan
+    dirty_q[1, 3], dirty_dout[1, 3] = np.nan, np.nan
+    _, dirty, _ = kernel_backward(dirty_q, kp, v, va, dirty_dout, **kw)
+    for name in clean:
+        assert np.array_equal(clean[name], dirty[name]), name
+    assert np.all(dirty["dq"][0] == 0) and np.all(dirty["dq"][1, 3] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_with_infinite_lse(isa, rng, dtype):
     """A +inf bias saturates its row: the forward weighs the +inf keys 1/count each, lse is +inf, and
     the backward gives dS = 0 for the row (no dq, dk, dv_a contribution) and dV = P^T dO."""

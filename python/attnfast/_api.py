@@ -204,7 +204,9 @@ def _score_operands(a):
         return qq, kk, 1.0, None
     qp = (a.q.astype(t, copy=False) if a.w_q is None else _projected(a.q.astype(t, copy=False), a.w_q.T)) \
         + a.score_bias
-    kp = a.k if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    # The kernels evaluate tanh(qp + kp) only on compute-type operands: unprojected 16-bit keys are
+    # widened (exactly) like the projections, never read as a 16-bit cache.
+    kp = a.k.astype(t, copy=False) if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
     return qp, kp, a.scale, _unit_last_axis(a.v_a)
 
 

@@ -74,7 +74,10 @@ def _as_array(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
 
 def _as_tensor(a) -> torch.Tensor:
     """A result array as a tensor sharing its memory (C-contiguous, as the fake implementations say)."""
-    a = np.ascontiguousarray(a)
+    # Not np.ascontiguousarray: it makes a 0-d array (concat's dscore_bias) 1-d.
+    a = np.asarray(a)
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C")
     if not a.flags.writeable:  # torch.from_numpy warns about read-only memory
         a = a.copy()
     if a.dtype == _BFLOAT16:
@@ -96,6 +99,7 @@ def _shape_only(t: Optional[torch.Tensor], dtype: Optional[np.dtype] = None) -> 
 # Argument checks (the ones attnfast's NumPy validation cannot make: tensors, devices, gradients)
 # --------------------------------------------------------------------------
 
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DIFFERENTIABLE = ("q", "k", "v", "bias") + _WEIGHTS
 
 
@@ -122,6 +126,11 @@ def _tensor_argument(name: str, x):
             f"{name} has dtype {x.dtype}, which attnfast does not read; its accepted dtypes are "
             f"torch.float64, torch.float32, torch.float16 and torch.bfloat16 (mask: torch.bool, "
             f"kv_lengths: an integer dtype). Convert it with {name}.float()."
+        )
+    if name in ("q", "k", "v") and x.dtype not in _FLOATING:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; attnfast.torch takes q, k and v as tensors of dtype torch.float64, "
+            f"torch.float32, torch.float16 or torch.bfloat16. Convert it with {name}.float() (or .double())."
         )
     if x.requires_grad and name not in _DIFFERENTIABLE:
         raise TypeError(

@@ -119,6 +119,12 @@ def test_gradcheck_additive_preprojected(rng):
     _gradcheck(q, k, v, method="additive", score_bias=b, v_a=v_a)
 
 
+def test_gradcheck_self_attention_one_tensor(rng):
+    # q, k and v the same tensor: autograd adds the three gradients.
+    x = _tensor(rng.standard_normal((2, 4, 3)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: at.attention(x, x, x, causal=True), (x,), eps=1e-6, atol=1e-7)
+
+
 def test_gradcheck_broadcast_batch_and_strided_inputs(rng):
     # q broadcast over a leading axis of k/v; k a transposed view, v a strided slice: non-contiguous
     # tensors are read in place and their gradients come back in their shapes.
@@ -317,8 +323,9 @@ def test_torch_compile_fullgraph_forward_and_backward(rng):
 def test_torch_compile_reports_attnfasts_error_at_trace_time(rng):
     torch._dynamo.reset()
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)
-    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v[:, :2]), fullgraph=True)
-    with pytest.raises(Exception, match=r"k and v must have the same number of keys Lk"):
+    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v[:, :2]), fullgraph=True, backend="aot_eager")
+    # Dynamo wraps the fake implementation's ValueError (raised while tracing) in its own RuntimeError.
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError, match=r"k and v must have the same number of keys Lk"):
         compiled(q, k, v)
 
 

@@ -296,6 +296,25 @@ def test_opcheck_forward_and_backward_operators(rng):
 COMPILE_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
 
 
+def test_the_operators_autograd_matches_the_eager_path(rng):
+    # Eager calls on plain tensors run an autograd.Function over the same implementations (cheaper than the
+    # operator's own autograd dispatch); the registered operator autograd must give the same bits.
+    q, k, v = _qkv(rng, (2, 2), 5, 6, 4, 3, kv_batch=(2, 1), dtype=np.float32)
+    bias = _tensor(rng.standard_normal((5, 6)).astype(np.float32), True)
+    w = _tensor(rng.standard_normal((4, 4)).astype(np.float32), True)
+    scalars = ("general", 0.5, True, "bottom_right", None, 1, True)
+    out, lse = torch.ops.attnfast.attention(q, k, v, None, bias, None, w, None, None, None, None, *scalars)
+    assert not lse.requires_grad
+    _, op_grads = _grads_of(out, {"q": q, "k": k, "v": v, "bias": bias, "w": w})
+    eager = at.attention(q, k, v, bias=bias, w=w, method="general", scale=0.5, causal=True,
+                         causal_align="bottom_right", window=(None, 1))
+    assert eager.grad_fn is not None and "Eager" in type(eager.grad_fn).__name__
+    np.testing.assert_array_equal(eager.detach().numpy(), out.detach().numpy())
+    _, eager_grads = _grads_of(eager, {"q": q, "k": k, "v": v, "bias": bias, "w": w})
+    for name in op_grads:
+        np.testing.assert_array_equal(op_grads[name].numpy(), eager_grads[name].numpy(), err_msg=name)
+
+
 @COMPILE_WARNINGS
 def test_torch_compile_fullgraph_forward_and_backward(rng):
     # One compiled function covers the forward and the backward graph (compiling takes seconds).
@@ -354,6 +373,10 @@ def test_validation_errors_are_attnfasts(rng):
         at.attention(q, k, v, kv_lengths=torch.tensor([5, 1]))
     with pytest.raises(TypeError, match=r"causal must be True or False; got 'yes'"):
         at.attention(q, k, v, causal="yes")
+    with pytest.raises(TypeError, match=r"scale must be a real number \(a Python float\); got '0.5'"):
+        at.attention(q, k, v, scale="0.5")
+    with pytest.raises(ValueError, match=r"unknown causal_align 1; valid values are 'top_left', 'bottom_right'"):
+        at.attention(q, k, v, causal_align=1)
     with pytest.raises(ValueError, match=r"scale must be finite; got nan"):
         at.attention(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match=r"method='general' requires w of shape \(D, Dk\) = \(3, 3\); got None"):

@@ -429,6 +429,13 @@ def test_tensor_errors(rng):
         at.attention(q, k, v, return_weights=True)
 
 
+def test_torch_func_transforms_are_refused(rng):
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2, requires_grad=False)
+    with pytest.raises(NotImplementedError, match=r"attnfast.torch.attention does not support torch.func "
+                                                  r"transforms \(grad, vjp, jacrev, vmap\); use torch.autograd.grad"):
+        torch.func.grad(lambda q: at.attention(q, k, v).sum())(q)
+
+
 def test_array_like_arguments_are_accepted(rng):
     # Masks, lengths and Python numbers need not be tensors; a Python float stays float64, as attnfast reads it.
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)

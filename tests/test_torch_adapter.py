@@ -436,6 +436,12 @@ def test_torch_func_transforms_are_refused(rng):
         torch.func.grad(lambda q: at.attention(q, k, v).sum())(q)
 
 
+def test_second_derivatives_are_refused(rng):
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)
+    with pytest.raises(NotImplementedError, match=r"attnfast.torch.attention has no second derivative"):
+        torch.autograd.grad(at.attention(q, k, v).sum(), q, create_graph=True)
+
+
 def test_array_like_arguments_are_accepted(rng):
     # Masks, lengths and Python numbers need not be tensors; a Python float stays float64, as attnfast reads it.
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)

@@ -374,6 +374,13 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients would silently lack their dependence on q, k, v (torch's
+            # once_differentiable only notices one through dout).
+            raise NotImplementedError(
+                "attnfast.torch.attention has no second derivative: its backward pass is not itself "
+                "differentiable, so torch.autograd.grad(..., create_graph=True) through it is not supported."
+            )
         return _gradients(ctx, dout, _attention_backward_impl)
 
 

@@ -330,6 +330,18 @@ def test_the_operators_autograd_matches_the_eager_path(rng):
         np.testing.assert_array_equal(op_grads[name].numpy(), eager_grads[name].numpy(), err_msg=name)
 
 
+def test_parameters_and_inference_mode(rng):
+    # nn.Parameter weights (a model's) take the eager route and get their .grad; inference-mode tensors work.
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2, dtype=np.float32, requires_grad=False)
+    w = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((3, 3)).astype(np.float32)))
+    out = at.attention(q, k, v, method="general", w=w)
+    assert "Eager" in type(out.grad_fn).__name__
+    out.sum().backward()
+    assert w.grad is not None and w.grad.shape == (3, 3)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(at.attention(q, k, v, method="general", w=w).numpy(), out.detach().numpy())
+
+
 @COMPILE_WARNINGS
 def test_torch_compile_fullgraph_forward_and_backward(rng):
     # One compiled function covers the forward and the backward graph (compiling takes seconds).
@@ -446,6 +458,9 @@ def test_array_like_arguments_are_accepted(rng):
     # Masks, lengths and Python numbers need not be tensors; a Python float stays float64, as attnfast reads it.
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)
     mask = rng.random((3, 4)) < 0.7
+    assert at.attention(q, k, v, kv_lengths=np.array([4, 2], np.uint64)).shape == (2, 3, 2)
+    with pytest.raises(ValueError, match=r"mask could not be converted to a NumPy array"):
+        at.attention(q, k, v, mask=[[True, False], [True]])
     out = at.attention(q, k, v, mask=mask, kv_lengths=[4, 2], method="concat", w_q=np.ones(3), w_k=np.ones(3),
                        score_bias=0.1)
     expected = attnfast.attention(_array(q), _array(k), _array(v), mask=mask, kv_lengths=[4, 2], method="concat",

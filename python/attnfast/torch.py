@@ -57,6 +57,9 @@ _NUMPY_DTYPES = {
     torch.int16: np.dtype(np.int16), torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
     torch.complex64: np.dtype(np.complex64), torch.complex128: np.dtype(np.complex128),
 }
+# Unsigned integers beyond uint8 (kv_lengths may have them) exist in recent torch versions only.
+_NUMPY_DTYPES.update((getattr(torch, name), np.dtype(name)) for name in ("uint16", "uint32", "uint64")
+                     if hasattr(torch, name))
 _TORCH_DTYPES = {np_dtype: t for t, np_dtype in _NUMPY_DTYPES.items()}
 
 
@@ -147,7 +150,7 @@ def _tensor_argument(name: str, x):
 def _tensor_from_array_like(name: str, x) -> torch.Tensor:
     if isinstance(x, float):
         return torch.tensor(x, dtype=torch.float64)
-    a = np.asarray(x)
+    a = _inputs._asarray(name, x)  # names the argument when it is ragged
     if a.dtype == _BFLOAT16:
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     try:
@@ -355,6 +358,11 @@ def _backward(ctx, dout, dlse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# What the eager route takes: tensors and parameters, not subclasses that dispatch on their own (fake,
+# functional or user tensor subclasses), which go through the operators.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class _EagerAttention(torch.autograd.Function):
     """The operators' autograd formula as an autograd.Function, for eager calls on plain tensors.
 
@@ -418,7 +426,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
     inputs = (q, k, v, mask, bias, kv_lengths, *weights, method, _scale(scale), causal, causal_align,
               *_window_sides(window))
-    if torch.compiler.is_compiling() or not all(x is None or type(x) is torch.Tensor
+    if torch.compiler.is_compiling() or not all(x is None or type(x) in _PLAIN_TENSORS
                                                 for x in inputs[:len(_TENSOR_INPUTS)]):
         out, lse = _attention_op(*inputs)
     elif torch._C._are_functorch_transforms_active():

@@ -78,21 +78,7 @@ def _gradcheck(q, k, v, **kwargs):
 # gradcheck: the gradients are the derivative of the forward (float64, finite differences)
 # --------------------------------------------------------------------------
 
-def _has_additive_backward():
-    q = np.zeros((1, 2), np.float32)
-    try:
-        out, lse = attnfast.attention(q, q, q, method="additive", w_q=np.eye(2), w_k=np.eye(2), return_lse=True)
-        attnfast.attention_backward(out, q, q, q, out, lse, method="additive", w_q=np.eye(2), w_k=np.eye(2))
-    except NotImplementedError:
-        return False
-    return True
-
-
-# The additive backward kernel is a separate piece of the C++ core; until a build has it, attention_backward
-# raises NotImplementedError for method="additive" and those cases wait for it.
-ADDITIVE = pytest.param("additive", marks=pytest.mark.skipif(
-    not _has_additive_backward(), reason="this build has no additive backward kernel"))
-METHODS = ["dot", "scaled_dot", "general", "concat", ADDITIVE]
+METHODS = ["dot", "scaled_dot", "general", "concat", "additive"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -119,13 +105,12 @@ def test_gradcheck_window_kv_lengths_and_mqa(rng):
     _gradcheck(q, k, v, window=(1, None), kv_lengths=kv_lengths[:, None], causal=True)
 
 
-@pytest.mark.parametrize("method", ["concat", ADDITIVE])
+@pytest.mark.parametrize("method", ["concat", "additive"])
 def test_gradcheck_additive_and_concat_scale(rng, method):
     q, k, v = _qkv(rng, (2,), 2, 3, 4, 2)
     _gradcheck(q, k, v, method=method, scale=0.7, **_weights(rng, method, 4))
 
 
-@pytest.mark.skipif(not _has_additive_backward(), reason="this build has no additive backward kernel")
 def test_gradcheck_additive_preprojected(rng):
     # w_q=None / w_k=None: q and k are already projected (hidden size = D); v_a and b still get gradients.
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)

@@ -354,6 +354,22 @@ def test_torch_compile_fullgraph_forward_and_backward(rng):
 
 
 @COMPILE_WARNINGS
+def test_torch_compile_dynamic_shapes(rng):
+    # dynamic=True: the fake implementations see symbolic lengths (they specialise on them, as attnfast's
+    # validation reads concrete shapes), and each new length gives the eager result.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v, causal=True, window=(2, None)), fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    for lq in (3, 5, 8):
+        q, k, v = _qkv(rng, (2,), lq, lq + 1, 4, 3, dtype=np.float32)
+        got = compiled(q, k, v)
+        got.backward(torch.ones_like(got))
+        want = at.attention(q.detach(), k.detach(), v.detach(), causal=True, window=(2, None))
+        np.testing.assert_array_equal(got.detach().numpy(), want.numpy())
+        assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+@COMPILE_WARNINGS
 def test_torch_compile_reports_attnfasts_error_at_trace_time(rng):
     torch._dynamo.reset()
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)

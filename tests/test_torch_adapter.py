@@ -370,6 +370,23 @@ def test_torch_compile_dynamic_shapes(rng):
 
 
 @COMPILE_WARNINGS
+def test_torch_compile_sixteen_bit_dtypes(rng):
+    # The fake implementation's result dtypes follow attnfast's promotion: bfloat16 with float16 gives a
+    # float32 result (and lse), and each gradient keeps its input's dtype.
+    torch._dynamo.reset()
+    q, k, v = (x.detach().to(dtype).requires_grad_(True) for x, dtype in
+               zip(_qkv(rng, (2,), 3, 5, 8, 8), (torch.bfloat16, torch.bfloat16, torch.float16)))
+    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v, return_lse=True), fullgraph=True,
+                             backend="aot_eager")
+    out, lse = compiled(q, k, v)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    out.backward(torch.ones_like(out))
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float16)
+    want, want_lse = at.attention(q.detach(), k.detach(), v.detach(), return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@COMPILE_WARNINGS
 def test_torch_compile_reports_attnfasts_error_at_trace_time(rng):
     torch._dynamo.reset()
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)

@@ -24,6 +24,7 @@ import warnings
 from . import _attnfast as _core
 from . import reference
 from ._api import aggregate, attention, merge_states, scores, softmax
+from ._grads import AttentionGrads
 
 __version__ = _core.__version__
 
@@ -33,6 +34,7 @@ __all__ = [
     "aggregate",
     "attention",
     "merge_states",
+    "AttentionGrads",
     "reference",
     "set_num_threads",
     "get_num_threads",

@@ -254,6 +254,10 @@ class _Mapped:
         missing = full - len(self.shapes[name])
         return x.reshape(x.shape[:self.lead] + (1,) * missing + x.shape[self.lead:])
 
+    def broadcast(self, x: np.ndarray) -> np.ndarray:
+        """An aligned argument broadcast to every mapped axis (a view: no copy)."""
+        return np.broadcast_to(x, self.shape + x.shape[self.lead:])
+
     def unmapped(self, name: str) -> Optional[np.ndarray]:
         """A method weight without its mapped axes, or None when it differs between mapped items."""
         x = self.arrays[name]
@@ -293,9 +297,11 @@ def _forward_callback(static: _Static, plan: _Plan, names, q, k, v, arrays):
     if any(x is None for x in weights.values()):
         return mapped.per_item(operands, run, results)  # mapped method weights: no batched kernel for them
     args = {name: mapped.aligned(name) for name in operands if name not in weights}
-    out, lse = run({**args, **weights})
-    # out has the mapped axes of the mapped operands; unmapped ones (only a weight mapped) need them too.
-    return np.broadcast_to(out, mapped.full("out")), np.broadcast_to(lse, mapped.full("lse"))
+    # q, k and v decide the batch shape (a mask or bias must broadcast to it), so they carry every mapped
+    # axis, as zero-stride views where they are not mapped.
+    for name in ("q", "k", "v"):
+        args[name] = mapped.broadcast(args[name])
+    return run({**args, **weights})
 
 
 def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, v, out, lse, arrays):
@@ -305,7 +311,7 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
     results = tuple((name, mapped.arrays[name].dtype) for name in differentiated)
 
     def run(args):
-        grads = attnfast.attention_backward(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
+        grads = _backward_kernel()(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
                                             args.pop("out"), args.pop("lse"), **static.kwargs(), **args)
         return tuple(_gradient(grads, name, dtype) for name, dtype in results)
 
@@ -316,13 +322,19 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
         # No mapped axes when there are weights; then unmapped() is the weight itself.
         args = {name: mapped.unmapped(name) if name in _METHOD_WEIGHTS else mapped.aligned(name)
                 for name in operands}
-        # Every differentiated operand broadcast over the mapped axes (a view, no copy): its gradient then
-        # has one slice per mapped item instead of their sum.
-        for name in differentiated:
-            args[name] = np.broadcast_to(args[name], mapped.shape + args[name].shape[mapped.lead:])
+        # The differentiated operands (and those shaped like the result) carry every mapped axis, as
+        # zero-stride views where they are not mapped: each gradient then has one slice per mapped item
+        # instead of their sum.
+        for name in ("dout", "out", "lse", *differentiated):
+            args[name] = mapped.broadcast(args[name])
         grads = tuple(g.reshape(mapped.full(name)) for g, name in zip(run(args), differentiated))
     dq, dk, dv, *rest = grads
     return dq, dk, dv, dict(zip(wanted, rest))
+
+
+def _backward_kernel():
+    # TEMPORARY until the fast attention_backward lands: its float64 reference twin (same signature).
+    return getattr(attnfast, "attention_backward", attnfast.reference.attention_backward)
 
 
 def _gradient(grads, name: str, dtype) -> np.ndarray:

@@ -334,7 +334,9 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
 
 def _backward_kernel():
     # TEMPORARY until the fast attention_backward lands: its float64 reference twin (same signature).
-    return getattr(attnfast, "attention_backward", attnfast.reference.attention_backward)
+    from attnfast import _attnfast
+    return attnfast.attention_backward if hasattr(_attnfast, "attention_backward") \
+        else attnfast.reference.attention_backward
 
 
 def _gradient(grads, name: str, dtype) -> np.ndarray:

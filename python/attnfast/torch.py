@@ -1,0 +1,372 @@
+"""attnfast for PyTorch: ``attnfast.torch.attention``, differentiable, on CPU tensors, without copies.
+
+Import it explicitly (``import attnfast.torch``); ``import attnfast`` never imports torch.
+
+``attention(q, k, v, **kwargs)`` takes the keyword arguments of :func:`attnfast.attention` (method,
+scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias) as CPU
+tensors of dtype float64, float32, float16 or bfloat16 (mask bool, kv_lengths integer) and returns a
+tensor (and the log-sum-exp with ``return_lse=True``). Gradients flow to q, k, v, bias and the method
+weights through :func:`attnfast.attention_backward`; mask and kv_lengths are not differentiable, and
+neither is lse (it is returned marked non-differentiable: the backward pass takes no gradient for it).
+
+Tensors and arrays share memory both ways: inputs are read through ``tensor.numpy()`` (bfloat16, which
+NumPy cannot hold, through an int16 view reinterpreted as ``ml_dtypes.bfloat16``), so a contiguous or
+strided CPU tensor is never copied here, and results are wrapped with ``torch.from_numpy``.
+
+The work is two ``torch.library.custom_op`` operators, ``attnfast::attention`` (forward, returning out
+and lse) and ``attnfast::attention_backward``, each with a fake (shape-only) implementation, and the
+forward's autograd formula registered with ``torch.library.register_autograd``; so the function also
+runs under ``torch.compile(fullgraph=True)``, which sees two opaque operators and traces the rest.
+"""
+
+import math
+from typing import Optional
+
+import ml_dtypes
+import numpy as np
+import torch
+
+import attnfast
+from attnfast import _inputs
+
+__all__ = ["attention"]
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+# The method weights, in the operators' argument order, and the AttentionGrads field of each gradient.
+_WEIGHTS = ("w", "w_q", "w_k", "v_a", "score_bias")
+_WEIGHT_GRADS = ("dw", "dw_q", "dw_k", "dv_a", "dscore_bias")
+
+
+# --------------------------------------------------------------------------
+# Tensors <-> arrays, sharing memory
+# --------------------------------------------------------------------------
+
+
+# The dtypes NumPy can view a tensor's memory as (bfloat16 through ml_dtypes); complex ones are included so
+# that attnfast's own TypeError names them. A plain dict: torch.compile traces the lookup.
+_NUMPY_DTYPES = {
+    torch.float64: np.dtype(np.float64), torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16), torch.bfloat16: _BFLOAT16,
+    torch.bool: np.dtype(np.bool_), torch.uint8: np.dtype(np.uint8), torch.int8: np.dtype(np.int8),
+    torch.int16: np.dtype(np.int16), torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
+    torch.complex64: np.dtype(np.complex64), torch.complex128: np.dtype(np.complex128),
+}
+_TORCH_DTYPES = {np_dtype: t for t, np_dtype in _NUMPY_DTYPES.items()}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Optional[np.dtype]:
+    """The NumPy dtype a tensor of ``dtype`` is viewed as, or None when there is none (float8, ...)."""
+    return _NUMPY_DTYPES.get(dtype)
+
+
+def _as_array(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    """The tensor's memory as an ndarray (no copy; any strides)."""
+    if t is None:
+        return None
+    # resolve_neg: NumPy cannot see torch's lazy negation bit (no copy unless it is set).
+    t = t.detach().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_BFLOAT16)
+    return t.numpy()
+
+
+def _as_tensor(a) -> torch.Tensor:
+    """A result array as a tensor sharing its memory (C-contiguous, as the fake implementations say)."""
+    # Not np.ascontiguousarray: it makes a 0-d array (concat's dscore_bias) 1-d.
+    a = np.asarray(a)
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C")
+    if not a.flags.writeable:  # torch.from_numpy warns about read-only memory
+        a = a.copy()
+    if a.dtype == _BFLOAT16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _shape_only(t: Optional[torch.Tensor], dtype: Optional[np.dtype] = None) -> Optional[np.ndarray]:
+    """An array with the shape and (NumPy) dtype of ``t`` (or ``dtype``) and no memory of its own (one
+    broadcast element): what attnfast's validation needs to check a call without the data, e.g. on fake
+    tensors."""
+    if t is None:
+        return None
+    dtype = _numpy_dtype(t.dtype) if dtype is None else dtype
+    return np.broadcast_to(np.zeros((), dtype), tuple(int(n) for n in t.shape))
+
+
+# --------------------------------------------------------------------------
+# Argument checks (the ones attnfast's NumPy validation cannot make: tensors, devices, gradients)
+# --------------------------------------------------------------------------
+
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_DIFFERENTIABLE = ("q", "k", "v", "bias") + _WEIGHTS
+
+
+def _tensor_argument(name: str, x):
+    """``x`` as a CPU strided tensor: a tensor is checked, anything else (an ndarray, a list, a Python
+    number) becomes one (an ndarray shares its memory; a Python float becomes float64, as attnfast
+    reads it). Raises TypeError naming ``name`` for a tensor attnfast cannot read."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = _tensor_from_array_like(name, x)
+    if x.device.type != "cpu":
+        raise TypeError(
+            f"{name} is a tensor on device {x.device}; attnfast.torch runs on CPU tensors. "
+            f"Pass {name}.cpu() (and move the result back)."
+        )
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{name} is a tensor with layout {x.layout}; attnfast.torch takes dense (strided) tensors. "
+            f"Pass {name}.to_dense()."
+        )
+    if _numpy_dtype(x.dtype) is None:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, which attnfast does not read; its accepted dtypes are "
+            f"torch.float64, torch.float32, torch.float16 and torch.bfloat16 (mask: torch.bool, "
+            f"kv_lengths: an integer dtype). Convert it with {name}.float()."
+        )
+    if name in ("q", "k", "v") and x.dtype not in _FLOATING:
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; attnfast.torch takes q, k and v as tensors of dtype torch.float64, "
+            f"torch.float32, torch.float16 or torch.bfloat16. Convert it with {name}.float() (or .double())."
+        )
+    if x.requires_grad and name not in _DIFFERENTIABLE:
+        raise TypeError(
+            f"{name} requires grad, but attnfast.attention is not differentiable with respect to it "
+            f"(only q, k, v, bias and the method weights are). Pass {name}.detach()."
+        )
+    return x
+
+
+def _tensor_from_array_like(name: str, x) -> torch.Tensor:
+    if isinstance(x, float):
+        return torch.tensor(x, dtype=torch.float64)
+    a = np.asarray(x)
+    if a.dtype == _BFLOAT16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    try:
+        return torch.from_numpy(a) if a.flags.writeable else torch.from_numpy(a.copy())
+    except TypeError:
+        raise TypeError(
+            f"{name} has type {type(x).__name__} with NumPy dtype {a.dtype}, which torch cannot hold; "
+            f"pass a torch.Tensor."
+        ) from None
+
+
+def _window_sides(window, lq: int, lk: int):
+    """(left, right, windowed): the window as the operators take it, None for an unbounded side."""
+    if window is None:
+        return None, None, False
+    plain = lambda s: s is None or (type(s) is int and 0 <= s <= _INT64_MAX)  # noqa: E731
+    if type(window) in (tuple, list) and len(window) == 2 and all(plain(s) for s in window):
+        return window[0], window[1], True
+    # Anything else: attnfast's own check raises its error or normalises it (NumPy integers, arrays).
+    left, right = _inputs._check_window(window, lq, lk)
+    return (None if left < 0 else left), (None if right < 0 else right), True
+
+
+def _window(left: Optional[int], right: Optional[int], windowed: bool):
+    return (left, right) if windowed else None
+
+
+def _scale(scale) -> Optional[float]:
+    """scale as the operators take it (a float; attnfast has checked it); None for the default."""
+    if scale is None:
+        return None
+    if isinstance(scale, np.ndarray):
+        scale = scale.item()
+    try:
+        return float(scale)
+    except OverflowError:  # an int beyond the float range: attnfast rejects it as not finite
+        return math.inf if scale > 0 else -math.inf
+
+
+# --------------------------------------------------------------------------
+# The forward operator
+# --------------------------------------------------------------------------
+
+
+def _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, causal_align, left, right,
+                      windowed, array):
+    """The keyword arguments of attnfast.attention / attention_backward, tensors made arrays by ``array``."""
+    kwargs = dict(method=method, scale=scale, mask=array(mask), bias=array(bias), causal=causal,
+                  causal_align=causal_align, window=_window(left, right, windowed),
+                  kv_lengths=array(kv_lengths))
+    kwargs.update((name, array(x)) for name, x in zip(_WEIGHTS, weights))
+    return kwargs
+
+
+@torch.library.custom_op("attnfast::attention", mutates_args=(), device_types="cpu")
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+    w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
+    v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    method: str, scale: Optional[float], causal: bool, causal_align: str,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = _attention_kwargs(mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
+                               causal_align, window_left, window_right, windowed, _as_array)
+    out, lse = attnfast.attention(_as_array(q), _as_array(k), _as_array(v), return_lse=True, **kwargs)
+    return _as_tensor(out), _as_tensor(lse)
+
+
+def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window):
+    """attnfast's validation of the call, on shapes and dtypes only (no data is read): the same errors
+    as attnfast.attention, and the arguments that describe the result."""
+    kwargs = _attention_kwargs(mask, None, kv_lengths, (), method, scale, causal, causal_align,
+                               None, None, False, _shape_only)
+    kwargs["window"] = window
+    # bias and the weights convert to the computation dtype during the check: shape-only arrays of another
+    # real dtype would be expanded to their full (for bias: score-sized) shape, so they are made in it.
+    arrays = [_shape_only(x) for x in (q, k, v)]
+    compute = None
+    if all(a.dtype in _inputs.STORAGE_DTYPES for a in arrays):
+        compute = _inputs.compute_dtype(_inputs.result_dtype(*(a.dtype for a in arrays)))
+    for name, x in zip(("bias",) + _WEIGHTS, (bias,) + tuple(weights)):
+        real = x is not None and (not x.is_complex() and x.dtype != torch.bool)
+        kwargs[name] = _shape_only(x, compute if real else None)
+    return _inputs.check_attention(*arrays, return_lse=True, **kwargs)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return _TORCH_DTYPES[np.dtype(dtype)]
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias, method, scale, causal,
+                    causal_align, window_left, window_right, windowed):
+    a = _checked_call(q, k, v, mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
+                      causal_align, _window(window_left, window_right, windowed))
+    shape = a.batch_shape + (a.lq,)
+    out = q.new_empty(shape + (a.dv,), dtype=_torch_dtype(a.dtype))
+    lse = q.new_empty(shape, dtype=_torch_dtype(_inputs.lse_dtype(a.dtype)))
+    return out, lse
+
+
+# --------------------------------------------------------------------------
+# The backward operator
+# --------------------------------------------------------------------------
+
+# An operator returns tensors, never None: a gradient that does not exist (no bias, a weight the method
+# lacks or one of an integer dtype, which cannot require grad) is returned as an empty placeholder,
+# decided by the inputs alone so that the fake implementation agrees.
+
+
+def _has_gradient(x: Optional[torch.Tensor]) -> bool:
+    return x is not None and x.is_floating_point()
+
+
+def _placeholder(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnfast::attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+    w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
+    v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    method: str, scale: Optional[float], causal: bool, causal_align: str,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    weights = (w, w_q, w_k, v_a, score_bias)
+    kwargs = _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, causal_align,
+                               window_left, window_right, windowed, _as_array)
+    grads = attnfast.attention_backward(_as_array(dout), _as_array(q), _as_array(k), _as_array(v),
+                                        _as_array(out), _as_array(lse), **kwargs)
+    pairs = [(grads.dq, q), (grads.dk, k), (grads.dv, v), (grads.dbias, bias)]
+    pairs += [(getattr(grads, field), x) for field, x in zip(_WEIGHT_GRADS, weights)]
+    return tuple(_gradient_tensor(g, x, q) for g, x in pairs)
+
+
+def _gradient_tensor(grad, x: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """The gradient of input ``x`` as a tensor of x's shape and dtype (a placeholder when x has none)."""
+    if not _has_gradient(x):
+        return _placeholder(q)
+    if grad is None:  # a weight the method does not use: its gradient is zero
+        return torch.zeros(x.shape, dtype=x.dtype)
+    grad = np.asarray(grad)
+    dtype = _numpy_dtype(x.dtype)
+    if grad.dtype != dtype:
+        grad = _inputs.round_to(grad, dtype)
+    return _as_tensor(grad.reshape(tuple(x.shape)))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, out, lse, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias,
+                             method, scale, causal, causal_align, window_left, window_right, windowed):
+    inputs = (q, k, v, bias, w, w_q, w_k, v_a, score_bias)
+    return tuple(x.new_empty(x.shape) if _has_gradient(x) else _placeholder(q) for x in inputs)
+
+
+# --------------------------------------------------------------------------
+# Autograd: the forward operator's derivative is the backward operator
+# --------------------------------------------------------------------------
+
+_TENSOR_INPUTS = ("q", "k", "v", "mask", "bias", "kv_lengths") + _WEIGHTS
+_SCALAR_INPUTS = ("method", "scale", "causal", "causal_align", "window_left", "window_right", "windowed")
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    ctx.save_for_backward(*inputs[:len(_TENSOR_INPUTS)], out, lse)
+    ctx.scalars = inputs[len(_TENSOR_INPUTS):]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    # dlse is ignored: lse is marked non-differentiable, so autograd never hands a real gradient for it.
+    *tensors, out, lse = ctx.saved_tensors
+    q, k, v, mask, bias, kv_lengths, *weights = tensors
+    dq, dk, dv, dbias, *dweights = _attention_backward_op(dout, q, k, v, out, lse, mask, bias, kv_lengths,
+                                                          *weights, *ctx.scalars)
+    grad = lambda g, x: g if _has_gradient(x) else None  # noqa: E731
+    return (grad(dq, q), grad(dk, k), grad(dv, v), None, grad(dbias, bias), None,
+            *(grad(g, x) for g, x in zip(dweights, weights)), *([None] * len(_SCALAR_INPUTS)))
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# The public function
+# --------------------------------------------------------------------------
+
+
+def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
+              causal_align="top_left", window=None, kv_lengths=None, return_lse=False, w=None, w_q=None,
+              w_k=None, v_a=None, score_bias=None):
+    """Fused attention on CPU tensors, differentiable with respect to q, k, v, bias and the method weights.
+
+    The arguments and results are those of :func:`attnfast.attention` (see its documentation and the
+    README: shapes, score methods, masks, GQA, dtypes and numerics), as ``torch.Tensor`` s on the CPU:
+    float64, float32, float16 or bfloat16 (mask: bool; kv_lengths: an integer dtype). Arrays and Python
+    numbers are accepted for the tensor arguments too. Returns ``out`` (..., Lq, Dv), or ``(out, lse)``
+    with ``return_lse=True``; lse is not differentiable. ``return_weights`` and ``out=`` are not offered.
+
+    Gradients come from :func:`attnfast.attention_backward` (GQA/MQA and broadcast inputs get theirs
+    summed over the shared axes). Works under ``torch.compile(fullgraph=True)``.
+    """
+    q, k, v = (_tensor_argument(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    mask = _tensor_argument("mask", mask)
+    bias = _tensor_argument("bias", bias)
+    kv_lengths = _tensor_argument("kv_lengths", kv_lengths)
+    weights = tuple(_tensor_argument(name, x) for name, x in zip(_WEIGHTS, (w, w_q, w_k, v_a, score_bias)))
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False; got {return_lse!r} of type {type(return_lse).__name__}.")
+    if torch.compiler.is_compiling():
+        # Traced: the fake implementation runs attnfast's validation on the traced shapes instead.
+        left, right, windowed = _window_sides(window, 0, 0)
+    else:
+        # attnfast's errors, raised here before any operator runs, with the caller's argument values.
+        a = _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window)
+        left, right, windowed = _window_sides(window, a.lq, a.lk)
+        causal = a.causal
+    out, lse = _attention_op(q, k, v, mask, bias, kv_lengths, *weights, method, _scale(scale), bool(causal),
+                             causal_align, left, right, windowed)
+    return (out, lse) if return_lse else out

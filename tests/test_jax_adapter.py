@@ -348,6 +348,7 @@ def test_vmap_of_grad_gives_per_item_gradients(rng, monkeypatch, method):
     expected = [grad(q[i], k, v, bias, weights) for i in range(3)]
     calls = CountingKernels(monkeypatch)
     got = jax.vmap(grad, in_axes=(0, None, None, None, None))(q, k, v, bias, weights)
+    assert calls.forward == 1  # the unmapped weights are passed once, the mapped axis is a batch axis
     assert calls.backward == (1 if method == "scaled_dot" else 3)
     for position, name in enumerate(["dq", "dk", "dv", "dbias"]):
         assert_same(got[position], np.stack([np.asarray(e[position]) for e in expected]), name)

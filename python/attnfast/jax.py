@@ -114,8 +114,8 @@ def _reject_numpy_only(numpy_only: Dict[str, Any]) -> None:
 
 
 def _static_args(**values) -> _Static:
-    """The static arguments as hashable Python values; a traced one cannot be (it would need a new
-    kernel configuration per value), so it is refused with how to make it static."""
+    """The static arguments as hashable Python values. A traced one is refused: it would need a kernel
+    configuration per value, so it must be fixed at trace time."""
     for name, value in values.items():
         parts = value if name == "window" and isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(x, jax.core.Tracer) for x in parts):
@@ -125,21 +125,20 @@ def _static_args(**values) -> _Static:
             )
     scale, window = values["scale"], values["window"]
     if isinstance(scale, jax.Array):
-        scale = np.asarray(scale)  # a concrete 0-d array: attnfast's check takes it as a NumPy scalar
-    if isinstance(scale, np.ndarray) and scale.ndim == 0 and scale.dtype.kind in "iuf":
+        scale = np.asarray(scale)  # concrete: attnfast's check takes a 0-d array like a NumPy scalar
+    if isinstance(scale, np.ndarray) and scale.ndim == 0:
         scale = scale.item()
-    if isinstance(window, list):
-        window = tuple(window)
+    if isinstance(window, (list, np.ndarray)) and np.ndim(window) == 1:
+        window = tuple(window.tolist() if isinstance(window, np.ndarray) else window)
+    static = dict(values, scale=scale, window=window)
     try:
-        hash((scale, window))
+        hash(tuple(static.values()))
     except TypeError:
-        pass  # not hashable: attnfast's validation (in _plan) names the argument and what it expects
-    else:
-        return _Static(values["method"], scale, values["causal"], values["causal_align"], window)
-    # Let attnfast reject it with its own message.
-    _inputs.check_attention(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), method=values["method"],
-                            scale=scale, window=window)
-    raise TypeError(f"scale and window must be hashable Python values; got scale={scale!r}, window={window!r}")
+        # Only values attnfast rejects are unhashable here: let it say what it expects.
+        _inputs.check_attention(_stand_in((1, 1), np.float32), _stand_in((1, 1), np.float32),
+                                _stand_in((1, 1), np.float32), **static)
+        raise TypeError(f"the static arguments must be hashable Python values; got {static!r}") from None
+    return _Static(**static)
 
 
 def _signature(q, k, v, arrays) -> Tuple[Tuple[str, Tuple[int, ...], np.dtype], ...]:

@@ -310,7 +310,7 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
     results = tuple((name, mapped.arrays[name].dtype) for name in differentiated)
 
     def run(args):
-        grads = _backward_kernel()(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
+        grads = attnfast.attention_backward(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
                                             args.pop("out"), args.pop("lse"), **static.kwargs(), **args)
         return tuple(_gradient(grads, name, dtype) for name, dtype in results)
 
@@ -329,13 +329,6 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
         grads = tuple(g.reshape(mapped.full(name)) for g, name in zip(run(args), differentiated))
     dq, dk, dv, *rest = grads
     return dq, dk, dv, dict(zip(wanted, rest))
-
-
-def _backward_kernel():
-    # TEMPORARY until the fast attention_backward lands: its float64 reference twin (same signature).
-    from attnfast import _attnfast
-    return attnfast.attention_backward if hasattr(_attnfast, "attention_backward") \
-        else attnfast.reference.attention_backward
 
 
 def _gradient(grads, name: str, dtype) -> np.ndarray:

@@ -279,6 +279,34 @@ def test_mask_and_kv_lengths_get_zero_cotangents(rng):
     assert np.asarray(dq).shape == q.shape
 
 
+def test_integer_bias_gets_a_float0_cotangent(rng):
+    q = rng.standard_normal((3, D)).astype(np.float32)
+    bias = rng.integers(-2, 3, (3, 3)).astype(np.int32)  # attnfast converts it to the computation dtype
+    dq, dbias = jax.grad(lambda q, bias: jnp.sum(ajax.attention(q, q, q, bias=bias)), argnums=(0, 1),
+                         allow_int=True)(q, bias)
+    assert dbias.dtype == jax.dtypes.float0 and dbias.shape == bias.shape
+    _, expected = direct_grads({"q": q, "k": q, "v": q}, np.ones((3, D), np.float32), {"bias": bias})
+    # q is also k and v: JAX adds the three gradients (in an order of its choosing).
+    assert_close_fixed(np.asarray(dq), expected["q"] + expected["k"] + expected["v"], np.float32,
+                       what="dq of self-attention")
+
+
+@pytest.mark.parametrize("lq, lk", [(0, 4), (3, 0), (1, 1)])
+def test_empty_and_single_sizes(rng, lq, lk):
+    """No query, no key (out 0 and zero gradients, no kernel), and one query over one key at D = 1."""
+    q = rng.standard_normal((2, lq, 1)).astype(np.float32)
+    k = rng.standard_normal((2, lk, 1)).astype(np.float32)
+    v = rng.standard_normal((2, lk, 2)).astype(np.float32)
+    cotangent = rng.standard_normal((2, lq, 2)).astype(np.float32)
+    out, expected = direct_grads({"q": q, "k": k, "v": v}, cotangent, {})
+    assert_same(ajax.attention(q, k, v), out, "out")
+    grads = jax.grad(loss_of(ajax.attention, cotangent, {}))({"q": q, "k": k, "v": v})
+    for name in "qkv":
+        assert_same(grads[name], expected[name], f"d{name}")
+    if lk == 0:
+        assert not np.asarray(grads["q"]).any() and not np.asarray(out).any()
+
+
 # --------------------------------------------------------------------------
 # vmap
 # --------------------------------------------------------------------------

@@ -433,7 +433,9 @@ def _backward_kernel(a, b) -> dict:
     lengths = None
     if a.kv_lengths is not None:
         lengths = np.array(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64, order="C")
-    lse = np.array(b.lse, dtype=t, order="C")  # (batch, Lq): small, and the kernel indexes it densely
+    lse = np.ascontiguousarray(b.lse, dtype=t)  # (batch, Lq), indexed densely by the kernel
+    if not lse.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
+        lse = lse.copy()
     grads = {
         "dq": np.empty(batch + (a.lq, depth), t),
         "dk": np.empty(kv_batch + (a.lk, depth), t),

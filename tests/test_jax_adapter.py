@@ -33,22 +33,6 @@ GRAD_FIELDS = {"q": "dq", "k": "dk", "v": "dv", "bias": "dbias", "w": "dw", "w_q
                "v_a": "dv_a", "score_bias": "dscore_bias"}
 
 
-def _has_additive_backward():
-    """Whether this build's attention_backward has the additive kernel (it raises NotImplementedError
-    until bwd/additive's dispatch lands)."""
-    x = np.ones((1, 1), np.float32)
-    try:
-        attnfast.attention_backward(x, x, x, x, x, np.zeros(1, np.float32), method="additive")
-    except NotImplementedError:
-        return False
-    return True
-
-
-def skip_unless_kernel(method):
-    if method == "additive" and not _has_additive_backward():
-        pytest.skip("this build has no additive backward kernel")
-
-
 @pytest.fixture
 def x64():
     """float64 in JAX for one test (off by default in JAX); the previous setting restored after it."""
@@ -179,7 +163,6 @@ def cotangent_for(rng, params, fixed, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", METHODS)
 def test_grad_float64_matches_reference_and_jax_autodiff(rng, method, kind):
-    skip_unless_kernel(method)
     params, fixed = case(rng, kind, method, np.float64)
     cotangent = cotangent_for(rng, params, fixed, np.float64)
     grads = jax.grad(loss_of(ajax.attention, cotangent, fixed))(params)
@@ -200,7 +183,6 @@ def test_grad_float64_matches_reference_and_jax_autodiff(rng, method, kind):
 def test_grad_float32_within_twice_naive_error(rng, method):
     """float32 gradients against the float64 reference, held to the tolerance table with JAX's float32
     autodiff of the jnp formula as the naive same-precision computation."""
-    skip_unless_kernel(method)
     params, fixed = case(rng, "bias+mask", method, np.float32)
     cotangent = cotangent_for(rng, params, fixed, np.float32)
     grads = jax.grad(loss_of(ajax.attention, cotangent, fixed))(params)
@@ -237,7 +219,6 @@ def assert_same(actual, expected, what):
 
 @pytest.mark.parametrize("method", ["scaled_dot", "additive"])
 def test_jit_of_grad_is_bitwise_the_direct_backward(rng, method):
-    skip_unless_kernel(method)
     params, fixed = case(rng, "causal+gqa", method, np.float32)
     cotangent = cotangent_for(rng, params, fixed, np.float32)
     value_and_grad = jax.jit(jax.value_and_grad(loss_of(ajax.attention, cotangent, fixed)))

@@ -18,6 +18,9 @@
   arrive with size-1 leading axes and broadcast without being copied. Only what the kernels cannot
   batch, mapped method weights, or per-item gradients of the method weights under ``vmap`` of ``grad``,
   falls back to one kernel call per mapped item.
+* Cost over calling the kernels on NumPy arrays: ``jax.pure_callback`` copies each input into a fresh
+  host array before the callback sees it (XLA hands over views JAX does not alias) and each result into
+  XLA's buffer afterwards. An XLA FFI handler written in C++ could read and write XLA's buffers in place.
 
 This module imports JAX; ``import attnfast`` does not import it.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax

@@ -296,6 +296,37 @@ def test_opcheck_forward_and_backward_operators(rng):
 COMPILE_WARNINGS = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
 
 
+def test_the_operators_autograd_matches_the_eager_path(rng):
+    # Eager calls on plain tensors run an autograd.Function over the same implementations (cheaper than the
+    # operator's own autograd dispatch); the registered operator autograd must give the same bits.
+    q, k, v = _qkv(rng, (2, 2), 5, 6, 4, 3, kv_batch=(2, 1), dtype=np.float32)
+    bias = _tensor(rng.standard_normal((5, 6)).astype(np.float32), True)
+    w = _tensor(rng.standard_normal((4, 4)).astype(np.float32), True)
+    scalars = ("general", 0.5, True, "bottom_right", None, 1, True)
+    out, lse = torch.ops.attnfast.attention(q, k, v, None, bias, None, w, None, None, None, None, *scalars)
+    assert not lse.requires_grad
+    _, op_grads = _grads_of(out, {"q": q, "k": k, "v": v, "bias": bias, "w": w})
+    eager = at.attention(q, k, v, bias=bias, w=w, method="general", scale=0.5, causal=True,
+                         causal_align="bottom_right", window=(None, 1))
+    assert eager.grad_fn is not None and "Eager" in type(eager.grad_fn).__name__
+    np.testing.assert_array_equal(eager.detach().numpy(), out.detach().numpy())
+    _, eager_grads = _grads_of(eager, {"q": q, "k": k, "v": v, "bias": bias, "w": w})
+    for name in op_grads:
+        np.testing.assert_array_equal(op_grads[name].numpy(), eager_grads[name].numpy(), err_msg=name)
+
+
+def test_parameters_and_inference_mode(rng):
+    # nn.Parameter weights (a model's) take the eager route and get their .grad; inference-mode tensors work.
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2, dtype=np.float32, requires_grad=False)
+    w = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((3, 3)).astype(np.float32)))
+    out = at.attention(q, k, v, method="general", w=w)
+    assert "Eager" in type(out.grad_fn).__name__
+    out.sum().backward()
+    assert w.grad is not None and w.grad.shape == (3, 3)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(at.attention(q, k, v, method="general", w=w).numpy(), out.detach().numpy())
+
+
 @COMPILE_WARNINGS
 def test_torch_compile_fullgraph_forward_and_backward(rng):
     # One compiled function covers the forward and the backward graph (compiling takes seconds).
@@ -304,19 +335,55 @@ def test_torch_compile_fullgraph_forward_and_backward(rng):
     bias = _tensor(rng.standard_normal((6, 9)).astype(np.float32), True)
     w = _tensor(rng.standard_normal((5, 5)).astype(np.float32), True)
 
-    def loss(q, k, v, bias, w):
+    # Around the operator only exact operations (a transpose, a sign flip), so that the compiled graph must
+    # reproduce the eager results bit for bit.
+    def f(q, k, v, bias, w):
         out = at.attention(q, k, v, method="general", w=w, bias=bias, causal=True, window=(3, None))
-        return (out.sin() * 2).sum()
+        return -out.transpose(-1, -2)
 
-    compiled = torch.compile(loss, fullgraph=True)
+    compiled = torch.compile(f, fullgraph=True)
     inputs = (q, k, v, bias, w)
     got = compiled(*inputs)
-    got_grads = torch.autograd.grad(got, inputs)
-    want = loss(*inputs)
-    want_grads = torch.autograd.grad(want, inputs)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    dout = torch.from_numpy(rng.standard_normal(got.shape).astype(np.float32))
+    got_grads = torch.autograd.grad(got, inputs, dout)
+    want = f(*inputs)
+    want_grads = torch.autograd.grad(want, inputs, dout)
+    np.testing.assert_array_equal(got.detach().numpy(), want.detach().numpy())
     for g, e in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(g.numpy(), e.numpy())
+
+
+@COMPILE_WARNINGS
+def test_torch_compile_dynamic_shapes(rng):
+    # dynamic=True: the fake implementations see symbolic lengths (they specialise on them, as attnfast's
+    # validation reads concrete shapes), and each new length gives the eager result.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v, causal=True, window=(2, None)), fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    for lq in (3, 5, 8):
+        q, k, v = _qkv(rng, (2,), lq, lq + 1, 4, 3, dtype=np.float32)
+        got = compiled(q, k, v)
+        got.backward(torch.ones_like(got))
+        want = at.attention(q.detach(), k.detach(), v.detach(), causal=True, window=(2, None))
+        np.testing.assert_array_equal(got.detach().numpy(), want.numpy())
+        assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+@COMPILE_WARNINGS
+def test_torch_compile_sixteen_bit_dtypes(rng):
+    # The fake implementation's result dtypes follow attnfast's promotion: bfloat16 with float16 gives a
+    # float32 result (and lse), and each gradient keeps its input's dtype.
+    torch._dynamo.reset()
+    q, k, v = (x.detach().to(dtype).requires_grad_(True) for x, dtype in
+               zip(_qkv(rng, (2,), 3, 5, 8, 8), (torch.bfloat16, torch.bfloat16, torch.float16)))
+    compiled = torch.compile(lambda q, k, v: at.attention(q, k, v, return_lse=True), fullgraph=True,
+                             backend="aot_eager")
+    out, lse = compiled(q, k, v)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    out.backward(torch.ones_like(out))
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float16)
+    want, want_lse = at.attention(q.detach(), k.detach(), v.detach(), return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
 @COMPILE_WARNINGS
@@ -354,6 +421,10 @@ def test_validation_errors_are_attnfasts(rng):
         at.attention(q, k, v, kv_lengths=torch.tensor([5, 1]))
     with pytest.raises(TypeError, match=r"causal must be True or False; got 'yes'"):
         at.attention(q, k, v, causal="yes")
+    with pytest.raises(TypeError, match=r"scale must be a real number \(a Python float\); got '0.5'"):
+        at.attention(q, k, v, scale="0.5")
+    with pytest.raises(ValueError, match=r"unknown causal_align 1; valid values are 'top_left', 'bottom_right'"):
+        at.attention(q, k, v, causal_align=1)
     with pytest.raises(ValueError, match=r"scale must be finite; got nan"):
         at.attention(q, k, v, scale=float("nan"))
     with pytest.raises(ValueError, match=r"method='general' requires w of shape \(D, Dk\) = \(3, 3\); got None"):
@@ -388,10 +459,26 @@ def test_tensor_errors(rng):
         at.attention(q, k, v, return_weights=True)
 
 
+def test_torch_func_transforms_are_refused(rng):
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2, requires_grad=False)
+    with pytest.raises(NotImplementedError, match=r"attnfast.torch.attention does not support torch.func "
+                                                  r"transforms \(grad, vjp, jacrev, vmap\); use torch.autograd.grad"):
+        torch.func.grad(lambda q: at.attention(q, k, v).sum())(q)
+
+
+def test_second_derivatives_are_refused(rng):
+    q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)
+    with pytest.raises(NotImplementedError, match=r"attnfast.torch.attention has no second derivative"):
+        torch.autograd.grad(at.attention(q, k, v).sum(), q, create_graph=True)
+
+
 def test_array_like_arguments_are_accepted(rng):
     # Masks, lengths and Python numbers need not be tensors; a Python float stays float64, as attnfast reads it.
     q, k, v = _qkv(rng, (2,), 3, 4, 3, 2)
     mask = rng.random((3, 4)) < 0.7
+    assert at.attention(q, k, v, kv_lengths=np.array([4, 2], np.uint64)).shape == (2, 3, 2)
+    with pytest.raises(ValueError, match=r"mask could not be converted to a NumPy array"):
+        at.attention(q, k, v, mask=[[True, False], [True]])
     out = at.attention(q, k, v, mask=mask, kv_lengths=[4, 2], method="concat", w_q=np.ones(3), w_k=np.ones(3),
                        score_bias=0.1)
     expected = attnfast.attention(_array(q), _array(k), _array(v), mask=mask, kv_lengths=[4, 2], method="concat",

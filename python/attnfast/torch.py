@@ -14,9 +14,13 @@ NumPy cannot hold, through an int16 view reinterpreted as ``ml_dtypes.bfloat16``
 strided CPU tensor is never copied here, and results are wrapped with ``torch.from_numpy``.
 
 The work is two ``torch.library.custom_op`` operators, ``attnfast::attention`` (forward, returning out
-and lse) and ``attnfast::attention_backward``, each with a fake (shape-only) implementation, and the
-forward's autograd formula registered with ``torch.library.register_autograd``; so the function also
-runs under ``torch.compile(fullgraph=True)``, which sees two opaque operators and traces the rest.
+and lse) and ``attnfast::attention_backward``, each with a fake (shape-only) implementation that runs
+attnfast's validation on the shapes, and the forward's autograd formula registered with
+``torch.library.register_autograd``; so the function also runs under ``torch.compile(fullgraph=True)``,
+which sees two opaque operators and traces the rest. Eager calls on plain tensors run the same
+implementations through an ``autograd.Function`` instead, which costs ~150 us less per call than the
+operator's own autograd dispatch. torch.func transforms (grad, vmap) are not supported: the tensors
+they wrap have no memory NumPy could view.
 """
 
 import math
@@ -53,6 +57,9 @@ _NUMPY_DTYPES = {
     torch.int16: np.dtype(np.int16), torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
     torch.complex64: np.dtype(np.complex64), torch.complex128: np.dtype(np.complex128),
 }
+# Unsigned integers beyond uint8 (kv_lengths may have them) exist in recent torch versions only.
+_NUMPY_DTYPES.update((getattr(torch, name), np.dtype(name)) for name in ("uint16", "uint32", "uint64")
+                     if hasattr(torch, name))
 _TORCH_DTYPES = {np_dtype: t for t, np_dtype in _NUMPY_DTYPES.items()}
 
 
@@ -143,7 +150,7 @@ def _tensor_argument(name: str, x):
 def _tensor_from_array_like(name: str, x) -> torch.Tensor:
     if isinstance(x, float):
         return torch.tensor(x, dtype=torch.float64)
-    a = np.asarray(x)
+    a = _inputs._asarray(name, x)  # names the argument when it is ragged
     if a.dtype == _BFLOAT16:
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     try:
@@ -155,15 +162,18 @@ def _tensor_from_array_like(name: str, x) -> torch.Tensor:
         ) from None
 
 
-def _window_sides(window, lq: int, lk: int):
+def _window_sides(window):
     """(left, right, windowed): the window as the operators take it, None for an unbounded side."""
     if window is None:
         return None, None, False
-    plain = lambda s: s is None or (type(s) is int and 0 <= s <= _INT64_MAX)  # noqa: E731
+    # The usual pair is read here without NumPy, which torch.compile could not trace.
+    plain = lambda s: s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))  # noqa: E731
+                                    and 0 <= s <= _INT64_MAX)
     if type(window) in (tuple, list) and len(window) == 2 and all(plain(s) for s in window):
-        return window[0], window[1], True
-    # Anything else: attnfast's own check raises its error or normalises it (NumPy integers, arrays).
-    left, right = _inputs._check_window(window, lq, lk)
+        return tuple(None if s is None else int(s) for s in window) + (True,)
+    # Anything else: attnfast's own check raises its error or normalises it (NumPy integers, an array).
+    # Its clamp to Lq + Lk is an optimisation the kernels make anyway; without the lengths, none.
+    left, right = _inputs._check_window(window, _INT64_MAX, 0)
     return (None if left < 0 else left), (None if right < 0 else right), True
 
 
@@ -172,11 +182,14 @@ def _window(left: Optional[int], right: Optional[int], windowed: bool):
 
 
 def _scale(scale) -> Optional[float]:
-    """scale as the operators take it (a float; attnfast has checked it); None for the default."""
+    """scale as the operators take it: a float (attnfast checks its value), None for the default."""
     if scale is None:
         return None
-    if isinstance(scale, np.ndarray):
+    if isinstance(scale, np.ndarray) and scale.ndim == 0 and (scale.dtype.kind in "iuf" or scale.dtype == _BFLOAT16):
         scale = scale.item()
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating,
+                                                                    ml_dtypes.bfloat16)):
+        raise TypeError(f"scale must be a real number (a Python float); got {scale!r}.")
     try:
         return float(scale)
     except OverflowError:  # an int beyond the float range: attnfast rejects it as not finite
@@ -198,8 +211,7 @@ def _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, ca
     return kwargs
 
 
-@torch.library.custom_op("attnfast::attention", mutates_args=(), device_types="cpu")
-def _attention_op(
+def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
     w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
@@ -211,6 +223,10 @@ def _attention_op(
                                causal_align, window_left, window_right, windowed, _as_array)
     out, lse = attnfast.attention(_as_array(q), _as_array(k), _as_array(v), return_lse=True, **kwargs)
     return _as_tensor(out), _as_tensor(lse)
+
+
+_attention_op = torch.library.custom_op("attnfast::attention", _attention_impl, mutates_args=(),
+                                        device_types="cpu")
 
 
 def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window):
@@ -263,8 +279,7 @@ def _placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("attnfast::attention_backward", mutates_args=(), device_types="cpu")
-def _attention_backward_op(
+def _attention_backward_impl(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor,
     mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
@@ -282,6 +297,10 @@ def _attention_backward_op(
     pairs = [(grads.dq, q), (grads.dk, k), (grads.dv, v), (grads.dbias, bias)]
     pairs += [(getattr(grads, field), x) for field, x in zip(_WEIGHT_GRADS, weights)]
     return tuple(_gradient_tensor(g, x, q) for g, x in pairs)
+
+
+_attention_backward_op = torch.library.custom_op("attnfast::attention_backward", _attention_backward_impl,
+                                                 mutates_args=(), device_types="cpu")
 
 
 def _gradient_tensor(grad, x: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
@@ -319,18 +338,58 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
-    # dlse is ignored: lse is marked non-differentiable, so autograd never hands a real gradient for it.
+def _gradients(ctx, dout, backward):
+    """The gradients of the forward's inputs (None for the non-differentiable ones), by ``backward``: the
+    backward operator, or its implementation in eager mode. lse has no gradient: it is marked
+    non-differentiable, so autograd hands backward zeros or None for it, never a real one."""
     *tensors, out, lse = ctx.saved_tensors
     q, k, v, mask, bias, kv_lengths, *weights = tensors
-    dq, dk, dv, dbias, *dweights = _attention_backward_op(dout, q, k, v, out, lse, mask, bias, kv_lengths,
-                                                          *weights, *ctx.scalars)
+    dq, dk, dv, dbias, *dweights = backward(dout, q, k, v, out, lse, mask, bias, kv_lengths, *weights,
+                                            *ctx.scalars)
     grad = lambda g, x: g if _has_gradient(x) else None  # noqa: E731
     return (grad(dq, q), grad(dk, k), grad(dv, v), None, grad(dbias, bias), None,
             *(grad(g, x) for g, x in zip(dweights, weights)), *([None] * len(_SCALAR_INPUTS)))
 
 
+def _backward(ctx, dout, dlse):
+    return _gradients(ctx, dout, _attention_backward_op)
+
+
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# What the eager route takes: tensors and parameters, not subclasses that dispatch on their own (fake,
+# functional or user tensor subclasses), which go through the operators.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The operators' autograd formula as an autograd.Function, for eager calls on plain tensors.
+
+    Both run the same forward and backward implementations; going through the custom operator's
+    autograd costs about 150 us more per call here (its Python dispatch), as much as a whole small
+    attention, so eager calls skip it. Traced calls (torch.compile, export) and tensor subclasses (fake
+    and functional tensors) always use the operators.
+    """
+
+    # forward(ctx, ...) rather than a separate setup_context: apply then skips binding the arguments to
+    # the signature (inspect.signature), a third of this class's own cost per call.
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attention_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients would silently lack their dependence on q, k, v (torch's
+            # once_differentiable only notices one through dout).
+            raise NotImplementedError(
+                "attnfast.torch.attention has no second derivative: its backward pass is not itself "
+                "differentiable, so torch.autograd.grad(..., create_graph=True) through it is not supported."
+            )
+        return _gradients(ctx, dout, _attention_backward_impl)
 
 
 # --------------------------------------------------------------------------
@@ -359,14 +418,24 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     weights = tuple(_tensor_argument(name, x) for name, x in zip(_WEIGHTS, (w, w_q, w_k, v_a, score_bias)))
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False; got {return_lse!r} of type {type(return_lse).__name__}.")
-    if torch.compiler.is_compiling():
-        # Traced: the fake implementation runs attnfast's validation on the traced shapes instead.
-        left, right, windowed = _window_sides(window, 0, 0)
+    # The scalars the operators' schema types; everything else is validated by attnfast.attention itself
+    # (eager) or by the fake implementation on the traced shapes (torch.compile), with attnfast's errors.
+    method = _inputs._check_method(method)
+    causal = _inputs._check_bool_flag("causal", causal)
+    if not isinstance(causal_align, str):
+        raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
+    inputs = (q, k, v, mask, bias, kv_lengths, *weights, method, _scale(scale), causal, causal_align,
+              *_window_sides(window))
+    if torch.compiler.is_compiling() or not all(x is None or type(x) in _PLAIN_TENSORS
+                                                for x in inputs[:len(_TENSOR_INPUTS)]):
+        out, lse = _attention_op(*inputs)
+    elif torch._C._are_functorch_transforms_active():
+        # Neither the custom operator's autograd nor an autograd.Function over NumPy can run on
+        # torch.func's wrapped tensors (they have no storage to view).
+        raise NotImplementedError(
+            "attnfast.torch.attention does not support torch.func transforms (grad, vjp, jacrev, vmap); "
+            "use torch.autograd.grad or .backward(), and a batch axis instead of vmap."
+        )
     else:
-        # attnfast's errors, raised here before any operator runs, with the caller's argument values.
-        a = _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window)
-        left, right, windowed = _window_sides(window, a.lq, a.lk)
-        causal = a.causal
-    out, lse = _attention_op(q, k, v, mask, bias, kv_lengths, *weights, method, _scale(scale), bool(causal),
-                             causal_align, left, right, windowed)
+        out, lse = _EagerAttention.apply(*inputs)
     return (out, lse) if return_lse else out

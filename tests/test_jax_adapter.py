@@ -441,6 +441,19 @@ def test_kv_lengths_out_of_range():
         jax.block_until_ready(jax.jit(lambda n: ajax.attention(q, k, v, kv_lengths=n))(np.array([7, 1])))
 
 
+def test_forward_mode_and_second_derivatives_are_refused_by_jax():
+    """A custom_vjp has no forward mode, and the backward (a callback) has no derivative: JAX says so."""
+    q = np.ones((3, D), np.float32)
+
+    def f(q):
+        return jnp.sum(ajax.attention(q, q, q))
+
+    with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp"):
+        jax.jvp(f, (q,), (q,))
+    with pytest.raises(ValueError, match=r"Pure callbacks do not support JVP"):
+        jax.grad(lambda q: jnp.sum(jax.grad(f)(q)))(q)
+
+
 def run_python(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 

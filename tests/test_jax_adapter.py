@@ -246,6 +246,20 @@ def test_16bit_forward_and_grad_are_the_kernels(rng, dtype):
         assert_same(grads[name], expected[name], f"d{name}")
 
 
+def test_eager_calls_compile_once(rng, caplog):
+    """An eager call with the same shapes and arguments reuses the compiled callback program."""
+    q = rng.standard_normal((2, 4, D)).astype(np.float32)
+    ajax.attention(q, q, q, causal=True)
+    with jax.log_compiles(), caplog.at_level("DEBUG"):
+        caplog.clear()
+        ajax.attention(q, q, q, causal=True)
+        compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+        ajax.attention(q, q, q, causal=False)  # a new configuration compiles (the check's own check)
+        recompiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+    assert compiled == []
+    assert recompiled
+
+
 def test_mask_and_kv_lengths_get_zero_cotangents(rng):
     q = rng.standard_normal((2, 4, D)).astype(np.float32)
     k = rng.standard_normal((2, 6, D)).astype(np.float32)

@@ -1,0 +1,361 @@
+"""attnfast's fused attention as a differentiable JAX function.
+
+``attnfast.jax.attention(q, k, v, **kwargs)`` takes the keyword arguments of :func:`attnfast.attention`
+(but not ``return_lse``, ``return_weights`` or ``out``) and returns ``out`` as a JAX array. It is a
+``jax.custom_vjp``: the forward runs ``attnfast.attention(..., return_lse=True)`` and the backward
+``attnfast.attention_backward`` (the fused FlashAttention-2-style kernels) on the host through
+``jax.pure_callback``, so it works under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+
+* Differentiable with respect to q, k, v, ``bias`` and the method weights (``w``, ``w_q``, ``w_k``,
+  ``v_a``, ``score_bias``); ``mask`` and ``kv_lengths`` get zero cotangents (float0 for integer and
+  boolean arrays, as JAX requires). ``method``, ``scale``, ``causal``, ``causal_align`` and ``window``
+  are static: Python values fixed at trace time.
+* Shapes and dtypes are checked when the function is traced, with attnfast's own messages
+  (``TypeError``/``ValueError``); only the values of a traced ``kv_lengths`` can be checked no earlier
+  than when the kernel runs, where a bad one surfaces as JAX's runtime error carrying attnfast's message.
+* ``jax.vmap``: the kernels take any number of leading batch axes, so the callback uses
+  ``vmap_method="expand_dims"`` and runs the kernel once on the whole mapped batch; unmapped arguments
+  arrive with size-1 leading axes and broadcast without being copied. Only what the kernels cannot
+  batch, mapped method weights, or per-item gradients of the method weights under ``vmap`` of ``grad``,
+  falls back to one kernel call per mapped item.
+* Cost over calling the kernels on NumPy arrays: ``jax.pure_callback`` copies each input into a fresh
+  host array before the callback sees it (XLA hands over views JAX does not alias) and each result into
+  XLA's buffer afterwards. An XLA FFI handler written in C++ could read and write XLA's buffers in place.
+
+This module imports JAX; ``import attnfast`` does not import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attnfast
+from attnfast import _inputs
+
+__all__ = ["attention"]
+
+# Array keyword arguments of attnfast.attention, in a fixed order, with the AttentionGrads field of
+# their gradient (None: not differentiable).
+_ARRAY_KWARGS = {
+    "mask": None,
+    "bias": "dbias",
+    "kv_lengths": None,
+    "w": "dw",
+    "w_q": "dw_q",
+    "w_k": "dw_k",
+    "v_a": "dv_a",
+    "score_bias": "dscore_bias",
+}
+_METHOD_WEIGHTS = ("w", "w_q", "w_k", "v_a", "score_bias")
+# Arguments laid out like scores (..., Lq, Lk) or like q/k/v (..., L, D): their batch axes broadcast
+# against each other from the right.
+_SCORE_LIKE = ("q", "k", "v", "mask", "bias")
+_NUMPY_ONLY = ("return_lse", "return_weights", "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The arguments fixed at trace time (hashable: the custom_vjp's non-differentiable argument)."""
+
+    method: str
+    scale: Optional[float]
+    causal: bool
+    causal_align: str
+    window: Optional[Tuple[Optional[int], Optional[int]]]
+
+    def kwargs(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What tracing needs to know about one call: the result's shape and dtype, and each argument's
+    shape without any vmap axes (the callbacks count the mapped axes as the extra leading ones)."""
+
+    out: jax.ShapeDtypeStruct
+    lse: jax.ShapeDtypeStruct
+    shapes: Tuple[Tuple[str, Tuple[int, ...]], ...]
+    batch_rank: int
+
+
+def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
+              causal_align="top_left", window=None, kv_lengths=None, w=None, w_q=None, w_k=None, v_a=None,
+              score_bias=None, **numpy_only):
+    """Fused attention as a differentiable JAX function (see the module docstring).
+
+    Same arguments and result as :func:`attnfast.attention` without ``return_lse``, ``return_weights``
+    and ``out``; returns ``out`` (..., Lq, Dv) as a JAX array of the promoted dtype of q, k, v.
+    """
+    _reject_numpy_only(numpy_only)
+    static = _static_args(method=method, scale=scale, causal=causal, causal_align=causal_align,
+                          window=window)
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    given = dict(mask=mask, bias=bias, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
+                 score_bias=score_bias)
+    arrays = {name: jnp.asarray(x) for name, x in given.items() if x is not None}
+    _plan(static, _signature(q, k, v, arrays))  # validates shapes and dtypes now, at trace time
+    if "kv_lengths" in arrays and not isinstance(arrays["kv_lengths"], jax.core.Tracer):
+        _check_values(static, q, k, v, arrays)
+    return _attention(static, q, k, v, arrays)
+
+
+def _reject_numpy_only(numpy_only: Dict[str, Any]) -> None:
+    for name in numpy_only:
+        if name in _NUMPY_ONLY:
+            raise TypeError(
+                f"attnfast.jax.attention does not take {name}= (a JAX function returns a new array, "
+                f"and only out is differentiable); call attnfast.attention on NumPy arrays for it."
+            )
+        raise TypeError(f"attnfast.jax.attention() got an unexpected keyword argument {name!r}")
+
+
+def _static_args(**values) -> _Static:
+    """The static arguments as hashable Python values. A traced one is refused: it would need a kernel
+    configuration per value, so it must be fixed at trace time."""
+    for name, value in values.items():
+        parts = value if name == "window" and isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(x, jax.core.Tracer) for x in parts):
+            raise TypeError(
+                f"{name} must be a Python value fixed at trace time, got a traced JAX value. Pass it as "
+                f"a constant or mark it static (jax.jit(f, static_argnames=...))."
+            )
+    scale, window = values["scale"], values["window"]
+    if isinstance(scale, jax.Array):
+        scale = np.asarray(scale)  # concrete: attnfast's check takes a 0-d array like a NumPy scalar
+    if isinstance(scale, np.ndarray) and scale.ndim == 0:
+        scale = scale.item()
+    if isinstance(window, (list, np.ndarray)) and np.ndim(window) == 1:
+        window = tuple(window.tolist() if isinstance(window, np.ndarray) else window)
+    static = dict(values, scale=scale, window=window)
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        # Only values attnfast rejects are unhashable here: let it say what it expects.
+        _inputs.check_attention(_stand_in((1, 1), np.float32), _stand_in((1, 1), np.float32),
+                                _stand_in((1, 1), np.float32), **static)
+        raise TypeError(f"the static arguments must be hashable Python values; got {static!r}") from None
+    return _Static(**static)
+
+
+def _signature(q, k, v, arrays) -> Tuple[Tuple[str, Tuple[int, ...], np.dtype], ...]:
+    named = {"q": q, "k": k, "v": v, **arrays}
+    return tuple((name, tuple(x.shape), np.dtype(x.dtype)) for name, x in named.items())
+
+
+def _stand_in(shape, dtype) -> np.ndarray:
+    """An array of this shape and dtype that costs one element (a zero-stride broadcast view)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(static: _Static, signature) -> _Plan:
+    """Validate one call's shapes and dtypes with attnfast's own checks (on stand-in arrays, since traced
+    values are unknown) and return the result's shape and dtype."""
+    named = {name: _stand_in(shape, dtype) for name, shape, dtype in signature}
+    q, k, v = named.pop("q"), named.pop("k"), named.pop("v")
+    a = _inputs.check_attention(q, k, v, return_lse=True, **static.kwargs(), **named)
+    out = jax.ShapeDtypeStruct(a.batch_shape + (a.lq, a.dv), a.dtype)
+    lse = jax.ShapeDtypeStruct(a.batch_shape + (a.lq,), _inputs.lse_dtype(a.dtype))
+    shapes = tuple((name, shape) for name, shape, _ in signature)
+    shapes += (("dout", out.shape), ("out", out.shape), ("lse", lse.shape))
+    return _Plan(out=out, lse=lse, shapes=shapes, batch_rank=len(a.batch_shape))
+
+
+def _check_values(static: _Static, q, k, v, arrays) -> None:
+    """Check a concrete kv_lengths' values now (their range depends on Lk), so that a bad one raises
+    attnfast's ValueError here rather than JAX's runtime error from inside the callback."""
+    named = {name: _stand_in(x.shape, x.dtype) for name, x in arrays.items()}
+    named["kv_lengths"] = np.asarray(arrays["kv_lengths"])
+    _inputs.check_attention(_stand_in(q.shape, q.dtype), _stand_in(k.shape, k.dtype),
+                            _stand_in(v.shape, v.dtype), **static.kwargs(), **named)
+
+
+# --------------------------------------------------------------------------
+# The differentiable function
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static: _Static, q, k, v, arrays):
+    return _forward(static, q, k, v, arrays)[0]
+
+
+def _attention_fwd(static: _Static, q, k, v, arrays):
+    out, lse = _forward(static, q, k, v, arrays)
+    return out, (q, k, v, arrays, out, lse)
+
+
+def _attention_bwd(static: _Static, residuals, dout):
+    q, k, v, arrays, out, lse = residuals
+    wanted = {name: x for name, x in arrays.items() if _differentiable(name, x)}
+    plan = _plan(static, _signature(q, k, v, arrays))
+    specs = (_spec(q), _spec(k), _spec(v), {name: _spec(x) for name, x in wanted.items()})
+    callback = _HostCall(_backward_callback, static, plan, tuple(arrays), tuple(wanted))
+    dq, dk, dv, grads = jax.pure_callback(callback, specs, dout, q, k, v, out, lse, arrays,
+                                          vmap_method="expand_dims")
+    cotangents = {name: grads[name] if name in grads else _zero_cotangent(x) for name, x in arrays.items()}
+    return dq, dk, dv, cotangents
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _differentiable(name: str, x) -> bool:
+    return _ARRAY_KWARGS[name] is not None and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _zero_cotangent(x):
+    """The cotangent of an input that gets no gradient: float0 zeros for integer and boolean arrays (JAX's
+    rule), zeros of its dtype otherwise."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros(x.shape, x.dtype)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _forward(static: _Static, q, k, v, arrays):
+    plan = _plan(static, _signature(q, k, v, arrays))
+    callback = _HostCall(_forward_callback, static, plan, tuple(arrays))
+    return jax.pure_callback(callback, (plan.out, plan.lse), q, k, v, arrays, vmap_method="expand_dims")
+
+
+# --------------------------------------------------------------------------
+# The host callbacks
+# --------------------------------------------------------------------------
+
+
+class _HostCall:
+    """A callback with its configuration, equal to (and hashing like) any other with the same one.
+
+    JAX caches the compiled program of an eager pure_callback by its parameters, the callback included:
+    with a fresh functools.partial per call (which compares by identity) every eager call would compile
+    again (~40 ms here)."""
+
+    def __init__(self, function: Callable, *config):
+        self.function, self.config = function, config
+
+    def __call__(self, *args):
+        return self.function(*self.config, *args)
+
+    def __eq__(self, other):
+        return isinstance(other, _HostCall) and (self.function, self.config) == (other.function, other.config)
+
+    def __hash__(self):
+        return hash((self.function, self.config))
+
+#
+# Under vmap with vmap_method="expand_dims", every argument arrives with the same number of extra leading
+# axes: the mapped axis (one per nested vmap) for mapped arguments, size 1 for the others. The results
+# must have the full mapped axes in front of the unmapped result's shape.
+
+
+class _Mapped:
+    """One callback's arguments as NumPy arrays, split into the mapped leading axes and the rest."""
+
+    def __init__(self, plan: _Plan, named: Dict[str, Any]):
+        self.plan = plan
+        self.shapes = dict(plan.shapes)
+        self.arrays = {name: np.asarray(x) for name, x in named.items()}
+        self.lead = self.arrays["q"].ndim - len(self.shapes["q"])
+        self.shape = np.broadcast_shapes(*(x.shape[:self.lead] for x in self.arrays.values()))
+
+    def aligned(self, name: str) -> np.ndarray:
+        """The argument with size-1 axes inserted after the mapped ones, so that its own batch axes line
+        up with everyone's (batch axes broadcast from the right, and the mapped ones are in front)."""
+        x = self.arrays[name]
+        full = self.plan.batch_rank + (1 if name == "lse" else 0 if name == "kv_lengths" else 2)
+        missing = full - len(self.shapes[name])
+        return x.reshape(x.shape[:self.lead] + (1,) * missing + x.shape[self.lead:])
+
+    def broadcast(self, x: np.ndarray) -> np.ndarray:
+        """An aligned argument broadcast to every mapped axis (a view: no copy)."""
+        return np.broadcast_to(x, self.shape + x.shape[self.lead:])
+
+    def unmapped(self, name: str) -> Optional[np.ndarray]:
+        """A method weight without its mapped axes, or None when it differs between mapped items."""
+        x = self.arrays[name]
+        if any(n != 1 for n in x.shape[:self.lead]):
+            return None
+        return x.reshape(self.shapes[name])
+
+    def item(self, name: str, index: Tuple[int, ...]) -> np.ndarray:
+        """The argument for one mapped item (its own unmapped shape)."""
+        x = self.arrays[name]
+        return x[tuple(i if n > 1 else 0 for i, n in zip(index, x.shape[:self.lead]))]
+
+    def full(self, name: str) -> Tuple[int, ...]:
+        """The shape of a result (or gradient) shaped like ``name``: the mapped axes, then its own."""
+        return self.shape + tuple(self.shapes[name])
+
+    def per_item(self, names, run: Callable, results) -> Tuple[np.ndarray, ...]:
+        """``run`` once per mapped item, the results stacked: the path for what one call cannot batch.
+        ``results``: (shape-like name, dtype) of each result."""
+        stacked = tuple(np.empty(self.full(like), dtype) for like, dtype in results)
+        for index in np.ndindex(*self.shape):
+            for target, value in zip(stacked, run({name: self.item(name, index) for name in names})):
+                target[index] = value
+        return stacked
+
+
+def _forward_callback(static: _Static, plan: _Plan, names, q, k, v, arrays):
+    mapped = _Mapped(plan, {"q": q, "k": k, "v": v, **arrays})
+
+    def run(args):
+        return attnfast.attention(args.pop("q"), args.pop("k"), args.pop("v"), return_lse=True,
+                                  **static.kwargs(), **args)
+
+    operands = ("q", "k", "v", *names)
+    results = (("out", plan.out.dtype), ("lse", plan.lse.dtype))
+    weights = {name: mapped.unmapped(name) for name in names if name in _METHOD_WEIGHTS}
+    if any(x is None for x in weights.values()):
+        return mapped.per_item(operands, run, results)  # mapped method weights: no batched kernel for them
+    args = {name: mapped.aligned(name) for name in operands if name not in weights}
+    # q, k and v decide the batch shape (a mask or bias must broadcast to it), so they carry every mapped
+    # axis, as zero-stride views where they are not mapped.
+    for name in ("q", "k", "v"):
+        args[name] = mapped.broadcast(args[name])
+    return run({**args, **weights})
+
+
+def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, v, out, lse, arrays):
+    mapped = _Mapped(plan, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse, **arrays})
+    operands = ("dout", "q", "k", "v", "out", "lse", *names)
+    differentiated = ("q", "k", "v", *wanted)
+    results = tuple((name, mapped.arrays[name].dtype) for name in differentiated)
+
+    def run(args):
+        grads = attnfast.attention_backward(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
+                                            args.pop("out"), args.pop("lse"), **static.kwargs(), **args)
+        return tuple(_gradient(grads, name, dtype) for name, dtype in results)
+
+    if mapped.lead and any(name in _METHOD_WEIGHTS for name in names):
+        # Each mapped item needs its own weight gradients, which one batched call would sum.
+        grads = mapped.per_item(operands, run, results)
+    else:
+        # No mapped axes when there are weights; then unmapped() is the weight itself.
+        args = {name: mapped.unmapped(name) if name in _METHOD_WEIGHTS else mapped.aligned(name)
+                for name in operands}
+        # The differentiated operands (and those shaped like the result) carry every mapped axis, as
+        # zero-stride views where they are not mapped: each gradient then has one slice per mapped item
+        # instead of their sum.
+        for name in ("dout", "out", "lse", *differentiated):
+            args[name] = mapped.broadcast(args[name])
+        grads = tuple(g.reshape(mapped.full(name)) for g, name in zip(run(args), differentiated))
+    dq, dk, dv, *rest = grads
+    return dq, dk, dv, dict(zip(wanted, rest))
+
+
+def _gradient(grads, name: str, dtype) -> np.ndarray:
+    """One gradient out of AttentionGrads, in its argument's dtype."""
+    field = {"q": "dq", "k": "dk", "v": "dv"}.get(name) or _ARRAY_KWARGS[name]
+    g = np.asarray(getattr(grads, field))
+    return g if g.dtype == dtype else _inputs.round_to(g, dtype)

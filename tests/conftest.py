@@ -314,11 +314,12 @@ def naive_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
         b = dtype.type(0 if score_bias is None else score_bias)
         s = (q @ np.asarray(w_q, dtype))[..., :, None] + (k @ np.asarray(w_k, dtype))[..., None, :] + b
     else:
-        w_q, w_k = np.asarray(w_q, dtype), np.asarray(w_k, dtype)
-        hidden = w_q.shape[0]
+        # w_q / w_k None: q / k are already projected.
+        pq = q if w_q is None else q @ _swap(np.asarray(w_q, dtype))
+        pk = k if w_k is None else k @ _swap(np.asarray(w_k, dtype))
+        hidden = pq.shape[-1]
         b = np.zeros(hidden, dtype) if score_bias is None else np.asarray(score_bias, dtype)
         va = np.ones(hidden, dtype) if v_a is None else np.asarray(v_a, dtype)
-        pq, pk = q @ _swap(w_q), k @ _swap(w_k)
         s = np.tanh(pq[..., :, None, :] + pk[..., None, :, :] + b) @ va
     return (s * c).astype(dtype)
 
@@ -510,3 +511,106 @@ def attention_parts(q, k, v, mask, edges):
         outs.append(o)
         lses.append(s)
     return outs, lses
+
+
+# --------------------------------------------------------------------------
+# The backward
+# --------------------------------------------------------------------------
+
+
+def naive_attention_backward(dout, q, k, v, out, *, rounded=None, **kw):
+    """attention_backward in plain NumPy in the computation dtype: dict of gradients by input name.
+
+    FlashAttention-2's formulas as a textbook would code them with whole matrices: P from the naive
+    softmax (naive_attention), dV = P^T dO, dP = dO V^T, delta = rowsum(dO * out) with the forward's
+    ``out`` as the kernel gets it, dS = P (dP - delta), then the chain through the score method, each
+    stage in the computation dtype (rounded to ``rounded``, a 16-bit dtype, as PyTorch's math backward
+    in that dtype). GQA by repeating kv heads; gradients summed to the inputs' shapes. No visibility
+    selection: hidden garbage makes it NaN there, which the comparison skips.
+    """
+    from attnfast._grads import fold_query_heads, sum_to_shape
+
+    a = _inputs.check_attention(q, k, v, **kw)
+    t = a.compute
+    rnd = rounded_to(rounded)
+    _, _, p = naive_attention(q, k, v, rounded=rounded, **kw)
+    p = np.asarray(p, t)
+    qq = np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)).astype(t)
+    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(t)
+    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)).astype(t)
+    if a.group > 1:
+        kk, vv = np.repeat(kk, a.group, axis=-3), np.repeat(vv, a.group, axis=-3)
+    kk = np.broadcast_to(kk, a.batch_shape + kk.shape[-2:])
+    vv = np.broadcast_to(vv, a.batch_shape + vv.shape[-2:])
+    do, o = np.asarray(dout).astype(t), np.asarray(out).astype(t)
+    c = t.type(a.scale)
+    with np.errstate(invalid="ignore", over="ignore"):
+        dv = rnd(_swap(p) @ do)
+        dp = rnd(do @ _swap(vv))
+        delta = rnd(np.sum(do * o, axis=-1, keepdims=True))
+        ds = rnd(p * (dp - delta))
+        grads = _naive_method_backward(a, ds, qq, kk, c, rnd)
+    grads["v"] = dv
+    if a.bias is not None:
+        grads["bias"] = ds
+    for name in ("k", "v"):
+        grads[name] = fold_query_heads(grads[name], a.kv_batch_shape, a.group)
+    shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape, "bias": None if a.bias is None else a.bias.shape}
+    for name in ("q", "k", "v", "bias"):
+        if name in grads:
+            grads[name] = sum_to_shape(grads[name], shapes[name])
+    return grads
+
+
+def _naive_method_backward(a, ds, q, k, c, rnd):
+    t = a.compute
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    if a.method in ("dot", "scaled_dot"):
+        return {"q": rnd(c * (ds @ k)), "k": rnd(c * (_swap(ds) @ q))}
+    if a.method == "general":
+        qw = rnd(q @ a.w)
+        dqw = rnd(c * (ds @ k))
+        return {"q": rnd(dqw @ a.w.T), "k": rnd(c * (_swap(ds) @ qw)), "w": rnd(flat(q).T @ flat(dqw))}
+    if a.method == "concat":
+        by_query = rnd(c * np.sum(ds, axis=-1, keepdims=True))
+        by_key = rnd(c * np.sum(ds, axis=-2)[..., None])
+        return {"q": rnd(by_query * a.w_q), "k": rnd(by_key * a.w_k),
+                "w_q": rnd(flat(q).T @ flat(by_query))[:, 0], "w_k": rnd(flat(k).T @ flat(by_key))[:, 0],
+                "score_bias": rnd(np.sum(by_query))}
+    qp = q if a.w_q is None else rnd(q @ a.w_q.T)
+    kp = k if a.w_k is None else rnd(k @ a.w_k.T)
+    th = rnd(np.tanh(qp[..., :, None, :] + kp[..., None, :, :] + a.score_bias))  # (..., Lq, Lk, A)
+    dz = rnd((c * ds)[..., None] * (t.type(1) - th * th) * a.v_a)
+    dqp, dkp = rnd(np.sum(dz, axis=-2)), rnd(np.sum(dz, axis=-3))
+    grads = {"q": dqp if a.w_q is None else rnd(dqp @ a.w_q), "k": dkp if a.w_k is None else rnd(dkp @ a.w_k),
+             "score_bias": rnd(np.sum(flat(dqp), axis=0)),
+             "v_a": rnd(np.sum(flat(((c * ds)[..., None] * th)), axis=0))}
+    if a.w_q is not None:
+        grads["w_q"] = rnd(flat(dqp).T @ flat(q))
+    if a.w_k is not None:
+        grads["w_k"] = rnd(flat(dkp).T @ flat(k))
+    return grads
+
+
+def backward_scales(ref, dout, q, k, v, **kw):
+    """The FLOOR scale of each attention_backward field (None: max |reference|, the default).
+
+    concat's dq, dw_q and dscore_bias are sums over keys of rows of dS, and every row of dS sums to 0
+    (its query term shifts all the row's scores alike, which the softmax ignores): their exact value
+    is 0 and their rounding error scales with the terms, scale * sum_j |dS_ij|, as sum_magnitude's
+    does for the forward.
+    """
+    scales = {field: None for field in ref._fields}
+    if kw.get("method") != "concat":
+        return scales
+    a = _inputs.check_attention(up(q), up(k), up(v), **kw)
+    bias = np.zeros(a.batch_shape + (a.lq, a.lk)) if kw.get("bias") is None else \
+        np.broadcast_to(kw["bias"], a.batch_shape + (a.lq, a.lk)).copy()
+    out, lse = reference.attention(up(q), up(k), up(v), return_lse=True, **{**kw, "bias": bias})
+    ds = reference.attention_backward(up(dout), up(q), up(k), up(v), out, lse, **{**kw, "bias": bias}).dbias
+    terms = abs(a.scale) * np.sum(np.abs(ds), axis=-1)  # (batch, Lq)
+    qq = np.abs(np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)))
+    scales["dq"] = float(np.max(terms, initial=0.0) * np.max(np.abs(a.w_q), initial=0.0)) or 1.0
+    scales["dw_q"] = float(np.max(np.sum(terms[..., None] * qq, axis=tuple(range(qq.ndim - 1))), initial=0.0)) or 1.0
+    scales["dscore_bias"] = float(np.sum(terms)) or 1.0
+    return scales

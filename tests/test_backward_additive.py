@@ -286,6 +286,15 @@ def test_rows_with_infinite_lse(isa, rng, dtype):
         np.testing.assert_array_equal(got[name], rest[name], err_msg=name)
 
 
+@pytest.mark.parametrize("batch,lq,lk", [((0,), 5, 6), ((2,), 0, 6), ((2,), 5, 0)])
+def test_empty_calls_write_zeros(isa, rng, batch, lq, lk):
+    """No query, no key or no batch item: no pair contributes, every gradient that exists is 0."""
+    qp, kp, v, va, dout = inputs(rng, np.float32, batch, lq, lk, 17, 4)
+    _, got, _ = kernel_backward(qp, kp, v, va, dout)
+    for name, value in got.items():
+        assert np.all(value == 0), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_without_dscores(isa, rng, dtype):
     qp, kp, v, va, dout = inputs(rng, dtype, (2,), 13, 21, 17, 7)

@@ -19,6 +19,7 @@
 #include <cstdlib>
 
 #include "attnfast/params.h"
+#include "kernels/attention_backward_additive.h"
 #include "kernels/attention_backward_tiled.h"
 #include "kernels/common.h"
 
@@ -71,8 +72,10 @@ int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar
 // in lanes.
 template <class V, class S, int MR, int NRV, int RMR, int RNV>
 int attention_backward_impl(const AttentionBackwardParams<S, typename V::Scalar>& p) {
-  // Additive scores: their kernel (attention_backward_additive.h, compute-type operands only) goes here:
-  //   if constexpr (kSameType<S, T>) return attention_backward_additive<V>(p);
+  // Additive scores: their own kernel (attention_backward_additive.h), for compute-type operands only.
+  if constexpr (kSameType<S, typename V::Scalar>) {
+    if (p.forward.v_a) return attention_backward_additive<V>(p);
+  }
   if (p.forward.v_a) return kNoBackwardKernel;
   if (p.forward.batch == 0) return kOk;
   return attention_backward_tiled<V, S, MR, NRV, RMR, RNV>(p);

@@ -47,17 +47,17 @@ int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar
     std::free(terms);
     return kOutOfMemory;
   }
-  const int64_t blocks = kernel.query_blocks(), tiles = kernel.key_tiles(), items = kernel.kv_items();
+  const int64_t blocks = kernel.query_blocks(), tiles = kernel.key_blocks(), items = kernel.kv_items();
   parallel_for(p.num_threads, p.batch * blocks, [&](int64_t task, int slot) {
     kernel.prepare_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
   });
   if (items >= kMinKvItems) {
     parallel_for(p.num_threads, items, [&](int64_t item, int slot) { kernel.run_kv_item(scratch.slice(slot), item); });
   } else {
-    // Under a causal mask the first key tiles are seen by the most rows and the last query blocks see
+    // Under a causal mask the first key blocks are seen by the most rows and the last query blocks see
     // the most keys: the longest tasks are handed out first, the short ones fill the end of each pass.
     parallel_for(p.num_threads, items * tiles, [&](int64_t task, int slot) {
-      kernel.run_key_tile(scratch.slice(slot), task / tiles, (task % tiles) * Kernel::NK, false);
+      kernel.run_key_block(scratch.slice(slot), task / tiles, (task % tiles) * Kernel::kKeyBlock, false);
     });
     parallel_for(p.num_threads, p.batch * blocks, [&](int64_t task, int slot) {
       kernel.run_query_block(scratch.slice(slot), task / blocks, (blocks - 1 - task % blocks) * Kernel::MB);

@@ -91,7 +91,9 @@ SMOKE = Config(vocab=8, hidden=16, attn_units=8, readout=32, max_len=12, steps=3
 
 
 def lexicon(vocab: int) -> Tuple[List[str], List[str]]:
-    """Source words and their translations (target word i translates source word i)."""
+    """Source words and their translations (target word i translates source word i).
+
+    Which bijection the lexicon is does not matter to the models: their output layer is learned."""
     syllables = [c + v for c in "bdgklmnprstvz" for v in "aeiou"]
     if vocab > len(syllables):
         raise ValueError(f"vocab: at most {len(syllables)} words, got {vocab}")
@@ -103,9 +105,7 @@ def lexicon(vocab: int) -> Tuple[List[str], List[str]]:
 
 def translate_ids(src: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The reference translation of a padded batch: target word t = source word n-1-t; -1 on padding."""
-    batch, width = src.shape
-    steps = np.arange(width)
-    source_pos = lengths[:, None] - 1 - steps  # negative past the end
+    source_pos = lengths[:, None] - 1 - np.arange(src.shape[1])  # negative past the end
     tgt = np.take_along_axis(src, np.maximum(source_pos, 0), axis=1)
     return np.where(source_pos >= 0, tgt, -1)
 
@@ -119,7 +119,7 @@ def sample_batch(rng: np.random.Generator, cfg: Config, batch: int):
     return src, lengths, translate_ids(src, lengths)
 
 
-def test_set(cfg: Config) -> Dict[int, np.ndarray]:
+def held_out_sentences(cfg: Config) -> Dict[int, np.ndarray]:
     """Fixed test sentences, ``eval_per_length`` of every length (independent of the training stream)."""
     rng = np.random.default_rng([cfg.seed, 1])
     return {n: rng.integers(0, cfg.vocab, size=(cfg.eval_per_length, n))
@@ -132,7 +132,8 @@ def test_set(cfg: Config) -> Dict[int, np.ndarray]:
 
 
 def init_params(cfg: Config, kind: str, dtype=np.float32) -> Params:
-    """Small random weights; the attention model has the fixed-C model's weights plus the score's."""
+    """Small random weights.  The shared weights are drawn first from the same seed, so both models start
+    from the same embeddings and readout; the attention model adds the score's weights."""
     rng = np.random.default_rng([cfg.seed, 2])
     h, a, r, v = cfg.hidden, cfg.attn_units, cfg.readout, cfg.vocab
 
@@ -149,7 +150,7 @@ def init_params(cfg: Config, kind: str, dtype=np.float32) -> Params:
         "b_o": np.zeros(v, dtype),
     }
     if kind == "attention":
-        # Small score weights: attention starts out nearly uniform, i.e. as the fixed-C model.
+        # Scores of order 1 at the start: the weights begin spread out, close to the fixed C's uniform 1/n.
         params.update(W_q=normal((a, h), 1.0 / np.sqrt(h)), W_k=normal((a, h), 1.0 / np.sqrt(h)),
                       v_a=normal((a,), 1.0 / np.sqrt(a)), b_a=np.zeros(a, dtype))
     return params
@@ -249,14 +250,14 @@ def loss_and_grads(params: Params, kind: str, src: np.ndarray, lengths: np.ndarr
 
 
 def predict(params: Params, kind: str, src: np.ndarray):
-    """Most likely translation of equal-length sentences (B, n), and the attention weights (B, n, n)."""
+    """Most likely translation of equal-length sentences (B, n), and the attention weights (B, n, n)
+    (None for the fixed-C model)."""
     batch, n = src.shape
     lengths = np.full(batch, n)
     h, _ = encode(params, src, lengths)
     s = params["Q"][:n][None]
     if kind == "fixed":
-        c, _ = context(params, kind, s, h, lengths)
-        weights = np.full((batch, n, n), 1.0 / n)
+        (c, _), weights = context(params, kind, s, h, lengths), None
     else:
         c, weights = attnfast.attention(s, h, h, return_weights=True, **additive_kwargs(params, lengths))
     logits, _, _ = readout(params, c.reshape(batch * n, -1), np.tile(s[0], (batch, 1)))
@@ -420,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with single_threaded_blas():
         models, _ = train(cfg)
         print(f"trained both models in {time.perf_counter() - start:.1f} s\n")
-        tests = test_set(cfg)
+        tests = held_out_sentences(cfg)
         accuracy = accuracy_by_length(models, tests)
     print(f"token accuracy on {cfg.eval_per_length} test sentences per length:")
     print(format_table(cfg, accuracy))

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
-from ._grads import AttentionGrads, fold_query_heads, sum_to_shape
+from ._grads import AttentionGrads, sum_to_shape
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -204,7 +204,9 @@ def _score_operands(a):
         return qq, kk, 1.0, None
     qp = (a.q.astype(t, copy=False) if a.w_q is None else _projected(a.q.astype(t, copy=False), a.w_q.T)) \
         + a.score_bias
-    kp = a.k if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    # The kernels evaluate tanh(qp + kp) only on compute-type operands: unprojected 16-bit keys are
+    # widened (exactly) like the projections, never read as a 16-bit cache.
+    kp = a.k.astype(t, copy=False) if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
     return qp, kp, a.scale, _unit_last_axis(a.v_a)
 
 
@@ -427,6 +429,10 @@ def _backward_kernel(a, b) -> dict:
     batch, kv_batch = a.batch_shape, a.kv_batch_shape
     full = batch + (a.lq, a.lk)
     qq, kk, vv, kernel_scale, v_a = _kernel_operands(a)
+    if v_a is not None and kk.dtype != t:
+        # The additive backward reads its operands in the computation dtype only (as it gets them
+        # whenever k is projected); already-projected 16-bit keys and their values are widened here.
+        kk, vv = kk.astype(t), vv.astype(t)
     depth = qq.shape[-1]
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))

@@ -26,6 +26,9 @@
 //     the key is visible.
 //   - A row with no visible key has lse = -inf: its scores are all -inf, the shift is replaced by 0
 //     (never -inf - -inf), P = 0 and dS = 0: zero gradients.
+//   - Likewise dK and dV multiply dS and P by the block's Q and dO rows: a block with a NaN or infinite
+//     Q or dO row (garbage in a row that sees no key, say) adds its (key, row) terms only where the key
+//     is visible to the row (accumulate_keys_visible), so such a row reaches only the keys it sees.
 //   - A row whose lse is +inf (an overflowed or +inf score) has, as in the forward, weight 1 / count on
 //     its +inf scores and 0 elsewhere; its dS is 0 (the softmax is flat there). The count is found once
 //     per row before the tiles run (the schedule's prepare pass) and kept where delta would be.
@@ -171,6 +174,7 @@ struct BackwardBlock : TileBlock<T> {
   const T* dout_t = nullptr;  // the block's dO rows in T, dout_stride apart
   int64_t q_stride = 0, dout_stride = 0;
   bool special = false;  // a row of the block has lse = +inf
+  bool rows_finite = true;  // the block's Q and dO rows hold only finite values
 };
 
 template <class V, class S, int MR, int NRV, int RMR, int RNV>
@@ -286,6 +290,10 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
     }
     const T* lse = lse_row(blk.b) + blk.i_begin;
     const T* terms = terms_row(blk.b) + blk.i_begin;
+    blk.rows_finite = true;
+    for (int64_t i = 0; i < blk.mb; ++i)
+      blk.rows_finite = blk.rows_finite && all_finite<V>(blk.q_t + i * blk.q_stride, p.depth) &&
+                        all_finite<V>(blk.dout_t + i * blk.dout_stride, p.dv);
     blk.special = false;
     for (int64_t i = 0; i < MB; ++i) {
       blk.lse_lanes[i] = i < blk.mb ? lse[i] : T(0);
@@ -346,6 +354,11 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   // dV[j] += sum_i P^T[j][i] dO[i] for the tile's keys (rows of kv item bkv's dv).
   void accumulate_dv(const Block& blk, int64_t j0, int64_t nk) const {
     const Operand<T>& dv = bp.dv;
+    if (!blk.rows_finite) {
+      accumulate_keys_visible(blk, nk, blk.pt, blk.dout_t, blk.dout_stride, p.dv, dv.row(blk.b / p.group, j0),
+                              dv.row_stride_elements);
+      return;
+    }
     accumulate_product<V, RMR, RNV>(nk, blk.mb, p.dv, blk.pt, MB, 1, blk.dout_t, blk.dout_stride,
                                     dv.row(blk.b / p.group, j0), dv.row_stride_elements);
   }
@@ -353,8 +366,34 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   // dK[j] += sum_i dS^T[j][i] Q[i] (unscaled: the key tile is scaled once, when finished).
   void accumulate_dk(const Block& blk, int64_t j0, int64_t nk) const {
     const Operand<T>& dk = bp.dk;
+    if (!blk.rows_finite) {
+      accumulate_keys_visible(blk, nk, blk.dst, blk.q_t, blk.q_stride, p.depth, dk.row(blk.b / p.group, j0),
+                              dk.row_stride_elements);
+      return;
+    }
     accumulate_product<V, RMR, RNV>(nk, blk.mb, p.depth, blk.dst, MB, 1, blk.q_t, blk.q_stride,
                                     dk.row(blk.b / p.group, j0), dk.row_stride_elements);
+  }
+
+  // out[j] += sum_i W^T[j][i] rows[i] (`cols` features) only for rows i that see key j: the careful dK
+  // (W = dS) and dV (W = P) of a block with a non-finite Q or dO row. Rare; features in lanes.
+  void accumulate_keys_visible(const Block& blk, int64_t nk, const T* wt, const T* rows, int64_t row_stride,
+                               int64_t cols, T* out, int64_t out_stride) const {
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t i = 0; i < blk.mb; ++i)
+        if (blk.s[j * MB + i] != neg_inf<T>())
+          add_scaled_row(wt[j * MB + i], rows + i * row_stride, cols, out + j * out_stride);
+  }
+
+  // dst[0 .. cols) += w src[0 .. cols), one FMA per element.
+  static void add_scaled_row(T w, const T* src, int64_t cols, T* dst) {
+    const V wv = V::set1(w);
+    int64_t c = 0;
+    for (; c + L <= cols; c += L) fmadd(wv, V::load(src + c), V::load(dst + c)).store(dst + c);
+    if (c < cols) {
+      const int tail = static_cast<int>(cols - c);
+      fmadd(wv, V::load_partial(src + c, tail), V::load_partial(dst + c, tail)).store_partial(dst + c, tail);
+    }
   }
 
   // True when keys [j0, j0 + nk) of kv item bkv have only finite K values (widened into the block's
@@ -391,17 +430,8 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   void accumulate_dq_visible(const Block& blk, const T* k, int64_t ks, int64_t nk, T* dq, int64_t dqs) const {
     for (int64_t i = 0; i < blk.mb; ++i) {
       T* row = dq + i * dqs;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (blk.s[j * MB + i] == neg_inf<T>()) continue;
-        const V ds = V::set1(blk.dst[j * MB + i]);
-        const T* kr = k + j * ks;
-        int64_t c = 0;
-        for (; c + L <= p.depth; c += L) fmadd(ds, V::load(kr + c), V::load(row + c)).store(row + c);
-        if (c < p.depth) {
-          const int tail = static_cast<int>(p.depth - c);
-          fmadd(ds, V::load_partial(kr + c, tail), V::load_partial(row + c, tail)).store_partial(row + c, tail);
-        }
-      }
+      for (int64_t j = 0; j < nk; ++j)
+        if (blk.s[j * MB + i] != neg_inf<T>()) add_scaled_row(blk.dst[j * MB + i], k + j * ks, p.depth, row);
     }
   }
 

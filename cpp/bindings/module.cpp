@@ -235,6 +235,28 @@ struct AttentionCall {
   int64_t diagonal_offset, window_left, window_right;
 };
 
+// What the forward and the backward share of a call besides the operands: the scale, causal / window,
+// the bool mask, the bias and kv_lengths (`lengths` keeps kv_lengths' int64 array alive for the call).
+template <class S, class T>
+void set_score_rule(Layouts& L, const AttentionCall& c, const py::object& mask, const py::object& bias,
+                    const py::object& kv_lengths, attnfast::AttentionParams<S, T>& p, py::array_t<int64_t>& lengths) {
+  p.scale = static_cast<T>(c.scale);
+  p.causal = c.causal;
+  p.diagonal_offset = c.diagonal_offset;
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
+  if (!bias.is_none()) {
+    require_dtype<T>(py::cast<py::array>(bias), "bias");
+    p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
+  }
+  if (!kv_lengths.is_none()) {
+    lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
+    if (lengths.size() != p.batch) throw std::invalid_argument("kv_lengths: one entry per batch item expected");
+    p.kv_lengths = lengths.data();
+  }
+}
+
 template <class S, class T>
 void run_attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                    const AttentionCall& c, const py::object& mask, const py::object& bias,
@@ -264,22 +286,8 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   p.lk = k.shape(k.ndim() - 2);
   p.depth = q.shape(q.ndim() - 1);
   p.dv = v.shape(v.ndim() - 1);
-  p.scale = static_cast<T>(c.scale);
-  p.causal = c.causal;
-  p.diagonal_offset = c.diagonal_offset;
-  p.window_left = c.window_left;
-  p.window_right = c.window_right;
-  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
-  if (!bias.is_none()) {
-    require_dtype<T>(py::cast<py::array>(bias), "bias");
-    p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
-  }
   py::array_t<int64_t> lengths;
-  if (!kv_lengths.is_none()) {
-    lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
-    if (lengths.size() != p.batch) throw std::invalid_argument("kv_lengths: one entry per batch item expected");
-    p.kv_lengths = lengths.data();
-  }
+  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths);
   std::vector<int64_t> lse_offsets;
   if (!lse.is_none()) {
     py::array lse_arr = py::cast<py::array>(lse);
@@ -385,22 +393,8 @@ void run_attention_backward(const py::array& q, const py::array& k, const py::ar
   p.lk = lk;
   p.depth = depth;
   p.dv = dv;
-  p.scale = static_cast<T>(c.scale);
-  p.causal = c.causal;
-  p.diagonal_offset = c.diagonal_offset;
-  p.window_left = c.window_left;
-  p.window_right = c.window_right;
-  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
-  if (!bias.is_none()) {
-    require_dtype<T>(py::cast<py::array>(bias), "bias");
-    p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
-  }
   py::array_t<int64_t> lengths;
-  if (!kv_lengths.is_none()) {
-    lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
-    if (lengths.size() != p.batch) throw std::invalid_argument("kv_lengths: one entry per batch item expected");
-    p.kv_lengths = lengths.data();
-  }
+  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths);
   require_dtype<T>(lse, "lse");
   if (!(lse.flags() & py::array::c_style) || lse.size() != p.batch * lq)
     throw std::invalid_argument("lse: internal shape mismatch (a C-contiguous batch + (lq,) array expected)");

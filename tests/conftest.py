@@ -101,6 +101,13 @@ FIXED = {
     BFLOAT16: {"rtol": 2.0**-8, "atol": 2.0**-8},
 }
 
+# FINITE_DIFFERENCE (used by assert_matches_finite_differences, for the float64 reference backward):
+#   the central difference (f(x + h) - f(x - h)) / 2h of the float64 reference forward's loss
+#   sum(dout * out), with h = 1e-5 on O(1) data, errs by h^2 |f'''| / 6 ~ 2e-11 (truncation) plus
+#   eps |f| / h ~ 2e-11 |f| (rounding of f, an absolute error); atol 1e-7 times max(1, max |gradient|)
+#   and rtol 1e-6 are ~1000x that, while a wrong formula errs by O(1).
+FINITE_DIFFERENCE = {"step": 1e-5, "rtol": 1e-6, "atol": 1e-7}
+
 DTYPES = [np.float32, np.float64]
 METHODS = ["dot", "scaled_dot", "general", "concat", "additive"]
 ISAS = list(attnfast.capabilities()["isas"])

@@ -8,6 +8,7 @@ Lq x Lk score matrix::
     aggregate(weights, v)      -> (..., Lq, Dv)      C_i = sum_j a_ij v_j
     attention(q, k, v, ...)    -> (..., Lq, Dv)      fused, with masks, causal, window, GQA, lse
     merge_states(outs, lses)   -> (out, lse)         combine attention over disjoint key sets
+    attention_backward(dout, q, k, v, out, lse, ...) -> AttentionGrads(dq, dk, dv, dbias, ...)
 
 Arrays may be float64, float32, float16 or ``ml_dtypes.bfloat16``, in any mix: 16-bit data is read as
 stored, computed in float32 (float64 when any input is float64) and rounded once into the result.
@@ -23,7 +24,8 @@ import warnings
 
 from . import _attnfast as _core
 from . import reference
-from ._api import aggregate, attention, merge_states, scores, softmax
+from ._api import aggregate, attention, attention_backward, merge_states, scores, softmax
+from ._grads import AttentionGrads
 
 __version__ = _core.__version__
 
@@ -33,6 +35,8 @@ __all__ = [
     "aggregate",
     "attention",
     "merge_states",
+    "attention_backward",
+    "AttentionGrads",
     "reference",
     "set_num_threads",
     "get_num_threads",

@@ -18,8 +18,9 @@ import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
+from ._grads import AttentionGrads, fold_query_heads, sum_to_shape
 
-__all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
+__all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
 
 def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype):
@@ -339,3 +340,169 @@ def _pairwise_sum(terms):
     while pending:
         total = pending.pop()[1] + total
     return total
+
+
+# --------------------------------------------------------------------------
+# attention_backward
+# --------------------------------------------------------------------------
+
+
+def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
+                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
+                       w_q=None, w_k=None, v_a=None, score_bias=None, **unexpected):
+    """Gradients of :func:`attention` with respect to q, k, v, bias and the method weights.
+
+    A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never
+    stored as an Lq x Lk matrix (except the gradient of the scores when ``bias`` is given, which has
+    that shape anyway). Results are bitwise identical for any thread count.
+
+    Parameters
+    ----------
+    dout : array_like, (..., Lq, Dv)
+        Gradient of the loss with respect to attention's output.
+    q, k, v : array_like
+        The forward's inputs (see :func:`attention`).
+    out, lse : array_like, (..., Lq, Dv) and (..., Lq)
+        What ``attention(q, k, v, return_lse=True, **kwargs)`` returned for the same inputs.
+    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias
+        The forward's keyword arguments (all but return_lse, return_weights and out), unchanged.
+
+    Returns
+    -------
+    AttentionGrads
+        ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v (summed over broadcast axes and
+        over the query heads sharing a kv head); ``dbias`` with bias's shape; ``dw`` (general),
+        ``dw_q``, ``dw_k``, ``dscore_bias`` (concat, additive) and ``dv_a`` (additive); None where the
+        call has no such input. Each is computed in float64 if any of q, k, v is float64, else in
+        float32, and rounded once into its input's dtype.
+
+    Notes
+    -----
+    A row with no visible key gets zero gradients; a hidden key contributes nothing, whatever its K and
+    V hold. A row whose lse is +inf (scores that overflowed) passes its weights' share of dout to dv but
+    has zero score gradients. See :func:`attnfast.reference.attention_backward` for the formulas.
+    """
+    _inputs.reject_backward_extras(unexpected)
+    b = _inputs.check_attention_backward(
+        dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
+        causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
+        score_bias=score_bias,
+    )
+    a = b.forward
+    if _inputs.nothing_to_compute(a):
+        return _zero_gradients(a, b.grad_dtypes)
+    kernel = _backward_kernel(a, b)
+    grads = {"v": sum_to_shape(kernel["dv"], a.v.shape)}
+    grads.update(_chained_gradients(a, kernel))
+    if a.bias is not None:
+        grads["bias"] = sum_to_shape(kernel["dscores"], a.bias.shape)
+    return AttentionGrads(**{"d" + name: _finished(g, b.grad_dtypes[name]) for name, g in grads.items()})
+
+
+def _zero_gradients(a, dtypes: dict) -> AttentionGrads:
+    """The gradients of a call whose loss depends on nothing (no key, no query, no value feature)."""
+    shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape}
+    if a.bias is not None:
+        shapes["bias"] = a.bias.shape
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+        if getattr(a, name) is not None:
+            shapes[name] = getattr(a, name).shape
+    return AttentionGrads(**{"d" + name: np.zeros(shape, dtypes[name]) for name, shape in shapes.items()})
+
+
+def _as_kernel_input(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.ndarray:
+    """dout or out as the backward kernel reads them: in the storage dtype of k and v or the
+    computation dtype (else converted to the latter), aligned with a unit-stride last axis."""
+    return _unit_last_axis(_storage_or_compute(x, storage, compute))
+
+
+def _backward_kernel(a, b) -> dict:
+    """Run the fused backward on the forward's kernel operands. Returns the gradients of those operands
+    in the computation dtype: dq (batch + (Lq, depth)), dk and dv (kv_batch + (Lk, .)), dscores
+    (batch + (Lq, Lk), only with a bias) and dv_a (additive only)."""
+    t = a.compute
+    batch, kv_batch = a.batch_shape, a.kv_batch_shape
+    full = batch + (a.lq, a.lk)
+    qq, kk, vv, kernel_scale, v_a = _kernel_operands(a)
+    depth = qq.shape[-1]
+    mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
+    bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))
+    lengths = None
+    if a.kv_lengths is not None:
+        lengths = np.array(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64, order="C")
+    lse = np.array(b.lse, dtype=t, order="C")  # (batch, Lq): small, and the kernel indexes it densely
+    grads = {
+        "dq": np.empty(batch + (a.lq, depth), t),
+        "dk": np.empty(kv_batch + (a.lk, depth), t),
+        "dv": np.empty(kv_batch + (a.lk, a.dv), t),
+        "dscores": None if a.bias is None else np.empty(full, t),
+        "dv_a": None if v_a is None else np.empty(v_a.shape, t),
+    }
+    _core.attention_backward(
+        qq, kk, vv, _as_kernel_input(b.out, kk.dtype, t), _as_kernel_input(b.dout, kk.dtype, t), lse,
+        grads["dq"], grads["dk"], grads["dv"], grads["dscores"], grads["dv_a"], list(batch), list(kv_batch),
+        a.group, kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
+        a.window_right, v_a,
+    )
+    return grads
+
+
+def _chained_gradients(a, kernel: dict) -> dict:
+    """The gradients of q, k and the method weights from those of the kernel's operands (the chain
+    rule through the projections _score_operands made), in the computation dtype, summed to each
+    input's shape: q-like ones reduced to q's batch shape before any product with a weight, so a
+    broadcast q costs one product, not one per batch item it was broadcast to."""
+    t = a.compute
+    dq, dk = kernel["dq"], kernel["dk"]
+    q_shape, k_shape = a.q.shape, a.k.shape
+    if a.method in ("dot", "scaled_dot"):
+        return {"q": sum_to_shape(dq, q_shape), "k": sum_to_shape(dk, k_shape)}
+    q, k = a.q.astype(t, copy=False), a.k.astype(t, copy=False)
+    if a.method == "general":
+        # The kernel saw q W: dq is the gradient of q W, dk already that of k.
+        dqw = sum_to_shape(dq, q_shape[:-1] + (a.dk,))
+        return {"q": _projected(dqw, a.w.T), "k": sum_to_shape(dk, k_shape), "w": _weight_gradient(q, dqw)}
+    if a.method == "concat":
+        # Operands [scale (w_q.q_i + b), scale] and [1, w_k.k_j]: feature 0 of dq is the gradient of
+        # scale (w_q.q_i + b), feature 1 of dk that of w_k.k_j.
+        by_query = sum_to_shape(dq[..., 0] * t.type(a.scale), q_shape[:-1])
+        by_key = sum_to_shape(dk[..., 1], k_shape[:-1])
+        return {
+            "q": by_query[..., None] * a.w_q,
+            "k": by_key[..., None] * a.w_k,
+            "w_q": _weight_gradient(q, by_query[..., None])[:, 0],
+            "w_k": _weight_gradient(k, by_key[..., None])[:, 0],
+            "score_bias": np.asarray(np.add.reduce(by_query, axis=None)),
+        }
+    # additive: dq and dk are the gradients of qp = W_q q + b and kp = W_k k (or of q, k themselves).
+    dqp = sum_to_shape(dq, q_shape[:-1] + (a.hidden,))
+    dkp = sum_to_shape(dk, k_shape[:-1] + (a.hidden,))
+    grads = {
+        "q": dqp if a.w_q is None else _projected(dqp, a.w_q),
+        "k": dkp if a.w_k is None else _projected(dkp, a.w_k),
+        "score_bias": np.add.reduce(dqp.reshape(-1, a.hidden), axis=0),
+        "v_a": kernel["dv_a"],
+    }
+    if a.w_q is not None:
+        grads["w_q"] = _weight_gradient(q, dqp).T
+    if a.w_k is not None:
+        grads["w_k"] = _weight_gradient(k, dkp).T
+    return grads
+
+
+def _weight_gradient(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """sum over every batch item and row r of x_r^T g_r, (F, G): the gradient of a weight W that
+    projected x (..., L, F) into features whose gradient is g (x's shape but G features).
+
+    One GEMM over the flattened rows. A row whose gradient is exactly 0 (a query with no visible key,
+    a key no query sees) must add nothing even if x holds NaN or inf there, so when the GEMM is not
+    finite it is redone with those rows of x selected away.
+    """
+    xf = x.reshape(-1, x.shape[-1])
+    gf = g.reshape(-1, g.shape[-1])
+    result = xf.T @ gf
+    if np.all(np.isfinite(result)):
+        return result
+    with np.errstate(invalid="ignore"):
+        used = np.any(gf != 0, axis=1)
+        return np.where(used[:, None], xf, 0).T @ gf

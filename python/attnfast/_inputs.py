@@ -57,12 +57,15 @@ __all__ = [
     "AggregateArgs",
     "AttentionArgs",
     "MergeArgs",
+    "AttentionBackwardArgs",
     "broadcast_batch",
     "check_scores",
     "check_softmax",
     "check_aggregate",
     "check_attention",
     "check_merge_states",
+    "check_attention_backward",
+    "reject_backward_extras",
     "result_dtype",
     "compute_dtype",
     "lse_dtype",
@@ -248,6 +251,23 @@ class MergeArgs:
     lse_dtype: np.dtype
     compute: np.dtype
     shape: Shape
+
+
+@dataclass(eq=False)
+class AttentionBackwardArgs:
+    """Validated arguments of ``attention_backward``.
+
+    ``forward``: the forward call's arguments, exactly as ``attention`` validates them (no lse, no
+    weights, no out=). ``dout`` and ``out``: batch_shape + (Lq, Dv), ``lse``: batch_shape + (Lq,), each
+    a native array of a storage dtype, as given. ``grad_dtypes``: the dtype of each gradient, by input
+    name (q, k, v, bias, w, w_q, w_k, score_bias, v_a; only the inputs the call has).
+    """
+
+    forward: AttentionArgs
+    dout: np.ndarray
+    out: np.ndarray
+    lse: np.ndarray
+    grad_dtypes: dict
 
 
 # --------------------------------------------------------------------------
@@ -1150,3 +1170,89 @@ def _merged_dtype(outs: Sequence[np.dtype], lses: Sequence[np.dtype]) -> np.dtyp
     if of_outs in _SIXTEEN_BIT and result_dtype(*lses) != _FLOAT64:
         return of_outs
     return result_dtype(*outs, *lses)
+
+
+# --------------------------------------------------------------------------
+# attention_backward
+# --------------------------------------------------------------------------
+
+_FORWARD_CALL = "attention(q, k, v, return_lse=True, ...) called with the same arguments"
+
+
+def _check_forward_result(name: str, x: Any, shape: Shape, fix: str) -> np.ndarray:
+    """One of dout / out / lse: a storage-dtype array of exactly ``shape``."""
+    a = _float_array(name, x)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {_fmt(a.shape)} but must have shape {fix}")
+    return a
+
+
+def _gradient_dtype(given: Any, fallback: np.dtype) -> np.dtype:
+    """The dtype a parameter's gradient is returned in: the parameter's own when it is an array of a
+    storage dtype (any byte order), else (a Python number or list, an integer array) ``fallback``, the
+    computation dtype."""
+    if isinstance(given, (np.ndarray, np.generic)):
+        dtype = given.dtype
+        if dtype.kind == "f" and not dtype.isnative:
+            dtype = dtype.newbyteorder("=")
+        if dtype in STORAGE_DTYPES:
+            return np.dtype(dtype)
+    return fallback
+
+
+def reject_backward_extras(given: dict) -> None:
+    """TypeError for keyword arguments attention_backward does not take (``given``: the unexpected
+    ones), most likely the forward's return_lse / return_weights / out passed along with the others."""
+    if given:
+        names = ", ".join(sorted(given))
+        raise TypeError(
+            f"attention_backward got unexpected keyword argument(s) {names}. It takes attention's keyword "
+            f"arguments except return_lse, return_weights and out: pass the forward's out and lse as its "
+            f"5th and 6th positional arguments and drop those keywords."
+        )
+
+
+def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
+    """Validate the arguments of ``attention_backward``.
+
+    Parameters
+    ----------
+    dout : array_like, batch_shape + (Lq, Dv)
+        Gradient of the loss with respect to attention's output.
+    q, k, v
+        As in :func:`attnfast.attention`.
+    out, lse : array_like
+        What ``attention(q, k, v, return_lse=True, **kwargs)`` returned.
+    **kwargs
+        attention's keyword arguments but return_lse, return_weights and out; checked by
+        :func:`check_attention`, so they raise the same errors.
+
+    Returns
+    -------
+    AttentionBackwardArgs
+    """
+    a = check_attention(q, k, v, **kwargs)
+    result_shape = a.batch_shape + (a.lq, a.dv)
+    dout = _check_forward_result(
+        "dout", dout, result_shape,
+        f"batch_shape + (Lq, Dv) = {_fmt(result_shape)}, the shape of attention's output (dout is the "
+        f"gradient of the loss with respect to each of its elements; np.ones({_fmt(result_shape)}) is that "
+        f"of out.sum()).",
+    )
+    out = _check_forward_result(
+        "out", out, result_shape,
+        f"batch_shape + (Lq, Dv) = {_fmt(result_shape)}. Pass the output of {_FORWARD_CALL}.",
+    )
+    lse_shape = a.batch_shape + (a.lq,)
+    lse = _check_forward_result(
+        "lse", lse, lse_shape, f"batch_shape + (Lq,) = {_fmt(lse_shape)}. Pass the lse of {_FORWARD_CALL}."
+    )
+    t = a.compute
+    grad_dtypes = {"q": _float_array("q", q).dtype, "k": _float_array("k", k).dtype,
+                   "v": _float_array("v", v).dtype}
+    if a.bias is not None:
+        grad_dtypes["bias"] = _gradient_dtype(kwargs.get("bias"), t)
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+        if getattr(a, name) is not None:
+            grad_dtypes[name] = _gradient_dtype(kwargs.get(name), t)
+    return AttentionBackwardArgs(forward=a, dout=dout, out=out, lse=lse, grad_dtypes=grad_dtypes)

@@ -32,6 +32,10 @@ Numerics that the kernels must reproduce
   softmax as they grow together), every other key weighs exactly 0, and its
   lse is +inf.  :func:`softmax` and :func:`merge_states` (parts with lse
   +inf) follow the same rule.
+* Gradients (:func:`attention_backward`, in :mod:`attnfast._reference_backward`)
+  follow the same visibility: a hidden key contributes nothing to any gradient,
+  a row with no visible key gets zero gradients, and a row whose lse is +inf
+  passes P^T dO to dV but has dS = 0.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 
 from . import _inputs
 
-__all__ = ["scores", "softmax", "aggregate", "attention", "merge_states"]
+__all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
 _F64 = np.float64
 
@@ -429,3 +433,8 @@ def merge_states(outs, lses):
         for part, f, empty in zip(a.outs, factor, s == -np.inf):
             merged += np.where(empty[..., None], 0.0, f[..., None] * part.astype(_F64))
     return _inputs.round_to(merged, a.dtype), lse.astype(a.lse_dtype)
+
+
+# The backward lives in its own module (it reads this one's private helpers); imported last so that
+# they exist when it is.
+from ._reference_backward import attention_backward  # noqa: E402

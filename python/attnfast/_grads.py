@@ -1,0 +1,75 @@
+"""What ``attention_backward`` returns, and the reductions the fast path and the reference share.
+
+Both implementations compute every gradient on batch-shaped operands (one item per query item, or per
+kv item for the kernel's dk and dv) and then sum it back to the shape of its input: over the axes the
+input was broadcast along and, for GQA/MQA, over the query heads that share a kv head. Summing is
+always done by ``np.add.reduce`` on the gradient, never by materialising a broadcast input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["AttentionGrads", "sum_to_shape", "fold_query_heads"]
+
+
+class AttentionGrads(NamedTuple):
+    """Gradients of a scalar loss with respect to the inputs of :func:`attnfast.attention`.
+
+    Each gradient has its input's shape and dtype; a field is None when the call had no such input.
+
+    Attributes
+    ----------
+    dq, dk, dv : ndarray
+        Of q, k and v. Inputs broadcast along batch axes, or kv heads shared by several query heads
+        (GQA/MQA), get the sum over those axes and heads.
+    dbias : ndarray or None
+        Of ``bias`` (given only): the gradient of the scores, summed over bias's broadcast axes.
+    dw : ndarray or None
+        Of ``w`` (``method="general"``).
+    dw_q, dw_k : ndarray or None
+        Of ``w_q`` and ``w_k`` (``method="concat"``, and ``"additive"`` when they were given: with
+        ``w_q=None`` q is the projection and ``dq`` its gradient).
+    dscore_bias : ndarray or None
+        Of ``score_bias`` (``"concat"``: 0-d; ``"additive"``: (A,)), also when it was left at its
+        default 0.
+    dv_a : ndarray or None
+        Of ``v_a`` (``"additive"``), also when it was left at its default of ones.
+    """
+
+    dq: np.ndarray
+    dk: np.ndarray
+    dv: np.ndarray
+    dbias: Optional[np.ndarray] = None
+    dw: Optional[np.ndarray] = None
+    dw_q: Optional[np.ndarray] = None
+    dw_k: Optional[np.ndarray] = None
+    dscore_bias: Optional[np.ndarray] = None
+    dv_a: Optional[np.ndarray] = None
+
+
+def sum_to_shape(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """``x`` summed over the axes an input of ``shape`` was broadcast along to reach ``x.shape``.
+
+    Returns ``x`` itself when nothing was broadcast. Leading axes ``shape`` lacks and axes where it
+    has extent 1 (and ``x`` does not) are summed; the result has exactly ``shape``.
+    """
+    shape = tuple(shape)
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+    )
+    if not axes:
+        return x
+    return np.add.reduce(x, axis=axes, keepdims=True).reshape(shape)
+
+
+def fold_query_heads(x: np.ndarray, kv_batch_shape: Tuple[int, ...], group: int) -> np.ndarray:
+    """A gradient per query item (batch + (L, D)) summed over the ``group`` query heads that read each
+    kv head (axis -3 of the batch: query head h reads kv head h // group), giving kv_batch + (L, D)."""
+    if group == 1:
+        return x
+    split = x.shape[:-3] + (kv_batch_shape[-1], group) + x.shape[-2:]
+    return np.add.reduce(x.reshape(split), axis=-3)

@@ -1,0 +1,208 @@
+"""Float64 reference of the gradients of :func:`attnfast.reference.attention` (imported by it).
+
+Recomputes the forward in float64 from q, k and v (``out`` and ``lse`` are validated, not used: the
+result is the exact gradient of the reference forward), materialising the (..., Lq, Lk) matrices, and
+applies the textbook formulas, with every kv operand expanded to the query items that read it::
+
+    P  = the forward's weights        dV = P^T dO        dP = dO V^T
+    delta_i = sum_j P_ij dP_ij  (= dO_i . O_i)
+    dS = P * (dP - delta)             (0 where a key is hidden)
+
+and dS, the gradient of the final scores (bias included), is chained through the score method:
+dot products s = (scale q) . k give dQ = scale dS K and dK = scale dS^T Q; general goes through q W;
+concat's s = scale (w_q.q_i + w_k.k_j + b) through its two row sums; additive's
+s = scale v_a . tanh(qp_i + kp_j) through 1 - tanh^2, one query at a time (as the forward).
+
+The forward's rules carry over: a hidden key contributes nothing to any gradient whatever its K and V
+hold (products are selected by visibility, never multiplied by 0), a row with no visible key gets zero
+gradients, and a row whose lse is +inf (scores overflowed to +inf) has P = the forward's weights
+(1/count on its +inf scores), so dV gets P^T dO, but dS = 0: its scores cannot move P. Gradients are
+then summed to each input's shape and rounded once into its dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _inputs
+from . import reference as _forward
+from ._grads import AttentionGrads, fold_query_heads, sum_to_shape
+
+__all__ = ["attention_backward"]
+
+_F64 = np.float64
+
+
+def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
+                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
+                       w_q=None, w_k=None, v_a=None, score_bias=None, **unexpected):
+    """Gradients of attention with respect to its inputs, in float64 from the explicit formulas.
+
+    Parameters
+    ----------
+    dout : array_like, (..., Lq, Dv)
+        Gradient of the loss with respect to attention's output.
+    q, k, v : array_like
+        The forward's inputs.
+    out, lse : array_like, (..., Lq, Dv) and (..., Lq)
+        What ``attention(q, k, v, return_lse=True, **kwargs)`` returned (validated; the reference
+        recomputes them in float64).
+    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias
+        The forward's keyword arguments, as in :func:`attention`.
+
+    Returns
+    -------
+    AttentionGrads
+        dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a
+        where the call has those inputs (see :class:`attnfast.AttentionGrads`).
+    """
+    _inputs.reject_backward_extras(unexpected)
+    b = _inputs.check_attention_backward(
+        dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
+        causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
+        score_bias=score_bias,
+    )
+    a = b.forward
+    if _inputs.nothing_to_compute(a):
+        # No score, or no value feature for the loss to depend on: every gradient is 0.
+        grads = {name: np.zeros(np.shape(x)) for name, x in _inputs_of(a).items()}
+    else:
+        # NaN inputs are data (hidden garbage, or a visible NaN that reaches its rows): no warnings.
+        with np.errstate(invalid="ignore", over="ignore"):
+            grads = _gradients64(a, b.dout.astype(_F64))
+    return _rounded(grads, a, b.grad_dtypes)
+
+
+def _inputs_of(a) -> dict:
+    """The differentiable inputs of the call, by name, as validated (shapes as given)."""
+    found = {"q": a.q, "k": a.k, "v": a.v}
+    if a.bias is not None:
+        found["bias"] = a.bias
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+        if getattr(a, name) is not None:
+            found[name] = getattr(a, name)
+    return found
+
+
+def _rounded(grads: dict, a, dtypes: dict) -> AttentionGrads:
+    """The float64 gradients summed to their inputs' shapes and rounded once into their dtypes."""
+    shapes = {name: np.shape(x) for name, x in _inputs_of(a).items()}
+    fields = {}
+    for name, g in grads.items():
+        fields["d" + name] = _inputs.round_to(sum_to_shape(np.asarray(g, _F64), shapes[name]), dtypes[name])
+    return AttentionGrads(**fields)
+
+
+def _per_query_item(x: np.ndarray, a, features: int) -> np.ndarray:
+    """k or v in float64, expanded to one item per query item (batch_shape + (Lk, features)): GQA/MQA
+    repeats each kv head for the query heads that read it (obvious, not fast)."""
+    x = np.broadcast_to(x, a.kv_batch_shape + (a.lk, features)).astype(_F64)
+    if a.group > 1:
+        x = np.repeat(x, a.group, axis=-3)
+    return np.broadcast_to(x, a.batch_shape + (a.lk, features))
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def _gradients64(a, dout: np.ndarray) -> dict:
+    """Every gradient in float64, batch-shaped (q-like ones batch + (Lq, .), k/v-like ones per query
+    item batch + (Lk, .) before folding), weights already summed over the batch."""
+    s = _forward._attention_scores64(a)
+    shown = _forward._visibility(a)
+    p, lse = _forward._masked_softmax64(s, shown, axis=-1)
+    visible = shown & (s != -np.inf)
+    p = np.where(visible, p, 0.0)
+
+    q = np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)).astype(_F64)
+    k = _per_query_item(a.k, a, a.dk)
+    v = _per_query_item(a.v, a, a.dv)
+
+    dv = _forward._weighted_values64(_t(p), _t(visible), dout)
+    dp = dout @ _t(v)
+    delta = np.sum(np.where(visible, p * dp, 0.0), axis=-1, keepdims=True)
+    ds = np.where(visible, p * (dp - delta), 0.0)
+    # Overflowed rows: P is the limit of the softmax, which no finite change of the scores moves.
+    ds = np.where((lse == np.inf)[..., None], 0.0, ds)
+
+    grads = _method_gradients64(a, ds, visible, q, k)
+    grads["v"] = dv
+    if a.bias is not None:
+        grads["bias"] = ds
+    for name in ("k", "v"):
+        grads[name] = fold_query_heads(grads[name], a.kv_batch_shape, a.group)
+    return grads
+
+
+def _seen_rows(x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Rows of x (..., L, F) where ``seen`` (..., L) holds, 0 elsewhere: a query with no visible key,
+    or a key no query sees, may hold anything, and its gradient term is selected away, not zeroed by a
+    multiplication."""
+    return np.where(seen[..., None], x, 0.0)
+
+
+def _batch_sum_outer(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """sum over every batch item and row of x_r^T y_r: x (..., L, F), y (..., L, G) -> (F, G)."""
+    return x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+
+
+def _method_gradients64(a, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k: np.ndarray) -> dict:
+    """dq, dk (per query item) and the method weights' gradients from dS, the scores' gradient."""
+    select = _forward._weighted_values64
+    rows_seen, keys_seen = visible.any(axis=-1), visible.any(axis=-2)
+    scale = a.scale
+    if a.method in ("dot", "scaled_dot"):
+        return {"q": scale * select(ds, visible, k), "k": scale * select(_t(ds), _t(visible), q)}
+    if a.method == "general":
+        w = a.w.astype(_F64)
+        dqw = scale * select(ds, visible, k)  # gradient of the projected queries q W
+        return {
+            "q": dqw @ w.T,
+            "k": scale * select(_t(ds), _t(visible), q @ w),
+            "w": _batch_sum_outer(_seen_rows(q, rows_seen), dqw),
+        }
+    if a.method == "concat":
+        by_query = scale * np.sum(ds, axis=-1)  # d s / d (w_q . q_i), summed over the keys
+        by_key = scale * np.sum(ds, axis=-2)
+        return {
+            "q": by_query[..., None] * a.w_q.astype(_F64),
+            "k": by_key[..., None] * a.w_k.astype(_F64),
+            "w_q": np.sum(by_query[..., None] * _seen_rows(q, rows_seen), axis=tuple(range(q.ndim - 1))),
+            "w_k": np.sum(by_key[..., None] * _seen_rows(k, keys_seen), axis=tuple(range(k.ndim - 1))),
+            "score_bias": np.sum(by_query),
+        }
+    return _additive_gradients64(a, ds, visible, q, k, rows_seen, keys_seen)
+
+
+def _additive_gradients64(a, ds, visible, q, k, rows_seen, keys_seen) -> dict:
+    """Bahdanau scores s_ij = scale v_a . tanh(qp_i + kp_j + b), one query at a time (the forward's
+    (..., Lk, A) tensor per query): dz_ija = scale dS_ij v_a[a] (1 - tanh^2) is the gradient of the
+    pre-activation, whose sums over j, i and both give dqp, dkp and d score_bias."""
+    w_q = None if a.w_q is None else a.w_q.astype(_F64)
+    w_k = None if a.w_k is None else a.w_k.astype(_F64)
+    b, v_a = a.score_bias.astype(_F64), a.v_a.astype(_F64)
+    qp = q if w_q is None else q @ w_q.T
+    kp = k if w_k is None else k @ w_k.T
+    dqp = np.zeros(qp.shape)
+    dkp = np.zeros(kp.shape)
+    dv_a = np.zeros(v_a.shape)
+    for i in range(a.lq):
+        t = np.tanh(qp[..., i, None, :] + kp + b)  # (..., Lk, A)
+        seen = visible[..., i, :, None]
+        dsi = ds[..., i, :, None]
+        dz = np.where(seen, (a.scale * dsi) * (1.0 - t * t), 0.0) * v_a
+        dv_a += np.sum(np.where(seen, (a.scale * dsi) * t, 0.0), axis=tuple(range(t.ndim - 1)))
+        dqp[..., i, :] = np.sum(dz, axis=-2)
+        dkp += dz
+    grads = {
+        "q": dqp if w_q is None else dqp @ w_q,
+        "k": dkp if w_k is None else dkp @ w_k,
+        "score_bias": np.sum(dqp, axis=tuple(range(dqp.ndim - 1))),
+        "v_a": dv_a,
+    }
+    if w_q is not None:
+        grads["w_q"] = _batch_sum_outer(dqp, _seen_rows(q, rows_seen))
+    if w_k is not None:
+        grads["w_k"] = _batch_sum_outer(dkp, _seen_rows(k, keys_seen))
+    return grads

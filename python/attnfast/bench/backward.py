@@ -186,8 +186,12 @@ class AttnfastBackward(peers.AttnfastImpl):
 
     def _import(self):
         super()._import()
+        from attnfast import _attnfast
+
         if not hasattr(self._mod, "attention_backward"):
             raise ImportError("this attnfast has no attention_backward (the backward pass is not built in)")
+        if not hasattr(_attnfast, "attention_backward"):
+            raise ImportError("attnfast's compiled module has no attention_backward kernel (rebuild it)")
 
     def prepare_backward(self, case: BackwardCase, inputs) -> Tuple[Runner, ToGrads]:
         af = self._mod

@@ -32,7 +32,9 @@ def format_backward_case(res: dict, threads: Optional[int] = None) -> str:
         rows.append([r["label"], _fmt_time(r.get("median_s")), spread, _num(r.get("gflops"), ".1f"),
                      _num(r.get("pct_of_peak"), ".0f", "%"), _num(r.get("speedup_vs_torch"), ".2f", "×"),
                      _num(r.get("max_rel_err"), ".1e")])
-    tag = f"[{res['dtype']}" + (f", {threads} threads]" if threads else "]")
+    load = res.get("load_average_at_start")
+    tag = (f"[{res['dtype']}" + (f", {threads} threads" if threads else "")
+           + (f", load {load[0]:.1f}" if load else "") + "]")
     parts = [f"{res['name']}  — {res['label']}  {tag}" if res.get("label") else f"{res['name']}  {tag}",
              f"  ({_flop_note(res)}; max rel err = max over the gradients of max|g - g_ref| / max|g_ref|,"
              f" float64 reference)"]

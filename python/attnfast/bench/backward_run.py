@@ -277,6 +277,11 @@ def _memory_result(case: BackwardCase, impls, threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+def _load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was while measuring."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     """Run the backward suite ``cfg`` describes and return the report dict (schema :data:`SCHEMA`)."""
     from .progress import Progress
@@ -288,7 +293,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     active = [i for i in impls if i.available()]
     facts = machine.machine_facts(cfg.threads)
     facts["threads_per_impl"] = thread_counts
-    facts["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    facts["load_average"] = _load_average()
 
     results: List[dict] = []
     mem_result = None
@@ -299,7 +304,13 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
         progress.step()
         for case in cfg.cases:
             progress.start(case.name)
+            load = _load_average()
             results.append(_run_case(case, active, cfg))
+            results[-1]["load_average_at_start"] = load
+            if not cfg.quick:
+                # More samples of the peak: on a shared machine any one may have lost its cores, and
+                # the best one is the least flattering denominator for "% peak".
+                fma_samples.append(runner._probe_fma(cfg))
             progress.step()
         if cfg.memory_case is not None:
             progress.start("peak memory (child processes)")
@@ -309,7 +320,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     peaks = runner._summarise_peaks(cfg, facts, fma_samples)
     for res, case in zip(results, cfg.cases):
         _derive(res, case, peaks["fma_peak_flops_per_s"])
-    facts["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    facts["load_average_end"] = _load_average()
     return {
         "schema": SCHEMA,
         "created_unix": time.time(),

@@ -121,6 +121,10 @@ void require_dtype(const py::array& a, const char* name) {
   if (storage_of(a) != storage_tag<T>()) throw py::type_error(std::string(name) + ": internal dtype mismatch");
 }
 
+// A kernel's status beyond kOk (0) and kOutOfMemory (1): a backward call whose score rule the build has
+// no kernel for (kernels/attention_backward.h).
+constexpr int kNoBackwardKernel = 2;
+
 void check_status(int status) {
   if (status != 0) throw std::bad_alloc();
 }
@@ -300,6 +304,134 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   }
   p.num_threads = attnfast::get_num_threads();
   run_kernel(attnfast::table_for<S, T>(kernels()).attention, p);
+}
+
+// ---- The backward pass ----------------------------------------------------------------------------
+// A gradient the kernel writes: dtype T, C-contiguous, writeable, exactly `shape`. The Python layer
+// allocates these itself; anything else is an internal error.
+template <class T>
+Operand<T> gradient_operand(Layouts& L, const py::array& a, const Shape& batch, const Shape& core, const char* name) {
+  require_dtype<T>(a, name);
+  Shape expected = batch;
+  expected.insert(expected.end(), core.begin(), core.end());
+  bool same = a.ndim() == static_cast<py::ssize_t>(expected.size());
+  for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == expected[static_cast<size_t>(i)];
+  if (!same) throw std::invalid_argument(std::string(name) + ": internal shape mismatch");
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string(name) + ": must be a writeable C-contiguous array");
+  return L.make<T>(a, batch, static_cast<int>(core.size()), name, true);
+}
+
+// An operand read in the storage type S or in T (q, out, dout): fills `stored` or `wide`.
+template <class S, class T>
+void set_input(Layouts& L, const py::array& a, const Shape& batch, const char* name, Operand<const S>* stored,
+               Operand<const T>* wide) {
+  if (storage_of(a) == storage_tag<S>()) {
+    *stored = L.make<const S>(a, batch, 2, name, true);
+  } else {
+    require_dtype<T>(a, name);
+    *wide = L.make<const T>(a, batch, 2, name, true);
+  }
+}
+
+struct BackwardOutputs {
+  py::array dq, dk, dv;
+  py::object dscores, dv_a;
+};
+
+template <class S, class T>
+void run_attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+                            const py::array& dout, const py::array& lse, const BackwardOutputs& g,
+                            const AttentionCall& c, const py::object& mask, const py::object& bias,
+                            const py::object& kv_lengths, const py::object& v_a) {
+  require_dtype<S>(k, "k");
+  require_dtype<S>(v, "v");
+  const py::ssize_t nd = q.ndim();
+  if (nd < 2 || k.ndim() < 2 || v.ndim() < 2 || out.ndim() < 2 || dout.ndim() < 2)
+    throw std::invalid_argument("attention_backward: internal shape mismatch (operands need 2 core axes)");
+  const int64_t lq = q.shape(nd - 2), depth = q.shape(nd - 1);
+  const int64_t lk = k.shape(k.ndim() - 2), dv = v.shape(v.ndim() - 1);
+  if (k.shape(k.ndim() - 1) != depth || v.shape(v.ndim() - 2) != lk || out.shape(out.ndim() - 2) != lq ||
+      out.shape(out.ndim() - 1) != dv || dout.shape(dout.ndim() - 2) != lq || dout.shape(dout.ndim() - 1) != dv)
+    throw std::invalid_argument("attention_backward: internal shape mismatch (q, k, v, out, dout)");
+  Layouts L;
+  attnfast::AttentionBackwardParams<S, T> bp;
+  attnfast::AttentionParams<S, T>& p = bp.forward;
+  bp.dq = gradient_operand<T>(L, g.dq, c.batch, {lq, depth}, "dq");
+  bp.dk = gradient_operand<T>(L, g.dk, c.kv_batch, {lk, depth}, "dk");
+  bp.dv = gradient_operand<T>(L, g.dv, c.kv_batch, {lk, dv}, "dv");
+  if (!g.dscores.is_none())
+    bp.dscores = gradient_operand<T>(L, py::cast<py::array>(g.dscores), c.batch, {lq, lk}, "dscores");
+  const bool no_scores = g.dscores.is_none() || py::cast<py::array>(g.dscores).size() == 0;
+  if (g.dq.size() == 0 && g.dk.size() == 0 && g.dv.size() == 0 && no_scores) return;  // nothing to write
+  p.batch = attnfast::bindings::checked_product(c.batch, "batch");
+  const int64_t kv_items = attnfast::bindings::checked_product(c.kv_batch, "kv_batch");
+  if (c.group < 1 || kv_items * c.group != p.batch)
+    throw std::invalid_argument("attention_backward: internal shape mismatch (batch != kv_batch x group)");
+  set_input<S, T>(L, q, c.batch, "q", &p.q, &p.q_wide);
+  p.k = L.make<const S>(k, c.kv_batch, 2, "k", true);
+  p.v = L.make<const S>(v, c.kv_batch, 2, "v", true);
+  // The forward's result is read only: its Operand is a mutable one by type.
+  Operand<const S> out_stored;
+  Operand<const T> out_wide;
+  set_input<S, T>(L, out, c.batch, "out", &out_stored, &out_wide);
+  p.out = {const_cast<S*>(out_stored.data), out_stored.batch_offset_elements, out_stored.row_stride_elements, 1};
+  p.out_wide = {const_cast<T*>(out_wide.data), out_wide.batch_offset_elements, out_wide.row_stride_elements, 1};
+  set_input<S, T>(L, dout, c.batch, "dout", &bp.dout, &bp.dout_wide);
+  p.group = c.group;
+  p.lq = lq;
+  p.lk = lk;
+  p.depth = depth;
+  p.dv = dv;
+  p.scale = static_cast<T>(c.scale);
+  p.causal = c.causal;
+  p.diagonal_offset = c.diagonal_offset;
+  p.window_left = c.window_left;
+  p.window_right = c.window_right;
+  if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
+  if (!bias.is_none()) {
+    require_dtype<T>(py::cast<py::array>(bias), "bias");
+    p.bias = L.make<const T>(py::cast<py::array>(bias), c.batch, 2, "bias", false);
+  }
+  py::array_t<int64_t> lengths;
+  if (!kv_lengths.is_none()) {
+    lengths = py::cast<py::array_t<int64_t, py::array::c_style>>(kv_lengths);
+    if (lengths.size() != p.batch) throw std::invalid_argument("kv_lengths: one entry per batch item expected");
+    p.kv_lengths = lengths.data();
+  }
+  require_dtype<T>(lse, "lse");
+  if (!(lse.flags() & py::array::c_style) || lse.size() != p.batch * lq)
+    throw std::invalid_argument("lse: internal shape mismatch (a C-contiguous batch + (lq,) array expected)");
+  p.lse = static_cast<T*>(const_cast<void*>(lse.data()));
+  std::vector<int64_t> lse_offsets(static_cast<size_t>(p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) lse_offsets[static_cast<size_t>(b)] = b * lq;
+  p.lse_batch_offset_elements = lse_offsets.data();
+  py::array v_a_arr, dv_a_arr;
+  if (v_a.is_none() != g.dv_a.is_none())
+    throw std::invalid_argument("dv_a: internal mismatch (given exactly when v_a is: additive scores)");
+  if (!v_a.is_none()) {
+    v_a_arr = py::cast<py::array>(v_a);
+    dv_a_arr = py::cast<py::array>(g.dv_a);
+    require_dtype<T>(v_a_arr, "v_a");
+    require_dtype<T>(dv_a_arr, "dv_a");
+    if (v_a_arr.ndim() != 1 || v_a_arr.shape(0) != depth || !(v_a_arr.flags() & py::array::c_style))
+      throw std::invalid_argument("v_a must be a contiguous vector of the projected feature size");
+    if (dv_a_arr.ndim() != 1 || dv_a_arr.shape(0) != depth || !(dv_a_arr.flags() & py::array::c_style) ||
+        !dv_a_arr.writeable())
+      throw std::invalid_argument("dv_a must be a writeable contiguous vector of the projected feature size");
+    p.v_a = static_cast<const T*>(v_a_arr.data());
+    bp.dv_a = static_cast<T*>(dv_a_arr.mutable_data());
+  }
+  p.num_threads = attnfast::get_num_threads();
+  const auto kernel = attnfast::table_for<S, T>(kernels()).attention_backward;
+  if (!kernel) throw py::type_error("internal dtype mismatch: no backward kernel for this storage type");
+  const int status = attnfast::bindings::call_without_gil([&] { return kernel(bp); });
+  if (status == kNoBackwardKernel) {
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "attention_backward: this build has no backward kernel for additive scores (v_a)");
+    throw py::error_already_set();
+  }
+  check_status(status);
 }
 
 // ---- The plain-call fast path -------------------------------------------------------------------
@@ -490,6 +622,27 @@ PYBIND11_MODULE(_attnfast, m) {
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
       py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
       py::arg("lse"), py::arg("weights"), py::arg("v_a") = py::none());
+
+  m.def(
+      "attention_backward",
+      [](const py::array& q, const py::array& k, const py::array& v, const py::array& out, const py::array& dout,
+         const py::array& lse, const py::array& dq, const py::array& dk, const py::array& dv,
+         const py::object& dscores, const py::object& dv_a, const Shape& batch, const Shape& kv_batch,
+         int64_t group, double scale, const py::object& mask, const py::object& bias, const py::object& kv_lengths,
+         bool causal, int64_t diagonal_offset, int64_t window_left, int64_t window_right, const py::object& v_a) {
+        const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
+        const BackwardOutputs g{dq, dk, dv, dscores, dv_a};
+        with_storage(k, "k", [&](auto types) {
+          using Ty = decltype(types);
+          run_attention_backward<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, dout, lse, g, c, mask,
+                                                                            bias, kv_lengths, v_a);
+        });
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dq"),
+      py::arg("dk"), py::arg("dv"), py::arg("dscores"), py::arg("dv_a"), py::arg("batch"), py::arg("kv_batch"),
+      py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
+      py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("v_a") = py::none());
 
   m.def("plain_attention", &plain_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("method"), py::arg("scale"), py::arg("causal"), py::arg("causal_align"));

@@ -5,6 +5,7 @@
 #pragma once
 #include "attnfast/kernels.h"
 #include "kernels/attention.h"
+#include "kernels/attention_backward.h"
 #include "kernels/probes.h"
 #include "kernels/stage_aggregate.h"
 #include "kernels/stage_scores.h"
@@ -22,6 +23,8 @@ KernelTable<S, T> make_table() {
   t.softmax = &softmax_impl<V, S>;
   t.aggregate = &aggregate_impl<V, S, Tiles::kGemmMR, Tiles::kGemmNRV>;
   t.attention = &attention_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV>;
+  t.attention_backward =
+      &attention_backward_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV, Tiles::kGemmMR, Tiles::kGemmNRV>;
   return t;
 }
 

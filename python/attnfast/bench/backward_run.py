@@ -155,7 +155,7 @@ def _prepare_rows(case, impls, inputs, check):
             row["output_dtype"] = grads["dq"].dtype.name
             row["max_rel_err"] = check.max_rel_error(grads)
             del result, grads
-        except TypeError as exc:
+        except (TypeError, NotImplementedError) as exc:  # this dtype / score method is not implemented
             row["skipped"] = f"unsupported: {peers.error_summary(exc)}"
             row["unsupported"] = True
             continue

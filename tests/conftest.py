@@ -107,6 +107,18 @@ FIXED = {
 #   eps |f| / h ~ 2e-11 |f| (rounding of f, an absolute error); atol 1e-7 times max(1, max |gradient|)
 #   and rtol 1e-6 are ~1000x that, while a wrong formula errs by O(1).
 FINITE_DIFFERENCE = {"step": 1e-5, "rtol": 1e-6, "atol": 1e-7}
+#
+# attention_backward's gradients use NAIVE_FACTOR and FLOOR unchanged, with two choices of what they are
+# relative to (tests/test_backward_api.py):
+#   naive = naive_attention_backward: FlashAttention-2's formulas with whole matrices in the input
+#   precision, P recomputed as exp(s - lse) from the forward's lse and delta = rowsum(dO * out) from its
+#   rounded out, as the kernel does. A naive backward from its own softmax would be the wrong yardstick:
+#   exp turns the absolute rounding of s - lse, eps (|s| + |lse|), into a relative error of every P that
+#   the recomputation cannot avoid (measured: 11 eps on dv of general scores, 16x the softmax-based one).
+#   scale = backward_scales: the magnitude of each gradient's summed terms (|dS| <= P (|dO||V| + |dO.O|)
+#   chained on absolute values), not max |gradient|: every gradient is a sum that may cancel (each row
+#   of dS sums to 0, so a per-row bias and concat's query-side gradients are exactly 0, and the weights'
+#   gradients sum signed terms over the whole batch), and rounding errors scale with the terms.
 
 DTYPES = [np.float32, np.float64]
 METHODS = ["dot", "scaled_dot", "general", "concat", "additive"]
@@ -314,11 +326,12 @@ def naive_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k
         b = dtype.type(0 if score_bias is None else score_bias)
         s = (q @ np.asarray(w_q, dtype))[..., :, None] + (k @ np.asarray(w_k, dtype))[..., None, :] + b
     else:
-        w_q, w_k = np.asarray(w_q, dtype), np.asarray(w_k, dtype)
-        hidden = w_q.shape[0]
+        # w_q / w_k None: q / k are already projected.
+        pq = q if w_q is None else q @ _swap(np.asarray(w_q, dtype))
+        pk = k if w_k is None else k @ _swap(np.asarray(w_k, dtype))
+        hidden = pq.shape[-1]
         b = np.zeros(hidden, dtype) if score_bias is None else np.asarray(score_bias, dtype)
         va = np.ones(hidden, dtype) if v_a is None else np.asarray(v_a, dtype)
-        pq, pk = q @ _swap(w_q), k @ _swap(w_k)
         s = np.tanh(pq[..., :, None, :] + pk[..., None, :, :] + b) @ va
     return (s * c).astype(dtype)
 
@@ -510,3 +523,159 @@ def attention_parts(q, k, v, mask, edges):
         outs.append(o)
         lses.append(s)
     return outs, lses
+
+
+# --------------------------------------------------------------------------
+# The backward
+# --------------------------------------------------------------------------
+
+
+def naive_attention_backward(dout, q, k, v, out, lse, *, rounded=None, **kw):
+    """attention_backward in plain NumPy in the computation dtype: dict of gradients by input name.
+
+    FlashAttention-2's formulas as a textbook would code them with whole matrices: P = exp(s - lse)
+    recomputed from naive scores s and the forward's ``lse`` (the kernel's source of error beyond the
+    forward's: exp amplifies the absolute rounding of s - lse, eps (|s| + |lse|), into a relative one of
+    P), dV = P^T dO, dP = dO V^T, delta = rowsum(dO * out) with the forward's ``out`` as the kernel gets
+    it, dS = P (dP - delta), then the chain through the score method, each stage in the computation
+    dtype (rounded to ``rounded``, a 16-bit dtype, as PyTorch's math backward in that dtype). GQA by
+    repeating kv heads; gradients summed to the inputs' shapes. No visibility selection beyond P: hidden
+    garbage makes it NaN there, which the comparison skips.
+    """
+    from attnfast._grads import fold_query_heads, sum_to_shape
+
+    a = _inputs.check_attention(q, k, v, **kw)
+    t = a.compute
+    rnd = rounded_to(rounded)
+    qq = np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)).astype(t)
+    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(t)
+    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)).astype(t)
+    if a.group > 1:
+        kk, vv = np.repeat(kk, a.group, axis=-3), np.repeat(vv, a.group, axis=-3)
+    kk = np.broadcast_to(kk, a.batch_shape + kk.shape[-2:])
+    vv = np.broadcast_to(vv, a.batch_shape + vv.shape[-2:])
+    do, o = np.asarray(dout).astype(t), np.asarray(out).astype(t)
+    c = t.type(a.scale)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = rnd(_naive_recomputed_weights(a, qq, kk, np.asarray(lse).astype(t), rnd))
+        dv = rnd(_swap(p) @ do)
+        dp = rnd(do @ _swap(vv))
+        delta = rnd(np.sum(do * o, axis=-1, keepdims=True))
+        ds = rnd(p * (dp - delta))
+        grads = _naive_method_backward(a, ds, qq, kk, c, rnd)
+    grads["v"] = dv
+    if a.bias is not None:
+        grads["bias"] = ds
+    for name in ("k", "v"):
+        grads[name] = fold_query_heads(grads[name], a.kv_batch_shape, a.group)
+    shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape, "bias": None if a.bias is None else a.bias.shape}
+    for name in ("q", "k", "v", "bias"):
+        if name in grads:
+            grads[name] = sum_to_shape(grads[name], shapes[name])
+    return grads
+
+
+def _naive_recomputed_weights(a, q, k, lse, rnd):
+    """P = exp(s - lse) on the visible keys, 0 elsewhere, s the naive scores in the computation dtype
+    (each stage rounded by ``rnd``) of q and k (per query item)."""
+    weights = dict(w=a.w, w_q=a.w_q, w_k=a.w_k, v_a=a.v_a, score_bias=a.score_bias)
+    s = rnd(naive_scores(q, k, method=a.method, scale=1.0, **weights))
+    if a.scale != 1.0:
+        s = rnd(s * a.compute.type(a.scale))
+    if a.bias is not None:
+        s = rnd(s + a.bias)
+    visible = reference._visibility(a) & (s != -np.inf)
+    return np.where(visible, np.exp(s - lse[..., None]), 0)
+
+
+def _naive_method_backward(a, ds, q, k, c, rnd):
+    t = a.compute
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    if a.method in ("dot", "scaled_dot"):
+        return {"q": rnd(c * (ds @ k)), "k": rnd(c * (_swap(ds) @ q))}
+    if a.method == "general":
+        qw = rnd(q @ a.w)
+        dqw = rnd(c * (ds @ k))
+        return {"q": rnd(dqw @ a.w.T), "k": rnd(c * (_swap(ds) @ qw)), "w": rnd(flat(q).T @ flat(dqw))}
+    if a.method == "concat":
+        by_query = rnd(c * np.sum(ds, axis=-1, keepdims=True))
+        by_key = rnd(c * np.sum(ds, axis=-2)[..., None])
+        return {"q": rnd(by_query * a.w_q), "k": rnd(by_key * a.w_k),
+                "w_q": rnd(flat(q).T @ flat(by_query))[:, 0], "w_k": rnd(flat(k).T @ flat(by_key))[:, 0],
+                "score_bias": rnd(np.sum(by_query))}
+    qp = q if a.w_q is None else rnd(q @ a.w_q.T)
+    kp = k if a.w_k is None else rnd(k @ a.w_k.T)
+    th = rnd(np.tanh(qp[..., :, None, :] + kp[..., None, :, :] + a.score_bias))  # (..., Lq, Lk, A)
+    dz = rnd((c * ds)[..., None] * (t.type(1) - th * th) * a.v_a)
+    dqp, dkp = rnd(np.sum(dz, axis=-2)), rnd(np.sum(dz, axis=-3))
+    grads = {"q": dqp if a.w_q is None else rnd(dqp @ a.w_q), "k": dkp if a.w_k is None else rnd(dkp @ a.w_k),
+             "score_bias": rnd(np.sum(flat(dqp), axis=0)),
+             "v_a": rnd(np.sum(flat(((c * ds)[..., None] * th)), axis=0))}
+    if a.w_q is not None:
+        grads["w_q"] = rnd(flat(dqp).T @ flat(q))
+    if a.w_k is not None:
+        grads["w_k"] = rnd(flat(dkp).T @ flat(k))
+    return grads
+
+
+def backward_scales(dout, q, k, v, out, **kw):
+    """The FLOOR scale of each attention_backward field: the magnitude of the terms it sums.
+
+    Every gradient is a sum (over keys, queries, batch items, features) whose terms can cancel: rows of
+    dS sum to 0, so a per-row bias and concat's query-side gradients are exactly 0, and the weights'
+    gradients sum signed terms over every row of the batch. As for the forward's sums (sum_magnitude),
+    the rounding error scales with sum |terms|, not with the result: the same formulas evaluated on
+    absolute values in float64 -- |dS| <= P (|dO| |V|^T + |dO| . |O|), dV from P^T |dO|, then the chain
+    with |q|, |k|, |weights| (and 1 for additive's tanh and 1 - tanh^2). Returns {field: scale}.
+    """
+    from attnfast._grads import fold_query_heads, sum_to_shape
+
+    a = _inputs.check_attention(up(q), up(k), up(v), **kw)
+    ref = reference.attention(up(q), up(k), up(v), return_weights=True, **kw)
+    p = np.where(np.isfinite(ref[1]), ref[1], 0.0)
+    absq = np.abs(np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)))
+    absk = np.abs(np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)))
+    absv = np.abs(np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)))
+    if a.group > 1:
+        absk, absv = np.repeat(absk, a.group, axis=-3), np.repeat(absv, a.group, axis=-3)
+    absk = _finite_abs(np.broadcast_to(absk, a.batch_shape + absk.shape[-2:]))
+    absv = _finite_abs(np.broadcast_to(absv, a.batch_shape + absv.shape[-2:]))
+    absq = _finite_abs(absq)
+    do, o = _finite_abs(dout), _finite_abs(out)
+    ds = p * (do @ _swap(absv) + np.sum(do * o, axis=-1, keepdims=True))
+    c = abs(a.scale)
+    m = {"v": _swap(p) @ do, "bias": ds}
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+    if a.method in ("dot", "scaled_dot"):
+        m.update(q=c * ds @ absk, k=c * _swap(ds) @ absq)
+    elif a.method == "general":
+        w = np.abs(a.w.astype(np.float64))
+        dqw = c * ds @ absk
+        m.update(q=dqw @ w.T, k=c * _swap(ds) @ (absq @ w), w=flat(absq).T @ flat(dqw))
+    elif a.method == "concat":
+        by_query, by_key = c * np.sum(ds, axis=-1)[..., None], c * np.sum(ds, axis=-2)[..., None]
+        m.update(q=by_query * np.abs(a.w_q), k=by_key * np.abs(a.w_k), w_q=(flat(absq).T @ flat(by_query))[:, 0],
+                 w_k=(flat(absk).T @ flat(by_key))[:, 0], score_bias=np.sum(by_query))
+    else:
+        va = np.abs(a.v_a.astype(np.float64))
+        dqp = c * np.sum(ds, axis=-1)[..., None] * va  # |dz| summed over keys, with |1 - tanh^2| <= 1
+        dkp = c * np.sum(ds, axis=-2)[..., None] * va
+        wq = None if a.w_q is None else np.abs(a.w_q.astype(np.float64))
+        wk = None if a.w_k is None else np.abs(a.w_k.astype(np.float64))
+        m.update(q=dqp if wq is None else dqp @ wq, k=dkp if wk is None else dkp @ wk,
+                 score_bias=np.sum(flat(dqp), axis=0), v_a=np.full(va.shape, c * np.sum(ds)))
+        if wq is not None:
+            m["w_q"] = flat(dqp).T @ flat(absq)
+        if wk is not None:
+            m["w_k"] = flat(dkp).T @ flat(absk)
+    for name in ("k", "v"):
+        m[name] = fold_query_heads(m[name], a.kv_batch_shape, a.group)
+    shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape, "bias": None if a.bias is None else a.bias.shape}
+    scales = {}
+    for name, x in m.items():
+        if name == "bias" and a.bias is None:
+            continue
+        if name in shapes:
+            x = sum_to_shape(x, shapes[name])
+        scales["d" + name] = float(np.max(x, initial=0.0)) or 1.0
+    return scales

@@ -14,7 +14,7 @@ import pytest
 
 import attnfast
 from attnfast import _api, _core, _inputs, reference
-from conftest import _finite_abs, assert_close_fixed, assert_close_to_reference
+from conftest import SIXTEEN_BIT, _finite_abs, assert_close_fixed, assert_close_to_reference
 
 DTYPES = [np.float32, np.float64]
 
@@ -284,6 +284,30 @@ def test_rows_with_infinite_lse(isa, rng, dtype):
     assert_close_fixed(got["dv"], expected_dv, dtype, scale=np.abs(expected_dv).max(), what="dv")
     for name in ("dk", "dv_a"):
         np.testing.assert_array_equal(got[name], rest[name], err_msg=name)
+
+
+@pytest.mark.parametrize("batch,lq,lk", [((0,), 5, 6), ((2,), 0, 6), ((2,), 5, 0)])
+def test_empty_calls_write_zeros(isa, rng, batch, lq, lk):
+    """No query, no key or no batch item: no pair contributes, every gradient that exists is 0."""
+    qp, kp, v, va, dout = inputs(rng, np.float32, batch, lq, lk, 17, 4)
+    _, got, _ = kernel_backward(qp, kp, v, va, dout)
+    for name, value in got.items():
+        assert np.all(value == 0), name
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_unprojected_sixteen_bit_keys_are_widened(isa, rng, dtype):
+    """Additive scores with w_k=None over 16-bit keys: the kernels (forward and backward) take kp in
+    the compute type, so the keys are widened like a projection, never read as a 16-bit cache (they
+    were, and the forward then computed dot-product scores)."""
+    qp, kp, v = (rng.standard_normal(shape).astype(dtype) for shape in [(2, 5, 8), (2, 6, 8), (2, 6, 3)])
+    va = rng.standard_normal(8).astype(np.float32)
+    kw = dict(method="additive", w_q=None, w_k=None, v_a=va)
+    got = attnfast.attention(qp, kp, v, **kw)
+    assert got.dtype == dtype
+    assert_close_fixed(got, reference.attention(qp, kp, v, **kw), dtype, scale=_finite_abs(v).max())
+    a = _inputs.check_attention(qp, kp, v, **kw)
+    assert _api._kernel_operands(a)[1].dtype == np.float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

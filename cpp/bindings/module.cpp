@@ -363,7 +363,9 @@ void run_attention_backward(const py::array& q, const py::array& k, const py::ar
   if (!g.dscores.is_none())
     bp.dscores = gradient_operand<T>(L, py::cast<py::array>(g.dscores), c.batch, {lq, lk}, "dscores");
   const bool no_scores = g.dscores.is_none() || py::cast<py::array>(g.dscores).size() == 0;
-  if (g.dq.size() == 0 && g.dk.size() == 0 && g.dv.size() == 0 && no_scores) return;  // nothing to write
+  // dv_a sums over every (query, key) pair: with none (an empty batch) it is still written, as zeros.
+  const bool no_dv_a = g.dv_a.is_none() || py::cast<py::array>(g.dv_a).size() == 0;
+  if (g.dq.size() == 0 && g.dk.size() == 0 && g.dv.size() == 0 && no_scores && no_dv_a) return;  // nothing to write
   p.batch = attnfast::bindings::checked_product(c.batch, "batch");
   const int64_t kv_items = attnfast::bindings::checked_product(c.kv_batch, "kv_batch");
   if (c.group < 1 || kv_items * c.group != p.batch)

@@ -89,7 +89,10 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]) if x.size else x.reshape(int(np.prod(lead)), x.shape[-1])
-    return np.ascontiguousarray((flat @ w).reshape(lead + w.shape[1:]))
+    # NaN and inf are data (e.g. garbage in keys a mask hides, which the kernels never read): no warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        product = flat @ w
+    return np.ascontiguousarray(product.reshape(lead + w.shape[1:]))
 
 
 def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
@@ -201,7 +204,9 @@ def _score_operands(a):
         return qq, kk, 1.0, None
     qp = (a.q.astype(t, copy=False) if a.w_q is None else _projected(a.q.astype(t, copy=False), a.w_q.T)) \
         + a.score_bias
-    kp = a.k if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    # The kernels evaluate tanh(qp + kp) only on compute-type operands: unprojected 16-bit keys are
+    # widened (exactly) like the projections, never read as a 16-bit cache.
+    kp = a.k.astype(t, copy=False) if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
     return qp, kp, a.scale, _unit_last_axis(a.v_a)
 
 
@@ -430,7 +435,9 @@ def _backward_kernel(a, b) -> dict:
     lengths = None
     if a.kv_lengths is not None:
         lengths = np.array(np.broadcast_to(a.kv_lengths, batch), dtype=np.int64, order="C")
-    lse = np.array(b.lse, dtype=t, order="C")  # (batch, Lq): small, and the kernel indexes it densely
+    lse = np.ascontiguousarray(b.lse, dtype=t)  # (batch, Lq), indexed densely by the kernel
+    if not lse.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
+        lse = lse.copy()
     grads = {
         "dq": np.empty(batch + (a.lq, depth), t),
         "dk": np.empty(kv_batch + (a.lk, depth), t),
@@ -498,11 +505,16 @@ def _weight_gradient(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     a key no query sees) must add nothing even if x holds NaN or inf there, so when the GEMM is not
     finite it is redone with those rows of x selected away.
     """
+    # A broadcast (stride-0) axis of x: sum g over it first, so that flattening x copies nothing.
+    shared = tuple(i for i in range(x.ndim - 1) if x.strides[i] == 0 and x.shape[i] > 1)
+    if shared:
+        g = np.add.reduce(g, axis=shared, keepdims=True)
+        x = x[tuple(slice(0, 1) if i in shared else slice(None) for i in range(x.ndim))]
     xf = x.reshape(-1, x.shape[-1])
     gf = g.reshape(-1, g.shape[-1])
-    result = xf.T @ gf
-    if np.all(np.isfinite(result)):
-        return result
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
+        result = xf.T @ gf
+        if np.all(np.isfinite(result)):
+            return result
         used = np.any(gf != 0, axis=1)
         return np.where(used[:, None], xf, 0).T @ gf

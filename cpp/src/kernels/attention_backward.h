@@ -19,6 +19,7 @@
 #include <cstdlib>
 
 #include "attnfast/params.h"
+#include "kernels/attention_backward_additive.h"
 #include "kernels/attention_backward_tiled.h"
 #include "kernels/common.h"
 
@@ -46,17 +47,17 @@ int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar
     std::free(terms);
     return kOutOfMemory;
   }
-  const int64_t blocks = kernel.query_blocks(), tiles = kernel.key_tiles(), items = kernel.kv_items();
+  const int64_t blocks = kernel.query_blocks(), tiles = kernel.key_blocks(), items = kernel.kv_items();
   parallel_for(p.num_threads, p.batch * blocks, [&](int64_t task, int slot) {
     kernel.prepare_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
   });
   if (items >= kMinKvItems) {
     parallel_for(p.num_threads, items, [&](int64_t item, int slot) { kernel.run_kv_item(scratch.slice(slot), item); });
   } else {
-    // Under a causal mask the first key tiles are seen by the most rows and the last query blocks see
+    // Under a causal mask the first key blocks are seen by the most rows and the last query blocks see
     // the most keys: the longest tasks are handed out first, the short ones fill the end of each pass.
     parallel_for(p.num_threads, items * tiles, [&](int64_t task, int slot) {
-      kernel.run_key_tile(scratch.slice(slot), task / tiles, (task % tiles) * Kernel::NK, false);
+      kernel.run_key_block(scratch.slice(slot), task / tiles, (task % tiles) * Kernel::kKeyBlock, false);
     });
     parallel_for(p.num_threads, p.batch * blocks, [&](int64_t task, int slot) {
       kernel.run_query_block(scratch.slice(slot), task / blocks, (blocks - 1 - task % blocks) * Kernel::MB);
@@ -71,8 +72,10 @@ int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar
 // in lanes.
 template <class V, class S, int MR, int NRV, int RMR, int RNV>
 int attention_backward_impl(const AttentionBackwardParams<S, typename V::Scalar>& p) {
-  // Additive scores: their kernel (attention_backward_additive.h, compute-type operands only) goes here:
-  //   if constexpr (kSameType<S, T>) return attention_backward_additive<V>(p);
+  // Additive scores: their own kernel (attention_backward_additive.h), for compute-type operands only.
+  if constexpr (kSameType<S, typename V::Scalar>) {
+    if (p.forward.v_a) return attention_backward_additive<V>(p);
+  }
   if (p.forward.v_a) return kNoBackwardKernel;
   if (p.forward.batch == 0) return kOk;
   return attention_backward_tiled<V, S, MR, NRV, RMR, RNV>(p);

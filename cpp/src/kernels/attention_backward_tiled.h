@@ -182,6 +182,9 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   using Tile::NK;
   using Tile::p;
   using Tile::QNR;
+  // Keys per key block: the unit of the dK / dV tasks, whole key tiles. A query block's rows are packed
+  // once per key block and reused by its tiles.
+  static constexpr int64_t kKeyBlock = 4 * NK;
 
   const Params& bp;
   // Per query row (b * lq + i): delta_i = dO_i . O_i, or, for a row whose lse is +inf, the weight
@@ -193,7 +196,7 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
 
   int64_t kv_items() const { return p.batch / p.group; }
   int64_t query_blocks() const { return ceil_div(p.lq, int64_t(MB)); }
-  int64_t key_tiles() const { return ceil_div(p.lk, int64_t(NK)); }
+  int64_t key_blocks() const { return ceil_div(p.lk, kKeyBlock); }
 
   int64_t scratch_bytes() const {
     const int64_t widened_rows = kInPlace ? 0 : MB * (p.depth + p.dv);
@@ -351,9 +354,20 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
                                     dk.row(blk.b / p.group, j0), dk.row_stride_elements);
   }
 
+  // True when keys [j0, j0 + nk) of kv item bkv have only finite K values (widened into the block's
+  // k_tile for a 16-bit K).
+  bool k_tile_finite(const Block& blk, int64_t bkv, int64_t j0, int64_t nk) const {
+    int64_t ks = 0;
+    const T* k = this->kv_tile(p.k, bkv, j0, nk, p.depth, blk.k_tile, &ks);
+    for (int64_t j = 0; j < nk; ++j)
+      if (!all_finite<V>(k + j * ks, p.depth)) return false;
+    return true;
+  }
+
   // dQ[i] += sum_j dS[i][j] K[j] (unscaled), the K tile in T as score_tile left it (in place, or widened
-  // into k_tile). A tile with a NaN or infinite K row goes through accumulate_dq_visible.
-  void accumulate_dq(const Block& blk, int64_t j0, int64_t nk) const {
+  // into k_tile). A tile with a NaN or infinite K row (k_finite false) goes through
+  // accumulate_dq_visible.
+  void accumulate_dq(const Block& blk, int64_t j0, int64_t nk, bool k_finite) const {
     int64_t ks = p.depth;
     const T* k = blk.k_tile;
     if constexpr (kInPlace) {
@@ -362,11 +376,9 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
     }
     T* dq = bp.dq.row(blk.b, blk.i_begin);
     const int64_t dqs = bp.dq.row_stride_elements;
-    for (int64_t j = 0; j < nk; ++j) {
-      if (!all_finite<V>(k + j * ks, p.depth)) {
-        accumulate_dq_visible(blk, k, ks, nk, dq, dqs);
-        return;
-      }
+    if (!k_finite) {
+      accumulate_dq_visible(blk, k, ks, nk, dq, dqs);
+      return;
     }
     accumulate_product<V, RMR, RNV>(blk.mb, nk, p.depth, blk.dst, 1, MB, k, ks, dq, dqs);
   }
@@ -453,34 +465,45 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
       if (lse[i] == pos_inf<T>()) terms[i] = counts[i] > T(0) ? T(1) / counts[i] : T(0);
   }
 
-  // dK and dV of keys [j0, j0 + nk) of kv item bkv, from every query row of its `group` items (query
-  // blocks in order); with `with_dq` also those rows' dQ contributions and dscores.
-  void run_key_tile(unsigned char* scratch, int64_t bkv, int64_t j0, bool with_dq) const {
-    const int64_t nk = imin(NK, p.lk - j0);
-    zero_rows<V>(bp.dk.row(bkv, j0), bp.dk.row_stride_elements, nk, p.depth);
-    zero_rows<V>(bp.dv.row(bkv, j0), bp.dv.row_stride_elements, nk, p.dv);
+  // dK and dV of the key block at j0 (kKeyBlock keys, whole key tiles) of kv item bkv, from every query
+  // row of its `group` items (query blocks in order, each over the block's tiles in order); with
+  // `with_dq` also those rows' dQ contributions and dscores. A query block's rows are packed once per
+  // key block, not per tile.
+  void run_key_block(unsigned char* scratch, int64_t bkv, int64_t j0, bool with_dq) const {
+    const int64_t j1 = imin(p.lk, j0 + kKeyBlock);
+    zero_rows<V>(bp.dk.row(bkv, j0), bp.dk.row_stride_elements, j1 - j0, p.depth);
+    zero_rows<V>(bp.dv.row(bkv, j0), bp.dv.row_stride_elements, j1 - j0, p.dv);
     Block blk = carve(scratch);
+    bool k_finite[kKeyBlock / NK];
+    if (with_dq)
+      for (int64_t jt = j0; jt < j1; jt += NK) k_finite[(jt - j0) / NK] = k_tile_finite(blk, bkv, jt, imin(NK, j1 - jt));
     for (int64_t t = 0; t < p.group; ++t) {
       const int64_t b = bkv * p.group + t;
       for (int64_t ib = 0; ib < query_blocks(); ++ib) {
-        if (!start(blk, b, ib * MB, j0, j0 + nk) || tile_hidden(blk, j0, nk)) continue;
-        load_rows(blk);
-        gradient_tile(blk, j0, nk);
-        accumulate_dv(blk, j0, nk);
-        accumulate_dk(blk, j0, nk);
-        if (with_dq) {
-          accumulate_dq(blk, j0, nk);
-          if (bp.dscores.data) write_dscores(blk, j0, nk);
+        if (!start(blk, b, ib * MB, j0, j1)) continue;
+        bool loaded = false;
+        for (int64_t jt = j0; jt < j1; jt += NK) {
+          const int64_t nk = imin(NK, j1 - jt);
+          if (tile_hidden(blk, jt, nk)) continue;
+          if (!loaded) load_rows(blk);
+          loaded = true;
+          gradient_tile(blk, jt, nk);
+          accumulate_dv(blk, jt, nk);
+          accumulate_dk(blk, jt, nk);
+          if (with_dq) {
+            accumulate_dq(blk, jt, nk, k_finite[(jt - j0) / NK]);
+            if (bp.dscores.data) write_dscores(blk, jt, nk);
+          }
         }
       }
     }
-    scale_rows<V>(bp.dk.row(bkv, j0), bp.dk.row_stride_elements, nk, p.depth, p.scale);
+    scale_rows<V>(bp.dk.row(bkv, j0), bp.dk.row_stride_elements, j1 - j0, p.depth, p.scale);
   }
 
   // Everything of kv item bkv: its key tiles in order, each with dQ (so dQ sums the tiles in key order),
   // then its rows' dQ scaled.
   void run_kv_item(unsigned char* scratch, int64_t bkv) const {
-    for (int64_t j0 = 0; j0 < p.lk; j0 += NK) run_key_tile(scratch, bkv, j0, true);
+    for (int64_t j0 = 0; j0 < p.lk; j0 += kKeyBlock) run_key_block(scratch, bkv, j0, true);
     for (int64_t t = 0; t < p.group; ++t)
       scale_rows<V>(bp.dq.row(bkv * p.group + t, 0), bp.dq.row_stride_elements, p.lq, p.depth, p.scale);
   }
@@ -494,7 +517,7 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
         const int64_t nk = imin(NK, blk.max_hi - j0);
         if (this->bool_mask_hides_tile(blk, j0, nk)) continue;
         gradient_tile(blk, j0, nk);
-        accumulate_dq(blk, j0, nk);
+        accumulate_dq(blk, j0, nk, k_tile_finite(blk, blk.b / p.group, j0, nk));
         if (bp.dscores.data) write_dscores(blk, j0, nk);
       }
     }

@@ -184,6 +184,9 @@ ToGrads = Callable[[object], Dict[str, np.ndarray]]
 class AttnfastBackward(peers.AttnfastImpl):
     """``attnfast.attention(..., return_lse=True)`` then ``attnfast.attention_backward``."""
 
+    def backward_note(self, case: BackwardCase) -> Optional[str]:
+        return None
+
     def _import(self):
         super()._import()
         from attnfast import _attnfast
@@ -247,6 +250,14 @@ class TorchBackward(peers.TorchImpl):
             return [t.grad for t in leaves]
 
         return run, to_grads
+
+    def backward_note(self, case: BackwardCase) -> Optional[str]:
+        """Which backward node autograd records for SDPA at this dtype and mask (its CPU kernel's name)."""
+        if case.kind == "additive":
+            return "eager ops; autograd keeps the (B, Lq, Lk, A) tanh tensor for the backward"
+        x = self._leaf(np.zeros((1, 1, 8, case.D), dtype=storage_dtype(case.dtype)))
+        node = self._sdpa_forward(case)(x, x, x).grad_fn
+        return f"autograd node {type(node).__name__}"
 
     def _sdpa_forward(self, case):
         sdpa = self._torch.nn.functional.scaled_dot_product_attention

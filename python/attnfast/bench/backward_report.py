@@ -32,6 +32,8 @@ def format_backward_case(res: dict, threads: Optional[int] = None) -> str:
         rows.append([r["label"], _fmt_time(r.get("median_s")), spread, _num(r.get("gflops"), ".1f"),
                      _num(r.get("pct_of_peak"), ".0f", "%"), _num(r.get("speedup_vs_torch"), ".2f", "×"),
                      _num(r.get("max_rel_err"), ".1e")])
+        if r.get("note"):
+            notes.append(f"    {r['label']}: {r['note']}")
     load = res.get("load_average_at_start")
     tag = (f"[{res['dtype']}" + (f", {threads} threads" if threads else "")
            + (f", load {load[0]:.1f}" if load else "") + "]")

@@ -154,6 +154,7 @@ def _prepare_rows(case, impls, inputs, check):
             grads = to_grads(result)
             row["output_dtype"] = grads["dq"].dtype.name
             row["max_rel_err"] = check.max_rel_error(grads)
+            row["note"] = impl.backward_note(case)
             del result, grads
         except (TypeError, NotImplementedError) as exc:  # this dtype / score method is not implemented
             row["skipped"] = f"unsupported: {peers.error_summary(exc)}"

@@ -146,8 +146,32 @@ def oracle(a, o, out, lse, dout, dtype, from_lse, magnitudes=False):
     return dq, per_kv_item(dk), per_kv_item(dv), ds
 
 
-def check_backward(q, k, v, rng, *, dscores=False, out_dtype=None, dout=None, what="backward", **kw):
-    """Run forward and backward kernels and hold dq, dk, dv (and dscores) to the oracle."""
+def many_items(q, k, v, kw, copies=8):
+    """The same call stacked `copies` times on a new leading batch axis: at least 8 kv items, so the
+    kernel runs its whole-kv-item scheme (attention_backward.h: kMinKvItems) where the call itself may
+    run the two-pass one."""
+    a = _inputs.check_attention(q, k, v, **kw)
+    full = a.batch_shape + (a.lq, a.lk)
+    kw = dict(kw)
+    for name in ("mask", "bias"):
+        if kw.get(name) is not None:
+            kw[name] = np.broadcast_to(np.broadcast_to(kw[name], full)[None], (copies,) + full)
+    if kw.get("kv_lengths") is not None:
+        kw["kv_lengths"] = np.broadcast_to(np.broadcast_to(kw["kv_lengths"], a.batch_shape)[None],
+                                           (copies,) + a.batch_shape)
+    stacked = [np.broadcast_to(x[None], (copies,) + x.shape) for x in (q, k, v)]
+    return stacked, kw
+
+
+def check_backward(q, k, v, rng, *, dscores=False, out_dtype=None, dout=None, what="backward",
+                   both_schemes=False, **kw):
+    """Run forward and backward kernels and hold dq, dk, dv (and dscores) to the oracle; with
+    both_schemes, also the call stacked into many kv items (many_items)."""
+    if both_schemes:
+        (q8, k8, v8), kw8 = many_items(q, k, v, kw)
+        dout8 = None if dout is None else np.broadcast_to(dout[None], (8,) + dout.shape)
+        check_backward(q8, k8, v8, rng, dscores=dscores, out_dtype=out_dtype, dout=dout8,
+                       what=f"{what} (many kv items)", **kw8)
     a, o = _operands(q, k, v, kw)
     out, lse = forward(a, o, out_dtype)
     if dout is None:
@@ -198,19 +222,19 @@ def test_lengths(rng, lq, lk, dtype):
 @pytest.mark.parametrize("lq,lk", [(97, 130), (130, 97), (2, 97), (97, 2)])
 def test_causal(rng, align, lq, lk):
     q, k, v = _qkv(rng, (2,), lq, lk, 16)
-    check_backward(q, k, v, rng, causal=True, causal_align=align, dscores=True)
+    check_backward(q, k, v, rng, both_schemes=True, causal=True, causal_align=align, dscores=True)
 
 
 @pytest.mark.parametrize("window", [(0, 0), (5, 0), (3, 7), (None, 9), (40, None)])
 def test_windows(rng, window):
     q, k, v = _qkv(rng, (2,), 97, 130, 24)
-    check_backward(q, k, v, rng, window=window, causal=window[1] == 0, dscores=True)
+    check_backward(q, k, v, rng, both_schemes=True, window=window, causal=window[1] == 0, dscores=True)
 
 
 def test_kv_lengths_including_zero(rng):
     q, k, v = _qkv(rng, (4,), 70, 130, 20)
     lengths = np.array([0, 1, 64, 130])
-    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, kv_lengths=lengths, dscores=True)
+    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, both_schemes=True, kv_lengths=lengths, dscores=True)
     assert np.all(dq[0] == 0) and np.all(dk[0] == 0) and np.all(dv[0] == 0) and np.all(ds[0] == 0)
     assert np.all(dk[1, 1:] == 0) and np.all(dv[2, 64:] == 0)
 
@@ -221,7 +245,7 @@ def test_bool_mask_with_fully_masked_rows(rng):
     mask[0, 5] = False
     mask[1, 50:60] = False
     mask[:, :, 70:140] = False  # whole key tiles hidden from every row: skipped
-    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, mask=mask, dscores=True)
+    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, both_schemes=True, mask=mask, dscores=True)
     assert np.all(dq[0, 5] == 0) and np.all(dq[1, 50:60] == 0)
     assert np.all(ds[~mask] == 0)
 
@@ -229,7 +253,7 @@ def test_bool_mask_with_fully_masked_rows(rng):
 def test_key_padding_mask(rng):
     q, k, v = _qkv(rng, (3,), 40, 97, 8)
     mask = np.broadcast_to((rng.random((3, 1, 97)) < 0.7), (3, 40, 97))
-    check_backward(q, k, v, rng, mask=mask[:, :1, :], dscores=True)
+    check_backward(q, k, v, rng, both_schemes=True, mask=mask[:, :1, :], dscores=True)
 
 
 @pytest.mark.parametrize("shape", ["full", "per_key", "strided"])
@@ -243,7 +267,7 @@ def test_bias_and_dscores(rng, shape):
         bias[1, 0, 10:30] = -np.inf
     else:
         bias = np.asfortranarray(rng.standard_normal((2, 60, 97)).astype(np.float32))
-    check_backward(q, k, v, rng, bias=bias, dscores=True)
+    check_backward(q, k, v, rng, both_schemes=True, bias=bias, dscores=True)
 
 
 @pytest.mark.parametrize("hq,hk", [(4, 2), (6, 1), (8, 8)])
@@ -263,13 +287,12 @@ def test_broadcast_kv_items_get_their_own_rows(rng):
 
 
 def test_strided_operands(rng):
-    base = rng.standard_normal((2, 97, 2 * 40)).astype(np.float32)
-    q = base[:, :, ::2][:, :, :20].copy()
-    q = np.lib.stride_tricks.as_strided(base, (2, 97, 20), (base.strides[0], base.strides[1], 4))
+    base = rng.standard_normal((2, 97, 80)).astype(np.float32)
+    q = base[:, :, :20]  # row stride 80 elements
     kbase = rng.standard_normal((2, 3 * 130, 20)).astype(np.float32)
     k = kbase[:, ::3]  # every third row: row stride 60 elements
     v = rng.standard_normal((130, 2, 24)).astype(np.float32).transpose(1, 0, 2)  # batch stride 24
-    check_backward(q, k, v, rng, causal=True)
+    check_backward(q, k, v, rng, both_schemes=True, causal=True)
 
 
 def test_general_and_concat_operands(rng):
@@ -293,7 +316,7 @@ def test_poisoned_hidden_keys(rng, garbage, dtype):
     mask = np.ones((3, 60, 140), bool)
     mask[:, :, 7] = False
     dirty_k, dirty_v = poisoned_kv(k, v, [140, 90, 3], 7, garbage)
-    a, o, (dq, dk, dv, ds), _ = check_backward(q, dirty_k, dirty_v, rng, kv_lengths=lengths, mask=mask,
+    a, o, (dq, dk, dv, ds), _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, kv_lengths=lengths, mask=mask,
                                                dscores=True, causal=True, causal_align="bottom_right")
     for g in (dq, dk, dv, ds):
         assert np.all(np.isfinite(g))
@@ -305,7 +328,7 @@ def test_rows_with_infinite_scores(rng):
     bias = rng.standard_normal((2, 50, 100)).astype(np.float32)
     bias[0, 3, [5, 70, 71]] = np.inf  # a row with three +inf scores: weights 1/3, dS 0
     bias[1, 49, 99] = np.inf
-    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, bias=bias, dscores=True)
+    a, o, (dq, dk, dv, ds), _ = check_backward(q, k, v, rng, both_schemes=True, bias=bias, dscores=True)
     assert np.all(dq[0, 3] == 0) and np.all(ds[0, 3] == 0) and np.all(dq[1, 49] == 0)
 
 
@@ -332,6 +355,12 @@ def test_empty_shapes(rng):
         assert np.all(dq == 0) and np.all(dk == 0) and np.all(dv == 0)
 
 
+@pytest.mark.parametrize("d,dv", [(0, 5), (5, 0)])
+def test_zero_features(rng, d, dv):
+    q, k, v = _qkv(rng, (2,), 30, 70, d, dv=dv)
+    check_backward(q, k, v, rng, causal=True)
+
+
 # --------------------------------------------------------------------------
 # 16-bit storage
 # --------------------------------------------------------------------------
@@ -341,7 +370,7 @@ def test_empty_shapes(rng):
 @pytest.mark.parametrize("queries", ["same", "float32"])
 def test_sixteen_bit_storage(rng, storage, queries):
     q, k, v = random_qkv(rng, (storage if queries == "same" else np.float32, storage, storage), (2,), 97, 130, 24)
-    check_backward(q, k, v, rng, causal=True, dscores=True, what=f"{storage} {queries}")
+    check_backward(q, k, v, rng, both_schemes=True, causal=True, dscores=True, what=f"{storage} {queries}")
 
 
 @pytest.mark.parametrize("storage", [FLOAT16, BFLOAT16])
@@ -351,7 +380,7 @@ def test_sixteen_bit_wide_out_and_dout_and_poison(rng, storage):
     mask = np.ones((2, 60, 90), bool)
     mask[:, :, 3] = False
     dout = rng.standard_normal((2, 60, 17)).astype(np.float32)
-    a, o, got, _ = check_backward(q, dirty_k, dirty_v, rng, out_dtype=np.float32, dout=dout, mask=mask,
+    a, o, got, _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, out_dtype=np.float32, dout=dout, mask=mask,
                                   kv_lengths=np.array([90, 40]))
     assert all(np.all(np.isfinite(g)) for g in got[:3])
 

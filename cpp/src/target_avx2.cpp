@@ -12,6 +12,7 @@ struct Tiles {
   static constexpr int kGemmMR = 6, kGemmNRV = 2;  // 6 x 16 floats
   static constexpr int kAttnMR = 4, kAttnNRV = 3;    // fused attention: 4 keys (Q.K^T) or 4 value features
                                                      // (P.V) x 24 queries; 12 accumulators + 3 loads + 1 broadcast = 16 registers
+  static constexpr int kGradMR = 6, kGradNRV = 2;  // backward dV, dK, dQ: 6 rows x 16 floats
 };
 }  // namespace avx2
 }  // namespace attnfast

@@ -11,6 +11,7 @@ using Vec = Avx512Vec<T>;
 struct Tiles {
   static constexpr int kGemmMR = 12, kGemmNRV = 2;  // 12 x 32 floats
   static constexpr int kAttnMR = 8, kAttnNRV = 3;    // fused attention: 8 keys or value features x 48 queries
+  static constexpr int kGradMR = 4, kGradNRV = 4;   // backward dV, dK, dQ: 4 rows x 64 floats (D = 64 in one panel)
 };
 }  // namespace avx512
 }  // namespace attnfast

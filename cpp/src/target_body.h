@@ -24,7 +24,7 @@ KernelTable<S, T> make_table() {
   t.aggregate = &aggregate_impl<V, S, Tiles::kGemmMR, Tiles::kGemmNRV>;
   t.attention = &attention_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV>;
   t.attention_backward =
-      &attention_backward_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV, Tiles::kGemmMR, Tiles::kGemmNRV>;
+      &attention_backward_impl<V, S, Tiles::kAttnMR, Tiles::kAttnNRV, Tiles::kGradMR, Tiles::kGradNRV>;
   return t;
 }
 

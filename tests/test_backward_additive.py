@@ -262,6 +262,24 @@ def test_hidden_keys_contribute_nothing(isa, rng, dtype, garbage):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_without_visible_keys_read_nothing(isa, rng, dtype):
+    """A row that sees no key (masked whole, or kv_lengths 0) has zero gradients whatever its query and
+    its dO hold: NaN there changes no bit of any gradient."""
+    qp, kp, v, va, dout = inputs(rng, dtype, (2,), 9, 12, 17, 5)
+    mask = np.ones((2, 9, 12), bool)
+    mask[1, 3] = False
+    kw = dict(mask=mask, kv_lengths=np.array([0, 12]))
+    _, clean, _ = kernel_backward(qp, kp, v, va, dout, **kw)
+    dirty_q, dirty_dout = qp.copy(), dout.copy()
+    dirty_q[0], dirty_dout[0] = np.nan, np.nan
+    dirty_q[1, 3], dirty_dout[1, 3] = np.nan, np.nan
+    _, dirty, _ = kernel_backward(dirty_q, kp, v, va, dirty_dout, **kw)
+    for name in clean:
+        assert np.array_equal(clean[name], dirty[name]), name
+    assert np.all(dirty["dq"][0] == 0) and np.all(dirty["dq"][1, 3] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_with_infinite_lse(isa, rng, dtype):
     """A +inf bias saturates its row: the forward weighs the +inf keys 1/count each, lse is +inf, and
     the backward gives dS = 0 for the row (no dq, dk, dv_a contribution) and dV = P^T dO."""
@@ -321,9 +339,30 @@ def test_without_dscores(isa, rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_identical_for_any_thread_count(isa, rng, dtype, threads):
-    qp, kp, v, va, dout = inputs(rng, dtype, (2, 4), 40, 50, 33, 20, kv_batch=(2, 2))
-    mask = rng.random((2, 4, 40, 50)) < 0.8
+def test_both_schedules_sum_in_the_same_order(isa, rng, dtype):
+    """Nine kv items run as one task each, one kv item as key-block then query-block tasks (the kernel
+    chooses by the number of kv items): every dq, dk, dv and dS element is summed in the same order
+    either way, so the items agree bitwise; dv_a is grouped into other partials (equal to rounding)."""
+    qp, kp, v, va, dout = inputs(rng, dtype, (9, 2), 21, 70, 17, 6, kv_batch=(9, 1))
+    bias = rng.standard_normal((9, 2, 21, 70)).astype(dtype)
+    bias[0, 1, 3, [5, 66]] = np.inf  # one row with lse +inf, across two key blocks
+    kw = dict(causal=True, causal_align="bottom_right", bias=bias)
+    _, whole, _ = kernel_backward(qp, kp, v, va, dout, **kw)
+    dva_items = np.zeros_like(whole["dv_a"], dtype=np.float64)
+    for item in range(9):
+        _, one, _ = kernel_backward(qp[item:item + 1], kp[item:item + 1], v[item:item + 1], va,
+                                    dout[item:item + 1], **dict(kw, bias=bias[item:item + 1]))
+        for name in ("dq", "dk", "dv", "dscores"):
+            assert np.array_equal(one[name][0], whole[name][item]), (item, name)
+        dva_items += one["dv_a"]
+    assert_close_fixed(whole["dv_a"], dva_items, dtype, scale=np.abs(dva_items).max(), what="dv_a")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batches", [2, 5])  # 4 kv items: key-block and query-block tasks; 10: one per item
+def test_bitwise_identical_for_any_thread_count(isa, rng, dtype, batches, threads):
+    qp, kp, v, va, dout = inputs(rng, dtype, (batches, 4), 40, 97, 33, 20, kv_batch=(batches, 2))
+    mask = rng.random((batches, 4, 40, 97)) < 0.8
     results = []
     for n in (1, 2, 3, 5):
         attnfast.set_num_threads(n)

@@ -16,8 +16,8 @@
 // to within the rounding of exp(s - lse) (bitwise the same s where the forward ran row-wise; the tiled
 // forward sums the same terms per query lane, a few ulp of sum |terms| away). 1 - t^2 is one FMA.
 // Sums: dqp_i over the row's keys in key order; dkp_j and dV_j over the kv item's query rows in (query
-// item, row) order; dv_a per query row over its keys, then over the rows of a kv item, then over kv items
-// in order, and multiplied by scale once.
+// item, row) order; dv_a per query row over its keys, then over the rows of a task, then over tasks in
+// order, and multiplied by scale once.
 //
 // Edges (the backward contract, attnfast/params.h): a key hidden by the visible range, the bool mask or
 // a -inf bias is skipped before any of its qp/kp/V values is read, so garbage there (NaN, inf) reaches no
@@ -25,11 +25,16 @@
 // overflowed score or a +inf bias) has P = 1 / count on its +inf scores, 0 elsewhere, and dS = 0: only
 // dV receives P^T dO.
 //
-// Parallel: one task per kv item owns that item's dkp and dV rows and the dqp and dscores rows of its
-// `group` query items, and writes its dv_a partial into its own slot; the partials are added in task
-// order afterwards. Every output element is therefore computed in an order fixed by the shape: results
-// are bitwise identical for any thread count. Scratch: four hidden-sized vectors per thread and one
-// hidden-sized partial per kv item; nothing grows with the sequence lengths.
+// Parallel, from the shape only (never the thread count), so that results are bitwise identical for
+// any number of threads:
+//   - at least kMinKvItems kv items: one task per kv item owns that item's dkp and dV rows and the dqp
+//     and dscores rows of its `group` query items (each score computed once);
+//   - fewer (one long sequence, few heads): key-block tasks own the dkp and dV rows of kKeysPerTask
+//     keys, then query-block tasks own the dqp and dscores rows of kRowsPerTask rows (each score
+//     computed twice, but tasks for every core).
+// Every dqp, dkp, dV and dS element is summed in the same order by either scheme (so they agree
+// bitwise); dv_a has one partial per kv item or key block, added in task order. Scratch: five
+// hidden-sized vectors per thread and one hidden-sized partial per task.
 #pragma once
 #include <cstdlib>
 
@@ -171,8 +176,9 @@ struct AdditiveBackward {
     return r[0];
   }
 
-  // The gradient pass of one visible pair: with g = ds * va_scaled * (1 - t^2),
-  // dq += g, dk += g, dva_row += ds * t (the caller multiplies dv_a by scale once).
+  // The gradient pass of one visible pair, g = ds * va_scaled * (1 - t^2): with kQueries dq += g, with
+  // kKeys dk += g and dva_row += ds * t (the caller multiplies dv_a by scale once).
+  template <bool kKeys, bool kQueries>
   void accumulate_pair(const T* t, const T* va, T ds, T* dq, T* dk, T* dva_row) const {
     const V d = V::set1(ds), one = V::set1(T(1));
     const int64_t full = f.depth / L * L;
@@ -181,21 +187,26 @@ struct AdditiveBackward {
     for (; a < full; a += L) {
       const V tv = V::load(t + a);
       const V g = (d * V::load(va + a)) * fmadd(negate(tv), tv, one);
-      (V::load(dq + a) + g).store(dq + a);
-      (V::load(dk + a) + g).store(dk + a);
-      fmadd(d, tv, V::load(dva_row + a)).store(dva_row + a);
+      if (kQueries) (V::load(dq + a) + g).store(dq + a);
+      if (kKeys) {
+        (V::load(dk + a) + g).store(dk + a);
+        fmadd(d, tv, V::load(dva_row + a)).store(dva_row + a);
+      }
     }
     if (tail) {
       const V tv = V::load(t + a);  // scratch: whole vectors, zero past the hidden size
       const V g = (d * V::load(va + a)) * fmadd(negate(tv), tv, one);
-      (V::load_partial(dq + a, tail) + g).store_partial(dq + a, tail);
-      (V::load_partial(dk + a, tail) + g).store_partial(dk + a, tail);
-      fmadd(d, tv, V::load(dva_row + a)).store(dva_row + a);
+      if (kQueries) (V::load_partial(dq + a, tail) + g).store_partial(dq + a, tail);
+      if (kKeys) {
+        (V::load_partial(dk + a, tail) + g).store_partial(dk + a, tail);
+        fmadd(d, tv, V::load(dva_row + a)).store(dva_row + a);
+      }
     }
   }
 
   // accumulate_pair for two keys of one row, in the same order (key j0's terms first): bitwise the
   // same sums, with one load and store of dq and dva_row for both.
+  template <bool kKeys, bool kQueries>
   void accumulate_two(const T* t0, const T* t1, const T* va, T ds0, T ds1, T* dq, T* dk0, T* dk1,
                       T* dva_row) const {
     const V d0 = V::set1(ds0), d1 = V::set1(ds1), one = V::set1(T(1));
@@ -205,18 +216,22 @@ struct AdditiveBackward {
     for (; a < full; a += L) {
       const V u0 = V::load(t0 + a), u1 = V::load(t1 + a), vaa = V::load(va + a);
       const V g0 = (d0 * vaa) * fmadd(negate(u0), u0, one), g1 = (d1 * vaa) * fmadd(negate(u1), u1, one);
-      ((V::load(dq + a) + g0) + g1).store(dq + a);
-      (V::load(dk0 + a) + g0).store(dk0 + a);
-      (V::load(dk1 + a) + g1).store(dk1 + a);
-      fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+      if (kQueries) ((V::load(dq + a) + g0) + g1).store(dq + a);
+      if (kKeys) {
+        (V::load(dk0 + a) + g0).store(dk0 + a);
+        (V::load(dk1 + a) + g1).store(dk1 + a);
+        fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+      }
     }
     if (tail) {
       const V u0 = V::load(t0 + a), u1 = V::load(t1 + a), vaa = V::load(va + a);
       const V g0 = (d0 * vaa) * fmadd(negate(u0), u0, one), g1 = (d1 * vaa) * fmadd(negate(u1), u1, one);
-      ((V::load_partial(dq + a, tail) + g0) + g1).store_partial(dq + a, tail);
-      (V::load_partial(dk0 + a, tail) + g0).store_partial(dk0 + a, tail);
-      (V::load_partial(dk1 + a, tail) + g1).store_partial(dk1 + a, tail);
-      fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+      if (kQueries) ((V::load_partial(dq + a, tail) + g0) + g1).store_partial(dq + a, tail);
+      if (kKeys) {
+        (V::load_partial(dk0 + a, tail) + g0).store_partial(dk0 + a, tail);
+        (V::load_partial(dk1 + a, tail) + g1).store_partial(dk1 + a, tail);
+        fmadd(d1, u1, fmadd(d0, u0, V::load(dva_row + a))).store(dva_row + a);
+      }
     }
   }
 
@@ -235,72 +250,86 @@ struct AdditiveBackward {
   const T* query_row(int64_t b, int64_t i) const { return f.q_wide.data ? f.q_wide.row(b, i) : f.q.row(b, i); }
 
   // A row whose lse is +inf: the forward weighed its +inf scores 1 / count each and the rest 0 (a NaN
-  // score makes the count, and so the weights, NaN); dS = 0, so only dV changes.
+  // score makes the count, and so the weights, NaN); dS = 0, so only dV changes, here for the keys in
+  // [j_begin, j_end) (the count is over all of the row's keys).
   T saturated_share(int64_t b, int64_t i, int64_t j, Work& w) const {
     if (!kept(b, i, j)) return T(0);
     const T s = score(query_row(b, i), f.k.row(b / f.group, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
     return s == pos_inf<T>() ? T(1) : (s != s ? s : T(0));
   }
-  void saturated_row(int64_t b, int64_t i, int64_t lo, int64_t hi, Work& w) const {
+  void saturated_row(int64_t b, int64_t i, int64_t lo, int64_t hi, int64_t j_begin, int64_t j_end, Work& w) const {
     T count = 0;
     for (int64_t j = lo; j < hi; ++j) count += saturated_share(b, i, j, w);
     const T weight = T(1) / count;
-    for (int64_t j = lo; j < hi; ++j) {
+    for (int64_t j = imax(lo, j_begin); j < imin(hi, j_end); ++j) {
       const T share = saturated_share(b, i, j, w);
       if (share != T(0)) add_scaled(dout_row(b, i), share * weight, p.dv.row(b / f.group, j), f.dv);
     }
   }
 
-  // One visible (row, key) pair: P and dS from the recomputed score, then every gradient update.
-  void pair_backward(int64_t b, int64_t i, int64_t j, T lse, T delta, T* dq, T* dscores, Work& w) const {
+  // What one pass adds, for a row, to the keys' gradients (kKeys: dkp, dV, dv_a) and to the row's own
+  // (kQueries: dqp, dscores).
+  struct RowTarget {
+    T lse, delta;
+    T *dq, *dscores;
+  };
+
+  // One visible (row, key) pair: P and dS from the recomputed score, then the pass's gradient updates.
+  template <bool kKeys, bool kQueries>
+  void pair_backward(int64_t b, int64_t i, int64_t j, const RowTarget& r, Work& w) const {
     const int64_t bkv = b / f.group;
     const T* dout = dout_row(b, i);
     const T s = score(query_row(b, i), f.k.row(bkv, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
-    const T pij = exp_of(s - lse);
-    const T ds = pij * (dot(dout, f.v.row(bkv, j), f.dv) - delta);
-    add_scaled(dout, pij, p.dv.row(bkv, j), f.dv);
-    accumulate_pair(w.tanh, w.va_scaled, ds, dq, p.dk.row(bkv, j), w.dva_row);
-    if (dscores) dscores[j] = ds;
+    const T pij = exp_of(s - r.lse);
+    const T ds = pij * (dot(dout, f.v.row(bkv, j), f.dv) - r.delta);
+    if (kKeys) add_scaled(dout, pij, p.dv.row(bkv, j), f.dv);
+    accumulate_pair<kKeys, kQueries>(w.tanh, w.va_scaled, ds, r.dq, kKeys ? p.dk.row(bkv, j) : nullptr, w.dva_row);
+    if (kQueries && r.dscores) r.dscores[j] = ds;
   }
 
   // pair_backward for two keys j0 < j1 of one row: bitwise the same results, fewer loads and stores.
-  void two_pairs_backward(int64_t b, int64_t i, int64_t j0, int64_t j1, T lse, T delta, T* dq, T* dscores,
-                          Work& w) const {
+  template <bool kKeys, bool kQueries>
+  void two_pairs_backward(int64_t b, int64_t i, int64_t j0, int64_t j1, const RowTarget& r, Work& w) const {
     const int64_t bkv = b / f.group;
     const T* dout = dout_row(b, i);
     T* t1 = w.tanh + hidden_pad;
     T s0, s1;
     score_block_two(query_row(b, i), f.k.row(bkv, j0), f.k.row(bkv, j1), w.va_scaled, f.depth, w.tanh, t1, &s0, &s1);
-    const T p0 = exp_of(s0 + bias_of(b, i, j0) - lse), p1 = exp_of(s1 + bias_of(b, i, j1) - lse);
-    const T ds0 = p0 * (dot(dout, f.v.row(bkv, j0), f.dv) - delta);
-    const T ds1 = p1 * (dot(dout, f.v.row(bkv, j1), f.dv) - delta);
-    add_scaled(dout, p0, p.dv.row(bkv, j0), f.dv);
-    add_scaled(dout, p1, p.dv.row(bkv, j1), f.dv);
-    accumulate_two(w.tanh, t1, w.va_scaled, ds0, ds1, dq, p.dk.row(bkv, j0), p.dk.row(bkv, j1), w.dva_row);
-    if (dscores) {
-      dscores[j0] = ds0;
-      dscores[j1] = ds1;
+    const T p0 = exp_of(s0 + bias_of(b, i, j0) - r.lse), p1 = exp_of(s1 + bias_of(b, i, j1) - r.lse);
+    const T ds0 = p0 * (dot(dout, f.v.row(bkv, j0), f.dv) - r.delta);
+    const T ds1 = p1 * (dot(dout, f.v.row(bkv, j1), f.dv) - r.delta);
+    if (kKeys) {
+      add_scaled(dout, p0, p.dv.row(bkv, j0), f.dv);
+      add_scaled(dout, p1, p.dv.row(bkv, j1), f.dv);
+    }
+    accumulate_two<kKeys, kQueries>(w.tanh, t1, w.va_scaled, ds0, ds1, r.dq, kKeys ? p.dk.row(bkv, j0) : nullptr,
+                                    kKeys ? p.dk.row(bkv, j1) : nullptr, w.dva_row);
+    if (kQueries && r.dscores) {
+      r.dscores[j0] = ds0;
+      r.dscores[j1] = ds1;
     }
   }
 
-  // Query row i of batch item b: writes its dqp and dscores rows, adds to its kv item's dkp, dV and to
-  // the kv item's dv_a sum.
-  void query_row_backward(int64_t b, int64_t i, Work& w) const {
-    T* dq = p.dq.row(b, i);
-    zero_row(dq, f.depth);
-    T* dscores = p.dscores.data ? p.dscores.row(b, i) : nullptr;
-    if (dscores) zero_row(dscores, f.lk);
+  // Row i of batch item b against its kept keys in [j_begin, j_end), in key order, two at a time
+  // while two remain (score_block_two, accumulate_two: the same sums). With kQueries the row's dqp and
+  // dscores must be zero already (and [j_begin, j_end) all keys); with kKeys the row's dv_a terms are
+  // added to the kv item's sum.
+  template <bool kKeys, bool kQueries>
+  void row_backward(int64_t b, int64_t i, int64_t j_begin, int64_t j_end, Work& w) const {
     int64_t lo, hi;
     visible_range(f, b, i, &lo, &hi);
     const T lse = f.lse[f.lse_batch_offset_elements[b] + i];
     if (hi <= lo || lse == neg_inf<T>()) return;  // no visible key: zero gradients
     if (lse == pos_inf<T>()) {
-      saturated_row(b, i, lo, hi, w);
+      if (kKeys) saturated_row(b, i, lo, hi, j_begin, j_end, w);
       return;
     }
-    const T delta = dot(dout_row(b, i), out_row(b, i), f.dv);
-    zero_row(w.dva_row, hidden_pad);
-    // Kept keys two at a time while two remain (score_block_two, accumulate_two: the same sums).
+    lo = imax(lo, j_begin);
+    hi = imin(hi, j_end);
+    if (hi <= lo) return;
+    const RowTarget r{lse, dot(dout_row(b, i), out_row(b, i), f.dv), kQueries ? p.dq.row(b, i) : nullptr,
+                      kQueries && p.dscores.data ? p.dscores.row(b, i) : nullptr};
+    if (kKeys) zero_row(w.dva_row, hidden_pad);
     int64_t j = lo;
     while (true) {
       while (j < hi && !kept(b, i, j)) ++j;
@@ -308,48 +337,97 @@ struct AdditiveBackward {
       int64_t j1 = j + 1;
       while (j1 < hi && !kept(b, i, j1)) ++j1;
       if (j1 >= hi || f.depth > kVectorSumBlock) {
-        pair_backward(b, i, j, lse, delta, dq, dscores, w);
+        pair_backward<kKeys, kQueries>(b, i, j, r, w);
         ++j;
         continue;
       }
-      two_pairs_backward(b, i, j, j1, lse, delta, dq, dscores, w);
+      two_pairs_backward<kKeys, kQueries>(b, i, j, j1, r, w);
       j = j1 + 1;
     }
-    for (int64_t a = 0; a < hidden_pad; a += L)
-      (V::load(w.dva_item + a) + V::load(w.dva_row + a)).store(w.dva_item + a);
+    if (kKeys)
+      for (int64_t a = 0; a < hidden_pad; a += L)
+        (V::load(w.dva_item + a) + V::load(w.dva_row + a)).store(w.dva_item + a);
   }
 
-  // One task: every query row of kv item bkv's group, in order; its dv_a sum goes to `partial`.
-  void kv_item_backward(int64_t bkv, Work& w, T* partial) const {
-    for (int64_t j = 0; j < f.lk; ++j) {
+  // Query rows [i_begin, i_end) of batch item b: dqp and dscores zeroed (a row that sees no key keeps
+  // zeros), then, with kKeys too, the rows' terms of their kv item's gradients.
+  template <bool kKeys>
+  void query_rows(int64_t b, int64_t i_begin, int64_t i_end, Work& w) const {
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      zero_row(p.dq.row(b, i), f.depth);
+      if (p.dscores.data) zero_row(p.dscores.row(b, i), f.lk);
+      row_backward<kKeys, true>(b, i, 0, f.lk, w);
+    }
+  }
+
+  // Keys [j_begin, j_end) of kv item bkv: their dkp and dV rows from every query row of the item's
+  // group, in (query item, row) order; the dv_a terms go to `partial`. With kQueries the whole item
+  // (all keys) and its query rows' own gradients in the same pass.
+  template <bool kQueries>
+  void key_rows(int64_t bkv, int64_t j_begin, int64_t j_end, Work& w, T* partial) const {
+    for (int64_t j = j_begin; j < j_end; ++j) {
       zero_row(p.dk.row(bkv, j), f.depth);
       zero_row(p.dv.row(bkv, j), f.dv);
     }
     zero_row(w.dva_item, hidden_pad);
-    for (int64_t b = bkv * f.group; b < (bkv + 1) * f.group; ++b)
-      for (int64_t i = 0; i < f.lq; ++i) query_row_backward(b, i, w);
+    for (int64_t b = bkv * f.group; b < (bkv + 1) * f.group; ++b) {
+      if (kQueries) {
+        query_rows<true>(b, 0, f.lq, w);
+      } else {
+        for (int64_t i = 0; i < f.lq; ++i) row_backward<true, false>(b, i, j_begin, j_end, w);
+      }
+    }
     for (int64_t a = 0; a < hidden_pad; ++a) partial[a] = w.dva_item[a];
   }
 
+  // dv_a = scale * (the partials of `tasks` tasks, added in task order).
+  void reduce_dva(const T* partials, int64_t tasks) const {
+    if (!p.dv_a) return;
+    for (int64_t a = 0; a < f.depth; ++a) {
+      T sum = 0;
+      for (int64_t task = 0; task < tasks; ++task) sum += partials[task * hidden_pad + a];
+      p.dv_a[a] = sum * f.scale;
+    }
+  }
+
+  // Whole kv items per task when there are enough of them to feed the cores; else key-block tasks for
+  // dkp, dV and dv_a, then query-block tasks for dqp and dscores (every score recomputed twice, but
+  // tasks for every core). A shape rule, never the thread count: the same kv-item threshold as the
+  // dot-product backward's (attention_backward.h).
+  static constexpr int64_t kMinKvItems = 8;
+  static constexpr int64_t kKeysPerTask = 64;
+  static constexpr int64_t kRowsPerTask = 16;
+
   int run() const {
-    T* partials = static_cast<T*>(std::malloc(static_cast<size_t>(imax(kv_items, 1) * hidden_pad) * sizeof(T)));
+    const bool whole_items = kv_items >= kMinKvItems;
+    const int64_t key_blocks = whole_items ? 1 : ceil_div(f.lk, kKeysPerTask);
+    const int64_t key_tasks = kv_items * key_blocks;
+    T* partials = static_cast<T*>(std::malloc(static_cast<size_t>(imax(key_tasks, 1) * hidden_pad) * sizeof(T)));
     if (!partials) return kOutOfMemory;
     ThreadScratch scratch(f.num_threads, scratch_bytes());
     if (!scratch.ok()) {
       std::free(partials);
       return kOutOfMemory;
     }
-    parallel_for(f.num_threads, kv_items, [&](int64_t task, int slot) {
-      Work w = carve_work(scratch.slice(slot));
-      kv_item_backward(task, w, partials + task * hidden_pad);
-    });
-    if (p.dv_a) {
-      for (int64_t a = 0; a < f.depth; ++a) {
-        T sum = 0;
-        for (int64_t task = 0; task < kv_items; ++task) sum += partials[task * hidden_pad + a];
-        p.dv_a[a] = sum * f.scale;
-      }
+    if (whole_items) {
+      parallel_for(f.num_threads, kv_items, [&](int64_t item, int slot) {
+        Work w = carve_work(scratch.slice(slot));
+        key_rows<true>(item, 0, f.lk, w, partials + item * hidden_pad);
+      });
+    } else {
+      parallel_for(f.num_threads, key_tasks, [&](int64_t task, int slot) {
+        Work w = carve_work(scratch.slice(slot));
+        const int64_t j0 = (task % key_blocks) * kKeysPerTask;
+        key_rows<false>(task / key_blocks, j0, imin(f.lk, j0 + kKeysPerTask), w, partials + task * hidden_pad);
+      });
+      const int64_t row_blocks = ceil_div(f.lq, kRowsPerTask);
+      parallel_for(f.num_threads, f.batch * row_blocks, [&](int64_t task, int slot) {
+        Work w = carve_work(scratch.slice(slot));
+        const int64_t i0 = (task % row_blocks) * kRowsPerTask;
+        query_rows<false>(task / row_blocks, i0, imin(f.lq, i0 + kRowsPerTask), w);
+      });
     }
+    reduce_dva(partials, key_tasks);
     std::free(partials);
     return kOk;
   }

@@ -1,7 +1,8 @@
 """The ``python -m attnfast bench`` command: arguments, the JSON report, the plot, missing peers.
 
 Runs tiny shapes with attnfast and NumPy only (no peer is imported, so these tests need none installed
-and stay fast).  Nothing here asserts on a time: the machine is shared and noisy.
+and stay fast); the ``--backward`` tests also run PyTorch when it is installed and expect its rows to be
+left out when it is not.  Nothing here asserts on a time: the machine is shared and noisy.
 """
 
 from __future__ import annotations

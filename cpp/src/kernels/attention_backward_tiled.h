@@ -184,7 +184,7 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   using Tile::QNR;
   // Keys per key block: the unit of the dK / dV tasks, whole key tiles. A query block's rows are packed
   // once per key block and reused by its tiles.
-  static constexpr int64_t kKeyBlock = 4 * NK;
+  static constexpr int64_t kKeyBlock = 8 * NK;
 
   const Params& bp;
   // Per query row (b * lq + i): delta_i = dO_i . O_i, or, for a row whose lse is +inf, the weight

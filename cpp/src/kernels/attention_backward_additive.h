@@ -1,8 +1,8 @@
 // Fused attention backward for additive (Bahdanau) scores
 //     s_ij = scale * sum_a v_a[a] tanh(qp_ia + kp_ja)  (+ bias_ij),   P_ij = exp(s_ij - lse_i)
-// without the (batch, lq, lk, hidden) tensor: for one (query, key) pair at a time the hidden axis is one
-// vector loop that recomputes the scores' tanh values (kept in a hidden-sized buffer), and a second one
-// that turns them into the gradients
+// without the (batch, lq, lk, hidden) tensor: for one query row and one or two keys at a time the hidden
+// axis is one vector loop that recomputes the scores' tanh values (kept in a hidden-sized buffer per
+// key), and a second one that turns them into the gradients
 //     dS_ij = P_ij (dO_i . V_j - dO_i . O_i)            (0 where the key is hidden)
 //     g_a = dS_ij * scale * v_a[a] * (1 - t_a^2),       t_a = tanh(qp_ia + kp_ja)
 //     dqp_i += g, dkp_j += g, dv_a += scale * dS_ij * t, dV_j += P_ij dO_i.
@@ -32,7 +32,7 @@
 //   - fewer (one long sequence, few heads): key-block tasks own the dkp and dV rows of kKeysPerTask
 //     keys, then query-block tasks own the dqp and dscores rows of kRowsPerTask rows (each score
 //     computed twice, but tasks for every core).
-// Every dqp, dkp, dV and dS element is summed in the same order by either scheme (so they agree
+// Every dqp, dkp, dV and dS element is computed in the same order by either scheme (so they agree
 // bitwise); dv_a has one partial per kv item or key block, added in task order. Scratch: five
 // hidden-sized vectors per thread and one hidden-sized partial per task.
 #pragma once
@@ -61,8 +61,8 @@ struct AdditiveBackward {
       : p(params), f(params.forward), kv_items(params.forward.batch / params.forward.group),
         hidden_pad(round_up(imax(params.forward.depth, 1), L)) {}
 
-  // A thread's buffers: scale * v_a, the tanh values of the current pair, and the dv_a sums of the
-  // current query row and of the current kv item.
+  // A thread's buffers: scale * v_a, the tanh values of the current one or two pairs, and the dv_a
+  // sums of the current query row and of the current task.
   struct Work {
     T *va_scaled, *tanh, *dva_row, *dva_item;
   };

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
-from ._grads import AttentionGrads, fold_query_heads, sum_to_shape
+from ._grads import AttentionGrads, sum_to_shape
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 

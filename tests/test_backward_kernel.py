@@ -1,8 +1,8 @@
 """The compiled backward kernel, `_core.attention_backward`, called directly on every target.
 
 The operands are exactly what the forward kernel got (`_api._kernel_operands`), and out / lse come
-from the forward kernel itself, so these tests hold the backward kernel alone to the contract
-(COMMON rules of AttentionBackwardParams in cpp/include/attnfast/params.h):
+from the forward kernel itself, so these tests hold the backward kernel alone to its contract
+(AttentionBackwardParams in cpp/include/attnfast/params.h):
   P = softmax weights, dV = P^T dO, dP = dO V^T, delta_i = dO_i . O_i, dS = P (dP - delta) (0 where
   hidden), dQ = scale dS K, dK = scale dS^T Q; dk / dv per kv item (the `group` query items summed).
 The oracle below computes that in high precision (float64 for float32 data, long double for float64
@@ -12,7 +12,6 @@ formulas in the computation dtype (P = exp(s - lse) from the forward's lse), in 
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -316,8 +315,9 @@ def test_poisoned_hidden_keys(rng, garbage, dtype):
     mask = np.ones((3, 60, 140), bool)
     mask[:, :, 7] = False
     dirty_k, dirty_v = poisoned_kv(k, v, [140, 90, 3], 7, garbage)
-    a, o, (dq, dk, dv, ds), _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, kv_lengths=lengths, mask=mask,
-                                               dscores=True, causal=True, causal_align="bottom_right")
+    a, o, (dq, dk, dv, ds), _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, kv_lengths=lengths,
+                                               mask=mask, dscores=True, causal=True,
+                                               causal_align="bottom_right")
     for g in (dq, dk, dv, ds):
         assert np.all(np.isfinite(g))
     assert np.all(dk[:, 7] == 0) and np.all(dv[:, 7] == 0) and np.all(dk[1, 90:] == 0)
@@ -380,8 +380,8 @@ def test_sixteen_bit_wide_out_and_dout_and_poison(rng, storage):
     mask = np.ones((2, 60, 90), bool)
     mask[:, :, 3] = False
     dout = rng.standard_normal((2, 60, 17)).astype(np.float32)
-    a, o, got, _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, out_dtype=np.float32, dout=dout, mask=mask,
-                                  kv_lengths=np.array([90, 40]))
+    a, o, got, _ = check_backward(q, dirty_k, dirty_v, rng, both_schemes=True, out_dtype=np.float32, dout=dout,
+                                  mask=mask, kv_lengths=np.array([90, 40]))
     assert all(np.all(np.isfinite(g)) for g in got[:3])
 
 

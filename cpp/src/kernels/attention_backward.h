@@ -30,8 +30,9 @@ namespace ATTNFAST_TARGET_NS {
 // kernel is added below): the binding raises NotImplementedError for it.
 constexpr int kNoBackwardKernel = 2;
 
-// Fewer kv items than this run the two-pass scheme. A shape rule: 8 kv items keep 8 cores busy with
-// whole-item tasks (and the two passes' 40% more FLOPs cost more than an idle core saves below that).
+// Fewer kv items than this run the two-pass scheme. A shape rule (never the thread count): from 8 kv
+// items on, whole-item tasks keep up to 8 cores busy at 5 products per tile; below that the two passes'
+// 7 products per tile buy tasks for every core (one task per key block, then per query block).
 constexpr int64_t kMinKvItems = 8;
 
 template <class V, class S, int MR, int NRV, int RMR, int RNV>

@@ -152,7 +152,10 @@ inline void zero_rows(typename V::Scalar* first, int64_t row_stride, int64_t row
 template <class V>
 inline void scale_rows(typename V::Scalar* first, int64_t row_stride, int64_t rows, int64_t cols,
                        typename V::Scalar factor) {
-  for (int64_t r = 0; r < rows; ++r) store_row_scaled<V>(first + r * row_stride, cols, V::set1(factor), first + r * row_stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    typename V::Scalar* row = first + r * row_stride;
+    store_row_scaled<V>(row, cols, V::set1(factor), row);
+  }
 }
 
 // A query block of the backward pass: its score tile's part (TileBlock) and the gradient tiles.
@@ -476,7 +479,8 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
     Block blk = carve(scratch);
     bool k_finite[kKeyBlock / NK];
     if (with_dq)
-      for (int64_t jt = j0; jt < j1; jt += NK) k_finite[(jt - j0) / NK] = k_tile_finite(blk, bkv, jt, imin(NK, j1 - jt));
+      for (int64_t jt = j0; jt < j1; jt += NK)
+        k_finite[(jt - j0) / NK] = k_tile_finite(blk, bkv, jt, imin(NK, j1 - jt));
     for (int64_t t = 0; t < p.group; ++t) {
       const int64_t b = bkv * p.group + t;
       for (int64_t ib = 0; ib < query_blocks(); ++ib) {

@@ -26,8 +26,9 @@
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
 
-// Status of a backward call whose score rule has no kernel in this build (additive scores, until their
-// kernel is added below): the binding raises NotImplementedError for it.
+// Status of a backward call whose score rule has no kernel (additive scores over a 16-bit storage type:
+// the Python layer always hands over compute-type projections, so only a direct _core call can reach
+// it): the binding raises NotImplementedError for it.
 constexpr int kNoBackwardKernel = 2;
 
 // Fewer kv items than this run the two-pass scheme. A shape rule (never the thread count): from 8 kv

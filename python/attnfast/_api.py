@@ -429,10 +429,6 @@ def _backward_kernel(a, b) -> dict:
     batch, kv_batch = a.batch_shape, a.kv_batch_shape
     full = batch + (a.lq, a.lk)
     qq, kk, vv, kernel_scale, v_a = _kernel_operands(a)
-    if v_a is not None and kk.dtype != t:
-        # The additive backward reads its operands in the computation dtype only (as it gets them
-        # whenever k is projected); already-projected 16-bit keys and their values are widened here.
-        kk, vv = kk.astype(t), vv.astype(t)
     depth = qq.shape[-1]
     mask_view = None if a.mask is None else np.broadcast_to(a.mask, full)
     bias_view = None if a.bias is None else _kernel_layout(np.broadcast_to(a.bias, full))

@@ -1,7 +1,8 @@
 """The ``python -m attnfast bench`` command: arguments, the JSON report, the plot, missing peers.
 
 Runs tiny shapes with attnfast and NumPy only (no peer is imported, so these tests need none installed
-and stay fast).  Nothing here asserts on a time: the machine is shared and noisy.
+and stay fast); the ``--backward`` tests also run PyTorch when it is installed and expect its rows to be
+left out when it is not.  Nothing here asserts on a time: the machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from attnfast.bench import cli, peers
 from attnfast.bench.cases import (AttentionCase, case_from_dict, default_cases, make_attention_inputs,
                                   parse_shape, stage_cases)
+from attnfast.bench.memory import reset_peak_rss
 from attnfast.bench.peers import INSTALL_HINTS, all_impls
 
 TINY = "1,2,16,24,8"
@@ -440,3 +442,176 @@ def test_a_stage_the_library_has_no_runner_for_is_skipped_as_such_not_as_a_dtype
     stage_row, attention_row = (res["rows"][0] for res in report["results"])
     assert (stage_row["skipped"], stage_row["unsupported"]) == ("stage not benchmarked for this library", False)
     assert (attention_row["skipped"], attention_row["unsupported"]) == ("no float16 here", True)
+
+
+# -- the backward suite (--backward) ---------------------------------------------------------------------
+BACKWARD_FAST = ["--backward", "--no-progress", "--quick", "--threads", "1"]
+
+
+def _has_attnfast_backward() -> bool:
+    import attnfast
+    from attnfast import _attnfast
+    return hasattr(attnfast, "attention_backward") and hasattr(_attnfast, "attention_backward")
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _expected_backward_impls():
+    """The implementations whose rows a run has here: a missing peer's rows are dropped."""
+    return {name for name, present in (("attnfast", _has_attnfast_backward()), ("torch", _has_torch()))
+            if present}
+
+
+@pytest.fixture(scope="module")
+def backward_report(tmp_path_factory):
+    """``bench --backward --shape TINY --causal``: its text and its JSON report."""
+    import contextlib
+    import io
+
+    path = tmp_path_factory.mktemp("bwd") / "bwd.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main([*BACKWARD_FAST, "--shape", TINY, "--causal", "--json", str(path)]) == 0
+    with open(path) as f:
+        return buf.getvalue(), json.load(f)
+
+
+def test_backward_options_parse_and_reject_what_they_cannot_run(capsys):
+    assert cli.build_parser().parse_args(["--backward"]).backward
+    assert not cli.build_parser().parse_args([]).backward
+    for argv, message in ((["--plot", "a.png"], "--plot is not available with --backward"),
+                          (["--dtype", "float64"], "--backward runs float32 and bfloat16; got --dtype float64")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--backward", *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_backward_default_suite_has_the_issue_rows():
+    from attnfast.bench.backward import MEMORY_CASE, default_backward_cases
+
+    rows = [(c.kind, c.shape, c.causal, c.dtype) for c in default_backward_cases()]
+    for shape, causal in (((8, 8, 512, 512, 64), False), ((1, 8, 2048, 2048, 64), False),
+                          ((1, 8, 2048, 2048, 64), True), ((64, 1, 40, 50, 256), False)):
+        assert ("fwdbwd", shape, causal, "float32") in rows
+    assert ("fwdbwd", (8, 8, 512, 512, 64), False, "bfloat16") in rows
+    assert ("bwd", (1, 8, 4096, 4096, 64), False, "float32") in rows
+    assert ("additive", (64, 40, 50, 256, 256), False, "float32") in rows  # (B, Lq, Lk, D, A)
+    assert MEMORY_CASE.shape == (1, 2, 32768, 32768, 64) and MEMORY_CASE.kind == "fwdbwd"
+    assert MEMORY_CASE.gradient_bytes() == 3 * 32768 * 2 * 64 * 4  # dq, dk, dv in float32: 48 MiB
+
+
+def test_backward_flops_count_five_products_and_the_forward_two():
+    from attnfast.bench.backward import BackwardCase
+
+    work = 2 * 8 * 8 * 512 * 512 * 64
+    assert BackwardCase("bwd", 8, 8, 512, 512, 64).flops() == 10 * work // 2
+    assert BackwardCase("fwdbwd", 8, 8, 512, 512, 64).flops() == 14 * work // 2
+    assert BackwardCase("additive", 64, 1, 40, 50, 256, A=256).flops() is None
+    with pytest.raises(ValueError, match="kind must be one of fwdbwd, bwd, additive; got 'forward'"):
+        BackwardCase("forward", 1, 1, 1, 1, 1)
+
+
+def test_backward_run_report_and_json(backward_report):
+    text, report = backward_report
+    assert report["schema"] == "attnfast-bench-backward/1"
+    assert report["config"]["threads"] == 1 and report["config"]["backward"]
+    assert report["probes"]["fma_peak_flops_per_s"] > 0
+    assert report["memory"] is None  # --shape runs have no memory row
+    assert [(res["kind"], res["causal"]) for res in report["results"]] == [("fwdbwd", True), ("bwd", True)]
+    expected = _expected_backward_impls()
+    for res in report["results"]:
+        rows = {r["impl"]: r for r in res["rows"]}
+        assert set(rows) == expected
+        for row in rows.values():
+            assert row["skipped"] is None, row
+            assert row["median_s"] > 0 and len(row["times_s"]) == row["repeats"] >= 3
+            assert row["min_s"] <= row["median_s"] <= row["max_s"]
+            assert row["gflops"] > 0 and row["pct_of_peak"] > 0
+            if res["reference_note"] is None:
+                assert row["max_rel_err"] < 1e-5, row
+        if "torch" in expected:  # SDPA's own fused CPU backward, named so the comparison is clear
+            assert rows["torch"]["note"].startswith("autograd node ScaledDotProduct"), rows["torch"]["note"]
+        if {"attnfast", "torch"} <= expected:
+            assert rows["attnfast"]["speedup_vs_torch"] == pytest.approx(rows["torch"]["median_s"]
+                                                                          / rows["attnfast"]["median_s"])
+    assert "forward+backward B=1 H=2 Lq=16 Lk=24 D=8 causal float32" in text
+    assert "Summary: attnfast backward vs PyTorch autograd" in text
+    assert "≥ 1.5× PyTorch" in text and "≥ 60% peak" in text
+    assert "load avg" in text
+
+
+def test_backward_missing_peers_are_named_and_their_rows_dropped(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # "import torch" raises ImportError
+    path = tmp_path / "r.json"
+    assert cli.main([*BACKWARD_FAST, "--shape", TINY, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["missing"]["torch"]["install"] == INSTALL_HINTS["torch"]
+    assert "not found  PyTorch SDPA" in out and INSTALL_HINTS["torch"] in out
+    if not _has_attnfast_backward():
+        assert "attention_backward" in report["missing"]["attnfast"]["error"]
+    for res in report["results"]:
+        assert {r["impl"] for r in res["rows"]} == _expected_backward_impls() - {"torch"}
+        assert res["goal"]["value"] is None or "attnfast" in {r["impl"] for r in res["rows"]}
+
+
+def test_backward_additive_and_bfloat16_rows_through_the_runner():
+    from attnfast.bench.backward import BackwardCase
+    from attnfast.bench.backward_run import BackwardConfig, run_backward_benchmark
+
+    pytest.importorskip("ml_dtypes")
+    additive = BackwardCase("additive", 10, 1, 5, 7, 12, A=6, label="tiny additive")
+    half = BackwardCase("fwdbwd", 1, 2, 16, 24, 8, dtype="bfloat16")
+    report = run_backward_benchmark(BackwardConfig(cases=[additive, half], threads=1, quick=True,
+                                                   memory_case=None, progress=False))
+    res_add, res_half = report["results"]
+    assert res_add["gradient_bytes"] == (10 * (5 + 2 * 7) * 12 + 2 * 6 * 12 + 2 * 6) * 4
+    for res, tolerance in ((res_add, 1e-5), (res_half, 2.0 ** -6)):
+        rows = {r["impl"]: r for r in res["rows"]}
+        assert set(rows) == _expected_backward_impls()
+        for row in rows.values():
+            if row["unsupported"]:
+                continue  # an implementation without this dtype says so; the others are measured
+            assert row["skipped"] is None and row["median_s"] > 0, row
+            if res["reference_note"] is None:
+                assert row["max_rel_err"] < tolerance, row
+    assert res_add["goal"]["least"] == 5.0 and res_add["goal"]["metric"] == "speedup_vs_torch"
+    assert res_half["goal"] is None  # the issue's goals are for float32
+    assert all(r["gflops"] is None for r in res_add["rows"] if r.get("median_s"))
+
+
+def test_backward_goal_is_judged_on_attnfasts_row():
+    from attnfast.bench.backward import BackwardCase
+    from attnfast.bench.backward_run import _derive
+
+    case = BackwardCase("bwd", 1, 1, 100, 100, 10)  # 1e6 FLOPs
+    res = {"rows": [{"impl": "attnfast", "median_s": 1e-3}, {"impl": "torch", "median_s": 4e-3}]}
+    _derive(res, case, peak=2e9)
+    own = res["rows"][0]
+    assert own["gflops"] == pytest.approx(1.0) and own["pct_of_peak"] == pytest.approx(50.0)
+    assert own["speedup_vs_torch"] == pytest.approx(4.0)
+    assert res["goal"] == {"metric": "pct_of_peak", "least": 60.0, "value": own["pct_of_peak"], "met": False}
+
+
+@pytest.mark.skipif(not reset_peak_rss(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+def test_backward_memory_child_measures_one_call_against_gradients_plus_64_mib():
+    from attnfast.bench.backward import BackwardCase, backward_impls
+    from attnfast.bench.backward_run import MEMORY_SLACK_BYTES, _memory_result
+
+    case = BackwardCase("fwdbwd", 1, 2, 300, 300, 16, label="memory")
+    impls = [i for i in backward_impls() if i.available()]
+    mem = _memory_result(case, impls, threads=1)
+    assert mem["limit_bytes"] == case.gradient_bytes() + MEMORY_SLACK_BYTES
+    assert {r["impl"] for r in mem["rows"]} == _expected_backward_impls()
+    for row in mem["rows"]:
+        assert row["note"] is None, row
+        assert row["peak_rss_delta_bytes"] is not None and row["within_limit"], row
+        assert row["beyond_gradients_bytes"] == row["peak_rss_delta_bytes"] - case.gradient_bytes()
+        assert row["seconds"] > 0

@@ -6,6 +6,7 @@ Examples::
     python -m attnfast bench --json run.json --plot run.png
     python -m attnfast bench --shape 1,8,4096,4096,64 --threads 1 --causal
     python -m attnfast bench --dtype bfloat16             # every library in bfloat16, + attnfast float32
+    python -m attnfast bench --backward --json bwd.json   # gradients: attnfast vs PyTorch autograd
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--impl", action="append", metavar="NAME", default=None,
                    help="only these implementations (attnfast, numpy, torch, onnxruntime, jax); repeatable")
+    p.add_argument("--backward", action="store_true",
+                   help="the backward suite instead: forward+backward and the backward alone against PyTorch "
+                        "autograd (float32, bfloat16 rows, additive scores) and the peak memory of a "
+                        "forward+backward at L=32768. With --shape: forward+backward and backward-alone rows "
+                        "of those shapes in --dtype (and --causal)")
     return p
 
 
@@ -112,6 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ImportError:
             parser.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
 
+    if args.backward:
+        if args.plot:
+            parser.error("--plot is not available with --backward")
+        if args.dtype not in ("float32", "bfloat16"):
+            parser.error(f"--backward runs float32 and bfloat16; got --dtype {args.dtype}")
+        return _main_backward(args)
+
     # Heavy imports (NumPy work, peers) only after the arguments are known to be good.
     from .machine import usable_cores
     from .report import format_report
@@ -131,6 +144,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .plot import plot_report
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _main_backward(args) -> int:
+    from .backward import MEMORY_CASE, default_backward_cases, shape_backward_cases
+    from .backward_report import format_backward_report
+    from .backward_run import BackwardConfig, run_backward_benchmark
+    from .machine import usable_cores
+
+    if args.shape:
+        cases = shape_backward_cases(args.shape, args.dtype, args.causal)
+        memory_case = None  # the memory row is the issue's shape, part of the default suite only
+    else:
+        cases = default_backward_cases()
+        memory_case = MEMORY_CASE if args.memory else None
+    cfg = BackwardConfig(cases=cases, threads=args.threads or usable_cores(), quick=args.quick,
+                         memory_case=memory_case, progress=args.progress, only=args.impl)
+    report = run_backward_benchmark(cfg)
+    print(format_backward_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -514,6 +514,9 @@ def test_backward_flops_count_five_products_and_the_forward_two():
     assert BackwardCase("bwd", 8, 8, 512, 512, 64).flops() == 10 * work // 2
     assert BackwardCase("fwdbwd", 8, 8, 512, 512, 64).flops() == 14 * work // 2
     assert BackwardCase("additive", 64, 1, 40, 50, 256, A=256).flops() is None
+    # Causal rows count the pairs they see: the top-left triangle, and whole rows past Lk.
+    assert BackwardCase("bwd", 1, 2, 4, 4, 8, causal=True).flops() == 10 * 2 * (1 + 2 + 3 + 4) * 8
+    assert BackwardCase("bwd", 1, 1, 5, 3, 8, causal=True).flops() == 10 * (1 + 2 + 3 + 3 + 3) * 8
     with pytest.raises(ValueError, match="kind must be one of fwdbwd, bwd, additive; got 'forward'"):
         BackwardCase("forward", 1, 1, 1, 1, 1)
 

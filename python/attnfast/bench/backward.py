@@ -82,13 +82,22 @@ class BackwardCase:
         """Nominal FLOPs: forward 4·B·H·Lq·Lk·D (QKᵀ, P·V), backward 10·B·H·Lq·Lk·D (QKᵀ recomputed, dV,
         dP, dQ, dK: five products, 2.5× the forward), as the FlashAttention-2 paper counts them.
 
-        Causal runs are credited the same nominal work, as in the forward suite. Additive attention has
-        no such standard count (tanh dominates): None, and its rows give times and ratios only.
+        Causal runs are credited only the (query, key) pairs they see (top-left: Lq (Lq + 1) / 2 for
+        Lq <= Lk), as FlashAttention-2's benchmarks count them: the kernels skip the hidden tiles, and a
+        full-square count would put a causal run above the FMA peak. Additive attention has no such
+        standard count (tanh dominates): None, and its rows give times and ratios only.
         """
         if self.kind == "additive":
             return None
-        per_pair = 2.0 * self.B * self.H * self.Lq * self.Lk * self.D
+        per_pair = 2.0 * self.B * self.H * self.visible_pairs() * self.D
         return per_pair * (7 if self.kind == "fwdbwd" else 5)
+
+    def visible_pairs(self) -> int:
+        """(query, key) pairs the scores cover: Lq·Lk, or the top-left causal triangle."""
+        if not self.causal:
+            return self.Lq * self.Lk
+        n = min(self.Lq, self.Lk)  # rows i < n see i + 1 keys, the rest see all Lk
+        return n * (n + 1) // 2 + (self.Lq - n) * self.Lk
 
     def gradient_bytes(self) -> int:
         """Bytes of the gradients the call returns (dq, dk, dv; additive: also dW_q, dW_k, db, dv_a)."""

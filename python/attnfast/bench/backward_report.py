@@ -18,6 +18,8 @@ def _flop_note(res: dict) -> str:
         return "no nominal FLOP count for additive scores: times and ratios only"
     work = ("14·B·H·Lq·Lk·D: forward 4, backward 10" if res["kind"] == "fwdbwd"
             else "10·B·H·Lq·Lk·D")
+    if res.get("causal"):
+        work += "; causal: the visible pairs only, Lq·Lk → Lq (Lq + 1) / 2"
     return f"{res['flops'] / 1e9:.2f} GFLOP per call ({work}), % of FMA peak"
 
 

@@ -121,10 +121,6 @@ void require_dtype(const py::array& a, const char* name) {
   if (storage_of(a) != storage_tag<T>()) throw py::type_error(std::string(name) + ": internal dtype mismatch");
 }
 
-// A kernel's status beyond kOk (0) and kOutOfMemory (1): a backward call whose score rule the build has
-// no kernel for (kernels/attention_backward.h).
-constexpr int kNoBackwardKernel = 2;
-
 void check_status(int status) {
   if (status != 0) throw std::bad_alloc();
 }
@@ -422,11 +418,9 @@ void run_attention_backward(const py::array& q, const py::array& k, const py::ar
   const auto kernel = attnfast::table_for<S, T>(kernels()).attention_backward;
   if (!kernel) throw py::type_error("internal dtype mismatch: no backward kernel for this storage type");
   const int status = attnfast::bindings::call_without_gil([&] { return kernel(bp); });
-  if (status == kNoBackwardKernel) {
-    PyErr_SetString(PyExc_NotImplementedError,
-                    "attention_backward: this build has no backward kernel for additive scores (v_a)");
-    throw py::error_already_set();
-  }
+  if (status == attnfast::kNoBackwardKernel)
+    throw py::type_error("attention_backward: internal dtype mismatch (additive scores (v_a) take float32 or "
+                         "float64 projections; attnfast.attention_backward converts them)");
   check_status(status);
 }
 

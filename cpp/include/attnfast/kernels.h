@@ -9,9 +9,13 @@
 namespace attnfast {
 
 // Kernels return 0 on success, 1 when scratch memory could not be allocated (nothing else can fail:
-// every argument was validated before the call).
+// every argument was validated before the call), and a backward kernel kNoBackwardKernel for a score
+// rule it has no kernel for (additive scores over a 16-bit storage type: the Python layer always hands
+// over compute-type projections, so only a direct call of the binding can reach it).
 // One table per (storage S, compute T) pair. scores_additive exists for S = T only (its operands are
 // projections the caller computes in T); a null entry is a pair the target does not provide.
+constexpr int kNoBackwardKernel = 2;
+
 template <class S, class T = S>
 struct KernelTable {
   int (*scores_dot)(const ScoresDotParams<S, T>&) = nullptr;

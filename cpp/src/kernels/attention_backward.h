@@ -7,17 +7,19 @@
 // shape only (never from the thread count), so that every gradient element is computed by one task in
 // one order and the results are bitwise identical for any number of threads:
 //   - Whole kv items (the common case: enough kv items to feed the cores): one task per kv item owns
-//     its dK and dV and the dQ of all its `group` query items. Key tiles outer, query blocks inner; each
-//     (key tile, query block) pair runs five products (S^T, dP^T, dV, dK, dQ: the 10 Lq Lk D FLOPs of
-//     the textbook count) and dQ accumulates in the output in key order. No two tasks write one element.
-//   - Two passes, when the kv items are few (one long sequence, few heads: kMinKvItems): key-tile tasks
-//     own dK and dV (S^T, dP^T, dV, dK), then query-block tasks own dQ and dscores (S^T, dP^T, dQ):
-//     seven products instead of five, but tasks enough for every core.
+//     its dK and dV and the dQ of all its `group` query items. Key blocks (kKeyBlock keys) outer, then
+//     query blocks, then the block's key tiles; each (key tile, query block) pair runs five products
+//     (S^T, dP^T, dV, dK, dQ: the 10 Lq Lk D FLOPs of the textbook count) and dQ accumulates in the
+//     output in key order. No two tasks write one element.
+//   - Two passes, when the kv items are few (one long sequence, few heads: kBackwardMinKvItems):
+//     key-block tasks own dK and dV (S^T, dP^T, dV, dK), then query-block tasks own dQ and dscores
+//     (S^T, dP^T, dQ): seven products instead of five, but tasks enough for every core.
 // Scratch: one block's buffers per thread (TiledBackward::scratch_bytes, independent of the lengths),
 // and one T per query row for delta.
 #pragma once
 #include <cstdlib>
 
+#include "attnfast/kernels.h"
 #include "attnfast/params.h"
 #include "kernels/attention_backward_additive.h"
 #include "kernels/attention_backward_tiled.h"
@@ -25,16 +27,6 @@
 
 namespace attnfast {
 namespace ATTNFAST_TARGET_NS {
-
-// Status of a backward call whose score rule has no kernel (additive scores over a 16-bit storage type:
-// the Python layer always hands over compute-type projections, so only a direct _core call can reach
-// it): the binding raises NotImplementedError for it.
-constexpr int kNoBackwardKernel = 2;
-
-// Fewer kv items than this run the two-pass scheme. A shape rule (never the thread count): from 8 kv
-// items on, whole-item tasks keep up to 8 cores busy at 5 products per tile; below that the two passes'
-// 7 products per tile buy tasks for every core (one task per key block, then per query block).
-constexpr int64_t kMinKvItems = 8;
 
 template <class V, class S, int MR, int NRV, int RMR, int RNV>
 int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar>& bp) {
@@ -53,7 +45,7 @@ int attention_backward_tiled(const AttentionBackwardParams<S, typename V::Scalar
   parallel_for(p.num_threads, p.batch * blocks, [&](int64_t task, int slot) {
     kernel.prepare_block(scratch.slice(slot), task / blocks, (task % blocks) * Kernel::MB);
   });
-  if (items >= kMinKvItems) {
+  if (items >= kBackwardMinKvItems) {
     parallel_for(p.num_threads, items, [&](int64_t item, int slot) { kernel.run_kv_item(scratch.slice(slot), item); });
   } else {
     // Under a causal mask the first key blocks are seen by the most rows and the last query blocks see

@@ -27,7 +27,7 @@
 //
 // Parallel, from the shape only (never the thread count), so that results are bitwise identical for
 // any number of threads:
-//   - at least kMinKvItems kv items: one task per kv item owns that item's dkp and dV rows and the dqp
+//   - at least kBackwardMinKvItems kv items: one task per kv item owns that item's dkp and dV rows and the dqp
 //     and dscores rows of its `group` query items (each score computed once);
 //   - fewer (one long sequence, few heads): key-block tasks own the dkp and dV rows of kKeysPerTask
 //     keys, then query-block tasks own the dqp and dscores rows of kRowsPerTask rows (each score
@@ -390,16 +390,14 @@ struct AdditiveBackward {
     }
   }
 
-  // Whole kv items per task when there are enough of them to feed the cores; else key-block tasks for
-  // dkp, dV and dv_a, then query-block tasks for dqp and dscores (every score recomputed twice, but
-  // tasks for every core). A shape rule, never the thread count: the same kv-item threshold as the
-  // dot-product backward's (attention_backward.h).
-  static constexpr int64_t kMinKvItems = 8;
+  // Whole kv items per task when there are enough of them to feed the cores (kBackwardMinKvItems); else
+  // key-block tasks for dkp, dV and dv_a, then query-block tasks for dqp and dscores (every score
+  // recomputed twice, but tasks for every core). A shape rule, never the thread count.
   static constexpr int64_t kKeysPerTask = 64;
   static constexpr int64_t kRowsPerTask = 16;
 
   int run() const {
-    const bool whole_items = kv_items >= kMinKvItems;
+    const bool whole_items = kv_items >= kBackwardMinKvItems;
     const int64_t key_blocks = whole_items ? 1 : ceil_div(f.lk, kKeysPerTask);
     const int64_t key_tasks = kv_items * key_blocks;
     T* partials = static_cast<T*>(std::malloc(static_cast<size_t>(imax(key_tasks, 1) * hidden_pad) * sizeof(T)));

@@ -22,6 +22,13 @@ namespace ATTNFAST_TARGET_NS {
 
 constexpr double kLog2e = 1.4426950408889634073599246810019;
 
+// Both backward kernels (attention_backward.h, attention_backward_additive.h) give each task a whole kv
+// item from this many kv items on, and split the work into key-block then query-block tasks below it. A
+// shape rule, never the thread count (the gradients are bitwise identical for any number of threads):
+// from 8 kv items on, whole-item tasks keep up to 8 cores busy without recomputing any score; below
+// that the two passes recompute every score twice but give every core tasks.
+constexpr int64_t kBackwardMinKvItems = 8;
+
 // a + b and a - b clamped to the int64 range. Window sides and offsets come from the caller and may be
 // anything up to INT64_MAX (the Python layer clamps window sides to Lq + Lk, which leaves the visible
 // range unchanged; this is the kernels' own defence): a wrapped sum would hide or show every key.

@@ -34,7 +34,7 @@ tanh layers, softmax cross-entropy, Adam) is NumPy with hand-written gradients, 
 differences in tests/test_examples.py.  Both models train on the same batches from fixed seeds.
 
 Run:  python examples/train_nmt.py [--plot accuracy.png] [--smoke] [--steps N]
-(about a minute of CPU time on 2 cores; --smoke takes a few seconds and is what the tests run)
+(a few minutes on 2 cores, about a minute of it CPU time; --smoke takes a few seconds and is what the tests run)
 """
 
 from __future__ import annotations

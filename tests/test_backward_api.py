@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 
 import attnfast
-from attnfast import _api, _inputs, reference
+from attnfast import _inputs, reference
 
 from conftest import (SIXTEEN_BIT, assert_close_to_reference, backward_scales, method_weights,
                       naive_attention_backward, random_qkv, relayout, up, weights64)
-
-pytestmark = pytest.mark.skipif(not hasattr(_api._core, "attention_backward"),
-                                reason="the compiled core has no attention_backward")
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ALL_DTYPES = [np.float32, np.float64, np.float16, BF16]

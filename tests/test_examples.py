@@ -120,25 +120,11 @@ def nmt():
     yield from _load("train_nmt")
 
 
-def _compiled_backward_available():
-    """Whether this build has attnfast.attention_backward for additive scores (the core may lack it)."""
-    import attnfast
-
-    one = np.ones((1, 1, 1))
-    try:
-        attnfast.attention_backward(one, one, one, one, one, np.zeros((1, 1)), method="additive", v_a=np.ones(1))
-    except (AttributeError, NotImplementedError):
-        return False
-    return True
-
-
 @pytest.fixture(params=["compiled", "reference"])
 def backward(request, nmt, monkeypatch):
     """The example trained with attnfast.attention_backward, or with the float64 reference in its place."""
     import attnfast
 
-    if request.param == "compiled" and not _compiled_backward_available():
-        pytest.skip("this build has no compiled backward for additive scores")
     if request.param == "reference":
         monkeypatch.setattr(nmt.attnfast, "attention_backward", attnfast.reference.attention_backward)
     return request.param
@@ -214,17 +200,11 @@ def test_train_nmt_padding_does_not_change_the_loss(nmt, backward):
 
 @pytest.fixture(scope="module")
 def smoke_run(nmt, tmp_path_factory):
-    """One `--smoke` run (with `--plot` when matplotlib is installed): exit status, stdout, plot path.
-
-    It uses the compiled backward, or the float64 reference in its place while the core lacks it."""
-    import attnfast
-
+    """One `--smoke` run (with `--plot` when matplotlib is installed): exit status, stdout, plot path."""
     plot = tmp_path_factory.mktemp("nmt") / "train_nmt.png"
     argv = ["--smoke"] + (["--plot", str(plot)] if importlib.util.find_spec("matplotlib") else [])
     buffer = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buffer):
-        if not _compiled_backward_available():
-            mp.setattr(nmt.attnfast, "attention_backward", attnfast.reference.attention_backward)
+    with contextlib.redirect_stdout(buffer):
         status = nmt.main(argv)
     return status, buffer.getvalue(), plot
 

@@ -1247,6 +1247,13 @@ def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
     lse = _check_forward_result(
         "lse", lse, lse_shape, f"batch_shape + (Lq,) = {_fmt(lse_shape)}. Pass the lse of {_FORWARD_CALL}."
     )
+    expected_lse = lse_dtype(a.dtype)
+    if lse.dtype.newbyteorder("=") != expected_lse:
+        raise TypeError(
+            f"lse has dtype {lse.dtype} but must have dtype {expected_lse}, the dtype {_FORWARD_CALL} returns "
+            f"it in: pass it unconverted (a rounded lse scales every recomputed weight exp(s - lse) of its row "
+            f"by its rounding error)."
+        )
     t = a.compute
     grad_dtypes = {"q": _float_array("q", q).dtype, "k": _float_array("k", k).dtype,
                    "v": _float_array("v", v).dtype}

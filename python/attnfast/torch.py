@@ -18,8 +18,8 @@ and lse) and ``attnfast::attention_backward``, each with a fake (shape-only) imp
 attnfast's validation on the shapes, and the forward's autograd formula registered with
 ``torch.library.register_autograd``; so the function also runs under ``torch.compile(fullgraph=True)``,
 which sees two opaque operators and traces the rest. Eager calls on plain tensors run the same
-implementations through an ``autograd.Function`` instead, which costs ~150 us less per call than the
-operator's own autograd dispatch. torch.func transforms (grad, vmap) are not supported: the tensors
+implementations through an ``autograd.Function`` instead, which skips the operator's own autograd
+dispatch (in Python, and on a small call a cost the size of the attention itself). torch.func transforms (grad, vmap) are not supported: the tensors
 they wrap have no memory NumPy could view.
 """
 
@@ -367,8 +367,8 @@ class _EagerAttention(torch.autograd.Function):
     """The operators' autograd formula as an autograd.Function, for eager calls on plain tensors.
 
     Both run the same forward and backward implementations; going through the custom operator's
-    autograd costs about 150 us more per call here (its Python dispatch), as much as a whole small
-    attention, so eager calls skip it. Traced calls (torch.compile, export) and tensor subclasses (fake
+    autograd costs a Python dispatch per call, as much as a whole small attention, so eager calls skip
+    it. Traced calls (torch.compile, export) and tensor subclasses (fake
     and functional tensors) always use the operators.
     """
 

@@ -322,19 +322,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     for res, case in zip(results, cfg.cases):
         _derive(res, case, peaks["fma_peak_flops_per_s"])
     facts["load_average_end"] = _load_average()
-    return {
-        "schema": SCHEMA,
-        "created_unix": time.time(),
-        "elapsed_s": time.perf_counter() - t_start,
-        "machine": facts,
-        "config": cfg.to_dict(),
-        "probes": peaks,
-        "implementations": detected,
-        "missing": {n: d for n, d in detected.items() if not d["available"]},
-        "memory_note": None,
-        "results": results,
-        "memory": mem_result,
-    }
+    return runner.report(SCHEMA, cfg, t_start, facts, peaks, detected, None, results, memory=mem_result)
 
 
 if __name__ == "__main__":

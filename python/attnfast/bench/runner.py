@@ -279,8 +279,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             _derive(res, case, peaks, bw, itemsize, cfg.causal)
         peaks["read_bandwidth"] = list(bw.results.values())
 
+    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results)
+
+
+def report(schema: str, cfg, t_start: float, facts: dict, peaks: dict, detected: Dict[str, dict], memory_note,
+           results, **extra) -> dict:
+    """The JSON report of a run (the forward suite's and, with ``extra`` fields, the backward suite's):
+    one layout for both, which the text report, the plot and the README table read."""
     return {
-        "schema": SCHEMA,
+        "schema": schema,
         "created_unix": time.time(),
         "elapsed_s": time.perf_counter() - t_start,
         "machine": facts,
@@ -288,7 +295,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         "probes": peaks,
         "implementations": detected,
         "missing": {n: d for n, d in detected.items() if not d["available"]},
-        "memory_note": mem_note,
+        "memory_note": memory_note,
         "results": results,
+        **extra,
     }
 

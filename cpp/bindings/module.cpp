@@ -41,6 +41,12 @@ ArrayLayout describe(const py::array& a) {
 // Keeps offset tables alive for the duration of one kernel call.
 struct Layouts {
   std::vector<OperandLayout> items;
+  std::vector<std::vector<int64_t>> tables;  // further per-item tables (page table offsets, shifted rows)
+
+  std::vector<int64_t>& table(size_t n) {
+    tables.emplace_back(n);
+    return tables.back();
+  }
 
   template <class T>
   Operand<T> make(const py::array& a, const Shape& batch, int core_dims, const char* name,
@@ -64,7 +70,7 @@ struct Layouts {
 // type and byte order), not descriptor identity: an array may carry an equal but distinct float32
 // descriptor (e.g. one converted from '>f4'). bfloat16 is ml_dtypes' dtype (a dependency of the
 // package), looked up on first use.
-enum class Storage { f64, f32, f16, bf16, unsupported };
+enum class Storage { f64, f32, f16, bf16, i8, unsupported };
 
 const py::dtype& bfloat16_dtype() {
   static const py::dtype* const dt =
@@ -82,6 +88,7 @@ Storage storage_of(const py::dtype& dt) {
   if (dt.equal(py::dtype::of<double>())) return Storage::f64;
   if (dt.equal(float16_dtype())) return Storage::f16;
   if (dt.kind() == 'V' && dt.itemsize() == 2 && dt.equal(bfloat16_dtype())) return Storage::bf16;
+  if (dt.equal(py::dtype::of<int8_t>())) return Storage::i8;
   return Storage::unsupported;
 }
 Storage storage_of(const py::array& a) { return storage_of(a.dtype()); }
@@ -91,6 +98,7 @@ constexpr Storage storage_tag() {
   if constexpr (std::is_same<S, double>::value) return Storage::f64;
   if constexpr (std::is_same<S, float>::value) return Storage::f32;
   if constexpr (std::is_same<S, attnfast::float16_bits>::value) return Storage::f16;
+  if constexpr (std::is_same<S, int8_t>::value) return Storage::i8;
   return Storage::bf16;
 }
 
@@ -102,14 +110,18 @@ struct Types {
 
 // Calls f(Types<S, T>{}) for the storage type of `a` and its compute type (double for double, float for
 // the others). The Python layer only passes the dtypes the contract allows; anything else is an
-// internal error, reported as such.
-template <class F>
+// internal error, reported as such. int8 (a quantised KV cache) only where kInt8 is set: the fused
+// attention.
+template <bool kInt8 = false, class F>
 void with_storage(const py::array& a, const char* name, F&& f) {
   switch (storage_of(a)) {
     case Storage::f64: return f(Types<double, double>{});
     case Storage::f32: return f(Types<float, float>{});
     case Storage::f16: return f(Types<attnfast::float16_bits, float>{});
     case Storage::bf16: return f(Types<attnfast::bfloat16_bits, float>{});
+    case Storage::i8:
+      if constexpr (kInt8) return f(Types<int8_t, float>{});
+      break;
     case Storage::unsupported: break;
   }
   throw py::type_error(std::string(name) + ": internal dtype mismatch (unsupported storage type " +
@@ -231,16 +243,51 @@ struct AttentionCall {
   int64_t diagonal_offset, window_left, window_right;
 };
 
+// What serving calls add to a call (attnfast/params.h): per-item diagonals, query lengths, the score
+// modifiers; and, for the forward only, a paged or int8 KV cache and the row offsets of packed
+// variable-length sequences. None (0 for softcap) leaves the call as it was. The arrays the kernel
+// reads are kept alive in `keep` for the call.
+struct ServingArgs {
+  py::object diagonal_offsets = py::none(), q_lengths = py::none();  // int64, one per batch item
+  py::object alibi_slopes = py::none(), sinks = py::none();          // compute type, one per batch item
+  double softcap = 0;
+  // Forward only. block_table: int32 (B, pages per item), C-contiguous, with k and v the caches
+  // (pages, Hk, rows per page, D / Dv) and kv_batch (B, Hk). k_scale / v_scale: float32 of k's / v's
+  // shape without the last axis (any strides, 0 to broadcast). q_starts (per batch item) / kv_starts
+  // (per kv item): rows added to the item's q / out / lse and k / v offsets; lse_offsets replaces the
+  // lse's b * lq offsets.
+  py::object block_table = py::none(), k_scale = py::none(), v_scale = py::none();
+  py::object q_starts = py::none(), kv_starts = py::none(), lse_offsets = py::none();
+};
+
+// A C-contiguous vector of `n` elements of type E, kept alive in `keep`; null for None.
+template <class E>
+const E* per_item(const py::object& x, int64_t n, const char* name, std::vector<py::array>& keep) {
+  if (x.is_none()) return nullptr;
+  py::array a = py::cast<py::array>(x);
+  if (!a.dtype().equal(py::dtype::of<E>()) || !(a.flags() & py::array::c_style) || a.size() != n)
+    throw std::invalid_argument(std::string(name) + ": internal mismatch (a contiguous vector, one entry per item)");
+  keep.push_back(a);
+  return static_cast<const E*>(a.data());
+}
+
 // What the forward and the backward share of a call besides the operands: the scale, causal / window,
-// the bool mask, the bias and kv_lengths (`lengths` keeps kv_lengths' int64 array alive for the call).
+// the bool mask, the bias, kv_lengths (`lengths` keeps kv_lengths' int64 array alive for the call) and
+// the serving additions (ServingArgs' first group).
 template <class S, class T>
 void set_score_rule(Layouts& L, const AttentionCall& c, const py::object& mask, const py::object& bias,
-                    const py::object& kv_lengths, attnfast::AttentionParams<S, T>& p, py::array_t<int64_t>& lengths) {
+                    const py::object& kv_lengths, attnfast::AttentionParams<S, T>& p, py::array_t<int64_t>& lengths,
+                    const ServingArgs& serving, std::vector<py::array>& keep) {
   p.scale = static_cast<T>(c.scale);
   p.causal = c.causal;
   p.diagonal_offset = c.diagonal_offset;
   p.window_left = c.window_left;
   p.window_right = c.window_right;
+  p.diagonal_offsets = per_item<int64_t>(serving.diagonal_offsets, p.batch, "diagonal_offsets", keep);
+  p.q_lengths = per_item<int64_t>(serving.q_lengths, p.batch, "q_lengths", keep);
+  p.alibi_slopes = per_item<T>(serving.alibi_slopes, p.batch, "alibi_slopes", keep);
+  p.sinks = per_item<T>(serving.sinks, p.batch, "sinks", keep);
+  p.softcap = static_cast<T>(serving.softcap);
   if (!mask.is_none()) p.mask = L.make<const uint8_t>(py::cast<py::array>(mask), c.batch, 2, "mask", false);
   if (!bias.is_none()) {
     require_dtype<T>(py::cast<py::array>(bias), "bias");
@@ -253,11 +300,74 @@ void set_score_rule(Layouts& L, const AttentionCall& c, const py::object& mask, 
   }
 }
 
+// Elements between consecutive entries along `axis` (0 for an axis never stepped along).
+int64_t axis_stride(const py::array& a, int axis, const char* name) {
+  if (a.shape(axis) <= 1) return 0;
+  const int64_t bytes = static_cast<int64_t>(a.strides(axis));
+  if (bytes % static_cast<int64_t>(a.itemsize()) != 0)
+    throw std::invalid_argument(std::string(name) + ": stride is not a multiple of the item size");
+  return bytes / static_cast<int64_t>(a.itemsize());
+}
+
+// K, V or a scale of a paged cache: `cache` is (pages, Hk, rows per page) + (features,) when
+// `feature_rows`, the kv items are (B, Hk) in C order, and item (b, h) reads pages table[b, :].
+template <class E>
+Operand<E> paged_operand(Layouts& L, const py::array& cache, const py::array& table, int64_t heads,
+                         bool feature_rows, const char* name) {
+  if (cache.ndim() != (feature_rows ? 4 : 3) || cache.shape(1) != heads)
+    throw std::invalid_argument(std::string(name) + ": internal shape mismatch (a paged cache (pages, Hk, page rows" +
+                                (feature_rows ? ", features)" : ")") + " expected)");
+  if (feature_rows && cache.shape(3) > 1 && axis_stride(cache, 3, name) != 1)
+    throw std::invalid_argument(std::string(name) + ": last axis must have unit stride");
+  const int64_t items_b = table.shape(0), pages_per_item = table.shape(1), head_stride = axis_stride(cache, 1, name);
+  OperandLayout layout;
+  layout.row_stride = axis_stride(cache, 2, name);
+  layout.col_stride = 1;
+  std::vector<int64_t>& item_offset = L.table(static_cast<size_t>(items_b * heads));
+  for (int64_t b = 0; b < items_b; ++b)
+    for (int64_t h = 0; h < heads; ++h) {
+      layout.batch_offsets.push_back(h * head_stride);
+      item_offset[static_cast<size_t>(b * heads + h)] = b * pages_per_item;
+    }
+  L.items.push_back(std::move(layout));
+  Operand<E> op;
+  op.data = static_cast<E*>(const_cast<void*>(cache.data()));
+  op.batch_offset_elements = L.items.back().batch_offsets.data();
+  op.row_stride_elements = L.items.back().row_stride;
+  op.pages.table = static_cast<const int32_t*>(table.data());
+  op.pages.item_offset = item_offset.data();
+  op.pages.rows_per_page = cache.shape(2);
+  op.pages.page_stride_elements = axis_stride(cache, 0, name);
+  return op;
+}
+
+// A per-row scale of int8 K or V: kv_batch + (lk,) (any strides), or paged like its cache.
+Operand<const float> scale_operand(Layouts& L, const py::object& scale, const Shape& kv_batch,
+                                   const py::object& block_table, int64_t heads, const char* name) {
+  const py::array a = py::cast<py::array>(scale);
+  require_dtype<float>(a, name);
+  if (!block_table.is_none()) return paged_operand<const float>(L, a, py::cast<py::array>(block_table), heads, false, name);
+  Operand<const float> op = L.make<const float>(a, kv_batch, 1, name, false);
+  op.row_stride_elements = op.col_stride_elements;  // one scale per row: rows step along the last axis
+  op.col_stride_elements = 1;
+  return op;
+}
+
+// Moves item b of `op` down by starts[b] rows (a packed variable-length sequence's first row).
+template <class E>
+void shift_rows(Layouts& L, Operand<E>& op, const int64_t* starts, int64_t items) {
+  if (!starts || !op.data) return;
+  std::vector<int64_t>& offsets = L.table(static_cast<size_t>(items));
+  for (int64_t b = 0; b < items; ++b)
+    offsets[static_cast<size_t>(b)] = op.batch_offset_elements[b] + starts[b] * op.row_stride_elements;
+  op.batch_offset_elements = offsets.data();
+}
+
 template <class S, class T>
 void run_attention(const py::array& q, const py::array& k, const py::array& v, py::array& out,
                    const AttentionCall& c, const py::object& mask, const py::object& bias,
                    const py::object& kv_lengths, const py::object& lse, const py::object& weights,
-                   const py::object& v_a) {
+                   const py::object& v_a, const ServingArgs& serving = ServingArgs()) {
   // Only the outputs asked for cost anything: with no output element (Lq = 0, an empty batch, or Dv = 0
   // without lse and weights) there is nothing to compute, and no per-item offset table to build.
   const bool no_lse = lse.is_none() || py::cast<py::array>(lse).size() == 0;
@@ -273,26 +383,59 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
     require_dtype<T>(q, "q");
     p.q_wide = L.make<const T>(q, c.batch, 2, "q", true);
   }
-  p.k = L.make<const S>(k, c.kv_batch, 2, "k", true);
-  p.v = L.make<const S>(v, c.kv_batch, 2, "v", true);
+  const int64_t kv_items = attnfast::bindings::checked_product(c.kv_batch, "kv_batch");
+  const int64_t heads = c.kv_batch.empty() ? 1 : c.kv_batch.back();
+  if (!serving.block_table.is_none()) {
+    const py::array table = py::cast<py::array>(serving.block_table);
+    if (!table.dtype().equal(py::dtype::of<int32_t>()) || table.ndim() != 2 || !(table.flags() & py::array::c_style) ||
+        c.kv_batch.size() != 2 || c.kv_batch[0] != table.shape(0))
+      throw std::invalid_argument("block_table: internal mismatch (C-contiguous int32 (B, pages), kv_batch (B, Hk))");
+    p.k = paged_operand<const S>(L, k, table, heads, true, "k");
+    p.v = paged_operand<const S>(L, v, table, heads, true, "v");
+    p.lk = table.shape(1) * k.shape(2);
+  } else {
+    p.k = L.make<const S>(k, c.kv_batch, 2, "k", true);
+    p.v = L.make<const S>(v, c.kv_batch, 2, "v", true);
+    p.lk = k.shape(k.ndim() - 2);
+  }
+  if (std::is_same<S, int8_t>::value != !serving.k_scale.is_none() ||
+      serving.k_scale.is_none() != serving.v_scale.is_none())
+    throw std::invalid_argument("k_scale, v_scale: internal mismatch (given exactly for int8 K and V)");
+  if (!serving.k_scale.is_none()) {
+    p.k_scale = scale_operand(L, serving.k_scale, c.kv_batch, serving.block_table, heads, "k_scale");
+    p.v_scale = scale_operand(L, serving.v_scale, c.kv_batch, serving.block_table, heads, "v_scale");
+  }
   set_result(L, out, c.batch, "out", true, &p.out, &p.out_wide);
   p.batch = attnfast::bindings::checked_product(c.batch, "batch");
   p.group = c.group;
   p.lq = q.shape(q.ndim() - 2);
-  p.lk = k.shape(k.ndim() - 2);
   p.depth = q.shape(q.ndim() - 1);
   p.dv = v.shape(v.ndim() - 1);
+  std::vector<py::array> keep;
+  const int64_t* q_starts = per_item<int64_t>(serving.q_starts, p.batch, "q_starts", keep);
+  const int64_t* kv_starts = per_item<int64_t>(serving.kv_starts, kv_items, "kv_starts", keep);
+  if ((q_starts || kv_starts) && !weights.is_none())
+    throw std::invalid_argument("q_starts, kv_starts: internal mismatch (packed sequences return no weights)");
+  shift_rows(L, p.q, q_starts, p.batch);
+  shift_rows(L, p.q_wide, q_starts, p.batch);
+  shift_rows(L, p.out, q_starts, p.batch);
+  shift_rows(L, p.out_wide, q_starts, p.batch);
+  shift_rows(L, p.k, kv_starts, kv_items);
+  shift_rows(L, p.v, kv_starts, kv_items);
   py::array_t<int64_t> lengths;
-  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths);
+  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths, serving, keep);
   std::vector<int64_t> lse_offsets;
   if (!lse.is_none()) {
     py::array lse_arr = py::cast<py::array>(lse);
     require_dtype<T>(lse_arr, "lse");
     if (!(lse_arr.flags() & py::array::c_style)) throw std::invalid_argument("lse must be C-contiguous");
     p.lse = static_cast<T*>(lse_arr.mutable_data());
-    lse_offsets.resize(static_cast<size_t>(p.batch));
-    for (int64_t b = 0; b < p.batch; ++b) lse_offsets[static_cast<size_t>(b)] = b * p.lq;
-    p.lse_batch_offset_elements = lse_offsets.data();
+    p.lse_batch_offset_elements = per_item<int64_t>(serving.lse_offsets, p.batch, "lse_offsets", keep);
+    if (!p.lse_batch_offset_elements) {
+      lse_offsets.resize(static_cast<size_t>(p.batch));
+      for (int64_t b = 0; b < p.batch; ++b) lse_offsets[static_cast<size_t>(b)] = b * p.lq;
+      p.lse_batch_offset_elements = lse_offsets.data();
+    }
   }
   if (!weights.is_none()) {
     require_dtype<T>(py::cast<py::array>(weights), "weights");
@@ -347,7 +490,7 @@ template <class S, class T>
 void run_attention_backward(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                             const py::array& dout, const py::array& lse, const BackwardOutputs& g,
                             const AttentionCall& c, const py::object& mask, const py::object& bias,
-                            const py::object& kv_lengths, const py::object& v_a) {
+                            const py::object& kv_lengths, const py::object& v_a, const ServingArgs& serving) {
   require_dtype<S>(k, "k");
   require_dtype<S>(v, "v");
   const py::ssize_t nd = q.ndim();
@@ -390,7 +533,8 @@ void run_attention_backward(const py::array& q, const py::array& k, const py::ar
   p.depth = depth;
   p.dv = dv;
   py::array_t<int64_t> lengths;
-  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths);
+  std::vector<py::array> keep;
+  set_score_rule(L, c, mask, bias, kv_lengths, p, lengths, serving, keep);
   require_dtype<T>(lse, "lse");
   if (!(lse.flags() & py::array::c_style) || lse.size() != p.batch * lq)
     throw std::invalid_argument("lse: internal shape mismatch (a C-contiguous batch + (lq,) array expected)");
@@ -519,7 +663,7 @@ py::object plain_attention(py::handle qh, py::handle kh, py::handle vh, py::hand
   // k and v of one storage type; q of that type, or float32 over a 16-bit cache (the result then has
   // q's dtype in both cases: NumPy's promotion).
   const Storage storage = storage_of(k);
-  if (storage == Storage::unsupported || !v.dtype().is(k.dtype())) return py::none();
+  if (storage == Storage::unsupported || storage == Storage::i8 || !v.dtype().is(k.dtype())) return py::none();
   const bool sixteen_bit = storage == Storage::f16 || storage == Storage::bf16;
   if (!q.dtype().is(k.dtype()) && !(sixteen_bit && storage_of(q) == Storage::f32)) return py::none();
   const bool f32 = storage != Storage::f64;  // computed in float32
@@ -599,19 +743,39 @@ PYBIND11_MODULE(_attnfast, m) {
       [](const py::array& q, const py::array& k, const py::array& v, py::array& out, const Shape& batch,
          const Shape& kv_batch, int64_t group, double scale, const py::object& mask, const py::object& bias,
          const py::object& kv_lengths, bool causal, int64_t diagonal_offset, int64_t window_left,
-         int64_t window_right, const py::object& lse, const py::object& weights, const py::object& v_a) {
+         int64_t window_right, const py::object& lse, const py::object& weights, const py::object& v_a,
+         const py::object& diagonal_offsets, const py::object& q_lengths, double softcap,
+         const py::object& alibi_slopes, const py::object& sinks, const py::object& block_table,
+         const py::object& k_scale, const py::object& v_scale, const py::object& q_starts,
+         const py::object& kv_starts, const py::object& lse_offsets) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
+        ServingArgs serving;
+        serving.diagonal_offsets = diagonal_offsets;
+        serving.q_lengths = q_lengths;
+        serving.softcap = softcap;
+        serving.alibi_slopes = alibi_slopes;
+        serving.sinks = sinks;
+        serving.block_table = block_table;
+        serving.k_scale = k_scale;
+        serving.v_scale = v_scale;
+        serving.q_starts = q_starts;
+        serving.kv_starts = kv_starts;
+        serving.lse_offsets = lse_offsets;
         // Keyed by the storage of K and V, which the kernels read in place.
-        with_storage(k, "k", [&](auto types) {
+        with_storage<true>(k, "k", [&](auto types) {
           using Ty = decltype(types);
           run_attention<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, c, mask, bias, kv_lengths, lse,
-                                                                   weights, v_a);
+                                                                   weights, v_a, serving);
         });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("batch"), py::arg("kv_batch"),
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
       py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("lse"), py::arg("weights"), py::arg("v_a") = py::none());
+      py::arg("lse"), py::arg("weights"), py::arg("v_a") = py::none(), py::arg("diagonal_offsets") = py::none(),
+      py::arg("q_lengths") = py::none(), py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(),
+      py::arg("sinks") = py::none(), py::arg("block_table") = py::none(), py::arg("k_scale") = py::none(),
+      py::arg("v_scale") = py::none(), py::arg("q_starts") = py::none(), py::arg("kv_starts") = py::none(),
+      py::arg("lse_offsets") = py::none());
 
   m.def(
       "attention_backward",
@@ -619,20 +783,29 @@ PYBIND11_MODULE(_attnfast, m) {
          const py::array& lse, const py::array& dq, const py::array& dk, const py::array& dv,
          const py::object& dscores, const py::object& dv_a, const Shape& batch, const Shape& kv_batch,
          int64_t group, double scale, const py::object& mask, const py::object& bias, const py::object& kv_lengths,
-         bool causal, int64_t diagonal_offset, int64_t window_left, int64_t window_right, const py::object& v_a) {
+         bool causal, int64_t diagonal_offset, int64_t window_left, int64_t window_right, const py::object& v_a,
+         const py::object& diagonal_offsets, const py::object& q_lengths, double softcap,
+         const py::object& alibi_slopes, const py::object& sinks) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
         const BackwardOutputs g{dq, dk, dv, dscores, dv_a};
+        ServingArgs serving;
+        serving.diagonal_offsets = diagonal_offsets;
+        serving.q_lengths = q_lengths;
+        serving.softcap = softcap;
+        serving.alibi_slopes = alibi_slopes;
+        serving.sinks = sinks;
         with_storage(k, "k", [&](auto types) {
           using Ty = decltype(types);
           run_attention_backward<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, dout, lse, g, c, mask,
-                                                                            bias, kv_lengths, v_a);
+                                                                            bias, kv_lengths, v_a, serving);
         });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dq"),
       py::arg("dk"), py::arg("dv"), py::arg("dscores"), py::arg("dv_a"), py::arg("batch"), py::arg("kv_batch"),
       py::arg("group"), py::arg("scale"), py::arg("mask"), py::arg("bias"), py::arg("kv_lengths"),
       py::arg("causal"), py::arg("diagonal_offset"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("v_a") = py::none());
+      py::arg("v_a") = py::none(), py::arg("diagonal_offsets") = py::none(), py::arg("q_lengths") = py::none(),
+      py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(), py::arg("sinks") = py::none());
 
   m.def("plain_attention", &plain_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("method"), py::arg("scale"), py::arg("causal"), py::arg("causal_align"));

@@ -30,7 +30,8 @@ KernelTable<S, T> make_table() {
 
 TargetKernels kernels() {
   return TargetKernels{ATTNFAST_TARGET_NAME, make_table<double, double>(), make_table<float, float>(),
-                       make_table<float16_bits, float>(), make_table<bfloat16_bits, float>()};
+                       make_table<float16_bits, float>(), make_table<bfloat16_bits, float>(),
+                       KernelTable<int8_t, float>{}};
 }
 
 TargetProbes probes() { return TargetProbes{&fma_chains, &read_sum}; }

@@ -32,6 +32,9 @@ struct TargetKernels {
   KernelTable<float> f32;
   KernelTable<float16_bits, float> f16;
   KernelTable<bfloat16_bits, float> bf16;
+  // int8 K and V with per-row scales (a quantised KV cache): the fused attention only, queries and
+  // result in float32.
+  KernelTable<int8_t, float> i8;
 };
 
 // The table of one (storage, compute) pair: the only place that maps types to tables.
@@ -52,6 +55,10 @@ struct TableOf<float16_bits, float> {
 template <>
 struct TableOf<bfloat16_bits, float> {
   static const KernelTable<bfloat16_bits, float>& get(const TargetKernels& k) { return k.bf16; }
+};
+template <>
+struct TableOf<int8_t, float> {
+  static const KernelTable<int8_t, float>& get(const TargetKernels& k) { return k.i8; }
 };
 template <class S, class T>
 const KernelTable<S, T>& table_for(const TargetKernels& k) {

@@ -43,13 +43,20 @@ inline int64_t sub_saturated(int64_t a, int64_t b) {
   return a - b;
 }
 
+// The key on query row i's diagonal (b's own offset when the call has one per item: a cache filled to
+// kv_lengths[b]), which causal, the window and ALiBi align to. Saturating: never wraps.
+template <class Params>
+inline int64_t diagonal(const Params& p, int64_t b, int64_t i) {
+  return add_saturated(i, p.diagonal_offsets ? p.diagonal_offsets[b] : p.diagonal_offset);
+}
+
 // Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
 // Empty ranges come back as lo == hi. Saturating arithmetic: no offset or window overflows.
 template <class Params>
 inline void visible_range(const Params& p, int64_t b, int64_t i, int64_t* lo, int64_t* hi) {
   int64_t l = 0, h = p.lk;
   if (p.kv_lengths) h = imin(h, p.kv_lengths[b]);
-  const int64_t diag = add_saturated(i, p.diagonal_offset);
+  const int64_t diag = diagonal(p, b, i);
   if (p.causal) h = imin(h, add_saturated(diag, 1));
   if (p.window_left >= 0) l = imax(l, sub_saturated(diag, p.window_left));
   if (p.window_right >= 0) h = imin(h, add_saturated(add_saturated(diag, p.window_right), 1));

@@ -258,6 +258,8 @@ struct ServingArgs {
   // lse's b * lq offsets.
   py::object block_table = py::none(), k_scale = py::none(), v_scale = py::none();
   py::object q_starts = py::none(), kv_starts = py::none(), lse_offsets = py::none();
+  // Packed sequences: the longest sequence's query rows and keys (-1: q's and k's row counts).
+  int64_t lq = -1, lk = -1;
 };
 
 // A C-contiguous vector of `n` elements of type E, kept alive in `keep`; null for None.
@@ -409,6 +411,8 @@ void run_attention(const py::array& q, const py::array& k, const py::array& v, p
   p.batch = attnfast::bindings::checked_product(c.batch, "batch");
   p.group = c.group;
   p.lq = q.shape(q.ndim() - 2);
+  if (serving.lq >= 0) p.lq = serving.lq;
+  if (serving.lk >= 0) p.lk = serving.lk;
   p.depth = q.shape(q.ndim() - 1);
   p.dv = v.shape(v.ndim() - 1);
   std::vector<py::array> keep;
@@ -747,7 +751,7 @@ PYBIND11_MODULE(_attnfast, m) {
          const py::object& diagonal_offsets, const py::object& q_lengths, double softcap,
          const py::object& alibi_slopes, const py::object& sinks, const py::object& block_table,
          const py::object& k_scale, const py::object& v_scale, const py::object& q_starts,
-         const py::object& kv_starts, const py::object& lse_offsets) {
+         const py::object& kv_starts, const py::object& lse_offsets, int64_t lq, int64_t lk) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
         ServingArgs serving;
         serving.diagonal_offsets = diagonal_offsets;
@@ -761,6 +765,8 @@ PYBIND11_MODULE(_attnfast, m) {
         serving.q_starts = q_starts;
         serving.kv_starts = kv_starts;
         serving.lse_offsets = lse_offsets;
+        serving.lq = lq;
+        serving.lk = lk;
         // Keyed by the storage of K and V, which the kernels read in place.
         with_storage<true>(k, "k", [&](auto types) {
           using Ty = decltype(types);
@@ -775,7 +781,7 @@ PYBIND11_MODULE(_attnfast, m) {
       py::arg("q_lengths") = py::none(), py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none(),
       py::arg("sinks") = py::none(), py::arg("block_table") = py::none(), py::arg("k_scale") = py::none(),
       py::arg("v_scale") = py::none(), py::arg("q_starts") = py::none(), py::arg("kv_starts") = py::none(),
-      py::arg("lse_offsets") = py::none());
+      py::arg("lse_offsets") = py::none(), py::arg("lq") = -1, py::arg("lk") = -1);
 
   m.def(
       "attention_backward",

@@ -303,3 +303,78 @@ def test_scores_are_scaled_after_the_integer_dot_product(rng):
     _, lse = int8_attention(q, k8, v8, ks, vs, mask=mask, scale=1.0)
     dot = np.float32(q[0, 0, 0].astype(np.int64) @ k8[0, 0, 3].astype(np.int64))
     assert lse[0, 0, 0] == ks[0, 0, 3] * dot
+
+
+# ---- paged int8 cache -------------------------------------------------------------------------------
+
+
+def paged_int8_cache(rng, *, batch, hk, bs, max_blocks, d, kv_lengths):
+    """A paged int8 cache (num_blocks, Hk, bs, D) with its scales (num_blocks, Hk, bs), shuffled blocks,
+    table entries past kv_lengths -1 (never valid), and the same keys gathered into a contiguous cache
+    (B, Hk, max_blocks * bs, D). Scales no item may read are NaN, their int8 rows arbitrary."""
+    needed = [-(-int(n) // bs) for n in kv_lengths]
+    num_blocks = sum(needed) + 2
+    order = rng.permutation(num_blocks)
+    table = np.full((batch, max_blocks), -1, np.int32)
+    at = 0
+    for b in range(batch):
+        table[b, :needed[b]] = order[at:at + needed[b]]
+        at += needed[b]
+    k8 = rng.integers(-128, 128, (num_blocks, hk, bs, d)).astype(np.int8)
+    v8 = rng.integers(-128, 128, (num_blocks, hk, bs, d)).astype(np.int8)
+    ks = np.full((num_blocks, hk, bs), np.nan, np.float32)
+    vs = np.full((num_blocks, hk, bs), np.nan, np.float32)
+    lk = bs * max_blocks
+    gathered = [np.zeros((batch, hk, lk, d), np.int8), np.zeros((batch, hk, lk, d), np.int8),
+                np.full((batch, hk, lk), np.nan, np.float32), np.full((batch, hk, lk), np.nan, np.float32)]
+    for b in range(batch):
+        for j in range(int(kv_lengths[b])):
+            page, row = table[b, j // bs], j % bs
+            ks[page, :, row] = rng.uniform(0.2, 1.0, hk) / 127
+            vs[page, :, row] = rng.uniform(0.2, 1.0, hk) / 127
+            for dst, src in zip(gathered, (k8, v8, ks, vs)):
+                dst[b, :, j] = src[page, :, row]
+    return (k8, v8, ks, vs, table), gathered
+
+
+def paged_int8_attention(q, k8, v8, ks, vs, *, group, lk, kv_lengths, table=None):
+    b, hq, lq, d = q.shape
+    out = np.empty((b, hq, lq, v8.shape[-1]), np.float32)
+    lse = np.empty((b, hq, lq), np.float32)
+    lengths = np.repeat(np.asarray(kv_lengths, np.int64), hq)
+    _core.attention(q, k8, v8, out, [b, hq], [b, hq // group], group, 1.0 / np.sqrt(d), None, None, lengths, True,
+                    lk - lq, -1, -1, lse, None, diagonal_offsets=lengths - lq, block_table=table, k_scale=ks,
+                    v_scale=vs)
+    return out, lse
+
+
+# (q heads per kv head, Lq, block size, blocks per item): row-wise decode, row-wise over enough keys to
+# split them, tiled chunked prefill.
+PAGED = {"rowwise": (2, 1, 16, 12), "rowwise_split": (2, 1, 128, 24), "tiled": (1, 50, 3, 70),
+         "rowwise_bs1": (2, 2, 1, 150)}
+
+
+@pytest.mark.parametrize("path", list(PAGED))
+def test_paged_int8_equals_contiguous(rng, path):
+    """A paged int8 cache (K, V and their scales through the block table) gives bitwise the results of
+    the same keys contiguous, and matches the reference on the dequantised values."""
+    group, lq, bs, max_blocks = PAGED[path]
+    lk = bs * max_blocks
+    kv_lengths = np.array([lk - bs - 1, lk // 2 + 1])
+    paged, gathered = paged_int8_cache(rng, batch=2, hk=2, bs=bs, max_blocks=max_blocks, d=40, kv_lengths=kv_lengths)
+    q = queries(rng, (2, 2 * group), lq, 40)
+    k8, v8, ks, vs, table = paged
+    got = paged_int8_attention(q, k8, v8, ks, vs, group=group, lk=lk, kv_lengths=kv_lengths, table=table)
+    want = paged_int8_attention(q, *gathered, group=group, lk=lk, kv_lengths=kv_lengths)
+    for a, e in zip(got, want):
+        np.testing.assert_array_equal(a, e)
+    gk8, gv8, gks, gvs = gathered
+    visible = np.arange(lk)[None, None, :] < kv_lengths[:, None, None]
+    visible = visible & (np.arange(lk)[None, None, :] <= np.arange(lq)[None, :, None] + (kv_lengths - lq)[:, None, None])
+    mask = np.broadcast_to(visible[:, None], (2, 2 * group, lq, lk))
+    kd = np.nan_to_num(dequantised(gk8, gks))
+    vd = np.nan_to_num(dequantised(gv8, gvs))
+    r_out, r_lse = reference.attention(q.astype(np.float64), kd, vd, mask=mask, return_lse=True)
+    n_out, n_lse, _ = naive_attention(q, kd.astype(np.float32), vd.astype(np.float32), mask=mask)
+    assert_close_to_reference(got[0], r_out, n_out, np.float32, scale=float(np.abs(vd).max()), what=f"{path}: out")
+    assert_close_to_reference(got[1], r_lse, n_lse, np.float32, what=f"{path}: lse")

@@ -1,9 +1,17 @@
 // Fused attention, row-wise path for decode-shaped calls: few query rows per kv head (one decoder step,
 // KV-cache decode, GQA groups). Memory-bound: each K and V row is streamed once and used by every query
 // row that shares it (the `group` query heads of a kv head times Lq).
-// dtypes: K and V stored in S (double, float, float16, bfloat16), read in place and widened on load;
-// queries in S or T (packed once per call into qs); computed in T = V::Scalar (double for double, else
-// float); the result rounded once to its storage type. ISA: the including target's V.
+// dtypes: K and V stored in S (double, float, float16, bfloat16, int8), read in place and widened on
+// load; queries in S or T (packed once per call into qs); computed in T = V::Scalar (double for double,
+// else float); the result rounded once to its storage type. ISA: the including target's V.
+// int8 K and V (a quantised cache, float32 queries and result) are widened in registers only (vpmovsxbd
+// + vcvtdq2ps: exact) and never dequantised in memory: key j's score is k_scale_j * ((c q) . k_j), the
+// float32 dot product of the scaled query with the integer row, then one multiplication by the row's
+// scale (score_tile); P.V weighs V's integer row j by p_j * v_scale_j (value_weight), one rounding more
+// per key than a float cache's p_j, while l sums the unscaled p_j. Each scale is read once per key tile
+// (load_row_scales), through the scale operand's row(), for the tile's keys only. P.V over int8 V sums
+// each key tile's terms from zero and then adds them to the rescaled accumulator (accumulate_quantised):
+// a two-level sum whose rounding error grows with the tile's keys plus the tile count, not with Lk.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
@@ -58,16 +66,19 @@ struct RowwiseAttention {
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(rows * p.depth) + Carver::bytes<T>(rows * NK) + Carver::bytes<T>(rows * dv_pad) +
-           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows) + Carver::bytes<T>(p.v_a ? p.depth : 0);
+           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows) + Carver::bytes<T>(p.v_a ? p.depth : 0) +
+           2 * Carver::bytes<T>(kInt8Storage<S> ? NK : 0);
   }
   // Partial results of each chunk when the keys are split: acc (dv_pad), m2, l per row.
   int64_t partial_stride() const { return dv_pad + 2; }
 
   struct Work {
     int64_t kv_item, j_begin, j_end;
+    int64_t read_end = 0;  // keys below it may be read: a paged K is fetched ahead up to it
     T *qs, *s, *acc, *m, *l;
     T* va_scaled;  // additive only: scale * v_a
     int64_t *lo, *hi;
+    T *key_scales, *value_scales;  // int8 only: the current key tile's k_scale and v_scale (NK each)
   };
 
   int64_t batch_of(const Work& w, int64_t r) const { return w.kv_item * p.group + r / p.lq; }
@@ -121,26 +132,70 @@ struct RowwiseAttention {
       }
     }
     dot_score_tile(w, j0, nk);
+    if constexpr (kInt8Storage<S>) scale_scores_by_key(w, j0, nk);
     apply_masks(w, j0, nk);
+  }
+
+  // int8 K: the tile's row scales, and each score times its key's k_scale (before the bias and masks, so
+  // a hidden key's scale, even NaN, is overwritten with the key's score).
+  void scale_scores_by_key(const Work& w, int64_t j0, int64_t nk) const {
+    load_row_scales(w, j0, nk);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* s = w.s + r * NK;
+      for (int64_t t = 0; t < nk; ++t) s[t] *= w.key_scales[t];
+    }
+  }
+  void load_row_scales(const Work& w, int64_t j0, int64_t nk) const {
+    for (int64_t t = 0; t < nk; ++t) {
+      w.key_scales[t] = p.k_scale.row(w.kv_item, j0 + t)[0];
+      w.value_scales[t] = p.v_scale.row(w.kv_item, j0 + t)[0];
+    }
+  }
+
+  // The weight of V's row j0 + t in P.V: p, times the row's v_scale for int8 V.
+  T value_weight(const Work& w, const T* s, int64_t t) const {
+    if constexpr (kInt8Storage<S>) return s[t] * w.value_scales[t];
+    (void)w;
+    return s[t];
   }
 
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
   // rows (one instruction per cache line) only add instructions (docs/kernel_decisions.md).
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
-  // A paged K is read run by run (the keys of one page are row_stride apart: paged_rows.h); an unpaged
-  // one is a single run.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
+    const S* k = p.k.row(w.kv_item, j0);
     if (p.depth > kVectorSumBlock) {
       dot_score_tile_tree(w, j0, nk);
       return;
     }
+    if (p.k.paged()) {
+      dot_score_tile_paged(w, j0, nk);
+      return;
+    }
+    for (int64_t t = 0; t < nk; ++t)
+      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+  }
+
+  // dot_score_tile of a paged K (a paged KV cache: paged_rows.h), page run by page run: the same scores.
+  // The hardware prefetchers lose the stream at every page (the next one is anywhere in the cache): while
+  // key t of a run is scored, row t of the next run (below read_end) and this key's V row are fetched.
+  // Out of line, so that the unpaged loop's code is not shaped by it.
+  __attribute__((noinline)) void dot_score_tile_paged(const Work& w, int64_t j0, int64_t nk) const {
+    const int64_t ks = p.k.row_stride_elements, vs = p.v.row_stride_elements;
     for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
       n = imin(nk - t0, p.k.run_rows(j0 + t0));
       const S* k = p.k.row(w.kv_item, j0 + t0);
-      for (int64_t t = 0; t < n; ++t)
+      const S* v = p.v.row(w.kv_item, j0 + t0);
+      const int64_t next = j0 + t0 + n;
+      const int64_t ahead = next < w.read_end ? imin(w.read_end - next, p.k.run_rows(next)) : 0;
+      const S* k_next = ahead > 0 ? p.k.row(w.kv_item, next) : k;
+      for (int64_t t = 0; t < n; ++t) {
+        if (t < ahead) prefetch_rows(k_next + t * ks, ks, 1, p.depth);
+        prefetch_rows(v + t * vs, vs, 1, p.dv);
         for (int64_t r = 0; r < rows; ++r)
           w.s[r * NK + t0 + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+      }
     }
   }
 
@@ -249,9 +304,54 @@ struct RowwiseAttention {
   // acc[r] = acc[r] * alpha + sum_t s[r][t] * V[j0 + t], kDvVectors value vectors at a time.
   // kCareful: keys with hidden[t] set (hidden from this row) are skipped, so their V cannot reach the
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
-  // A paged V is read run by run, in key order (paged_rows.h): the same sums as the unpaged V's.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
+    if constexpr (kInt8Storage<S>) {
+      accumulate_quantised<kCareful>(w, r, alpha, j0, nk, hidden);
+      return;
+    }
+    if (p.v.paged()) {
+      accumulate_paged<kCareful>(w, r, alpha, j0, nk, hidden);
+      return;
+    }
+    const S* v = p.v.row(w.kv_item, j0);
+    const int64_t vs = p.v.row_stride_elements;
+    const T* s = w.s + r * NK;
+    T* acc = w.acc + r * dv_pad;
+    const V a = V::set1(alpha);
+    for (int64_t c0 = 0; c0 < p.dv; c0 += kDvVectors * L) {
+      const int64_t ncols = imin(kDvVectors * L, p.dv - c0);
+      const int nvec = static_cast<int>(ceil_div(ncols, L));
+      const int last = static_cast<int>(ncols - (nvec - 1) * L);
+      decltype(V::v) o[kDvVectors];  // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+      for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
+      if (nvec == kDvVectors && last == L) {
+        for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
+          const V pt = V::set1(s[t]);
+          const S* vr = v + t * vs + c0;
+#pragma GCC unroll 16
+          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
+        }
+      } else {
+        for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
+          const V pt = V::set1(s[t]);
+          const S* vr = v + t * vs + c0;
+          for (int u = 0; u < nvec; ++u)
+            o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
+        }
+      }
+      for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
+    }
+  }
+
+  // accumulate of a paged V (paged_rows.h), page run by page run in key order: the same sums. Out of
+  // line, as dot_score_tile_paged.
+  template <bool kCareful>
+  __attribute__((noinline)) void accumulate_paged(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk,
+                                                  const bool* hidden) const {
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
     T* acc = w.acc + r * dv_pad;
@@ -286,6 +386,55 @@ struct RowwiseAttention {
       }
       for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
     }
+  }
+
+  // int8 V: acc[r] = acc[r] * alpha + (sum_t s[r][t] v_scale_t V[j0 + t]), the tile's sum from zero (see
+  // the header), value vectors in passes of kQuantisedDvVectors (8: each FMA needs its widened operand
+  // in a register too, and 16 sums plus those spill on AVX2's 16 registers). The pass's vector count is
+  // a template argument so that its sums stay in registers.
+  static constexpr int kQuantisedDvVectors = L == 1 ? kDvVectors : 8;
+  template <bool kCareful>
+  void accumulate_quantised(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
+    for (int64_t c0 = 0; c0 < p.dv; c0 += kQuantisedDvVectors * L) {
+      const int64_t ncols = imin(kQuantisedDvVectors * L, p.dv - c0);
+      accumulate_columns<kCareful, kQuantisedDvVectors>(static_cast<int>(ceil_div(ncols, L)), w, r, alpha, j0, nk,
+                                                        c0, static_cast<int>(ncols), hidden);
+    }
+  }
+  // Columns c0 .. c0 + ncols (N = ceil(ncols / L) vectors, found by counting down from kMax).
+  template <bool kCareful, int N>
+  void accumulate_columns(int nvec, const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, int64_t c0, int ncols,
+                          const bool* hidden) const {
+    if constexpr (N > 1) {
+      if (nvec < N) {
+        accumulate_columns<kCareful, N - 1>(nvec, w, r, alpha, j0, nk, c0, ncols, hidden);
+        return;
+      }
+    }
+    const int64_t vs = p.v.row_stride_elements;
+    const T* s = w.s + r * NK;
+    T* acc = w.acc + r * dv_pad + c0;
+    const int last = ncols - (N - 1) * L;  // lanes of the last vector
+    decltype(V::v) o[N];                   // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+    for (int u = 0; u < N; ++u) o[u] = V::zero().v;
+    // A paged V run by run, in key order (paged_rows.h): the same sums as the unpaged V's.
+    for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
+      n = imin(nk - t0, p.v.run_rows(j0 + t0));
+      const S* v = p.v.row(w.kv_item, j0 + t0) + c0;  // key t0 of the tile
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        if (kCareful && hidden[t]) continue;
+        const V pt = V::set1(value_weight(w, s, t));
+        const S* vr = v + (t - t0) * vs;
+#pragma GCC unroll 16
+        for (int u = 0; u < N - 1; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
+        o[N - 1] = fmadd(pt, last == L ? load_as<V>(vr + (N - 1) * L) : load_partial_as<V>(vr + (N - 1) * L, last),
+                         V{o[N - 1]}).v;
+      }
+    }
+    const V a = V::set1(alpha);
+#pragma GCC unroll 16
+    for (int u = 0; u < N; ++u) fmadd(V::load(acc + u * L), a, V{o[u]}).store(acc + u * L);
   }
 
   void prepare(Work& w) const {
@@ -345,6 +494,7 @@ struct RowwiseAttention {
         first = imin(first, w.lo[r]);
         last = imax(last, w.hi[r]);
       }
+    w.read_end = last;
     for (int64_t j0 = first; j0 < last; j0 += NK) {
       const int64_t nk = imin(NK, last - j0);
       if (bool_mask_hides_tile(w, j0, nk)) continue;  // neither K nor V of those keys is read
@@ -373,6 +523,8 @@ struct RowwiseAttention {
     w.lo = carve.take<int64_t>(rows);
     w.hi = carve.take<int64_t>(rows);
     w.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
+    w.key_scales = carve.take<T>(kInt8Storage<S> ? NK : 0);
+    w.value_scales = carve.take<T>(kInt8Storage<S> ? NK : 0);
     return w;
   }
 
@@ -453,9 +605,10 @@ struct RowwiseAttention {
       // apply_masks would make them, without being read.
       int64_t readable = 0;
       for (int64_t r = 0; r < rows; ++r) readable = imax(readable, w.hi[r]);
+      w.read_end = readable;
       for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
         const int64_t nk = imin(NK, p.lk - j0), read = imax(0, imin(nk, readable - j0));
-        score_tile(w, j0, read);
+        if (read > 0) score_tile(w, j0, read);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t t = read; t < nk; ++t) w.s[r * NK + t] = neg_inf<T>();
         for (int64_t r = 0; r < rows; ++r) {

@@ -2,12 +2,16 @@
 // The forward's online softmax (tiled_online_softmax.h) consumes the tiles; a backward pass can call
 // the same score_tile to recompute P from the saved lse, since a tile depends only on the block's
 // queries, K and the masks, never on any softmax state.
-// dtypes: K stored in S (double, float, float16, bfloat16), queries in S or T, scores in T = V::Scalar
-// (double for double, else float). ISA: the target's V; both products of the fused attention run the
+// dtypes: K stored in S (double, float, float16, bfloat16, int8), queries in S or T, scores in
+// T = V::Scalar (double for double, else float). ISA: the target's V; both products of the fused attention run the
 // register-blocked microkernel (microkernel.h) through panel_gemm. 16-bit K (and V, for the online
 // softmax) are read in place from memory, half the bytes, and widened exactly, once per key tile and
 // query block, into a T tile the microkernels read as they read float data (kv_tile: 1 / MB of the
 // tile's FMAs); the query block is widened as it is packed.
+// int8 K and V (a quantised cache, float32 queries and result) are dequantised the same way, a row at a
+// time into the tile: int8 * the row's scale (k_scale / v_scale, read through the scale's row()),
+// widened exactly and rounded once (relative error <= 2^-24 per element: storage.h widen_row_scaled);
+// the products then run on that float32 tile as on a float32 cache.
 //
 // A query block is MB rows of one batch item (TileBlock): per row the visible key range within the
 // block's keys (compute_bounds), and the queries packed once (scaled) into microkernel panels.
@@ -151,6 +155,12 @@ struct TiledScoreTile {
       if (x.paged()) return rows_in_place_or_gathered(x, bkv, j0, nk, cols, tile, stride);
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
+    } else if constexpr (kInt8Storage<S>) {
+      const Operand<const float>& scale = &x == &p.k ? p.k_scale : p.v_scale;  // callers pass p.k or p.v
+      for (int64_t j = 0; j < nk; ++j)
+        widen_row_scaled<V>(x.row(bkv, j0 + j), cols, scale.row(bkv, j0 + j)[0], tile + j * cols);
+      *stride = cols;
+      return tile;
     } else {
       if (x.paged()) {
         for_each_row_run(x, bkv, j0, nk, [&](const S* row, int64_t t0, int64_t count) {

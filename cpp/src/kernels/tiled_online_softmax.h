@@ -1,5 +1,6 @@
 // Fused attention, tiled path: the forward online softmax over a query block's key tiles, and the
-// block's rows (and weights) written from its final state.
+// block's rows (and weights) written from its final state; a sink (AttentionParams::sinks) is folded
+// into that final state (fold_sinks), after the careful pass and the key-split merge.
 // dtypes: V stored in S (double, float, float16, bfloat16; widened per tile: tiled_score_tile.h), the
 // result in S or T; exponentials, running max and sum and the accumulator in T = V::Scalar (double for
 // double, else float), the output rounded once to its storage type in write_rows.
@@ -77,7 +78,7 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
   // out_rows).
   int64_t softmax_scratch_bytes() const {
     return Carver::bytes<T>(dv_rows * MB) + Carver::bytes<T>(NK * MB) + 3 * Carver::bytes<T>(MB) +
-           Carver::bytes<T>(kInPlace ? 0 : NK * p.dv) + Carver::bytes<T>(kInPlace ? 0 : MB * p.dv);
+           Carver::bytes<T>(this->kv_tiles ? NK * p.dv : 0) + Carver::bytes<T>(kInPlace ? 0 : MB * p.dv);
   }
 
   // Running max -inf and sum 0 for every row: nothing seen yet.
@@ -318,10 +319,29 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
     }
   }
 
-  // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse.
+  // Folds the call's sink into every finished row (fold_sink): m, l (and l_exp) become the row's final
+  // state, which write_weights reads too; keep[i] receives the factor of the row's accumulator.
+  void fold_sinks(const Block& blk, T* keep) const {
+    const T sink = p.sinks[blk.b];
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      if (blk.l_exp != blk.l) {
+        T m = blk.m[i];
+        fold_sink(sink, &m, &blk.l_exp[i]);
+      }
+      keep[i] = fold_sink(sink, &blk.m[i], &blk.l[i]);
+    }
+  }
+
+  // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse; with a
+  // sink, folded into the rows first.
   void write_rows(const Block& blk) const {
     T* inv = blk.alpha;  // free once the last tile is accumulated
-    for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
+    if (p.sinks) {
+      fold_sinks(blk, inv);
+      for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? inv[i] / blk.l[i] : T(0);
+    } else {
+      for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
+    }
     if (p.out_wide.data) {
       transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out_wide.row(blk.b, blk.i_begin),
                              p.out_wide.row_stride_elements, inv, 1);
@@ -354,15 +374,17 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
+      // Keys from max_hi on (past kv_lengths: perhaps no page of a paged cache) weigh 0 unread.
+      const int64_t read = any_visible ? imin(nk, blk.max_hi - j0) : 0;
       if (any_visible) {
-        this->score_tile(blk, j0, nk);
+        this->score_tile(blk, j0, read);
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
           // Rows without a visible key have m = -inf and l = 0; their scores are -inf: give 0, not NaN.
           const V m = V::load(blk.m + i0);
           const V shift = select(cmp_eq(m, V::set1(neg_inf<T>())), V::zero(), m);
           const V l = V::load(blk.l + i0);
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
-          for (int64_t j = 0; j < nk; ++j) {
+          for (int64_t j = 0; j < read; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
             V e = exp2_nonpositive((x - shift) * log2e);
             if constexpr (kPairs) e = blk.pairs ? Pairs::round(e) : e;  // the P that P.V multiplied
@@ -374,7 +396,7 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
       }
       for (int64_t i = 0; i < blk.mb; ++i) {
         T* w = p.weights.row(blk.b, blk.i_begin + i) + j0;
-        for (int64_t j = 0; j < nk; ++j) w[j] = any_visible ? blk.s[j * MB + i] : T(0);
+        for (int64_t j = 0; j < nk; ++j) w[j] = j < read ? blk.s[j * MB + i] : T(0);
       }
     }
   }

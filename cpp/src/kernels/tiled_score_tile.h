@@ -21,9 +21,13 @@
 // vector for every row).
 //
 // Numerics: s2 = (c q).k accumulated with one FMA per term in d order (a D beyond kDepthBlock as a tree
-// of blocks: microkernel.h; the additive sum over hidden in blocks too). Masks: the bias is added
-// first, then the visible ranges and the bool mask overwrite with -inf (apply_masks); a tile the bool
-// mask hides from every row is never computed (bool_mask_hides_tile).
+// of blocks: microkernel.h; the additive sum over hidden in blocks too). Masks: the score modifiers
+// (softcap c tanh(s / c), ALiBi s - slope |diag_i - j|: modify_scores) come first, on the scaled
+// score of every tile product (the pair and AMX paths scale after the product, before apply_masks),
+// then the bias is added, then the visible ranges and the bool mask overwrite with -inf (apply_masks);
+// a tile the bool mask hides from every row is never computed (bool_mask_hides_tile). The float32
+// softcap is tanh_approx's: within 4.4 ulp of the capped score on the SIMD targets (5.7 on scalar,
+// whose fmadd rounds twice), at most 3.6e-7 c absolute, against 1.4 - 2.3 ulp for NumPy's float32 tanh.
 // On a target with vdpbf16ps (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on
 // bfloat16 pairs (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the
 // scale is applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P and l_exp
@@ -39,6 +43,7 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/microkernel.h"
+#include "kernels/paged_rows.h"
 #include "kernels/storage.h"
 #include "kernels/transpose.h"
 
@@ -80,6 +85,7 @@ struct TileBlock {
   bool kv_cold = false;  // this thread has not read the batch item's K and V yet: see prefetch_keys_ahead
   bool pairs = false;    // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
   uint32_t* q_pairs = nullptr;  // the query block packed as feature pairs (pairs)
+  T* cap_slope = nullptr;  // backward under a softcap: 1 - tanh^2 of each score, S^T's layout (NK x MB)
 };
 
 template <class V, class S, int MR, int NRV>
@@ -105,15 +111,19 @@ struct TiledScoreTile {
   static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
 
   const Params& p;
+  // A paged K or V (a paged KV cache: paged_rows.h) is read in place by a tile that lies within one of
+  // its pages and gathered into k_tile / v_tile by one that does not, so those exist for S = T too.
+  bool kv_tiles;
 
-  explicit TiledScoreTile(const Params& params) : p(params) {}
+  explicit TiledScoreTile(const Params& params)
+      : p(params), kv_tiles(!kInPlace || params.k.paged() || params.v.paged()) {}
 
   // The score tile's buffers in a thread's scratch (TileBlock: qpack, s, lo, hi, va_scaled, bias_t,
   // mask_rows, k_tile, q_rows).
   int64_t tile_scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(p.v_a ? p.depth : 0) +
            Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) + Carver::bytes<T>(p.mask.data ? MB * NK : 0) +
-           2 * Carver::bytes<int64_t>(MB) + Carver::bytes<T>(kInPlace ? 0 : NK * p.depth) +
+           2 * Carver::bytes<int64_t>(MB) + Carver::bytes<T>(kv_tiles ? NK * p.depth : 0) +
            Carver::bytes<T>(kInPlace ? 0 : QNR * p.depth);
   }
 
@@ -134,16 +144,20 @@ struct TiledScoreTile {
   }
 
   // Rows [j0, j0 + nk) of K or V (`cols` features) of kv item bkv in T: in place, or widened into `tile`.
+  // A paged operand's tile is gathered into `tile` where it crosses a page (paged_rows.h).
   const T* kv_tile(const Operand<const S>& x, int64_t bkv, int64_t j0, int64_t nk, int64_t cols, T* tile,
                    int64_t* stride) const {
     if constexpr (kInPlace) {
-      (void)nk;
-      (void)cols;
-      (void)tile;
+      if (x.paged()) return rows_in_place_or_gathered(x, bkv, j0, nk, cols, tile, stride);
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
     } else {
-      if (x.row_stride_elements == cols) {
+      if (x.paged()) {
+        for_each_row_run(x, bkv, j0, nk, [&](const S* row, int64_t t0, int64_t count) {
+          for (int64_t j = 0; j < count; ++j)
+            widen_row<V>(row + j * x.row_stride_elements, cols, tile + (t0 + j) * cols);
+        });
+      } else if (x.row_stride_elements == cols) {
         widen_row<V>(x.row(bkv, j0), nk * cols, tile);  // contiguous rows: one run, no per-row tail
       } else {
         for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
@@ -325,9 +339,12 @@ struct TiledScoreTile {
           // microkernel calls, the fetch stays in the background (all at once per tile, it competes with
           // the block's own loads); keys this block does not see (causal) are left to that block's own
           // prefetch_keys_ahead. Measurements: docs/kernel_decisions.md.
+          // A paged cache's keys past that item's kv_lengths have no page to fetch from.
           const int64_t wb = blk.warm_b / p.group;
-          prefetch_rows(p.k.row(wb, j0 + jj), p.k.row_stride_elements, imin(MR, nk - jj), p.depth);
-          prefetch_rows(p.v.row(wb, j0 + jj), p.v.row_stride_elements, imin(MR, nk - jj), p.dv);
+          const int64_t n = p.k.paged() && p.kv_lengths ? imin(imin(MR, nk - jj), p.kv_lengths[blk.warm_b] - j0 - jj)
+                                                        : imin(MR, nk - jj);
+          prefetch_operand_rows(p.k, wb, j0 + jj, n, p.depth);
+          prefetch_operand_rows(p.v, wb, j0 + jj, n, p.dv);
         }
         if constexpr (kPairs) {
           if (blk.pairs) {
@@ -349,14 +366,15 @@ struct TiledScoreTile {
   void prefetch_keys_ahead(const TileBlock<T>& blk, int64_t j, int64_t rows) const {
     const int64_t bkv = blk.b / p.group;
     const int64_t next = j + MR;
-    if (next < blk.max_hi)
-      prefetch_rows(p.k.row(bkv, next), p.k.row_stride_elements, imin(MR, blk.max_hi - next), p.depth);
-    prefetch_rows(p.v.row(bkv, j), p.v.row_stride_elements, rows, p.dv);
+    if (next < blk.max_hi) prefetch_operand_rows(p.k, bkv, next, imin(MR, blk.max_hi - next), p.depth);
+    prefetch_operand_rows(p.v, bkv, j, rows, p.dv);
   }
 
-  // Bias first; then the visible ranges and the bool mask overwrite with -inf, so a masked key stays
-  // masked whatever its bias (-inf plus an infinite bias would be NaN).
+  // The score modifiers first (softcap, ALiBi: apply_score_modifiers), then the bias; then the visible
+  // ranges and the bool mask overwrite with -inf, so a masked key stays masked whatever its bias (-inf
+  // plus an infinite bias would be NaN) or its modified score.
   void apply_masks(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    if (has_score_modifiers(p)) apply_score_modifiers(blk, j0, nk);
     if (p.bias.data) add_bias(blk, j0, nk);
     const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
     if (!fully_visible) {
@@ -368,6 +386,50 @@ struct TiledScoreTile {
       }
     }
     if (p.mask.data) apply_bool_mask(blk, j0, nk);
+  }
+
+  // One of the four modifier combinations per tile (never a branch per score).
+  void apply_score_modifiers(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    if (p.softcap > T(0)) {
+      if (p.alibi_slopes) {
+        modify_scores<true, true>(blk, j0, nk);
+      } else {
+        modify_scores<true, false>(blk, j0, nk);
+      }
+    } else {
+      modify_scores<false, true>(blk, j0, nk);
+    }
+  }
+
+  // S^T of keys [j0, j0 + nk) in place, query lanes a vector at a time:
+  //   kCap:   s <- c tanh(s / c) (tanh_approx, math.h: 3.3 ulp in float32, so the capped score is
+  //           within a few ulp of c, the largest it can be); s / c as s * (1 / c), one rounding more.
+  //           With cap_slope (the backward), also 1 - tanh^2, the cap's derivative.
+  //   kAlibi: s <- s - slope |diag_i - j|, the distance exact in T for |diag_i - j| < 2^24 (float).
+  // Lanes past the block's rows are modified too (finite in, finite out; never read).
+  template <bool kCap, bool kAlibi>
+  void modify_scores(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    const V cap = V::set1(p.softcap), inv_cap = V::set1(kCap ? T(1) / p.softcap : T(0)), one = V::set1(T(1));
+    const V minus_slope = V::set1(kAlibi ? -p.alibi_slopes[blk.b] : T(0));
+    T lane_index[L];
+    for (int u = 0; u < L; ++u) lane_index[u] = T(u);
+    const V lanes = V::load(lane_index);
+    for (int64_t j = 0; j < nk; ++j) {
+      T* sj = blk.s + j * MB;
+      for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+        V s = V::load(sj + i0);
+        if constexpr (kCap) {
+          const V t = tanh_approx(s * inv_cap);
+          s = cap * t;
+          if (blk.cap_slope) fmadd(negate(t), t, one).store(blk.cap_slope + j * MB + i0);
+        }
+        if constexpr (kAlibi) {
+          const int64_t offset = sub_saturated(diagonal(p, blk.b, blk.i_begin + i0), j0 + j);
+          s = fmadd(minus_slope, abs(V::set1(static_cast<T>(offset)) + lanes), s);
+        }
+        s.store(sj + i0);
+      }
+    }
   }
 
   // True when the bool mask hides every key of the tile from every row of the block (padding keys, the

@@ -267,6 +267,9 @@ def test_bad_arguments(rng, fn):
         fn(q, k, v, cu_q, cu_k, window=(-2, 0))
     with pytest.raises(ValueError, match=r"out has shape \(4, 5, 3\) but the result has shape"):
         fn(q, k, v, cu_q, cu_k, out=np.empty((4, 5, 3), np.float32))
+    with pytest.raises(TypeError, match=r"attention_varlen takes floating-point k and v; got v of dtype int8\. "
+                                        r"Dequantise the cache first \(v_int8 \* v_scale\[\.\.\., None\]\)"):
+        fn(q, k, v.astype(np.int8), cu_q, cu_k)
     # The modifiers' checks are attention's (the same messages).
     with pytest.raises(ValueError, match=r"softcap must be a positive finite number \(the cap c of s -> c \* "
                                          r"tanh\(s / c\)\) or None; got -1\.0\. Pass e\.g\. softcap=50\.0"):

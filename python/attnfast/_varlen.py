@@ -108,6 +108,13 @@ def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scale
             f"attention_varlen supports method 'dot' and 'scaled_dot'; got {method!r}. Project q (and k) "
             f"yourself first, or call attention per sequence."
         )
+    for name, x in (("k", k), ("v", v)):
+        if np.dtype(getattr(x, "dtype", np.float64)) == np.int8:
+            raise TypeError(
+                f"attention_varlen takes floating-point k and v; got {name} of dtype int8. Dequantise the "
+                f"cache first ({name}_int8 * {name}_scale[..., None]), or use attention with k_scale= and "
+                f"v_scale= per sequence."
+            )
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, causal=causal, causal_align=causal_align,
                                 window=window, return_lse=return_lse, out=out, softcap=softcap,
                                 alibi_slopes=alibi_slopes, sinks=sinks)

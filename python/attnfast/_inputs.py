@@ -1077,11 +1077,10 @@ def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Sh
 
 def _kv_array(name: str, x: Any) -> np.ndarray:
     """k or v: an int8 array (a quantised cache) as given, else a storage-dtype array."""
-    if isinstance(x, np.ndarray) and x.dtype == _INT8:
-        return x
-    if not isinstance(x, np.ndarray) and x is not None and np.asarray(x).dtype == _INT8:
-        return np.asarray(x)
-    return _float_array(name, x)
+    # _asarray names the argument for a ragged list or a torch bfloat16 tensor; _float_array gets the
+    # input as given, for its conversion hint.
+    a = x if type(x) is np.ndarray else _asarray(name, x)
+    return a if a.dtype == _INT8 else _float_array(name, x)
 
 
 def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str, shape_name: str) -> np.ndarray:
@@ -1374,7 +1373,9 @@ def check_attention(
         return_lse=return_lse,
         return_weights=return_weights,
         out=out,
-        diagonal_offsets=per_item_diagonal_offsets(causal_align, kv_lengths, lq),
+        # Only causal, the window and ALiBi read the diagonal: without them the per-item offsets are not made.
+        diagonal_offsets=(per_item_diagonal_offsets(causal_align, kv_lengths, lq)
+                          if causal or left >= 0 or right >= 0 or alibi_slopes is not None else None),
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         sinks=sinks,

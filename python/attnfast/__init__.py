@@ -28,6 +28,7 @@ from ._quantize import quantize_kv
 from . import reference
 from ._api import aggregate, attention, attention_backward, merge_states, scores, softmax
 from ._grads import AttentionGrads
+from ._varlen import attention_varlen
 
 __version__ = _core.__version__
 
@@ -38,6 +39,7 @@ __all__ = [
     "attention",
     "merge_states",
     "attention_backward",
+    "attention_varlen",
     "AttentionGrads",
     "reference",
     "set_num_threads",

@@ -691,11 +691,12 @@ def test_serving_default_suite_has_the_issue_rows():
 
 
 def test_serving_paged_cache_holds_key_j_at_its_block_table_entry():
-    from attnfast.bench.serving import paged_cache
+    from attnfast.bench.serving import paged_cache, shuffled_block_table
 
     rng = np.random.default_rng(3)
     cache = rng.standard_normal((3, 2, 40, 5)).astype(np.float32)
-    pages, table = paged_cache(cache, 8, np.random.default_rng(0))
+    table = shuffled_block_table(3, 40, 8, rng)
+    pages = paged_cache(cache, table)
     assert pages.shape == (15, 2, 8, 5) and table.shape == (3, 5) and table.dtype == np.int32
     assert sorted(table.ravel()) == list(range(15))  # every page used once
     assert not np.array_equal(table.ravel(), np.arange(15))  # shuffled
@@ -703,7 +704,7 @@ def test_serving_paged_cache_holds_key_j_at_its_block_table_entry():
         for j in range(40):
             np.testing.assert_array_equal(pages[table[b, j // 8], :, j % 8], cache[b, :, j])
     with pytest.raises(ValueError, match="block_size 16 does not divide the cache length 40"):
-        paged_cache(cache, 16, rng)
+        shuffled_block_table(3, 40, 16, rng)
 
 
 def test_serving_alibi_slopes_are_the_papers_geometric_series():

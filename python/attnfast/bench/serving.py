@@ -29,7 +29,8 @@ import numpy as np
 from .cases import DEFAULT_SHAPES
 
 __all__ = ["Variant", "Goal", "ServingCase", "VarlenCase", "PagedDecodeCase", "Int8DecodeCase",
-           "ModifierCase", "default_serving_cases", "alibi_slopes", "pack_padded", "paged_cache"]
+           "ModifierCase", "default_serving_cases", "alibi_slopes", "pack_padded", "paged_cache",
+           "shuffled_block_table"]
 
 Runner = Callable[[], object]
 ToChecked = Callable[[object], np.ndarray]
@@ -231,21 +232,26 @@ class VarlenCase(ServingCase):
 
 
 # ----------------------------------------------------------------------------------------------------
-def paged_cache(contiguous: np.ndarray, block_size: int, rng: np.random.Generator):
-    """A (B, H, L, D) cache scattered into shuffled pages: (pages (B·L/bs, H, bs, D), block_table).
+def shuffled_block_table(batch: int, length: int, block_size: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch, length / block_size) int32: a random permutation of the pages, so neighbouring keys live
+    in unrelated pages."""
+    if length % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the cache length {length}")
+    per_item = length // block_size
+    return rng.permutation(batch * per_item).astype(np.int32).reshape(batch, per_item)
 
-    Key j of item b is ``pages[block_table[b, j // bs], :, j % bs]``, the layout of the ``block_table``
-    argument; the table is a random permutation, so neighbouring keys live in unrelated pages.
-    """
+
+def paged_cache(contiguous: np.ndarray, block_table: np.ndarray) -> np.ndarray:
+    """A (B, H, L, D) cache scattered into pages (B·L/bs, H, bs, D) by a (B, L/bs) block table: key j
+    of item b is ``pages[block_table[b, j // bs], :, j % bs]``, the layout of the ``block_table``
+    argument."""
     B, H, L, D = contiguous.shape
-    if L % block_size:
-        raise ValueError(f"block_size {block_size} does not divide the cache length {L}")
-    per_item = L // block_size
-    table = rng.permutation(B * per_item).astype(np.int32).reshape(B, per_item)
+    per_item = block_table.shape[1]
+    block_size = L // per_item
     blocks = contiguous.reshape(B, H, per_item, block_size, D).transpose(0, 2, 1, 3, 4)
     pages = np.empty((B * per_item, H, block_size, D), dtype=contiguous.dtype)
-    pages[table.reshape(-1)] = blocks.reshape(B * per_item, H, block_size, D)
-    return pages, table
+    pages[block_table.reshape(-1)] = blocks.reshape(B * per_item, H, block_size, D)
+    return pages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +314,8 @@ class PagedDecodeCase(_DecodeCase):
         k, v = (_normal(rng, self.B, self.H, self.Lk, self.D) for _ in range(2))
         inputs = {"q": q, "k": k, "v": v}
         for bs in self.block_sizes:
-            table_rng = np.random.default_rng(seed + bs)
-            k_pages, table = paged_cache(k, bs, table_rng)
-            v_pages, _ = paged_cache(v, bs, np.random.default_rng(seed + bs))  # the same table
-            inputs[f"paged{bs}"] = (k_pages, v_pages, table)
+            table = shuffled_block_table(self.B, self.Lk, bs, rng)
+            inputs[f"paged{bs}"] = (paged_cache(k, table), paged_cache(v, table), table)
         return inputs
 
     def prepare(self, variant, inputs, impl):

@@ -26,6 +26,7 @@ from . import _attnfast as _core
 from . import reference
 from ._api import aggregate, attention, attention_backward, merge_states, scores, softmax
 from ._grads import AttentionGrads
+from ._varlen import attention_varlen
 
 __version__ = _core.__version__
 
@@ -36,6 +37,7 @@ __all__ = [
     "attention",
     "merge_states",
     "attention_backward",
+    "attention_varlen",
     "AttentionGrads",
     "reference",
     "set_num_threads",

@@ -438,3 +438,4 @@ def merge_states(outs, lses):
 # The backward lives in its own module (it reads this one's private helpers); imported last so that
 # they exist when it is.
 from ._reference_backward import attention_backward  # noqa: E402
+from ._reference_varlen import attention_varlen  # noqa: E402

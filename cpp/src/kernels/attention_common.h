@@ -50,6 +50,13 @@ inline int64_t diagonal(const Params& p, int64_t b, int64_t i) {
   return add_saturated(i, p.diagonal_offsets ? p.diagonal_offsets[b] : p.diagonal_offset);
 }
 
+// Query rows of batch item b: lq, or its own count in a packed variable-length batch (q_lengths). Rows
+// from it on belong to no sequence of the item: never read, never written.
+template <class Params>
+inline int64_t item_rows(const Params& p, int64_t b) {
+  return p.q_lengths ? imin(p.lq, p.q_lengths[b]) : p.lq;
+}
+
 // Visible key range [lo, hi) of query row i of batch item b from kv_lengths, causal and window.
 // Empty ranges come back as lo == hi. Saturating arithmetic: no offset or window overflows.
 template <class Params>

@@ -69,6 +69,9 @@ struct RowwiseAttention {
 
   int64_t batch_of(const Work& w, int64_t r) const { return w.kv_item * p.group + r / p.lq; }
   int64_t query_of(int64_t r) const { return r % p.lq; }
+  // False for a row past its item's query rows (a packed variable-length batch): the row is padding of
+  // the call's rows-per-kv-item layout, and none of its q, out or lse is touched.
+  bool live(const Work& w, int64_t r) const { return query_of(r) < item_rows(p, batch_of(w, r)); }
 
   // One query row . one key, vectorised along the features with four partial sums (independent FMA
   // chains), added pairwise at the end. Reading one key row start to end keeps K a single sequential
@@ -143,7 +146,7 @@ struct RowwiseAttention {
     for (int64_t r = 0; r < rows; ++r) {
       T* s = w.s + r * NK;
       const int64_t b = batch_of(w, r), i = query_of(r);
-      if (p.bias.data) {
+      if (p.bias.data && live(w, r)) {
         const int64_t cs = p.bias.col_stride_elements;
         const T* brow = p.bias.row(b, i) + j0 * cs;
         for (int64_t t = 0; t < nk; ++t) s[t] = add_bias_entry(s[t], brow[t * cs]);
@@ -152,7 +155,7 @@ struct RowwiseAttention {
       const int64_t hi = imax(lo, imin(nk, w.hi[r] - j0));
       for (int64_t t = 0; t < lo; ++t) s[t] = neg_inf<T>();
       for (int64_t t = hi; t < nk; ++t) s[t] = neg_inf<T>();
-      if (p.mask.data) {
+      if (p.mask.data && live(w, r)) {
         const int64_t cs = p.mask.col_stride_elements;
         const uint8_t* mrow = p.mask.row(b, i) + j0 * cs;
         for (int64_t t = 0; t < nk; ++t) s[t] = keep_or_neg_inf(s[t], mrow[t * cs]);
@@ -250,6 +253,14 @@ struct RowwiseAttention {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = batch_of(w, r), i = query_of(r);
       T* qs = w.qs + r * p.depth;
+      w.m[r] = neg_inf<T>();
+      w.l[r] = T(0);
+      for (int64_t e = 0; e < dv_pad; ++e) w.acc[r * dv_pad + e] = T(0);
+      if (!live(w, r)) {  // no query to read, no key to see: the row's scores are all -inf
+        for (int64_t d = 0; d < p.depth; ++d) qs[d] = T(0);
+        w.lo[r] = w.hi[r] = w.j_begin;
+        continue;
+      }
       if (p.q_wide.data) {
         const T* q = p.q_wide.row(b, i);
         for (int64_t d = 0; d < p.depth; ++d) qs[d] = c * q[d];
@@ -261,9 +272,6 @@ struct RowwiseAttention {
       visible_range(p, b, i, &lo, &hi);
       w.lo[r] = imax(lo, w.j_begin);
       w.hi[r] = imax(w.lo[r], imin(hi, w.j_end));
-      w.m[r] = neg_inf<T>();
-      w.l[r] = T(0);
-      for (int64_t e = 0; e < dv_pad; ++e) w.acc[r * dv_pad + e] = T(0);
     }
   }
 
@@ -273,7 +281,7 @@ struct RowwiseAttention {
     if (!p.mask.data) return false;
     const int64_t cs = p.mask.col_stride_elements;
     for (int64_t r = 0; r < rows; ++r)
-      if (!mask_row_hides_all(p.mask.row(batch_of(w, r), query_of(r)) + j0 * cs, cs, nk)) return false;
+      if (live(w, r) && !mask_row_hides_all(p.mask.row(batch_of(w, r), query_of(r)) + j0 * cs, cs, nk)) return false;
     return true;
   }
 
@@ -335,6 +343,7 @@ struct RowwiseAttention {
   // weights pass.
   void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
+    if (i >= item_rows(p, b)) return;
     const T lse = p.out_wide.data ? finish_row<V>(acc, m2, l, p.out_wide.row(b, i), p.dv)
                                   : finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv);
     if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = lse;
@@ -407,6 +416,7 @@ struct RowwiseAttention {
         score_tile(w, j0, nk);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = batch_of(w, r), i = query_of(r);
+          if (!live(w, r)) continue;
           const T m2 = row_stats[2 * (b * p.lq + i)], l = row_stats[2 * (b * p.lq + i) + 1];
           const T shift = m2 == neg_inf<T>() ? T(0) : m2;
           // l is NaN in a row a NaN score made NaN: 1 / l keeps its +inf keys' weights NaN as well.

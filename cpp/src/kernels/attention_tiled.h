@@ -117,7 +117,8 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
 
   // Fetches the query rows of the block at i_begin (see run_block), wherever they are stored.
   void prefetch_query_rows(int64_t b, int64_t i_begin) const {
-    const int64_t rows = imin(MB, p.lq - i_begin);
+    const int64_t rows = imin(MB, item_rows(p, b) - i_begin);
+    if (rows <= 0) return;
     if (p.q_wide.data) {
       prefetch_rows(p.q_wide.row(b, i_begin), p.q_wide.row_stride_elements, rows, p.depth);
     } else {
@@ -133,6 +134,7 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
   // while it computes when they are few (own_output).
   void run_block(unsigned char* scratch, int64_t b, int64_t i_begin, bool kv_cold, int64_t next_i_begin,
                  int64_t warm_b) const {
+    if (i_begin >= item_rows(p, b)) return;  // past a packed sequence's rows: nothing to do
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, true);
     blk.kv_cold = kv_cold;
     blk.warm_b = warm_b;
@@ -158,6 +160,7 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
 
   void run_block_part(unsigned char* scratch, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end,
                       T* part) const {
+    if (i_begin >= item_rows(p, b)) return;
     Block blk = start_block(scratch, b, i_begin, j_begin, j_end, true, part);
     // The pair path's value cache serves consecutive blocks of one item; a thread's chunk tasks change
     // item, and a chunk needs only its share of the keys: pack per tile.
@@ -168,6 +171,7 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
   // Combines the block's chunks (merge_chunk_states, rows in lanes as in O^T), then writes the rows (and
   // weights) as run_block does.
   void merge_block(unsigned char* scratch, int64_t b, int64_t i_begin, const T* parts, int64_t chunks) const {
+    if (i_begin >= item_rows(p, b)) return;
     Block blk = start_block(scratch, b, i_begin, 0, p.lk, p.weights.data != nullptr);
     const ChunkStateLayout at{dv_rows * MB, dv_rows * MB + MB, p.dv, MB, ceil_div(blk.mb, int64_t(L))};
     merge_chunk_states<V, ChunkRows::kLanes>(at, parts, part_elements(), chunks, blk.m, blk.l, blk.acc_t, blk.alpha);

@@ -166,7 +166,7 @@ struct TiledScoreTile {
   void begin_block(TileBlock<T>& blk, int64_t b, int64_t i_begin, int64_t j_begin, int64_t j_end, bool pack) const {
     blk.b = b;
     blk.i_begin = i_begin;
-    blk.mb = imin(MB, p.lq - i_begin);
+    blk.mb = imin(MB, item_rows(p, b) - i_begin);  // callers skip blocks past the item's rows
     blk.panels = ceil_div(blk.mb, QNR);
     blk.j_begin = j_begin;
     blk.j_end = j_end;

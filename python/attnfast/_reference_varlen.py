@@ -1,0 +1,55 @@
+"""reference.attention_varlen: packed variable-length attention as a loop of reference.attention calls,
+one per sequence, in float64 (each sequence's rows rounded once into the result dtype)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _inputs
+from ._varlen import check_attention_varlen
+
+__all__ = ["attention_varlen"]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
+                     causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
+                     return_lse=False, out=None):
+    """Reference for :func:`attnfast.attention_varlen` (same signature, errors and semantics).
+
+    Sequence s, query rows [cu_q[s], cu_q[s+1]) against keys [cu_k[s], cu_k[s+1]), is one
+    :func:`attnfast.reference.attention` call on float64 copies of its rows, with the same options
+    (the window and the bottom_right diagonal per sequence); the modifiers are passed only when given.
+    """
+    from . import reference
+
+    va = check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, method=method, scale=scale, causal=causal,
+                                causal_align=causal_align, window=window, softcap=softcap,
+                                alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)
+    a = va.a
+    batch = tuple(a.batch_shape)
+    o = np.zeros(batch + (a.lq, a.dv))
+    lse = np.full(batch + (a.lq,), -np.inf)
+    window = None if a.window_left < 0 and a.window_right < 0 else (
+        None if a.window_left < 0 else a.window_left, None if a.window_right < 0 else a.window_right)
+    modifiers = {name: value for name, value in (("softcap", va.softcap), ("alibi_slopes", va.alibi_slopes),
+                                                 ("sinks", va.sinks)) if value is not None}
+    q64, k64, v64 = (x.astype(np.float64) for x in (a.q, a.k, a.v))
+    for s in range(va.cu_q.size - 1):
+        rows = slice(int(va.cu_q[s]), int(va.cu_q[s + 1]))
+        keys = slice(int(va.cu_k[s]), int(va.cu_k[s + 1]))
+        if rows.stop == rows.start:
+            continue
+        o_s, lse_s = reference.attention(q64[..., rows, :], k64[..., keys, :], v64[..., keys, :], method=a.method,
+                                         scale=a.scale, causal=a.causal, causal_align=va.causal_align,
+                                         window=window, return_lse=True, **modifiers)
+        o[..., rows, :] = o_s
+        lse[..., rows] = lse_s
+    if a.out is not None:
+        native = a.out.dtype if a.out.dtype.isnative else a.out.dtype.newbyteorder("=")
+        np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
+        result = a.out
+    else:
+        result = _inputs.round_to(o, a.dtype)
+    if a.return_lse:
+        return result, lse.astype(_inputs.lse_dtype(a.dtype))
+    return result

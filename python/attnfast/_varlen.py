@@ -1,0 +1,268 @@
+"""Packed variable-length attention: many sequences concatenated along the length axis, one call.
+
+``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k)`` is one :func:`attnfast.attention` per sequence
+s (query rows [cu_q[s], cu_q[s+1]) against keys [cu_k[s], cu_k[s+1])) without the loop, the padding or
+a dense block-diagonal mask. The kernel sees one batch item per (sequence, head): per-item row offsets
+into the packed arrays (q_starts / kv_starts), the item's query and key counts (q_lengths, kv_lengths)
+and its own causal diagonal (diagonal_offsets), so nothing is computed across sequences and no key of
+another sequence is read.
+
+Scheduling: the items go to the kernel longest sequence first, so its task queue hands out the big
+query blocks first and the short ones fill the tail of the call. Sequences with few query rows (group *
+rows <= 16: decode steps, speculative-decoding drafts) go in a call of their own, which the kernel runs
+on its row-wise (and split-KV) decode path; the others in a call the tiled path runs. Results do not
+depend on the order, the partition or the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _attnfast as _core
+from . import _inputs
+from ._api import _copy_rounded, _finished, _kernel_operands, _overlaps_itself, _written
+
+__all__ = ["attention_varlen", "check_attention_varlen"]
+
+# The row-wise decode path takes calls of at most this many query rows per kv item (group * Lq), as
+# attention_rowwise.h's kMaxRows.
+_ROWWISE_MAX_ROWS = 16
+
+
+@dataclass
+class VarlenArgs:
+    """Validated arguments of ``attention_varlen``: ``a`` is what ``attention`` would check of the packed
+    arrays (dtypes, heads, scale, window, out), the rest the packed structure and the modifiers."""
+
+    a: Any  # _inputs.AttentionArgs of the packed q, k, v (lq = Tq, lk = Tk)
+    cu_q: np.ndarray  # int64 (n + 1,)
+    cu_k: np.ndarray
+    causal_align: str
+    softcap: Optional[float]
+    alibi_slopes: Optional[np.ndarray]  # compute dtype, broadcast to the batch shape
+    sinks: Optional[np.ndarray]
+
+    @property
+    def len_q(self) -> np.ndarray:
+        return np.diff(self.cu_q)
+
+    @property
+    def len_k(self) -> np.ndarray:
+        return np.diff(self.cu_k)
+
+
+def _check_cu_seqlens(name: str, x: Any, total: int, axis: str) -> np.ndarray:
+    """cu_seqlens as int64 (n + 1,): 1-D integers, 0 first, non-decreasing, ``total`` last."""
+    if isinstance(x, (bool, np.bool_)) or np.isscalar(x) and not isinstance(x, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a 1-D integer array of cumulative sequence lengths (n + 1 values: 0, then each "
+            f"sequence's end); got the scalar {x!r}. For one sequence of {total} rows pass [0, {total}]."
+        )
+    try:
+        c = np.asarray(x)
+    except Exception as e:  # e.g. a ragged list
+        raise TypeError(f"{name} must be a 1-D integer array of cumulative sequence lengths; got {type(x).__name__} "
+                        f"({e}).") from None
+    if c.dtype.kind not in "iu" or c.dtype == np.bool_:
+        what = "an empty array of dtype float64 (np.asarray([]))" if c.size == 0 else f"dtype {c.dtype}"
+        raise TypeError(
+            f"{name} must be a 1-D integer array of cumulative sequence lengths; got {what}. "
+            f"Convert it with np.asarray({name}, dtype=np.int64)."
+        )
+    if c.ndim != 1:
+        raise ValueError(
+            f"{name} must be 1-D (n + 1 cumulative sequence lengths); got an array of shape {tuple(c.shape)}. "
+            f"Flatten it with {name}.ravel() if it holds one value per sequence boundary."
+        )
+    if c.size == 0:
+        raise ValueError(f"{name} must hold n + 1 values (0, then each sequence's end); got an empty array. "
+                         f"For no sequence at all pass [0].")
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0 (the first sequence starts at row 0); got {name}[0] = {int(c[0])}.")
+    steps = np.diff(c.astype(np.int64) if c.dtype.kind == "i" else c.astype(object))
+    if steps.size and (steps < 0).any():
+        s = int(np.flatnonzero(steps < 0)[0])
+        raise ValueError(
+            f"{name} must be non-decreasing (sequence s is rows [{name}[s], {name}[s+1])); got "
+            f"{name}[{s}] = {int(c[s])} > {name}[{s + 1}] = {int(c[s + 1])}."
+        )
+    if c[-1] != total:
+        raise ValueError(
+            f"{name} must end at {axis} = {total} (every row belongs to one sequence); got {name}[-1] = "
+            f"{int(c[-1])}."
+        )
+    return c.astype(np.int64)
+
+
+def _check_softcap(softcap: Any) -> Optional[float]:
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        if not (isinstance(softcap, np.ndarray) and softcap.ndim == 0 and softcap.dtype.kind in "iuf"):
+            raise TypeError(f"softcap must be a positive finite float or None; got {softcap!r}.")
+        softcap = softcap.item()
+    value = float(softcap)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"softcap must be a positive finite float (s <- c tanh(s / c)) or None; got {value!r}.")
+    return value
+
+
+def _check_per_head(name: str, x: Any, batch: tuple, compute: np.dtype, shape_hint: str) -> Optional[np.ndarray]:
+    """A float array broadcastable to the batch shape (one value per query head and batch entry)."""
+    if x is None:
+        return None
+    arr = _inputs._real_array(name, x, compute)
+    try:
+        full = np.broadcast_to(arr, batch)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be broadcastable to q's batch shape {tuple(batch)} ({shape_hint}); got shape "
+            f"{tuple(arr.shape)}."
+        ) from None
+    if not np.isfinite(full).all():
+        raise ValueError(f"{name} must be finite; got a non-finite value.")
+    return np.ascontiguousarray(full, dtype=compute)
+
+
+def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
+                           causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
+                           return_lse=False, out=None) -> VarlenArgs:
+    """Validate the arguments of ``attention_varlen`` (shared by the kernel path and the reference)."""
+    method = _inputs._check_method(method)
+    if method not in ("dot", "scaled_dot"):
+        raise ValueError(
+            f"attention_varlen supports method 'dot' and 'scaled_dot'; got {method!r}. Project q (and k) "
+            f"yourself first, or call attention per sequence."
+        )
+    a = _inputs.check_attention(q, k, v, method=method, scale=scale, causal=causal, causal_align=causal_align,
+                                window=window, return_lse=return_lse, out=out)
+    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, a.lq, "Tq (q's axis -2)")
+    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, a.lk, "Tk (k's and v's axis -2)")
+    if cu_q.size != cu_k.size:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
+            f"{cu_q.size - 1} and {cu_k.size - 1} ({cu_q.size} and {cu_k.size} values)."
+        )
+    hint = "(Hq,) for one value per query head"
+    return VarlenArgs(
+        a=a, cu_q=cu_q, cu_k=cu_k, causal_align=causal_align, softcap=_check_softcap(softcap),
+        alibi_slopes=_check_per_head("alibi_slopes", alibi_slopes, a.batch_shape, a.compute, hint),
+        sinks=_check_per_head("sinks", sinks, a.batch_shape, a.compute, hint),
+    )
+
+
+def _per_item(per_sequence: np.ndarray, items_per_sequence: int) -> np.ndarray:
+    """One int64 entry per kernel batch item (sequence-major, then the batch shape in C order)."""
+    return np.ascontiguousarray(np.repeat(per_sequence.astype(np.int64), items_per_sequence))
+
+
+def _kernel_calls(va: VarlenArgs):
+    """The sequences of each kernel call, longest first: those the row-wise decode path takes (group *
+    rows <= 16) and the rest. Sequences without query rows have nothing to write; those without keys
+    are written by the caller (out 0, lse -inf or the sink)."""
+    lq, lk = va.len_q, va.len_k
+    order = np.argsort(-lq, kind="stable")
+    order = order[(lq[order] > 0) & (lk[order] > 0)]
+    short = va.a.group * lq[order] <= _ROWWISE_MAX_ROWS
+    return [s for s in (order[short], order[~short]) if s.size]
+
+
+def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, result: np.ndarray,
+                lse: Optional[np.ndarray]) -> None:
+    a = va.a
+    batch, kv_batch = tuple(a.batch_shape), tuple(a.kv_batch_shape)
+    per_q, per_kv = math.prod(batch), math.prod(kv_batch)
+    lq, lk = va.len_q[seqs], va.len_k[seqs]
+    diagonal = lk - lq if va.causal_align == "bottom_right" else np.zeros_like(lq)
+    lse_offsets = None
+    if lse is not None:
+        rows = np.arange(per_q, dtype=np.int64) * a.lq
+        lse_offsets = np.ascontiguousarray((va.cu_q[seqs][:, None] + rows[None, :]).ravel())
+    modifiers = {}
+    if va.softcap is not None:
+        modifiers["softcap"] = va.softcap
+    for name in ("alibi_slopes", "sinks"):
+        x = getattr(va, name)
+        if x is not None:
+            modifiers[name] = np.ascontiguousarray(np.broadcast_to(x.ravel(), (seqs.size, per_q)).ravel())
+    _core.attention(
+        qq, kk, vv, result, [int(seqs.size), *batch], [int(seqs.size), *kv_batch], a.group, kernel_scale,
+        None, None, _per_item(lk, per_q), a.causal, 0, a.window_left, a.window_right, lse, None, None,
+        diagonal_offsets=_per_item(diagonal, per_q), q_lengths=_per_item(lq, per_q),
+        q_starts=_per_item(va.cu_q[seqs], per_q), kv_starts=_per_item(va.cu_k[seqs], per_kv),
+        lse_offsets=lse_offsets, lq=int(lq.max()), lk=int(lk.max()), **modifiers,
+    )
+
+
+def _fill_keyless(va: VarlenArgs, result: np.ndarray, lse: Optional[np.ndarray]) -> None:
+    """Rows of sequences with no key: out 0, lse -inf (the sink's logit with sinks)."""
+    for s in np.flatnonzero((va.len_q > 0) & (va.len_k == 0)):
+        rows = slice(int(va.cu_q[s]), int(va.cu_q[s + 1]))
+        result[..., rows, :] = 0
+        if lse is not None:
+            lse[..., rows] = -np.inf if va.sinks is None else va.sinks[..., None]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
+                     causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
+                     return_lse=False, out=None):
+    """Attention over packed variable-length sequences, each attending only to its own keys.
+
+    Parameters
+    ----------
+    q : array_like, (..., Tq, D)
+        The sequences' query rows concatenated along axis -2; leading axes as in :func:`attention`
+        (heads on axis -3: the kv heads may divide the query heads, GQA/MQA by index).
+    k, v : array_like, (..., Tk, D) and (..., Tk, Dv)
+        Their keys and values, concatenated the same way.
+    cu_seqlens_q, cu_seqlens_k : 1-D integer arrays (n + 1,)
+        Cumulative lengths: 0, non-decreasing, ending at Tq / Tk. Sequence s is the query rows
+        [cu_seqlens_q[s], cu_seqlens_q[s+1]) against the keys [cu_seqlens_k[s], cu_seqlens_k[s+1]).
+    method : {"scaled_dot", "dot"}
+    scale, causal, causal_align, window, softcap, alibi_slopes, sinks
+        As in :func:`attention`, applied to each sequence on its own: ``causal_align="bottom_right"``
+        aligns the last query row of each sequence with its last key (diagonal i + len_k - len_q).
+        alibi_slopes and sinks are broadcastable to q's batch shape (e.g. (Hq,)).
+    return_lse : bool
+        Also return the log-sum-exp (..., Tq).
+    out : ndarray, optional
+        (..., Tq, Dv), written only when the call succeeds.
+
+    Returns
+    -------
+    out : ndarray, (..., Tq, Dv)
+        Or (out, lse). The same values as one ``attention`` call per sequence. A sequence with no keys
+        gets out 0 and lse -inf (the sink with sinks).
+    """
+    va = check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, method=method, scale=scale, causal=causal,
+                                causal_align=causal_align, window=window, softcap=softcap,
+                                alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)
+    a = va.a
+    batch = tuple(a.batch_shape)
+    if a.lq == 0 or 0 in batch or (a.dv == 0 and not a.return_lse):
+        return _inputs.result_without_scores(a)
+    qq, kk, vv, kernel_scale, _ = _kernel_operands(a)
+    t = a.compute
+    target = a.out
+    work = _written(a.dtype if target is None else target.dtype, kk.dtype, t)
+    calls = _kernel_calls(va)
+    # As attention: straight into out= only when nothing the kernel reads shares its memory, and by one
+    # kernel call (a second one could still fail, out of memory, after the first wrote).
+    direct = (target is not None and len(calls) <= 1 and target.dtype == work and target.flags.aligned
+              and (a.dv <= 1 or target.strides[-1] == target.itemsize) and not _overlaps_itself(target)
+              and not any(np.may_share_memory(target, x) for x in (qq, kk, vv)))
+    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
+    for seqs in calls:
+        _run_kernel(va, seqs, qq, kk, vv, kernel_scale, result, lse)
+    _fill_keyless(va, result, lse)
+    if target is not None and not direct:
+        _copy_rounded(target, result)
+        result = target
+    result = _finished(result, a.dtype) if target is None else result
+    return (result, lse) if lse is not None else result

@@ -235,6 +235,23 @@ struct AdditiveBackward {
     }
   }
 
+  // Score s of key j in row (b, i) (before its bias) with the forward's score modifiers, computed as the
+  // forward's modify_scores does (the same tanh_approx, the same FMA): softcap c tanh(s / c), then ALiBi
+  // s - slope |diag_i - j|. *cap_slope receives the softcap's derivative 1 - tanh^2 (1 without one), by
+  // which the score's gradient reaches qp, kp and v_a; dscores (the bias's gradient) stays unchained.
+  T modified_score(T s, int64_t b, int64_t i, int64_t j, T* cap_slope) const {
+    *cap_slope = T(1);
+    if (f.softcap > T(0)) {
+      T t[L];
+      tanh_approx(V::set1(s) * V::set1(T(1) / f.softcap)).store(t);
+      s = f.softcap * t[0];
+      *cap_slope = std::fma(-t[0], t[0], T(1));
+    }
+    if (f.alibi_slopes)
+      s = std::fma(-f.alibi_slopes[b], std::fabs(static_cast<T>(sub_saturated(diagonal(f, b, i), j))), s);
+    return s;
+  }
+
   // The bias of key j in row (b, i), or 0 without one; -inf hides the key (add_bias_entry).
   T bias_of(int64_t b, int64_t i, int64_t j) const {
     return f.bias.data ? f.bias.row(b, i)[j * f.bias.col_stride_elements] : T(0);
@@ -254,7 +271,10 @@ struct AdditiveBackward {
   // [j_begin, j_end) (the count is over all of the row's keys).
   T saturated_share(int64_t b, int64_t i, int64_t j, Work& w) const {
     if (!kept(b, i, j)) return T(0);
-    const T s = score(query_row(b, i), f.k.row(b / f.group, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
+    T cap_slope;
+    const T s = modified_score(score(query_row(b, i), f.k.row(b / f.group, j), w.va_scaled, w.tanh), b, i, j,
+                               &cap_slope) +
+                bias_of(b, i, j);
     return s == pos_inf<T>() ? T(1) : (s != s ? s : T(0));
   }
   void saturated_row(int64_t b, int64_t i, int64_t lo, int64_t hi, int64_t j_begin, int64_t j_end, Work& w) const {
@@ -279,11 +299,15 @@ struct AdditiveBackward {
   void pair_backward(int64_t b, int64_t i, int64_t j, const RowTarget& r, Work& w) const {
     const int64_t bkv = b / f.group;
     const T* dout = dout_row(b, i);
-    const T s = score(query_row(b, i), f.k.row(bkv, j), w.va_scaled, w.tanh) + bias_of(b, i, j);
+    T cap_slope;
+    const T s =
+        modified_score(score(query_row(b, i), f.k.row(bkv, j), w.va_scaled, w.tanh), b, i, j, &cap_slope) +
+        bias_of(b, i, j);
     const T pij = exp_of(s - r.lse);
     const T ds = pij * (dot(dout, f.v.row(bkv, j), f.dv) - r.delta);
     if (kKeys) add_scaled(dout, pij, p.dv.row(bkv, j), f.dv);
-    accumulate_pair<kKeys, kQueries>(w.tanh, w.va_scaled, ds, r.dq, kKeys ? p.dk.row(bkv, j) : nullptr, w.dva_row);
+    accumulate_pair<kKeys, kQueries>(w.tanh, w.va_scaled, ds * cap_slope, r.dq, kKeys ? p.dk.row(bkv, j) : nullptr,
+                                     w.dva_row);
     if (kQueries && r.dscores) r.dscores[j] = ds;
   }
 
@@ -295,6 +319,9 @@ struct AdditiveBackward {
     T* t1 = w.tanh + hidden_pad;
     T s0, s1;
     score_block_two(query_row(b, i), f.k.row(bkv, j0), f.k.row(bkv, j1), w.va_scaled, f.depth, w.tanh, t1, &s0, &s1);
+    T cap0, cap1;
+    s0 = modified_score(s0, b, i, j0, &cap0);
+    s1 = modified_score(s1, b, i, j1, &cap1);
     const T p0 = exp_of(s0 + bias_of(b, i, j0) - r.lse), p1 = exp_of(s1 + bias_of(b, i, j1) - r.lse);
     const T ds0 = p0 * (dot(dout, f.v.row(bkv, j0), f.dv) - r.delta);
     const T ds1 = p1 * (dot(dout, f.v.row(bkv, j1), f.dv) - r.delta);
@@ -302,7 +329,7 @@ struct AdditiveBackward {
       add_scaled(dout, p0, p.dv.row(bkv, j0), f.dv);
       add_scaled(dout, p1, p.dv.row(bkv, j1), f.dv);
     }
-    accumulate_two<kKeys, kQueries>(w.tanh, t1, w.va_scaled, ds0, ds1, r.dq, kKeys ? p.dk.row(bkv, j0) : nullptr,
+    accumulate_two<kKeys, kQueries>(w.tanh, t1, w.va_scaled, ds0 * cap0, ds1 * cap1, r.dq, kKeys ? p.dk.row(bkv, j0) : nullptr,
                                     kKeys ? p.dk.row(bkv, j1) : nullptr, w.dva_row);
     if (kQueries && r.dscores) {
       r.dscores[j0] = ds0;

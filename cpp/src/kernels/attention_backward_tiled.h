@@ -175,6 +175,7 @@ struct BackwardBlock : TileBlock<T> {
   int64_t q_stride = 0, dout_stride = 0;
   bool special = false;  // a row of the block has lse = +inf
   bool rows_finite = true;  // the block's Q and dO rows hold only finite values
+  T* ds_bias = nullptr;     // under a softcap with dscores: dS^T before the cap's chain rule (NK x MB)
 };
 
 template <class V, class S, int MR, int NRV, int RMR, int RNV>
@@ -208,8 +209,10 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   int64_t scratch_bytes() const {
     const int64_t widened_rows = kInPlace ? 0 : MB * (p.depth + p.dv);
     return this->tile_scratch_bytes() + 2 * Carver::bytes<T>(NK * MB) + Carver::bytes<T>(MB * p.dv) +
-           Carver::bytes<T>(widened_rows) + Carver::bytes<T>(kInPlace ? 0 : NK * p.dv) + 2 * Carver::bytes<T>(MB);
+           Carver::bytes<T>(widened_rows) + Carver::bytes<T>(kInPlace ? 0 : NK * p.dv) + 2 * Carver::bytes<T>(MB) +
+           Carver::bytes<T>(capped() ? NK * MB : 0) + Carver::bytes<T>(capped() && bp.dscores.data ? NK * MB : 0);
   }
+  bool capped() const { return p.softcap > T(0); }
 
   // The block's buffers in one thread's scratch.
   Block carve(unsigned char* scratch) const {
@@ -232,6 +235,10 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
     blk.v_tile = carve.take<T>(kInPlace ? 0 : NK * p.dv);
     blk.lse_lanes = carve.take<T>(MB);
     blk.term_lanes = carve.take<T>(MB);
+    if (capped()) {
+      blk.cap_slope = carve.take<T>(NK * MB);
+      if (bp.dscores.data) blk.ds_bias = carve.take<T>(NK * MB);
+    }
     return blk;
   }
 
@@ -329,6 +336,16 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   // P^T = exp(S^T - lse) and dS^T = P^T (dP^T - delta), selected to 0 where the key is hidden (S = -inf)
   // whatever dP holds. Rows with lse = +inf (special): P = their weight on +inf scores, 0 elsewhere,
   // dS = 0. Lanes past the block's rows compute something finite or not; nothing reads them.
+  // Under a softcap, dS (the bias's gradient) goes to ds_bias for dscores, and dst gets the gradient of
+  // the raw score, dS (1 - tanh^2), which dK and dQ chain on.
+  void probabilities_and_dscores(const Block& blk, int64_t nk) const {
+    if (blk.cap_slope) {
+      probabilities_and_dscores<true>(blk, nk);
+    } else {
+      probabilities_and_dscores<false>(blk, nk);
+    }
+  }
+  template <bool kCapped>
   void probabilities_and_dscores(const Block& blk, int64_t nk) const {
     const V zero = V::zero(), minus_inf = V::set1(neg_inf<T>()), plus_inf = V::set1(pos_inf<T>());
     const V log2e = V::set1(T(kLog2e));
@@ -346,6 +363,10 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
           ds = select(inf_row, zero, ds);
         }
         pj.store(blk.pt + j * MB + i0);
+        if constexpr (kCapped) {
+          if (blk.ds_bias) ds.store(blk.ds_bias + j * MB + i0);
+          ds = select(cmp_eq(s, minus_inf), zero, ds * V::load(blk.cap_slope + j * MB + i0));  // 0 * NaN
+        }
         ds.store(blk.dst + j * MB + i0);
       }
     }
@@ -438,7 +459,7 @@ struct TiledBackward : TiledScoreTile<V, S, MR, NRV> {
   // dscores rows of the block, keys [j0, j0 + nk): dS^T transposed (0 where hidden).
   void write_dscores(const Block& blk, int64_t j0, int64_t nk) const {
     const T one = T(1);
-    transpose_scaled(blk.dst, MB, nk, blk.mb, bp.dscores.row(blk.b, blk.i_begin) + j0,
+    transpose_scaled(blk.ds_bias ? blk.ds_bias : blk.dst, MB, nk, blk.mb, bp.dscores.row(blk.b, blk.i_begin) + j0,
                      bp.dscores.row_stride_elements, &one, 0);
   }
 

@@ -111,12 +111,37 @@ inline T row_lse(T m, T l) {
   return static_cast<T>(static_cast<double>(m) + std::log(static_cast<double>(l)));
 }
 
+// The score modifiers (softcap, ALiBi) of params.h: applied to each score tile before the bias and the
+// masks, only when the call has one (a branch per tile, never per score).
+template <class Params>
+inline bool has_score_modifiers(const Params& p) {
+  return p.softcap > 0 || p.alibi_slopes != nullptr;
+}
+
+// Folds a sink logit into a finished row's running max m and sum l (exponentials taken relative to m):
+// M = max(m, sink), l <- l e^(m - M) + e^(sink - M), m <- M. Returns e^(m - M), the factor the row's
+// accumulator must be scaled by (0 for a row that saw no key: its out stays 0, its lse becomes sink).
+// Evaluated in double, like row_lse. Left unchanged (factor 1): a row whose max is +inf (its +inf keys
+// take all the weight, in the limit as in the softmax without a sink, so the sink gets none), a NaN row,
+// and a -inf sink (weighs nothing).
+template <class T>
+inline T fold_sink(T sink, T* m, T* l) {
+  const T m_old = *m;
+  if (m_old == pos_inf<T>() || m_old != m_old || *l != *l || sink == neg_inf<T>()) return T(1);
+  const double big = m_old > sink ? double(m_old) : double(sink);
+  const double keep = m_old == neg_inf<T>() ? 0.0 : std::exp(double(m_old) - big);
+  *l = static_cast<T>(double(*l) * keep + std::exp(double(sink) - big));
+  *m = static_cast<T>(big);
+  return static_cast<T>(keep);
+}
+
 // Final normalisation of one row: out = acc / l (0 when no key was visible), rounded once to the
 // output's storage type SO. Returns the row's log-sum-exp m + ln(l): -inf when no key was visible, NaN
 // if the row had a NaN.
+// `keep` (a folded sink's factor, fold_sink) multiplies acc as well.
 template <class V, class SO, class T = typename V::Scalar>
-inline T finish_row(const T* acc, T m, T l, SO* out, int64_t dv) {
-  const T inv = l > T(0) ? T(1) / l : T(0);
+inline T finish_row(const T* acc, T m, T l, SO* out, int64_t dv, T keep = T(1)) {
+  const T inv = l > T(0) ? keep / l : T(0);
   store_row_scaled<V>(acc, dv, V::set1(inv), out);
   return row_lse(m, l);
 }

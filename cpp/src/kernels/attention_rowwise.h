@@ -140,12 +140,46 @@ struct RowwiseAttention {
       for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
   }
 
-  // Bias first; then the visible range and the bool mask overwrite with -inf, so a masked key stays
-  // masked whatever its bias (-inf plus an infinite bias would be NaN).
+  // One row's scores of keys [j0, j0 + nk) with the score modifiers, keys in lanes: softcap
+  // s <- c tanh(s / c), then ALiBi s <- s - slope |diag_i - j| (as the tiled path's modify_scores).
+  template <bool kCap, bool kAlibi>
+  void modify_row(T* s, int64_t b, int64_t i, int64_t j0, int64_t nk) const {
+    const V cap = V::set1(p.softcap), inv_cap = V::set1(kCap ? T(1) / p.softcap : T(0));
+    const V minus_slope = V::set1(kAlibi ? -p.alibi_slopes[b] : T(0));
+    T lane_index[L];
+    for (int u = 0; u < L; ++u) lane_index[u] = T(u);
+    const V lanes = V::load(lane_index);
+    const int64_t diag = diagonal(p, b, i);
+    for (int64_t t = 0; t < nk; t += L) {
+      const int n = static_cast<int>(imin(L, nk - t));
+      V x = V::load_partial(s + t, n);
+      if constexpr (kCap) x = cap * tanh_approx(x * inv_cap);
+      if constexpr (kAlibi)
+        x = fmadd(minus_slope, abs(V::set1(static_cast<T>(sub_saturated(diag, j0 + t))) - lanes), x);
+      x.store_partial(s + t, n);
+    }
+  }
+  void modify_row(T* s, int64_t b, int64_t i, int64_t j0, int64_t nk) const {
+    if (p.softcap > T(0)) {
+      if (p.alibi_slopes) {
+        modify_row<true, true>(s, b, i, j0, nk);
+      } else {
+        modify_row<true, false>(s, b, i, j0, nk);
+      }
+    } else {
+      modify_row<false, true>(s, b, i, j0, nk);
+    }
+  }
+
+  // The score modifiers first (modify_row), then the bias; then the visible range and the bool mask
+  // overwrite with -inf, so a masked key stays masked whatever its bias (-inf plus an infinite bias
+  // would be NaN) or its modified score.
   void apply_masks(const Work& w, int64_t j0, int64_t nk) const {
+    const bool modified = has_score_modifiers(p);
     for (int64_t r = 0; r < rows; ++r) {
       T* s = w.s + r * NK;
       const int64_t b = batch_of(w, r), i = query_of(r);
+      if (modified) modify_row(s, b, i, j0, nk);
       if (p.bias.data && live(w, r)) {
         const int64_t cs = p.bias.col_stride_elements;
         const T* brow = p.bias.row(b, i) + j0 * cs;
@@ -341,11 +375,13 @@ struct RowwiseAttention {
 
   // Writes one finished row; keeps its final (m2, l) in row_stats[2 * (b * lq + i)] when given, for the
   // weights pass.
+  // A sink is folded into (m2, l) first (fold_sink), so the weights pass sees the final state too.
   void write_row(int64_t kv_item, int64_t r, const T* acc, T m2, T l, T* row_stats) const {
     const int64_t b = kv_item * p.group + r / p.lq, i = r % p.lq;
     if (i >= item_rows(p, b)) return;
-    const T lse = p.out_wide.data ? finish_row<V>(acc, m2, l, p.out_wide.row(b, i), p.dv)
-                                  : finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv);
+    const T keep = p.sinks ? fold_sink(p.sinks[b], &m2, &l) : T(1);
+    const T lse = p.out_wide.data ? finish_row<V>(acc, m2, l, p.out_wide.row(b, i), p.dv, keep)
+                                  : finish_row<V>(acc, m2, l, p.out.row(b, i), p.dv, keep);
     if (p.lse) p.lse[p.lse_batch_offset_elements[b] + i] = lse;
     if (row_stats) {
       row_stats[2 * (b * p.lq + i)] = m2;

@@ -318,10 +318,29 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
     }
   }
 
-  // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse.
+  // Folds the call's sink into every finished row (fold_sink): m, l (and l_exp) become the row's final
+  // state, which write_weights reads too; keep[i] receives the factor of the row's accumulator.
+  void fold_sinks(const Block& blk, T* keep) const {
+    const T sink = p.sinks[blk.b];
+    for (int64_t i = 0; i < blk.mb; ++i) {
+      if (blk.l_exp != blk.l) {
+        T m = blk.m[i];
+        fold_sink(sink, &m, &blk.l_exp[i]);
+      }
+      keep[i] = fold_sink(sink, &blk.m[i], &blk.l[i]);
+    }
+  }
+
+  // out[i][c] = O^T[c][i] / l[i] for the block's rows (transposing back), and each row's lse; with a
+  // sink, folded into the rows first.
   void write_rows(const Block& blk) const {
     T* inv = blk.alpha;  // free once the last tile is accumulated
-    for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
+    if (p.sinks) {
+      fold_sinks(blk, inv);
+      for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? inv[i] / blk.l[i] : T(0);
+    } else {
+      for (int64_t i = 0; i < blk.mb; ++i) inv[i] = blk.l[i] > T(0) ? T(1) / blk.l[i] : T(0);
+    }
     if (p.out_wide.data) {
       transpose_scaled<true>(blk.acc_t, MB, p.dv, blk.mb, p.out_wide.row(blk.b, blk.i_begin),
                              p.out_wide.row_stride_elements, inv, 1);

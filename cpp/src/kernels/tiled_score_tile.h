@@ -80,6 +80,7 @@ struct TileBlock {
   bool kv_cold = false;  // this thread has not read the batch item's K and V yet: see prefetch_keys_ahead
   bool pairs = false;    // both products on bfloat16 pairs (kPairs, and Q is bfloat16 too)
   uint32_t* q_pairs = nullptr;  // the query block packed as feature pairs (pairs)
+  T* cap_slope = nullptr;  // backward under a softcap: 1 - tanh^2 of each score, S^T's layout (NK x MB)
 };
 
 template <class V, class S, int MR, int NRV>
@@ -354,9 +355,11 @@ struct TiledScoreTile {
     prefetch_rows(p.v.row(bkv, j), p.v.row_stride_elements, rows, p.dv);
   }
 
-  // Bias first; then the visible ranges and the bool mask overwrite with -inf, so a masked key stays
-  // masked whatever its bias (-inf plus an infinite bias would be NaN).
+  // The score modifiers first (softcap, ALiBi: apply_score_modifiers), then the bias; then the visible
+  // ranges and the bool mask overwrite with -inf, so a masked key stays masked whatever its bias (-inf
+  // plus an infinite bias would be NaN) or its modified score.
   void apply_masks(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    if (has_score_modifiers(p)) apply_score_modifiers(blk, j0, nk);
     if (p.bias.data) add_bias(blk, j0, nk);
     const bool fully_visible = j0 >= blk.max_lo && j0 + nk <= blk.min_hi;
     if (!fully_visible) {
@@ -368,6 +371,50 @@ struct TiledScoreTile {
       }
     }
     if (p.mask.data) apply_bool_mask(blk, j0, nk);
+  }
+
+  // One of the four modifier combinations per tile (never a branch per score).
+  void apply_score_modifiers(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    if (p.softcap > T(0)) {
+      if (p.alibi_slopes) {
+        modify_scores<true, true>(blk, j0, nk);
+      } else {
+        modify_scores<true, false>(blk, j0, nk);
+      }
+    } else {
+      modify_scores<false, true>(blk, j0, nk);
+    }
+  }
+
+  // S^T of keys [j0, j0 + nk) in place, query lanes a vector at a time:
+  //   kCap:   s <- c tanh(s / c) (tanh_approx, math.h: 3.3 ulp in float32, so the capped score is
+  //           within a few ulp of c, the largest it can be); s / c as s * (1 / c), one rounding more.
+  //           With cap_slope (the backward), also 1 - tanh^2, the cap's derivative.
+  //   kAlibi: s <- s - slope |diag_i - j|, the distance exact in T for |diag_i - j| < 2^24 (float).
+  // Lanes past the block's rows are modified too (finite in, finite out; never read).
+  template <bool kCap, bool kAlibi>
+  void modify_scores(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
+    const V cap = V::set1(p.softcap), inv_cap = V::set1(kCap ? T(1) / p.softcap : T(0)), one = V::set1(T(1));
+    const V minus_slope = V::set1(kAlibi ? -p.alibi_slopes[blk.b] : T(0));
+    T lane_index[L];
+    for (int u = 0; u < L; ++u) lane_index[u] = T(u);
+    const V lanes = V::load(lane_index);
+    for (int64_t j = 0; j < nk; ++j) {
+      T* sj = blk.s + j * MB;
+      for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
+        V s = V::load(sj + i0);
+        if constexpr (kCap) {
+          const V t = tanh_approx(s * inv_cap);
+          s = cap * t;
+          if (blk.cap_slope) fmadd(negate(t), t, one).store(blk.cap_slope + j * MB + i0);
+        }
+        if constexpr (kAlibi) {
+          const int64_t offset = sub_saturated(diagonal(p, blk.b, blk.i_begin + i0), j0 + j);
+          s = fmadd(minus_slope, abs(V::set1(static_cast<T>(offset)) + lanes), s);
+        }
+        s.store(sj + i0);
+      }
+    }
   }
 
   // True when the bool mask hides every key of the tile from every row of the block (padding keys, the

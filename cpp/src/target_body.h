@@ -28,10 +28,17 @@ KernelTable<S, T> make_table() {
   return t;
 }
 
+// int8 K and V with per-row scales (a quantised KV cache): the fused attention only (kernels.h).
+KernelTable<int8_t, float> make_int8_table() {
+  KernelTable<int8_t, float> t;
+  t.attention = &attention_impl<Vec<float>, int8_t, Tiles::kAttnMR, Tiles::kAttnNRV>;
+  return t;
+}
+
 TargetKernels kernels() {
   return TargetKernels{ATTNFAST_TARGET_NAME, make_table<double, double>(), make_table<float, float>(),
                        make_table<float16_bits, float>(), make_table<bfloat16_bits, float>(),
-                       KernelTable<int8_t, float>{}};
+                       make_int8_table()};
 }
 
 TargetProbes probes() { return TargetProbes{&fma_chains, &read_sum}; }

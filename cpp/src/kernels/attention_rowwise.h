@@ -1,9 +1,15 @@
 // Fused attention, row-wise path for decode-shaped calls: few query rows per kv head (one decoder step,
 // KV-cache decode, GQA groups). Memory-bound: each K and V row is streamed once and used by every query
 // row that shares it (the `group` query heads of a kv head times Lq).
-// dtypes: K and V stored in S (double, float, float16, bfloat16), read in place and widened on load;
-// queries in S or T (packed once per call into qs); computed in T = V::Scalar (double for double, else
-// float); the result rounded once to its storage type. ISA: the including target's V.
+// dtypes: K and V stored in S (double, float, float16, bfloat16, int8), read in place and widened on
+// load; queries in S or T (packed once per call into qs); computed in T = V::Scalar (double for double,
+// else float); the result rounded once to its storage type. ISA: the including target's V.
+// int8 K and V (a quantised cache, float32 queries and result) are widened in registers only (vpmovsxbd
+// + vcvtdq2ps: exact) and never dequantised in memory: key j's score is k_scale_j * ((c q) . k_j), the
+// float32 dot product of the scaled query with the integer row, then one multiplication by the row's
+// scale (score_tile); P.V weighs V's integer row j by p_j * v_scale_j (value_weight), one rounding more
+// per key than a float cache's p_j, while l sums the unscaled p_j. Each scale is read once per key tile
+// (load_row_scales), through the scale operand's row(), for the tile's keys only.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
@@ -55,7 +61,8 @@ struct RowwiseAttention {
 
   int64_t scratch_bytes() const {
     return Carver::bytes<T>(rows * p.depth) + Carver::bytes<T>(rows * NK) + Carver::bytes<T>(rows * dv_pad) +
-           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows) + Carver::bytes<T>(p.v_a ? p.depth : 0);
+           2 * Carver::bytes<T>(rows) + 2 * Carver::bytes<int64_t>(rows) + Carver::bytes<T>(p.v_a ? p.depth : 0) +
+           2 * Carver::bytes<T>(kInt8Storage<S> ? NK : 0);
   }
   // Partial results of each chunk when the keys are split: acc (dv_pad), m2, l per row.
   int64_t partial_stride() const { return dv_pad + 2; }
@@ -65,6 +72,7 @@ struct RowwiseAttention {
     T *qs, *s, *acc, *m, *l;
     T* va_scaled;  // additive only: scale * v_a
     int64_t *lo, *hi;
+    T *key_scales, *value_scales;  // int8 only: the current key tile's k_scale and v_scale (NK each)
   };
 
   int64_t batch_of(const Work& w, int64_t r) const { return w.kv_item * p.group + r / p.lq; }
@@ -123,7 +131,31 @@ struct RowwiseAttention {
       }
     }
     dot_score_tile(w, j0, nk);
+    if constexpr (kInt8Storage<S>) scale_scores_by_key(w, j0, nk);
     apply_masks(w, j0, nk);
+  }
+
+  // int8 K: the tile's row scales, and each score times its key's k_scale (before the bias and masks, so
+  // a hidden key's scale, even NaN, is overwritten with the key's score).
+  void scale_scores_by_key(const Work& w, int64_t j0, int64_t nk) const {
+    load_row_scales(w, j0, nk);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* s = w.s + r * NK;
+      for (int64_t t = 0; t < nk; ++t) s[t] *= w.key_scales[t];
+    }
+  }
+  void load_row_scales(const Work& w, int64_t j0, int64_t nk) const {
+    for (int64_t t = 0; t < nk; ++t) {
+      w.key_scales[t] = p.k_scale.row(w.kv_item, j0 + t)[0];
+      w.value_scales[t] = p.v_scale.row(w.kv_item, j0 + t)[0];
+    }
+  }
+
+  // The weight of V's row j0 + t in P.V: p, times the row's v_scale for int8 V.
+  T value_weight(const Work& w, const T* s, int64_t t) const {
+    if constexpr (kInt8Storage<S>) return s[t] * w.value_scales[t];
+    (void)w;
+    return s[t];
   }
 
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
@@ -262,7 +294,7 @@ struct RowwiseAttention {
       if (nvec == kDvVectors && last == L) {
         for (int64_t t = 0; t < nk; ++t) {
           if (kCareful && hidden[t]) continue;
-          const V pt = V::set1(s[t]);
+          const V pt = V::set1(value_weight(w, s, t));
           const S* vr = v + t * vs + c0;
 #pragma GCC unroll 16
           for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
@@ -270,7 +302,7 @@ struct RowwiseAttention {
       } else {
         for (int64_t t = 0; t < nk; ++t) {
           if (kCareful && hidden[t]) continue;
-          const V pt = V::set1(s[t]);
+          const V pt = V::set1(value_weight(w, s, t));
           const S* vr = v + t * vs + c0;
           for (int u = 0; u < nvec; ++u)
             o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
@@ -370,6 +402,8 @@ struct RowwiseAttention {
     w.lo = carve.take<int64_t>(rows);
     w.hi = carve.take<int64_t>(rows);
     w.va_scaled = carve.take<T>(p.v_a ? p.depth : 0);
+    w.key_scales = carve.take<T>(kInt8Storage<S> ? NK : 0);
+    w.value_scales = carve.take<T>(kInt8Storage<S> ? NK : 0);
     return w;
   }
 

@@ -8,6 +8,10 @@
 // softmax) are read in place from memory, half the bytes, and widened exactly, once per key tile and
 // query block, into a T tile the microkernels read as they read float data (kv_tile: 1 / MB of the
 // tile's FMAs); the query block is widened as it is packed.
+// int8 K and V (a quantised cache, float32 queries and result) are dequantised the same way, a row at a
+// time into the tile: int8 * the row's scale (k_scale / v_scale, read through the scale's row()),
+// widened exactly and rounded once (relative error <= 2^-24 per element: storage.h widen_row_scaled);
+// the products then run on that float32 tile as on a float32 cache.
 //
 // A query block is MB rows of one batch item (TileBlock): per row the visible key range within the
 // block's keys (compute_bounds), and the queries packed once (scaled) into microkernel panels.
@@ -143,6 +147,12 @@ struct TiledScoreTile {
       (void)tile;
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
+    } else if constexpr (kInt8Storage<S>) {
+      const Operand<const float>& scale = &x == &p.k ? p.k_scale : p.v_scale;  // callers pass p.k or p.v
+      for (int64_t j = 0; j < nk; ++j)
+        widen_row_scaled<V>(x.row(bkv, j0 + j), cols, scale.row(bkv, j0 + j)[0], tile + j * cols);
+      *stride = cols;
+      return tile;
     } else {
       if (x.row_stride_elements == cols) {
         widen_row<V>(x.row(bkv, j0), nk * cols, tile);  // contiguous rows: one run, no per-row tail

@@ -127,5 +127,11 @@ inline VF load_converted(const float16_bits* p) { return {float16x8_to_float(_mm
 inline void store_converted(VF x, bfloat16_bits* p) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float_to_bfloat16x8(x.v)); }
 inline void store_converted(VF x, float16_bits* p) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), float_to_float16x8(x.v)); }
 
+// int8 storage (a quantised KV cache; float lanes only, load only): 8 bytes sign-extended to int32
+// (vpmovsxbd) and converted to float (vcvtdq2ps), both exact.
+inline VF load_converted(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

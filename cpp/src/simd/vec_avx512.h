@@ -179,5 +179,11 @@ inline void store_converted(VF x, float16_bits* p) {
   _mm_storeu_si128(out + 1, float_to_float16x8(upper_half(x)));
 }
 
+// int8 storage (a quantised KV cache; float lanes only, load only): 16 bytes sign-extended to int32
+// (vpmovsxbd) and converted to float (vcvtdq2ps), both exact.
+inline VF load_converted(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

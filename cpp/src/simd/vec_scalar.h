@@ -76,6 +76,8 @@ template <class H>
 inline ScalarVec<float> load_converted(const H* p) { return {to_float(*p)}; }
 inline void store_converted(ScalarVec<float> x, bfloat16_bits* p) { *p = to_bfloat16(x.v); }
 inline void store_converted(ScalarVec<float> x, float16_bits* p) { *p = to_float16(x.v); }
+// int8 storage (a quantised KV cache; load only): exact.
+inline ScalarVec<float> load_converted(const int8_t* p) { return {static_cast<float>(*p)}; }
 
 }  // namespace ATTNFAST_TARGET_NS
 }  // namespace attnfast

@@ -27,6 +27,7 @@
 #include "kernels/attention_schedule.h"
 #include "kernels/common.h"
 #include "kernels/math.h"
+#include "kernels/paged_rows.h"
 #include "kernels/stage_scores.h"
 #include "kernels/storage.h"
 
@@ -105,12 +106,10 @@ struct RowwiseAttention {
   // dot_score_tile for depth > kVectorSumBlock. Out of line, so that the common loop's code is not
   // shaped by it.
   __attribute__((noinline)) void dot_score_tile_tree(const Work& w, int64_t j0, int64_t nk) const {
-    const int64_t ks = p.k.row_stride_elements;
-    const S* k = p.k.row(w.kv_item, j0);
     for (int64_t t = 0; t < nk; ++t)
       for (int64_t r = 0; r < rows; ++r) {
         const T* qr = w.qs + r * p.depth;
-        const S* kt = k + t * ks;
+        const S* kt = p.k.row(w.kv_item, j0 + t);  // page-aware; one lookup beside a long dot product
         w.s[r * NK + t] = tree_sum<T>(0, p.depth, kVectorSumBlock,
                                       [&](int64_t d, int64_t n) { return dot_row(qr + d, kt + d, n); });
       }
@@ -121,11 +120,11 @@ struct RowwiseAttention {
     if constexpr (kSameType<S, T>) {
       // Additive scores come with projected (compute-type) keys only.
       if (p.v_a) {
-        const int64_t ks = p.k.row_stride_elements;
-        const T* k = p.k.row(w.kv_item, j0);
-        for (int64_t t = 0; t < nk; ++t)
+        for (int64_t t = 0; t < nk; ++t) {
+          const T* k = p.k.row(w.kv_item, j0 + t);  // page-aware; one lookup beside depth tanh
           for (int64_t r = 0; r < rows; ++r)
-            w.s[r * NK + t] = additive_score<V>(w.qs + r * p.depth, k + t * ks, w.va_scaled, p.depth);
+            w.s[r * NK + t] = additive_score<V>(w.qs + r * p.depth, k, w.va_scaled, p.depth);
+        }
         apply_masks(w, j0, nk);
         return;
       }
@@ -161,15 +160,21 @@ struct RowwiseAttention {
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
   // rows (one instruction per cache line) only add instructions (docs/kernel_decisions.md).
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
+  // A paged K is read run by run (the keys of one page are row_stride apart: paged_rows.h); an unpaged
+  // one is a single run.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
-    const S* k = p.k.row(w.kv_item, j0);
     if (p.depth > kVectorSumBlock) {
       dot_score_tile_tree(w, j0, nk);
       return;
     }
-    for (int64_t t = 0; t < nk; ++t)
-      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+    for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
+      n = imin(nk - t0, p.k.run_rows(j0 + t0));
+      const S* k = p.k.row(w.kv_item, j0 + t0);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t r = 0; r < rows; ++r)
+          w.s[r * NK + t0 + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+    }
   }
 
   // One row's scores of keys [j0, j0 + nk) with the score modifiers, keys in lanes: softcap
@@ -277,9 +282,9 @@ struct RowwiseAttention {
   // acc[r] = acc[r] * alpha + sum_t s[r][t] * V[j0 + t], kDvVectors value vectors at a time.
   // kCareful: keys with hidden[t] set (hidden from this row) are skipped, so their V cannot reach the
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
+  // A paged V is read run by run, in key order (paged_rows.h): the same sums as the unpaged V's.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
-    const S* v = p.v.row(w.kv_item, j0);
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
     T* acc = w.acc + r * dv_pad;
@@ -291,21 +296,25 @@ struct RowwiseAttention {
       decltype(V::v) o[kDvVectors];  // native vectors: kept in registers (see microkernel.h)
 #pragma GCC unroll 16
       for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
-      if (nvec == kDvVectors && last == L) {
-        for (int64_t t = 0; t < nk; ++t) {
-          if (kCareful && hidden[t]) continue;
-          const V pt = V::set1(value_weight(w, s, t));
-          const S* vr = v + t * vs + c0;
+      for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
+        n = imin(nk - t0, p.v.run_rows(j0 + t0));
+        const S* v = p.v.row(w.kv_item, j0 + t0);  // key t0 of the tile
+        if (nvec == kDvVectors && last == L) {
+          for (int64_t t = t0; t < t0 + n; ++t) {
+            if (kCareful && hidden[t]) continue;
+            const V pt = V::set1(value_weight(w, s, t));
+            const S* vr = v + (t - t0) * vs + c0;
 #pragma GCC unroll 16
-          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
-        }
-      } else {
-        for (int64_t t = 0; t < nk; ++t) {
-          if (kCareful && hidden[t]) continue;
-          const V pt = V::set1(value_weight(w, s, t));
-          const S* vr = v + t * vs + c0;
-          for (int u = 0; u < nvec; ++u)
-            o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
+            for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
+          }
+        } else {
+          for (int64_t t = t0; t < t0 + n; ++t) {
+            if (kCareful && hidden[t]) continue;
+            const V pt = V::set1(value_weight(w, s, t));
+            const S* vr = v + (t - t0) * vs + c0;
+            for (int u = 0; u < nvec; ++u)
+              o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
+          }
         }
       }
       for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
@@ -481,9 +490,15 @@ struct RowwiseAttention {
       w.j_begin = 0;
       w.j_end = p.lk;
       prepare(w);
+      // Keys from every row's hi on (past kv_lengths: perhaps no page of a paged cache) score -inf, as
+      // apply_masks would make them, without being read.
+      int64_t readable = 0;
+      for (int64_t r = 0; r < rows; ++r) readable = imax(readable, w.hi[r]);
       for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
-        const int64_t nk = imin(NK, p.lk - j0);
-        score_tile(w, j0, nk);
+        const int64_t nk = imin(NK, p.lk - j0), read = imax(0, imin(nk, readable - j0));
+        score_tile(w, j0, read);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t t = read; t < nk; ++t) w.s[r * NK + t] = neg_inf<T>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t b = batch_of(w, r), i = query_of(r);
           if (!live(w, r)) continue;

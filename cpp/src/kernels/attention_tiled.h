@@ -87,9 +87,9 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
     blk.bias_t = carve.take<T>(p.bias.data || p.mask.data ? NK * MB : 0);
     blk.mask_rows = carve.take<T>(p.mask.data ? MB * NK : 0);
     blk.s_raw = carve.take<T>(NK * MB);
-    blk.k_tile = carve.take<T>(kInPlace ? 0 : NK * p.depth);
+    blk.k_tile = carve.take<T>(this->kv_tiles ? NK * p.depth : 0);
     blk.q_rows = carve.take<T>(kInPlace ? 0 : QNR * p.depth);
-    blk.v_tile = carve.take<T>(kInPlace ? 0 : NK * p.dv);
+    blk.v_tile = carve.take<T>(this->kv_tiles ? NK * p.dv : 0);
     blk.out_rows = carve.take<T>(kInPlace ? 0 : MB * p.dv);
     blk.l_exp = blk.l;
     if constexpr (kPairs) {
@@ -101,7 +101,8 @@ struct TiledAttention : TiledOnlineSoftmax<V, S, MR, NRV> {
       T* l_exp = carve.take<T>(MB);
       if (blk.pairs) {
         blk.l_exp = l_exp;
-        if (Pairs::value_cache_words(p.lk, p.dv) > 0) blk.v_cache = cache;
+        // Not for a paged V: packing a whole item would read the pages of keys past kv_lengths.
+        if (Pairs::value_cache_words(p.lk, p.dv) > 0 && !p.v.paged()) blk.v_cache = cache;
       }
     }
     if (part) {

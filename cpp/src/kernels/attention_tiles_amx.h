@@ -78,12 +78,14 @@ struct AmxTileProducts : PairProducts<true, MR, NRV> {
     constexpr int64_t MB = Kernel::MB;
     const int64_t rows = amx_pair_rows(k.p.depth);
     uint16_t* staging = reinterpret_cast<uint16_t*>(blk.q_pairs + query_pair_words(MB, k.p.depth));
-    const uint16_t* keys = reinterpret_cast<const uint16_t*>(k.p.k.row(blk.b / k.p.group, j0));
+    // A paged tile that crosses a page is gathered (as stored) into k_tile first: A tiles are strided rows.
+    int64_t key_stride = 0;
+    const uint16_t* keys = reinterpret_cast<const uint16_t*>(rows_in_place_or_gathered(
+        k.p.k, blk.b / k.p.group, j0, nk, k.p.depth, reinterpret_cast<bfloat16_bits*>(blk.k_tile), &key_stride));
     for (int64_t panel = 0; panel < blk.panels; ++panel) {
       const int groups = k.panel_vectors(blk, panel);
       float* s = blk.s + panel * QNR;
-      amx_score_tile(groups, keys, k.p.k.row_stride_elements, nk, k.p.depth, blk.q_pairs + panel * rows * QNR, QNR, s,
-                     MB, staging);
+      amx_score_tile(groups, keys, key_stride, nk, k.p.depth, blk.q_pairs + panel * rows * QNR, QNR, s, MB, staging);
       const Avx512Vec<float> scale = Avx512Vec<float>::set1(k.p.scale);
       for (int64_t j = 0; j < nk; ++j)
         for (int g = 0; g < groups; ++g) {
@@ -113,8 +115,10 @@ struct AmxTileProducts : PairProducts<true, MR, NRV> {
     }
     uint16_t* vt = reinterpret_cast<uint16_t*>(blk.v_pairs);
     *stride = amx_value_keys(Kernel::NK);
-    pack_value_transposed(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, j0)), k.p.v.row_stride_elements, nk,
-                          k.p.dv, vt, *stride);
+    int64_t v_stride = 0;  // a paged tile that crosses a page: gathered (as stored) into v_tile first
+    const bfloat16_bits* v = rows_in_place_or_gathered(k.p.v, bkv, j0, nk, k.p.dv,
+                                                       reinterpret_cast<bfloat16_bits*>(blk.v_tile), &v_stride);
+    pack_value_transposed(reinterpret_cast<const uint16_t*>(v), v_stride, nk, k.p.dv, vt, *stride);
     return vt;
   }
 

@@ -54,6 +54,7 @@
 
 #include "kernels/common.h"
 #include "kernels/microkernel.h"
+#include "kernels/paged_rows.h"
 #include "simd/vec_avx512.h"
 
 namespace attnfast {
@@ -349,13 +350,15 @@ struct PairProducts<true, MR, NRV> {
     }
   }
 
-  // S^T rows j .. j + rows (at most MR keys) of one query panel: (q . k) * scale, K read in place.
+  // S^T rows j .. j + rows (at most MR keys) of one query panel: (q . k) * scale, K read in place (a
+  // paged K: each row where its page has it).
   template <class Kernel, class Block>
   static void score_call(const Kernel& k, const Block& blk, int64_t panel, int64_t j, int64_t rows, float* out) {
     const int64_t pairs = ceil_div(k.p.depth, 2);
+    const bfloat16_bits* key_rows[MR];
+    operand_rows<bfloat16_bits, MR>(k.p.k, blk.b / k.p.group, j, rows, key_rows);
     const uint16_t* a_rows[MR];
-    clamped_rows<uint16_t, MR>(reinterpret_cast<const uint16_t*>(k.p.k.row(blk.b / k.p.group, j)),
-                               k.p.k.row_stride_elements, rows, a_rows);
+    for (int r = 0; r < MR; ++r) a_rows[r] = reinterpret_cast<const uint16_t*>(key_rows[r]);
     pair_panel_gemm<false>(k.panel_vectors(blk, panel), pairs, k.p.depth % 2 != 0, a_rows, 2,
                            blk.q_pairs + panel * pairs * QNR, QNR, out, Kernel::MB, k.p.scale);
   }
@@ -375,8 +378,11 @@ struct PairProducts<true, MR, NRV> {
       }
       return blk.v_cache + (j0 / 2) * dv;
     }
-    pack_value_pairs(reinterpret_cast<const uint16_t*>(k.p.v.row(bkv, j0)), k.p.v.row_stride_elements, nk, dv,
-                     blk.v_pairs);
+    // A paged tile that crosses a page is gathered (as stored) into v_tile first.
+    int64_t stride = 0;
+    const bfloat16_bits* v =
+        rows_in_place_or_gathered(k.p.v, bkv, j0, nk, dv, reinterpret_cast<bfloat16_bits*>(blk.v_tile), &stride);
+    pack_value_pairs(reinterpret_cast<const uint16_t*>(v), stride, nk, dv, blk.v_pairs);
     return blk.v_pairs;
   }
 

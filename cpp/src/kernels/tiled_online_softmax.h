@@ -77,7 +77,7 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
   // out_rows).
   int64_t softmax_scratch_bytes() const {
     return Carver::bytes<T>(dv_rows * MB) + Carver::bytes<T>(NK * MB) + 3 * Carver::bytes<T>(MB) +
-           Carver::bytes<T>(kInPlace ? 0 : NK * p.dv) + Carver::bytes<T>(kInPlace ? 0 : MB * p.dv);
+           Carver::bytes<T>(this->kv_tiles ? NK * p.dv : 0) + Carver::bytes<T>(kInPlace ? 0 : MB * p.dv);
   }
 
   // Running max -inf and sum 0 for every row: nothing seen yet.
@@ -373,15 +373,17 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
     for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
       const int64_t nk = imin(NK, p.lk - j0);
       const bool any_visible = j0 < blk.max_hi && j0 + nk > blk.min_lo;
+      // Keys from max_hi on (past kv_lengths: perhaps no page of a paged cache) weigh 0 unread.
+      const int64_t read = any_visible ? imin(nk, blk.max_hi - j0) : 0;
       if (any_visible) {
-        this->score_tile(blk, j0, nk);
+        this->score_tile(blk, j0, read);
         for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
           // Rows without a visible key have m = -inf and l = 0; their scores are -inf: give 0, not NaN.
           const V m = V::load(blk.m + i0);
           const V shift = select(cmp_eq(m, V::set1(neg_inf<T>())), V::zero(), m);
           const V l = V::load(blk.l + i0);
           const V inv = select(cmp_eq(l, V::zero()), V::zero(), V::set1(T(1)) / l);
-          for (int64_t j = 0; j < nk; ++j) {
+          for (int64_t j = 0; j < read; ++j) {
             const V x = V::load(blk.s + j * MB + i0);
             V e = exp2_nonpositive((x - shift) * log2e);
             if constexpr (kPairs) e = blk.pairs ? Pairs::round(e) : e;  // the P that P.V multiplied
@@ -393,7 +395,7 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
       }
       for (int64_t i = 0; i < blk.mb; ++i) {
         T* w = p.weights.row(blk.b, blk.i_begin + i) + j0;
-        for (int64_t j = 0; j < nk; ++j) w[j] = any_visible ? blk.s[j * MB + i] : T(0);
+        for (int64_t j = 0; j < nk; ++j) w[j] = j < read ? blk.s[j * MB + i] : T(0);
       }
     }
   }

@@ -43,6 +43,7 @@
 #include "kernels/common.h"
 #include "kernels/math.h"
 #include "kernels/microkernel.h"
+#include "kernels/paged_rows.h"
 #include "kernels/storage.h"
 #include "kernels/transpose.h"
 
@@ -110,15 +111,19 @@ struct TiledScoreTile {
   static_assert(NK % MR == 0, "key tiles must be whole microkernel blocks");
 
   const Params& p;
+  // A paged K or V (a paged KV cache: paged_rows.h) is read in place by a tile that lies within one of
+  // its pages and gathered into k_tile / v_tile by one that does not, so those exist for S = T too.
+  bool kv_tiles;
 
-  explicit TiledScoreTile(const Params& params) : p(params) {}
+  explicit TiledScoreTile(const Params& params)
+      : p(params), kv_tiles(!kInPlace || params.k.paged() || params.v.paged()) {}
 
   // The score tile's buffers in a thread's scratch (TileBlock: qpack, s, lo, hi, va_scaled, bias_t,
   // mask_rows, k_tile, q_rows).
   int64_t tile_scratch_bytes() const {
     return Carver::bytes<T>(MB * p.depth) + Carver::bytes<T>(NK * MB) + Carver::bytes<T>(p.v_a ? p.depth : 0) +
            Carver::bytes<T>(p.bias.data || p.mask.data ? NK * MB : 0) + Carver::bytes<T>(p.mask.data ? MB * NK : 0) +
-           2 * Carver::bytes<int64_t>(MB) + Carver::bytes<T>(kInPlace ? 0 : NK * p.depth) +
+           2 * Carver::bytes<int64_t>(MB) + Carver::bytes<T>(kv_tiles ? NK * p.depth : 0) +
            Carver::bytes<T>(kInPlace ? 0 : QNR * p.depth);
   }
 
@@ -139,12 +144,11 @@ struct TiledScoreTile {
   }
 
   // Rows [j0, j0 + nk) of K or V (`cols` features) of kv item bkv in T: in place, or widened into `tile`.
+  // A paged operand's tile is gathered into `tile` where it crosses a page (paged_rows.h).
   const T* kv_tile(const Operand<const S>& x, int64_t bkv, int64_t j0, int64_t nk, int64_t cols, T* tile,
                    int64_t* stride) const {
     if constexpr (kInPlace) {
-      (void)nk;
-      (void)cols;
-      (void)tile;
+      if (x.paged()) return rows_in_place_or_gathered(x, bkv, j0, nk, cols, tile, stride);
       *stride = x.row_stride_elements;
       return x.row(bkv, j0);
     } else if constexpr (kInt8Storage<S>) {
@@ -154,7 +158,12 @@ struct TiledScoreTile {
       *stride = cols;
       return tile;
     } else {
-      if (x.row_stride_elements == cols) {
+      if (x.paged()) {
+        for_each_row_run(x, bkv, j0, nk, [&](const S* row, int64_t t0, int64_t count) {
+          for (int64_t j = 0; j < count; ++j)
+            widen_row<V>(row + j * x.row_stride_elements, cols, tile + (t0 + j) * cols);
+        });
+      } else if (x.row_stride_elements == cols) {
         widen_row<V>(x.row(bkv, j0), nk * cols, tile);  // contiguous rows: one run, no per-row tail
       } else {
         for (int64_t j = 0; j < nk; ++j) widen_row<V>(x.row(bkv, j0 + j), cols, tile + j * cols);
@@ -336,9 +345,12 @@ struct TiledScoreTile {
           // microkernel calls, the fetch stays in the background (all at once per tile, it competes with
           // the block's own loads); keys this block does not see (causal) are left to that block's own
           // prefetch_keys_ahead. Measurements: docs/kernel_decisions.md.
+          // A paged cache's keys past that item's kv_lengths have no page to fetch from.
           const int64_t wb = blk.warm_b / p.group;
-          prefetch_rows(p.k.row(wb, j0 + jj), p.k.row_stride_elements, imin(MR, nk - jj), p.depth);
-          prefetch_rows(p.v.row(wb, j0 + jj), p.v.row_stride_elements, imin(MR, nk - jj), p.dv);
+          const int64_t n = p.k.paged() && p.kv_lengths ? imin(imin(MR, nk - jj), p.kv_lengths[blk.warm_b] - j0 - jj)
+                                                        : imin(MR, nk - jj);
+          prefetch_operand_rows(p.k, wb, j0 + jj, n, p.depth);
+          prefetch_operand_rows(p.v, wb, j0 + jj, n, p.dv);
         }
         if constexpr (kPairs) {
           if (blk.pairs) {
@@ -360,9 +372,8 @@ struct TiledScoreTile {
   void prefetch_keys_ahead(const TileBlock<T>& blk, int64_t j, int64_t rows) const {
     const int64_t bkv = blk.b / p.group;
     const int64_t next = j + MR;
-    if (next < blk.max_hi)
-      prefetch_rows(p.k.row(bkv, next), p.k.row_stride_elements, imin(MR, blk.max_hi - next), p.depth);
-    prefetch_rows(p.v.row(bkv, j), p.v.row_stride_elements, rows, p.dv);
+    if (next < blk.max_hi) prefetch_operand_rows(p.k, bkv, next, imin(MR, blk.max_hi - next), p.depth);
+    prefetch_operand_rows(p.v, bkv, j, rows, p.dv);
   }
 
   // The score modifiers first (softcap, ALiBi: apply_score_modifiers), then the bias; then the visible

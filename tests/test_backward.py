@@ -338,7 +338,7 @@ def test_gradients_have_their_inputs_dtypes(rng, impl, dtypes):
 
 def test_attention_grads_is_exported():
     assert attnfast.AttentionGrads._fields == ("dq", "dk", "dv", "dbias", "dw", "dw_q", "dw_k",
-                                               "dscore_bias", "dv_a")
+                                               "dscore_bias", "dv_a", "dsinks")
     assert "attention_backward" in reference.__all__
 
 

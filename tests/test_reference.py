@@ -423,7 +423,7 @@ def test_attention_everything_combined_matches_loop(rng):
     lq, lk = 4, 7
     q, k, v = qkv(rng, lq, lk)
     mask = rng.random((lq, lk)) > 0.2
-    off = lk - lq
+    off = 6 - lq  # bottom_right with kv_lengths aligns to kv_lengths, not to Lk
     i, j = np.arange(lq)[:, None], np.arange(lk)[None, :]
     visible = mask & (j <= i + off) & (j >= i + off - 2) & (j < 6)
     expected, expected_lse = loop_attention(q, k, v, 0.5, visible)

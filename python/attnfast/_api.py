@@ -212,34 +212,79 @@ def _score_operands(a):
 
 def _kernel_operands(a):
     """q, k, v, scale and v_a as the fused kernel takes them: k and v in one storage dtype S, q in S
-    or the computation dtype (see the module docstring), each with an aligned unit-stride last axis."""
+    or the computation dtype (see the module docstring), each with an aligned unit-stride last axis.
+    An int8 cache stays int8 (its kernels dequantise on load), with q in float32."""
     qq, kk, kernel_scale, v_a = _score_operands(a)
-    kk, vv = _one_storage(kk, a.v, a.compute)
+    if a.k_scale is None:
+        kk, vv = _one_storage(kk, a.v, a.compute)
+    else:
+        vv = a.v
     qq = _storage_or_compute(qq, kk.dtype, a.compute)
     return _unit_last_axis(qq), _unit_last_axis(kk), _unit_last_axis(vv), kernel_scale, v_a
 
 
+def per_item(x: np.ndarray, batch, dtype) -> np.ndarray:
+    """``x`` broadcast to the batch shape as the kernels take per-item arguments: one C-contiguous,
+    aligned vector of ``dtype``, batch items in C order."""
+    return np.array(np.broadcast_to(x, tuple(batch)), dtype=dtype, order="C").reshape(-1)
+
+
+def modifier_kernel_args(softcap, alibi_slopes, sinks, batch, compute) -> dict:
+    """The compiled core's keyword arguments for validated score modifiers (see
+    :func:`attnfast._inputs.check_score_modifiers`): softcap a float (0 = none), alibi_slopes and
+    sinks one value per batch item in the computation dtype; only those the call has."""
+    args = {}
+    if softcap is not None:
+        args["softcap"] = float(softcap)
+    if alibi_slopes is not None:
+        args["alibi_slopes"] = per_item(alibi_slopes, batch, compute)
+    if sinks is not None:
+        args["sinks"] = per_item(sinks, batch, compute)
+    return args
+
+
+def _serving_kernel_args(a, forward: bool) -> dict:
+    """The compiled core's serving keyword arguments for a validated call: per-item diagonals, score
+    modifiers and (forward only) the block table and int8 scales."""
+    args = modifier_kernel_args(a.softcap, a.alibi_slopes, a.sinks, a.batch_shape, a.compute)
+    if a.diagonal_offsets is not None:
+        args["diagonal_offsets"] = per_item(a.diagonal_offsets, a.batch_shape, np.int64)
+    if forward and a.block_table is not None:
+        args["block_table"] = a.block_table
+    if forward and a.k_scale is not None:
+        # One scale per row of the cache (paged: of each block); broadcast views, never copies.
+        rows = a.kv_batch_shape + (a.lk,) if a.block_table is None else a.k.shape[:-1]
+        args["k_scale"] = np.broadcast_to(a.k_scale, rows)
+        args["v_scale"] = np.broadcast_to(a.v_scale, rows if a.block_table is None else a.v.shape[:-1])
+    return args
+
+
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
               causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
-              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None,
+              softcap=None, alibi_slopes=None, sinks=None, block_table=None, k_scale=None, v_scale=None):
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
-    See :func:`attnfast.reference.attention` for the full contract; returns ``out`` (..., Lq, Dv), or a
-    tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
+    See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
+    paged caches through block_table, int8 caches with k_scale / v_scale included); returns ``out``
+    (..., Lq, Dv), or a tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
     # The most common call (ndarrays, dot scores, no mask, lse or weights) is recognised and run by the
     # compiled core without this module's validation, which would cost ~5 us of a ~100 us decoder step;
     # it returns None for anything else. tests/test_attention.py checks both paths agree bitwise.
     if mask is None and bias is None and window is None and kv_lengths is None and return_lse is False \
             and return_weights is False and w is None and w_q is None and w_k is None and v_a is None \
-            and score_bias is None:
+            and score_bias is None and softcap is None and alibi_slopes is None and sinks is None \
+            and block_table is None and k_scale is None and v_scale is None:
         result = _core.plain_attention(q, k, v, out, method, scale, causal, causal_align)
         if result is not None:
             return result
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
                                 causal_align=causal_align, window=window, kv_lengths=kv_lengths,
                                 return_lse=return_lse, return_weights=return_weights, out=out, w=w, w_q=w_q,
-                                w_k=w_k, v_a=v_a, score_bias=score_bias)
+                                w_k=w_k, v_a=v_a, score_bias=score_bias, softcap=softcap,
+                                alibi_slopes=alibi_slopes, sinks=sinks, block_table=block_table,
+                                k_scale=k_scale, v_scale=v_scale)
     batch = a.batch_shape
     full = batch + (a.lq, a.lk)
     if _inputs.nothing_to_compute(a):
@@ -273,7 +318,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     weights = np.empty(full, t) if a.return_weights else None
     _core.attention(qq, kk, vv, result, list(batch), list(a.kv_batch_shape), a.group,
                     kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
-                    a.window_right, lse, weights, v_a)
+                    a.window_right, lse, weights, v_a, **_serving_kernel_args(a, forward=True))
     if target is not None and not direct:
         _copy_rounded(target, result)
         result = target
@@ -354,8 +399,9 @@ def _pairwise_sum(terms):
 
 def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
                        causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, **unexpected):
-    """Gradients of :func:`attention` with respect to q, k, v, bias and the method weights.
+                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
+                       sinks=None, **unexpected):
+    """Gradients of :func:`attention` with respect to q, k, v, bias, the method weights and sinks.
 
     A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never
     stored as an Lq x Lk matrix (except the gradient of the scores when ``bias`` is given, which has
@@ -369,16 +415,18 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
         The forward's inputs (see :func:`attention`).
     out, lse : array_like, (..., Lq, Dv) and (..., Lq)
         What ``attention(q, k, v, return_lse=True, **kwargs)`` returned for the same inputs.
-    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias
-        The forward's keyword arguments (all but return_lse, return_weights and out), unchanged.
+    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
+    softcap, alibi_slopes, sinks
+        The forward's keyword arguments (all but return_lse, return_weights and out), unchanged. A
+        paged (block_table) or int8 (k_scale, v_scale) cache has no gradients: a ValueError.
 
     Returns
     -------
     AttentionGrads
         ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v (summed over broadcast axes and
         over the query heads sharing a kv head); ``dbias`` with bias's shape; ``dw`` (general),
-        ``dw_q``, ``dw_k``, ``dscore_bias`` (concat, additive) and ``dv_a`` (additive); None where the
-        call has no such input. Each is computed in float64 if any of q, k, v is float64, else in
+        ``dw_q``, ``dw_k``, ``dscore_bias`` (concat, additive), ``dv_a`` (additive) and ``dsinks``
+        (sinks' shape); None where the call has no such input. Each is computed in float64 if any of q, k, v is float64, else in
         float32, and rounded once into its input's dtype.
 
     Notes
@@ -391,7 +439,7 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
-        score_bias=score_bias,
+        score_bias=score_bias, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )
     a = b.forward
     if _inputs.nothing_to_compute(a):
@@ -401,7 +449,20 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     grads.update(_chained_gradients(a, kernel))
     if a.bias is not None:
         grads["bias"] = sum_to_shape(kernel["dscores"], a.bias.shape)
+    if a.sinks is not None:
+        grads["sinks"] = _sink_gradient(a, b)
     return AttentionGrads(**{"d" + name: _finished(g, b.grad_dtypes[name]) for name, g in grads.items()})
+
+
+def _sink_gradient(a, b) -> np.ndarray:
+    """dsinks = -sum_i e^{sink - lse_i} (dO_i . O_i) from the forward's out and lse (the sink's weight
+    in each row times the row's delta), summed to sinks' shape; in the computation dtype."""
+    t = a.compute
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = np.einsum("...d,...d->...", b.dout.astype(t, copy=False), b.out.astype(t, copy=False))
+        p_sink = np.exp(a.sinks[..., None] - b.lse.astype(t, copy=False))
+        per_item = -np.add.reduce(p_sink * delta, axis=-1)
+    return sum_to_shape(per_item, a.sinks.shape)
 
 
 def _zero_gradients(a, dtypes: dict) -> AttentionGrads:
@@ -409,7 +470,7 @@ def _zero_gradients(a, dtypes: dict) -> AttentionGrads:
     shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape}
     if a.bias is not None:
         shapes["bias"] = a.bias.shape
-    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a", "sinks"):
         if getattr(a, name) is not None:
             shapes[name] = getattr(a, name).shape
     return AttentionGrads(**{"d" + name: np.zeros(shape, dtypes[name]) for name, shape in shapes.items()})
@@ -449,7 +510,7 @@ def _backward_kernel(a, b) -> dict:
         qq, kk, vv, _as_kernel_input(b.out, kk.dtype, t), _as_kernel_input(b.dout, kk.dtype, t), lse,
         grads["dq"], grads["dk"], grads["dv"], grads["dscores"], grads["dv_a"], list(batch), list(kv_batch),
         a.group, kernel_scale, mask_view, bias_view, lengths, a.causal, a.diagonal_offset, a.window_left,
-        a.window_right, v_a,
+        a.window_right, v_a, **_serving_kernel_args(a, forward=False),
     )
     return grads
 

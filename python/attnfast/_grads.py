@@ -37,6 +37,9 @@ class AttentionGrads(NamedTuple):
         default 0.
     dv_a : ndarray or None
         Of ``v_a`` (``"additive"``), also when it was left at its default of ones.
+    dsinks : ndarray or None
+        Of ``sinks`` (given only), with sinks' shape: -sum_i e^{sink - lse_i} (dO_i . O_i) over the rows
+        (and batch items) each sink serves.
     """
 
     dq: np.ndarray
@@ -48,6 +51,7 @@ class AttentionGrads(NamedTuple):
     dw_k: Optional[np.ndarray] = None
     dscore_bias: Optional[np.ndarray] = None
     dv_a: Optional[np.ndarray] = None
+    dsinks: Optional[np.ndarray] = None
 
 
 def sum_to_shape(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:

@@ -233,6 +233,20 @@ class AttentionArgs:
     return_lse: bool
     return_weights: bool
     out: Optional[np.ndarray]
+    # Issue 18's serving additions (None when the call does not use them).
+    # diagonal_offsets: int64 broadcastable to batch_shape, replacing diagonal_offset per item (causal
+    # bottom_right with kv_lengths aligns each item's diagonal to its kv_lengths).
+    diagonal_offsets: Optional[np.ndarray] = None
+    softcap: Optional[float] = None
+    alibi_slopes: Optional[np.ndarray] = None  # compute dtype, broadcastable to batch_shape
+    sinks: Optional[np.ndarray] = None  # compute dtype, broadcastable to batch_shape
+    # Paged: k and v are the caches (num_blocks, Hk, block_size, D / Dv), block_table int32 (B, blocks),
+    # C-contiguous, whose entries past each item's kv_lengths are not validated (and may be anything).
+    block_table: Optional[np.ndarray] = None
+    block_size: int = 0
+    # int8 k and v: float32 per-row scales, broadcastable to k.shape[:-1] / v.shape[:-1].
+    k_scale: Optional[np.ndarray] = None
+    v_scale: Optional[np.ndarray] = None
 
 
 @dataclass(eq=False)
@@ -260,7 +274,7 @@ class AttentionBackwardArgs:
     ``forward``: the forward call's arguments, exactly as ``attention`` validates them (no lse, no
     weights, no out=). ``dout`` and ``out``: batch_shape + (Lq, Dv), ``lse``: batch_shape + (Lq,), each
     a native array of a storage dtype, as given. ``grad_dtypes``: the dtype of each gradient, by input
-    name (q, k, v, bias, w, w_q, w_k, score_bias, v_a; only the inputs the call has).
+    name (q, k, v, bias, w, w_q, w_k, score_bias, v_a, sinks; only the inputs the call has).
     """
 
     forward: AttentionArgs
@@ -990,10 +1004,242 @@ def result_without_scores(a: AttentionArgs):
         result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
     extras = []
     if a.return_lse:
-        extras.append(np.full(a.batch_shape + (a.lq,), -np.inf, lse_dtype(a.dtype)))
+        shape = a.batch_shape + (a.lq,)
+        if a.sinks is None:
+            extras.append(np.full(shape, -np.inf, lse_dtype(a.dtype)))
+        else:  # a row without keys has lse = its sink
+            extras.append(np.broadcast_to(a.sinks[..., None], shape).astype(lse_dtype(a.dtype)))
     if a.return_weights:
         extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
     return (result, *extras) if extras else result
+
+
+# --------------------------------------------------------------------------
+# Serving additions: score modifiers, int8 and paged caches (issue 18)
+# --------------------------------------------------------------------------
+
+_INT8 = np.dtype(np.int8)
+_PER_HEAD_TARGET = "the batch shape (..., Hq) (e.g. (Hq,) or (B, Hq))"
+
+
+def check_softcap(softcap: Any, compute: np.dtype) -> Optional[float]:
+    """``softcap`` as a float c > 0 (scores become c tanh(s / c)), or None when not given."""
+    if softcap is None:
+        return None
+    what = (f"softcap must be a positive finite number (the cap c of s -> c * tanh(s / c)) or None; got "
+            f"{softcap!r}")
+    if isinstance(softcap, np.ndarray) and softcap.ndim == 0 and softcap.dtype.kind in "iuf":
+        softcap = softcap.item()
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what}. Pass e.g. softcap=50.0.")
+    try:
+        value = float(softcap)
+    except OverflowError:
+        value = math.inf
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what}. Pass e.g. softcap=50.0, or softcap=None for no cap.")
+    if compute == _FLOAT32 and value >= FLOAT32_OVERFLOW:
+        raise ValueError(f"{what}, which overflows float32 (the computation dtype); pass a smaller cap.")
+    return value
+
+
+def check_per_head(name: str, x: Any, target: Shape, compute: np.dtype, what: str = _PER_HEAD_TARGET) -> Optional[np.ndarray]:
+    """``alibi_slopes`` or ``sinks``: a finite real array broadcastable to ``target`` (the batch
+    shape), converted to the computation dtype (not broadcast); None when not given."""
+    if x is None:
+        return None
+    a = _asarray(name, x)
+    if a.dtype.kind not in "iuf" and a.dtype != _BFLOAT16:
+        raise TypeError(
+            f"{name} must be a real floating-point array (one value per query head); got dtype {a.dtype}. "
+            f"Convert it with {_conversion_hint(name, x, dtype_expr(compute))}."
+        )
+    _broadcast_to_target(name, a.shape, target, what,
+                         "Pass one value per query head, shape (Hq,), or per batch item and head.")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = _cast(_native(a) if a.dtype.kind == "f" else a, compute)
+    if not np.all(np.isfinite(converted)):
+        bad = a.flat[int(np.flatnonzero(~np.isfinite(converted.ravel()))[0])]
+        raise ValueError(
+            f"{name} must be finite in {compute.name} (the computation dtype); got {bad!r}. "
+            f"{'Leave a head without sinks out by passing -1e30 rather than -inf.' if name == 'sinks' else ''}"
+            .rstrip()
+        )
+    return converted
+
+
+def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Shape, compute: np.dtype):
+    """(softcap, alibi_slopes, sinks) validated for a call of batch shape ``batch`` (see
+    :func:`check_softcap` and :func:`check_per_head`); shared with attention_varlen."""
+    return (check_softcap(softcap, compute), check_per_head("alibi_slopes", alibi_slopes, batch, compute),
+            check_per_head("sinks", sinks, batch, compute))
+
+
+def _kv_array(name: str, x: Any) -> np.ndarray:
+    """k or v: an int8 array (a quantised cache) as given, else a storage-dtype array."""
+    if isinstance(x, np.ndarray) and x.dtype == _INT8:
+        return x
+    if not isinstance(x, np.ndarray) and x is not None and np.asarray(x).dtype == _INT8:
+        return np.asarray(x)
+    return _float_array(name, x)
+
+
+def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str, shape_name: str) -> np.ndarray:
+    """One of k_scale / v_scale: float32, broadcastable to the cache's shape without its last axis,
+    finite and >= 0."""
+    target = cache.shape[:-1]
+    a = _asarray(name, scale)
+    if a.dtype != _FLOAT32:
+        if a.dtype.kind == "f" and not a.dtype.isnative and a.dtype.newbyteorder("=") == _FLOAT32:
+            a = _native(a)
+        else:
+            raise TypeError(
+                f"{name} must be a float32 array (one scale per cached row, as attnfast.quantize_kv returns "
+                f"it); got dtype {a.dtype}. Convert it with {_conversion_hint(name, scale, 'np.float32')}."
+            )
+    _broadcast_to_target(name, a.shape, target, f"{shape_name} {cache_name}.shape[:-1]",
+                         f"Pass one scale per row of {cache_name} (its last axis is the features).")
+    if a.size and not np.all(np.isfinite(a) & (a >= 0)):
+        bad = a.flat[int(np.flatnonzero(~(np.isfinite(a) & (a >= 0)).ravel())[0])]
+        raise ValueError(
+            f"{name} must hold finite scales >= 0 (value = int8 * scale); got {float(bad)!r}. "
+            f"Make the cache and its scales with attnfast.quantize_kv."
+        )
+    return a
+
+
+def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any, v_scale: Any, method: str):
+    """(k_scale, v_scale) for int8 k and v (float32, validated), (None, None) for floating ones."""
+    k8, v8 = k.dtype == _INT8, v.dtype == _INT8
+    if not (k8 or v8):
+        for name, given, cache in (("k_scale", k_scale, k), ("v_scale", v_scale, v)):
+            if given is not None:
+                raise TypeError(
+                    f"{name} is given but {name[0]} has dtype {cache.dtype}: the scales apply to an int8 "
+                    f"cache only. Drop {name}, or pass the int8 cache (attnfast.quantize_kv) with it."
+                )
+        return None, None
+    if k8 != v8:
+        raise TypeError(
+            f"k and v must both be int8 (a quantised cache) or both floating; got k of dtype {k.dtype} and "
+            f"v of dtype {v.dtype}. Quantize both with attnfast.quantize_kv."
+        )
+    for name, given, cache in (("k_scale", k_scale, "k"), ("v_scale", v_scale, "v")):
+        if given is None:
+            raise TypeError(
+                f"{cache} is int8 but {name} is None: an int8 cache needs its per-row scales "
+                f"({cache} value = int8 * scale). Pass {name}=, e.g. from "
+                f"{cache}_int8, {name} = attnfast.quantize_kv({cache})."
+            )
+    if q.dtype == _FLOAT64:
+        raise TypeError(
+            "q has dtype float64 but an int8 KV cache is computed in float32; pass q as float32 "
+            "(q.astype(np.float32)), or a float64 cache for a float64 result."
+        )
+    if method not in _PAGED_METHODS:
+        raise ValueError(
+            f"an int8 KV cache takes method 'dot', 'scaled_dot' or 'general' (whose kernels read the keys as "
+            f"stored); got method={method!r}. Dequantize the cache first: k.astype(np.float32) * k_scale[..., None]."
+        )
+    return (_check_scale_array("k_scale", k_scale, k, "k", "the shape of"),
+            _check_scale_array("v_scale", v_scale, v, "v", "the shape of"))
+
+
+_PAGED_METHODS = ("dot", "scaled_dot", "general")
+_PAGED_LAYOUT = "k and v caches (num_blocks, Hk, block_size, D / Dv), q (B, Hq, Lq, D), block_table (B, max_blocks)"
+
+
+def _check_paged_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, block_table: Any, method: str) -> np.ndarray:
+    """The shapes of a paged call (see _PAGED_LAYOUT); returns block_table as an integer array."""
+    for name, a in (("k", k), ("v", v)):
+        if a.ndim != 4:
+            raise ValueError(
+                f"with block_table, {name} must be a 4-D cache (num_blocks, Hk, block_size, "
+                f"{'D' if name == 'k' else 'Dv'}); got shape {_fmt(a.shape)}."
+            )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"with block_table, k and v must be caches of the same (num_blocks, Hk, block_size); got k shape "
+            f"{_fmt(k.shape)} and v shape {_fmt(v.shape)}."
+        )
+    if q.ndim != 4:
+        raise ValueError(f"with block_table, q must be 4-D (B, Hq, Lq, D); got shape {_fmt(q.shape)}.")
+    table = _asarray("block_table", block_table)
+    if table.dtype.kind not in "iu":
+        raise TypeError(
+            f"block_table must be an integer array (block indices into the cache), preferably int32; got "
+            f"dtype {table.dtype}. Convert it with {_conversion_hint('block_table', block_table, 'np.int32')}."
+        )
+    if table.ndim != 2:
+        raise ValueError(
+            f"block_table must be 2-D (B, max_blocks): row b lists the cache blocks of batch item b; got "
+            f"shape {_fmt(table.shape)}."
+        )
+    if table.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"block_table has {table.shape[0]} rows but q has B = {q.shape[0]} batch items (axis 0); pass "
+            f"one row of block indices per batch item."
+        )
+    if method not in _PAGED_METHODS:
+        raise ValueError(
+            f"a paged KV cache (block_table) takes method 'dot', 'scaled_dot' or 'general'; got "
+            f"method={method!r}. Gather the cache first: k[block_table] (see the README)."
+        )
+    return table
+
+
+def _paged_kv_lengths(kv_lengths: Any, b: int) -> Any:
+    """kv_lengths of a paged call: a (B,) array is one length per batch item (all heads)."""
+    if kv_lengths is None:
+        return None
+    n = np.asarray(kv_lengths) if not isinstance(kv_lengths, np.ndarray) else kv_lengths
+    if n.ndim == 1 and n.shape[0] == b:
+        return n[:, None]
+    return kv_lengths
+
+
+def _kernel_block_table(table: np.ndarray, kv_lengths: Optional[np.ndarray], batch: Shape, num_blocks: int,
+                        block_size: int) -> np.ndarray:
+    """Check that every block an item reads is in [0, num_blocks); return the table as C-contiguous
+    int32 (as given when it already is; a converted copy has 0 in the entries no item reads, which
+    may hold anything, even values int32 cannot)."""
+    b, max_blocks = table.shape
+    if kv_lengths is None or 0 in batch:
+        keys = np.full(b, max_blocks * block_size, np.int64)
+    else:
+        keys = np.max(np.broadcast_to(kv_lengths, batch), axis=1)  # the longest head of each item
+    needed = np.arange(max_blocks)[None, :] < -(-keys // block_size)[:, None]
+    bad = needed & ((table < 0) | (table >= num_blocks))
+    if np.any(bad):
+        i, j = (int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_table[{i}, {j}] = {int(table[i, j])} is not a block of the cache (num_blocks = "
+            f"{num_blocks}), but batch item {i} reads it (its first {int(keys[i])} keys, block_size "
+            f"{block_size}). Entries must lie in [0, num_blocks) for every block an item's kv_lengths reaches."
+        )
+    if table.dtype == np.int32 and table.flags.c_contiguous and table.flags.aligned:
+        return table
+    return np.where(needed, table, 0).astype(np.int32)
+
+
+def _check_paged_heads(q: np.ndarray, k: np.ndarray) -> Tuple[Shape, Shape, int]:
+    """(batch, kv_batch, group) of a paged call: q (B, Hq), the kv items (B, Hk)."""
+    b, hq, hk = int(q.shape[0]), int(q.shape[1]), int(k.shape[1])
+    if not (hq == hk or (hk > 0 and hq % hk == 0)):
+        raise ValueError(
+            f"q has {hq} heads (axis 1) but the k/v cache has Hk = {hk} (axis 1); the kv heads must divide "
+            f"the query heads (query head h uses kv head h // (Hq/Hk))."
+        )
+    return (b, hq), (b, hk), (hq // hk if hk else 1)
+
+
+def per_item_diagonal_offsets(causal_align: str, kv_lengths: Optional[np.ndarray], lq: int) -> Optional[np.ndarray]:
+    """With kv_lengths, bottom_right aligns each item's diagonal to its own kv_lengths (the last query
+    sees key kv_lengths[b] - 1, as flash_attn_with_kvcache aligns to cache_seqlens): offsets
+    kv_lengths - Lq, broadcastable to the batch shape. None otherwise (the call's one offset)."""
+    if causal_align != "bottom_right" or kv_lengths is None:
+        return None
+    return kv_lengths.astype(np.int64, copy=False) - lq
 
 
 def check_attention(
@@ -1017,6 +1263,12 @@ def check_attention(
     w_k=None,
     v_a=None,
     score_bias=None,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
+    block_table=None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Validate the arguments of ``attention``.
 
@@ -1034,25 +1286,38 @@ def check_attention(
     """
     q_in, k_in, v_in = q, k, v
     q = _float_array("q", q)
-    k = _float_array("k", k)
-    v = _float_array("v", v)
+    k = _kv_array("k", k)
+    v = _kv_array("v", v)
     _at_least_2d("q", q, "(..., Lq, D)", "Use {x}[None, :] for a single query.", q_in)
     _at_least_2d("k", k, "(..., Lk, Dk)", "Use {x}[None, :] for a single key.", k_in)
     _at_least_2d("v", v, "(..., Lk, Dv)", "Use {x}[None, :] for a single key.", v_in)
     method = _check_method(method)
-    if k.shape[-2] != v.shape[-2]:
+    k_scale, v_scale = _check_int8_cache(q, k, v, k_scale, v_scale, method)
+    table = None if block_table is None else _check_paged_shapes(q, k, v, block_table, method)
+    if table is None and k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"k and v must have the same number of keys Lk (axis -2); got k shape {_fmt(k.shape)} "
             f"and v shape {_fmt(v.shape)}."
         )
-    dtype = result_dtype(q.dtype, k.dtype, v.dtype)
+    if k_scale is not None:
+        dtype = _FLOAT32  # int8 caches are dequantised to float32 (q float32 or 16-bit)
+        q = _to_result(q, dtype)
+    else:
+        dtype = result_dtype(q.dtype, k.dtype, v.dtype)
+        q, k, v = _to_result(q, dtype), _to_result(k, dtype), _to_result(v, dtype)
     compute = compute_dtype(dtype)
-    q, k, v = _to_result(q, dtype), _to_result(k, dtype), _to_result(v, dtype)
-    lq, lk = int(q.shape[-2]), int(k.shape[-2])
+    lq = int(q.shape[-2])
     d, dk, dv = int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])
 
-    kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
-    batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
+    if table is None:
+        lk = int(k.shape[-2])
+        kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
+        batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
+    else:
+        # Key j of item b is row j % block_size of cache block table[b, j // block_size].
+        lk = int(table.shape[1] * k.shape[2])
+        batch, kv_batch, group = _check_paged_heads(q, k)
+        kv_lengths = _paged_kv_lengths(kv_lengths, int(q.shape[0]))
     fields = _check_method_weights(
         method, compute, d, dk, q.shape, k.shape, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
@@ -1066,6 +1331,10 @@ def check_attention(
         _broadcast_to_target("bias", bias.shape, scores_shape, "the score shape batch_shape + (Lq, Lk)")
     if kv_lengths is not None:
         kv_lengths = _check_kv_lengths(kv_lengths, batch, lk)
+
+    if table is not None:
+        table = _kernel_block_table(table, kv_lengths, batch, int(k.shape[0]), int(k.shape[2]))
+    softcap, alibi_slopes, sinks = check_score_modifiers(softcap, alibi_slopes, sinks, batch, compute)
 
     causal = _check_bool_flag("causal", causal)
     if not isinstance(causal_align, str) or causal_align not in CAUSAL_ALIGNS:
@@ -1105,6 +1374,14 @@ def check_attention(
         return_lse=return_lse,
         return_weights=return_weights,
         out=out,
+        diagonal_offsets=per_item_diagonal_offsets(causal_align, kv_lengths, lq),
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        block_table=table,
+        block_size=0 if table is None else int(k.shape[2]),
+        k_scale=k_scale,
+        v_scale=v_scale,
         **fields,
     )
 
@@ -1200,9 +1477,20 @@ def _gradient_dtype(given: Any, fallback: np.dtype) -> np.dtype:
     return fallback
 
 
+_DENSIFY = ("k[block_table].transpose(0, 2, 1, 3, 4).reshape(B, Hk, -1, D) for a paged one, "
+            "k.astype(np.float32) * k_scale[..., None] for an int8 one")
+
+
 def reject_backward_extras(given: dict) -> None:
     """TypeError for keyword arguments attention_backward does not take (``given``: the unexpected
     ones), most likely the forward's return_lse / return_weights / out passed along with the others."""
+    for name in ("block_table", "k_scale", "v_scale"):
+        if name in given:
+            what = "a paged cache (block_table)" if name == "block_table" else "an int8 cache (k_scale, v_scale)"
+            raise ValueError(
+                f"attention_backward does not take {name}: it has no gradients of {what}. "
+                f"Densify the cache first ({_DENSIFY}) and pass the dense k and v."
+            )
     if given:
         names = ", ".join(sorted(given))
         raise TypeError(
@@ -1231,6 +1519,12 @@ def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
     -------
     AttentionBackwardArgs
     """
+    for name, x in (("k", k), ("v", v)):
+        if getattr(x, "dtype", None) == _INT8:
+            raise ValueError(
+                f"attention_backward got an int8 {name}: it has no gradients of an int8 cache. Densify the "
+                f"cache first ({_DENSIFY}) and pass the dense k and v."
+            )
     a = check_attention(q, k, v, **kwargs)
     result_shape = a.batch_shape + (a.lq, a.dv)
     dout = _check_forward_result(
@@ -1259,7 +1553,7 @@ def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
                    "v": _float_array("v", v).dtype}
     if a.bias is not None:
         grad_dtypes["bias"] = _gradient_dtype(kwargs.get("bias"), t)
-    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a", "sinks"):
         if getattr(a, name) is not None:
             grad_dtypes[name] = _gradient_dtype(kwargs.get(name), t)
     return AttentionBackwardArgs(forward=a, dout=dout, out=out, lse=lse, grad_dtypes=grad_dtypes)

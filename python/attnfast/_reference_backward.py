@@ -8,7 +8,9 @@ applies the textbook formulas, with every kv operand expanded to the query items
     delta_i = sum_j P_ij dP_ij  (= dO_i . O_i)
     dS = P * (dP - delta)             (0 where a key is hidden)
 
-and dS, the gradient of the final scores (bias included), is chained through the score method:
+and dS, the gradient of the final scores (bias included), is chained through the score modifiers --
+ALiBi adds a constant (dS passes unchanged), softcap c tanh(r / c) multiplies it by 1 - tanh^2(r / c)
+at the method's score r -- and then through the score method:
 dot products s = (scale q) . k give dQ = scale dS K and dK = scale dS^T Q; general goes through q W;
 concat's s = scale (w_q.q_i + w_k.k_j + b) through its two row sums; additive's
 s = scale v_a . tanh(qp_i + kp_j) through 1 - tanh^2, one query at a time (as the forward).
@@ -18,6 +20,10 @@ hold (products are selected by visibility, never multiplied by 0), a row with no
 gradients, and a row whose lse is +inf (scores overflowed to +inf) has P = the forward's weights
 (1/count on its +inf scores), so dV gets P^T dO, but dS = 0: its scores cannot move P. Gradients are
 then summed to each input's shape and rounded once into its dtype.
+
+Sinks: P = exp(s - lse) with the sink inside lse, so dS keeps its form, and the sink's own weight
+P_sink,i = e^{sink - lse_i} gives dsink = -sum_i P_sink,i delta_i (= -sum_i e^{sink - lse_i} dO_i . O_i),
+summed over every row of every batch item the sink serves.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ _F64 = np.float64
 
 def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
                        causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, **unexpected):
+                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
+                       sinks=None, **unexpected):
     """Gradients of attention with respect to its inputs, in float64 from the explicit formulas.
 
     Parameters
@@ -47,20 +54,21 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     out, lse : array_like, (..., Lq, Dv) and (..., Lq)
         What ``attention(q, k, v, return_lse=True, **kwargs)`` returned (validated; the reference
         recomputes them in float64).
-    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias
-        The forward's keyword arguments, as in :func:`attention`.
+    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
+    softcap, alibi_slopes, sinks
+        The forward's keyword arguments, as in :func:`attention` (no block_table or int8 cache).
 
     Returns
     -------
     AttentionGrads
         dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a
-        where the call has those inputs (see :class:`attnfast.AttentionGrads`).
+        and dsinks where the call has those inputs (see :class:`attnfast.AttentionGrads`).
     """
     _inputs.reject_backward_extras(unexpected)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
-        score_bias=score_bias,
+        score_bias=score_bias, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )
     a = b.forward
     if _inputs.nothing_to_compute(a):
@@ -78,7 +86,7 @@ def _inputs_of(a) -> dict:
     found = {"q": a.q, "k": a.k, "v": a.v}
     if a.bias is not None:
         found["bias"] = a.bias
-    for name in ("w", "w_q", "w_k", "score_bias", "v_a"):
+    for name in ("w", "w_q", "w_k", "score_bias", "v_a", "sinks"):
         if getattr(a, name) is not None:
             found[name] = getattr(a, name)
     return found
@@ -109,9 +117,10 @@ def _t(x: np.ndarray) -> np.ndarray:
 def _gradients64(a, dout: np.ndarray) -> dict:
     """Every gradient in float64, batch-shaped (q-like ones batch + (Lq, .), k/v-like ones per query
     item batch + (Lk, .) before folding), weights already summed over the batch."""
-    s = _forward._attention_scores64(a)
+    raw = _forward._method_scores64(a)
+    s = _forward._modified_scores64(a, raw)
     shown = _forward._visibility(a)
-    p, lse = _forward._masked_softmax64(s, shown, axis=-1)
+    p, lse = _forward._masked_softmax64(s, shown, axis=-1, sink=_forward._sink64(a))
     visible = shown & (s != -np.inf)
     p = np.where(visible, p, 0.0)
 
@@ -126,13 +135,26 @@ def _gradients64(a, dout: np.ndarray) -> dict:
     # Overflowed rows: P is the limit of the softmax, which no finite change of the scores moves.
     ds = np.where((lse == np.inf)[..., None], 0.0, ds)
 
-    grads = _method_gradients64(a, ds, visible, q, k)
+    grads = _method_gradients64(a, _through_softcap(a, ds, raw, visible), visible, q, k)
     grads["v"] = dv
     if a.bias is not None:
         grads["bias"] = ds
+    if a.sinks is not None:
+        # The sink's weight e^{sink - lse_i}; 0 in a row whose lse is +inf.
+        p_sink = np.exp(_forward._sink64(a)[..., 0] - lse)  # (batch..., Lq)
+        grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=-1)
     for name in ("k", "v"):
         grads[name] = fold_query_heads(grads[name], a.kv_batch_shape, a.group)
     return grads
+
+
+def _through_softcap(a, ds: np.ndarray, raw: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """dS chained through s = c tanh(r / c) to the method's score r: dS (1 - tanh^2(r / c)), 0 where
+    hidden (never multiplied there: r may be NaN). ALiBi's term is constant in r."""
+    if a.softcap is None:
+        return ds
+    t = np.tanh(raw / a.softcap)
+    return np.where(visible, ds * (1.0 - t * t), 0.0)
 
 
 def _seen_rows(x: np.ndarray, seen: np.ndarray) -> np.ndarray:

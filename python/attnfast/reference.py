@@ -101,13 +101,19 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     return s * a.scale
 
 
-def _masked_softmax64(s: np.ndarray, visible, axis: int):
+def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
     """Softmax over ``axis`` of float64 ``s`` restricted to ``visible``.
 
     Returns (weights, lse).  ``visible`` is a bool array broadcastable to
     ``s`` or None.  Rows with no visible finite-or-+inf entry give weights 0
     and lse -inf.  Rows whose maximum is +inf give each +inf entry the weight
     1 / (their count), every other entry 0, and lse +inf.
+
+    ``sink`` (float64, broadcastable to ``s`` with ``axis`` of extent 1, or
+    None): a logit that joins each row's denominator but is no entry of the
+    row: weights_j = e^{s_j - m} / (e^{sink - m} + sum_j e^{s_j - m}) with
+    m = max(sink, max_j s_j), lse = log(e^{sink} + sum_j e^{s_j}).  A row
+    with no visible entry then has weights 0 and lse = sink.
     """
     if visible is not None:
         # Hiding an entry by -inf (rather than multiplying by 0) also hides a
@@ -119,6 +125,8 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int):
             m = np.max(s, axis=axis, keepdims=True)
         else:  # no keys at all: every row is empty
             m = np.full(s.shape[:axis] + (1,) + s.shape[axis + 1 :], -np.inf)
+        if sink is not None:
+            m = np.maximum(m, sink)  # NaN stays NaN
         # An all -inf row has max -inf; shifting by 0 instead keeps exp(-inf)
         # = 0 rather than exp(-inf - -inf) = NaN.
         saturated = m == np.inf
@@ -127,6 +135,9 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int):
         # together, weight 1 each before normalising, 0 for every other entry.
         e = np.where(saturated, (s == np.inf).astype(_F64), np.exp(s - shift))
         total = np.sum(e, axis=axis, keepdims=True)
+        if sink is not None:
+            # The sink weighs nothing next to +inf scores.
+            total = total + np.where(saturated, 0.0, np.exp(sink - shift))
         weights = e / np.where(total == 0.0, 1.0, total)
         lse = np.where(saturated, np.inf, shift + np.log(total))  # log(0) = -inf for empty rows
     return weights, np.squeeze(lse, axis=axis)
@@ -210,12 +221,22 @@ def aggregate(weights, v):
     return _inputs.round_to(a.weights.astype(_F64) @ a.v.astype(_F64), a.dtype)
 
 
+def _diagonals(a) -> np.ndarray:
+    """int64 (..., Lq, 1): the key on each query row's diagonal, which causal, window and ALiBi align to.
+
+    i + offset, with offset 0 (top_left) or Lk - Lq (bottom_right); with kv_lengths, bottom_right
+    aligns each item to its own length: offset kv_lengths[b] - Lq (``a.diagonal_offsets``)."""
+    i = np.arange(a.lq, dtype=np.int64)[:, None]
+    if a.diagonal_offsets is None:
+        return i + a.diagonal_offset
+    return i + a.diagonal_offsets[..., None, None]
+
+
 def _visibility(a) -> np.ndarray:
     """Bool (batch..., Lq, Lk) array: key j visible to query i (before -inf scores)."""
-    i = np.arange(a.lq)[:, None]
     j = np.arange(a.lk)[None, :]
-    diag = i + a.diagonal_offset
-    vis = np.ones((a.lq, a.lk), dtype=bool)
+    diag = _diagonals(a)
+    vis = np.ones(np.broadcast_shapes(diag.shape, (a.lq, a.lk)), dtype=bool)
     if a.causal:
         vis &= j <= diag
     if a.window_left >= 0:
@@ -230,13 +251,65 @@ def _visibility(a) -> np.ndarray:
     return vis
 
 
-def _attention_scores64(a) -> np.ndarray:
-    """Final scores (batch..., Lq, Lk) in float64, bias included, saturated to the dtype.
+def _cache64(a, x: np.ndarray, scale, features: int) -> np.ndarray:
+    """k or v as float64 of kv_batch_shape + (Lk, features): an int8 cache dequantised (int8 * scale,
+    in float64), a paged cache gathered (key j of item b is row j % block_size of block
+    block_table[b, j // block_size]); a broadcast view otherwise."""
+    x = x.astype(_F64)
+    if scale is not None:
+        x = x * scale.astype(_F64)[..., None]
+    if a.block_table is not None:
+        # Entries past an item's kv_lengths were not validated and its keys there are hidden: any
+        # in-range block stands in for them.
+        table = np.where((a.block_table >= 0) & (a.block_table < x.shape[0]), a.block_table, 0)
+        blocks = x[table]  # (B, max_blocks, Hk, block_size, features)
+        b, hk = a.kv_batch_shape
+        x = blocks.transpose(0, 2, 1, 3, 4).reshape(b, hk, a.lk, features)
+    return np.broadcast_to(x, a.kv_batch_shape + (a.lk, features))
 
-    GQA by reshaping, not repeating.  A -inf bias gives -inf whatever the score.
+
+def _keys64(a) -> np.ndarray:
+    return _cache64(a, a.k, a.k_scale, a.dk)
+
+
+def _values64(a) -> np.ndarray:
+    return _cache64(a, a.v, a.v_scale, a.dv)
+
+
+def _sink64(a):
+    """The sinks as float64 (..., 1, 1) against the (batch..., Lq, Lk) scores, or None."""
+    return None if a.sinks is None else a.sinks.astype(_F64)[..., None, None]
+
+
+def _attention_scores64(a) -> np.ndarray:
+    """Final scores (batch..., Lq, Lk) in float64: the method's, then softcap, ALiBi and bias, each
+    saturated to the dtype.  A -inf bias gives -inf whatever the score."""
+    return _modified_scores64(a, _method_scores64(a))
+
+
+def _modified_scores64(a, s: np.ndarray) -> np.ndarray:
+    """The score modifiers applied to the method's scores ``s``, in the issue's order:
+    softcap s <- c tanh(s / c); ALiBi s <- s - slope |diag_i - j|; then s + bias."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if a.softcap is not None:
+            s = a.softcap * np.tanh(s / a.softcap)
+        if a.alibi_slopes is not None:
+            slope = a.alibi_slopes.astype(_F64)[..., None, None]
+            distance = np.abs(_diagonals(a) - np.arange(a.lk)[None, :]).astype(_F64)
+            s = _saturate(s - slope * distance, a.compute)
+        if a.bias is not None:
+            b = a.bias.astype(_F64)
+            s = np.where(b == -np.inf, -np.inf, _saturate(s + b, a.compute))
+    return s
+
+
+def _method_scores64(a) -> np.ndarray:
+    """The method's scores (batch..., Lq, Lk) in float64 (scale included), saturated to the dtype.
+
+    GQA by reshaping, not repeating.
     """
     q = np.broadcast_to(a.q, a.batch_shape + (a.lq, a.d)).astype(_F64)
-    k = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(_F64)
+    k = _keys64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
     with np.errstate(invalid="ignore", over="ignore"):
         if a.group == 1 or hk == 1:
@@ -248,9 +321,6 @@ def _attention_scores64(a) -> np.ndarray:
             qg = q.reshape(rest + (hk, a.group, a.lq, a.d))
             kg = k[..., None, :, :]  # (rest, Hk, 1, Lk, Dk)
             s = _saturate(_scores64(qg, kg, a, scale_first=True), a.compute).reshape(a.batch_shape + (a.lq, a.lk))
-        if a.bias is not None:
-            b = a.bias.astype(_F64)
-            s = np.where(b == -np.inf, -np.inf, _saturate(s + b, a.compute))
     return s
 
 
@@ -283,7 +353,7 @@ def _weighted_values64(weights: np.ndarray, visible: np.ndarray, v: np.ndarray) 
 
 def _gqa_values64(a) -> np.ndarray:
     """v as float64 indexed by output head (a broadcast view when group == 1)."""
-    v = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)).astype(_F64)
+    v = _values64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
     if a.group == 1 or hk == 1:
         return v
@@ -311,6 +381,12 @@ def attention(
     w_k=None,
     v_a=None,
     score_bias=None,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
+    block_table=None,
+    k_scale=None,
+    v_scale=None,
 ):
     """Full attention: scores, masking, softmax and weighted sum of values.
 
@@ -328,17 +404,43 @@ def attention(
     bias : array_like, optional
         Added to the scores (after ``scale``); broadcastable to (..., Lq, Lk).
     causal : bool
-        Key j visible to query i only when j <= i + offset.
+        Key j visible to query i only when j <= diag_i = i + offset.
     causal_align : {"top_left", "bottom_right"}
-        offset = 0 or Lk - Lq; also aligns ``window``.
+        offset = 0 or Lk - Lq, or with ``kv_lengths`` kv_lengths[b] - Lq per
+        batch item (the last query sees key kv_lengths[b] - 1, as
+        flash_attn_with_kvcache aligns to cache_seqlens); also aligns
+        ``window`` and ALiBi.
     window : (int or None, int or None), optional
-        (left, right): keys with i + offset - left <= j <= i + offset + right.
+        (left, right): keys with diag_i - left <= j <= diag_i + right.
     kv_lengths : array_like of int, optional
         Broadcastable to the batch shape; only the first n keys are visible.
+        With ``block_table`` a (B,) array is one length per batch item.
     return_lse, return_weights : bool
         Also return the log-sum-exp (..., Lq) / the weights (..., Lq, Lk).
+        With sinks, lse includes them and the weights are those of the real
+        keys (rows sum to 1 - e^{sink - lse}).
     out : ndarray, optional
         (..., Lq, Dv) array of the result dtype to write the output into.
+    softcap : float > 0, optional
+        s <- softcap * tanh(s / softcap), on the method's score (scale included).
+    alibi_slopes : array_like, optional
+        Broadcastable to the batch shape (..., Hq): s <- s - slope * |diag_i - j|
+        (after softcap, before bias).
+    sinks : array_like, optional
+        Broadcastable to the batch shape: a logit per head that joins each
+        row's softmax denominator without a value:
+        out_i = sum_j e^{s_ij - m} v_j / (e^{sink - m} + sum_j e^{s_ij - m}),
+        lse_i = log(e^{sink} + sum_j e^{s_ij}); a row with no visible key has
+        out 0, weights 0 and lse = sink.
+    block_table : array_like of int, (B, max_blocks), optional
+        Paged caches: k, v are (num_blocks, Hk, block_size, D / Dv), q is
+        (B, Hq, Lq, D); key j of item b is k[block_table[b, j // block_size], :,
+        j % block_size].  Lk = max_blocks * block_size; only the entries an
+        item's kv_lengths reaches are validated and read.
+    k_scale, v_scale : array_like of float32, optional
+        int8 k and v: value = int8 * scale, one scale per row (broadcastable
+        to k.shape[:-1] / v.shape[:-1]; paged: (num_blocks, Hk, block_size)),
+        dequantised in float64.  q float32 (or 16-bit): a float32 result.
 
     Returns
     -------
@@ -349,6 +451,8 @@ def attention(
         q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,
         return_weights=return_weights, out=out, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, block_table=block_table, k_scale=k_scale,
+        v_scale=v_scale,
     )
     if _inputs.nothing_to_compute(a):
         return _inputs.result_without_scores(a)
@@ -364,7 +468,7 @@ def _attention_from_args(a):
 def _attention_from_args_checked(a):
     s = _attention_scores64(a)
     visible = _visibility(a)
-    weights, lse = _masked_softmax64(s, visible, axis=-1)
+    weights, lse = _masked_softmax64(s, visible, axis=-1, sink=_sink64(a))
     visible = visible & (s != -np.inf)  # a -inf score (or bias) hides the key too
     weights = np.where(visible, weights, 0.0)  # 0 even in a row a NaN score made NaN
 

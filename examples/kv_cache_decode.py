@@ -1,7 +1,6 @@
 """Greedy decoding with a paged int8 KV cache, checked against a float32 run without pages.
 
-A small decoder-only transformer with random weights, in NumPy: token embeddings (tied with the output
-layer), pre-norm blocks of grouped-query attention (RoPE on q and k) and a SiLU MLP, RMSNorm.  It
+A small decoder-only transformer with random weights, in NumPy: token embeddings, pre-norm blocks of grouped-query attention (RoPE on q and k) and a SiLU MLP, RMSNorm.  It
 continues a batch of prompts of different lengths greedily, twice:
 
 * **served**: the way an inference server keeps its cache.  Every layer's K and V live in int8 pages of
@@ -13,14 +12,19 @@ continues a batch of prompts of different lengths greedily, twice:
   with ``kv_lengths`` = each prompt's length and ``causal_align="bottom_right"``, which aligns the
   diagonal to each item's ``kv_lengths`` (the last query row sees key ``kv_lengths[b] - 1``).  Then each step
   decodes one token per sequence: its K and V are quantised into the next slot and one call per layer
-  reads the pages through the block table.  Pages not yet written hold garbage with NaN scales: the
-  kernels never read a key at or past ``kv_lengths``.
+  reads the pages through the block table.  Slots not yet written hold garbage that would overflow any
+  result it reached (the largest float32 scale; NaN in float32 pages): the kernels never read a key at
+  or past ``kv_lengths``.
 * **reference**: each sequence on its own, float32, in a contiguous cache: the prompt through one plain
-  causal call (Lq = Lk), each decoded token through a call over the cache's filled prefix.
+  causal call (Lq = Lk), each decoded token through a call over the cache's filled prefix; it is fed
+  the served run's tokens, so both runs see the same inputs at every step.
 
-The two runs must pick the same tokens at every step and their logits must stay close (int8 keys and
-values carry ~0.4% error per element: the logits differ by a small fraction of their spread); with
-``--cache float32`` the served run keeps float32 pages and must match the reference to float32 rounding.
+Every served token must be the reference's greedy choice, or a near tie (the reference's two best logits
+closer than twice that step's logit difference, which int8 rounding may decide either way; once it did,
+free-running greedy runs would continue different texts), and the logits must stay close: int8 keys and
+values carry up to 0.4% error per element, so the logits differ by a small fraction of their spread.
+With ``--cache float32`` the served run keeps float32 pages and matches the reference to float32
+rounding.
 
 Run:  python examples/kv_cache_decode.py [--smoke] [--steps N] [--cache int8|float32]
 (--smoke takes a second and is what the tests run)
@@ -79,8 +83,10 @@ def init_params(cfg: Config) -> Params:
     def normal(*shape):
         return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
 
+    # Untied output layer: with tied random embeddings every token's own logit would dominate, and greedy
+    # decoding would repeat the prompt's last token whatever the attention reads.
     params: Params = {"embed": rng.standard_normal((cfg.vocab, d)).astype(np.float32),
-                      "final_norm": np.ones(d, np.float32)}
+                      "final_norm": np.ones(d, np.float32), "unembed": normal(d, cfg.vocab)}
     for layer in range(cfg.layers):
         params.update({f"{layer}.attn_norm": np.ones(d, np.float32), f"{layer}.mlp_norm": np.ones(d, np.float32),
                        f"{layer}.wq": normal(d, cfg.q_heads * hd), f"{layer}.wk": normal(d, cfg.kv_heads * hd),
@@ -129,7 +135,7 @@ def forward(params: Params, cfg: Config, tokens: np.ndarray, positions: np.ndarr
         out = attend(layer, q, k, v)  # (B, Hq, L, hd)
         x = x + out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1) @ p("wo")
         x = x + silu(rms_norm(x, p("mlp_norm")) @ p("w_in")) @ p("w_out")
-    return rms_norm(x, params["final_norm"]) @ params["embed"].T
+    return rms_norm(x, params["final_norm"]) @ params["unembed"]
 
 
 # --------------------------------------------------------------------------
@@ -141,7 +147,8 @@ class PagedCache:
     """Every layer's K and V in pages of ``block_size`` tokens, one shuffled block table for the batch.
 
     ``int8``: pages of int8 values and (num_blocks, Hk, block_size) float32 scales; ``float32``: pages
-    of float32 values.  Unwritten slots hold garbage (and NaN scales) that no call may read.
+    of float32 values.  Unwritten slots hold garbage (NaN values; random int8 values with the largest
+    float32 scale) that no call may read.
     """
 
     def __init__(self, cfg: Config, capacity: Sequence[int], dtype: str, seed: int = 1):
@@ -160,7 +167,10 @@ class PagedCache:
         for _ in range(cfg.layers):
             if dtype == "int8":
                 layer = {n: rng.integers(-127, 128, size=shape, dtype=np.int8) for n in "kv"}
-                layer.update({f"{n}_scale": np.full(shape[:-1], np.nan, np.float32) for n in "kv"})
+                # attention() takes finite scales only; the largest float32 one would overflow any
+                # score or value it reached.
+                huge = np.finfo(np.float32).max
+                layer.update({f"{n}_scale": np.full(shape[:-1], huge, np.float32) for n in "kv"})
             else:
                 layer = {n: np.full(shape, np.nan, np.float32) for n in "kv"}
             self.pages.append(layer)
@@ -239,8 +249,10 @@ def generate_served(params: Params, cfg: Config, prompts: List[np.ndarray], dtyp
 # --------------------------------------------------------------------------
 
 
-def generate_reference(params: Params, cfg: Config, prompt: np.ndarray):
-    """Greedy continuation of one prompt with a contiguous float32 cache: (tokens (steps,), logits)."""
+def reference_logits(params: Params, cfg: Config, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """The logits (steps, vocab) one sequence gets, alone, in float32 with a contiguous cache, when it is
+    fed ``tokens`` (the served run's choices): the same inputs at every step, so the two runs' logits
+    stay comparable even after a near-tie that int8 rounding decided the other way."""
     capacity = len(prompt) + cfg.steps
     k_cache = np.zeros((cfg.layers, 1, cfg.kv_heads, capacity, cfg.head_dim), np.float32)
     v_cache = np.zeros_like(k_cache)
@@ -253,20 +265,15 @@ def generate_reference(params: Params, cfg: Config, prompt: np.ndarray):
         # The prompt: Lq = Lk, plain causal. A decoded token: one query over the whole prefix.
         return attnfast.attention(q, ks, vs, causal=n > 1)
 
-    def advance(tokens, positions):
-        logits = forward(params, cfg, tokens[None], positions[None], attend)[0, -1]
-        filled[0] += len(tokens)
+    def advance(new_tokens, positions):
+        logits = forward(params, cfg, new_tokens[None], positions[None], attend)[0, -1]
+        filled[0] += len(new_tokens)
         return logits
 
-    logits = advance(prompt, np.arange(len(prompt)))
-    out_tokens, out_logits = [], []
-    for step in range(cfg.steps):
-        token = int(np.argmax(logits))
-        out_tokens.append(token)
-        out_logits.append(logits)
-        if step < cfg.steps - 1:
-            logits = advance(np.array([token]), np.array([len(prompt) + step]))
-    return np.array(out_tokens), np.stack(out_logits)
+    out = [advance(prompt, np.arange(len(prompt)))]
+    for step, token in enumerate(tokens[:-1]):
+        out.append(advance(np.array([token]), np.array([len(prompt) + step])))
+    return np.stack(out)
 
 
 def make_prompts(cfg: Config) -> List[np.ndarray]:
@@ -276,23 +283,30 @@ def make_prompts(cfg: Config) -> List[np.ndarray]:
 
 @dataclass
 class Comparison:
-    same_tokens_steps: int       # leading steps at which every sequence picked the same token
+    steps: int                   # decoded steps of every sequence
+    same_choice: int             # (sequence, step)s whose served token is the reference's greedy choice
+    near_ties: int               # the others: the reference's two best logits closer than the logit error
+    other: int                   # the rest: a served token the reference would not pick
     max_logit_error: float       # max |served - reference| over every step, sequence and token
     logit_spread: float          # standard deviation of the reference logits
-    agree: bool
 
     @property
     def relative_logit_error(self) -> float:
         return self.max_logit_error / self.logit_spread
 
 
-def compare(served_tokens, served_logits, reference: List[Tuple[np.ndarray, np.ndarray]]) -> Comparison:
-    ref_tokens = np.stack([t for t, _ in reference])
-    ref_logits = np.stack([lg for _, lg in reference])
-    same = np.all(served_tokens == ref_tokens, axis=0)
-    leading = int(np.argmin(same)) if not same.all() else same.size
-    return Comparison(leading, float(np.max(np.abs(served_logits - ref_logits))), float(np.std(ref_logits)),
-                      bool(same.all()))
+def compare(served_tokens: np.ndarray, served_logits: np.ndarray, ref_logits: np.ndarray) -> Comparison:
+    """Each served greedy choice against the reference's on the same inputs, and the logits' distance.
+
+    A choice counts as a near tie when the reference's best and second-best logits are closer than twice
+    that step's largest logit difference: then rounding, not the cache layout, picked between them.
+    """
+    error = np.max(np.abs(served_logits - ref_logits), axis=-1)  # (B, steps)
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    same = served_tokens == np.argmax(ref_logits, axis=-1)
+    tie = ~same & (top2[..., 1] - top2[..., 0] <= 2 * error)
+    return Comparison(served_tokens.shape[1], int(same.sum()), int(tie.sum()), int((~same & ~tie).sum()),
+                      float(error.max()), float(np.std(ref_logits)))
 
 
 #: How close the served logits must be to the reference's, relative to the logits' spread: int8 K / V
@@ -319,9 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"kv heads of {cfg.head_dim}, vocab {cfg.vocab}, RoPE; prompts of {list(cfg.prompt_lengths)} tokens, "
           f"{cfg.steps} greedy steps")
     tokens, logits, cache, step_s = generate_served(params, cfg, prompts, args.cache)
-    reference = [generate_reference(params, cfg, p) for p in prompts]
+    reference = np.stack([reference_logits(params, cfg, p, t) for p, t in zip(prompts, tokens)])
     result = compare(tokens, logits, reference)
-    float32_bytes = 2 * cfg.layers * cache.block_table.size * cfg.block_size * cfg.kv_heads * cfg.head_dim * 4
+    float32_bytes = 2 * cfg.layers * cache.pages[0]["k"].size * 4  # the same pages in float32
     print(f"served: {args.cache} pages of {cfg.block_size} tokens, block table {cache.block_table.shape} "
           f"(shuffled), {cache.nbytes() / 2**10:.1f} KiB of cache ({cache.nbytes() / float32_bytes:.2f}x "
           f"float32 pages), {step_s * 1e3:.2f} ms per decode step of the batch")
@@ -330,10 +344,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{' ...' if cfg.steps > 16 else ''}")
     tolerance = LOGIT_TOLERANCE[args.cache]
     close = result.relative_logit_error <= tolerance
-    print(f"against the float32 run without pages: same tokens for {result.same_tokens_steps} of {cfg.steps} "
-          f"steps; max |logit difference| {result.max_logit_error:.2e} = {result.relative_logit_error:.2e} of "
-          f"the logits' standard deviation ({result.logit_spread:.2f}; tolerance {tolerance:g})")
-    ok = result.agree and close
+    total = len(prompts) * cfg.steps
+    print(f"against each sequence alone in float32 without pages, fed the same tokens: the greedy choice at "
+          f"{result.same_choice} of {total} steps, near ties at {result.near_ties}, other tokens at "
+          f"{result.other}; max |logit difference| {result.max_logit_error:.2e} = "
+          f"{result.relative_logit_error:.2e} of the logits' standard deviation ({result.logit_spread:.2f}; "
+          f"tolerance {tolerance:g})")
+    ok = result.other == 0 and close
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 

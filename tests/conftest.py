@@ -378,8 +378,8 @@ def naive_attention(q, k, v, *, rounded=None, **kw):
     dtype = a.compute
     rnd = rounded_to(rounded)
     visible = reference._visibility(a)
-    kk = np.broadcast_to(a.k, a.kv_batch_shape + (a.lk, a.dk)).astype(dtype)
-    vv = np.broadcast_to(a.v, a.kv_batch_shape + (a.lk, a.dv)).astype(dtype)
+    kk = _naive_cache(a, a.k, a.k_scale, a.dk, dtype)
+    vv = _naive_cache(a, a.v, a.v_scale, a.dv, dtype)
     if a.group > 1:
         kk = np.repeat(kk, a.group, axis=-3) if kk.shape[-3] > 1 else kk
         vv = np.repeat(vv, a.group, axis=-3) if vv.shape[-3] > 1 else vv
@@ -390,12 +390,41 @@ def naive_attention(q, k, v, *, rounded=None, **kw):
         s = rnd(naive_scores(a.q.astype(dtype), kk, method=a.method, scale=1.0, **weights_kw))
         s = rnd(s * dtype.type(a.scale)) if a.scale != 1.0 else s
     s = np.broadcast_to(s, a.batch_shape + (a.lq, a.lk))
+    with np.errstate(invalid="ignore", over="ignore"):
+        if a.softcap is not None:
+            c = dtype.type(a.softcap)
+            s = rnd((c * np.tanh(s / c)).astype(dtype))
+        if a.alibi_slopes is not None:
+            distance = np.abs(reference._diagonals(a) - np.arange(a.lk)).astype(dtype)
+            s = rnd((s - a.alibi_slopes[..., None, None] * distance).astype(dtype))
     if a.bias is not None:
         s = rnd((s + a.bias).astype(dtype))
-    weights, lse = naive_softmax(s, -1, visible, return_lse=True)
+    if a.sinks is None:
+        weights, lse = naive_softmax(s, -1, visible, return_lse=True)
+    else:
+        # The sink as one more always-visible column, dropped after the softmax.
+        rows = np.broadcast_shapes(s.shape, visible.shape)
+        sink = np.broadcast_to(a.sinks.astype(dtype)[..., None, None], rows[:-1] + (1,))
+        weights, lse = naive_softmax(np.concatenate([np.broadcast_to(s, rows), sink], -1), -1,
+                                     np.concatenate([np.broadcast_to(visible, rows), np.ones_like(sink, bool)], -1),
+                                     return_lse=True)
+        weights = weights[..., :-1]
     weights = rnd(weights)
     out = rnd((weights @ vv).astype(dtype))
     return out, lse, weights
+
+
+def _naive_cache(a, x, scale, features, dtype):
+    """k or v in the computation dtype as kv_batch + (Lk, features): an int8 cache dequantised in that
+    dtype (int8 * scale), a paged one gathered block by block (np.take along the blocks)."""
+    x = x.astype(dtype)
+    if scale is not None:
+        x = x * scale[..., None].astype(dtype)
+    if a.block_table is not None:
+        table = np.where((a.block_table >= 0) & (a.block_table < x.shape[0]), a.block_table, 0)
+        b, hk = a.kv_batch_shape
+        x = x[table].transpose(0, 2, 1, 3, 4).reshape(b, hk, a.lk, features)
+    return np.broadcast_to(x, a.kv_batch_shape + (a.lk, features))
 
 
 def naive16_scores(q, k, dtype, *, method="scaled_dot", scale=None, **weights):
@@ -430,6 +459,8 @@ def ref_attention64(q, k, v, **kw):
     for name in ("bias", "w", "w_q", "w_k", "v_a", "score_bias"):
         if kw.get(name) is not None:
             kw[name] = np.asarray(kw[name], dtype=np.float64)
+    if kw.get("k_scale") is not None:  # an int8 cache: dequantised in float64 by the reference itself
+        return reference.attention(q, k, v, **kw)
     return reference.attention(up(q), up(k), up(v), **kw)
 
 

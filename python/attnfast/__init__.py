@@ -9,6 +9,7 @@ Lq x Lk score matrix::
     attention(q, k, v, ...)    -> (..., Lq, Dv)      fused, with masks, causal, window, GQA, lse
     merge_states(outs, lses)   -> (out, lse)         combine attention over disjoint key sets
     attention_backward(dout, q, k, v, out, lse, ...) -> AttentionGrads(dq, dk, dv, dbias, ...)
+    quantize_kv(x)             -> (x_int8, scale)   an int8 KV cache for attention's k_scale / v_scale
 
 Arrays may be float64, float32, float16 or ``ml_dtypes.bfloat16``, in any mix: 16-bit data is read as
 stored, computed in float32 (float64 when any input is float64) and rounded once into the result.
@@ -23,6 +24,7 @@ import operator
 import warnings
 
 from . import _attnfast as _core
+from ._quantize import quantize_kv
 from . import reference
 from ._api import aggregate, attention, attention_backward, merge_states, scores, softmax
 from ._grads import AttentionGrads
@@ -44,6 +46,7 @@ __all__ = [
     "get_num_threads",
     "capabilities",
     "show_config",
+    "quantize_kv",
     "__version__",
 ]
 

@@ -1059,7 +1059,7 @@ def check_per_head(name: str, x: Any, target: Shape, compute: np.dtype, what: st
     with np.errstate(over="ignore", invalid="ignore"):
         converted = _cast(_native(a) if a.dtype.kind == "f" else a, compute)
     if not np.all(np.isfinite(converted)):
-        bad = a.flat[int(np.flatnonzero(~np.isfinite(converted.ravel()))[0])]
+        bad = float(a.flat[int(np.flatnonzero(~np.isfinite(converted.ravel()))[0])])
         raise ValueError(
             f"{name} must be finite in {compute.name} (the computation dtype); got {bad!r}. "
             f"{'Leave a head without sinks out by passing -1e30 rather than -inf.' if name == 'sinks' else ''}"

@@ -6,6 +6,9 @@
 //     dS_ij = P_ij (dO_i . V_j - dO_i . O_i)            (0 where the key is hidden)
 //     g_a = dS_ij * scale * v_a[a] * (1 - t_a^2),       t_a = tanh(qp_ia + kp_ja)
 //     dqp_i += g, dkp_j += g, dv_a += scale * dS_ij * t, dV_j += P_ij dO_i.
+// Score modifiers (modified_score): softcap and ALiBi on s before its bias, as the forward; under a
+// softcap g and dv_a's terms chain dS (1 - tanh^2) of the cap, dscores stays dS; sinks act only
+// through the saved lse.
 // dtypes: S = T = V::Scalar, float or double: additive operands are projections the caller computes in
 // the compute type. ISA: the including target's V, vectorised along the hidden axis (and along the value
 // features for dO . V_j and dV_j).

@@ -17,6 +17,9 @@
 //   dS^T = P^T * (dP^T - delta)                  (delta_i = dO_i . O_i, computed once per row)
 // and dV += P^T dO, dK += dS^T Q, dQ += dS K_tile. `scale` is applied once to each finished dK tile and
 // dQ row (s = (scale q).k, so both gradients carry one factor scale).
+// Score modifiers: score_tile applies softcap and ALiBi as the forward does; a sink needs nothing more,
+// since the saved lse includes it. Under a softcap, dS (dscores, the bias's gradient) is kept in
+// ds_bias and dK, dQ chain dS (1 - tanh^2) (cap_slope, which score_tile fills).
 //
 // Numerics and edge rules (the contract of AttentionBackwardParams):
 //   - A hidden key has S = -inf exactly (apply_masks), so P = 0, and dS is *selected* to 0 there (never

@@ -9,7 +9,7 @@
 // accumulator or sum; free beside the row's work) and only then redo that work carefully, adding a
 // (key, row) product only where the key is visible. The same rerun handles rows whose max is +inf
 // (overflowed scores, +inf bias): each +inf score weighs 1 / (their count), every other key 0, lse +inf,
-// the limit of the softmax as those scores grow together.
+// the limit of the softmax as those scores grow together; a sink then weighs 0 (fold_sink).
 #pragma once
 #include <cmath>
 

@@ -21,6 +21,8 @@
 // is run once more with kCareful, where a row's P.V skips the keys it cannot see. A row whose max is
 // +inf gives each +inf score p = 1 and every other key 0 (softmax_row_saturated), so its lse is +inf and
 // its output the mean of those keys' V rows.
+// Score modifiers (softcap, ALiBi) are applied to each row's scores before its bias (modify_row); a sink
+// is folded into each finished row (write_row: fold_sink), after the key-split merge.
 #pragma once
 #include "attnfast/params.h"
 #include "kernels/attention_common.h"

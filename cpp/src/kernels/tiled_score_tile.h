@@ -25,9 +25,13 @@
 // vector for every row).
 //
 // Numerics: s2 = (c q).k accumulated with one FMA per term in d order (a D beyond kDepthBlock as a tree
-// of blocks: microkernel.h; the additive sum over hidden in blocks too). Masks: the bias is added
-// first, then the visible ranges and the bool mask overwrite with -inf (apply_masks); a tile the bool
-// mask hides from every row is never computed (bool_mask_hides_tile).
+// of blocks: microkernel.h; the additive sum over hidden in blocks too). Masks: the score modifiers
+// (softcap c tanh(s / c), ALiBi s - slope |diag_i - j|: modify_scores) come first, on the scaled
+// score of every tile product (the pair and AMX paths scale after the product, before apply_masks),
+// then the bias is added, then the visible ranges and the bool mask overwrite with -inf (apply_masks);
+// a tile the bool mask hides from every row is never computed (bool_mask_hides_tile). The float32
+// softcap is tanh_approx's: within 4.4 ulp of the capped score on the SIMD targets (5.7 on scalar,
+// whose fmadd rounds twice), at most 3.6e-7 c absolute, against 1.4 - 2.3 ulp for NumPy's float32 tanh.
 // On a target with vdpbf16ps (avx512bf16), bfloat16 K, V and Q skip the widening: both products run on
 // bfloat16 pairs (PairProducts, attention_tiles_bf16.h, whose header gives the layout and numerics: the
 // scale is applied after Q.K^T, and P is rounded to bfloat16 for P.V, l summing the rounded P and l_exp

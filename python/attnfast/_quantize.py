@@ -1,0 +1,57 @@
+"""int8 KV caches: symmetric per-row quantisation, the format attention's k_scale / v_scale read."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from . import _inputs
+
+__all__ = ["quantize_kv"]
+
+_LEVELS = 127  # symmetric: -128 is never produced, so negation stays in range
+
+
+def quantize_kv(x) -> Tuple[np.ndarray, np.ndarray]:
+    """Quantise a K or V cache to int8 with one float32 scale per row (the last axis).
+
+    Parameters
+    ----------
+    x : array_like, (..., D)
+        float64, float32, float16 or ml_dtypes.bfloat16 values; any shape with at least one axis, e.g.
+        (B, Hk, Lk, D) or a paged cache (num_blocks, Hk, block_size, D).
+
+    Returns
+    -------
+    x_int8 : ndarray of int8, x's shape
+        round-half-even(x / scale), clipped to [-127, 127].
+    scale : ndarray of float32, x.shape[:-1]
+        max |x| / 127 over each row (rounded to float32); 0 for an all-zero row, whose values are 0.
+        Then x ~= x_int8 * scale[..., None] within scale / 2 per element, which is what
+        ``attention(q, x_int8, ..., k_scale=scale)`` reads.
+
+    Raises
+    ------
+    TypeError
+        x is not of a floating storage dtype.
+    ValueError
+        x is 0-d, or holds NaN or inf (no scale represents them).
+    """
+    a = _inputs._float_array("x", x)
+    if a.ndim == 0:
+        raise ValueError("x must have at least 1 dimension (..., D): quantize_kv makes one scale per row.")
+    # float64 arithmetic: exact for every storage dtype's values, so the only roundings are the scale's
+    # (to float32) and the quotient's (to an integer).
+    wide = a.astype(np.float64)
+    if not np.all(np.isfinite(wide)):
+        bad = np.argwhere(~np.isfinite(wide))[0]
+        raise ValueError(
+            f"x holds a non-finite value {float(wide[tuple(bad)])!r} at index {tuple(int(i) for i in bad)}; int8 with "
+            f"a finite scale cannot represent it. Replace NaN / inf (e.g. np.nan_to_num) before quantising."
+        )
+    peak = np.max(np.abs(wide), axis=-1, initial=0.0)
+    scale = (peak / _LEVELS).astype(np.float32)
+    divisor = np.where(scale == 0, 1.0, scale.astype(np.float64))[..., None]
+    levels = np.clip(np.rint(wide / divisor), -_LEVELS, _LEVELS)  # np.rint rounds half to even
+    return levels.astype(np.int8), scale

@@ -142,14 +142,23 @@ def test_int8_against_reference(rng, q_dtype, lq, lk, d):
                     causal_align="bottom_right", kv_lengths=np.array([[lk], [lk - 7]]))
 
 
-def test_int8_broadcast_scales_and_paged(rng):
+def test_int8_broadcast_scales(rng):
+    k8, _ = quantized_cache(rng, (2, 2, 40, 16))
+    v8, _ = quantized_cache(rng, (2, 2, 40, 16))
+    q = rng.standard_normal((2, 4, 3, 16)).astype(np.float32)
+    for k_scale, v_scale in ((np.float32(0.01), np.full((1, 2, 1), 0.02, np.float32)),
+                             (rng.uniform(0.01, 0.1, 40).astype(np.float32), np.full((2, 1, 40), 0.03, np.float32))):
+        check_attention(q, k8, v8, dtype=np.float32, what="broadcast scales", k_scale=k_scale, v_scale=v_scale,
+                        kv_lengths=np.array([[40], [23]]))
+
+
+def test_int8_paged(rng):
     q, k, v, table, kv_lengths = paged_case(rng, np.float32, 16, 2, [50, 17])
     k8, ks = attnfast.quantize_kv(k)
     v8, vs = attnfast.quantize_kv(v)
     check_attention(q, k8, v8, dtype=np.float32, what="paged int8", k_scale=ks, v_scale=vs, block_table=table,
-                    kv_lengths=kv_lengths)
-    one = np.float32(0.01)
-    check_attention(q[:, :, :, :], k8, v8, dtype=np.float32, what="broadcast scales", k_scale=one,
+                    kv_lengths=kv_lengths, causal=True, causal_align="bottom_right")
+    check_attention(q, k8, v8, dtype=np.float32, what="paged int8, broadcast scales", k_scale=np.float32(0.01),
                     v_scale=np.full((1, 2, 1), 0.02, np.float32), block_table=table, kv_lengths=kv_lengths)
 
 

@@ -2,30 +2,26 @@
 
 Every fused-attention path (tiled: float/double, widened 16-bit, bfloat16 pairs on avx512bf16, AMX
 tiles; row-wise decode; the additive score tile; the key-split variants of both; the weights pass) and
-both backward kernels, on every target (the ``isa`` fixture), against a float64 evaluation of the
-formulas (README "Numerics"):
+both backward kernels, on every target (the ``isa`` fixture), against attnfast.reference, which
+evaluates the formulas (README "Numerics") in float64:
 
     s <- c tanh(s / c)                         softcap c
     s <- s - slope |diag_i - j|                ALiBi, diag_i the causal_align diagonal
     s <- s + bias, then the masks (-inf)
     out_i = sum_j e^(s_ij - m) v_j / (e^(sink - m) + sum_j e^(s_ij - m)),  lse_i = logaddexp(lse_i, sink)
 
-and held to the one tolerance table (tests/conftest.py) through a naive computation of the same formulas
-in the input precision. The sink is evaluated as one extra key whose score is the sink and whose value
-row is 0, which is what the formula says.
+held to the one tolerance table (tests/conftest.py) through a naive computation of the same formulas
+in the input precision (modified_attention: the sink as one extra key whose score is the sink and whose
+value row is 0, which is what the formula says).
 """
 
 from __future__ import annotations
-
-import contextlib
-import inspect
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import attnfast
-from attnfast import _attnfast as _core
 from attnfast import _inputs
 from attnfast import reference
 from conftest import (
@@ -51,54 +47,13 @@ MODIFIERS = ["softcap", "alibi", "sinks", "all"]
 # Calling the kernels with modifiers
 # ---------------------------------------------------------------------------------------------------
 
-_API_HAS_MODIFIERS = "softcap" in inspect.signature(attnfast.attention).parameters
-
-
-def _per_item(x, batch, compute):
-    """A modifier's array as the kernel takes it: one entry per batch item, C order, compute dtype."""
-    if x is None:
-        return None
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(x, np.float64), tuple(batch)).ravel().astype(compute))
-
-
-@contextlib.contextmanager
-def _kernel_modifiers(softcap, alibi_slopes, sinks):
-    """Hands the modifiers to the compiled core under attention / attention_backward, where the Python
-    API does not take them yet: the core's own keywords, in the form its binding documents."""
-    forward, backward = _core.attention, _core.attention_backward
-
-    def compute(k):
-        return np.float64 if k.dtype == np.float64 else np.float32
-
-    def with_modifiers(fn, batch_at):
-        def call(*args, **kw):
-            batch, t = args[batch_at], compute(args[1])
-            return fn(*args, softcap=float(softcap or 0.0), alibi_slopes=_per_item(alibi_slopes, batch, t),
-                      sinks=_per_item(sinks, batch, t), **kw)
-        return call
-
-    _core.attention = with_modifiers(forward, 4)
-    _core.attention_backward = with_modifiers(backward, 11)
-    try:
-        yield
-    finally:
-        _core.attention, _core.attention_backward = forward, backward
-
-
 def run_attention(q, k, v, mods, **kw):
     """attnfast.attention with the modifiers in ``mods``: (out, lse, weights)."""
-    kw = dict(kw, return_lse=True, return_weights=True)
-    if _API_HAS_MODIFIERS:
-        return attnfast.attention(q, k, v, **mods, **kw)
-    with _kernel_modifiers(mods.get("softcap"), mods.get("alibi_slopes"), mods.get("sinks")):
-        return attnfast.attention(q, k, v, **kw)
+    return attnfast.attention(q, k, v, return_lse=True, return_weights=True, **mods, **kw)
 
 
 def run_backward(dout, q, k, v, out, lse, mods, **kw):
-    if _API_HAS_MODIFIERS:
-        return attnfast.attention_backward(dout, q, k, v, out, lse, **mods, **kw)
-    with _kernel_modifiers(mods.get("softcap"), mods.get("alibi_slopes"), mods.get("sinks")):
-        return attnfast.attention_backward(dout, q, k, v, out, lse, **kw)
+    return attnfast.attention_backward(dout, q, k, v, out, lse, **mods, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,7 +79,10 @@ def modified_attention(q, k, v, mods, *, rounded=None, **kw):
         c = t.type(mods["softcap"])
         s = rnd((c * np.tanh(s / c)).astype(t))
     if mods.get("alibi_slopes") is not None:
-        i = np.arange(a.lq)[:, None] + a.diagonal_offset
+        offset = a.diagonal_offset
+        if a.diagonal_offsets is not None:  # bottom_right with kv_lengths: each item's own diagonal
+            offset = np.broadcast_to(a.diagonal_offsets, a.batch_shape)[..., None, None]
+        i = np.arange(a.lq)[:, None] + offset
         distance = np.abs(i - np.arange(a.lk)[None, :]).astype(t)
         slopes = np.asarray(mods["alibi_slopes"], np.float64).astype(t)[..., None, None]
         s = rnd((s - slopes * distance).astype(t))
@@ -141,13 +99,14 @@ def modified_attention(q, k, v, mods, *, rounded=None, **kw):
 
 
 def check(q, k, v, mods, *, what="attention", **kw):
-    """The kernel's out, lse and weights against the float64 formulas (tolerance table), and the edge
+    """The kernel's out, lse and weights against attnfast.reference (tolerance table), and the edge
     rules: rows with no visible key give out 0, weights 0 and lse = sink (-inf without one); hidden keys
     weigh exactly 0. Returns the kernel's (out, lse, weights)."""
     dtype = np.dtype(np.asarray(q).dtype)
     out, lse, w = run_attention(q, k, v, mods, **kw)
     up_kw = {name: (up(x) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x) for name, x in kw.items()}
-    r_out, r_lse, r_w = modified_attention(up(q), up(k), up(v), mods, **up_kw)
+    r_out, r_lse, r_w = reference.attention(up(q), up(k), up(v), return_lse=True, return_weights=True,
+                                            **{name: up(x) for name, x in mods.items()}, **up_kw)
     n_out, n_lse, n_w = modified_attention(q, k, v, mods, **kw)
     v_scale = float(np.max(np.abs(up(v)), initial=0.0)) or 1.0
     if dtype in SIXTEEN_BIT:
@@ -231,6 +190,16 @@ def test_alibi_follows_the_causal_alignment(rng, align, lq, lk):
         for window in (None, (4, 2)):
             check(q, k, v, modifiers(rng, "alibi", 3), causal=causal, causal_align=align, window=window,
                   what=f"alibi causal={causal} window={window}")
+
+
+@pytest.mark.parametrize("lq", [4, 60])
+def test_alibi_aligns_to_each_items_kv_lengths(rng, lq):
+    """bottom_right with kv_lengths: ALiBi's diagonal is each item's own (diag_i = i + kv_lengths[b] - Lq,
+    the kernel's diagonal_offsets), as causal's is."""
+    q, k, v = random_inputs(rng, np.float32, (3, 2), lq, 200, 16)
+    lengths = np.array([[200], [130], [lq + 3]])
+    check(q, k, v, modifiers(rng, "all", 2, batch=3), kv_lengths=lengths, causal=True,
+          causal_align="bottom_right", what="alibi per-item diagonal")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16], ids=str)
@@ -326,13 +295,12 @@ def test_no_modifier_is_the_plain_call(rng):
         assert np.array_equal(got, expected)
 
 
-def test_own_formula_matches_the_reference(rng):
-    """The formulas above against attnfast.reference, where its attention takes the modifiers."""
-    if "softcap" not in inspect.signature(reference.attention).parameters:
-        pytest.skip("attnfast.reference.attention does not take the score modifiers in this tree")
+@pytest.mark.parametrize("kv_lengths", [None, np.array([[11], [6]])])
+def test_naive_formula_matches_the_reference(rng, kv_lengths):
+    """The naive yardstick above, run in float64, is attnfast.reference's attention."""
     q, k, v = random_inputs(rng, np.float64, (2, 3), 7, 11, 5)
-    mods = modifiers(rng, "all", 3)
-    kw = dict(mask=rng.random((7, 11)) < 0.8, causal=True, causal_align="bottom_right")
+    mods = modifiers(rng, "all", 3, batch=2)
+    kw = dict(mask=rng.random((7, 11)) < 0.8, causal=True, causal_align="bottom_right", kv_lengths=kv_lengths)
     mine = modified_attention(q, k, v, mods, **kw)
     theirs = reference.attention(q, k, v, return_lse=True, return_weights=True, **mods, **kw)
     for x, y in zip(mine, theirs):
@@ -374,6 +342,8 @@ def test_gradients_match_finite_differences(rng, which, method, lq, lk):
     for name, field in [("w", "dw"), ("w_q", "dw_q"), ("w_k", "dw_k"), ("v_a", "dv_a")]:
         if weights.get(name) is not None:
             inputs[name] = (weights[name], getattr(grads, field))
+    if "sinks" in mods:
+        inputs["sinks"] = (mods["sinks"], grads.dsinks)
     h = FINITE_DIFFERENCE["step"]
     for name, (x, g) in inputs.items():
         direction = rng.standard_normal(x.shape)

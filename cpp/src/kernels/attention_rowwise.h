@@ -72,6 +72,7 @@ struct RowwiseAttention {
 
   struct Work {
     int64_t kv_item, j_begin, j_end;
+    int64_t read_end = 0;  // keys below it may be read: a paged K is fetched ahead up to it
     T *qs, *s, *acc, *m, *l;
     T* va_scaled;  // additive only: scale * v_a
     int64_t *lo, *hi;
@@ -162,20 +163,40 @@ struct RowwiseAttention {
   // K and V stream in row order, which the hardware prefetchers follow; explicit prefetches of the next
   // rows (one instruction per cache line) only add instructions (docs/kernel_decisions.md).
   // Key outer: each K row is read from memory once and from L1 for the group's other query rows.
-  // A paged K is read run by run (the keys of one page are row_stride apart: paged_rows.h); an unpaged
-  // one is a single run.
   void dot_score_tile(const Work& w, int64_t j0, int64_t nk) const {
     const int64_t ks = p.k.row_stride_elements;
+    const S* k = p.k.row(w.kv_item, j0);
     if (p.depth > kVectorSumBlock) {
       dot_score_tile_tree(w, j0, nk);
       return;
     }
+    if (p.k.paged()) {
+      dot_score_tile_paged(w, j0, nk);
+      return;
+    }
+    for (int64_t t = 0; t < nk; ++t)
+      for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+  }
+
+  // dot_score_tile of a paged K (a paged KV cache: paged_rows.h), page run by page run: the same scores.
+  // The hardware prefetchers lose the stream at every page (the next one is anywhere in the cache): while
+  // key t of a run is scored, row t of the next run (below read_end) and this key's V row are fetched.
+  // Out of line, so that the unpaged loop's code is not shaped by it.
+  __attribute__((noinline)) void dot_score_tile_paged(const Work& w, int64_t j0, int64_t nk) const {
+    const int64_t ks = p.k.row_stride_elements, vs = p.v.row_stride_elements;
     for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
       n = imin(nk - t0, p.k.run_rows(j0 + t0));
       const S* k = p.k.row(w.kv_item, j0 + t0);
-      for (int64_t t = 0; t < n; ++t)
+      const S* v = p.v.row(w.kv_item, j0 + t0);
+      const int64_t next = j0 + t0 + n;
+      const int64_t ahead = next < w.read_end ? imin(w.read_end - next, p.k.run_rows(next)) : 0;
+      const S* k_next = ahead > 0 ? p.k.row(w.kv_item, next) : k;
+      for (int64_t t = 0; t < n; ++t) {
+        if (t < ahead) prefetch_rows(k_next + t * ks, ks, 1, p.depth);
+        prefetch_rows(v + t * vs, vs, 1, p.dv);
         for (int64_t r = 0; r < rows; ++r)
           w.s[r * NK + t0 + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+      }
     }
   }
 
@@ -284,9 +305,50 @@ struct RowwiseAttention {
   // acc[r] = acc[r] * alpha + sum_t s[r][t] * V[j0 + t], kDvVectors value vectors at a time.
   // kCareful: keys with hidden[t] set (hidden from this row) are skipped, so their V cannot reach the
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
-  // A paged V is read run by run, in key order (paged_rows.h): the same sums as the unpaged V's.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
+    if (p.v.paged()) {
+      accumulate_paged<kCareful>(w, r, alpha, j0, nk, hidden);
+      return;
+    }
+    const S* v = p.v.row(w.kv_item, j0);
+    const int64_t vs = p.v.row_stride_elements;
+    const T* s = w.s + r * NK;
+    T* acc = w.acc + r * dv_pad;
+    const V a = V::set1(alpha);
+    for (int64_t c0 = 0; c0 < p.dv; c0 += kDvVectors * L) {
+      const int64_t ncols = imin(kDvVectors * L, p.dv - c0);
+      const int nvec = static_cast<int>(ceil_div(ncols, L));
+      const int last = static_cast<int>(ncols - (nvec - 1) * L);
+      decltype(V::v) o[kDvVectors];  // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+      for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
+      if (nvec == kDvVectors && last == L) {
+        for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
+          const V pt = V::set1(s[t]);
+          const S* vr = v + t * vs + c0;
+#pragma GCC unroll 16
+          for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
+        }
+      } else {
+        for (int64_t t = 0; t < nk; ++t) {
+          if (kCareful && hidden[t]) continue;
+          const V pt = V::set1(s[t]);
+          const S* vr = v + t * vs + c0;
+          for (int u = 0; u < nvec; ++u)
+            o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;
+        }
+      }
+      for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
+    }
+  }
+
+  // accumulate of a paged V (paged_rows.h), page run by page run in key order: the same sums. Out of
+  // line, as dot_score_tile_paged.
+  template <bool kCareful>
+  __attribute__((noinline)) void accumulate_paged(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk,
+                                                  const bool* hidden) const {
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
     T* acc = w.acc + r * dv_pad;
@@ -385,6 +447,7 @@ struct RowwiseAttention {
         first = imin(first, w.lo[r]);
         last = imax(last, w.hi[r]);
       }
+    w.read_end = last;
     for (int64_t j0 = first; j0 < last; j0 += NK) {
       const int64_t nk = imin(NK, last - j0);
       if (bool_mask_hides_tile(w, j0, nk)) continue;  // neither K nor V of those keys is read
@@ -496,9 +559,10 @@ struct RowwiseAttention {
       // apply_masks would make them, without being read.
       int64_t readable = 0;
       for (int64_t r = 0; r < rows; ++r) readable = imax(readable, w.hi[r]);
+      w.read_end = readable;
       for (int64_t j0 = 0; j0 < p.lk; j0 += NK) {
         const int64_t nk = imin(NK, p.lk - j0), read = imax(0, imin(nk, readable - j0));
-        score_tile(w, j0, read);
+        if (read > 0) score_tile(w, j0, read);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t t = read; t < nk; ++t) w.s[r * NK + t] = neg_inf<T>();
         for (int64_t r = 0; r < rows; ++r) {

@@ -9,7 +9,9 @@
 // float32 dot product of the scaled query with the integer row, then one multiplication by the row's
 // scale (score_tile); P.V weighs V's integer row j by p_j * v_scale_j (value_weight), one rounding more
 // per key than a float cache's p_j, while l sums the unscaled p_j. Each scale is read once per key tile
-// (load_row_scales), through the scale operand's row(), for the tile's keys only.
+// (load_row_scales), through the scale operand's row(), for the tile's keys only. P.V over int8 V sums
+// each key tile's terms from zero and then adds them to the rescaled accumulator (accumulate_quantised):
+// a two-level sum whose rounding error grows with the tile's keys plus the tile count, not with Lk.
 //
 // Scores are dot products vectorised along the feature axis (four partial sums, then a fixed-order
 // horizontal sum; more than kVectorSumBlock features as a tree of such blocks); the online softmax and the P.V update run along the key axis and the value features.
@@ -307,6 +309,10 @@ struct RowwiseAttention {
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
+    if constexpr (kInt8Storage<S>) {
+      accumulate_quantised<kCareful>(w, r, alpha, j0, nk, hidden);
+      return;
+    }
     if (p.v.paged()) {
       accumulate_paged<kCareful>(w, r, alpha, j0, nk, hidden);
       return;
@@ -383,6 +389,55 @@ struct RowwiseAttention {
       }
       for (int u = 0; u < nvec; ++u) V{o[u]}.store(acc + c0 + u * L);
     }
+  }
+
+  // int8 V: acc[r] = acc[r] * alpha + (sum_t s[r][t] v_scale_t V[j0 + t]), the tile's sum from zero (see
+  // the header), value vectors in passes of kQuantisedDvVectors (8: each FMA needs its widened operand
+  // in a register too, and 16 sums plus those spill on AVX2's 16 registers). The pass's vector count is
+  // a template argument so that its sums stay in registers.
+  static constexpr int kQuantisedDvVectors = L == 1 ? kDvVectors : 8;
+  template <bool kCareful>
+  void accumulate_quantised(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
+    for (int64_t c0 = 0; c0 < p.dv; c0 += kQuantisedDvVectors * L) {
+      const int64_t ncols = imin(kQuantisedDvVectors * L, p.dv - c0);
+      accumulate_columns<kCareful, kQuantisedDvVectors>(static_cast<int>(ceil_div(ncols, L)), w, r, alpha, j0, nk,
+                                                        c0, static_cast<int>(ncols), hidden);
+    }
+  }
+  // Columns c0 .. c0 + ncols (N = ceil(ncols / L) vectors, found by counting down from kMax).
+  template <bool kCareful, int N>
+  void accumulate_columns(int nvec, const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, int64_t c0, int ncols,
+                          const bool* hidden) const {
+    if constexpr (N > 1) {
+      if (nvec < N) {
+        accumulate_columns<kCareful, N - 1>(nvec, w, r, alpha, j0, nk, c0, ncols, hidden);
+        return;
+      }
+    }
+    const int64_t vs = p.v.row_stride_elements;
+    const T* s = w.s + r * NK;
+    T* acc = w.acc + r * dv_pad + c0;
+    const int last = ncols - (N - 1) * L;  // lanes of the last vector
+    decltype(V::v) o[N];                   // native vectors: kept in registers (see microkernel.h)
+#pragma GCC unroll 16
+    for (int u = 0; u < N; ++u) o[u] = V::zero().v;
+    // A paged V run by run, in key order (paged_rows.h): the same sums as the unpaged V's.
+    for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
+      n = imin(nk - t0, p.v.run_rows(j0 + t0));
+      const S* v = p.v.row(w.kv_item, j0 + t0) + c0;  // key t0 of the tile
+      for (int64_t t = t0; t < t0 + n; ++t) {
+        if (kCareful && hidden[t]) continue;
+        const V pt = V::set1(value_weight(w, s, t));
+        const S* vr = v + (t - t0) * vs;
+#pragma GCC unroll 16
+        for (int u = 0; u < N - 1; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
+        o[N - 1] = fmadd(pt, last == L ? load_as<V>(vr + (N - 1) * L) : load_partial_as<V>(vr + (N - 1) * L, last),
+                         V{o[N - 1]}).v;
+      }
+    }
+    const V a = V::set1(alpha);
+#pragma GCC unroll 16
+    for (int u = 0; u < N; ++u) fmadd(V::load(acc + u * L), a, V{o[u]}).store(acc + u * L);
   }
 
   void prepare(Work& w) const {

@@ -1,5 +1,6 @@
 // Fused attention, tiled path (FlashAttention-style) for blocks of many query rows: the driver.
-// dtypes: K and V stored in S (double, float, float16, bfloat16), queries and the result in S or T,
+// dtypes: K and V stored in S (double, float, float16, bfloat16; int8 with per-row scales, float32
+// queries and result: tiled_score_tile.h), queries and the result in S or T,
 // computed in T = V::Scalar (double for double, else float). ISA: target's V.
 //
 // The unit of work is a query block of MB rows of one batch item (tasks hand them out as runs of

@@ -1,9 +1,10 @@
 // Fused attention, tiled path: the forward online softmax over a query block's key tiles, and the
 // block's rows (and weights) written from its final state; a sink (AttentionParams::sinks) is folded
 // into that final state (fold_sinks), after the careful pass and the key-split merge.
-// dtypes: V stored in S (double, float, float16, bfloat16; widened per tile: tiled_score_tile.h), the
-// result in S or T; exponentials, running max and sum and the accumulator in T = V::Scalar (double for
-// double, else float), the output rounded once to its storage type in write_rows.
+// dtypes: V stored in S (double, float, float16, bfloat16, int8 with per-row scales; widened, int8
+// dequantised, per tile: tiled_score_tile.h), the result in S or T; exponentials, running max and sum
+// and the accumulator in T = V::Scalar (double for double, else float), the output rounded once to its
+// storage type in write_rows.
 // ISA: the target's V; P.V runs the microkernel through panel_gemm (tiled_score_tile.h).
 //
 // A block walks the key tiles that any of its rows can see (tiles entirely above the causal diagonal,

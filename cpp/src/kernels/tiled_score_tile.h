@@ -2,8 +2,8 @@
 // The forward's online softmax (tiled_online_softmax.h) consumes the tiles; a backward pass can call
 // the same score_tile to recompute P from the saved lse, since a tile depends only on the block's
 // queries, K and the masks, never on any softmax state.
-// dtypes: K stored in S (double, float, float16, bfloat16), queries in S or T, scores in T = V::Scalar
-// (double for double, else float). ISA: the target's V; both products of the fused attention run the
+// dtypes: K stored in S (double, float, float16, bfloat16, int8), queries in S or T, scores in
+// T = V::Scalar (double for double, else float). ISA: the target's V; both products of the fused attention run the
 // register-blocked microkernel (microkernel.h) through panel_gemm. 16-bit K (and V, for the online
 // softmax) are read in place from memory, half the bytes, and widened exactly, once per key tile and
 // query block, into a T tile the microkernels read as they read float data (kv_tile: 1 / MB of the

@@ -9,8 +9,8 @@ another sequence is read.
 
 Scheduling: the items go to the kernel longest sequence first, so its task queue hands out the big
 query blocks first and the short ones fill the tail of the call. Sequences with few query rows (group *
-rows <= 16: decode steps, speculative-decoding drafts) go in a call of their own, which the kernel runs
-on its row-wise (and split-KV) decode path; the others in a call the tiled path runs. Results do not
+rows <= 16: decode steps, speculative-decoding drafts) go in calls of their own (by row count), which
+the kernel runs on its row-wise (and split-KV) decode path; the others in one call the tiled path runs. Results do not
 depend on the order, the partition or the thread count.
 """
 
@@ -162,14 +162,22 @@ def _per_item(per_sequence: np.ndarray, items_per_sequence: int) -> np.ndarray:
 
 
 def _kernel_calls(va: VarlenArgs):
-    """The sequences of each kernel call, longest first: those the row-wise decode path takes (group *
-    rows <= 16) and the rest. Sequences without query rows have nothing to write; those without keys
-    are written by the caller (out 0, lse -inf or the sink)."""
+    """The sequences of each kernel call, longest first. The row-wise decode path (group * rows <= 16)
+    gives every kv item of a call the call's longest row count and computes the scores of the rows a
+    shorter sequence does not have (it only never reads or writes them), so its sequences go in calls
+    by row count rounded up to a power of two (1, 2, 3-4, 5-8, 9-16 rows per kv item): at most half of a
+    call's rows are such padding. The tiled path skips a sequence's empty query blocks: one call.
+    Sequences without query rows have nothing to write; those without keys are written by the caller
+    (out 0, lse -inf or the sink)."""
     lq, lk = va.len_q, va.len_k
     order = np.argsort(-lq, kind="stable")
     order = order[(lq[order] > 0) & (lk[order] > 0)]
-    short = va.a.group * lq[order] <= _ROWWISE_MAX_ROWS
-    return [s for s in (order[short], order[~short]) if s.size]
+    rows = va.a.group * lq[order]
+    short = rows <= _ROWWISE_MAX_ROWS
+    calls = [order[~short]]
+    bucket = np.ceil(np.log2(rows[short])).astype(np.int64)
+    calls += [order[short][bucket == b] for b in np.unique(bucket)[::-1]]
+    return [s for s in calls if s.size]
 
 
 def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, result: np.ndarray,

@@ -126,7 +126,7 @@ def kernel_backward(qp, kp, v, va, dout, *, want_dscores=True, **kw):
     _core.attention_backward(qq, kk, vv, out, dout_k, lse, grads["dq"], grads["dk"], grads["dv"],
                              grads["dscores"], grads["dv_a"], list(batch), list(kv_batch), a.group,
                              kernel_scale, mask, bias, lengths, a.causal, a.diagonal_offset, a.window_left,
-                             a.window_right, v_a)
+                             a.window_right, v_a, **_api._serving_kernel_args(a, forward=False))
     return a, grads, lse
 
 

@@ -41,7 +41,10 @@ def _operands(q, k, v, kw):
     lengths = None
     if a.kv_lengths is not None:
         lengths = np.ascontiguousarray(np.broadcast_to(a.kv_lengths, a.batch_shape), dtype=np.int64)
-    return a, dict(q=qq, k=kk, v=vv, scale=scale, v_a=v_a, mask=mask, bias=bias, kv_lengths=lengths)
+    # bottom_right with kv_lengths: each item's diagonal aligned to its own length.
+    offsets = None if a.diagonal_offsets is None else _api.per_item(a.diagonal_offsets, a.batch_shape, np.int64)
+    return a, dict(q=qq, k=kk, v=vv, scale=scale, v_a=v_a, mask=mask, bias=bias, kv_lengths=lengths,
+                   diagonal_offsets=offsets)
 
 
 def _common(a, o):
@@ -58,7 +61,7 @@ def forward(a, o, out_dtype=None):
     c = _common(a, o)
     _core.attention(o["q"], o["k"], o["v"], out, c["batch"], c["kv_batch"], c["group"], c["scale"], c["mask"],
                     c["bias"], c["kv_lengths"], c["causal"], c["diagonal_offset"], c["window_left"],
-                    c["window_right"], lse, None, o["v_a"])
+                    c["window_right"], lse, None, o["v_a"], diagonal_offsets=o["diagonal_offsets"])
     return out, lse
 
 
@@ -73,7 +76,8 @@ def backward(a, o, out, lse, dout, dscores=False):
     c = _common(a, o)
     _core.attention_backward(o["q"], o["k"], o["v"], out, dout, lse, dq, dk, dv, ds, None, c["batch"],
                              c["kv_batch"], c["group"], c["scale"], c["mask"], c["bias"], c["kv_lengths"],
-                             c["causal"], c["diagonal_offset"], c["window_left"], c["window_right"], o["v_a"])
+                             c["causal"], c["diagonal_offset"], c["window_left"], c["window_right"], o["v_a"],
+                             diagonal_offsets=o["diagonal_offsets"])
     return dq, dk, dv, ds
 
 

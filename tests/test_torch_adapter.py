@@ -283,11 +283,13 @@ def test_opcheck_forward_and_backward_operators(rng):
     q, k, v = _qkv(rng, (1, 2), 3, 4, 3, 2, kv_batch=(1, 1))
     bias = _tensor(rng.standard_normal((3, 4)), True)
     mask = torch.from_numpy(rng.random((3, 4)) < 0.8)
-    scalars = ("scaled_dot", None, True, "bottom_right", 2, None, True)
-    forward = (q, k, v, mask, bias, None, None, None, None, None, None) + scalars
+    scalars = ("scaled_dot", None, True, "bottom_right", 2, None, True, 1.5)  # the last: softcap
+    sinks = _tensor(rng.standard_normal(2), True)
+    forward = (q, k, v, mask, bias, None, None, None, None, None, None, None, sinks) + scalars
     torch.library.opcheck(torch.ops.attnfast.attention.default, forward)
     out, lse = torch.ops.attnfast.attention(*forward)
-    backward = (torch.ones_like(out), q, k, v, out.detach(), lse, mask, bias, None, None, None, None, None, None)
+    backward = (torch.ones_like(out), q, k, v, out.detach(), lse, mask, bias, None, None, None, None, None, None,
+                None, sinks)
     torch.library.opcheck(torch.ops.attnfast.attention_backward.default, backward + scalars,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -302,8 +304,9 @@ def test_the_operators_autograd_matches_the_eager_path(rng):
     q, k, v = _qkv(rng, (2, 2), 5, 6, 4, 3, kv_batch=(2, 1), dtype=np.float32)
     bias = _tensor(rng.standard_normal((5, 6)).astype(np.float32), True)
     w = _tensor(rng.standard_normal((4, 4)).astype(np.float32), True)
-    scalars = ("general", 0.5, True, "bottom_right", None, 1, True)
-    out, lse = torch.ops.attnfast.attention(q, k, v, None, bias, None, w, None, None, None, None, *scalars)
+    scalars = ("general", 0.5, True, "bottom_right", None, 1, True, None)
+    out, lse = torch.ops.attnfast.attention(q, k, v, None, bias, None, w, None, None, None, None, None, None,
+                                            *scalars)
     assert not lse.requires_grad
     _, op_grads = _grads_of(out, {"q": q, "k": k, "v": v, "bias": bias, "w": w})
     eager = at.attention(q, k, v, bias=bias, w=w, method="general", scale=0.5, causal=True,
@@ -448,7 +451,7 @@ def test_tensor_errors(rng):
                                         r"dense \(strided\) tensors"):
         at.attention(q.detach().to_sparse(), k, v)
     with pytest.raises(TypeError, match=r"mask requires grad, but attnfast.attention is not differentiable with "
-                                        r"respect to it \(only q, k, v, bias and the method weights are\)\. "
+                                        r"respect to it \(only q, k, v, bias, the method weights and sinks are\)\. "
                                         r"Pass mask.detach\(\)"):
         at.attention(q, k, v, mask=torch.ones(3, 4, requires_grad=True))
     with pytest.raises(TypeError, match=r"kv_lengths requires grad"):

@@ -1374,7 +1374,9 @@ def check_attention(
         return_lse=return_lse,
         return_weights=return_weights,
         out=out,
-        diagonal_offsets=per_item_diagonal_offsets(causal_align, kv_lengths, lq),
+        # Only causal, the window and ALiBi read the diagonal: without them the per-item offsets are not made.
+        diagonal_offsets=(per_item_diagonal_offsets(causal_align, kv_lengths, lq)
+                          if causal or left >= 0 or right >= 0 or alibi_slopes is not None else None),
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         sinks=sinks,

@@ -6,10 +6,11 @@
 ``attnfast.attention_backward`` (the fused FlashAttention-2-style kernels) on the host through
 ``jax.pure_callback``, so it works under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
-* Differentiable with respect to q, k, v, ``bias`` and the method weights (``w``, ``w_q``, ``w_k``,
-  ``v_a``, ``score_bias``); ``mask`` and ``kv_lengths`` get zero cotangents (float0 for integer and
-  boolean arrays, as JAX requires). ``method``, ``scale``, ``causal``, ``causal_align`` and ``window``
-  are static: Python values fixed at trace time.
+* Differentiable with respect to q, k, v, ``bias``, the method weights (``w``, ``w_q``, ``w_k``,
+  ``v_a``, ``score_bias``) and ``sinks``; ``mask``, ``kv_lengths`` and ``alibi_slopes`` get zero
+  cotangents (float0 for integer and boolean arrays, as JAX requires). ``method``, ``scale``,
+  ``causal``, ``causal_align``, ``window`` and ``softcap`` are static: Python values fixed at trace
+  time.
 * Shapes and dtypes are checked when the function is traced, with attnfast's own messages
   (``TypeError``/``ValueError``); only the values of a traced ``kv_lengths`` can be checked no earlier
   than when the kernel runs, where a bad one surfaces as JAX's runtime error carrying attnfast's message.
@@ -51,7 +52,11 @@ _ARRAY_KWARGS = {
     "w_k": "dw_k",
     "v_a": "dv_a",
     "score_bias": "dscore_bias",
+    "alibi_slopes": None,
+    "sinks": "dsinks",
 }
+# Arguments with the batch shape (no trailing score axes): aligned like kv_lengths under vmap.
+_PER_ITEM = ("kv_lengths", "alibi_slopes", "sinks")
 _METHOD_WEIGHTS = ("w", "w_q", "w_k", "v_a", "score_bias")
 _NUMPY_ONLY = ("return_lse", "return_weights", "out")
 
@@ -65,6 +70,7 @@ class _Static:
     causal: bool
     causal_align: str
     window: Optional[Tuple[Optional[int], Optional[int]]]
+    softcap: Optional[float] = None
 
     def kwargs(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,7 +89,7 @@ class _Plan:
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
               causal_align="top_left", window=None, kv_lengths=None, w=None, w_q=None, w_k=None, v_a=None,
-              score_bias=None, **numpy_only):
+              score_bias=None, softcap=None, alibi_slopes=None, sinks=None, **numpy_only):
     """Fused attention as a differentiable JAX function (see the module docstring).
 
     Same arguments and result as :func:`attnfast.attention` without ``return_lse``, ``return_weights``
@@ -91,10 +97,10 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     """
     _reject_numpy_only(numpy_only)
     static = _static_args(method=method, scale=scale, causal=causal, causal_align=causal_align,
-                          window=window)
+                          window=window, softcap=softcap)
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     given = dict(mask=mask, bias=bias, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
-                 score_bias=score_bias)
+                 score_bias=score_bias, alibi_slopes=alibi_slopes, sinks=sinks)
     arrays = {name: jnp.asarray(x) for name, x in given.items() if x is not None}
     _plan(static, _signature(q, k, v, arrays))  # validates shapes and dtypes now, at trace time
     if "kv_lengths" in arrays and not isinstance(arrays["kv_lengths"], jax.core.Tracer):
@@ -122,14 +128,16 @@ def _static_args(**values) -> _Static:
                 f"{name} must be a Python value fixed at trace time, got a traced JAX value. Pass it as "
                 f"a constant or mark it static (jax.jit(f, static_argnames=...))."
             )
-    scale, window = values["scale"], values["window"]
+    scale, window, softcap = values["scale"], values["window"], values["softcap"]
     if isinstance(scale, jax.Array):
         scale = np.asarray(scale)  # concrete: attnfast's check takes a 0-d array like a NumPy scalar
     if isinstance(scale, np.ndarray) and scale.ndim == 0:
         scale = scale.item()
+    if isinstance(softcap, (jax.Array, np.ndarray)) and np.ndim(softcap) == 0:
+        softcap = np.asarray(softcap).item()
     if isinstance(window, (list, np.ndarray)) and np.ndim(window) == 1:
         window = tuple(window.tolist() if isinstance(window, np.ndarray) else window)
-    static = dict(values, scale=scale, window=window)
+    static = dict(values, scale=scale, window=window, softcap=softcap)
     try:
         hash(tuple(static.values()))
     except TypeError:
@@ -269,7 +277,7 @@ class _Mapped:
         """The argument with size-1 axes inserted after the mapped ones, so that its own batch axes line
         up with everyone's (batch axes broadcast from the right, and the mapped ones are in front)."""
         x = self.arrays[name]
-        full = self.plan.batch_rank + (1 if name == "lse" else 0 if name == "kv_lengths" else 2)
+        full = self.plan.batch_rank + (1 if name == "lse" else 0 if name in _PER_ITEM else 2)
         missing = full - len(self.shapes[name])
         return x.reshape(x.shape[:self.lead] + (1,) * missing + x.shape[self.lead:])
 

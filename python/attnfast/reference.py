@@ -32,6 +32,15 @@ Numerics that the kernels must reproduce
   softmax as they grow together), every other key weighs exactly 0, and its
   lse is +inf.  :func:`softmax` and :func:`merge_states` (parts with lse
   +inf) follow the same rule.
+* Serving additions (issue 18), in this order after the method's score s:
+  softcap c: s <- c tanh(s / c); alibi_slopes: s <- s - slope |diag_i - j|,
+  diag_i = i + offset the aligned diagonal (:func:`_diagonals`); then bias;
+  then masks.  sinks join each row's denominator without a value
+  (:func:`_masked_softmax64`'s ``sink``).  With kv_lengths, bottom_right
+  aligns each item to its own length: offset = kv_lengths[b] - Lq.  Paged
+  and int8 caches are turned into the plain float64 cache they describe
+  (:func:`_cache64`) before anything else, so every rule above applies to
+  them unchanged.
 * Gradients (:func:`attention_backward`, in :mod:`attnfast._reference_backward`)
   follow the same visibility: a hidden key contributes nothing to any gradient,
   a row with no visible key gets zero gradients, and a row whose lse is +inf

@@ -3,10 +3,11 @@
 Import it explicitly (``import attnfast.torch``); ``import attnfast`` never imports torch.
 
 ``attention(q, k, v, **kwargs)`` takes the keyword arguments of :func:`attnfast.attention` (method,
-scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias) as CPU
-tensors of dtype float64, float32, float16 or bfloat16 (mask bool, kv_lengths integer) and returns a
-tensor (and the log-sum-exp with ``return_lse=True``). Gradients flow to q, k, v, bias and the method
-weights through :func:`attnfast.attention_backward`; mask and kv_lengths are not differentiable, and
+scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias, softcap,
+alibi_slopes, sinks) as CPU tensors of dtype float64, float32, float16 or bfloat16 (mask bool,
+kv_lengths integer; softcap a float) and returns a tensor (and the log-sum-exp with
+``return_lse=True``). Gradients flow to q, k, v, bias, the method weights and sinks through
+:func:`attnfast.attention_backward`; mask, kv_lengths and alibi_slopes are not differentiable, and
 neither is lse (it is returned marked non-differentiable: the backward pass takes no gradient for it).
 
 Tensors and arrays share memory both ways: inputs are read through ``tensor.numpy()`` (bfloat16, which
@@ -41,6 +42,8 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 # The method weights, in the operators' argument order, and the AttentionGrads field of each gradient.
 _WEIGHTS = ("w", "w_q", "w_k", "v_a", "score_bias")
 _WEIGHT_GRADS = ("dw", "dw_q", "dw_k", "dv_a", "dscore_bias")
+# The score modifiers given as tensors (softcap is a scalar); only sinks has a gradient.
+_MODIFIERS = ("alibi_slopes", "sinks")
 
 
 # --------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def _shape_only(t: Optional[torch.Tensor], dtype: Optional[np.dtype] = None) -> 
 # --------------------------------------------------------------------------
 
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_DIFFERENTIABLE = ("q", "k", "v", "bias") + _WEIGHTS
+_DIFFERENTIABLE = ("q", "k", "v", "bias") + _WEIGHTS + ("sinks",)
 
 
 def _tensor_argument(name: str, x):
@@ -142,7 +145,7 @@ def _tensor_argument(name: str, x):
     if x.requires_grad and name not in _DIFFERENTIABLE:
         raise TypeError(
             f"{name} requires grad, but attnfast.attention is not differentiable with respect to it "
-            f"(only q, k, v, bias and the method weights are). Pass {name}.detach()."
+            f"(only q, k, v, bias, the method weights and sinks are). Pass {name}.detach()."
         )
     return x
 
@@ -196,18 +199,31 @@ def _scale(scale) -> Optional[float]:
         return math.inf if scale > 0 else -math.inf
 
 
+def _softcap(softcap) -> Optional[float]:
+    """softcap as the operators take it: a float (attnfast checks its value), None for no cap."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        return _inputs.check_softcap(softcap, np.dtype(np.float64))  # raises attnfast's TypeError
+    try:
+        return float(softcap)
+    except OverflowError:  # an int beyond the float range: attnfast rejects it as not finite
+        return math.inf
+
+
 # --------------------------------------------------------------------------
 # The forward operator
 # --------------------------------------------------------------------------
 
 
 def _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, causal_align, left, right,
-                      windowed, array):
+                      windowed, array, modifiers=(None, None), softcap=None):
     """The keyword arguments of attnfast.attention / attention_backward, tensors made arrays by ``array``."""
     kwargs = dict(method=method, scale=scale, mask=array(mask), bias=array(bias), causal=causal,
                   causal_align=causal_align, window=_window(left, right, windowed),
-                  kv_lengths=array(kv_lengths))
+                  kv_lengths=array(kv_lengths), softcap=softcap)
     kwargs.update((name, array(x)) for name, x in zip(_WEIGHTS, weights))
+    kwargs.update((name, array(x)) for name, x in zip(_MODIFIERS, modifiers))
     return kwargs
 
 
@@ -216,11 +232,13 @@ def _attention_impl(
     mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
     w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
     v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
     method: str, scale: Optional[float], causal: bool, causal_align: str,
-    window_left: Optional[int], window_right: Optional[int], windowed: bool,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool, softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs = _attention_kwargs(mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
-                               causal_align, window_left, window_right, windowed, _as_array)
+                               causal_align, window_left, window_right, windowed, _as_array,
+                               (alibi_slopes, sinks), softcap)
     out, lse = attnfast.attention(_as_array(q), _as_array(k), _as_array(v), return_lse=True, **kwargs)
     return _as_tensor(out), _as_tensor(lse)
 
@@ -229,11 +247,12 @@ _attention_op = torch.library.custom_op("attnfast::attention", _attention_impl, 
                                         device_types="cpu")
 
 
-def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window):
+def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window,
+                  modifiers=(None, None), softcap=None):
     """attnfast's validation of the call, on shapes and dtypes only (no data is read): the same errors
     as attnfast.attention, and the arguments that describe the result."""
     kwargs = _attention_kwargs(mask, None, kv_lengths, (), method, scale, causal, causal_align,
-                               None, None, False, _shape_only)
+                               None, None, False, _shape_only, softcap=softcap)
     kwargs["window"] = window
     # bias and the weights convert to the computation dtype during the check: shape-only arrays of another
     # real dtype would be expanded to their full (for bias: score-sized) shape, so they are made in it.
@@ -241,7 +260,7 @@ def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causa
     compute = None
     if all(a.dtype in _inputs.STORAGE_DTYPES for a in arrays):
         compute = _inputs.compute_dtype(_inputs.result_dtype(*(a.dtype for a in arrays)))
-    for name, x in zip(("bias",) + _WEIGHTS, (bias,) + tuple(weights)):
+    for name, x in zip(("bias",) + _WEIGHTS + _MODIFIERS, (bias,) + tuple(weights) + tuple(modifiers)):
         real = x is not None and (not x.is_complex() and x.dtype != torch.bool)
         kwargs[name] = _shape_only(x, compute if real else None)
     return _inputs.check_attention(*arrays, return_lse=True, **kwargs)
@@ -252,10 +271,10 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias, method, scale, causal,
-                    causal_align, window_left, window_right, windowed):
+def _attention_fake(q, k, v, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias, alibi_slopes, sinks, method,
+                    scale, causal, causal_align, window_left, window_right, windowed, softcap):
     a = _checked_call(q, k, v, mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
-                      causal_align, _window(window_left, window_right, windowed))
+                      causal_align, _window(window_left, window_right, windowed), (alibi_slopes, sinks), softcap)
     shape = a.batch_shape + (a.lq,)
     out = q.new_empty(shape + (a.dv,), dtype=_torch_dtype(a.dtype))
     lse = q.new_empty(shape, dtype=_torch_dtype(_inputs.lse_dtype(a.dtype)))
@@ -285,17 +304,19 @@ def _attention_backward_impl(
     mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
     w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
     v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
     method: str, scale: Optional[float], causal: bool, causal_align: str,
-    window_left: Optional[int], window_right: Optional[int], windowed: bool,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool, softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor]:
     weights = (w, w_q, w_k, v_a, score_bias)
     kwargs = _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, causal_align,
-                               window_left, window_right, windowed, _as_array)
+                               window_left, window_right, windowed, _as_array, (alibi_slopes, sinks), softcap)
     grads = attnfast.attention_backward(_as_array(dout), _as_array(q), _as_array(k), _as_array(v),
                                         _as_array(out), _as_array(lse), **kwargs)
     pairs = [(grads.dq, q), (grads.dk, k), (grads.dv, v), (grads.dbias, bias)]
     pairs += [(getattr(grads, field), x) for field, x in zip(_WEIGHT_GRADS, weights)]
+    pairs.append((grads.dsinks, sinks))
     return tuple(_gradient_tensor(g, x, q) for g, x in pairs)
 
 
@@ -318,8 +339,9 @@ def _gradient_tensor(grad, x: Optional[torch.Tensor], q: torch.Tensor) -> torch.
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, out, lse, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias,
-                             method, scale, causal, causal_align, window_left, window_right, windowed):
-    inputs = (q, k, v, bias, w, w_q, w_k, v_a, score_bias)
+                             alibi_slopes, sinks, method, scale, causal, causal_align, window_left, window_right,
+                             windowed, softcap):
+    inputs = (q, k, v, bias, w, w_q, w_k, v_a, score_bias, sinks)
     return tuple(x.new_empty(x.shape) if _has_gradient(x) else _placeholder(q) for x in inputs)
 
 
@@ -327,8 +349,9 @@ def _attention_backward_fake(dout, q, k, v, out, lse, mask, bias, kv_lengths, w,
 # Autograd: the forward operator's derivative is the backward operator
 # --------------------------------------------------------------------------
 
-_TENSOR_INPUTS = ("q", "k", "v", "mask", "bias", "kv_lengths") + _WEIGHTS
-_SCALAR_INPUTS = ("method", "scale", "causal", "causal_align", "window_left", "window_right", "windowed")
+_TENSOR_INPUTS = ("q", "k", "v", "mask", "bias", "kv_lengths") + _WEIGHTS + _MODIFIERS
+_SCALAR_INPUTS = ("method", "scale", "causal", "causal_align", "window_left", "window_right", "windowed",
+                  "softcap")
 
 
 def _setup_context(ctx, inputs, output):
@@ -343,12 +366,14 @@ def _gradients(ctx, dout, backward):
     backward operator, or its implementation in eager mode. lse has no gradient: it is marked
     non-differentiable, so autograd hands backward zeros or None for it, never a real one."""
     *tensors, out, lse = ctx.saved_tensors
-    q, k, v, mask, bias, kv_lengths, *weights = tensors
-    dq, dk, dv, dbias, *dweights = backward(dout, q, k, v, out, lse, mask, bias, kv_lengths, *weights,
-                                            *ctx.scalars)
+    q, k, v, mask, bias, kv_lengths, *rest = tensors
+    weights, (alibi_slopes, sinks) = rest[:len(_WEIGHTS)], rest[len(_WEIGHTS):]
+    dq, dk, dv, dbias, *dweights, dsinks = backward(dout, q, k, v, out, lse, mask, bias, kv_lengths, *weights,
+                                                    alibi_slopes, sinks, *ctx.scalars)
     grad = lambda g, x: g if _has_gradient(x) else None  # noqa: E731
     return (grad(dq, q), grad(dk, k), grad(dv, v), None, grad(dbias, bias), None,
-            *(grad(g, x) for g, x in zip(dweights, weights)), *([None] * len(_SCALAR_INPUTS)))
+            *(grad(g, x) for g, x in zip(dweights, weights)), None, grad(dsinks, sinks),
+            *([None] * len(_SCALAR_INPUTS)))
 
 
 def _backward(ctx, dout, dlse):
@@ -399,8 +424,10 @@ class _EagerAttention(torch.autograd.Function):
 
 def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
               causal_align="top_left", window=None, kv_lengths=None, return_lse=False, w=None, w_q=None,
-              w_k=None, v_a=None, score_bias=None):
-    """Fused attention on CPU tensors, differentiable with respect to q, k, v, bias and the method weights.
+              w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Fused attention on CPU tensors, differentiable with respect to q, k, v, bias, the method weights
+    and sinks (softcap, alibi_slopes and sinks as in :func:`attnfast.attention`; alibi_slopes is not
+    differentiable).
 
     The arguments and results are those of :func:`attnfast.attention` (see its documentation and the
     README: shapes, score methods, masks, GQA, dtypes and numerics), as ``torch.Tensor`` s on the CPU:
@@ -416,6 +443,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     bias = _tensor_argument("bias", bias)
     kv_lengths = _tensor_argument("kv_lengths", kv_lengths)
     weights = tuple(_tensor_argument(name, x) for name, x in zip(_WEIGHTS, (w, w_q, w_k, v_a, score_bias)))
+    modifiers = tuple(_tensor_argument(name, x) for name, x in zip(_MODIFIERS, (alibi_slopes, sinks)))
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False; got {return_lse!r} of type {type(return_lse).__name__}.")
     # The scalars the operators' schema types; everything else is validated by attnfast.attention itself
@@ -424,8 +452,8 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     causal = _inputs._check_bool_flag("causal", causal)
     if not isinstance(causal_align, str):
         raise ValueError(f"unknown causal_align {causal_align!r}; valid values are 'top_left', 'bottom_right'.")
-    inputs = (q, k, v, mask, bias, kv_lengths, *weights, method, _scale(scale), causal, causal_align,
-              *_window_sides(window))
+    inputs = (q, k, v, mask, bias, kv_lengths, *weights, *modifiers, method, _scale(scale), causal, causal_align,
+              *_window_sides(window), _softcap(softcap))
     if torch.compiler.is_compiling() or not all(x is None or type(x) in _PLAIN_TENSORS
                                                 for x in inputs[:len(_TENSOR_INPUTS)]):
         out, lse = _attention_op(*inputs)

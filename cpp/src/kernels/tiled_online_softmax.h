@@ -320,16 +320,35 @@ struct TiledOnlineSoftmax : TiledScoreTile<V, S, MR, NRV> {
     }
   }
 
-  // Folds the call's sink into every finished row (fold_sink): m, l (and l_exp) become the row's final
-  // state, which write_weights reads too; keep[i] receives the factor of the row's accumulator.
+  // Folds the call's sink into every finished row, L rows at a time: fold_sink's rule (attention_common.h)
+  // with the softmax's exponential, one per row (M is m or the sink, so one of e^(m - M), e^(sink - M)
+  // is 1). m, l (and l_exp) become the row's final state, which write_weights reads too; keep[i]
+  // receives the factor of the row's accumulator. Rows whose max is +inf or NaN keep their state.
   void fold_sinks(const Block& blk, T* keep) const {
     const T sink = p.sinks[blk.b];
-    for (int64_t i = 0; i < blk.mb; ++i) {
+    if (sink == neg_inf<T>()) {  // weighs nothing
+      for (int64_t i = 0; i < MB; ++i) keep[i] = T(1);
+      return;
+    }
+    const V sink_v = V::set1(sink), one = V::set1(T(1)), plus_inf = V::set1(pos_inf<T>());
+    const V log2e = V::set1(T(kLog2e));
+    for (int64_t i0 = 0; i0 < MB; i0 += L) {
+      const V m = V::load(blk.m + i0), l = V::load(blk.l + i0);
+      const auto sink_above = cmp_lt(m, sink_v);  // false for a NaN m
+      const V smaller = select(sink_above, m, sink_v);  // min(m, sink), -inf for a row without keys
+      const V e = exp2_nonpositive((smaller - select(sink_above, sink_v, m)) * log2e);
+      const V factor = select(sink_above, e, one), added = select(sink_above, one, e);
+      // The lanes that change: m finite or -inf, m and l not NaN.
+      const auto unchanged = [&](V folded, V old) {
+        return select(cmp_eq(l, l), select(cmp_eq(m, m), select(cmp_eq(m, plus_inf), old, folded), old), old);
+      };
+      unchanged(factor, one).store(keep + i0);
+      unchanged(fmadd(l, factor, added), l).store(blk.l + i0);
       if (blk.l_exp != blk.l) {
-        T m = blk.m[i];
-        fold_sink(sink, &m, &blk.l_exp[i]);
+        const V l_exp = V::load(blk.l_exp + i0);
+        unchanged(fmadd(l_exp, factor, added), l_exp).store(blk.l_exp + i0);
       }
-      keep[i] = fold_sink(sink, &blk.m[i], &blk.l[i]);
+      unchanged(select(sink_above, sink_v, m), m).store(blk.m + i0);
     }
   }
 

@@ -415,17 +415,20 @@ struct TiledScoreTile {
   //   kCap:   s <- c tanh(s / c) (tanh_approx, math.h: 3.3 ulp in float32, so the capped score is
   //           within a few ulp of c, the largest it can be); s / c as s * (1 / c), one rounding more.
   //           With cap_slope (the backward), also 1 - tanh^2, the cap's derivative.
-  //   kAlibi: s <- s - slope |diag_i - j|, the distance exact in T for |diag_i - j| < 2^24 (float).
+  //   kAlibi: s <- s - slope |diag_i - j|, the distance diag_i - j0 of each lane once per tile, then
+  //           minus j (exact in T while |diag_i - j| < 2^24 in float).
   // Lanes past the block's rows are modified too (finite in, finite out; never read).
   template <bool kCap, bool kAlibi>
   void modify_scores(const TileBlock<T>& blk, int64_t j0, int64_t nk) const {
     const V cap = V::set1(p.softcap), inv_cap = V::set1(kCap ? T(1) / p.softcap : T(0)), one = V::set1(T(1));
     const V minus_slope = V::set1(kAlibi ? -p.alibi_slopes[blk.b] : T(0));
-    T lane_index[L];
-    for (int u = 0; u < L; ++u) lane_index[u] = T(u);
-    const V lanes = V::load(lane_index);
+    T distance[MB];  // diag_i - j0 of each row of the block
+    if constexpr (kAlibi)
+      for (int64_t i = 0; i < MB; ++i)
+        distance[i] = static_cast<T>(sub_saturated(diagonal(p, blk.b, blk.i_begin + i), j0));
     for (int64_t j = 0; j < nk; ++j) {
       T* sj = blk.s + j * MB;
+      const V key = V::set1(static_cast<T>(j));
       for (int64_t i0 = 0; i0 < blk.mb; i0 += L) {
         V s = V::load(sj + i0);
         if constexpr (kCap) {
@@ -433,10 +436,7 @@ struct TiledScoreTile {
           s = cap * t;
           if (blk.cap_slope) fmadd(negate(t), t, one).store(blk.cap_slope + j * MB + i0);
         }
-        if constexpr (kAlibi) {
-          const int64_t offset = sub_saturated(diagonal(p, blk.b, blk.i_begin + i0), j0 + j);
-          s = fmadd(minus_slope, abs(V::set1(static_cast<T>(offset)) + lanes), s);
-        }
+        if constexpr (kAlibi) s = fmadd(minus_slope, abs(V::load(distance + i0) - key), s);
         s.store(sj + i0);
       }
     }

@@ -17,7 +17,6 @@ depend on the order, the partition or the thread count.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,7 +43,7 @@ class VarlenArgs:
     cu_k: np.ndarray
     causal_align: str
     softcap: Optional[float]
-    alibi_slopes: Optional[np.ndarray]  # compute dtype, broadcast to the batch shape
+    alibi_slopes: Optional[np.ndarray]  # compute dtype, broadcast to the batch shape (a read-only view)
     sinks: Optional[np.ndarray]
 
     @property
@@ -99,36 +98,6 @@ def _check_cu_seqlens(name: str, x: Any, total: int, axis: str) -> np.ndarray:
     return c.astype(np.int64)
 
 
-def _check_softcap(softcap: Any) -> Optional[float]:
-    if softcap is None:
-        return None
-    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)):
-        if not (isinstance(softcap, np.ndarray) and softcap.ndim == 0 and softcap.dtype.kind in "iuf"):
-            raise TypeError(f"softcap must be a positive finite float or None; got {softcap!r}.")
-        softcap = softcap.item()
-    value = float(softcap)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"softcap must be a positive finite float (s <- c tanh(s / c)) or None; got {value!r}.")
-    return value
-
-
-def _check_per_head(name: str, x: Any, batch: tuple, compute: np.dtype, shape_hint: str) -> Optional[np.ndarray]:
-    """A float array broadcastable to the batch shape (one value per query head and batch entry)."""
-    if x is None:
-        return None
-    arr = _inputs._real_array(name, x, compute)
-    try:
-        full = np.broadcast_to(arr, batch)
-    except ValueError:
-        raise ValueError(
-            f"{name} must be broadcastable to q's batch shape {tuple(batch)} ({shape_hint}); got shape "
-            f"{tuple(arr.shape)}."
-        ) from None
-    if not np.isfinite(full).all():
-        raise ValueError(f"{name} must be finite; got a non-finite value.")
-    return np.ascontiguousarray(full, dtype=compute)
-
-
 def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
                            causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
                            return_lse=False, out=None) -> VarlenArgs:
@@ -139,8 +108,16 @@ def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scale
             f"attention_varlen supports method 'dot' and 'scaled_dot'; got {method!r}. Project q (and k) "
             f"yourself first, or call attention per sequence."
         )
+    for name, x in (("k", k), ("v", v)):
+        if np.dtype(getattr(x, "dtype", np.float64)) == np.int8:
+            raise TypeError(
+                f"attention_varlen takes floating-point k and v; got {name} of dtype int8. Dequantise the "
+                f"cache first ({name}_int8 * {name}_scale[..., None]), or use attention with k_scale= and "
+                f"v_scale= per sequence."
+            )
     a = _inputs.check_attention(q, k, v, method=method, scale=scale, causal=causal, causal_align=causal_align,
-                                window=window, return_lse=return_lse, out=out)
+                                window=window, return_lse=return_lse, out=out, softcap=softcap,
+                                alibi_slopes=alibi_slopes, sinks=sinks)
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, a.lq, "Tq (q's axis -2)")
     cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, a.lk, "Tk (k's and v's axis -2)")
     if cu_q.size != cu_k.size:
@@ -148,11 +125,11 @@ def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scale
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences; got "
             f"{cu_q.size - 1} and {cu_k.size - 1} ({cu_q.size} and {cu_k.size} values)."
         )
-    hint = "(Hq,) for one value per query head"
+    batch = tuple(a.batch_shape)
     return VarlenArgs(
-        a=a, cu_q=cu_q, cu_k=cu_k, causal_align=causal_align, softcap=_check_softcap(softcap),
-        alibi_slopes=_check_per_head("alibi_slopes", alibi_slopes, a.batch_shape, a.compute, hint),
-        sinks=_check_per_head("sinks", sinks, a.batch_shape, a.compute, hint),
+        a=a, cu_q=cu_q, cu_k=cu_k, causal_align=causal_align, softcap=a.softcap,
+        alibi_slopes=None if a.alibi_slopes is None else np.broadcast_to(a.alibi_slopes, batch),
+        sinks=None if a.sinks is None else np.broadcast_to(a.sinks, batch),
     )
 
 
@@ -196,8 +173,8 @@ def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, resu
         modifiers["softcap"] = va.softcap
     for name in ("alibi_slopes", "sinks"):
         x = getattr(va, name)
-        if x is not None:
-            modifiers[name] = np.ascontiguousarray(np.broadcast_to(x.ravel(), (seqs.size, per_q)).ravel())
+        if x is not None:  # the same values for every sequence: sequence-major per-item copies
+            modifiers[name] = np.ascontiguousarray(np.broadcast_to(x.reshape(-1), (seqs.size, per_q)).reshape(-1))
     _core.attention(
         qq, kk, vv, result, [int(seqs.size), *batch], [int(seqs.size), *kv_batch], a.group, kernel_scale,
         None, None, _per_item(lk, per_q), a.causal, 0, a.window_left, a.window_right, lse, None, None,

@@ -468,7 +468,13 @@ def test_still_unsupported_dtypes(rng, impl, bad):
         return (f"attnfast computes in float32 or float64; {name} has dtype {bad}. Convert it with "
                 f"{name}.astype(np.float32) (or np.float64). {ACCEPTED_NOTE}")
 
-    for call, name in [(lambda: impl.attention(x, good, good), "q"), (lambda: impl.attention(good, x, x), "k"),
+    if bad == np.int8:  # an int8 KV cache is accepted, with its scales
+        with pytest.raises(TypeError, match=r"k is int8 but k_scale is None: an int8 cache needs its per-row scales"):
+            impl.attention(good, x, x)
+    else:
+        with pytest.raises(TypeError, match=exact(message("k"))):
+            impl.attention(good, x, x)
+    for call, name in [(lambda: impl.attention(x, good, good), "q"),
                        (lambda: impl.scores(good, x), "k"), (lambda: impl.softmax(x), "x"),
                        (lambda: impl.aggregate(x, np.ones((3, 2), F16)), "weights"),
                        (lambda: impl.merge_states([x], [np.zeros(2)]), "outs[0]"),

@@ -1077,11 +1077,10 @@ def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Sh
 
 def _kv_array(name: str, x: Any) -> np.ndarray:
     """k or v: an int8 array (a quantised cache) as given, else a storage-dtype array."""
-    if isinstance(x, np.ndarray) and x.dtype == _INT8:
-        return x
-    if not isinstance(x, np.ndarray) and x is not None and np.asarray(x).dtype == _INT8:
-        return np.asarray(x)
-    return _float_array(name, x)
+    # _asarray names the argument for a ragged list or a torch bfloat16 tensor; _float_array gets the
+    # input as given, for its conversion hint.
+    a = x if type(x) is np.ndarray else _asarray(name, x)
+    return a if a.dtype == _INT8 else _float_array(name, x)
 
 
 def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str, shape_name: str) -> np.ndarray:

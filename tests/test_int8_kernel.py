@@ -24,7 +24,7 @@ import attnfast
 from attnfast import _attnfast as _core
 from attnfast import reference
 
-from conftest import assert_close_to_reference, naive_attention
+from conftest import assert_close_to_reference, check_attention, naive_attention
 
 pytestmark = pytest.mark.usefixtures("isa")
 
@@ -48,10 +48,12 @@ def int8_attention(q, k8, v8, k_scale, v_scale, *, causal=False, causal_align="t
         lengths = np.ascontiguousarray(np.broadcast_to(np.asarray(kv_lengths, np.int64).reshape(-1, 1), batch))
     left, right = (-1, -1) if window is None else tuple(-1 if w is None else w for w in window)
     offset = lk - lq if causal_align == "bottom_right" else 0
+    # bottom_right with kv_lengths aligns each item's diagonal to its own length (README "Numerics").
+    offsets = None if lengths is None or causal_align != "bottom_right" else np.ascontiguousarray(lengths - lq)
     _core.attention(q, k8, v8, out, list(batch), list(kv_batch), batch[-1] // kv_batch[-1], scale,
                     None if mask is None else np.broadcast_to(mask, full), None, lengths, causal, offset, left,
-                    right, lse, weights, k_scale=np.broadcast_to(k_scale, k8.shape[:-1]),
-                    v_scale=np.broadcast_to(v_scale, v8.shape[:-1]))
+                    right, lse, weights, diagonal_offsets=None if offsets is None else offsets.reshape(-1),
+                    k_scale=np.broadcast_to(k_scale, k8.shape[:-1]), v_scale=np.broadcast_to(v_scale, v8.shape[:-1]))
     return (out, lse, weights) if return_weights else (out, lse)
 
 
@@ -378,3 +380,32 @@ def test_paged_int8_equals_contiguous(rng, path):
     n_out, n_lse, _ = naive_attention(q, kd.astype(np.float32), vd.astype(np.float32), mask=mask)
     assert_close_to_reference(got[0], r_out, n_out, np.float32, scale=float(np.abs(vd).max()), what=f"{path}: out")
     assert_close_to_reference(got[1], r_lse, n_lse, np.float32, what=f"{path}: lse")
+
+
+# ---- through the Python API -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["rowwise", "tiled"])
+def test_api_calls_the_same_kernel(rng, path):
+    """attnfast.attention(..., k_scale=, v_scale=) on an int8 cache gives bitwise the kernel's result."""
+    lq = 2 if path == "rowwise" else 50
+    k8, v8, ks, vs = quantised_cache(rng, (2, 2), 130, 40)
+    q = queries(rng, (2, 4), lq, 40)
+    out, lse = attnfast.attention(q, k8, v8, k_scale=ks, v_scale=vs, causal=True, kv_lengths=np.array([[100], [7]]),
+                                  causal_align="bottom_right", return_lse=True)
+    want = int8_attention(q, k8, v8, ks, vs, causal=True, kv_lengths=[100, 7], causal_align="bottom_right")
+    np.testing.assert_array_equal(out, want[0])
+    np.testing.assert_array_equal(lse, want[1])
+
+
+@pytest.mark.parametrize("path", ["rowwise", "tiled"])
+@pytest.mark.parametrize("modifier", ["softcap", "alibi", "sinks"])
+def test_score_modifiers_on_an_int8_cache(rng, path, modifier):
+    """The score modifiers apply to the dequantised score k_scale (q . k), as on a float cache."""
+    lq = 3 if path == "rowwise" else 50
+    k8, v8, ks, vs = quantised_cache(rng, (1, 2), 200, 48)
+    q = queries(rng, (1, 4), lq, 48) * np.float32(3)
+    kw = {"softcap": {"softcap": 2.0}, "alibi": {"alibi_slopes": np.array([0.5, 0.25, 0.125, 0.0625])},
+          "sinks": {"sinks": np.array([0.0, 1.0, -1.0, 3.0])}}[modifier]
+    check_attention(q, k8, v8, dtype=np.float32, what=f"{path} int8 {modifier}", k_scale=ks, v_scale=vs,
+                    causal=True, causal_align="bottom_right", **kw)

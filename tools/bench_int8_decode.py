@@ -1,8 +1,8 @@
 """int8 KV-cache decode against float32 decode, same run: python tools/bench_int8_decode.py [repeats].
 
 For each of the issue's decode shapes (B, Hq, Lq, Lk, D) and 1 and 2 threads: the float32 call
-attnfast.attention(q, k, v) and the int8 call on the same cache quantised per row (scale max|x| / 127,
-round half to even), timed alternately (best of `repeats` rounds of a few calls each, wall clock), and
+attnfast.attention(q, k, v) and the int8 call attnfast.attention(q, k8, v8, k_scale=, v_scale=) on the
+same cache quantised per row by attnfast.quantize_kv, timed alternately (best of `repeats` rounds of a few calls each, wall clock), and
 both errors against the float64 reference on the dequantised cache next to a naive float32
 implementation's (NumPy: q @ k^T * scale, softmax, @ v on the dequantised cache in float32).
 """
@@ -18,18 +18,8 @@ from attnfast import reference
 SHAPES = [(1, 32, 1, 4096, 128), (8, 8, 1, 8192, 128)]
 
 
-def quantize_rows(x):
-    scale = (np.max(np.abs(x), axis=-1) / np.float32(127)).astype(np.float32)
-    safe = np.where(scale == 0, np.float32(1), scale)
-    return np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8), scale
-
-
 def int8_attention(q, k8, v8, ks, vs):
-    b, h, lq, d = q.shape
-    out = np.empty((b, h, lq, v8.shape[-1]), np.float32)
-    _core.attention(q, k8, v8, out, [b, h], [b, k8.shape[1]], h // k8.shape[1], 1 / np.sqrt(d), None, None, None,
-                    False, 0, -1, -1, None, None, k_scale=ks, v_scale=vs)
-    return out
+    return attnfast.attention(q, k8, v8, k_scale=ks, v_scale=vs)
 
 
 def naive32(q, k, v):
@@ -58,8 +48,8 @@ def main():
         q = rng.standard_normal((b, h, lq, d)).astype(np.float32)
         k = rng.standard_normal((b, h, lk, d)).astype(np.float32)
         v = rng.standard_normal((b, h, lk, d)).astype(np.float32)
-        k8, ks = quantize_rows(k)
-        v8, vs = quantize_rows(v)
+        k8, ks = attnfast.quantize_kv(k)
+        v8, vs = attnfast.quantize_kv(v)
         kd = k8.astype(np.float64) * ks[..., None]
         vd = v8.astype(np.float64) * vs[..., None]
         ref = reference.attention(q.astype(np.float64), kd, vd)

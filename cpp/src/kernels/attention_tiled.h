@@ -11,6 +11,9 @@
 // keep the cores busy (one long sequence, few heads, few query rows), each block's keys are split into
 // chunks, processed as separate tasks and merged by log-sum-exp in chunk order (split_keys,
 // merge_chunk_states: attention_schedule.h); the split depends on the shape only.
+// Packed variable-length batches (q_lengths): an item has item_rows(p, b) rows, and the blocks past them
+// are tasks that return at once, so an item costs its own blocks; the caller orders the items longest
+// first, which the task order then follows.
 #pragma once
 #include <cstdlib>
 

@@ -618,3 +618,183 @@ def test_backward_memory_child_measures_one_call_against_gradients_plus_64_mib()
         assert row["peak_rss_delta_bytes"] is not None and row["within_limit"], row
         assert row["beyond_gradients_bytes"] == row["peak_rss_delta_bytes"] - case.gradient_bytes()
         assert row["seconds"] > 0
+
+
+# -- the serving suite (--serving) ------------------------------------------------------------------------
+SERVING_FAST = ["--serving", "--no-progress", "--quick", "--threads", "1"]
+
+
+def _tiny_serving_cases():
+    """Every kind of serving case at a size that runs in milliseconds (awkward lengths on purpose)."""
+    from attnfast.bench import serving
+
+    return [serving.VarlenCase(sequences=4, min_len=1, max_len=9, H=2, D=8),
+            serving.PagedDecodeCase(B=2, H=2, Lk=48, D=8, block_sizes=(16, 48)),
+            serving.Int8DecodeCase(B=2, H=2, Lk=40, D=8),
+            serving.ModifierCase(B=1, H=2, L=24, D=8)]
+
+
+@pytest.fixture(scope="module")
+def serving_report(tmp_path_factory):
+    """``bench --serving --quick`` on the tiny cases: exit status, text and JSON report."""
+    import contextlib
+    import io
+
+    from attnfast.bench import serving
+
+    path = tmp_path_factory.mktemp("srv") / "srv.json"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setattr(serving, "default_serving_cases", _tiny_serving_cases)
+        status = cli.main([*SERVING_FAST, "--json", str(path)])
+    with open(path) as f:
+        return status, buf.getvalue(), json.load(f)
+
+
+@pytest.mark.parametrize("option, argv", [("--backward", ["--backward"]), ("--plot", ["--plot", "a.png"]),
+                                          ("--shape", ["--shape", TINY]), ("--causal", ["--causal"]),
+                                          ("--dtype", ["--dtype", "bfloat16"])])
+def test_serving_rejects_the_options_of_the_other_suites(option, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--serving", *argv])
+    assert exc.value.code == 2
+    assert f"{option} is not available with --serving (its cases are the issue's rows)" in capsys.readouterr().err
+
+
+def test_serving_default_suite_has_the_issue_rows():
+    from attnfast.bench import serving
+
+    cases = serving.default_serving_cases()
+    varlen = cases[0]
+    assert (varlen.kind, varlen.sequences, varlen.min_len, varlen.max_len, varlen.H, varlen.D) == \
+        ("varlen", 32, 16, 512, 8, 64)
+    lengths = varlen.lengths()
+    assert lengths.min() >= 16 and lengths.max() <= 512
+    np.testing.assert_array_equal(lengths, serving.VarlenCase().lengths())  # a fixed seed
+    assert [(g.subject, g.baseline, g.bound) for g in varlen.goals()] == [("varlen", "padded", 1.5),
+                                                                           ("varlen", "torch_padded", 2.5)]
+    decode = [(c.kind, c.shape) for c in cases if c.kind in ("paged", "int8")]
+    assert decode == [(kind, shape) for kind in ("paged", "int8")
+                      for shape in ((1, 32, 1, 4096, 128), (8, 8, 1, 8192, 128))]
+    for case in cases:
+        if case.kind == "paged":
+            assert case.block_sizes == (16, 128)
+            assert [(g.subject, g.baseline, g.bound) for g in case.goals()] == [
+                ("paged16", "contiguous", 0.9), ("paged128", "contiguous", 0.9)]
+        if case.kind == "int8":
+            assert [(g.subject, g.baseline, g.bound, g.metric) for g in case.goals()] == [
+                ("int8", "float32", 2.5, "speedup"), ("int8", "naive float32", 2.0, "error_ratio")]
+    modifiers = cases[-1]
+    assert (modifiers.B, modifiers.H, modifiers.L, modifiers.L, modifiers.D) == (8, 8, 512, 512, 64)
+    assert [(g.subject, g.baseline, g.bound) for g in modifiers.goals()] == [
+        (name, "plain", 0.85) for name in ("softcap", "alibi", "sinks")]
+
+
+def test_serving_paged_cache_holds_key_j_at_its_block_table_entry():
+    from attnfast.bench.serving import paged_cache, shuffled_block_table
+
+    rng = np.random.default_rng(3)
+    cache = rng.standard_normal((3, 2, 40, 5)).astype(np.float32)
+    table = shuffled_block_table(3, 40, 8, rng)
+    pages = paged_cache(cache, table)
+    assert pages.shape == (15, 2, 8, 5) and table.shape == (3, 5) and table.dtype == np.int32
+    assert sorted(table.ravel()) == list(range(15))  # every page used once
+    assert not np.array_equal(table.ravel(), np.arange(15))  # shuffled
+    for b in range(3):
+        for j in range(40):
+            np.testing.assert_array_equal(pages[table[b, j // 8], :, j % 8], cache[b, :, j])
+    with pytest.raises(ValueError, match="block_size 16 does not divide the cache length 40"):
+        shuffled_block_table(3, 40, 16, rng)
+
+
+def test_serving_alibi_slopes_are_the_papers_geometric_series():
+    from attnfast.bench.serving import alibi_slopes
+
+    np.testing.assert_allclose(alibi_slopes(8), [2.0 ** -k for k in range(1, 9)])
+
+
+def test_serving_modifiers_change_the_result_far_beyond_the_feature_tolerance():
+    """An attnfast that ignored a modifier would fail the reference check, not report the plain time."""
+    from attnfast.bench.serving import ModifierCase
+    from attnfast.bench.serving_run import FEATURE_TOLERANCE, _relative_error
+
+    case = ModifierCase(B=1, H=2, L=64, D=16)
+    inputs = case.make_inputs()
+    plain = case.reference(inputs, "plain")
+    for name in ("softcap", "alibi", "sinks"):
+        assert _relative_error(case.reference(inputs, name), plain) > 100 * FEATURE_TOLERANCE, name
+
+
+def test_serving_run_measures_every_row_and_judges_every_goal(serving_report):
+    status, text, report = serving_report
+    assert report["schema"] == "attnfast-bench-serving/1"
+    assert report["config"]["threads"] == 1 and report["config"]["serving"]
+    assert report["machine"]["threads_per_impl"]["attnfast"] == 1
+    assert report["machine"]["cpu"]
+    assert report["not_measured"] == [] and status == 0, report["not_measured"]
+    assert [res["kind"] for res in report["results"]] == ["varlen", "paged", "int8", "modifier"]
+    for res in report["results"]:
+        for row in res["rows"]:
+            if row["impl"] == "torch" and not _has_torch():
+                assert row["skipped"].startswith("not measured: PyTorch SDPA not available"), row
+                continue
+            assert row["skipped"] is None, row
+            assert row["min_s"] <= row["median_s"] <= row["max_s"] and len(row["times_s"]) == row["repeats"] >= 3
+            assert row["max_rel_err"] <= 1e-4, row
+            if res["kind"] in ("paged", "int8"):
+                assert row["gbps"] > 0 and row["pct_of_read_bandwidth"] > 0, row
+            else:
+                assert row["gflops"] > 0, row
+        for goal in res["goals"]:
+            if goal["baseline"] == "torch_padded" and not _has_torch():
+                assert goal["value"] is None and goal["met"] is None
+                continue
+            assert goal["value"] > 0 and goal["met"] in (True, False), goal
+            if goal["metric"] == "speedup":
+                assert goal["min"] <= goal["max"]
+    int8 = report["results"][2]
+    assert int8["naive_float32_error"] > 0
+    rows = {r["variant"]: r for r in int8["rows"]}
+    q_and_out = 2 * 2 * 2 * 8 * 4  # (B, H, 1, D) float32, read and written
+    assert rows["int8"]["bytes"] == 2 * 2 * 2 * 40 * (8 + 4) + q_and_out  # 1-byte K/V + a float32 scale per row
+    assert rows["float32"]["bytes"] == 2 * 2 * 2 * 40 * 8 * 4 + q_and_out
+    error_goal = int8["goals"][1]
+    assert error_goal["value"] == pytest.approx(rows["int8"]["max_rel_err"] / int8["naive_float32_error"])
+    assert "Summary: the serving goals" in text and "int8 vs float32" in text and "NOT MEASURED" not in text
+
+
+def test_serving_a_missing_or_ignored_feature_is_not_measured(monkeypatch, capsys):
+    """No number for a row whose feature is absent, or accepted but not computed: exit status 1."""
+    import attnfast
+    from attnfast.bench import serving
+
+    real_attention = attnfast.attention
+
+    def ignores_softcap(*args, softcap=None, **kwargs):
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attnfast, "attention", ignores_softcap)
+    monkeypatch.delattr(attnfast, "attention_varlen", raising=False)
+    monkeypatch.setattr(serving, "default_serving_cases", lambda: [serving.VarlenCase(sequences=3, max_len=9,
+                                                                                        min_len=2, H=1, D=4),
+                                                                   serving.ModifierCase(B=1, H=2, L=32, D=8)])
+    assert cli.main([*SERVING_FAST, "--impl", "attnfast"]) == 1
+    out = capsys.readouterr().out
+    assert ("varlen (attnfast attention_varlen (packed)): not measured (needs attnfast.attention_varlen): "
+            "AttributeError: module 'attnfast' has no attribute 'attention_varlen'") in out
+    assert ("softcap (attnfast, softcap=5): not measured (needs attention(softcap=)): its result differs from "
+            "the float64 reference by") in out
+    assert "NOT MEASURED: 2 attnfast row(s):" in out
+
+
+def test_serving_without_torch_leaves_its_row_out_and_still_succeeds(monkeypatch, capsys):
+    from attnfast.bench import serving
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(serving, "default_serving_cases",
+                        lambda: [serving.VarlenCase(sequences=2, min_len=3, max_len=5, H=1, D=4)])
+    assert cli.main(SERVING_FAST) == 0  # an optional peer missing is not a failure
+    out = capsys.readouterr().out
+    assert "not found  PyTorch SDPA" in out and INSTALL_HINTS["torch"] in out
+    assert "torch_padded (PyTorch SDPA, padded + bool mask): not measured: PyTorch SDPA not available" in out
+    assert "varlen vs torch_padded" in out and "NOT MEASURED" in out  # the goal that needs it

@@ -3,6 +3,8 @@
 examples/seq2seq_attention.py: its alignment has the structure the task demands.
 examples/train_nmt.py: its hand-written gradients match finite differences, and the smoke run trains an
 attention model that beats the fixed-context one on the longest sentences.
+examples/kv_cache_decode.py: greedy decoding through a paged int8 cache picks the tokens of a float32 run
+without pages, with close logits; float32 pages match it to rounding.
 
 The examples are not package modules, so they are imported by path.
 """
@@ -264,4 +266,97 @@ def test_train_nmt_training_is_deterministic_and_reduces_both_losses(nmt, backwa
 def test_train_nmt_rejects_a_nonpositive_step_count(nmt, capsys):
     with pytest.raises(SystemExit):
         nmt.main(["--steps", "0"])
+    assert "--steps: expected a positive number of steps, got 0" in capsys.readouterr().err
+
+
+# -- examples/kv_cache_decode.py ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kvdecode():
+    yield from _load("kv_cache_decode")
+
+
+@pytest.fixture(scope="module")
+def smoke_decodes(kvdecode):
+    """The smoke model's served runs (int8 and float32 pages), each with its per-sequence float32 logits
+    without pages, fed the same tokens."""
+    cfg = kvdecode.SMOKE
+    params, prompts = kvdecode.init_params(cfg), kvdecode.make_prompts(cfg)
+    runs = {}
+    for dtype in ("int8", "float32"):
+        tokens, logits, cache, _ = kvdecode.generate_served(params, cfg, prompts, dtype)
+        reference = np.stack([kvdecode.reference_logits(params, cfg, p, t) for p, t in zip(prompts, tokens)])
+        runs[dtype] = (tokens, logits, cache, reference)
+    return runs
+
+
+@pytest.mark.parametrize("cache", ["int8", "float32"])
+def test_kv_cache_decode_smoke_picks_the_greedy_tokens_of_the_run_without_pages(kvdecode, cache, capsys):
+    assert kvdecode.main(["--smoke", "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    total = kvdecode.SMOKE.steps * len(kvdecode.SMOKE.prompt_lengths)
+    assert f"the greedy choice at {total} of {total} steps, near ties at 0, other tokens at 0" in out
+    assert f"served: {cache} pages of {kvdecode.SMOKE.block_size} tokens" in out
+    assert out.rstrip().endswith("OK")
+
+
+def test_kv_cache_decode_float32_pages_match_the_contiguous_run_to_rounding(kvdecode, smoke_decodes):
+    tokens, logits, _, reference = smoke_decodes["float32"]
+    result = kvdecode.compare(tokens, logits, reference)
+    assert result.same_choice == tokens.size and result.near_ties == result.other == 0
+    assert result.relative_logit_error <= 1e-5, result
+    assert len(set(tokens.ravel())) > tokens.shape[0]  # the model does not just repeat a token
+
+
+def test_kv_cache_decode_int8_pages_stay_close_and_are_really_quantised(kvdecode, smoke_decodes):
+    tokens, logits, cache, reference = smoke_decodes["int8"]
+    result = kvdecode.compare(tokens, logits, reference)
+    assert result.same_choice == tokens.size, result
+    # Measured 1.6e-2 of the logits' spread: far above float32 rounding (the cache is int8), inside the
+    # example's tolerance.
+    assert 1e-4 < result.relative_logit_error <= kvdecode.LOGIT_TOLERANCE["int8"], result
+    assert np.isfinite(logits).all()  # the unwritten slots' huge scales never reached a result
+    assert {a.dtype for layer in cache.pages for a in layer.values()} == {np.dtype(np.int8), np.dtype(np.float32)}
+
+
+def test_kv_cache_decode_comparison_counts_near_ties_apart_from_wrong_tokens(kvdecode):
+    ref = np.array([[[0.0, 1.0, 0.99], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])  # (B=1, steps=3, vocab=3)
+    served = ref + 0.01
+    result = kvdecode.compare(np.array([[2, 0, 1]]), served, ref)
+    # step 0: token 2 is 0.01 below the best, within 2 x 0.01: a near tie; step 2: token 1 is not.
+    assert (result.same_choice, result.near_ties, result.other) == (1, 1, 1)
+    assert result.max_logit_error == pytest.approx(0.01)
+
+
+def test_kv_cache_decode_sequences_own_disjoint_shuffled_pages(kvdecode, smoke_decodes):
+    cache = smoke_decodes["int8"][2]
+    cfg = kvdecode.SMOKE
+    need = [-(-(n + cfg.steps) // cfg.block_size) for n in cfg.prompt_lengths]
+    owned = [cache.block_table[b, :n] for b, n in enumerate(need)]
+    pages = np.concatenate(owned)
+    assert sorted(pages) == list(range(sum(need)))  # every page of the pool belongs to one sequence
+    assert not np.array_equal(pages, np.arange(pages.size))  # and they are handed out shuffled
+    np.testing.assert_array_equal(cache.lengths, np.array(cfg.prompt_lengths) + cfg.steps - 1)
+
+
+def test_kv_cache_decode_writes_each_token_at_its_block_table_slot(kvdecode):
+    import attnfast
+
+    cfg = dataclasses.replace(kvdecode.SMOKE, layers=1, block_size=4)
+    cache = kvdecode.PagedCache(cfg, [6, 9], "int8")
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((2, cfg.kv_heads, 3, cfg.head_dim)).astype(np.float32) for _ in range(2))
+    rows = np.array([0, 1, 2, 2])
+    slots = np.array([[0, 3], [0, 4], [0, 5], [1, 8]])  # (item, position): across a page boundary
+    cache.write(0, k, v, rows, slots)
+    pages = cache.pages[0]
+    for (b, pos), row in zip(slots, rows):
+        block, slot = cache.block_table[b, pos // 4], pos % 4
+        want, scale = attnfast.quantize_kv(k[b, :, row])
+        np.testing.assert_array_equal(pages["k"][block, :, slot], want)
+        np.testing.assert_array_equal(pages["k_scale"][block, :, slot], scale)
+
+
+def test_kv_cache_decode_rejects_a_nonpositive_step_count(kvdecode, capsys):
+    with pytest.raises(SystemExit):
+        kvdecode.main(["--steps", "0"])
     assert "--steps: expected a positive number of steps, got 0" in capsys.readouterr().err

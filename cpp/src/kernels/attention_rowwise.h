@@ -372,7 +372,7 @@ struct RowwiseAttention {
         if (nvec == kDvVectors && last == L) {
           for (int64_t t = t0; t < t0 + n; ++t) {
             if (kCareful && hidden[t]) continue;
-            const V pt = V::set1(s[t]);
+            const V pt = V::set1(value_weight(w, s, t));
             const S* vr = v + (t - t0) * vs + c0;
 #pragma GCC unroll 16
             for (int u = 0; u < kDvVectors; ++u) o[u] = fmadd(pt, load_as<V>(vr + u * L), V{o[u]}).v;
@@ -380,7 +380,7 @@ struct RowwiseAttention {
         } else {
           for (int64_t t = t0; t < t0 + n; ++t) {
             if (kCareful && hidden[t]) continue;
-            const V pt = V::set1(s[t]);
+            const V pt = V::set1(value_weight(w, s, t));
             const S* vr = v + (t - t0) * vs + c0;
             for (int u = 0; u < nvec; ++u)
               o[u] = fmadd(pt, u == nvec - 1 ? load_partial_as<V>(vr + u * L, last) : load_as<V>(vr + u * L), V{o[u]}).v;

@@ -10,6 +10,8 @@ Modules, one purpose each:
 * :mod:`.memory`    peak-RSS measurement in a child process
 * :mod:`.runner`    runs everything and builds the report dict (the ``--json`` content)
 * :mod:`.report`    the text tables;  :mod:`.plot`  the PNG
+* :mod:`.backward`, :mod:`.backward_run`, :mod:`.backward_report`   ``--backward``: cases, run, text
+* :mod:`.serving`, :mod:`.serving_run`, :mod:`.serving_report`      ``--serving``: cases, run, text
 
 Nothing here imports attnfast's compiled module or any peer at import time.
 """

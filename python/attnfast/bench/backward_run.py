@@ -27,7 +27,7 @@ import numpy as np
 from . import machine, memory, peers, runner
 from .backward import (BackwardCase, MEMORY_CASE, attnfast_kwargs, backward_impls, case_from_dict,
                        gradient_names, make_backward_inputs)
-from .timing import TimingPolicy, median, time_interleaved
+from .timing import TimingPolicy, time_after_first_call
 
 __all__ = ["BackwardConfig", "GradientCheck", "run_backward_benchmark", "measure_memory_in_child",
            "SCHEMA", "MEMORY_SLACK_BYTES", "GOALS"]
@@ -193,10 +193,8 @@ def _run_case(case: BackwardCase, impls, cfg: BackwardConfig) -> dict:
     inputs = make_backward_inputs(case)
     check = GradientCheck(case, inputs)
     rows, runners = _prepare_rows(case, impls, inputs, check)
-    policy = dataclasses.replace(cfg.policy, warmup=max(0, cfg.policy.warmup - 1))
-    for name, ts in time_interleaved(runners, policy).items():
-        rows[name].update({"times_s": ts, "median_s": median(ts), "min_s": min(ts), "max_s": max(ts),
-                           "repeats": len(ts)})
+    for name, stats in time_after_first_call(runners, cfg.policy).items():
+        rows[name].update(stats)
     del runners, inputs
     gc.collect()
     result = case.to_dict()
@@ -278,11 +276,6 @@ def _memory_result(case: BackwardCase, impls, threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _load_average() -> Optional[List[float]]:
-    """The 1, 5 and 15 minute load averages: how busy the shared machine was while measuring."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     """Run the backward suite ``cfg`` describes and return the report dict (schema :data:`SCHEMA`)."""
     from .progress import Progress
@@ -294,7 +287,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     active = [i for i in impls if i.available()]
     facts = machine.machine_facts(cfg.threads)
     facts["threads_per_impl"] = thread_counts
-    facts["load_average"] = _load_average()
+    facts["load_average"] = machine.load_average()
 
     results: List[dict] = []
     mem_result = None
@@ -305,7 +298,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
         progress.step()
         for case in cfg.cases:
             progress.start(case.name)
-            load = _load_average()
+            load = machine.load_average()
             results.append(_run_case(case, active, cfg))
             results[-1]["load_average_at_start"] = load
             if not cfg.quick:
@@ -321,7 +314,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     peaks = runner._summarise_peaks(cfg, facts, fma_samples)
     for res, case in zip(results, cfg.cases):
         _derive(res, case, peaks["fma_peak_flops_per_s"])
-    facts["load_average_end"] = _load_average()
+    facts["load_average_end"] = machine.load_average()
     return runner.report(SCHEMA, cfg, t_start, facts, peaks, detected, None, results, memory=mem_result)
 
 

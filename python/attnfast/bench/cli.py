@@ -7,6 +7,7 @@ Examples::
     python -m attnfast bench --shape 1,8,4096,4096,64 --threads 1 --causal
     python -m attnfast bench --dtype bfloat16             # every library in bfloat16, + attnfast float32
     python -m attnfast bench --backward --json bwd.json   # gradients: attnfast vs PyTorch autograd
+    python -m attnfast bench --serving --json srv.json    # varlen, paged and int8 caches, modifiers
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "autograd (float32, bfloat16 rows, additive scores) and the peak memory of a "
                         "forward+backward at L=32768. With --shape: forward+backward and backward-alone rows "
                         "of those shapes in --dtype (and --causal)")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving suite instead: packed variable-length batches against padding (attnfast "
+                        "and PyTorch SDPA), paged and int8 KV-cache decode against the contiguous float32 "
+                        "cache, softcap / ALiBi / sinks against the plain call; float32, side by side. Exit "
+                        "status 1 when an attnfast row could not be measured")
     return p
 
 
@@ -118,6 +124,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ImportError:
             parser.error("--dtype bfloat16 needs ml_dtypes: pip install ml_dtypes")
 
+    if args.serving:
+        for given, option in ((args.backward, "--backward"), (args.plot, "--plot"), (args.shape, "--shape"),
+                              (args.causal, "--causal"), (args.dtype != "float32", "--dtype")):
+            if given:
+                parser.error(f"{option} is not available with --serving (its cases are the issue's rows)")
+        return _main_serving(args)
     if args.backward:
         if args.plot:
             parser.error("--plot is not available with --backward")
@@ -135,11 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       progress=args.progress, only=args.impl)
     report = run_benchmark(cfg)
     print(format_report(report))
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+    _write_json(report, args.json)
     if args.plot:
         from .plot import plot_report
         plot_report(report, args.plot)
@@ -163,11 +171,29 @@ def _main_backward(args) -> int:
                          memory_case=memory_case, progress=args.progress, only=args.impl)
     report = run_backward_benchmark(cfg)
     print(format_backward_report(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"wrote {args.json}")
+    _write_json(report, args.json)
     return 0
+
+
+def _main_serving(args) -> int:
+    from . import serving
+    from .machine import usable_cores
+    from .serving_report import format_serving_report
+    from .serving_run import ServingConfig, run_serving_benchmark
+
+    cfg = ServingConfig(cases=serving.default_serving_cases(), threads=args.threads or usable_cores(),
+                        quick=args.quick, progress=args.progress, only=args.impl)
+    report = run_serving_benchmark(cfg)
+    print(format_serving_report(report))
+    _write_json(report, args.json)
+    return 1 if report["not_measured"] else 0
+
+
+def _write_json(report: dict, path: Optional[str]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

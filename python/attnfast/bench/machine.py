@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 __all__ = ["cpu_info", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
            "theoretical_fma_peak", "versions", "attnfast_capabilities", "machine_facts"]
@@ -133,6 +133,11 @@ def attnfast_capabilities() -> Dict[str, object]:
         return {k: (list(v) if isinstance(v, (tuple, set)) else v) for k, v in caps.items()}
     except Exception as exc:  # noqa: BLE001 - report, don't crash: the peers can still be measured
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was while measuring."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def machine_facts(threads: int) -> Dict[str, object]:

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
-__all__ = ["TimingPolicy", "time_interleaved", "median"]
+__all__ = ["TimingPolicy", "time_interleaved", "time_after_first_call", "median"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +117,12 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
 
 def median(values: List[float]) -> float:
     return float(np.median(values)) if values else float("nan")
+
+
+def time_after_first_call(runners: Dict[str, Callable[[], object]], policy: TimingPolicy) -> Dict[str, dict]:
+    """:func:`time_interleaved` for runners whose first call (the result checked for accuracy) was the
+    first warm-up; per runner its times in round order and their median, min, max and count."""
+    policy = dataclasses.replace(policy, warmup=max(0, policy.warmup - 1))
+    return {name: {"times_s": ts, "median_s": median(ts), "min_s": min(ts), "max_s": max(ts),
+                   "repeats": len(ts)}
+            for name, ts in time_interleaved(runners, policy).items()}

@@ -1084,8 +1084,7 @@ def _kv_array(name: str, x: Any) -> np.ndarray:
 
 
 def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str, shape_name: str) -> np.ndarray:
-    """One of k_scale / v_scale: float32, broadcastable to the cache's shape without its last axis,
-    finite and >= 0."""
+    """One of k_scale / v_scale: float32, broadcastable to the cache's shape without its last axis."""
     target = cache.shape[:-1]
     a = _asarray(name, scale)
     if a.dtype != _FLOAT32:
@@ -1098,12 +1097,10 @@ def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str
             )
     _broadcast_to_target(name, a.shape, target, f"{shape_name} {cache_name}.shape[:-1]",
                          f"Pass one scale per row of {cache_name} (its last axis is the features).")
-    if a.size and not np.all(np.isfinite(a) & (a >= 0)):
-        bad = a.flat[int(np.flatnonzero(~(np.isfinite(a) & (a >= 0)).ravel())[0])]
-        raise ValueError(
-            f"{name} must hold finite scales >= 0 (value = int8 * scale); got {float(bad)!r}. "
-            f"Make the cache and its scales with attnfast.quantize_kv."
-        )
+    # The scales are cache data, like K and V themselves, and are not scanned: the slots of a
+    # preallocated cache past kv_lengths (or in pages no block_table row uses) may hold anything, and a
+    # scan would read the whole cache's scales on every decode step. A NaN scale of a visible key makes
+    # its rows NaN, as a NaN in a float cache does; hidden keys' scales are never read.
     return a
 
 

@@ -513,6 +513,16 @@ def random_qkv(rng, dtypes, batch, lq, lk, d, dv=None, kv_batch=None):
     return q, k, v
 
 
+def modifier_case(rng):
+    """q, k, v (GQA 4 over 2 heads) with ALiBi slopes and sinks per query head: the adapters' tests."""
+    q = rng.standard_normal((2, 4, 5, 8)).astype(np.float32) * np.float32(2)
+    k = rng.standard_normal((2, 2, 11, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 11, 3)).astype(np.float32)
+    slopes = np.float32(2.0) ** -np.arange(1, 5, dtype=np.float32)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    return q, k, v, slopes, sinks
+
+
 def poisoned_kv(k, v, lengths, masked_key, garbage):
     """Copies of k and v (batch, Lk, D) holding ``garbage`` in every key a row cannot see: those past
     ``lengths[b]`` of item b, and key ``masked_key`` (which the caller's mask hides)."""

@@ -11,22 +11,14 @@ import jax.numpy as jnp  # noqa: E402
 
 import attnfast  # noqa: E402
 import attnfast.jax as aj  # noqa: E402
-
-
-def inputs(rng):
-    q = rng.standard_normal((2, 4, 5, 8)).astype(np.float32) * np.float32(2)
-    k = rng.standard_normal((2, 2, 11, 8)).astype(np.float32)
-    v = rng.standard_normal((2, 2, 11, 3)).astype(np.float32)
-    slopes = np.float32(2.0) ** -np.arange(1, 5, dtype=np.float32)
-    sinks = rng.standard_normal(4).astype(np.float32)
-    return q, k, v, slopes, sinks
+from conftest import modifier_case  # noqa: E402
 
 
 KW = dict(causal=True, causal_align="bottom_right", softcap=2.5)
 
 
 def test_jit_forward_and_grad(rng):
-    q, k, v, slopes, sinks = inputs(rng)
+    q, k, v, slopes, sinks = modifier_case(rng)
     lengths = np.array([[11], [6]])
     dout = rng.standard_normal((2, 4, 5, 3)).astype(np.float32)
 
@@ -47,7 +39,7 @@ def test_jit_forward_and_grad(rng):
 
 
 def test_vmap_of_grad_over_sinks(rng):
-    q, k, v, slopes, sinks = inputs(rng)
+    q, k, v, slopes, sinks = modifier_case(rng)
     many = np.stack([sinks, sinks + 1, sinks - 2])
 
     def loss(s):

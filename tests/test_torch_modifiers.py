@@ -9,21 +9,13 @@ import pytest
 torch = pytest.importorskip("torch")
 import attnfast  # noqa: E402
 import attnfast.torch as at  # noqa: E402
-
-
-def inputs(rng):
-    q = rng.standard_normal((2, 4, 5, 8)).astype(np.float32) * np.float32(2)
-    k = rng.standard_normal((2, 2, 11, 8)).astype(np.float32)
-    v = rng.standard_normal((2, 2, 11, 3)).astype(np.float32)
-    slopes = np.float32(2.0) ** -np.arange(1, 5, dtype=np.float32)
-    sinks = rng.standard_normal(4).astype(np.float32)
-    return q, k, v, slopes, sinks
+from conftest import modifier_case  # noqa: E402
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # inductor's first compile, see test_torch_adapter
 @pytest.mark.parametrize("compiled", [False, True])
 def test_modifiers_forward_and_gradients(rng, compiled):
-    q, k, v, slopes, sinks = inputs(rng)
+    q, k, v, slopes, sinks = modifier_case(rng)
     kw = dict(causal=True, causal_align="bottom_right", kv_lengths=np.array([[11], [6]]))
     tq, tk, tv, ts = (torch.from_numpy(x.copy()).requires_grad_() for x in (q, k, v, sinks))
     fn = at.attention
@@ -43,14 +35,14 @@ def test_modifiers_forward_and_gradients(rng, compiled):
 
 
 def test_alibi_slopes_is_not_differentiable(rng):
-    q, k, v, slopes, _ = inputs(rng)
+    q, k, v, slopes, _ = modifier_case(rng)
     with pytest.raises(TypeError, match=r"alibi_slopes requires grad, but attnfast.attention is not differentiable"):
         at.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
                      alibi_slopes=torch.from_numpy(slopes).requires_grad_())
 
 
 def test_bad_softcap_raises_attnfast_error(rng):
-    q, k, v, _, _ = inputs(rng)
+    q, k, v, _, _ = modifier_case(rng)
     with pytest.raises(ValueError, match=r"softcap must be a positive finite number"):
         at.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), softcap=-1.0)
     with pytest.raises(TypeError, match=r"softcap must be a positive finite number"):

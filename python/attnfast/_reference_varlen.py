@@ -44,12 +44,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot"
                                          window=window, return_lse=True, **modifiers)
         o[..., rows, :] = o_s
         lse[..., rows] = lse_s
-    if a.out is not None:
-        native = a.out.dtype if a.out.dtype.isnative else a.out.dtype.newbyteorder("=")
-        np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
-        result = a.out
-    else:
-        result = _inputs.round_to(o, a.dtype)
+    result = reference._rounded_result(a, o)
     if a.return_lse:
         return result, lse.astype(_inputs.lse_dtype(a.dtype))
     return result

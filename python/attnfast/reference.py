@@ -369,6 +369,16 @@ def _gqa_values64(a) -> np.ndarray:
     return v[..., None, :, :]  # (rest, Hk, 1, Lk, Dv) broadcasts against (rest, Hk, group, ...)
 
 
+
+def _rounded_result(a, o: np.ndarray) -> np.ndarray:
+    """The float64 result o rounded once into the call's result: into out= (whichever of the storage
+    dtypes it has) when given, else a new array of the result dtype. ``a``: the checked arguments."""
+    if a.out is None:
+        return _inputs.round_to(o, a.dtype)
+    native = a.out.dtype if a.out.dtype.isnative else a.out.dtype.newbyteorder("=")
+    np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
+    return a.out
+
 def attention(
     q,
     k,
@@ -491,13 +501,7 @@ def _attention_from_args_checked(a):
         vg = visible.reshape(rest + (hk, a.group, a.lq, a.lk))
         o = _weighted_values64(wg, vg, vv).reshape(a.batch_shape + (a.lq, a.dv))
 
-    if a.out is not None:
-        # Rounded once into out's dtype, whichever of the storage dtypes it has.
-        native = a.out.dtype if a.out.dtype.isnative else a.out.dtype.newbyteorder("=")
-        np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
-        result = a.out
-    else:
-        result = _inputs.round_to(o, a.dtype)
+    result = _rounded_result(a, o)
     extras = []
     if a.return_lse:
         extras.append(lse.astype(_inputs.lse_dtype(a.dtype)))

@@ -76,3 +76,11 @@ def test_feeds_attention(rng):
     dense = attnfast.reference.attention(q.astype(np.float64), k8 * ks[..., None].astype(np.float64),
                                          v8 * vs[..., None].astype(np.float64))
     np.testing.assert_array_equal(out, dense.astype(np.float32))
+
+
+@pytest.mark.parametrize("row", [[1e300, 1.0], [1e-300, 5e-301]])
+def test_rows_beyond_float32_scales_are_an_error(row):
+    # max|x| / 127 overflows (scale inf: NaN on dequantising) or underflows (scale 0: the row lost).
+    with pytest.raises(ValueError, match=r"x row \(0,\) has max \|x\| = .*, whose scale max\|x\| / 127 is "
+                                         r"outside float32's range"):
+        attnfast.quantize_kv(np.array([row]))

@@ -182,3 +182,12 @@ def test_backward_validates_modifiers(backward):
         backward(out, q, k, v, out, lse, softcap=-2.0)
     with pytest.raises(ValueError, match=r"sinks has shape \(3,\)"):
         backward(out, q, k, v, out, lse, sinks=np.ones(3))
+
+
+@BOTH
+def test_softcap_that_rounds_to_zero(attention):
+    # A cap of 0 would mean "no cap" to the kernels: one that underflows float32 is refused.
+    with pytest.raises(ValueError, match=SOFTCAP + r".*which rounds to 0 in float32 \(the computation dtype\)"):
+        attention(*dense(), softcap=1e-46)
+    q, k, v = (x.astype(np.float64) for x in dense())
+    assert np.all(np.isfinite(attention(q, k, v, softcap=1e-300)))

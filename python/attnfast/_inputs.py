@@ -1040,6 +1040,9 @@ def check_softcap(softcap: Any, compute: np.dtype) -> Optional[float]:
         raise ValueError(f"{what}. Pass e.g. softcap=50.0, or softcap=None for no cap.")
     if compute == _FLOAT32 and value >= FLOAT32_OVERFLOW:
         raise ValueError(f"{what}, which overflows float32 (the computation dtype); pass a smaller cap.")
+    if np.asarray(value, dtype=compute) == 0:
+        # The kernels read a cap of 0 as "no cap": one that rounds to 0 would silently turn it off.
+        raise ValueError(f"{what}, which rounds to 0 in {compute} (the computation dtype); pass a larger cap.")
     return value
 
 

@@ -51,7 +51,17 @@ def quantize_kv(x) -> Tuple[np.ndarray, np.ndarray]:
             f"a finite scale cannot represent it. Replace NaN / inf (e.g. np.nan_to_num) before quantising."
         )
     peak = np.max(np.abs(wide), axis=-1, initial=0.0)
-    scale = (peak / _LEVELS).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        scale = (peak / _LEVELS).astype(np.float32)
+    # A float64 row beyond float32's range has no float32 scale: one that overflows dequantises to NaN,
+    # one that underflows to 0 turns the row into zeros. Both are errors, as a non-finite value is.
+    unrepresentable = ~np.isfinite(scale) | ((scale == 0) & (peak > 0))
+    if np.any(unrepresentable):
+        row = tuple(int(i) for i in np.argwhere(unrepresentable)[0])
+        raise ValueError(
+            f"x row {row} has max |x| = {float(peak[row])!r}, whose scale max|x| / 127 is outside float32's "
+            f"range (the scales are float32); rescale x before quantising."
+        )
     divisor = np.where(scale == 0, 1.0, scale.astype(np.float64))[..., None]
     levels = np.clip(np.rint(wide / divisor), -_LEVELS, _LEVELS)  # np.rint rounds half to even
     return levels.astype(np.int8), scale

@@ -176,8 +176,49 @@ struct RowwiseAttention {
       dot_score_tile_paged(w, j0, nk);
       return;
     }
-    for (int64_t t = 0; t < nk; ++t)
+    int64_t t = 0;
+    if constexpr (kInt8Storage<S>) {
+      for (; t + 4 <= nk; t += 4)
+        for (int64_t r = 0; r < rows; ++r) dot_rows4(w.qs + r * p.depth, k + t * ks, ks, p.depth, w.s + r * NK + t);
+    }
+    for (; t < nk; ++t)
       for (int64_t r = 0; r < rows; ++r) w.s[r * NK + t] = dot_row(w.qs + r * p.depth, k + t * ks, p.depth);
+  }
+
+  // int8 K: dot_row of one query row with four consecutive keys at once, each key's sums in exactly
+  // dot_row's order (so the scores are bitwise dot_row's). A widened int8 row is cheap to read but costs
+  // a conversion per vector: the four keys' independent FMA chains and their four horizontal sums
+  // overlap, where one key at a time leaves the short chains and the reduction on the critical path.
+  // Four int8 rows of D = 128 are 512 contiguous bytes, still one stream for the prefetchers.
+  void dot_rows4(const T* q, const S* k, int64_t ks, int64_t depth, T* out) const {
+    const int64_t full = depth / L * L;
+    const int tail = static_cast<int>(depth - full);
+    V a[4][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[j][u] = V::zero();
+    int64_t d = 0;
+    for (; d + 4 * L <= full; d += 4 * L) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const V qv = V::load(q + d + u * L);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) a[j][u] = fmadd(qv, load_as<V>(k + j * ks + d + u * L), a[j][u]);
+      }
+    }
+    for (; d < full; d += L) {
+      const V qv = V::load(q + d);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) a[j][0] = fmadd(qv, load_as<V>(k + j * ks + d), a[j][0]);
+    }
+    if (tail) {
+      const V qv = V::load_partial(q + d, tail);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) a[j][1] = fmadd(qv, load_partial_as<V>(k + j * ks + d, tail), a[j][1]);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) out[j] = reduce_add((a[j][0] + a[j][1]) + (a[j][2] + a[j][3]));
   }
 
   // dot_score_tile of a paged K (a paged KV cache: paged_rows.h), page run by page run: the same scores.

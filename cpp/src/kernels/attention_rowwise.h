@@ -149,9 +149,17 @@ struct RowwiseAttention {
     }
   }
   void load_row_scales(const Work& w, int64_t j0, int64_t nk) const {
-    for (int64_t t = 0; t < nk; ++t) {
-      w.key_scales[t] = p.k_scale.row(w.kv_item, j0 + t)[0];
-      w.value_scales[t] = p.v_scale.row(w.kv_item, j0 + t)[0];
+    gather_row_scales(p.k_scale, w.kv_item, j0, nk, w.key_scales);
+    gather_row_scales(p.v_scale, w.kv_item, j0, nk, w.value_scales);
+  }
+  // One row() lookup per run of evenly spaced rows (a page, or the whole tile unpaged) instead of one
+  // per key: the lookup is a call that costs more than the load it addresses.
+  static void gather_row_scales(const Operand<const float>& scale, int64_t item, int64_t j0, int64_t nk, T* out) {
+    const int64_t stride = scale.row_stride_elements;
+    for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
+      n = imin(nk - t0, scale.run_rows(j0 + t0));
+      const float* first = scale.row(item, j0 + t0);
+      for (int64_t t = 0; t < n; ++t) out[t0 + t] = first[t * stride];
     }
   }
 

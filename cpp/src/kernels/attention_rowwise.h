@@ -401,6 +401,12 @@ struct RowwiseAttention {
 
   // accumulate of a paged V (paged_rows.h), page run by page run in key order: the same sums. Out of
   // line, as dot_score_tile_paged.
+  // P.V reads V from cache (dot_score_tile_paged fetched it), so memory would idle through it: while the
+  // first row's first column pass reads each run, the next tile's K and V rows of the same positions
+  // (below read_end, within one run of the next tile) are fetched into L2 (prefetcht2: not into L1,
+  // where they would evict this tile's rows), spread over the pass. Only for pages shorter than a tile:
+  // longer runs the hardware prefetchers follow, and the extra instructions cost. Written inline: a call
+  // here would spill the accumulators held in registers across the runs.
   template <bool kCareful>
   __attribute__((noinline)) void accumulate_paged(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk,
                                                   const bool* hidden) const {
@@ -415,9 +421,23 @@ struct RowwiseAttention {
       decltype(V::v) o[kDvVectors];  // native vectors: kept in registers (see microkernel.h)
 #pragma GCC unroll 16
       for (int u = 0; u < kDvVectors; ++u) o[u] = u < nvec ? (V::load(acc + c0 + u * L) * a).v : V::zero().v;
+      const int64_t next_tile = j0 + NK;
+      const bool short_runs = p.v.pages.rows_per_page < NK;
+      const int64_t next_rows = short_runs && r == 0 && c0 == 0 ? imin(NK, imax(0, w.read_end - next_tile)) : 0;
       for (int64_t t0 = 0, n = 0; t0 < nk; t0 += n) {
         n = imin(nk - t0, p.v.run_rows(j0 + t0));
         const S* v = p.v.row(w.kv_item, j0 + t0);  // key t0 of the tile
+        if (t0 < next_rows) {
+          const int64_t ahead = imin(imin(n, next_rows - t0), p.k.run_rows(next_tile + t0));
+          const char* k_next = reinterpret_cast<const char*>(p.k.row(w.kv_item, next_tile + t0));
+          const char* v_next = reinterpret_cast<const char*>(p.v.row(w.kv_item, next_tile + t0));
+          const int64_t k_step = p.k.row_stride_elements * int64_t(sizeof(S)), k_bytes = p.depth * int64_t(sizeof(S));
+          const int64_t v_step = vs * int64_t(sizeof(S)), v_bytes = p.dv * int64_t(sizeof(S));
+          for (int64_t t = 0; t < ahead; ++t) {
+            for (int64_t offset = 0; offset < k_bytes; offset += 64) __builtin_prefetch(k_next + t * k_step + offset, 0, 1);
+            for (int64_t offset = 0; offset < v_bytes; offset += 64) __builtin_prefetch(v_next + t * v_step + offset, 0, 1);
+          }
+        }
         if (nvec == kDvVectors && last == L) {
           for (int64_t t = t0; t < t0 + n; ++t) {
             if (kCareful && hidden[t]) continue;

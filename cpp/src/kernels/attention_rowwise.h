@@ -358,14 +358,6 @@ struct RowwiseAttention {
   // row even as 0 * NaN; the other terms are added in the same order, giving bitwise the same sums.
   template <bool kCareful>
   void accumulate(const Work& w, int64_t r, T alpha, int64_t j0, int64_t nk, const bool* hidden) const {
-    if constexpr (kInt8Storage<S>) {
-      accumulate_quantised<kCareful>(w, r, alpha, j0, nk, hidden);
-      return;
-    }
-    if (p.v.paged()) {
-      accumulate_paged<kCareful>(w, r, alpha, j0, nk, hidden);
-      return;
-    }
     const S* v = p.v.row(w.kv_item, j0);
     const int64_t vs = p.v.row_stride_elements;
     const T* s = w.s + r * NK;
@@ -572,6 +564,9 @@ struct RowwiseAttention {
         last = imax(last, w.hi[r]);
       }
     w.read_end = last;
+    // P.V of an int8 or paged V has its own loops (accumulate_quantised, accumulate_paged), chosen here
+    // so that the float loop (accumulate) keeps the code it had without them.
+    const bool paged_v = p.v.paged();
     for (int64_t j0 = first; j0 < last; j0 += NK) {
       const int64_t nk = imin(NK, last - j0);
       if (bool_mask_hides_tile(w, j0, nk)) continue;  // neither K nor V of those keys is read
@@ -581,7 +576,13 @@ struct RowwiseAttention {
         if (kCareful)
           for (int64_t t = 0; t < nk; ++t) hidden[t] = w.s[r * NK + t] == neg_inf<T>();
         const T alpha = softmax_row(w.s + r * NK, nk, &w.m[r], &w.l[r]);
-        accumulate<kCareful>(w, r, alpha, j0, nk, hidden);
+        if constexpr (kInt8Storage<S>) {
+          accumulate_quantised<kCareful>(w, r, alpha, j0, nk, hidden);
+        } else if (paged_v) {
+          accumulate_paged<kCareful>(w, r, alpha, j0, nk, hidden);
+        } else {
+          accumulate<kCareful>(w, r, alpha, j0, nk, hidden);
+        }
       }
     }
   }

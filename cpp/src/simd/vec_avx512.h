@@ -182,7 +182,14 @@ inline void store_converted(VF x, float16_bits* p) {
 // int8 storage (a quantised KV cache; float lanes only, load only): 16 bytes sign-extended to int32
 // (vpmovsxbd) and converted to float (vcvtdq2ps), both exact.
 inline VF load_converted(const int8_t* p) {
+#if defined(ATTNFAST_EMULATE_AVX512)
+  // SIMDe has no vpmovsxbd: the emulated build converts element by element (the same exact values).
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(p[i]);
+  return {_mm512_loadu_ps(f)};
+#else
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+#endif
 }
 
 }  // namespace ATTNFAST_TARGET_NS

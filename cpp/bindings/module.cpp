@@ -262,6 +262,18 @@ struct ServingArgs {
   int64_t lq = -1, lk = -1;
 };
 
+// The ServingArgs the forward and the backward share (the first group), as the bindings receive them.
+ServingArgs score_rule_args(const py::object& diagonal_offsets, const py::object& q_lengths, double softcap,
+                            const py::object& alibi_slopes, const py::object& sinks) {
+  ServingArgs serving;
+  serving.diagonal_offsets = diagonal_offsets;
+  serving.q_lengths = q_lengths;
+  serving.softcap = softcap;
+  serving.alibi_slopes = alibi_slopes;
+  serving.sinks = sinks;
+  return serving;
+}
+
 // A C-contiguous vector of `n` elements of type E, kept alive in `keep`; null for None.
 template <class E>
 const E* per_item(const py::object& x, int64_t n, const char* name, std::vector<py::array>& keep) {
@@ -753,12 +765,7 @@ PYBIND11_MODULE(_attnfast, m) {
          const py::object& k_scale, const py::object& v_scale, const py::object& q_starts,
          const py::object& kv_starts, const py::object& lse_offsets, int64_t lq, int64_t lk) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
-        ServingArgs serving;
-        serving.diagonal_offsets = diagonal_offsets;
-        serving.q_lengths = q_lengths;
-        serving.softcap = softcap;
-        serving.alibi_slopes = alibi_slopes;
-        serving.sinks = sinks;
+        ServingArgs serving = score_rule_args(diagonal_offsets, q_lengths, softcap, alibi_slopes, sinks);
         serving.block_table = block_table;
         serving.k_scale = k_scale;
         serving.v_scale = v_scale;
@@ -794,12 +801,7 @@ PYBIND11_MODULE(_attnfast, m) {
          const py::object& alibi_slopes, const py::object& sinks) {
         const AttentionCall c{batch, kv_batch, group, scale, causal, diagonal_offset, window_left, window_right};
         const BackwardOutputs g{dq, dk, dv, dscores, dv_a};
-        ServingArgs serving;
-        serving.diagonal_offsets = diagonal_offsets;
-        serving.q_lengths = q_lengths;
-        serving.softcap = softcap;
-        serving.alibi_slopes = alibi_slopes;
-        serving.sinks = sinks;
+        const ServingArgs serving = score_rule_args(diagonal_offsets, q_lengths, softcap, alibi_slopes, sinks);
         with_storage(k, "k", [&](auto types) {
           using Ty = decltype(types);
           run_attention_backward<typename Ty::Stored, typename Ty::Compute>(q, k, v, out, dout, lse, g, c, mask,

@@ -285,6 +285,15 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
                                 w_k=w_k, v_a=v_a, score_bias=score_bias, softcap=softcap,
                                 alibi_slopes=alibi_slopes, sinks=sinks, block_table=block_table,
                                 k_scale=k_scale, v_scale=v_scale)
+    return attention_from_args(a)
+
+
+def attention_from_args(a: _inputs.AttentionArgs):
+    """:func:`attention` on arguments :func:`_inputs.check_attention` validated.
+
+    The seam for callers that adjust validated arguments before the kernel runs: attnfast.dask's block
+    tasks shift ``diagonal_offset(s)`` so that a block of queries and keys sees the global diagonal.
+    """
     batch = a.batch_shape
     full = batch + (a.lq, a.lk)
     if _inputs.nothing_to_compute(a):
@@ -441,6 +450,12 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
         score_bias=score_bias, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )
+    return attention_backward_from_args(b)
+
+
+def attention_backward_from_args(b: _inputs.AttentionBackwardArgs) -> AttentionGrads:
+    """:func:`attention_backward` on arguments :func:`_inputs.check_attention_backward` validated (the
+    seam of :func:`attention_from_args`, for the backward)."""
     a = b.forward
     if _inputs.nothing_to_compute(a):
         return _zero_gradients(a, b.grad_dtypes)

@@ -1,0 +1,492 @@
+"""attnfast.dask.attention_backward: the gradients of attention over Dask arrays, block by block.
+
+The forward's lse makes the backward separable. For a block of queries (one chunk of q's batch and
+query axes) and a chunk of keys, attnfast's fused backward recomputes the weights as
+P = exp(s - lse) and the row term delta = rowsum(dO * O) from the forward's out and lse; given the
+GLOBAL out and lse rows of that query chunk (not a block-local forward's), both are exactly the whole
+call's, so each (output block, key chunk) task yields that block's exact share of every gradient:
+dq of its queries, dk and dv of its keys, dbias of its scores, and the method weights' terms. The
+shares are then added up, each in a fixed balanced tree (so the result does not depend on the
+scheduler), and rounded once into the input's dtype: dq over key chunks, dk and dv over query chunks
+(and over batch blocks where k and v were broadcast), dbias over the blocks that read one block of
+bias, the weights over every block.
+
+Sinks never reach the block tasks: the global lse already includes each sink (it is the sink's share of
+the softmax denominator), and the sink's own gradient, dsinks = -sum_i e^(sink - lse_i) dO_i . O_i, is
+a per-row sum of dout, out and lse alone, computed once per output block.
+
+A key chunk that causal, the window or kv_lengths hides from every query of an output block gets no
+task (its share is zero); the planner in :mod:`attnfast.dask._plan` decides which, for the forward
+and the backward alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import _api, _inputs
+from .._grads import AttentionGrads, sum_to_shape
+
+__all__ = ["attention_backward"]
+
+# Inputs that may be as large as the activations: chunked and streamed through the graph.
+_LARGE = ("dout", "q", "k", "v", "out", "lse", "mask", "bias")
+# Per-call parameters (at most per head): computed eagerly when given as dask arrays.
+_SMALL = ("w", "w_q", "w_k", "v_a", "score_bias", "alibi_slopes", "sinks")
+# Gradients of weights every block contributes to (AttentionGrads field -> input name).
+_WEIGHT_FIELDS = ("w", "w_q", "w_k", "score_bias", "v_a")
+
+
+def _is_dask(x: Any) -> bool:
+    import dask.array as da
+
+    return isinstance(x, da.Array)
+
+
+def _eager(x: Any) -> Any:
+    """A dask array computed (a per-head parameter or kv_lengths: batch-sized at most); else ``x``."""
+    return np.asarray(x.compute(scheduler="sync")) if _is_dask(x) else x
+
+
+def _stand_in(x: Any, dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """A zero-stride array of ``x``'s shape (and ``dtype`` or its own): validation sees the shape and
+    dtype without computing a chunk or allocating the array."""
+    return np.broadcast_to(np.zeros((), dtype or x.dtype), x.shape)
+
+
+def _validation_dtypes(large: Dict[str, Any]) -> Tuple[Dict[str, np.dtype], Optional[np.dtype]]:
+    """The dtypes to give the stand-ins of dask q, k, v and bias so that validation converts nothing:
+    check_attention casts a float32/float64 input to the promoted result dtype and bias to the
+    computation dtype, which on a broadcast stand-in would allocate the whole array. Returns
+    ({name: dtype}, computation dtype or None when the dtypes are not valid ones, which validation
+    then reports as attnfast.attention does)."""
+    dtypes = {}
+    try:
+        native = [np.dtype(getattr(large[n], "dtype", None) or np.asarray(large[n]).dtype) for n in ("q", "k", "v")]
+        native = [d.newbyteorder("=") if d.kind == "f" else d for d in native]
+        if not all(d in _inputs.STORAGE_DTYPES for d in native):
+            return dtypes, None
+        result = _inputs.result_dtype(*native)
+    except (TypeError, ValueError):
+        return dtypes, None
+    for name, d in zip(("q", "k", "v"), native):
+        if _is_dask(large[name]):
+            dtypes[name] = d if d in _inputs._SIXTEEN_BIT else result
+    return dtypes, _inputs.compute_dtype(result)
+
+
+def _validate(large: Dict[str, Any], small: Dict[str, Any], kwargs: Dict[str, Any]):
+    """attnfast.attention_backward's validation of the whole call, once, on stand-ins of the dask
+    arrays (so its errors are attention_backward's); the gradient dtypes are those of the real inputs."""
+    dtypes, compute = _validation_dtypes(large)
+    given = {}
+    for name, x in large.items():
+        if not _is_dask(x):
+            given[name] = x
+        elif name == "bias" and compute is not None and (x.dtype.kind in "iuf" or x.dtype == _inputs._BFLOAT16):
+            given[name] = _stand_in(x, compute)
+        elif x.dtype.kind == "f" and not x.dtype.isnative:
+            given[name] = _stand_in(x, x.dtype.newbyteorder("="))
+        else:
+            given[name] = _stand_in(x, dtypes.get(name))
+    b = _inputs.check_attention_backward(
+        given["dout"], given["q"], given["k"], given["v"], given["out"], given["lse"],
+        mask=given["mask"], bias=given["bias"], **small, **kwargs,
+    )
+    for name in ("q", "k", "v"):
+        if _is_dask(large[name]):
+            b.grad_dtypes[name] = _inputs._float_array(name, np.empty(0, large[name].dtype)).dtype
+    if b.forward.bias is not None and _is_dask(large["bias"]):
+        b.grad_dtypes["bias"] = _inputs._gradient_dtype(np.empty(0, large["bias"].dtype), b.forward.compute)
+    return b
+
+
+# --------------------------------------------------------------------------
+# The block grid
+# --------------------------------------------------------------------------
+
+
+def _starts(chunks: Sequence[int]) -> List[int]:
+    """Chunk sizes -> their boundaries [0, c0, c0 + c1, ..., n]."""
+    return [0, *itertools.accumulate(chunks)]
+
+
+def _widened(chunks: Sequence[int], group: int) -> Tuple[int, ...]:
+    """Head chunks whose boundaries are moved up to multiples of ``group``, so that every block holds
+    whole GQA groups (the query heads reading one kv head) and one block of kv heads."""
+    bounds = sorted({-(-b // group) * group for b in _starts(chunks)})
+    return tuple(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+
+
+class _Grid:
+    """Chunk boundaries along the call's coordinates: the output's batch axes ("b", i), the kv batch
+    axes ("kb", i) (the batch axes with kv heads on the head axis), the queries "lq" and the keys
+    "lk". Every input's axis is one of these, a feature axis "f" (one chunk), or an axis it is
+    broadcast along (extent 1: one chunk that every block reads)."""
+
+    def __init__(self, a: _inputs.AttentionArgs, arrays: Dict[str, Any]):
+        self.batch, self.kv_batch, self.group = a.batch_shape, a.kv_batch_shape, a.group
+        nb = len(self.batch)
+        batch_chunks = []
+        for i, n in enumerate(self.batch):
+            chunks: Tuple[int, ...] = (n,)
+            for name in ("q", "k", "v"):  # q's chunking first, as the forward's output has it
+                x = arrays[name]
+                ax = x.ndim - 2 - (nb - i)
+                if ax >= 0 and x.shape[ax] == n:
+                    chunks = x.chunks[ax]
+                    break
+            batch_chunks.append(chunks)
+        if self.group > 1:
+            batch_chunks[-1] = _widened(batch_chunks[-1], self.group)
+        kv_chunks = [c if m == n else tuple(s // self.group for s in c)
+                     for c, n, m in zip(batch_chunks, self.batch, self.kv_batch)]
+        self.coords = {("b", i): (n, c) for i, (n, c) in enumerate(zip(self.batch, batch_chunks))}
+        self.coords.update({("kb", i): (n, c) for i, (n, c) in enumerate(zip(self.kv_batch, kv_chunks))})
+        self.coords["lq"] = (a.lq, arrays["q"].chunks[-2])
+        self.coords["lk"] = (a.lk, arrays["k"].chunks[-2])
+        self.batch_chunks = batch_chunks
+
+    def roles(self, name: str, ndim: int) -> List[Any]:
+        """The coordinate of each axis of input ``name`` (of ``ndim`` dimensions)."""
+        tail = {"q": ["lq", "f"], "k": ["lk", "f"], "v": ["lk", "f"], "dout": ["lq", "f"], "out": ["lq", "f"],
+                "lse": ["lq"], "mask": ["lq", "lk"], "bias": ["lq", "lk"]}[name]
+        kind = "kb" if name in ("k", "v") else "b"
+        full = [(kind, i) for i in range(len(self.batch))] + tail
+        return full[len(full) - ndim:]
+
+    def _broadcast(self, role: Any, extent: int) -> bool:
+        return role == "f" or extent != self.coords[role][0]
+
+    def chunks(self, name: str, shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], ...]:
+        """The chunks input ``name`` of ``shape`` is rechunked to."""
+        return tuple((n,) if self._broadcast(r, n) else self.coords[r][1]
+                     for r, n in zip(self.roles(name, len(shape)), shape))
+
+    def index(self, name: str, shape: Tuple[int, ...], bidx: Tuple[int, ...], qi: int, ki: int) -> Tuple[int, ...]:
+        """The chunk of input ``name`` that the block (batch block ``bidx``, query chunk ``qi``, key
+        chunk ``ki``) reads."""
+        at = {"lq": qi, "lk": ki}
+        return tuple(0 if self._broadcast(r, n) else (at[r] if isinstance(r, str) else bidx[r[1]])
+                     for r, n in zip(self.roles(name, len(shape)), shape))
+
+    def batch_blocks(self):
+        """(block index, slices) of every batch block, in C order."""
+        starts = [_starts(c) for c in self.batch_chunks]
+        for bidx in itertools.product(*(range(len(c)) for c in self.batch_chunks)):
+            yield bidx, tuple(slice(s[i], s[i + 1]) for s, i in zip(starts, bidx))
+
+
+def _visible(a: _inputs.AttentionArgs, bsl: Tuple[slice, ...], q0: int, q1: int, k0: int, k1: int) -> bool:
+    """Whether any query of [q0, q1) of any item of the batch block ``bsl`` sees a key of [k0, k1)
+    under causal, the window and kv_lengths (a mask is data: it never prunes)."""
+    if a.kv_lengths is None and not a.causal and a.window_left < 0 and a.window_right < 0:
+        return True
+    batch = a.batch_shape
+    if a.diagonal_offsets is not None:
+        offsets = np.broadcast_to(a.diagonal_offsets, batch)[bsl].reshape(-1, 1)
+    else:
+        offsets = np.full((1, 1), a.diagonal_offset, np.int64)
+    diag = offsets + np.arange(q0, q1, dtype=np.int64)
+    hi = np.full(diag.shape, k1 - 1, np.int64)
+    lo = np.full(diag.shape, k0, np.int64)
+    if a.causal:
+        hi = np.minimum(hi, diag)
+    if a.window_right >= 0:
+        hi = np.minimum(hi, diag + a.window_right)
+    if a.window_left >= 0:
+        lo = np.maximum(lo, diag - a.window_left)
+    if a.kv_lengths is not None:
+        n = np.broadcast_to(a.kv_lengths, batch)[bsl].reshape(-1, 1)
+        hi, lo = np.minimum(hi, n - 1), np.broadcast_to(lo, np.broadcast_shapes(lo.shape, n.shape))
+    return bool(np.any(lo <= hi))
+
+
+# --------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------
+
+
+class _BlockSpec:
+    """What one (output block, key chunk) task needs besides its chunks: the call's parameters, its
+    diagonal (global offsets shifted by q0 - k0), the global window, its localised kv_lengths and
+    its batch block's ALiBi slopes."""
+
+    __slots__ = ("call", "offset", "offsets", "window", "kv_lengths", "alibi_slopes")
+
+    def __init__(self, call, offset, offsets, window, kv_lengths, alibi_slopes):
+        self.call, self.offset, self.offsets, self.window = call, offset, offsets, window
+        self.kv_lengths, self.alibi_slopes = kv_lengths, alibi_slopes
+
+
+def _block_gradients(spec: _BlockSpec, dout, q, k, v, out, lse, mask, bias) -> Dict[str, np.ndarray]:
+    """attnfast's fused backward on one block, with the global out and lse rows of its queries: its
+    exact share of every gradient, in the computation dtype (unrounded), by AttentionGrads field."""
+    b = _inputs.check_attention_backward(dout, q, k, v, out, lse, mask=mask, bias=bias,
+                                         kv_lengths=spec.kv_lengths, alibi_slopes=spec.alibi_slopes, **spec.call)
+    a = b.forward
+    # The block's own validation aligns the diagonal with its corner and clamps the window to its own
+    # Lq + Lk: both replaced by the global call's, seen from the block.
+    a.diagonal_offset, a.diagonal_offsets = spec.offset, spec.offsets
+    a.window_left, a.window_right = spec.window
+    b.grad_dtypes = dict.fromkeys(b.grad_dtypes, a.compute)
+    grads = _api.attention_backward_from_args(b)
+    return {field: g for field, g in zip(grads._fields, grads) if g is not None}
+
+
+def _sink_partial(dout, out, lse, sinks):
+    """-sum_i e^(sink - lse_i) dO_i . O_i over one output block's rows, per batch item (computation
+    dtype): its share of dsinks, from the global out and lse alone."""
+    t = sinks.dtype
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = np.einsum("...d,...d->...", dout.astype(t, copy=False), out.astype(t, copy=False))
+        p_sink = np.exp(sinks[..., None] - lse.astype(t, copy=False))
+        return -np.add.reduce(p_sink * delta, axis=-1)
+
+
+def _sink_total(parts, slices, batch, compute, shape, dtype):
+    """dsinks from the per-block shares ``parts`` (per batch block, the list over query chunks):
+    summed over query chunks in a fixed tree, placed per batch item, summed to sinks' shape and
+    rounded once."""
+    total = np.zeros(batch, compute)
+    for row, bsl in zip(parts, slices):
+        total[bsl] = _api._pairwise_sum(row)
+    return _api._finished(sum_to_shape(total, shape), dtype)
+
+
+def _add(x, y):
+    # inf - inf in a gradient is data (the kernels propagate it as attention_backward does).
+    with np.errstate(invalid="ignore", over="ignore"):
+        return x + y
+
+
+def _rounded(x, dtype):
+    return _api._finished(np.asarray(x), dtype)
+
+
+def _zeros(shape, dtype):
+    return np.zeros(shape, dtype)
+
+
+def _tree(dsk: dict, prefix: tuple, leaves: List[Any]) -> Any:
+    """The key of the sum of ``leaves`` (keys, in order) as a balanced binary tree of _add tasks
+    (adjacent pairs, level by level): a fixed order, whatever runs first."""
+    level, depth = list(leaves), 0
+    while len(level) > 1:
+        nxt = []
+        for j in range(0, len(level) - 1, 2):
+            key = prefix + (depth, j // 2)
+            dsk[key] = (_add, level[j], level[j + 1])
+            nxt.append(key)
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level, depth = nxt, depth + 1
+    return level[0]
+
+
+# --------------------------------------------------------------------------
+# The graph
+# --------------------------------------------------------------------------
+
+
+def _as_dask(name: str, x: Any):
+    """A dask array of ``x`` (a NumPy array becomes one chunk)."""
+    import dask.array as da
+
+    if _is_dask(x):
+        return x
+    x = _inputs._asarray(name, x)
+    return da.from_array(x, chunks=tuple(max(n, 1) for n in x.shape) or ())
+
+
+def _result_array(graph, name: str, chunks, dtype: np.dtype):
+    import dask.array as da
+
+    return da.Array(graph, name, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype))
+
+
+def _zero_gradients(a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> AttentionGrads:
+    """The gradients of a call with nothing to compute (no key, no query, no value feature): zeros."""
+    import dask.array as da
+
+    shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape}
+    for name in ("bias", *_WEIGHT_FIELDS, "sinks"):
+        if getattr(a, name) is not None:
+            shapes[name] = getattr(a, name).shape
+    return AttentionGrads(**{"d" + n: da.zeros(s, dtype=dtypes[n]) for n, s in shapes.items()})
+
+
+def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
+                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
+                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
+                       sinks=None, **unexpected):
+    """Gradients of :func:`attnfast.dask.attention` over Dask arrays, block by block.
+
+    Same arguments, semantics and errors as :func:`attnfast.attention_backward`; ``dout``, ``q``,
+    ``k``, ``v``, ``out``, ``lse``, ``mask`` and ``bias`` may be Dask arrays of any chunking or NumPy
+    arrays (one chunk), the per-head parameters and ``kv_lengths`` too (they are computed eagerly:
+    kv_lengths decides which blocks get a task). The call is validated once, eagerly.
+
+    Parameters
+    ----------
+    dout : dask.array.Array or array_like, (..., Lq, Dv)
+        Gradient of the loss with respect to attention's output.
+    q, k, v : dask.array.Array or array_like
+        The forward's inputs (see :func:`attnfast.attention`).
+    out, lse : dask.array.Array or array_like, (..., Lq, Dv) and (..., Lq)
+        What ``attnfast.dask.attention(q, k, v, return_lse=True, **kwargs)`` (or
+        :func:`attnfast.attention`) returned for the same inputs.
+    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
+    softcap, alibi_slopes, sinks
+        The forward's keyword arguments, unchanged. A paged (``block_table``) or int8 (``k_scale``,
+        ``v_scale``) cache has no gradients: a ValueError, as from attention_backward.
+
+    Returns
+    -------
+    AttentionGrads
+        Of Dask arrays: ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v and chunked like
+        them (after the rechunking described below), ``dbias`` like bias, the method weights'
+        gradients and ``dsinks`` as one chunk each; None where the call has no such input.
+
+    Notes
+    -----
+    Blocks are the forward's: q's batch chunks (head chunks widened to whole GQA groups) times its
+    query chunks, against k's key chunks (v, mask and bias rechunked to match, feature axes whole).
+    Each (block, key chunk) task runs attnfast's fused backward with the global out and lse rows of
+    its queries, which makes its share of every gradient exact; a key chunk that causal, the window
+    or kv_lengths hides from the whole block gets no task. The shares are summed in fixed balanced
+    trees (dq over key chunks; dk, dv over query chunks and broadcast batch blocks; dbias over the
+    blocks reading each of its chunks; the weights over all blocks) and each gradient is rounded once
+    into its input's dtype, so the result is the same on every scheduler and, up to the order of
+    those sums, attention_backward's.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, attnfast, attnfast.dask
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 64, 16)).astype(np.float32) for _ in range(3))
+    >>> out, lse = attnfast.attention(q, k, v, causal=True, return_lse=True)
+    >>> dout = np.ones_like(out)
+    >>> grads = attnfast.dask.attention_backward(
+    ...     dout, da.from_array(q, chunks=(1, 16, 16)), da.from_array(k, chunks=(2, 32, 16)), v, out, lse,
+    ...     causal=True)
+    >>> grads.dk.chunks
+    ((1, 1), (32, 32), (16,))
+    >>> whole = attnfast.attention_backward(dout, q, k, v, out, lse, causal=True)
+    >>> bool(np.allclose(grads.dq.compute(), whole.dq, rtol=1e-5, atol=1e-6))
+    True
+    """
+    _inputs.reject_backward_extras(unexpected)
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+
+    large = {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse, "mask": mask, "bias": bias}
+    small = {name: _eager(x) for name, x in
+             (("w", w), ("w_q", w_q), ("w_k", w_k), ("v_a", v_a), ("score_bias", score_bias),
+              ("alibi_slopes", alibi_slopes), ("sinks", sinks))}
+    kwargs = {"method": method, "scale": scale, "causal": causal, "causal_align": causal_align, "window": window,
+              "kv_lengths": _eager(kv_lengths), "softcap": softcap}
+    b = _validate(large, small, kwargs)
+    a = b.forward
+    if _inputs.nothing_to_compute(a):
+        return _zero_gradients(a, b.grad_dtypes)
+
+    arrays = {name: _as_dask(name, x) for name, x in large.items() if x is not None}
+    grid = _Grid(a, arrays)
+    arrays = {name: x.rechunk(grid.chunks(name, x.shape)) for name, x in arrays.items()}
+    shapes = {name: x.shape for name, x in arrays.items()}
+
+    # Everything but the sinks, as validated (the kernels' dtypes); the diagonal and the window come
+    # per block.
+    call = {"method": a.method, "scale": a.scale, "causal": a.causal, "softcap": a.softcap, "w": a.w,
+            "w_q": a.w_q, "w_k": a.w_k, "v_a": a.v_a, "score_bias": a.score_bias}
+    token = tokenize(*(x.name for x in arrays.values()), a.method, a.scale, a.causal, a.softcap,
+                     a.diagonal_offset, a.diagonal_offsets, a.window_left, a.window_right, a.kv_lengths,
+                     a.alibi_slopes, a.sinks, small)
+    names = {"block": "attention_backward-block-" + token, "pick": "attention_backward-pick-" + token,
+             "sum": "attention_backward-sum-" + token, "sink": "attention_backward-sinks-" + token}
+    dsk: Dict[Any, Any] = {}
+    grad_inputs = ("q", "k", "v") + (("bias",) if a.bias is not None else ())
+    shares: Dict[str, Dict[Tuple[int, ...], List[Any]]] = {n: {} for n in grad_inputs}
+    weight_shares: Dict[str, List[Any]] = {}
+    sink_parts, sink_slices = [], []
+    q_starts, k_starts = _starts(grid.coords["lq"][1]), _starts(grid.coords["lk"][1])
+    window = (a.window_left, a.window_right)
+    for bidx, bsl in grid.batch_blocks():
+        sink_row = []
+        for qi in range(len(q_starts) - 1):
+            q0, q1 = q_starts[qi], q_starts[qi + 1]
+            if a.sinks is not None:
+                key = (names["sink"], *bidx, qi)
+                dsk[key] = (_sink_partial, *(
+                    (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, 0)) for n in ("dout", "out", "lse")),
+                    np.broadcast_to(a.sinks, a.batch_shape)[bsl])
+                sink_row.append(key)
+            for ki in range(len(k_starts) - 1):
+                k0, k1 = k_starts[ki], k_starts[ki + 1]
+                if not _visible(a, bsl, q0, q1, k0, k1):
+                    continue
+                per_item = lambda x: None if x is None else np.broadcast_to(x, a.batch_shape)[bsl]  # noqa: E731
+                offsets = per_item(a.diagonal_offsets)
+                lengths = per_item(a.kv_lengths)
+                spec = _BlockSpec(
+                    call, a.diagonal_offset + q0 - k0, None if offsets is None else offsets + (q0 - k0), window,
+                    None if lengths is None else np.clip(lengths - k0, 0, k1 - k0), per_item(a.alibi_slopes))
+                chunk = {n: None if n not in arrays else (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, ki))
+                         for n in _LARGE}
+                key = (names["block"], *bidx, qi, ki)
+                dsk[key] = (_block_gradients, spec, *(chunk[n] for n in _LARGE))
+                for n in _grid_fields(grad_inputs, a):
+                    pick = (names["pick"] + "-" + n, *bidx, qi, ki)
+                    dsk[pick] = (operator.getitem, key, "d" + n)
+                    if n in shares:
+                        shares[n].setdefault(chunk[n][1:], []).append(pick)
+                    else:
+                        weight_shares.setdefault(n, []).append(pick)
+        sink_parts.append(sink_row)
+        sink_slices.append(bsl)
+
+    grads: Dict[str, Any] = {}
+    for n in grad_inputs:
+        x = arrays[n]
+        name = f"attention_backward-d{n}-{token}"
+        for index in itertools.product(*(range(len(c)) for c in x.chunks)):
+            leaves = shares[n].get(index)
+            if leaves:
+                dsk[(name, *index)] = (_rounded, _tree(dsk, (names["sum"] + "-" + n, *index), leaves),
+                                       b.grad_dtypes[n])
+            else:  # no visible block reads this chunk
+                dsk[(name, *index)] = (_zeros, tuple(c[i] for c, i in zip(x.chunks, index)), b.grad_dtypes[n])
+        grads[n] = (name, x.chunks)
+    for n in _WEIGHT_FIELDS:
+        if getattr(a, n) is None:
+            continue
+        shape = getattr(a, n).shape
+        name = f"attention_backward-d{n}-{token}"
+        leaves = weight_shares.get(n)
+        root = (name,) + (0,) * len(shape)
+        if leaves:
+            dsk[root] = (_rounded, _tree(dsk, (names["sum"] + "-" + n,), leaves), b.grad_dtypes[n])
+        else:
+            dsk[root] = (_zeros, shape, b.grad_dtypes[n])
+        grads[n] = (name, tuple((s,) for s in shape))
+    if a.sinks is not None:
+        shape = a.sinks.shape
+        name = f"attention_backward-dsinks-{token}"
+        dsk[(name,) + (0,) * len(shape)] = (_sink_total, sink_parts, sink_slices, a.batch_shape, a.compute,
+                                            shape, b.grad_dtypes["sinks"])
+        grads["sinks"] = (name, tuple((s,) for s in shape))
+
+    graph = HighLevelGraph.from_collections(names["block"], dsk, dependencies=list(arrays.values()))
+    return AttentionGrads(**{"d" + n: _result_array(graph, name, chunks, b.grad_dtypes[n])
+                             for n, (name, chunks) in grads.items()})
+
+
+def _grid_fields(grad_inputs: Sequence[str], a: _inputs.AttentionArgs) -> List[str]:
+    """The inputs whose gradient every block task contributes to: the chunked ones and the method
+    weights the call has."""
+    return list(grad_inputs) + [n for n in _WEIGHT_FIELDS if getattr(a, n) is not None]

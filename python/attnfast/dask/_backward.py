@@ -66,7 +66,8 @@ def _validation_dtypes(large: Dict[str, Any]) -> Tuple[Dict[str, np.dtype], Opti
     then reports as attnfast.attention does)."""
     dtypes = {}
     try:
-        native = [np.dtype(getattr(large[n], "dtype", None) or np.asarray(large[n]).dtype) for n in ("q", "k", "v")]
+        native = [np.dtype(large[n].dtype if hasattr(large[n], "dtype") else np.asarray(large[n]).dtype)
+                  for n in ("q", "k", "v")]
         native = [d.newbyteorder("=") if d.kind == "f" else d for d in native]
         if not all(d in _inputs.STORAGE_DTYPES for d in native):
             return dtypes, None
@@ -416,6 +417,11 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     sink_parts, sink_slices = [], []
     q_starts, k_starts = _starts(grid.coords["lq"][1]), _starts(grid.coords["lk"][1])
     window = (a.window_left, a.window_right)
+
+    def per_item(x, bsl):
+        """A per-item parameter (broadcastable to the batch shape) of one batch block."""
+        return None if x is None else np.broadcast_to(x, a.batch_shape)[bsl]
+
     for bidx, bsl in grid.batch_blocks():
         sink_row = []
         for qi in range(len(q_starts) - 1):
@@ -424,18 +430,16 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
                 key = (names["sink"], *bidx, qi)
                 dsk[key] = (_sink_partial, *(
                     (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, 0)) for n in ("dout", "out", "lse")),
-                    np.broadcast_to(a.sinks, a.batch_shape)[bsl])
+                    per_item(a.sinks, bsl))
                 sink_row.append(key)
             for ki in range(len(k_starts) - 1):
                 k0, k1 = k_starts[ki], k_starts[ki + 1]
                 if not _visible(a, bsl, q0, q1, k0, k1):
                     continue
-                per_item = lambda x: None if x is None else np.broadcast_to(x, a.batch_shape)[bsl]  # noqa: E731
-                offsets = per_item(a.diagonal_offsets)
-                lengths = per_item(a.kv_lengths)
+                offsets, lengths = per_item(a.diagonal_offsets, bsl), per_item(a.kv_lengths, bsl)
                 spec = _BlockSpec(
                     call, a.diagonal_offset + q0 - k0, None if offsets is None else offsets + (q0 - k0), window,
-                    None if lengths is None else np.clip(lengths - k0, 0, k1 - k0), per_item(a.alibi_slopes))
+                    None if lengths is None else np.clip(lengths - k0, 0, k1 - k0), per_item(a.alibi_slopes, bsl))
                 chunk = {n: None if n not in arrays else (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, ki))
                          for n in _LARGE}
                 key = (names["block"], *bidx, qi, ki)

@@ -26,7 +26,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         'Install it with: pip install "attnfast[dask]"'
     ) from exc
 
-__all__ = []
+from ._forward import attention  # noqa: E402
+
+__all__ = ["attention"]
 
 # The backward lives in its own module; export it when present.
 try:

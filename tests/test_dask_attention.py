@@ -138,6 +138,18 @@ def test_kv_lengths_per_item(rng, align, causal):
             kv_lengths=da.from_array(np.array([[30], [9]]), chunks=1))
 
 
+def test_graphs_of_different_calls_do_not_share_keys(rng):
+    """Lq == Lk: both alignments have diagonal offset 0, but with kv_lengths bottom_right aligns each
+    item to its length; computed together, each result must still be its own."""
+    q, k, v = qkv(rng, lq=32, lk=32)
+    lengths = np.array([[20], [9]])
+    dq, dk, dv = lazy(q, (1, 2, 8, 16)), lazy(k, (1, 2, 8, 16)), lazy(v, (1, 2, 8, 16))
+    results = dask.compute(*(ad.attention(dq, dk, dv, causal=True, causal_align=align, kv_lengths=lengths)
+                             for align in ("top_left", "bottom_right")), scheduler="sync")
+    for align, got in zip(("top_left", "bottom_right"), results):
+        assert_matches(got, attnfast.attention(q, k, v, causal=True, causal_align=align, kv_lengths=lengths), v)
+
+
 @pytest.mark.parametrize("window", [(5, 3), (0, 0), (None, 2), (7, None), (10**9, 10**9)])
 def test_window(rng, window):
     q, k, v = qkv(rng)
@@ -248,6 +260,21 @@ def test_numpy_inputs(rng):
     out = ad.attention(lazy(q, (1, 4, 16, 16)), k, v, window=(3, 3))
     assert out.chunks[2] == (16, 16, 16)
     assert_matches(out.compute(), attnfast.attention(q, k, v, window=(3, 3)), v)
+
+
+def test_results_compose_with_other_dask_operations(rng):
+    q, k, v = qkv(rng)
+    out, lse = ad.attention(lazy(q, (1, 2, 16, 16)), lazy(k, (1, 2, 8, 16)), lazy(v, (1, 2, 8, 16)),
+                            causal=True, return_lse=True)
+    ref_out, ref_lse = attnfast.attention(q, k, v, causal=True, return_lse=True)
+    total, first, both = dask.compute((out * 2).sum(axis=-1), lse[1, 2:], da.concatenate([out, out], 0),
+                                      scheduler="sync")
+    assert_close_fixed(total, (ref_out * 2).sum(axis=-1), np.float32, scale=float(np.abs(v).max()) * 32)
+    assert_matches(first, ref_lse[1, 2:], v, what="lse")
+    assert_matches(both[2:], ref_out, v)
+    persisted_out, persisted_lse = dask.persist(out, lse, scheduler="sync")
+    assert block_tasks(persisted_out) == 0  # persisted: the graph holds the results, not the tasks
+    assert_matches(persisted_lse.compute(), ref_lse, v, what="lse")
 
 
 @pytest.mark.parametrize("lq, lk", [(0, 8), (8, 0)])

@@ -28,7 +28,7 @@ from typing import Any, Optional, Tuple
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .. import _api, _inputs
 from . import _plan
@@ -426,13 +426,13 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
         return (arr.name,) + idx
 
     token = tokenize(*(laid.get(n) for n in ("q", "k", "v", "mask", "bias", "k_scale", "v_scale")),
-                     {n: small[n] for n in small}, method, a.causal, a.diagonal_offset, a.window_left,
-                     a.window_right, a.dtype)
+                     {n: small[n] for n in small}, method, a.causal, a.diagonal_offset, a.diagonal_offsets,
+                     a.window_left, a.window_right, a.dtype)
     block_name, merge_name, root_name = (f"attnfast-{s}-{token}" for s in ("block", "merge", "state"))
     out_name, lse_name = f"attnfast-attention-{token}", f"attnfast-attention-lse-{token}"
     kwargs = {name: small[name] for name in ("scale", "w", "w_q", "w_k", "v_a", "score_bias", "softcap")}
     kwargs["method"] = method
-    dsk = {}
+    dsk, out_dsk, lse_dsk = {}, {}, {}
     for block in plan.blocks:
         index = block.index
         leaves = []
@@ -464,18 +464,20 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
             leaves = nodes
         root = (root_name,) + index
         dsk[root] = (_finish, leaves[0], _per_item_block(a.sinks, nb, block.batch_slices), a.dtype)
-        dsk[(out_name,) + index + (0,)] = (operator.getitem, root, 0)
-        if a.return_lse:
-            dsk[(lse_name,) + index] = (operator.getitem, root, 1)
+        out_dsk[(out_name,) + index + (0,)] = (operator.getitem, root, 0)
+        lse_dsk[(lse_name,) + index] = (operator.getitem, root, 1)
 
-    inputs = [arr for arr in laid.values()]
-    graph = HighLevelGraph.from_collections(out_name, dsk, dependencies=inputs)
-    out_chunks = out_batch + (query_chunks, (a.dv,))
-    result = da.Array(graph, out_name, chunks=out_chunks, dtype=a.dtype,
-                      meta=np.empty((0,) * (nb + 2), a.dtype))
+    # One layer of block, merge and root tasks; out and lse each a layer of its own (named as the
+    # array, as Dask's optimisations expect) that picks its half of the roots.
+    partials = HighLevelGraph.from_collections(f"attnfast-partials-{token}", dsk, dependencies=list(laid.values()))
+
+    def array_of(name, layer, chunks, dtype):
+        layers, deps = dict(partials.layers), dict(partials.dependencies)
+        layers[name], deps[name] = MaterializedLayer(layer), {f"attnfast-partials-{token}"}
+        return da.Array(HighLevelGraph(layers, deps), name, chunks=chunks, dtype=dtype,
+                        meta=np.empty((0,) * len(chunks), dtype))
+
+    result = array_of(out_name, out_dsk, out_batch + (query_chunks, (a.dv,)), a.dtype)
     if not a.return_lse:
         return result
-    lse_dtype = _inputs.lse_dtype(a.dtype)
-    lse = da.Array(graph, lse_name, chunks=out_batch + (query_chunks,), dtype=lse_dtype,
-                   meta=np.empty((0,) * (nb + 1), lse_dtype))
-    return result, lse
+    return result, array_of(lse_name, lse_dsk, out_batch + (query_chunks,), _inputs.lse_dtype(a.dtype))

@@ -30,8 +30,11 @@ import dask  # noqa: E402
 import attnfast  # noqa: E402
 from attnfast import _inputs, reference  # noqa: E402
 from attnfast._grads import sum_to_shape  # noqa: E402
+import attnfast.dask as ad  # noqa: E402
 from attnfast.dask import _backward  # noqa: E402
-from attnfast.dask._backward import attention_backward as dask_backward  # noqa: E402
+from attnfast.dask._plan import boundaries  # noqa: E402
+
+dask_backward = ad.attention_backward
 
 from conftest import assert_close_fixed, backward_scales, method_weights, up, weights64  # noqa: E402
 
@@ -109,10 +112,9 @@ def expected_tasks(q, k, v, q_chunks, k_chunks, batch_chunks, kw):
     kv_lengths; the mask is data and never prunes)."""
     kw = {n: x for n, x in kw.items() if n != "mask"}
     vis = reference._visibility(_inputs.check_attention(q, k, v, **kw))
-    bounds = lambda chunks: list(zip(_backward._starts(chunks), _backward._starts(chunks)[1:]))  # noqa: E731
     visible = total = 0
-    for bsl in itertools.product(*[[slice(*b) for b in bounds(c)] for c in batch_chunks]):
-        for (q0, q1), (k0, k1) in itertools.product(bounds(q_chunks), bounds(k_chunks)):
+    for bsl in itertools.product(*[[slice(*b) for b in boundaries(c)] for c in batch_chunks]):
+        for (q0, q1), (k0, k1) in itertools.product(boundaries(q_chunks), boundaries(k_chunks)):
             total += 1
             visible += bool(vis[bsl][..., q0:q1, k0:k1].any())
     return visible, total
@@ -498,3 +500,20 @@ def test_dask_forward_outputs_as_inputs(rng):
     grads = dask_backward(chunked(dout, (1, 3, 8)), chunked(q, (2, 8, 8)), chunked(k, (2, 4, 8)), v,
                           chunked(out, (2, 16, 2)), chunked(lse, (1, 5)), **kw)
     compare(grads, dout, q, k, v, out, lse, kw)
+
+
+@pytest.mark.parametrize("kw", [{"causal": True}, {"causal": True, "causal_align": "bottom_right", "window": (7, None)}],
+                         ids=["causal", "bottom_right window"])
+def test_after_the_dask_forward(rng, kw):
+    # The whole training step on Dask: out and lse from attnfast.dask.attention (chunked as the
+    # backward's blocks), the backward over them; compared with attention_backward on the same out, lse.
+    q = rng.standard_normal((2, 4, 32, 8)).astype(F32)
+    k = rng.standard_normal((2, 2, 48, 8)).astype(F32)
+    v = rng.standard_normal((2, 2, 48, 8)).astype(F32)
+    dq, dk, dv = chunked(q, (1, 2, 8, 8)), chunked(k, (2, 1, 16, 8)), chunked(v, (1, 2, 16, 8))
+    out, lse = ad.attention(dq, dk, dv, return_lse=True, **kw)
+    dout = da.from_array(rng.standard_normal(out.shape).astype(F32), chunks=out.chunks)
+    grads = ad.attention_backward(dout, dq, dk, dv, out, lse, **kw)
+    assert grads.dq.chunks == out.chunks[:-1] + ((8,),)
+    o, l, d = dask.compute(out, lse, dout, scheduler="sync")
+    compare(grads, d, q, k, v, o, l, kw)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import _api, _inputs
+from . import _forward, _plan
 from .._grads import AttentionGrads, sum_to_shape
 
 __all__ = ["attention_backward"]
@@ -111,100 +112,51 @@ def _validate(large: Dict[str, Any], small: Dict[str, Any], kwargs: Dict[str, An
 # --------------------------------------------------------------------------
 
 
-def _starts(chunks: Sequence[int]) -> List[int]:
-    """Chunk sizes -> their boundaries [0, c0, c0 + c1, ..., n]."""
-    return [0, *itertools.accumulate(chunks)]
-
-
-def _widened(chunks: Sequence[int], group: int) -> Tuple[int, ...]:
-    """Head chunks whose boundaries are moved up to multiples of ``group``, so that every block holds
-    whole GQA groups (the query heads reading one kv head) and one block of kv heads."""
-    bounds = sorted({-(-b // group) * group for b in _starts(chunks)})
-    return tuple(hi - lo for lo, hi in zip(bounds, bounds[1:]))
-
-
 class _Grid:
-    """Chunk boundaries along the call's coordinates: the output's batch axes ("b", i), the kv batch
-    axes ("kb", i) (the batch axes with kv heads on the head axis), the queries "lq" and the keys
-    "lk". Every input's axis is one of these, a feature axis "f" (one chunk), or an axis it is
-    broadcast along (extent 1: one chunk that every block reads)."""
+    """Where each input's chunks lie among the plan's blocks. The call's coordinates are the output's
+    batch axes ("b", i), the kv batch axes ("kb", i) (kv heads on the head axis), the queries "lq" and
+    the keys "lk"; every axis of an input is one of these, a feature axis "f" (one chunk), or an axis
+    of extent 1 it is broadcast along (one chunk, which every block reads)."""
 
-    def __init__(self, a: _inputs.AttentionArgs, arrays: Dict[str, Any]):
-        self.batch, self.kv_batch, self.group = a.batch_shape, a.kv_batch_shape, a.group
-        nb = len(self.batch)
-        batch_chunks = []
-        for i, n in enumerate(self.batch):
-            chunks: Tuple[int, ...] = (n,)
-            for name in ("q", "k", "v"):  # q's chunking first, as the forward's output has it
-                x = arrays[name]
-                ax = x.ndim - 2 - (nb - i)
-                if ax >= 0 and x.shape[ax] == n:
-                    chunks = x.chunks[ax]
-                    break
-            batch_chunks.append(chunks)
-        if self.group > 1:
-            batch_chunks[-1] = _widened(batch_chunks[-1], self.group)
-        kv_chunks = [c if m == n else tuple(s // self.group for s in c)
-                     for c, n, m in zip(batch_chunks, self.batch, self.kv_batch)]
-        self.coords = {("b", i): (n, c) for i, (n, c) in enumerate(zip(self.batch, batch_chunks))}
-        self.coords.update({("kb", i): (n, c) for i, (n, c) in enumerate(zip(self.kv_batch, kv_chunks))})
-        self.coords["lq"] = (a.lq, arrays["q"].chunks[-2])
-        self.coords["lk"] = (a.lk, arrays["k"].chunks[-2])
-        self.batch_chunks = batch_chunks
+    def __init__(self, a: _inputs.AttentionArgs, plan: _plan.Plan):
+        nb = len(a.batch_shape)
+        self.coords: Dict[Any, Tuple[int, ...]] = {("b", i): c for i, c in enumerate(plan.batch_chunks)}
+        for i, (c, n, m) in enumerate(zip(plan.batch_chunks, a.batch_shape, a.kv_batch_shape)):
+            # The kv head axis of grouped-query attention: the (whole-group) head chunks / group.
+            self.coords[("kb", i)] = c if m == n or m == 1 else tuple(s // a.group for s in c)
+        self.coords["lq"], self.coords["lk"] = plan.query_chunks, plan.key_chunks
+        self.nb = nb
 
     def roles(self, name: str, ndim: int) -> List[Any]:
         """The coordinate of each axis of input ``name`` (of ``ndim`` dimensions)."""
         tail = {"q": ["lq", "f"], "k": ["lk", "f"], "v": ["lk", "f"], "dout": ["lq", "f"], "out": ["lq", "f"],
                 "lse": ["lq"], "mask": ["lq", "lk"], "bias": ["lq", "lk"]}[name]
         kind = "kb" if name in ("k", "v") else "b"
-        full = [(kind, i) for i in range(len(self.batch))] + tail
+        full = [(kind, i) for i in range(self.nb)] + tail
         return full[len(full) - ndim:]
-
-    def _broadcast(self, role: Any, extent: int) -> bool:
-        return role == "f" or extent != self.coords[role][0]
 
     def chunks(self, name: str, shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], ...]:
         """The chunks input ``name`` of ``shape`` is rechunked to."""
-        return tuple((n,) if self._broadcast(r, n) else self.coords[r][1]
+        return tuple((n,) if r == "f" or n == 1 else self.coords[r]
                      for r, n in zip(self.roles(name, len(shape)), shape))
 
-    def index(self, name: str, shape: Tuple[int, ...], bidx: Tuple[int, ...], qi: int, ki: int) -> Tuple[int, ...]:
-        """The chunk of input ``name`` that the block (batch block ``bidx``, query chunk ``qi``, key
-        chunk ``ki``) reads."""
-        at = {"lq": qi, "lk": ki}
-        return tuple(0 if self._broadcast(r, n) else (at[r] if isinstance(r, str) else bidx[r[1]])
+    def index(self, name: str, shape: Tuple[int, ...], block: _plan.OutputBlock, ki: int) -> Tuple[int, ...]:
+        """The chunk of input ``name`` that output block ``block`` reads with key chunk ``ki``."""
+        at = {"lq": block.query_index, "lk": ki}
+        return tuple(0 if r == "f" or n == 1 else (at[r] if isinstance(r, str) else block.batch_index[r[1]])
                      for r, n in zip(self.roles(name, len(shape)), shape))
 
-    def batch_blocks(self):
-        """(block index, slices) of every batch block, in C order."""
-        starts = [_starts(c) for c in self.batch_chunks]
-        for bidx in itertools.product(*(range(len(c)) for c in self.batch_chunks)):
-            yield bidx, tuple(slice(s[i], s[i + 1]) for s, i in zip(starts, bidx))
 
-
-def _visible(a: _inputs.AttentionArgs, bsl: Tuple[slice, ...], q0: int, q1: int, k0: int, k1: int) -> bool:
-    """Whether any query of [q0, q1) of any item of the batch block ``bsl`` sees a key of [k0, k1)
-    under causal, the window and kv_lengths (a mask is data: it never prunes)."""
-    if a.kv_lengths is None and not a.causal and a.window_left < 0 and a.window_right < 0:
-        return True
-    batch = a.batch_shape
-    if a.diagonal_offsets is not None:
-        offsets = np.broadcast_to(a.diagonal_offsets, batch)[bsl].reshape(-1, 1)
-    else:
-        offsets = np.full((1, 1), a.diagonal_offset, np.int64)
-    diag = offsets + np.arange(q0, q1, dtype=np.int64)
-    hi = np.full(diag.shape, k1 - 1, np.int64)
-    lo = np.full(diag.shape, k0, np.int64)
-    if a.causal:
-        hi = np.minimum(hi, diag)
-    if a.window_right >= 0:
-        hi = np.minimum(hi, diag + a.window_right)
-    if a.window_left >= 0:
-        lo = np.maximum(lo, diag - a.window_left)
-    if a.kv_lengths is not None:
-        n = np.broadcast_to(a.kv_lengths, batch)[bsl].reshape(-1, 1)
-        hi, lo = np.minimum(hi, n - 1), np.broadcast_to(lo, np.broadcast_shapes(lo.shape, n.shape))
-    return bool(np.any(lo <= hi))
+def _block_chunks(a: _inputs.AttentionArgs, large: Dict[str, Any]):
+    """(batch chunks, query chunks, key chunks) of the blocks: exactly the forward's
+    (:func:`attnfast.dask.attention` on the same q, k, v), so dq is chunked like its out."""
+    q, k, v = large["q"], large["k"], large["v"]
+    kv_heads = a.kv_batch_shape[-1] if a.batch_shape else 1
+    batch = _forward._output_batch_chunks(q, k, v, a.batch_shape, kv_heads, a.group)
+    queries = tuple(int(c) for c in q.chunks[-2]) if _is_dask(q) else (a.lq,)
+    source = k if _is_dask(k) else v if _is_dask(v) else None
+    keys = tuple(int(c) for c in source.chunks[-2]) if source is not None else (a.lk,)
+    return batch, queries, keys
 
 
 # --------------------------------------------------------------------------
@@ -274,19 +226,19 @@ def _zeros(shape, dtype):
 
 
 def _tree(dsk: dict, prefix: tuple, leaves: List[Any]) -> Any:
-    """The key of the sum of ``leaves`` (keys, in order) as a balanced binary tree of _add tasks
-    (adjacent pairs, level by level): a fixed order, whatever runs first."""
-    level, depth = list(leaves), 0
-    while len(level) > 1:
-        nxt = []
-        for j in range(0, len(level) - 1, 2):
-            key = prefix + (depth, j // 2)
-            dsk[key] = (_add, level[j], level[j + 1])
-            nxt.append(key)
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level, depth = nxt, depth + 1
-    return level[0]
+    """The key of the sum of ``leaves`` (keys, in order) in the fixed balanced tree of
+    :func:`attnfast.dask._plan.merge_levels` (the forward's merge order), whatever runs first."""
+    for depth, level in enumerate(_plan.merge_levels(len(leaves)) if len(leaves) > 1 else []):
+        nodes = []
+        for j, node in enumerate(level):
+            if len(node) == 1:
+                nodes.append(leaves[node[0]])
+                continue
+            key = prefix + (depth, j)
+            dsk[key] = (_add, leaves[node[0]], leaves[node[1]])
+            nodes.append(key)
+        leaves = nodes
+    return leaves[0]
 
 
 # --------------------------------------------------------------------------
@@ -396,8 +348,14 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     if _inputs.nothing_to_compute(a):
         return _zero_gradients(a, b.grad_dtypes)
 
+    for name, x in large.items():
+        _forward._check_known_chunks(name, x)
+    batch_chunks, query_chunks, key_chunks = _block_chunks(a, large)
+    plan = _plan.plan_blocks(batch_chunks, query_chunks, key_chunks, causal=a.causal,
+                             diagonal_offset=a.diagonal_offset, diagonal_offsets=a.diagonal_offsets,
+                             window_left=a.window_left, window_right=a.window_right, kv_lengths=a.kv_lengths)
+    grid = _Grid(a, plan)
     arrays = {name: _as_dask(name, x) for name, x in large.items() if x is not None}
-    grid = _Grid(a, arrays)
     arrays = {name: x.rechunk(grid.chunks(name, x.shape)) for name, x in arrays.items()}
     shapes = {name: x.shape for name, x in arrays.items()}
 
@@ -412,47 +370,40 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
              "sum": "attention_backward-sum-" + token, "sink": "attention_backward-sinks-" + token}
     dsk: Dict[Any, Any] = {}
     grad_inputs = ("q", "k", "v") + (("bias",) if a.bias is not None else ())
+    fields = list(grad_inputs) + [n for n in _WEIGHT_FIELDS if getattr(a, n) is not None]
     shares: Dict[str, Dict[Tuple[int, ...], List[Any]]] = {n: {} for n in grad_inputs}
-    weight_shares: Dict[str, List[Any]] = {}
-    sink_parts, sink_slices = [], []
-    q_starts, k_starts = _starts(grid.coords["lq"][1]), _starts(grid.coords["lk"][1])
+    weight_shares: Dict[str, List[Any]] = {n: [] for n in fields if n not in shares}
+    sink_parts: Dict[Tuple[int, ...], List[Any]] = {}
+    sink_slices: Dict[Tuple[int, ...], Tuple[slice, ...]] = {}
     window = (a.window_left, a.window_right)
 
-    def per_item(x, bsl):
+    def per_item(x, block):
         """A per-item parameter (broadcastable to the batch shape) of one batch block."""
-        return None if x is None else np.broadcast_to(x, a.batch_shape)[bsl]
+        return None if x is None else np.broadcast_to(x, a.batch_shape)[block.batch_slices]
 
-    for bidx, bsl in grid.batch_blocks():
-        sink_row = []
-        for qi in range(len(q_starts) - 1):
-            q0, q1 = q_starts[qi], q_starts[qi + 1]
-            if a.sinks is not None:
-                key = (names["sink"], *bidx, qi)
-                dsk[key] = (_sink_partial, *(
-                    (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, 0)) for n in ("dout", "out", "lse")),
-                    per_item(a.sinks, bsl))
-                sink_row.append(key)
-            for ki in range(len(k_starts) - 1):
-                k0, k1 = k_starts[ki], k_starts[ki + 1]
-                if not _visible(a, bsl, q0, q1, k0, k1):
-                    continue
-                offsets, lengths = per_item(a.diagonal_offsets, bsl), per_item(a.kv_lengths, bsl)
-                spec = _BlockSpec(
-                    call, a.diagonal_offset + q0 - k0, None if offsets is None else offsets + (q0 - k0), window,
-                    None if lengths is None else np.clip(lengths - k0, 0, k1 - k0), per_item(a.alibi_slopes, bsl))
-                chunk = {n: None if n not in arrays else (arrays[n].name, *grid.index(n, shapes[n], bidx, qi, ki))
-                         for n in _LARGE}
-                key = (names["block"], *bidx, qi, ki)
-                dsk[key] = (_block_gradients, spec, *(chunk[n] for n in _LARGE))
-                for n in _grid_fields(grad_inputs, a):
-                    pick = (names["pick"] + "-" + n, *bidx, qi, ki)
-                    dsk[pick] = (operator.getitem, key, "d" + n)
-                    if n in shares:
-                        shares[n].setdefault(chunk[n][1:], []).append(pick)
-                    else:
-                        weight_shares.setdefault(n, []).append(pick)
-        sink_parts.append(sink_row)
-        sink_slices.append(bsl)
+    def chunk_key(n, block, ki):
+        return None if n not in arrays else (arrays[n].name, *grid.index(n, shapes[n], block, ki))
+
+    for block in plan.blocks:  # batch blocks in C order, then query chunks
+        if a.sinks is not None:
+            key = (names["sink"], *block.index)
+            dsk[key] = (_sink_partial, *(chunk_key(n, block, 0) for n in ("dout", "out", "lse")),
+                        per_item(a.sinks, block))
+            sink_parts.setdefault(block.batch_index, []).append(key)
+            sink_slices[block.batch_index] = block.batch_slices
+        for kb in block.keys:  # the visible key chunks, in key order
+            spec = _BlockSpec(call, kb.diagonal_offset, kb.diagonal_offsets, window, kb.kv_lengths,
+                              per_item(a.alibi_slopes, block))
+            key = (names["block"], *block.index, kb.index)
+            chunk = {n: chunk_key(n, block, kb.index) for n in _LARGE}
+            dsk[key] = (_block_gradients, spec, *(chunk[n] for n in _LARGE))
+            for n in fields:
+                pick = (names["pick"] + "-" + n, *block.index, kb.index)
+                dsk[pick] = (operator.getitem, key, "d" + n)
+                if n in shares:
+                    shares[n].setdefault(chunk[n][1:], []).append(pick)
+                else:
+                    weight_shares[n].append(pick)
 
     grads: Dict[str, Any] = {}
     for n in grad_inputs:
@@ -481,16 +432,19 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     if a.sinks is not None:
         shape = a.sinks.shape
         name = f"attention_backward-dsinks-{token}"
-        dsk[(name,) + (0,) * len(shape)] = (_sink_total, sink_parts, sink_slices, a.batch_shape, a.compute,
-                                            shape, b.grad_dtypes["sinks"])
+        dsk[(name,) + (0,) * len(shape)] = (_sink_total, list(sink_parts.values()), list(sink_slices.values()),
+                                            a.batch_shape, a.compute, shape, b.grad_dtypes["sinks"])
         grads["sinks"] = (name, tuple((s,) for s in shape))
 
-    graph = HighLevelGraph.from_collections(names["block"], dsk, dependencies=list(arrays.values()))
+    # One layer per result, named like it (dask finds an array's tasks by its name: an array whose
+    # layer is missing cannot be combined with others), over one layer of everything before the roots.
+    results = {name: {} for name, _ in grads.values()}
+    inner = {}
+    for key, task in dsk.items():
+        (results[key[0]] if key[0] in results else inner)[key] = task
+    base = HighLevelGraph.from_collections(names["block"], inner, dependencies=list(arrays.values()))
+    graph = HighLevelGraph({**base.layers, **results},
+                           {**base.dependencies, **{name: {names["block"]} for name in results}})
     return AttentionGrads(**{"d" + n: _result_array(graph, name, chunks, b.grad_dtypes[n])
                              for n, (name, chunks) in grads.items()})
 
-
-def _grid_fields(grad_inputs: Sequence[str], a: _inputs.AttentionArgs) -> List[str]:
-    """The inputs whose gradient every block task contributes to: the chunked ones and the method
-    weights the call has."""
-    return list(grad_inputs) + [n for n in _WEIGHT_FIELDS if getattr(a, n) is not None]

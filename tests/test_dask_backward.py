@@ -517,3 +517,17 @@ def test_after_the_dask_forward(rng, kw):
     assert grads.dq.chunks == out.chunks[:-1] + ((8,),)
     o, l, d = dask.compute(out, lse, dout, scheduler="sync")
     compare(grads, d, q, k, v, o, l, kw)
+    # The gradients are ordinary dask arrays: they combine with others in one graph (what is checked
+    # here; their values were compared above, so the tolerance only absorbs the float32 sums).
+    step = (dq - 0.5 * grads.dq).sum() + da.stack([grads.dk, grads.dv]).sum()
+    want = attnfast.attention_backward(d, q, k, v, o, l, **kw)
+    assert np.isclose(step.compute(scheduler="sync"), (q - 0.5 * want.dq).sum() + want.dk.sum() + want.dv.sum(),
+                      rtol=1e-5, atol=1e-3)
+
+
+def test_unknown_chunk_sizes_are_refused(rng):
+    dout, q, k, v, out, lse = small_case(rng)
+    lazy = da.from_array(q)
+    unknown = lazy[lazy[:, 0, 0] > -np.inf]  # boolean indexing: chunk sizes known only once computed
+    with pytest.raises(ValueError, match=r"q has unknown chunk sizes .* Call q.compute_chunk_sizes\(\) first"):
+        dask_backward(dout, unknown, k, v, out, lse)

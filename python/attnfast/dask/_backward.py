@@ -36,9 +36,7 @@ __all__ = ["attention_backward"]
 
 # Inputs that may be as large as the activations: chunked and streamed through the graph.
 _LARGE = ("dout", "q", "k", "v", "out", "lse", "mask", "bias")
-# Per-call parameters (at most per head): computed eagerly when given as dask arrays.
-_SMALL = ("w", "w_q", "w_k", "v_a", "score_bias", "alibi_slopes", "sinks")
-# Gradients of weights every block contributes to (AttentionGrads field -> input name).
+# The method weights: every block task contributes to their gradients (AttentionGrads' "d" + name).
 _WEIGHT_FIELDS = ("w", "w_q", "w_k", "score_bias", "v_a")
 
 
@@ -48,15 +46,10 @@ def _is_dask(x: Any) -> bool:
     return isinstance(x, da.Array)
 
 
-def _eager(x: Any) -> Any:
-    """A dask array computed (a per-head parameter or kv_lengths: batch-sized at most); else ``x``."""
-    return np.asarray(x.compute(scheduler="sync")) if _is_dask(x) else x
-
-
 def _stand_in(x: Any, dtype: Optional[np.dtype] = None) -> np.ndarray:
     """A zero-stride array of ``x``'s shape (and ``dtype`` or its own): validation sees the shape and
     dtype without computing a chunk or allocating the array."""
-    return np.broadcast_to(np.zeros((), dtype or x.dtype), x.shape)
+    return np.broadcast_to(np.zeros((), x.dtype if dtype is None else dtype), x.shape)
 
 
 def _validation_dtypes(large: Dict[str, Any]) -> Tuple[Dict[str, np.dtype], Optional[np.dtype]]:
@@ -338,18 +331,21 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     from dask.highlevelgraph import HighLevelGraph
 
     large = {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse, "mask": mask, "bias": bias}
-    small = {name: _eager(x) for name, x in
+    # Small arguments (per head at most) computed now: kv_lengths decides which blocks exist, the rest
+    # go into every task.
+    small = {name: _forward._concrete(name, x) for name, x in
              (("w", w), ("w_q", w_q), ("w_k", w_k), ("v_a", v_a), ("score_bias", score_bias),
               ("alibi_slopes", alibi_slopes), ("sinks", sinks))}
-    kwargs = {"method": method, "scale": scale, "causal": causal, "causal_align": causal_align, "window": window,
-              "kv_lengths": _eager(kv_lengths), "softcap": softcap}
+    kwargs = {"method": method, "causal": causal, "causal_align": causal_align, "window": window,
+              **{name: _forward._concrete(name, x) for name, x in
+                 (("scale", scale), ("kv_lengths", kv_lengths), ("softcap", softcap))}}
+    for name, x in large.items():
+        _forward._check_known_chunks(name, x)
     b = _validate(large, small, kwargs)
     a = b.forward
     if _inputs.nothing_to_compute(a):
         return _zero_gradients(a, b.grad_dtypes)
 
-    for name, x in large.items():
-        _forward._check_known_chunks(name, x)
     batch_chunks, query_chunks, key_chunks = _block_chunks(a, large)
     plan = _plan.plan_blocks(batch_chunks, query_chunks, key_chunks, causal=a.causal,
                              diagonal_offset=a.diagonal_offset, diagonal_offsets=a.diagonal_offsets,

@@ -270,26 +270,59 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
                        causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
                        w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
                        sinks=None, **unexpected):
-    """Gradients of :func:`attnfast.dask.attention` over Dask arrays, block by block.
+    """Compute the gradients of :func:`attnfast.dask.attention` over Dask arrays, block by block.
 
-    Same arguments, semantics and errors as :func:`attnfast.attention_backward`; ``dout``, ``q``,
-    ``k``, ``v``, ``out``, ``lse``, ``mask`` and ``bias`` may be Dask arrays of any chunking or NumPy
-    arrays (one chunk), the per-head parameters and ``kv_lengths`` too (they are computed eagerly:
-    kv_lengths decides which blocks get a task). The call is validated once, eagerly.
+    Same arguments, semantics and errors as :func:`attnfast.attention_backward`. The call is
+    validated once, eagerly; the result is lazy.
 
     Parameters
     ----------
-    dout : dask.array.Array or array_like, (..., Lq, Dv)
-        Gradient of the loss with respect to attention's output.
-    q, k, v : dask.array.Array or array_like
-        The forward's inputs (see :func:`attnfast.attention`).
-    out, lse : dask.array.Array or array_like, (..., Lq, Dv) and (..., Lq)
-        What ``attnfast.dask.attention(q, k, v, return_lse=True, **kwargs)`` (or
-        :func:`attnfast.attention`) returned for the same inputs.
-    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
-    softcap, alibi_slopes, sinks
-        The forward's keyword arguments, unchanged. A paged (``block_table``) or int8 (``k_scale``,
-        ``v_scale``) cache has no gradients: a ValueError, as from attention_backward.
+    dout : dask.array.Array or array_like, batch_shape + (Lq, Dv)
+        Gradient of the loss with respect to attention's output; rechunked to the output blocks.
+    q : dask.array.Array or array_like, (..., Lq, D)
+        The forward's queries. Its chunks along the batch axes (head chunks widened to whole GQA
+        groups) and the query axis make the output blocks, as in :func:`attnfast.dask.attention`
+        (a NumPy array is one chunk).
+    k : dask.array.Array or array_like, (..., Lk, Dk)
+        The forward's keys (a storage dtype: an int8 cache has no gradients). Its chunks along Lk are
+        the key chunks.
+    v : dask.array.Array or array_like, (..., Lk, Dv)
+        The forward's values; rechunked to the key chunks.
+    out : dask.array.Array or array_like, batch_shape + (Lq, Dv)
+        The forward's output, as ``attnfast.dask.attention(..., return_lse=True)`` (or
+        :func:`attnfast.attention`) returned it.
+    lse : dask.array.Array or array_like, batch_shape + (Lq,)
+        The forward's log-sum-exp, unconverted (float32 for 16-bit results).
+    method : {"dot", "scaled_dot", "general", "concat", "additive"}
+        The forward's score rule.
+    scale : float, optional
+        The forward's score scale (default as in :func:`attnfast.attention`).
+    mask : dask.array.Array or array_like of bool, optional
+        The forward's mask, broadcastable to batch_shape + (Lq, Lk); rechunked to the blocks.
+    bias : dask.array.Array or array_like, optional
+        The forward's additive scores, broadcastable to batch_shape + (Lq, Lk); rechunked to the
+        blocks, and ``dbias`` has its shape (summed over its broadcast axes).
+    causal : bool
+        The forward's causal flag.
+    causal_align : {"top_left", "bottom_right"}
+        The forward's diagonal alignment.
+    window : (int or None, int or None), optional
+        The forward's (left, right) window.
+    kv_lengths : dask.array.Array or array_like of int, optional
+        The forward's visible keys per batch item; computed at once (it decides which blocks exist).
+    w, w_q, w_k, v_a, score_bias : array_like, optional
+        The forward's method weights (Dask arrays are computed at once: they are small); their
+        gradients sum over every block.
+    softcap : float, optional
+        The forward's score cap.
+    alibi_slopes : array_like, optional
+        The forward's ALiBi slopes, broadcastable to the batch shape.
+    sinks : array_like, optional
+        The forward's attention sinks, broadcastable to the batch shape; ``dsinks`` has their shape.
+    **unexpected
+        Keywords attention_backward does not take: ``block_table``, ``k_scale``, ``v_scale`` (a paged
+        or int8 cache has no gradients: ValueError) and the forward-only ``return_lse``,
+        ``return_weights``, ``out`` (TypeError), with attention_backward's messages.
 
     Returns
     -------
@@ -297,6 +330,17 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
         Of Dask arrays: ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v and chunked like
         them (after the rechunking described below), ``dbias`` like bias, the method weights'
         gradients and ``dsinks`` as one chunk each; None where the call has no such input.
+
+    Raises
+    ------
+    ValueError, TypeError
+        The errors :func:`attnfast.attention_backward` raises for the same call, at once (the whole
+        call is validated before the graph is built); ValueError for inputs with unknown chunk sizes.
+
+    See Also
+    --------
+    attnfast.attention_backward : The same gradients of NumPy arrays, in one call.
+    attnfast.dask.attention : The forward whose out and lse this takes.
 
     Notes
     -----
@@ -312,18 +356,20 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
 
     Examples
     --------
-    >>> import numpy as np, dask.array as da, attnfast, attnfast.dask
+    A training step's attention on Dask: the forward, then the gradients of ``out.sum()``.
+
+    >>> import numpy as np, dask.array as da
+    >>> import attnfast, attnfast.dask as ad
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = (rng.standard_normal((2, 64, 16)).astype(np.float32) for _ in range(3))
-    >>> out, lse = attnfast.attention(q, k, v, causal=True, return_lse=True)
-    >>> dout = np.ones_like(out)
-    >>> grads = attnfast.dask.attention_backward(
-    ...     dout, da.from_array(q, chunks=(1, 16, 16)), da.from_array(k, chunks=(2, 32, 16)), v, out, lse,
-    ...     causal=True)
+    >>> qd, kd, vd = (da.from_array(x, chunks=(1, 16, 16)) for x in (q, k, v))
+    >>> out, lse = ad.attention(qd, kd, vd, causal=True, return_lse=True)
+    >>> grads = ad.attention_backward(da.ones_like(out), qd, kd, vd, out, lse, causal=True)
     >>> grads.dk.chunks
-    ((1, 1), (32, 32), (16,))
-    >>> whole = attnfast.attention_backward(dout, q, k, v, out, lse, causal=True)
-    >>> bool(np.allclose(grads.dq.compute(), whole.dq, rtol=1e-5, atol=1e-6))
+    ((1, 1), (16, 16, 16, 16), (16,))
+    >>> o, l = attnfast.attention(q, k, v, causal=True, return_lse=True)
+    >>> whole = attnfast.attention_backward(np.ones_like(o), q, k, v, o, l, causal=True)
+    >>> bool(np.allclose(grads.dq.compute(), whole.dq, rtol=1e-4, atol=1e-5))
     True
     """
     _inputs.reject_backward_extras(unexpected)

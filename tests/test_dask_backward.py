@@ -531,3 +531,30 @@ def test_unknown_chunk_sizes_are_refused(rng):
     unknown = lazy[lazy[:, 0, 0] > -np.inf]  # boolean indexing: chunk sizes known only once computed
     with pytest.raises(ValueError, match=r"q has unknown chunk sizes .* Call q.compute_chunk_sizes\(\) first"):
         dask_backward(dout, unknown, k, v, out, lse)
+
+
+def random_chunks(rng, n):
+    """Random chunk sizes summing to ``n`` (1 to 4 chunks)."""
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, int(rng.integers(0, 4))), replace=False))
+    return tuple(int(c) for c in np.diff(np.concatenate([[0], cuts, [n]])))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_chunkings_of_everything_at_once(seed):
+    # GQA, a broadcast batch axis of k and v, a bool mask, a bias per head, kv_lengths, a causal
+    # bottom_right window, ALiBi and sinks, with random chunks along every axis of every input.
+    rng = np.random.default_rng(1000 + seed)
+    q = rng.standard_normal((2, 4, 18, 8)).astype(F32)
+    k = rng.standard_normal((1, 2, 26, 8)).astype(F32)
+    v = rng.standard_normal((1, 2, 26, 5)).astype(F32)
+    kw = {"causal": True, "causal_align": "bottom_right", "window": (int(rng.integers(3, 12)), None),
+          "kv_lengths": rng.integers(0, 27, size=(2, 1)), "mask": rng.random((18, 26)) < 0.9,
+          "bias": rng.standard_normal((4, 1, 26)).astype(F32), "alibi_slopes": np.float32(0.5) ** np.arange(1, 5),
+          "sinks": rng.standard_normal(4).astype(F32)}
+    dout, out, lse = forward(rng, q, k, v, kw)
+    rc = lambda x: da.from_array(x, chunks=tuple(random_chunks(rng, n) if n > 1 else (n,) for n in x.shape))  # noqa: E731
+    dask_kw = {**kw, "mask": rc(kw["mask"]), "bias": rc(kw["bias"])}
+    grads = dask_backward(rc(dout), rc(q), rc(k), rc(v), rc(out), rc(lse), **dask_kw)
+    compare(grads, dout, q, k, v, out, lse, kw, what=f"seed {seed}: ")
+    visible, _ = expected_tasks(q, k, v, grads.dq.chunks[-2], grads.dk.chunks[-2], grads.dq.chunks[:2], kw)
+    assert block_tasks(grads) == visible

@@ -58,7 +58,7 @@ def _validation_dtypes(large: Dict[str, Any]) -> Tuple[Dict[str, np.dtype], Opti
     computation dtype, which on a broadcast stand-in would allocate the whole array. Returns
     ({name: dtype}, computation dtype or None when the dtypes are not valid ones, which validation
     then reports as attnfast.attention does)."""
-    dtypes = {}
+    dtypes: Dict[str, np.dtype] = {}
     try:
         native = [np.dtype(large[n].dtype if hasattr(large[n], "dtype") else np.asarray(large[n]).dtype)
                   for n in ("q", "k", "v")]
@@ -74,11 +74,11 @@ def _validation_dtypes(large: Dict[str, Any]) -> Tuple[Dict[str, np.dtype], Opti
     return dtypes, _inputs.compute_dtype(result)
 
 
-def _validate(large: Dict[str, Any], small: Dict[str, Any], kwargs: Dict[str, Any]):
+def _validate(large: Dict[str, Any], small: Dict[str, Any], kwargs: Dict[str, Any]) -> _inputs.AttentionBackwardArgs:
     """attnfast.attention_backward's validation of the whole call, once, on stand-ins of the dask
     arrays (so its errors are attention_backward's); the gradient dtypes are those of the real inputs."""
     dtypes, compute = _validation_dtypes(large)
-    given = {}
+    given: Dict[str, Any] = {}
     for name, x in large.items():
         if not _is_dask(x):
             given[name] = x
@@ -111,7 +111,7 @@ class _Grid:
     the keys "lk"; every axis of an input is one of these, a feature axis "f" (one chunk), or an axis
     of extent 1 it is broadcast along (one chunk, which every block reads)."""
 
-    def __init__(self, a: _inputs.AttentionArgs, plan: _plan.Plan):
+    def __init__(self, a: _inputs.AttentionArgs, plan: _plan.Plan) -> None:
         nb = len(a.batch_shape)
         self.coords: Dict[Any, Tuple[int, ...]] = {("b", i): c for i, c in enumerate(plan.batch_chunks)}
         for i, (c, n, m) in enumerate(zip(plan.batch_chunks, a.batch_shape, a.kv_batch_shape)):
@@ -140,7 +140,7 @@ class _Grid:
                      for r, n in zip(self.roles(name, len(shape)), shape))
 
 
-def _block_chunks(a: _inputs.AttentionArgs, large: Dict[str, Any]):
+def _block_chunks(a: _inputs.AttentionArgs, large: Dict[str, Any]) -> Tuple[Tuple[Tuple[int, ...], ...], Tuple[int, ...], Tuple[int, ...]]:
     """(batch chunks, query chunks, key chunks) of the blocks: exactly the forward's
     (:func:`attnfast.dask.attention` on the same q, k, v), so dq is chunked like its out."""
     q, k, v = large["q"], large["k"], large["v"]
@@ -164,12 +164,14 @@ class _BlockSpec:
 
     __slots__ = ("call", "offset", "offsets", "window", "kv_lengths", "alibi_slopes")
 
-    def __init__(self, call, offset, offsets, window, kv_lengths, alibi_slopes):
+    def __init__(self, call: Dict[str, Any], offset: int, offsets: Optional[np.ndarray], window: Tuple[int, int],
+                 kv_lengths: Optional[np.ndarray], alibi_slopes: Optional[np.ndarray]) -> None:
         self.call, self.offset, self.offsets, self.window = call, offset, offsets, window
         self.kv_lengths, self.alibi_slopes = kv_lengths, alibi_slopes
 
 
-def _block_gradients(spec: _BlockSpec, dout, q, k, v, out, lse, mask, bias) -> Dict[str, np.ndarray]:
+def _block_gradients(spec: _BlockSpec, dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                     lse: np.ndarray, mask: Optional[np.ndarray], bias: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
     """attnfast's fused backward on one block, with the global out and lse rows of its queries: its
     exact share of every gradient, in the computation dtype (unrounded), by AttentionGrads field."""
     b = _inputs.check_attention_backward(dout, q, k, v, out, lse, mask=mask, bias=bias,
@@ -184,17 +186,18 @@ def _block_gradients(spec: _BlockSpec, dout, q, k, v, out, lse, mask, bias) -> D
     return {field: g for field, g in zip(grads._fields, grads) if g is not None}
 
 
-def _sink_partial(dout, out, lse, sinks):
+def _sink_partial(dout: np.ndarray, out: np.ndarray, lse: np.ndarray, sinks: np.ndarray) -> np.ndarray:
     """-sum_i e^(sink - lse_i) dO_i . O_i over one output block's rows, per batch item (computation
     dtype): its share of dsinks, from the global out and lse alone."""
     t = sinks.dtype
     with np.errstate(invalid="ignore", over="ignore"):
         delta = np.einsum("...d,...d->...", dout.astype(t, copy=False), out.astype(t, copy=False))
         p_sink = np.exp(sinks[..., None] - lse.astype(t, copy=False))
-        return -np.add.reduce(p_sink * delta, axis=-1)
+        return np.asarray(-np.add.reduce(p_sink * delta, axis=-1))
 
 
-def _sink_total(parts, slices, batch, compute, shape, dtype):
+def _sink_total(parts: List[List[np.ndarray]], slices: List[Tuple[slice, ...]], batch: Tuple[int, ...],
+                compute: np.dtype, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """dsinks from the per-block shares ``parts`` (per batch block, the list over query chunks):
     summed over query chunks in a fixed tree, placed per batch item, summed to sinks' shape and
     rounded once."""
@@ -204,21 +207,21 @@ def _sink_total(parts, slices, batch, compute, shape, dtype):
     return _api._finished(sum_to_shape(total, shape), dtype)
 
 
-def _add(x, y):
+def _add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     # inf - inf in a gradient is data (the kernels propagate it as attention_backward does).
     with np.errstate(invalid="ignore", over="ignore"):
-        return x + y
+        return np.asarray(x + y)
 
 
-def _rounded(x, dtype):
+def _rounded(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return _api._finished(np.asarray(x), dtype)
 
 
-def _zeros(shape, dtype):
+def _zeros(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return np.zeros(shape, dtype)
 
 
-def _tree(dsk: dict, prefix: tuple, leaves: List[Any]) -> Any:
+def _tree(dsk: Dict[Any, Any], prefix: Tuple[Any, ...], leaves: List[Any]) -> Any:
     """The key of the sum of ``leaves`` (keys, in order) in the fixed balanced tree of
     :func:`attnfast.dask._plan.merge_levels` (the forward's merge order), whatever runs first."""
     for depth, level in enumerate(_plan.merge_levels(len(leaves)) if len(leaves) > 1 else []):
@@ -239,20 +242,21 @@ def _tree(dsk: dict, prefix: tuple, leaves: List[Any]) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _as_dask(name: str, x: Any):
+def _as_dask(name: str, x: Any) -> Any:
     """A dask array of ``x`` (a NumPy array becomes one chunk)."""
     import dask.array as da
 
     if _is_dask(x):
         return x
     x = _inputs._asarray(name, x)
-    return da.from_array(x, chunks=tuple(max(n, 1) for n in x.shape) or ())
+    return da.from_array(x, chunks=tuple(max(n, 1) for n in x.shape) or ())  # type: ignore[no-untyped-call]
 
 
-def _result_array(graph, name: str, chunks, dtype: np.dtype):
+def _result_array(graph: Any, name: str, chunks: Tuple[Tuple[int, ...], ...], dtype: np.dtype) -> Any:
     import dask.array as da
 
-    return da.Array(graph, name, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype))
+    return da.Array(graph, name, chunks=chunks, dtype=dtype,  # type: ignore[no-untyped-call]
+                    meta=np.empty((0,) * len(chunks), dtype))
 
 
 def _zero_gradients(a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> AttentionGrads:
@@ -266,10 +270,12 @@ def _zero_gradients(a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> At
     return AttentionGrads(**{"d" + n: da.zeros(s, dtype=dtypes[n]) for n, s in shapes.items()})
 
 
-def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
-                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
-                       sinks=None, **unexpected):
+def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *, method: str = "scaled_dot",
+                       scale: Any = None, mask: Any = None, bias: Any = None, causal: bool = False,
+                       causal_align: str = "top_left", window: Any = None, kv_lengths: Any = None, w: Any = None,
+                       w_q: Any = None, w_k: Any = None, v_a: Any = None, score_bias: Any = None,
+                       softcap: Any = None, alibi_slopes: Any = None, sinks: Any = None,
+                       **unexpected: Any) -> AttentionGrads:
     """Compute the gradients of :func:`attnfast.dask.attention` over Dask arrays, block by block.
 
     Same arguments, semantics and errors as :func:`attnfast.attention_backward`. The call is
@@ -419,11 +425,11 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     sink_slices: Dict[Tuple[int, ...], Tuple[slice, ...]] = {}
     window = (a.window_left, a.window_right)
 
-    def per_item(x, block):
+    def per_item(x: Optional[np.ndarray], block: _plan.OutputBlock) -> Optional[np.ndarray]:
         """A per-item parameter (broadcastable to the batch shape) of one batch block."""
         return None if x is None else np.broadcast_to(x, a.batch_shape)[block.batch_slices]
 
-    def chunk_key(n, block, ki):
+    def chunk_key(n: str, block: _plan.OutputBlock, ki: int) -> Optional[Tuple[Any, ...]]:
         return None if n not in arrays else (arrays[n].name, *grid.index(n, shapes[n], block, ki))
 
     for block in plan.blocks:  # batch blocks in C order, then query chunks
@@ -442,10 +448,12 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
             for n in fields:
                 pick = (names["pick"] + "-" + n, *block.index, kb.index)
                 dsk[pick] = (operator.getitem, key, "d" + n)
-                if n in shares:
-                    shares[n].setdefault(chunk[n][1:], []).append(pick)
-                else:
+                if n in weight_shares:
                     weight_shares[n].append(pick)
+                else:  # q, k, v, bias: the input chunk the share belongs to
+                    source = chunk[n]
+                    assert source is not None
+                    shares[n].setdefault(source[1:], []).append(pick)
 
     grads: Dict[str, Any] = {}
     for n in grad_inputs:
@@ -480,8 +488,8 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
 
     # One layer per result, named like it (dask finds an array's tasks by its name: an array whose
     # layer is missing cannot be combined with others), over one layer of everything before the roots.
-    results = {name: {} for name, _ in grads.values()}
-    inner = {}
+    results: Dict[str, Dict[Any, Any]] = {name: {} for name, _ in grads.values()}
+    inner: Dict[Any, Any] = {}
     for key, task in dsk.items():
         (results[key[0]] if key[0] in results else inner)[key] = task
     base = HighLevelGraph.from_collections(names["block"], inner, dependencies=list(arrays.values()))

@@ -249,8 +249,10 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         Keys, a storage dtype, or int8 with ``k_scale``. Its chunks along Lk are the key chunks.
     v : dask.array.Array or array_like, (..., Lk, Dv)
         Values, like k; rechunked to k's key chunks.
-    method, scale, w, w_q, w_k, v_a, score_bias
-        The score rule and its weights, as in :func:`attnfast.attention`.
+    method : {"dot", "scaled_dot", "general", "concat", "additive"}
+        The score rule, as in :func:`attnfast.attention`.
+    scale : float, optional
+        Multiplies every score; default 1/sqrt(D) for scaled_dot, else 1.
     mask : dask.array.Array or array_like of bool, optional
         Broadcastable to batch_shape + (Lq, Lk), True = attend; rechunked to the blocks.
     bias : dask.array.Array or array_like, optional
@@ -266,12 +268,23 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         which blocks exist).
     return_lse : bool
         Also return the log-sum-exp of each query's scores.
-    softcap, alibi_slopes, sinks
-        Score modifiers, as in :func:`attnfast.attention`; sinks join the merge as one extra state.
+    return_weights : bool
+        Must be False: the weights are an Lq x Lk matrix (a ValueError says what to do instead).
+    out : None
+        Must be None: the result is lazy (a ValueError says how to store it).
+    w, w_q, w_k, v_a, score_bias : array_like, optional
+        The method's weights, as in :func:`attnfast.attention` (small: made concrete at once).
+    softcap : float, optional
+        Scores become softcap * tanh(s / softcap).
+    alibi_slopes : array_like, optional
+        Broadcastable to the batch shape (..., Hq): s <- s - slope * |diag_i - j|.
+    sinks : array_like, optional
+        Broadcastable to the batch shape (..., Hq): one extra logit per row with no value; merged as
+        one extra state (out 0, lse = sink) at each output block's root.
+    block_table : None
+        Must be None: a paged cache is not a Dask layout (a ValueError says what to pass).
     k_scale, v_scale : dask.array.Array or array_like of float32, optional
         The per-row scales of an int8 k and v, broadcastable to k.shape[:-1] / v.shape[:-1].
-    return_weights, out, block_table
-        Not available on Dask (a ValueError says why).
 
     Returns
     -------

@@ -48,7 +48,23 @@ Chunks = Tuple[int, ...]
 
 
 def boundaries(chunks: Sequence[int]) -> List[Tuple[int, int]]:
-    """(start, stop) of each chunk of an axis chunked as ``chunks`` (Dask's sizes, e.g. (4, 4, 2))."""
+    """The global range of each chunk of an axis.
+
+    Parameters
+    ----------
+    chunks : sequence of int
+        The axis's chunk sizes (Dask's format), e.g. (4, 4, 2).
+
+    Returns
+    -------
+    list of (int, int)
+        (start, stop) of each chunk, in order.
+
+    Examples
+    --------
+    >>> boundaries((4, 4, 2))
+    [(0, 4), (4, 8), (8, 10)]
+    """
     edges = np.concatenate([[0], np.cumsum(np.asarray(chunks, dtype=np.int64))]).astype(int).tolist()
     return list(zip(edges[:-1], edges[1:]))
 
@@ -57,8 +73,24 @@ def widen_to_groups(chunks: Sequence[int], group: int) -> Chunks:
     """Chunk sizes of a query-head axis with every boundary moved up to a multiple of ``group``.
 
     With grouped-query attention query head h reads kv head h // group; a chunk of whole groups reads
-    a contiguous range of kv heads, chunked as the result divided by ``group``. ``(3, 5)`` with group 2
-    becomes ``(4, 4)``; a chunk swallowed by the move disappears.
+    a contiguous range of kv heads, chunked as the result divided by ``group``.
+
+    Parameters
+    ----------
+    chunks : sequence of int
+        The query-head axis's chunk sizes.
+    group : int
+        Query heads per kv head (1: no change).
+
+    Returns
+    -------
+    tuple of int
+        The widened chunk sizes; a chunk swallowed by the move disappears.
+
+    Examples
+    --------
+    >>> widen_to_groups((3, 5), 2)
+    (4, 4)
     """
     if group <= 1:
         return tuple(int(c) for c in chunks)
@@ -70,11 +102,26 @@ def widen_to_groups(chunks: Sequence[int], group: int) -> Chunks:
 def merge_levels(n: int) -> List[List[Tuple[int, ...]]]:
     """The fixed balanced binary tree that combines ``n`` ordered parts.
 
-    Returns one list per level; level 0 combines the parts, level l > 0 the nodes of level l - 1. Each
-    entry is a tuple of one or two indices into the previous level: (2m, 2m + 1) pairs neighbours, and
-    an odd last node passes up alone as (2m,). The last level has a single entry (the root); ``n == 1``
-    gives ``[[(0,)]]`` and ``n == 0`` gives ``[]``. The shape depends on ``n`` only.
+    Parameters
+    ----------
+    n : int
+        The number of parts (e.g. the visible key chunks of an output block, in key order).
 
+    Returns
+    -------
+    list of list of tuple of int
+        One list per level; level 0 combines the parts, level l > 0 the nodes of level l - 1. Each
+        entry is a tuple of one or two indices into the previous level: (2m, 2m + 1) pairs neighbours,
+        and an odd last node passes up alone as (2m,). The last level has a single entry (the root);
+        ``n == 1`` gives ``[[(0,)]]`` and ``n == 0`` gives ``[]``. The shape depends on ``n`` only.
+
+    Raises
+    ------
+    ValueError
+        When n < 0.
+
+    Examples
+    --------
     >>> merge_levels(3)
     [[(0, 1), (2,)], [(0, 1)]]
     """
@@ -96,9 +143,26 @@ def visible_items(q0: int, q1: int, k0: int, k1: int, *, causal: bool, offsets: 
                   window_left: int, window_right: int, kv_lengths: Optional[np.ndarray]) -> np.ndarray:
     """Per batch item, whether any key of [k0, k1) is visible to any query of [q0, q1).
 
-    ``offsets`` (int64, any shape) is each item's diagonal offset; ``kv_lengths`` None or int64 of the
-    same shape (broadcastable). Returns a bool array of their broadcast shape.
+    Parameters
+    ----------
+    q0, q1, k0, k1 : int
+        The global query range [q0, q1) and key range [k0, k1).
+    causal : bool
+        Whether key j must satisfy j <= i + offset.
+    offsets : array_like of int
+        Each item's diagonal offset (any shape; a scalar for the call's single offset).
+    window_left, window_right : int
+        The window sides, -1 for unbounded.
+    kv_lengths : array_like of int or None
+        Each item's number of keys, broadcastable with ``offsets``.
 
+    Returns
+    -------
+    ndarray of bool
+        Of the broadcast shape of ``offsets`` and ``kv_lengths``.
+
+    Notes
+    -----
     Exact, in O(1) per item: for query i the visible keys of the chunk are
     ``A(i) = max(k0, i + off - left) <= j <= B(i) = min(k1 - 1, n - 1, i + off [causal], i + off + right)``.
     B is concave and A convex in i (a min and a max of lines of slope 0 or 1), so B - A is concave and

@@ -410,26 +410,29 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
             chunks.append((1,) if arr.shape[-1] == 1 else key_chunks)
         laid[name], lead_shapes[name] = _laid_out(arr, chunks), own
 
+    # Each input's chunk index: its batch axes' (cached per batch block), then per trailing axis the
+    # query chunk ("q"), the key chunk ("k") or 0 (a broadcast or a feature axis).
+    tails = {}
+    for name, arr in laid.items():
+        n_tail = arr.ndim - len(lead_shapes[name])
+        if name == "q":
+            tails[name] = ("q", 0)
+        elif name in ("k", "v"):
+            tails[name] = ("k", 0)
+        else:  # mask, bias: (Lq, Lk) or (Lk,); the scales: (Lk,)
+            axes = ("q", "k")[2 - n_tail:] if name in ("mask", "bias") else ("k",)[1 - n_tail:]
+            tails[name] = tuple(0 if size == 1 else axis for axis, size in zip(axes, arr.shape[arr.ndim - n_tail:]))
+    prefixes = {}
+
     def chunk_key(name, batch_index, qi, ki):
         """The key of input ``name``'s chunk for an output batch block, query and key chunk."""
-        arr = laid.get(name)
-        if arr is None:
+        tail = tails.get(name)
+        if tail is None:
             return None
-        idx = _lead_index(lead_shapes[name], batch_index, nb)
-        if name == "q":
-            idx += (qi, 0)
-        elif name in ("k", "v"):
-            idx += (ki, 0)
-        elif name in ("mask", "bias"):
-            tail_axes = arr.ndim - len(idx)
-            if tail_axes == 2:
-                idx += (0 if arr.shape[-2] == 1 else qi, 0 if arr.shape[-1] == 1 else ki)
-            elif tail_axes == 1:
-                idx += (0 if arr.shape[-1] == 1 else ki,)
-        else:  # scales
-            if arr.ndim - len(idx) == 1:
-                idx += (0 if arr.shape[-1] == 1 else ki,)
-        return (arr.name,) + idx
+        prefix = prefixes.get((name, batch_index))
+        if prefix is None:
+            prefix = prefixes[name, batch_index] = (laid[name].name,) + _lead_index(lead_shapes[name], batch_index, nb)
+        return prefix + tuple(qi if t == "q" else ki if t == "k" else 0 for t in tail)
 
     token = tokenize(*(laid.get(n) for n in ("q", "k", "v", "mask", "bias", "k_scale", "v_scale")),
                      {n: small[n] for n in small}, method, a.causal, a.diagonal_offset, a.diagonal_offsets,

@@ -20,11 +20,14 @@ import time
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import attnfast  # noqa: E402
+from attnfast import reference  # noqa: E402
 import attnfast.dask as ad  # noqa: E402
 from attnfast.dask import _forward  # noqa: E402
 
@@ -89,6 +92,7 @@ CHUNKINGS = {
     "queries-keys": ((2, 4, 16, 16), (2, 4, 8, 16)),
     "everything": ((1, 2, (30, 18), 16), (1, 2, (13, 13, 14), 16)),
     "mismatched-batch": ((1, 2, 16, 16), (2, (3, 1), 8, (8, 8))),  # k, v rechunked to q's batch chunks
+    "features": ((1, 4, 24, (8, 8)), (2, 2, 20, (4, 12))),  # D and Dv: one chunk in every task
 }
 
 
@@ -100,6 +104,46 @@ def test_chunkings_along_every_axis(rng, chunking, causal):
     got, _, _ = compare(q, k, v, cq, ckv, causal=causal, causal_align="bottom_right")
     out = got[0]
     assert out.chunks[:3] == lazy(q, cq).chunks[:3] and out.chunks[3] == (16,)
+
+
+def _chunks(draw, n):
+    """Random Dask chunk sizes of an axis of length n."""
+    if n == 0:
+        return (0,)
+    cuts = draw(st.sets(st.integers(1, n - 1), max_size=3)) if n > 1 else set()
+    edges = [0, *sorted(cuts), n]
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:]))
+
+
+@st.composite
+def chunked_calls(draw):
+    b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h = hk * draw(st.integers(1, 2))
+    lq, lk = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    kw = {"causal": draw(st.booleans()), "causal_align": draw(st.sampled_from(["top_left", "bottom_right"]))}
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.none() | st.integers(0, 6)), draw(st.none() | st.integers(0, 6)))
+    if draw(st.booleans()):
+        kw["kv_lengths"] = np.array(draw(st.lists(st.integers(0, lk), min_size=b, max_size=b)))[:, None]
+    chunks_q = (_chunks(draw, b), _chunks(draw, h), _chunks(draw, lq), 8)
+    chunks_kv = (_chunks(draw, b), _chunks(draw, hk), _chunks(draw, lk), 8)
+    return (b, h, hk, lq, lk), chunks_q, chunks_kv, kw, draw(st.integers(0, 2**32 - 1))
+
+
+@given(chunked_calls())
+def test_any_chunking_and_visibility_matches_attention(call):
+    (b, h, hk, lq, lk), chunks_q, chunks_kv, kw, seed = call
+    q, k, v = qkv(np.random.default_rng(seed), batch=(b, h), kv_batch=(b, hk), lq=lq, lk=lk, d=8)
+    got, _, _ = compare(q, k, v, chunks_q, chunks_kv, **kw)
+    # One block task per (output block, key chunk) pair in which some key is visible to some query.
+    vis = reference._visibility(attnfast._inputs.check_attention(q, k, v, **kw))
+    vis = np.broadcast_to(vis, (b, h, lq, lk))
+    ob, oh, oq = (np.cumsum((0,) + c) for c in got[0].chunks[:3])
+    ok = np.cumsum((0,) + lazy(k, chunks_kv).chunks[2])
+    expected = sum(bool(vis[ob[i]:ob[i + 1], oh[j]:oh[j + 1], oq[m]:oq[m + 1], ok[n]:ok[n + 1]].any())
+                   for i in range(len(ob) - 1) for j in range(len(oh) - 1) for m in range(len(oq) - 1)
+                   for n in range(len(ok) - 1))
+    assert block_tasks(got[0]) == expected
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, BF16], ids=["float64", "float16", "bfloat16"])
@@ -168,13 +212,14 @@ def test_bool_mask(rng, shape, as_dask):
     compare(q, k, v, (1, 2, 16, 16), (1, 2, 8, 16), mask=mask, causal=True)
 
 
+@pytest.mark.parametrize("shape", [(4, 48, 40), (40,)], ids=["per-head", "per-key"])
 @pytest.mark.parametrize("as_dask", [False, True])
-def test_bias(rng, as_dask):
+def test_bias(rng, as_dask, shape):
     q, k, v = qkv(rng)
-    bias = rng.standard_normal((4, 48, 40)).astype(np.float64)
-    bias[:, :, 7] = -np.inf
+    bias = rng.standard_normal(shape).astype(np.float64)
+    bias[..., 7] = -np.inf
     if as_dask:
-        bias = da.from_array(bias, chunks=(4, 20, 11))
+        bias = da.from_array(bias, chunks=tuple(max(1, n // 3) for n in shape))
     compare(q, k, v, (1, 2, 16, 16), (1, 2, 8, 16), bias=bias, window=(12, 12))
 
 
@@ -219,6 +264,9 @@ def test_softcap_alibi_sinks(rng):
     sinks = rng.standard_normal((2, 4)).astype(np.float32)
     compare(q * 3, k, v, (1, 2, 8, 16), (1, 1, 8, 16), softcap=5.0, alibi_slopes=slopes, sinks=sinks,
             causal=True, causal_align="bottom_right", kv_lengths=np.array([[0], [29]]))
+    # Per-item arguments as Dask arrays are made concrete at once.
+    compare(q, k, v, (1, 2, 8, 16), (1, 1, 8, 16), alibi_slopes=da.from_array(slopes, chunks=2),
+            sinks=da.from_array(sinks, chunks=1), window=(4, 4))
     # ALiBi without causal or window: nothing is pruned, but every block sees the global diagonal.
     got, _, _ = compare(q, k, v, (1, 2, 8, 16), (1, 1, 8, 16), alibi_slopes=slopes)
     assert block_tasks(got[0]) == 2 * 2 * 6 * 5
@@ -387,6 +435,10 @@ def test_validation_does_not_touch_the_data():
     k = da.zeros((64, 64, 2**14, 16), dtype=np.float32, chunks=(1, 1, 2**12, 16))
     with pytest.raises(ValueError, match=r"must have the same number of keys Lk"):
         ad.attention(q, k, k[..., :5, :])
+    # A float64 bias of 2**40 elements for float32 scores: converting even its stand-in would take 4 TiB.
+    huge_bias = da.zeros((64, 64, 2**14, 2**14), dtype=np.float64, chunks=(1, 1, 2**12, 2**12))
+    with pytest.raises(ValueError, match=r"kv_lengths must lie in \[0, Lk\] = \[0, 16384\]; got 16385"):
+        ad.attention(k, k, k, bias=huge_bias, kv_lengths=np.array(2**14 + 1))
     bias = da.zeros((2**14, 2**14), dtype=np.float64, chunks=2**12)
     start = time.perf_counter()
     out = ad.attention(q[:1, :1], k[:1, :1], k[:1, :1], bias=bias, causal=True)
@@ -465,27 +517,35 @@ def client():
         cluster.close(timeout=30)
 
 
-def _scheduler_case(rng):
-    q, k, v = qkv(rng, batch=(2, 4), kv_batch=(2, 2), lq=40, lk=72)
-    sinks = rng.standard_normal(4).astype(np.float32)
-    return dict(
-        q=lazy(q.astype(BF16), (1, 2, (16, 24), 16)), k=lazy(k, (1, 1, (24, 24, 24), 16)),
-        v=lazy(v, (1, 1, 12, 16)), causal=True, causal_align="bottom_right", kv_lengths=np.array([[70], [33]]),
-        sinks=sinks, mask=lazy(rng.random((40, 72)) < 0.9, (20, 36)), return_lse=True, window=(30, None),
-    ), (q.astype(BF16), k, v)
+def _scheduler_case(rng, case):
+    if case == "bf16-gqa-masks-sinks":
+        q, k, v = qkv(rng, batch=(2, 4), kv_batch=(2, 2), lq=40, lk=72)
+        q = q.astype(BF16)
+        mask = rng.random((40, 72)) < 0.9
+        kw = dict(causal=True, causal_align="bottom_right", kv_lengths=np.array([[70], [33]]), window=(30, None),
+                  sinks=rng.standard_normal(4).astype(np.float32), mask=lazy(mask, (20, 36)))
+        chunks = (1, 2, (16, 24), 16), (1, 1, (24, 24, 24), 16)
+        plain = dict(kw, mask=mask)
+    else:  # float64, general scores, a bias
+        q, k, v = qkv(rng, batch=(3,), lq=33, lk=50, dtype=np.float64)
+        bias = rng.standard_normal((33, 50))
+        kw = dict(method="general", w=rng.standard_normal((16, 16)) / 4, bias=lazy(bias, (11, 10)), causal=True)
+        chunks = (1, 11, 16), ((2, 1), (10, 20, 20), 16)
+        plain = dict(kw, bias=bias)
+    return (q, k, v), chunks, kw, plain
 
 
-def test_sync_threads_and_cluster_are_bitwise_identical(rng, client):
-    kw, (q, k, v) = _scheduler_case(rng)
-    args = kw.pop("q"), kw.pop("k"), kw.pop("v")
-    out, lse = ad.attention(*args, **kw)
+@pytest.mark.parametrize("case", ["bf16-gqa-masks-sinks", "f64-general-bias"])
+def test_sync_threads_and_cluster_are_bitwise_identical(rng, client, case):
+    (q, k, v), (cq, ckv), kw, plain = _scheduler_case(rng, case)
+    out, lse = ad.attention(lazy(q, cq), lazy(k, ckv), lazy(v, ckv), return_lse=True, **kw)
     sync = dask.compute(out, lse, scheduler="sync")
     threads = dask.compute(out, lse, scheduler="threads")
     cluster = client.compute([out, lse], sync=True)
     for name, a, b, c in zip(("out", "lse"), sync, threads, cluster):
+        assert a.dtype == b.dtype == c.dtype
         assert a.tobytes() == b.tobytes() == np.asarray(c).tobytes(), name
-    plain = dict(kw, mask=kw["mask"].compute())
-    ref = attnfast.attention(q, k, v, **plain)
+    ref = attnfast.attention(q, k, v, return_lse=True, **plain)
     assert_matches(sync[0], ref[0], v)
     assert_matches(sync[1], ref[1], v, what="lse")
 

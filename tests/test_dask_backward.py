@@ -558,3 +558,22 @@ def test_random_chunkings_of_everything_at_once(seed):
     compare(grads, dout, q, k, v, out, lse, kw, what=f"seed {seed}: ")
     visible, _ = expected_tasks(q, k, v, grads.dq.chunks[-2], grads.dk.chunks[-2], grads.dq.chunks[:2], kw)
     assert block_tasks(grads) == visible
+
+
+@pytest.mark.parametrize("q_chunks, k_chunks", [
+    (None, (1, 1, 5, 8)),          # NumPy q: the batch and head chunks come from k
+    ((2, (3, 3), 4, 8), None),     # q's head chunks, whole GQA groups already
+    ((1, (1, 5), 4, 8), None),     # widened to whole groups
+    (None, (2, (1, 1), 7, 8)),     # only the kv heads chunked: the query heads follow, by group
+], ids=["numpy q", "q heads", "q heads widened", "kv heads"])
+def test_blocks_are_the_forwards(rng, q_chunks, k_chunks):
+    # dq is chunked like the forward's out (and dk, dv like k as rechunked by the forward), so that a
+    # training step's arrays line up chunk for chunk.
+    q = rng.standard_normal((2, 6, 12, 8)).astype(F32)
+    k, v = (rng.standard_normal((2, 2, 14, 8)).astype(F32) for _ in range(2))
+    qd, kd = chunked(q, q_chunks), chunked(k, k_chunks)
+    out, lse = ad.attention(qd, kd, v, return_lse=True, causal=True)
+    grads = ad.attention_backward(da.ones_like(out), qd, kd, v, out, lse, causal=True)
+    assert grads.dq.chunks[:-1] == out.chunks[:-1]
+    assert grads.dk.chunks[1] == tuple(c // 3 for c in out.chunks[1])
+    assert grads.dk.chunks[2] == ((14,) if k_chunks is None else da.core.normalize_chunks(k_chunks, k.shape)[2])

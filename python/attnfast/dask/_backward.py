@@ -46,6 +46,12 @@ def _is_dask(x: Any) -> bool:
     return isinstance(x, da.Array)
 
 
+def _eager(x: Any) -> Any:
+    """A small argument (per head at most, or kv_lengths) given as a dask array, computed now on the
+    caller's scheduler; anything else as given."""
+    return np.asarray(x.compute()) if _is_dask(x) else x
+
+
 def _stand_in(x: Any, dtype: Optional[np.dtype] = None) -> np.ndarray:
     """A zero-stride array of ``x``'s shape (and ``dtype`` or its own): validation sees the shape and
     dtype without computing a chunk or allocating the array."""
@@ -385,11 +391,11 @@ def attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, *,
     large = {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse, "mask": mask, "bias": bias}
     # Small arguments (per head at most) computed now: kv_lengths decides which blocks exist, the rest
     # go into every task.
-    small = {name: _forward._concrete(name, x) for name, x in
+    small = {name: _eager(x) for name, x in
              (("w", w), ("w_q", w_q), ("w_k", w_k), ("v_a", v_a), ("score_bias", score_bias),
               ("alibi_slopes", alibi_slopes), ("sinks", sinks))}
     kwargs = {"method": method, "causal": causal, "causal_align": causal_align, "window": window,
-              **{name: _forward._concrete(name, x) for name, x in
+              **{name: _eager(x) for name, x in
                  (("scale", scale), ("kv_lengths", kv_lengths), ("softcap", softcap))}}
     for name, x in large.items():
         _forward._check_known_chunks(name, x)

@@ -34,10 +34,9 @@ import attnfast.dask as ad  # noqa: E402
 from attnfast.dask import _backward  # noqa: E402
 from attnfast.dask._plan import boundaries  # noqa: E402
 
-dask_backward = ad.attention_backward
-
 from conftest import assert_close_fixed, backward_scales, method_weights, up, weights64  # noqa: E402
 
+dask_backward = ad.attention_backward
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.float32
 

@@ -358,6 +358,24 @@ def test_task_counts_prove_pruning(rng):
                                                      kv_lengths=lengths), v)
 
 
+def test_partials_are_in_the_computation_dtype_and_rounded_once_at_the_root(rng):
+    q, k, v = qkv(rng, batch=(1, 2), lq=16, lk=48, dtype=BF16)
+    sinks = np.array([0.5, -1.0], np.float32)
+    out = ad.attention(lazy(q, (1, 2, 16, 16)), lazy(k, (1, 2, 16, 16)), lazy(v, (1, 2, 16, 16)), sinks=sinks)
+    graph = dict(out.__dask_graph__())
+    keys = sorted((key for key in graph if str(key[0]).startswith("attnfast-block-")), key=lambda key: key[-1])
+    assert len(keys) == 3
+    parts = dask.get(graph, keys)
+    assert all(o.dtype == np.float32 and l.dtype == np.float32 for o, l in parts)
+    # The tree of 3 parts: (0, 1) first, then with 2; then the sink state; one rounding to bfloat16.
+    o01, l01 = attnfast.merge_states([parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]])
+    o, l = attnfast.merge_states([o01, parts[2][0]], [l01, parts[2][1]])
+    sink_lse = np.broadcast_to(sinks[:, None], l.shape[1:])[None]
+    o, _ = attnfast.merge_states([o, np.zeros_like(o)], [l, sink_lse])
+    expected = attnfast._inputs.round_to(o, BF16)
+    assert out.compute(scheduler="sync").tobytes() == expected.tobytes()
+
+
 def test_no_task_holds_more_than_a_chunk(rng):
     from dask.callbacks import Callback
 

@@ -335,6 +335,17 @@ def test_empty_axes(rng, lq, lk):
     assert np.array_equal(out, ref[0]) and np.array_equal(lse, ref[1])
 
 
+@pytest.mark.parametrize("batch, dv", [((0, 4), 16), ((2, 4), 0)], ids=["empty-batch", "no-value-features"])
+def test_empty_batch_and_value_features(rng, batch, dv):
+    q, k, v = qkv(rng, batch=batch, lq=8, lk=8, dv=dv)
+    chunks = (1, 2, 4, 16)
+    out, lse = dask.compute(*ad.attention(lazy(q, chunks), lazy(k, chunks), lazy(v, chunks[:3] + (max(dv, 1),)),
+                                          return_lse=True, causal=True), scheduler="sync")
+    ref = attnfast.attention(q, k, v, return_lse=True, causal=True)
+    assert out.shape == ref[0].shape and lse.shape == ref[1].shape
+    assert_matches(lse, ref[1], v, what="lse")
+
+
 # --------------------------------------------------------------------------
 # The graph: pruning and task sizes
 # --------------------------------------------------------------------------

@@ -474,11 +474,17 @@ def test_validation_allocates_no_broadcast_stand_in(rng):
     assert block_tasks(grads) == 10  # 4 query chunks x 4 key chunks, causal: the lower triangle
 
 
-def test_nothing_to_compute_gives_zeros(rng):
-    dout, q, k, v, out, lse = small_case(rng, lk=0)
-    grads = dask_backward(dout, chunked(q, (1, 2, 4)), k, v, out, lse)
-    dq, dk, dv = dask.compute(grads.dq, grads.dk, grads.dv, scheduler="sync")
-    assert dq.shape == q.shape and not dq.any() and dk.shape == k.shape and dv.shape == v.shape
+@pytest.mark.parametrize("batch, lk, dv", [(2, 0, 3), (0, 6, 3), (2, 6, 0)], ids=["no keys", "empty batch", "Dv = 0"])
+def test_nothing_to_compute_gives_zeros(rng, batch, lk, dv):
+    q = rng.standard_normal((batch, 5, 4)).astype(F32)
+    k = rng.standard_normal((batch, lk, 4)).astype(F32)
+    v = rng.standard_normal((batch, lk, dv)).astype(F32)
+    kw = {"method": "general", "w": rng.standard_normal((4, 4)).astype(F32)}
+    dout, out, lse = forward(rng, q, k, v, kw)
+    grads = dask_backward(dout, chunked(q, (1, 2, 4)), k, v, out, lse, **kw)
+    whole = attnfast.attention_backward(dout, q, k, v, out, lse, **kw)
+    for got, want in zip(dask.compute(*grads[:3], grads.dw, scheduler="sync"), (*whole[:3], whole.dw)):
+        assert got.shape == want.shape and got.dtype == want.dtype and not got.any() and not want.any()
 
 
 def test_dask_kv_lengths_and_weights_are_computed_eagerly(rng):

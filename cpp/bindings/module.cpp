@@ -727,6 +727,7 @@ PYBIND11_MODULE(_attnfast, m) {
   m.attr("__version__") = ATTNFAST_VERSION;
   m.attr("compiler") = ATTNFAST_COMPILER;
   py::module_::import("atexit").attr("register")(py::cpp_function(&attnfast::bindings::close_exit_gate));
+  (void)attnfast::default_num_threads();  // OMP_NUM_THREADS and the affinity mask, read at import
 
   m.def("scores_dot", [](const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
     with_storage(q, "q", [&](auto types) {
@@ -832,7 +833,10 @@ PYBIND11_MODULE(_attnfast, m) {
   // Range-checked by attnfast.set_num_threads, the public function.
   m.def("set_num_threads", &attnfast::set_num_threads);
   m.attr("max_threads") = attnfast::kMaxThreads;
-  m.def("openmp", &attnfast::openmp_enabled);
+  m.def("default_num_threads", &attnfast::default_num_threads);
+  m.def("default_threads_source", [] { return std::string(attnfast::default_threads_source()); });
+  m.def("default_threads_problem", &attnfast::default_threads_problem);
+  m.def("thread_limit", &attnfast::get_thread_limit);
 
   m.def(
       "probe_fma_peak",

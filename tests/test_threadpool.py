@@ -463,3 +463,24 @@ def test_results_are_bitwise_identical_under_any_limit(rng):
     for name, (_, arrays) in results.items():
         for a, b in zip(arrays, reference):
             assert a.tobytes() == b.tobytes(), name
+
+
+def test_a_library_that_only_shares_the_prefix_is_not_taken_for_attnfast(tmp_path):
+    # A shared library named _attnfast... without attnfast's symbols: threadpoolctl must list it under
+    # no controller, and still list the real module.
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C compiler on Linux")
+    source = tmp_path / "other.c"
+    source.write_text("int other_function(void) { return 1; }\n")
+    library = tmp_path / "_attnfast_other.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    r, _ = run_json(
+        f"""
+        import ctypes, json
+        import threadpoolctl, attnfast
+        ctypes.CDLL({str(library)!r})
+        print(json.dumps([i["filepath"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "attnfast"]))
+        """
+    )
+    assert [os.path.realpath(p) for p in r] == [MODULE_FILE]

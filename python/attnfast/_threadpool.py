@@ -113,6 +113,10 @@ def _controller_class(threadpoolctl):
             lib.attnfast_threadpool_set_limit(min(n, 65536))
 
         def get_version(self):
+            # threadpoolctl calls this before it checks check_symbols: a file that merely shares the
+            # prefix must not raise here (it is then dropped for lacking the symbols).
+            if not all(hasattr(self.dynlib, name) for name in _SYMBOLS):
+                return None
             version = _functions(self.dynlib).attnfast_threadpool_version()
             return version.decode() if version else None
 

@@ -14,11 +14,14 @@ once, from T.
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+
 import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
 from ._grads import AttentionGrads, sum_to_shape
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -95,7 +98,9 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(product.reshape(lead + w.shape[1:]))
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None) -> Array:
     """Score every query against every key.
 
     Parameters
@@ -148,7 +153,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     return _finished(out, a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None) -> Array:
     """Numerically stable softmax along ``axis``.
 
     The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
@@ -168,7 +173,7 @@ def softmax(x, axis=-1, *, mask=None):
     return out
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike) -> Array:
     """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
     a = _inputs.check_aggregate(weights, v)
     if a.lk == 0:
@@ -259,10 +264,81 @@ def _serving_kernel_args(a, forward: bool) -> dict:
     return args
 
 
-def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
-              causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
-              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None,
-              softcap=None, alibi_slopes=None, sinks=None, block_table=None, k_scale=None, v_scale=None):
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Array: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> AttentionOutput: ...
+
+
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> AttentionOutput:
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
     See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
@@ -288,7 +364,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     return attention_from_args(a)
 
 
-def attention_from_args(a: _inputs.AttentionArgs):
+def attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     """:func:`attention` on arguments :func:`_inputs.check_attention` validated.
 
     The seam for callers that adjust validated arguments before the kernel runs: attnfast.dask's block
@@ -352,7 +428,7 @@ def _overlaps_itself(a: np.ndarray) -> bool:
     return False
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
 
     lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
@@ -406,10 +482,15 @@ def _pairwise_sum(terms):
 # --------------------------------------------------------------------------
 
 
-def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
-                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
-                       sinks=None, **unexpected):
+def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike, lse: ArrayLike,
+                       *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+                       mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+                       causal_align: CausalAlign = "top_left", window: Window = None,
+                       kv_lengths: Optional[ArrayLike] = None, w: Optional[ArrayLike] = None,
+                       w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+                       v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+                       softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None,
+                       sinks: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionGrads:
     """Gradients of :func:`attention` with respect to q, k, v, bias, the method weights and sinks.
 
     A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never

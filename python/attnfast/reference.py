@@ -49,9 +49,12 @@ Numerics that the kernels must reproduce
 
 from __future__ import annotations
 
+from typing import Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+
 import numpy as np
 
 from . import _inputs
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -152,7 +155,9 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
     return weights, np.squeeze(lse, axis=axis)
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None) -> Array:
     """Attention scores of every query against every key.
 
     Parameters
@@ -188,7 +193,7 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         return _inputs.round_to(_scores64(a.q.astype(_F64), a.k.astype(_F64), a), a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None) -> Array:
     """Numerically safe softmax with an optional boolean mask.
 
     Parameters
@@ -212,7 +217,7 @@ def softmax(x, axis=-1, *, mask=None):
     return _inputs.round_to(weights, a.dtype)
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike) -> Array:
     """Weighted sum of the values, ``weights @ v``.
 
     Parameters
@@ -379,34 +384,87 @@ def _rounded_result(a, o: np.ndarray) -> np.ndarray:
     np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
     return a.out
 
+@overload
 def attention(
-    q,
-    k,
-    v,
-    *,
-    method="scaled_dot",
-    scale=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_align="top_left",
-    window=None,
-    kv_lengths=None,
-    return_lse=False,
-    return_weights=False,
-    out=None,
-    w=None,
-    w_q=None,
-    w_k=None,
-    v_a=None,
-    score_bias=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
-    block_table=None,
-    k_scale=None,
-    v_scale=None,
-):
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Array: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> AttentionOutput: ...
+
+
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> AttentionOutput:
     """Full attention: scores, masking, softmax and weighted sum of values.
 
     Parameters
@@ -510,7 +568,7 @@ def _attention_from_args_checked(a):
     return (result, *extras) if extras else result
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets.
 
     Parameters

@@ -100,7 +100,7 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
            w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
-           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None) -> Array:
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Score every query against every key.
 
     Parameters
@@ -120,6 +120,8 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
     -------
     ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)
     shape = a.batch_shape + (a.lq, a.lk)
@@ -153,12 +155,15 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
     return _finished(out, a.dtype)
 
 
-def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None) -> Array:
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically stable softmax along ``axis``.
 
     The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
     entries; a row with no visible entry gives all zeros, never NaN.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     out = np.empty(a.x.shape, a.dtype)
     if out.size == 0:
@@ -173,8 +178,10 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
     return out
 
 
-def aggregate(weights: ArrayLike, v: ArrayLike) -> Array:
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if a.lk == 0:
         # An empty sum; also O(1) for an empty result, whatever the (broadcast) batch.
@@ -338,13 +345,15 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "sca
               score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
               alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
               block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
-              v_scale: Optional[ArrayLike] = None) -> AttentionOutput:
+              v_scale: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionOutput:
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
     See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
     paged caches through block_table, int8 caches with k_scale / v_scale included); returns ``out``
     (..., Lq, Dv), or a tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
+    if unexpected:  # one test of an empty dict: PyTorch's names get attnfast's, not a bare TypeError
+        _inputs.reject_unexpected(attention, unexpected)
     # The most common call (ndarrays, dot scores, no mask, lse or weights) is recognised and run by the
     # compiled core without this module's validation, which would cost ~5 us of a ~100 us decoder step;
     # it returns None for anything else. tests/test_attention.py checks both paths agree bitwise.
@@ -525,7 +534,7 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
     V hold. A row whose lse is +inf (scores that overflowed) passes its weights' share of dout to dv but
     has zero score gradients. See :func:`attnfast.reference.attention_backward` for the formulas.
     """
-    _inputs.reject_backward_extras(unexpected)
+    _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,

@@ -72,7 +72,7 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
         dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a
         and dsinks where the call has those inputs (see :class:`attnfast.AttentionGrads`).
     """
-    _inputs.reject_backward_extras(unexpected)
+    _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,

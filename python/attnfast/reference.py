@@ -49,7 +49,7 @@ Numerics that the kernels must reproduce
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
 
 import numpy as np
 
@@ -157,7 +157,7 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
 
 def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
            w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
-           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None) -> Array:
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Attention scores of every query against every key.
 
     Parameters
@@ -184,6 +184,8 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
     ndarray, (..., Lq, Lk)
         In the promoted dtype of q and k.
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(
         q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
@@ -193,7 +195,8 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
         return _inputs.round_to(_scores64(a.q.astype(_F64), a.k.astype(_F64), a), a.dtype)
 
 
-def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None) -> Array:
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically safe softmax with an optional boolean mask.
 
     Parameters
@@ -210,6 +213,8 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
     ndarray, same shape and dtype as x
         Rows with no visible entry are all zeros.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     if a.x.size == 0:
         return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
@@ -217,7 +222,7 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
     return _inputs.round_to(weights, a.dtype)
 
 
-def aggregate(weights: ArrayLike, v: ArrayLike) -> Array:
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Weighted sum of the values, ``weights @ v``.
 
     Parameters
@@ -229,6 +234,8 @@ def aggregate(weights: ArrayLike, v: ArrayLike) -> Array:
     -------
     ndarray, (..., Lq, Dv)
     """
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if 0 in a.batch_shape or a.lq == 0 or a.dv == 0 or a.lk == 0:
         return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)  # an empty sum is 0
@@ -463,7 +470,7 @@ def attention(
     w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
     softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
     block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
-    v_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None, **unexpected: Any,
 ) -> AttentionOutput:
     """Full attention: scores, masking, softmax and weighted sum of values.
 
@@ -524,6 +531,8 @@ def attention(
     out : ndarray, (..., Lq, Dv)
         Or a tuple (out, lse), (out, weights) or (out, lse, weights).
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention, unexpected)
     a = _inputs.check_attention(
         q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,

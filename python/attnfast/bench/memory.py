@@ -20,12 +20,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Dict, List, Optional
 
 __all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "tune_malloc_for_measurement",
            "measure_call", "measure_in_child"]
 
 _CHILD_TIMEOUT_S = 1800
+#: Pause before measuring a library that frees buffers on its own threads (JAX, ONNX Runtime).
+_SETTLE_S = 0.05
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -80,9 +83,15 @@ def tune_malloc_for_measurement(threshold_bytes: int = 64 * 1024) -> bool:
         return False
 
 
-def measure_call(fn) -> Optional[int]:
-    """Peak RSS growth in bytes while ``fn()`` runs (including whatever it returns)."""
+def measure_call(fn, settle_s: float = 0.0) -> Optional[int]:
+    """Peak RSS growth in bytes while ``fn()`` runs (including whatever it returns).
+
+    ``settle_s``: a pause before the baseline is read, for libraries that free a previous call's
+    buffers on a thread of their own (see :func:`_child_main`).
+    """
     gc.collect()
+    if settle_s:
+        time.sleep(settle_s)
     if not reset_peak_rss():
         return None
     before = rss_bytes()
@@ -134,6 +143,7 @@ def measure_in_child(jobs: List[dict], dtype: str, causal: bool, threads: int,
 
 def _child_main(request_path: str, answer_path: str) -> None:
     """Child side of :func:`measure_in_child`."""
+    t_start = time.perf_counter()
     from . import peers
     from .cases import AttentionCase, case_from_dict, make_attention_inputs, make_stage_inputs, storage_dtype
 
@@ -149,10 +159,18 @@ def _child_main(request_path: str, answer_path: str) -> None:
     if "onnxruntime" in impls:
         impls["onnxruntime"].arena = False
     peers.pin_threads(impls.values(), req["threads"])
+    # With PyTorch and JAX imported the heap holds millions of objects: each full collection in
+    # measure_call took ~0.15 s, half of the child's time in a --quick run (98 collections, 14 s).
+    # Frozen objects are skipped by the collector; what the calls below create is still collected.
+    gc.collect()
+    gc.freeze()
+    startup_s = time.perf_counter() - t_start
 
     results: Dict[str, Dict[str, Optional[int]]] = {}
+    case_seconds: Dict[str, float] = {}
     can_reset = reset_peak_rss()
     for job in req["jobs"]:
+        t_case = time.perf_counter()
         case = case_from_dict(job["case"])
         inputs = (make_attention_inputs(case, dtype) if isinstance(case, AttentionCase)
                   else make_stage_inputs(case, dtype))
@@ -164,18 +182,23 @@ def _child_main(request_path: str, answer_path: str) -> None:
             run, _ = impls[name].prepare(case, inputs, req["causal"])
             if req.get("warm_all", True) or impls[name].first_call_allocates:
                 run()  # first call: compilation, thread pools, one-time buffers are not per-call memory
-            row[name] = measure_call(run)
+            # Collects first: the previous runner's garbage is gone.  XLA (JAX) releases a finished
+            # call's buffers asynchronously: read at once, the baseline still held the warm-up call's
+            # buffers and the measured call, reusing them, showed 0-10% of its real growth (1024^2
+            # case: 8 MB in one run, 72 MB in another; 72 MB every time after a pause).
+            row[name] = measure_call(run, _SETTLE_S if impls[name].first_call_allocates else 0.0)
             del run
-            gc.collect()
         del inputs
-        gc.collect()
+        case_seconds[case.name] = time.perf_counter() - t_case
     note = None
     if not can_reset:
         note = "the kernel does not allow resetting the peak RSS (/proc/self/clear_refs); memory not measured"
     elif not tuned:
         note = "could not tune malloc (not glibc?): memory deltas may be under-estimated"
     with open(answer_path, "w") as f:
-        json.dump({"results": results, "note": note}, f)
+        json.dump({"results": results, "note": note,
+                   "seconds": {"startup": startup_s, "cases": case_seconds,
+                               "total": time.perf_counter() - t_start}}, f)
 
 
 if __name__ == "__main__":

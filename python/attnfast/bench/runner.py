@@ -246,7 +246,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     facts = machine.machine_facts(cfg.threads)
     facts["threads_per_impl"] = thread_counts
 
-    steps = 1 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
+    t_setup = time.perf_counter()
+    steps = 2 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
     results: List[dict] = []
     with Progress(steps, enabled=cfg.progress) as progress:
         progress.start("probing FMA peak")
@@ -256,12 +257,13 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             progress.start(case.name)
             results.append(_run_case(case, active, cfg, facts["memory_available_bytes"]))
             progress.step()
-        mem_note = None
+        mem_note = mem_seconds = None
         if cfg.measure_memory:
             progress.start("peak memory (child process)")
             mem = memory.measure_in_child(_memory_jobs(results, cfg.cases), cfg.dtype, cfg.causal,
                                           cfg.threads, warm_all=not cfg.quick)
             mem_note = mem.get("note")
+            mem_seconds = mem.get("seconds")
             for res in results:
                 per_impl = mem.get("results", {}).get(res["name"], {})
                 for r in res["rows"]:
@@ -271,6 +273,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                     r["peak_rss_delta_bytes"] = peak
                     r["peak_extra_bytes"] = None if peak is None else max(0, peak - output)
             progress.step()
+        progress.start("probes: FMA peak again, read bandwidth")
         fma_samples.append(_probe_fma(cfg))
         peaks = _summarise_peaks(cfg, facts, fma_samples)
         bw = probes.BandwidthCache(0.1 if cfg.quick else 0.3, cfg.threads)
@@ -278,8 +281,12 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         for res, case in zip(results, cfg.cases):
             _derive(res, case, peaks, bw, itemsize, cfg.causal)
         peaks["read_bandwidth"] = list(bw.results.values())
+        progress.step()
 
-    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results)
+    steps = [{"step": "start-up: import the peers, machine facts", "seconds": t_setup - t_start}]
+    steps += [{"step": label, "seconds": seconds} for label, seconds in progress.durations]
+    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results, steps=steps,
+                  memory_seconds=mem_seconds)
 
 
 def report(schema: str, cfg, t_start: float, facts: dict, peaks: dict, detected: Dict[str, dict], memory_note,

@@ -21,7 +21,10 @@ from .timing import TimingPolicy, spread, time_interleaved
 
 __all__ = ["BenchConfig", "run_benchmark", "memory_need", "SCHEMA"]
 
-SCHEMA = "attnfast-bench/1"
+#: The layout of the report (benchmarks/README.md documents every field).  The number changes when a
+#: field changes meaning or goes; 2 added the spread (min_s, max_s, q1_s, q3_s), steps, memory_seconds,
+#: machine.caches, probes.fma_implied_mhz and each read-bandwidth probe's measures / used_by.
+SCHEMA = "attnfast-bench/2"
 
 #: Never plan to use more than this share of the available memory for one case.
 _MEMORY_HEADROOM = 0.8

@@ -1000,7 +1000,7 @@ def _readme_fields():
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "README.md").read_text()
-    return text, set(re.findall(r"`([a-z_0-9]+)`", text))
+    return text, set(re.findall(r"`([A-Za-z_0-9]+)`", text))
 
 
 def test_benchmarks_readme_documents_every_field_of_the_report(tiny_report):

@@ -990,8 +990,8 @@ def test_report_carries_the_documented_schema_version(tiny_report):
 
     assert tiny_report["schema"] == runner.SCHEMA == "attnfast-bench/2"
     assert 2 in compare.READABLE["attnfast-bench"]
-    assert [s["step"] for s in tiny_report["steps"]][:2] == ["start-up: import the peers, machine facts",
-                                                            "probing FMA peak"]
+    assert [s["step"] for s in tiny_report["steps"]][:2] == [
+        "start-up: import the peers (and, meanwhile, the memory child), machine facts", "probing FMA peak"]
     assert all(s["seconds"] >= 0 for s in tiny_report["steps"])
 
 
@@ -1062,10 +1062,11 @@ def test_compare_command_prints_the_ratios_and_the_unmatched(two_runs, capsys):
     assert cli.main(["--compare", pa, pb]) == 0
     out = capsys.readouterr().out
     assert f"{pb}'s median / {pa}'s median (above 1: slower in {pb}" in out
-    lines = out.splitlines()
-    assert any(line.split()[-4:] == ["2.00", "ms", "3.00", "ms"] or line.endswith("1.500") for line in lines)
-    assert [line.split()[-1] for line in lines if line.split() and line.split()[-1][:1].isdigit()
-            and "." in line.split()[-1]] == ["1.500", "0.500", "0.250"]
+    assert "  differs  attnfast: " in out
+    rows = [line.split() for line in out.splitlines() if line.rstrip().endswith(("1.500", "0.500", "0.250"))]
+    assert rows == [["case", "1", "[float32]", "ATTNFAST", "2.00", "ms", "3.00", "ms", "1.500"],
+                    ["NUMPY", "10.00", "ms", "5.00", "ms", "0.500"],  # the case is named on its first row
+                    ["case", "2", "[float32]", "ATTNFAST", "4.00", "ms", "1.00", "ms", "0.250"]]
     assert f"only in {pa} (not compared):\n  case 1 [float32] jax\n  case old [float32]" in out
     assert f"only in {pb} (not compared):\n  case 1 [float32] torch\n  case new [float32]" in out
 
@@ -1128,3 +1129,34 @@ def test_compare_reads_schema_1_files(two_runs, tmp_path):
     path.write_text(json.dumps(old))
     cmp = compare_reports(load_report(str(path)), load_report(pa))
     assert [r["ratio"] for r in cmp["rows"]] == [0.004 / 0.008]
+
+
+# -- the memory child -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not reset_peak_rss(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+def test_tiny_run_measured_peak_memory_in_the_early_started_child(tiny_report):
+    assert tiny_report["memory_note"] is None
+    assert tiny_report["memory_seconds"]["startup"] > 0
+    assert set(tiny_report["memory_seconds"]["cases"]) == {res["name"] for res in tiny_report["results"]}
+    for res in tiny_report["results"]:
+        for row in res["rows"]:
+            assert row["peak_rss_delta_bytes"] is not None, row
+            output = res["output_bytes"]
+            assert row["peak_extra_bytes"] == max(0, row["peak_rss_delta_bytes"] - output)
+
+
+def test_a_memory_child_that_dies_becomes_a_note_not_an_error():
+    from attnfast.bench.memory import MemoryChild
+
+    child = MemoryChild.start(["numpy"], "float32", False, 1)
+    child._proc.kill()
+    mem = child.measure([{"case": AttentionCase(1, 1, 4, 4, 4).to_dict(), "impls": ["numpy"]}])
+    assert mem["results"] == {} and mem["note"].startswith("memory child did not start (no answer)")
+
+
+def test_quick_runs_leave_the_stages_out_of_the_memory_child():
+    from attnfast.bench.runner import _memory_jobs
+
+    cases = [AttentionCase(1, 1, 4, 4, 4), *stage_cases()]
+    results = [{"kind": c.kind, "rows": [{"impl": "numpy", "skipped": None}]} for c in cases]
+    assert [j["case"]["kind"] for j in _memory_jobs(results, cases)] == ["attention"] + ["stage"] * 3
+    assert [j["case"]["kind"] for j in _memory_jobs(results, cases, quick=True)] == ["attention"]

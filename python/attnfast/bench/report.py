@@ -108,8 +108,8 @@ def format_header(report: dict) -> str:
 def legend_entries(report: dict) -> List[Tuple[str, str]]:
     """(column, meaning) of every column this report's tables show."""
     cfg = report["config"]
-    warm = ("after one unmeasured call of the libraries whose first call compiles or reserves arenas (JAX, "
-            "ONNX Runtime)" if cfg.get("quick") else "after one unmeasured call")
+    warm = ("after one unmeasured call of ONNX Runtime, whose first call does one-time work (JAX is "
+            "compiled before)" if cfg.get("quick") else "after one unmeasured call")
     entries = [
         ("median", "median wall time of one call over its n timed repeats; the implementations take turns, "
                    "round after round, in this one process, after untimed warm-up calls"),
@@ -137,7 +137,7 @@ def legend_entries(report: dict) -> List[Tuple[str, str]]:
                                     "set just before, minus the output array. Measured in a separate process "
                                     "(glibc maps large blocks afresh and unmaps them on free; ONNX Runtime's "
                                     f"arena off), {warm}. It counts the score matrix, temporaries and copies "
-                                    "of the inputs, not the inputs"))
+                                    "of the inputs, not the inputs" + ("; --quick leaves the stages out" if cfg.get("quick") else "")))
     return entries
 
 

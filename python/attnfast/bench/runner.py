@@ -234,9 +234,16 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
     return result
 
 
-def _memory_jobs(results: List[dict], cases: Sequence[object]) -> List[dict]:
+#: --quick leaves the stages out of the memory child: each stage's output is its whole working set
+#: (every implementation measured 0-2 MiB beyond it), and they cost ~10% of the child's time.
+QUICK_MEMORY_NOTE = "--quick: the stages' peak memory is not measured (run without --quick for it)"
+
+
+def _memory_jobs(results: List[dict], cases: Sequence[object], quick: bool = False) -> List[dict]:
     jobs = []
     for res, case in zip(results, cases):
+        if quick and res.get("kind") == "stage":
+            continue
         names = [r["impl"] for r in res["rows"] if not r.get("skipped")]
         if names:
             jobs.append({"case": case.to_dict(), "impls": names})
@@ -247,12 +254,26 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     """Run everything ``cfg`` asks for and return the report dict (schema :data:`SCHEMA`)."""
     t_start = time.perf_counter()
     impls = peers.select(peers.all_impls(cfg.threads, cfg.dtype), cfg.only)
+    child = None
+    if cfg.measure_memory:
+        # Its imports overlap the parent's (below); it waits for the jobs once they are done.
+        child = memory.MemoryChild.start([i.name for i in impls], cfg.dtype, cfg.causal, cfg.threads)
+    try:
+        return _run(cfg, t_start, impls, child)
+    finally:
+        if child is not None:
+            child.close()
+
+
+def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> dict:
     detected = _detect(impls)
     thread_counts = peers.pin_threads(impls, cfg.threads)
     active = [i for i in impls if i.available()]
     facts = machine.machine_facts(cfg.threads)
     facts["threads_per_impl"] = thread_counts
 
+    if child is not None:
+        child.ready()  # no import of the child's competes with the probes and the timed calls
     t_setup = time.perf_counter()
     steps = 2 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
     results: List[dict] = []
@@ -267,9 +288,11 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         mem_note = mem_seconds = None
         if cfg.measure_memory:
             progress.start("peak memory (child process)")
-            mem = memory.measure_in_child(_memory_jobs(results, cfg.cases), cfg.dtype, cfg.causal,
-                                          cfg.threads, warm_all=not cfg.quick)
+            jobs = _memory_jobs(results, cfg.cases, cfg.quick)
+            mem = child.measure(jobs, warm_all=not cfg.quick)
             mem_note = mem.get("note")
+            if len(jobs) < len(_memory_jobs(results, cfg.cases)):
+                mem_note = "; ".join(n for n in (mem_note, QUICK_MEMORY_NOTE) if n)
             mem_seconds = mem.get("seconds")
             for res in results:
                 per_impl = mem.get("results", {}).get(res["name"], {})
@@ -290,7 +313,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         peaks["read_bandwidth"] = list(bw.results.values())
         progress.step()
 
-    steps = [{"step": "start-up: import the peers, machine facts", "seconds": t_setup - t_start}]
+    steps = [{"step": "start-up: import the peers (and, meanwhile, the memory child), machine facts",
+              "seconds": t_setup - t_start}]
     steps += [{"step": label, "seconds": seconds} for label, seconds in progress.durations]
     return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results, steps=steps,
                   memory_seconds=mem_seconds)

@@ -14,16 +14,19 @@ once, from T.
 
 from __future__ import annotations
 
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+
 import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
 from ._grads import AttentionGrads, sum_to_shape
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
 
-def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype):
+def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
     """``x`` and ``y`` in one storage dtype whose kernels compute in ``compute``: as given when they
     already are, else both converted (exactly) to ``compute``."""
     if x.dtype == y.dtype and _inputs.compute_dtype(x.dtype) == compute:
@@ -95,7 +98,9 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(product.reshape(lead + w.shape[1:]))
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Score every query against every key.
 
     Parameters
@@ -115,6 +120,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     -------
     ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)
     shape = a.batch_shape + (a.lq, a.lk)
@@ -132,8 +139,10 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     q_t, k_t = a.q.astype(t, copy=False), a.k.astype(t, copy=False)
     out = np.empty(shape, t)
     if a.method == "general":
+        assert a.w is not None  # check_scores gives every method its weights
         _core.scores_dot(_projected(q_t, a.w), _unit_last_axis(k_t), out, batch, a.scale)
     elif a.method == "concat":
+        assert a.w_q is not None and a.w_k is not None
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
         q_term = _projected(q_t, a.w_q)[..., :, None]
         k_term = _projected(k_t, a.w_k)[..., None, :]
@@ -144,16 +153,20 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     else:
         qp = (q_t if a.w_q is None else _projected(q_t, a.w_q.T)) + a.score_bias
         kp = _unit_last_axis(k_t) if a.w_k is None else _projected(k_t, a.w_k.T)
+        assert a.v_a is not None
         _core.scores_additive(qp, kp, _unit_last_axis(a.v_a), out, batch, a.scale)
     return _finished(out, a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically stable softmax along ``axis``.
 
     The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
     entries; a row with no visible entry gives all zeros, never NaN.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     out = np.empty(a.x.shape, a.dtype)
     if out.size == 0:
@@ -168,8 +181,10 @@ def softmax(x, axis=-1, *, mask=None):
     return out
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if a.lk == 0:
         # An empty sum; also O(1) for an empty result, whatever the (broadcast) batch.
@@ -183,7 +198,7 @@ def aggregate(weights, v):
     return _finished(out, a.dtype)
 
 
-def _score_operands(a):
+def _score_operands(a: _inputs.AttentionArgs) -> Tuple[np.ndarray, np.ndarray, float, Optional[np.ndarray]]:
     """q, k, scale and v_a for the fused kernel's score rule (v_a is None for dot-product scores).
 
     general folds W into q once; concat becomes a 2-feature dot product
@@ -195,8 +210,10 @@ def _score_operands(a):
     if a.method in ("dot", "scaled_dot"):
         return a.q, a.k, a.scale, None
     if a.method == "general":
+        assert a.w is not None  # check_attention gives every method its weights
         return _projected(a.q.astype(t, copy=False), a.w), a.k, a.scale, None
     if a.method == "concat":
+        assert a.w_q is not None and a.w_k is not None
         q_term = (_projected(a.q.astype(t, copy=False), a.w_q) + a.score_bias) * t.type(a.scale)
         qq = np.stack([q_term, np.full_like(q_term, a.scale)], axis=-1)
         k_term = _projected(a.k.astype(t, copy=False), a.w_k)
@@ -207,10 +224,12 @@ def _score_operands(a):
     # The kernels evaluate tanh(qp + kp) only on compute-type operands: unprojected 16-bit keys are
     # widened (exactly) like the projections, never read as a 16-bit cache.
     kp = a.k.astype(t, copy=False) if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    assert a.v_a is not None
     return qp, kp, a.scale, _unit_last_axis(a.v_a)
 
 
-def _kernel_operands(a):
+def _kernel_operands(a: _inputs.AttentionArgs
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float, Optional[np.ndarray]]:
     """q, k, v, scale and v_a as the fused kernel takes them: k and v in one storage dtype S, q in S
     or the computation dtype (see the module docstring), each with an aligned unit-stride last axis.
     An int8 cache stays int8 (its kernels dequantise on load), with q in float32."""
@@ -223,17 +242,18 @@ def _kernel_operands(a):
     return _unit_last_axis(qq), _unit_last_axis(kk), _unit_last_axis(vv), kernel_scale, v_a
 
 
-def per_item(x: np.ndarray, batch, dtype) -> np.ndarray:
+def per_item(x: np.ndarray, batch: Sequence[int], dtype: Any) -> np.ndarray:
     """``x`` broadcast to the batch shape as the kernels take per-item arguments: one C-contiguous,
     aligned vector of ``dtype``, batch items in C order."""
     return np.array(np.broadcast_to(x, tuple(batch)), dtype=dtype, order="C").reshape(-1)
 
 
-def modifier_kernel_args(softcap, alibi_slopes, sinks, batch, compute) -> dict:
+def modifier_kernel_args(softcap: Optional[float], alibi_slopes: Optional[np.ndarray], sinks: Optional[np.ndarray],
+                         batch: Sequence[int], compute: np.dtype) -> Dict[str, Any]:
     """The compiled core's keyword arguments for validated score modifiers (see
     :func:`attnfast._inputs.check_score_modifiers`): softcap a float (0 = none), alibi_slopes and
     sinks one value per batch item in the computation dtype; only those the call has."""
-    args = {}
+    args: Dict[str, Any] = {}
     if softcap is not None:
         args["softcap"] = float(softcap)
     if alibi_slopes is not None:
@@ -243,7 +263,7 @@ def modifier_kernel_args(softcap, alibi_slopes, sinks, batch, compute) -> dict:
     return args
 
 
-def _serving_kernel_args(a, forward: bool) -> dict:
+def _serving_kernel_args(a: _inputs.AttentionArgs, forward: bool) -> Dict[str, Any]:
     """The compiled core's serving keyword arguments for a validated call: per-item diagonals, score
     modifiers and (forward only) the block table and int8 scales."""
     args = modifier_kernel_args(a.softcap, a.alibi_slopes, a.sinks, a.batch_shape, a.compute)
@@ -251,7 +271,7 @@ def _serving_kernel_args(a, forward: bool) -> dict:
         args["diagonal_offsets"] = per_item(a.diagonal_offsets, a.batch_shape, np.int64)
     if forward and a.block_table is not None:
         args["block_table"] = a.block_table
-    if forward and a.k_scale is not None:
+    if forward and a.k_scale is not None and a.v_scale is not None:  # both or neither
         # One scale per row of the cache (paged: of each block); broadcast views, never copies.
         rows = a.kv_batch_shape + (a.lk,) if a.block_table is None else a.k.shape[:-1]
         args["k_scale"] = np.broadcast_to(a.k_scale, rows)
@@ -259,16 +279,89 @@ def _serving_kernel_args(a, forward: bool) -> dict:
     return args
 
 
-def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
-              causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
-              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None,
-              softcap=None, alibi_slopes=None, sinks=None, block_table=None, k_scale=None, v_scale=None):
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Array: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> AttentionOutput: ...
+
+
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionOutput:
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
     See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
     paged caches through block_table, int8 caches with k_scale / v_scale included); returns ``out``
     (..., Lq, Dv), or a tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
+    if unexpected:  # one test of an empty dict: PyTorch's names get attnfast's, not a bare TypeError
+        _inputs.reject_unexpected(attention, unexpected)
     # The most common call (ndarrays, dot scores, no mask, lse or weights) is recognised and run by the
     # compiled core without this module's validation, which would cost ~5 us of a ~100 us decoder step;
     # it returns None for anything else. tests/test_attention.py checks both paths agree bitwise.
@@ -288,7 +381,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     return attention_from_args(a)
 
 
-def attention_from_args(a: _inputs.AttentionArgs):
+def attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     """:func:`attention` on arguments :func:`_inputs.check_attention` validated.
 
     The seam for callers that adjust validated arguments before the kernel runs: attnfast.dask's block
@@ -321,7 +414,7 @@ def attention_from_args(a: _inputs.AttentionArgs):
               and target.flags.aligned and (a.dv <= 1 or target.strides[-1] == target.itemsize)
               and not _overlaps_itself(target)
               and not any(x is not None and np.may_share_memory(target, x) for x in operands))
-    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    result = target if direct and target is not None else np.empty(batch + (a.lq, a.dv), work)
     # lse and weights are made in the computation dtype; lse's is already lse_dtype(a.dtype).
     lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
     weights = np.empty(full, t) if a.return_weights else None
@@ -334,8 +427,9 @@ def attention_from_args(a: _inputs.AttentionArgs):
     result = _finished(result, a.dtype) if target is None else result
     if weights is not None:
         weights = _finished(weights, a.dtype)
-    extras = [x for x in (lse, weights) if x is not None]
-    return (result, *extras) if extras else result
+    if weights is None:
+        return result if lse is None else (result, lse)
+    return (result, weights) if lse is None else (result, lse, weights)
 
 
 def _overlaps_itself(a: np.ndarray) -> bool:
@@ -352,7 +446,7 @@ def _overlaps_itself(a: np.ndarray) -> bool:
     return False
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
 
     lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
@@ -381,14 +475,14 @@ def merge_states(outs, lses):
     return _finished(merged.astype(t, copy=False), a.dtype), lse.astype(a.lse_dtype, copy=False)
 
 
-def _pairwise_sum(terms):
+def _pairwise_sum(terms: Iterable[np.ndarray]) -> np.ndarray:
     """Sum of an iterable of same-shape arrays as a balanced binary tree, holding O(log n) partial sums.
 
     NumPy reduces over a stacked leading axis one row at a time, whose float32 rounding errors grow in
     proportion to the number of parts (~700 eps over 65536 parts); the tree's grow like log n, as the
     kernels' long sums do.
     """
-    pending = []  # (level, sum of 2**level consecutive terms), levels strictly decreasing
+    pending: List[Tuple[int, np.ndarray]] = []  # (level, sum of 2**level terms), levels strictly decreasing
     for t in terms:
         level = 0
         while pending and pending[-1][0] == level:
@@ -406,10 +500,15 @@ def _pairwise_sum(terms):
 # --------------------------------------------------------------------------
 
 
-def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
-                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
-                       sinks=None, **unexpected):
+def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike, lse: ArrayLike,
+                       *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+                       mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+                       causal_align: CausalAlign = "top_left", window: Window = None,
+                       kv_lengths: Optional[ArrayLike] = None, w: Optional[ArrayLike] = None,
+                       w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+                       v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+                       softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None,
+                       sinks: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionGrads:
     """Gradients of :func:`attention` with respect to q, k, v, bias, the method weights and sinks.
 
     A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never
@@ -444,7 +543,7 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     V hold. A row whose lse is +inf (scores that overflowed) passes its weights' share of dout to dv but
     has zero score gradients. See :func:`attnfast.reference.attention_backward` for the formulas.
     """
-    _inputs.reject_backward_extras(unexpected)
+    _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
@@ -469,10 +568,11 @@ def attention_backward_from_args(b: _inputs.AttentionBackwardArgs) -> AttentionG
     return AttentionGrads(**{"d" + name: _finished(g, b.grad_dtypes[name]) for name, g in grads.items()})
 
 
-def _sink_gradient(a, b) -> np.ndarray:
+def _sink_gradient(a: _inputs.AttentionArgs, b: _inputs.AttentionBackwardArgs) -> np.ndarray:
     """dsinks = -sum_i e^{sink - lse_i} (dO_i . O_i) from the forward's out and lse (the sink's weight
     in each row times the row's delta), summed to sinks' shape; in the computation dtype."""
     t = a.compute
+    assert a.sinks is not None
     with np.errstate(invalid="ignore", over="ignore"):
         delta = np.einsum("...d,...d->...", b.dout.astype(t, copy=False), b.out.astype(t, copy=False))
         p_sink = np.exp(a.sinks[..., None] - b.lse.astype(t, copy=False))
@@ -480,7 +580,7 @@ def _sink_gradient(a, b) -> np.ndarray:
     return sum_to_shape(per_item, a.sinks.shape)
 
 
-def _zero_gradients(a, dtypes: dict) -> AttentionGrads:
+def _zero_gradients(a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> AttentionGrads:
     """The gradients of a call whose loss depends on nothing (no key, no query, no value feature)."""
     shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape}
     if a.bias is not None:
@@ -497,7 +597,7 @@ def _as_kernel_input(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.
     return _unit_last_axis(_storage_or_compute(x, storage, compute))
 
 
-def _backward_kernel(a, b) -> dict:
+def _backward_kernel(a: _inputs.AttentionArgs, b: _inputs.AttentionBackwardArgs) -> Dict[str, Any]:
     """Run the fused backward on the forward's kernel operands. Returns the gradients of those operands
     in the computation dtype: dq (batch + (Lq, depth)), dk and dv (kv_batch + (Lk, .)), dscores
     (batch + (Lq, Lk), only with a bias) and dv_a (additive only)."""
@@ -514,7 +614,7 @@ def _backward_kernel(a, b) -> dict:
     lse = np.ascontiguousarray(b.lse, dtype=t)  # (batch, Lq), indexed densely by the kernel
     if not lse.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
         lse = lse.copy()
-    grads = {
+    grads: Dict[str, Any] = {
         "dq": np.empty(batch + (a.lq, depth), t),
         "dk": np.empty(kv_batch + (a.lk, depth), t),
         "dv": np.empty(kv_batch + (a.lk, a.dv), t),
@@ -530,7 +630,7 @@ def _backward_kernel(a, b) -> dict:
     return grads
 
 
-def _chained_gradients(a, kernel: dict) -> dict:
+def _chained_gradients(a: _inputs.AttentionArgs, kernel: Dict[str, Any]) -> Dict[str, Any]:
     """The gradients of q, k and the method weights from those of the kernel's operands (the chain
     rule through the projections _score_operands made), in the computation dtype, summed to each
     input's shape: q-like ones reduced to q's batch shape before any product with a weight, so a
@@ -544,6 +644,7 @@ def _chained_gradients(a, kernel: dict) -> dict:
     if a.method == "general":
         # The kernel saw q W: dq is the gradient of q W, dk already that of k.
         dqw = sum_to_shape(dq, q_shape[:-1] + (a.dk,))
+        assert a.w is not None
         return {"q": _projected(dqw, a.w.T), "k": sum_to_shape(dk, k_shape), "w": _weight_gradient(q, dqw)}
     if a.method == "concat":
         # Operands [scale (w_q.q_i + b), scale] and [1, w_k.k_j]: feature 0 of dq is the gradient of
@@ -589,8 +690,9 @@ def _weight_gradient(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     xf = x.reshape(-1, x.shape[-1])
     gf = g.reshape(-1, g.shape[-1])
     with np.errstate(invalid="ignore", over="ignore"):
-        result = xf.T @ gf
+        result: np.ndarray = xf.T @ gf
         if np.all(np.isfinite(result)):
             return result
         used = np.any(gf != 0, axis=1)
-        return np.where(used[:, None], xf, 0).T @ gf
+        result = np.where(used[:, None], xf, 0).T @ gf
+        return result

@@ -44,10 +44,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import ml_dtypes
 import numpy as np
+
+from ._types import AttentionOutput, Method
 
 __all__ = [
     "METHODS",
@@ -66,6 +68,7 @@ __all__ = [
     "check_merge_states",
     "check_attention_backward",
     "reject_backward_extras",
+    "reject_unexpected",
     "result_dtype",
     "compute_dtype",
     "lse_dtype",
@@ -138,7 +141,7 @@ class ScoresArgs:
     lk: int
     d: int
     dk: int
-    method: str
+    method: Method
     scale: float
     w: Optional[np.ndarray] = None
     w_q: Optional[np.ndarray] = None
@@ -207,7 +210,7 @@ class AttentionArgs:
     v: np.ndarray
     dtype: np.dtype
     compute: np.dtype
-    method: str
+    method: Method
     scale: float
     w: Optional[np.ndarray]
     w_q: Optional[np.ndarray]
@@ -259,8 +262,8 @@ class MergeArgs:
     both are computed in ``compute``.
     """
 
-    outs: list
-    lses: list
+    outs: List[np.ndarray]
+    lses: List[np.ndarray]
     dtype: np.dtype
     lse_dtype: np.dtype
     compute: np.dtype
@@ -281,7 +284,7 @@ class AttentionBackwardArgs:
     dout: np.ndarray
     out: np.ndarray
     lse: np.ndarray
-    grad_dtypes: dict
+    grad_dtypes: Dict[str, np.dtype]
 
 
 # --------------------------------------------------------------------------
@@ -299,10 +302,11 @@ def result_dtype(*dtypes: Any) -> np.dtype:
         if d != first:
             break
     else:
-        return np.dtype(first)
+        same: np.dtype = np.dtype(first)
+        return same
     if _FLOAT16 in dtypes and _BFLOAT16 in dtypes:
         dtypes = tuple(_FLOAT32 if d == _FLOAT16 or d == _BFLOAT16 else d for d in dtypes)
-    return np.result_type(*dtypes)
+    return np.dtype(np.result_type(*dtypes))
 
 
 def compute_dtype(result: np.dtype) -> np.dtype:
@@ -335,7 +339,8 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         y = np.where(too_far, np.nextafter(y, np.float32(0)), y)
         inexact = y.astype(_FLOAT64) != x
     bits = y.view(np.uint32) | inexact.astype(np.uint32)
-    return bits.view(_FLOAT32).astype(_BFLOAT16)
+    rounded: np.ndarray = bits.view(_FLOAT32).astype(_BFLOAT16)
+    return rounded
 
 
 def dtype_expr(dtype: np.dtype) -> str:
@@ -492,7 +497,7 @@ def _broadcast_shape(shapes: Sequence[Shape]) -> Optional[Shape]:
 _MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 
 
-def _check_result_size(what: str, shape: Shape, dtype: np.dtype, inputs) -> None:
+def _check_result_size(what: str, shape: Shape, dtype: np.dtype, inputs: Any) -> None:
     """Raise ``ValueError`` when an array of ``shape`` and ``dtype`` (a result, or a broadcast operand) is
     larger than NumPy can make: (product of the nonzero extents) x itemsize above the largest intp, as
     NumPy counts, so an empty shape whose other extents are that large is refused as well.
@@ -536,15 +541,15 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
     first = shapes[0] if shapes else ()
     if type(first) is tuple and all(s == first for s in shapes[1:]):
         return first
-    shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+    normalised = tuple(tuple(int(n) for n in s) for s in shapes)
     # By hand, not np.broadcast_shapes, which takes at most 32 axes (an array may have 64) and refuses a
     # broadcast larger than one array can hold (the callers check the arrays they make).
-    joint = _broadcast_shape(shapes)
+    joint = _broadcast_shape(normalised)
     if joint is not None:
         return joint
     if names is None:
-        names = [f"argument {i}" for i in range(len(shapes))]
-    listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, shapes))
+        names = [f"argument {i}" for i in range(len(normalised))]
+    listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, normalised))
     raise ValueError(
         f"the batch shapes (all axes before the last two) do not broadcast: {listing}. "
         f"Batch axes follow NumPy broadcasting, aligned from the right: each axis must be "
@@ -557,11 +562,11 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
 # --------------------------------------------------------------------------
 
 
-def _check_method(method: Any) -> str:
+def _check_method(method: Any) -> Method:
     if not isinstance(method, str) or method not in METHODS:
         valid = ", ".join(repr(m) for m in METHODS)
         raise ValueError(f"unknown method {method!r}; valid methods are {valid}.")
-    return str(method)
+    return cast(Method, str(method))
 
 
 def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
@@ -604,7 +609,7 @@ def _weight(name: str, x: Any, expected: Shape, dtype: np.dtype, method: str, la
 
 def _check_method_weights(
     method: str, dtype: np.dtype, d: int, dk: int, q_shape: Shape, k_shape: Shape, **given: Any
-) -> dict:
+) -> Dict[str, Any]:
     """Validate the weights of ``method``; return the ScoresArgs weight fields."""
     used = _METHOD_WEIGHTS[method]
     for name, value in given.items():
@@ -613,7 +618,7 @@ def _check_method_weights(
                 f"{name} is only used by {_WEIGHT_USERS[name]}; got method={method!r}. "
                 f"Remove {name} or choose the method that uses it."
             )
-    fields = dict(w=None, w_q=None, w_k=None, v_a=None, score_bias=None, hidden=0)
+    fields: Dict[str, Any] = dict(w=None, w_q=None, w_k=None, v_a=None, score_bias=None, hidden=0)
 
     if method in ("dot", "scaled_dot") and d != dk:
         raise ValueError(
@@ -687,7 +692,8 @@ def _check_method_weights(
 # --------------------------------------------------------------------------
 
 
-def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def check_scores(q: Any, k: Any, *, method: Any = "scaled_dot", scale: Any = None, w: Any = None, w_q: Any = None,
+                 w_k: Any = None, v_a: Any = None, score_bias: Any = None) -> ScoresArgs:
     """Validate the arguments of ``scores``.
 
     Parameters
@@ -756,7 +762,7 @@ def _check_mask(mask: Any) -> np.ndarray:
     return m
 
 
-def check_softmax(x, axis=-1, mask=None):
+def check_softmax(x: Any, axis: Any = -1, mask: Any = None) -> SoftmaxArgs:
     """Validate the arguments of ``softmax``.
 
     Parameters
@@ -779,7 +785,7 @@ def check_softmax(x, axis=-1, mask=None):
     return SoftmaxArgs(x=x, axis=ax, mask=mask, dtype=x.dtype, compute=compute_dtype(x.dtype))
 
 
-def check_aggregate(weights, v):
+def check_aggregate(weights: Any, v: Any) -> AggregateArgs:
     """Validate the arguments of ``aggregate``.
 
     Parameters
@@ -819,11 +825,35 @@ def check_aggregate(weights, v):
     )
 
 
-def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int]:
+def _heads_fit(hq: int, hk: int) -> bool:
+    """Whether Hq query heads can read Hk kv heads: equal, MQA, one query head broadcast, or GQA."""
+    return hq == hk or hk == 1 or hq == 1 or (hk > 0 and hq % hk == 0)
+
+
+def _swap_hint(q_shape: Shape, k_shape: Shape) -> str:
+    """For q and k whose heads (axis -3) do not fit: how to pass them if they look like (B, L, H, D)
+    arrays, i.e. if their axis -2 would fit as heads; "" otherwise."""
+    if len(q_shape) < 3 or len(k_shape) < 3 or not _heads_fit(q_shape[-2], k_shape[-2]):
+        return ""
+    if len(q_shape) == len(k_shape) == 4:
+        swap, layout, ours = "{}.transpose(0, 2, 1, 3)", "(B, L, H, D)", "(B, H, L, D)"
+    elif len(q_shape) == len(k_shape) == 3:
+        swap, layout, ours = "{}.transpose(1, 0, 2)", "(L, H, D)", "(H, L, D)"
+    else:
+        swap, layout, ours = "np.swapaxes({}, -3, -2)", "(..., L, H, D)", "(..., H, L, D)"
+    views = ", ".join(swap.format(x) for x in ("q", "k", "v"))
+    return (f" These shapes look like {layout} arrays (sequence axis before the heads, as flash-attn and "
+            f"jax.nn.dot_product_attention lay them out); attnfast reads {ours}: pass {views} (views, no "
+            f"copy), and {swap.format('out')} turns the result back.")
+
+
+def _attention_batch(q_batch: Shape, kv_batch: Shape, q_shape: Shape = (), k_shape: Shape = ()
+                     ) -> Tuple[Shape, Shape, int]:
     """Combine q's and k/v's batch shapes; return (batch, kv_batch, group).
 
     Axis -3 (the head axis, when both sides have one) follows the GQA rule;
-    every other batch axis broadcasts as in NumPy.
+    every other batch axis broadcasts as in NumPy. ``q_shape`` and ``k_shape`` (the whole arrays'
+    shapes, when known) only shape the error's hint.
     """
     if len(q_batch) == 0 or len(kv_batch) == 0:
         batch = broadcast_batch(q_batch, kv_batch, names=("q", "k/v"))
@@ -844,7 +874,7 @@ def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int
         raise ValueError(
             f"q has {hq} heads (axis -3) but k/v have {hk}; the kv heads must divide the query heads "
             f"(query head h uses kv head h // (Hq/Hk)). Got q batch shape {_fmt(q_batch)} and k/v batch "
-            f"shape {_fmt(kv_batch)}."
+            f"shape {_fmt(kv_batch)}.{_swap_hint(q_shape, k_shape)}"
         )
     return rest + (heads,), rest + (hk,), group
 
@@ -858,7 +888,9 @@ def _integers_beyond_int64(kv_lengths: Any, n: np.ndarray) -> Optional[np.ndarra
         items = np.asarray(kv_lengths, dtype=object)
     else:
         return None
-    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    def is_int(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
     return items if items.size and all(is_int(x) for x in items.flat) else None
 
 
@@ -877,7 +909,7 @@ def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
             f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "
             f"{n.dtype}. Convert it with {_conversion_hint('kv_lengths', kv_lengths, 'np.int64')}."
         )
-    def hint():
+    def hint() -> str:
         if n.ndim >= 1 and len(batch) > n.ndim:
             return (
                 "Batch axes align from the right; for one length per leading batch entry add trailing "
@@ -992,7 +1024,7 @@ def nothing_to_compute(a: AttentionArgs) -> bool:
     return a.lk == 0 or a.lq == 0 or 0 in a.batch_shape or (a.dv == 0 and not (a.return_lse or a.return_weights))
 
 
-def result_without_scores(a: AttentionArgs):
+def result_without_scores(a: AttentionArgs) -> AttentionOutput:
     """attention()'s result when :func:`nothing_to_compute`: out 0, lse -inf, weights 0 (written into
     ``out=`` when given). Shared by the fast path and the reference; it runs before any projection or
     broadcast, so the outputs are the only allocation and an empty result of a 10^8-item broadcast batch
@@ -1002,16 +1034,17 @@ def result_without_scores(a: AttentionArgs):
         result = a.out
     else:
         result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
-    extras = []
+    lse = None
     if a.return_lse:
         shape = a.batch_shape + (a.lq,)
         if a.sinks is None:
-            extras.append(np.full(shape, -np.inf, lse_dtype(a.dtype)))
+            lse = np.full(shape, -np.inf, lse_dtype(a.dtype))
         else:  # a row without keys has lse = its sink
-            extras.append(np.broadcast_to(a.sinks[..., None], shape).astype(lse_dtype(a.dtype)))
-    if a.return_weights:
-        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
-    return (result, *extras) if extras else result
+            lse = np.broadcast_to(a.sinks[..., None], shape).astype(lse_dtype(a.dtype))
+    if not a.return_weights:
+        return result if lse is None else (result, lse)
+    weights = np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype)
+    return (result, weights) if lse is None else (result, lse, weights)
 
 
 # --------------------------------------------------------------------------
@@ -1071,7 +1104,8 @@ def check_per_head(name: str, x: Any, target: Shape, compute: np.dtype, what: st
     return converted
 
 
-def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Shape, compute: np.dtype):
+def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Shape, compute: np.dtype
+                          ) -> Tuple[Optional[float], Optional[np.ndarray], Optional[np.ndarray]]:
     """(softcap, alibi_slopes, sinks) validated for a call of batch shape ``batch`` (see
     :func:`check_softcap` and :func:`check_per_head`); shared with attention_varlen."""
     return (check_softcap(softcap, compute), check_per_head("alibi_slopes", alibi_slopes, batch, compute),
@@ -1107,7 +1141,8 @@ def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str
     return a
 
 
-def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any, v_scale: Any, method: str):
+def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any, v_scale: Any, method: str
+                      ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(k_scale, v_scale) for int8 k and v (float32, validated), (None, None) for floating ones."""
     k8, v8 = k.dtype == _INT8, v.dtype == _INT8
     if not (k8 or v8):
@@ -1123,12 +1158,12 @@ def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any,
             f"k and v must both be int8 (a quantised cache) or both floating; got k of dtype {k.dtype} and "
             f"v of dtype {v.dtype}. Quantize both with attnfast.quantize_kv."
         )
-    for name, given, cache in (("k_scale", k_scale, "k"), ("v_scale", v_scale, "v")):
-        if given is None:
+    for name, scale, cache_name in (("k_scale", k_scale, "k"), ("v_scale", v_scale, "v")):
+        if scale is None:
             raise TypeError(
-                f"{cache} is int8 but {name} is None: an int8 cache needs its per-row scales "
-                f"({cache} value = int8 * scale). Pass {name}=, e.g. from "
-                f"{cache}_int8, {name} = attnfast.quantize_kv({cache})."
+                f"{cache_name} is int8 but {name} is None: an int8 cache needs its per-row scales "
+                f"({cache_name} value = int8 * scale). Pass {name}=, e.g. from "
+                f"{cache_name}_int8, {name} = attnfast.quantize_kv({cache_name})."
             )
     if q.dtype == _FLOAT64:
         raise TypeError(
@@ -1242,33 +1277,33 @@ def per_item_diagonal_offsets(causal_align: str, kv_lengths: Optional[np.ndarray
 
 
 def check_attention(
-    q,
-    k,
-    v,
+    q: Any,
+    k: Any,
+    v: Any,
     *,
-    method="scaled_dot",
-    scale=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_align="top_left",
-    window=None,
-    kv_lengths=None,
-    return_lse=False,
-    return_weights=False,
-    out=None,
-    w=None,
-    w_q=None,
-    w_k=None,
-    v_a=None,
-    score_bias=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
-    block_table=None,
-    k_scale=None,
-    v_scale=None,
-):
+    method: Any = "scaled_dot",
+    scale: Any = None,
+    mask: Any = None,
+    bias: Any = None,
+    causal: Any = False,
+    causal_align: Any = "top_left",
+    window: Any = None,
+    kv_lengths: Any = None,
+    return_lse: Any = False,
+    return_weights: Any = False,
+    out: Any = None,
+    w: Any = None,
+    w_q: Any = None,
+    w_k: Any = None,
+    v_a: Any = None,
+    score_bias: Any = None,
+    softcap: Any = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
+    block_table: Any = None,
+    k_scale: Any = None,
+    v_scale: Any = None,
+) -> AttentionArgs:
     """Validate the arguments of ``attention``.
 
     Parameters
@@ -1311,7 +1346,7 @@ def check_attention(
     if table is None:
         lk = int(k.shape[-2])
         kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
-        batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
+        batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch, q.shape, k.shape)
     else:
         # Key j of item b is row j % block_size of cache block table[b, j // block_size].
         lk = int(table.shape[1] * k.shape[2])
@@ -1387,7 +1422,7 @@ def check_attention(
     )
 
 
-def check_merge_states(outs, lses):
+def check_merge_states(outs: Any, lses: Any) -> MergeArgs:
     """Validate the arguments of ``merge_states``.
 
     Parameters
@@ -1478,13 +1513,102 @@ def _gradient_dtype(given: Any, fallback: np.dtype) -> np.dtype:
     return fallback
 
 
+# --------------------------------------------------------------------------
+# Keyword arguments from other libraries
+# --------------------------------------------------------------------------
+
+# Names PyTorch (scaled_dot_product_attention, softmax, nn.MultiheadAttention), flash-attn and JAX give
+# arguments attnfast has under another name or does not need: (whose name, attnfast's name or None, how
+# to pass it; "{value!r}" is the value given).
+# Shared names (scale, causal, mask, bias, softcap, alibi_slopes, block_table, cu_seqlens_q/k) need none.
+_TORCH, _FLASH, _JAX, _XFORMERS = "PyTorch's", "flash-attn's", "JAX's", "xformers'"
+_FOREIGN_KEYWORDS = {
+    "is_causal": (_TORCH, "causal", "pass causal={value!r} (causal=True's diagonal is causal_align='top_left', "
+                                    "the default, as PyTorch's is_causal; 'bottom_right' aligns the last query "
+                                    "with the last key)"),
+    "dim": (_TORCH, "axis", "pass axis= (the axis softmax normalises over, as PyTorch's dim)"),
+    "dropout_p": (_TORCH, None, "attnfast has no dropout (its results are deterministic): drop dropout_p "
+                                "(0.0 is what attnfast computes), or apply dropout to softmax()'s weights "
+                                "and aggregate() them yourself"),
+    "enable_gqa": (_TORCH, None, "grouped-query attention needs no flag: kv heads (axis -3) that divide the "
+                                 "query heads are shared by index (query head h reads kv head h // (Hq/Hk)), "
+                                 "so drop enable_gqa"),
+    "key_padding_mask": (_TORCH, "kv_lengths", "PyTorch's key_padding_mask is True for keys to IGNORE: pass "
+                                               "kv_lengths= (the number of valid keys per batch item), or "
+                                               "mask=~key_padding_mask[:, None, None, :] (True = attend)"),
+    "need_weights": (_TORCH, "return_weights", "pass return_weights=True to get the weights (..., Lq, Lk) too"),
+    "softmax_scale": (_FLASH, "scale", "pass scale= (None is 1/sqrt(D), as in flash-attn)"),
+    "window_size": (_FLASH, "window", "pass window=(left, right), with None instead of -1 for an unbounded "
+                                      "side (window_size=(-1, -1) is window=None)"),
+    "cache_seqlens": (_FLASH, "kv_lengths", "pass kv_lengths= (the number of valid keys per batch item)"),
+    "return_softmax_lse": (_FLASH, "return_lse", "pass return_lse=True to get (out, lse)"),
+    "return_attn_probs": (_FLASH, "return_weights", "pass return_weights=True to get the weights "
+                                                    "(..., Lq, Lk) too, or return_lse=True for the log-sum-exp"),
+    "local_window_size": (_JAX, "window", "pass window=(left, right), None for an unbounded side"),
+    "key_value_seq_lengths": (_JAX, "kv_lengths", "pass kv_lengths= (the number of valid keys per batch item)"),
+    "attn_bias": (_XFORMERS, "bias", "pass bias= (added to the scores; -inf hides a key)"),
+}
+
+
+def _is_boolean(x: Any) -> Optional[bool]:
+    """Whether ``x`` holds booleans (NumPy, PyTorch, JAX or nested lists), None when it cannot tell."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception:  # anything NumPy cannot wrap: say both
+            return None
+    if str(dtype) in ("bool", "torch.bool"):
+        return True
+    return False if getattr(dtype, "is_floating_point", False) or np.dtype(dtype).kind in "fiu" else None
+
+
+def _attn_mask_hint(value: Any, takes_bias: bool) -> str:
+    """How to pass PyTorch's attn_mask: a boolean one is mask= (True = attend in both libraries), a
+    float one is added to the scores, which is bias=."""
+    boolean = _is_boolean(value)
+    if boolean is True or not takes_bias:
+        return "a boolean attn_mask is mask= here, with the same meaning (True = attend): pass mask=attn_mask"
+    if boolean is False:
+        return "a float attn_mask is added to the scores, which is bias= here: pass bias=attn_mask (-inf hides a key)"
+    return ("a boolean attn_mask (True = attend) is mask= here, a float one (added to the scores) is bias=: pass "
+            "mask=attn_mask or bias=attn_mask")
+
+
+def reject_unexpected(function: Callable[..., Any], given: Dict[str, Any], name: Optional[str] = None) -> None:
+    """TypeError for the keyword arguments ``function`` does not take (``given``, not empty; its
+    ``**unexpected``): a name from PyTorch, flash-attn or JAX gets attnfast's equivalent, any other name
+    the closest one ``function`` accepts. ``name``: how the message names the function (default its
+    ``__name__``). Only the error path runs this, so it may be slow.
+    """
+    import difflib
+    import inspect
+
+    accepted = [p.name for p in inspect.signature(function).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    start = f"{name or function.__name__}() got an unexpected keyword argument"
+    for given_name, value in given.items():
+        if given_name == "attn_mask":
+            if "mask" in accepted:
+                raise TypeError(f"{start} 'attn_mask' (PyTorch's name): {_attn_mask_hint(value, 'bias' in accepted)}.")
+            continue
+        if given_name in _FOREIGN_KEYWORDS:
+            origin, ours, how = _FOREIGN_KEYWORDS[given_name]
+            if ours is None or ours in accepted:
+                raise TypeError(f"{start} {given_name!r} ({origin} name): {how.format(value=value)}.")
+    first = next(iter(given))
+    close = difflib.get_close_matches(first, accepted, n=1)
+    raise TypeError(f"{start} {first!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
+
+
 _DENSIFY = ("k[block_table].transpose(0, 2, 1, 3, 4).reshape(B, Hk, -1, D) for a paged one, "
             "k.astype(np.float32) * k_scale[..., None] for an int8 one")
 
 
-def reject_backward_extras(given: dict) -> None:
+def reject_backward_extras(given: Dict[str, Any], function: Optional[Callable[..., Any]] = None) -> None:
     """TypeError for keyword arguments attention_backward does not take (``given``: the unexpected
-    ones), most likely the forward's return_lse / return_weights / out passed along with the others."""
+    ones), most likely the forward's return_lse / return_weights / out passed along with the others;
+    other names as :func:`reject_unexpected` words them (``function``: attention_backward itself)."""
     for name in ("block_table", "k_scale", "v_scale"):
         if name in given:
             what = "a paged cache (block_table)" if name == "block_table" else "an int8 cache (k_scale, v_scale)"
@@ -1492,6 +1616,9 @@ def reject_backward_extras(given: dict) -> None:
                 f"attention_backward does not take {name}: it has no gradients of {what}. "
                 f"Densify the cache first ({_DENSIFY}) and pass the dense k and v."
             )
+    if function is not None and any(name not in ("return_lse", "return_weights", "out") for name in given):
+        reject_unexpected(function, {name: x for name, x in given.items()
+                                     if name not in ("return_lse", "return_weights", "out")})
     if given:
         names = ", ".join(sorted(given))
         raise TypeError(
@@ -1501,7 +1628,8 @@ def reject_backward_extras(given: dict) -> None:
         )
 
 
-def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
+def check_attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, **kwargs: Any
+                             ) -> AttentionBackwardArgs:
     """Validate the arguments of ``attention_backward``.
 
     Parameters

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, cast, overload
 
 import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
 from ._api import _copy_rounded, _finished, _kernel_operands, _overlaps_itself, _written
+from ._types import Array, ArrayLike, CausalAlign, FloatArray, Real, Window
 
 __all__ = ["attention_varlen", "check_attention_varlen"]
 
@@ -38,10 +39,10 @@ class VarlenArgs:
     """Validated arguments of ``attention_varlen``: ``a`` is what ``attention`` would check of the packed
     arrays (dtypes, heads, scale, window, out), the rest the packed structure and the modifiers."""
 
-    a: Any  # _inputs.AttentionArgs of the packed q, k, v (lq = Tq, lk = Tk)
+    a: _inputs.AttentionArgs  # of the packed q, k, v (lq = Tq, lk = Tk)
     cu_q: np.ndarray  # int64 (n + 1,)
     cu_k: np.ndarray
-    causal_align: str
+    causal_align: CausalAlign
     softcap: Optional[float]
     alibi_slopes: Optional[np.ndarray]  # compute dtype, broadcast to the batch shape (a read-only view)
     sinks: Optional[np.ndarray]
@@ -98,9 +99,10 @@ def _check_cu_seqlens(name: str, x: Any, total: int, axis: str) -> np.ndarray:
     return c.astype(np.int64)
 
 
-def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
-                           causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                           return_lse=False, out=None) -> VarlenArgs:
+def check_attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *, method: Any = "scaled_dot",
+                           scale: Any = None, causal: Any = False, causal_align: Any = "top_left", window: Any = None,
+                           softcap: Any = None, alibi_slopes: Any = None, sinks: Any = None, return_lse: Any = False,
+                           out: Any = None) -> VarlenArgs:
     """Validate the arguments of ``attention_varlen`` (shared by the kernel path and the reference)."""
     method = _inputs._check_method(method)
     if method not in ("dot", "scaled_dot"):
@@ -138,7 +140,7 @@ def _per_item(per_sequence: np.ndarray, items_per_sequence: int) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(per_sequence.astype(np.int64), items_per_sequence))
 
 
-def _kernel_calls(va: VarlenArgs):
+def _kernel_calls(va: VarlenArgs) -> List[np.ndarray]:
     """The sequences of each kernel call, longest first. The row-wise decode path (group * rows <= 16)
     gives every kv item of a call the call's longest row count and computes the scores of the rows a
     shorter sequence does not have (it only never reads or writes them), so its sequences go in calls
@@ -157,8 +159,8 @@ def _kernel_calls(va: VarlenArgs):
     return [s for s in calls if s.size]
 
 
-def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, result: np.ndarray,
-                lse: Optional[np.ndarray]) -> None:
+def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq: np.ndarray, kk: np.ndarray, vv: np.ndarray, kernel_scale: float,
+                result: np.ndarray, lse: Optional[np.ndarray]) -> None:
     a = va.a
     batch, kv_batch = tuple(a.batch_shape), tuple(a.kv_batch_shape)
     per_q, per_kv = math.prod(batch), math.prod(kv_batch)
@@ -168,7 +170,7 @@ def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, resu
     if lse is not None:
         rows = np.arange(per_q, dtype=np.int64) * a.lq
         lse_offsets = np.ascontiguousarray((va.cu_q[seqs][:, None] + rows[None, :]).ravel())
-    modifiers = {}
+    modifiers: Dict[str, Any] = {}
     if va.softcap is not None:
         modifiers["softcap"] = va.softcap
     for name in ("alibi_slopes", "sinks"):
@@ -193,9 +195,43 @@ def _fill_keyless(va: VarlenArgs, result: np.ndarray, lse: Optional[np.ndarray])
             lse[..., rows] = -np.inf if va.sinks is None else va.sinks[..., None]
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
-                     causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     return_lse=False, out=None):
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[False] = False,
+    out: Optional[Array] = None,
+) -> Array: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[True],
+    out: Optional[Array] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None,
+) -> Union[Array, Tuple[Array, FloatArray]]: ...
+
+
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None, **unexpected: Any,
+) -> Union[Array, Tuple[Array, FloatArray]]:
     """Attention over packed variable-length sequences, each attending only to its own keys.
 
     Parameters
@@ -224,13 +260,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot"
         Or (out, lse). The same values as one ``attention`` call per sequence. A sequence with no keys
         gets out 0 and lse -inf (the sink with sinks).
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention_varlen, unexpected)
     va = check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, method=method, scale=scale, causal=causal,
                                 causal_align=causal_align, window=window, softcap=softcap,
                                 alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)
     a = va.a
     batch = tuple(a.batch_shape)
     if a.lq == 0 or 0 in batch or (a.dv == 0 and not a.return_lse):
-        return _inputs.result_without_scores(a)
+        # return_weights is never set here: out, or (out, lse).
+        return cast(Union[Array, Tuple[Array, FloatArray]], _inputs.result_without_scores(a))
     qq, kk, vv, kernel_scale, _ = _kernel_operands(a)
     t = a.compute
     target = a.out
@@ -241,7 +280,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot"
     direct = (target is not None and len(calls) <= 1 and target.dtype == work and target.flags.aligned
               and (a.dv <= 1 or target.strides[-1] == target.itemsize) and not _overlaps_itself(target)
               and not any(np.may_share_memory(target, x) for x in (qq, kk, vv)))
-    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    result = target if direct and target is not None else np.empty(batch + (a.lq, a.dv), work)
     lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
     for seqs in calls:
         _run_kernel(va, seqs, qq, kk, vv, kernel_scale, result, lse)

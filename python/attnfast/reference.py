@@ -49,9 +49,12 @@ Numerics that the kernels must reproduce
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, Union, overload
+
 import numpy as np
 
 from . import _inputs
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -71,7 +74,14 @@ def _saturate(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return np.where(np.abs(x) >= _inputs.FLOAT32_OVERFLOW, np.copysign(np.inf, x), x)
 
 
-def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.ndarray:
+def _given(x: Optional[np.ndarray]) -> np.ndarray:
+    """A method weight the method uses (the checks fill in every weight a method uses)."""
+    assert x is not None
+    return x
+
+
+def _scores64(q: np.ndarray, k: np.ndarray, a: Union[_inputs.ScoresArgs, _inputs.AttentionArgs],
+              scale_first: bool = False) -> np.ndarray:
     """Scores of float64 q (..., Lq, D), k (..., Lk, Dk) with the method of ``a``.
 
     ``a`` is a ScoresArgs or AttentionArgs (only the method fields are read).
@@ -82,7 +92,7 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     """
     m = a.method
     if scale_first and m in ("dot", "scaled_dot", "general"):
-        qq = q @ a.w.astype(_F64) if m == "general" else q
+        qq = q @ _given(a.w).astype(_F64) if m == "general" else q
         qq = _saturate(_saturate(qq, a.compute) * a.scale, a.compute)
         return _saturate(qq @ _swap(k), a.compute)
     # scores(): (q . k) * scale, with q . k (and q W) saturated to the computation dtype as the fast
@@ -90,17 +100,17 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     if m in ("dot", "scaled_dot"):
         s = _saturate(q @ _swap(k), a.compute)
     elif m == "general":
-        s = _saturate(_saturate(q @ a.w.astype(_F64), a.compute) @ _swap(k), a.compute)
+        s = _saturate(_saturate(q @ _given(a.w).astype(_F64), a.compute) @ _swap(k), a.compute)
     elif m == "concat":
         # A linear layer over [q_i; k_j] splits into a query term and a key term.
-        sq = q @ a.w_q.astype(_F64)  # (..., Lq)
-        sk = k @ a.w_k.astype(_F64)  # (..., Lk)
-        s = sq[..., :, None] + sk[..., None, :] + float(a.score_bias)
+        sq = q @ _given(a.w_q).astype(_F64)  # (..., Lq)
+        sk = k @ _given(a.w_k).astype(_F64)  # (..., Lk)
+        s = sq[..., :, None] + sk[..., None, :] + float(_given(a.score_bias))
     else:  # additive (Bahdanau)
         # w_q / w_k None: q / k are already the projections (A features).
         pq = q if a.w_q is None else q @ _swap(a.w_q.astype(_F64))  # (..., Lq, A)
         pk = k if a.w_k is None else k @ _swap(a.w_k.astype(_F64))  # (..., Lk, A)
-        bias, v_a = a.score_bias.astype(_F64), a.v_a.astype(_F64)
+        bias, v_a = _given(a.score_bias).astype(_F64), _given(a.v_a).astype(_F64)
         # One query at a time: the (..., Lk, A) tanh tensor has as many axes as q, where a whole
         # (..., Lq, Lk, A) one would need one more than NumPy's 64 for inputs with 64.
         batch = _inputs.broadcast_batch(pq.shape[:-2], pk.shape[:-2])
@@ -110,7 +120,8 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     return s * a.scale
 
 
-def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
+def _masked_softmax64(s: np.ndarray, visible: Optional[np.ndarray], axis: int, sink: Optional[np.ndarray] = None
+                      ) -> Tuple[np.ndarray, np.ndarray]:
     """Softmax over ``axis`` of float64 ``s`` restricted to ``visible``.
 
     Returns (weights, lse).  ``visible`` is a bool array broadcastable to
@@ -152,7 +163,9 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
     return weights, np.squeeze(lse, axis=axis)
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Attention scores of every query against every key.
 
     Parameters
@@ -179,6 +192,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     ndarray, (..., Lq, Lk)
         In the promoted dtype of q and k.
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(
         q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
@@ -188,7 +203,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         return _inputs.round_to(_scores64(a.q.astype(_F64), a.k.astype(_F64), a), a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically safe softmax with an optional boolean mask.
 
     Parameters
@@ -205,6 +221,8 @@ def softmax(x, axis=-1, *, mask=None):
     ndarray, same shape and dtype as x
         Rows with no visible entry are all zeros.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     if a.x.size == 0:
         return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
@@ -212,7 +230,7 @@ def softmax(x, axis=-1, *, mask=None):
     return _inputs.round_to(weights, a.dtype)
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Weighted sum of the values, ``weights @ v``.
 
     Parameters
@@ -224,24 +242,26 @@ def aggregate(weights, v):
     -------
     ndarray, (..., Lq, Dv)
     """
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if 0 in a.batch_shape or a.lq == 0 or a.dv == 0 or a.lk == 0:
         return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)  # an empty sum is 0
     return _inputs.round_to(a.weights.astype(_F64) @ a.v.astype(_F64), a.dtype)
 
 
-def _diagonals(a) -> np.ndarray:
+def _diagonals(a: _inputs.AttentionArgs) -> np.ndarray:
     """int64 (..., Lq, 1): the key on each query row's diagonal, which causal, window and ALiBi align to.
 
     i + offset, with offset 0 (top_left) or Lk - Lq (bottom_right); with kv_lengths, bottom_right
     aligns each item to its own length: offset kv_lengths[b] - Lq (``a.diagonal_offsets``)."""
     i = np.arange(a.lq, dtype=np.int64)[:, None]
-    if a.diagonal_offsets is None:
-        return i + a.diagonal_offset
-    return i + a.diagonal_offsets[..., None, None]
+    offset = a.diagonal_offset if a.diagonal_offsets is None else a.diagonal_offsets[..., None, None]
+    diagonal: np.ndarray = i + offset
+    return diagonal
 
 
-def _visibility(a) -> np.ndarray:
+def _visibility(a: _inputs.AttentionArgs) -> np.ndarray:
     """Bool (batch..., Lq, Lk) array: key j visible to query i (before -inf scores)."""
     j = np.arange(a.lk)[None, :]
     diag = _diagonals(a)
@@ -260,7 +280,7 @@ def _visibility(a) -> np.ndarray:
     return vis
 
 
-def _cache64(a, x: np.ndarray, scale, features: int) -> np.ndarray:
+def _cache64(a: _inputs.AttentionArgs, x: np.ndarray, scale: Optional[np.ndarray], features: int) -> np.ndarray:
     """k or v as float64 of kv_batch_shape + (Lk, features): an int8 cache dequantised (int8 * scale,
     in float64), a paged cache gathered (key j of item b is row j % block_size of block
     block_table[b, j // block_size]); a broadcast view otherwise."""
@@ -277,26 +297,26 @@ def _cache64(a, x: np.ndarray, scale, features: int) -> np.ndarray:
     return np.broadcast_to(x, a.kv_batch_shape + (a.lk, features))
 
 
-def _keys64(a) -> np.ndarray:
+def _keys64(a: _inputs.AttentionArgs) -> np.ndarray:
     return _cache64(a, a.k, a.k_scale, a.dk)
 
 
-def _values64(a) -> np.ndarray:
+def _values64(a: _inputs.AttentionArgs) -> np.ndarray:
     return _cache64(a, a.v, a.v_scale, a.dv)
 
 
-def _sink64(a):
+def _sink64(a: _inputs.AttentionArgs) -> Optional[np.ndarray]:
     """The sinks as float64 (..., 1, 1) against the (batch..., Lq, Lk) scores, or None."""
     return None if a.sinks is None else a.sinks.astype(_F64)[..., None, None]
 
 
-def _attention_scores64(a) -> np.ndarray:
+def _attention_scores64(a: _inputs.AttentionArgs) -> np.ndarray:
     """Final scores (batch..., Lq, Lk) in float64: the method's, then softcap, ALiBi and bias, each
     saturated to the dtype.  A -inf bias gives -inf whatever the score."""
     return _modified_scores64(a, _method_scores64(a))
 
 
-def _modified_scores64(a, s: np.ndarray) -> np.ndarray:
+def _modified_scores64(a: _inputs.AttentionArgs, s: np.ndarray) -> np.ndarray:
     """The score modifiers applied to the method's scores ``s``, in the issue's order:
     softcap s <- c tanh(s / c); ALiBi s <- s - slope |diag_i - j|; then s + bias."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -312,7 +332,7 @@ def _modified_scores64(a, s: np.ndarray) -> np.ndarray:
     return s
 
 
-def _method_scores64(a) -> np.ndarray:
+def _method_scores64(a: _inputs.AttentionArgs) -> np.ndarray:
     """The method's scores (batch..., Lq, Lk) in float64 (scale included), saturated to the dtype.
 
     GQA by reshaping, not repeating.
@@ -360,7 +380,7 @@ def _weighted_values64(weights: np.ndarray, visible: np.ndarray, v: np.ndarray) 
     return out
 
 
-def _gqa_values64(a) -> np.ndarray:
+def _gqa_values64(a: _inputs.AttentionArgs) -> np.ndarray:
     """v as float64 indexed by output head (a broadcast view when group == 1)."""
     v = _values64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
@@ -370,7 +390,7 @@ def _gqa_values64(a) -> np.ndarray:
 
 
 
-def _rounded_result(a, o: np.ndarray) -> np.ndarray:
+def _rounded_result(a: _inputs.AttentionArgs, o: np.ndarray) -> np.ndarray:
     """The float64 result o rounded once into the call's result: into out= (whichever of the storage
     dtypes it has) when given, else a new array of the result dtype. ``a``: the checked arguments."""
     if a.out is None:
@@ -379,34 +399,87 @@ def _rounded_result(a, o: np.ndarray) -> np.ndarray:
     np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
     return a.out
 
+@overload
 def attention(
-    q,
-    k,
-    v,
-    *,
-    method="scaled_dot",
-    scale=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_align="top_left",
-    window=None,
-    kv_lengths=None,
-    return_lse=False,
-    return_weights=False,
-    out=None,
-    w=None,
-    w_q=None,
-    w_k=None,
-    v_a=None,
-    score_bias=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
-    block_table=None,
-    k_scale=None,
-    v_scale=None,
-):
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Array: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> AttentionOutput: ...
+
+
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None, **unexpected: Any,
+) -> AttentionOutput:
     """Full attention: scores, masking, softmax and weighted sum of values.
 
     Parameters
@@ -466,6 +539,8 @@ def attention(
     out : ndarray, (..., Lq, Dv)
         Or a tuple (out, lse), (out, weights) or (out, lse, weights).
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention, unexpected)
     a = _inputs.check_attention(
         q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,
@@ -478,13 +553,13 @@ def attention(
     return _attention_from_args(a)
 
 
-def _attention_from_args(a):
+def _attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     # NaN inputs are data here (a KV cache from np.empty holds signalling NaNs too): no warnings.
     with np.errstate(invalid="ignore"):
         return _attention_from_args_checked(a)
 
 
-def _attention_from_args_checked(a):
+def _attention_from_args_checked(a: _inputs.AttentionArgs) -> AttentionOutput:
     s = _attention_scores64(a)
     visible = _visibility(a)
     weights, lse = _masked_softmax64(s, visible, axis=-1, sink=_sink64(a))
@@ -502,15 +577,14 @@ def _attention_from_args_checked(a):
         o = _weighted_values64(wg, vg, vv).reshape(a.batch_shape + (a.lq, a.dv))
 
     result = _rounded_result(a, o)
-    extras = []
-    if a.return_lse:
-        extras.append(lse.astype(_inputs.lse_dtype(a.dtype)))
-    if a.return_weights:
-        extras.append(_inputs.round_to(weights, a.dtype))
-    return (result, *extras) if extras else result
+    lse_out = lse.astype(_inputs.lse_dtype(a.dtype)) if a.return_lse else None
+    if not a.return_weights:
+        return result if lse_out is None else (result, lse_out)
+    weights_out = _inputs.round_to(weights, a.dtype)
+    return (result, weights_out) if lse_out is None else (result, lse_out, weights_out)
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets.
 
     Parameters

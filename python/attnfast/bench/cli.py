@@ -8,6 +8,7 @@ Examples::
     python -m attnfast bench --dtype bfloat16             # every library in bfloat16, + attnfast float32
     python -m attnfast bench --backward --json bwd.json   # gradients: attnfast vs PyTorch autograd
     python -m attnfast bench --serving --json srv.json    # varlen, paged and int8 caches, modifiers
+    python -m attnfast bench --compare old.json new.json  # new's medians / old's, case by case
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .cases import DTYPES, default_cases, parse_shape, stage_cases
+from .cases import DTYPES, AttentionCase, default_cases, parse_shape, stage_cases
 
 __all__ = ["build_parser", "main"]
 
 
-def _shape(text: str):
+def _shape(text: str) -> AttentionCase:
     try:
         return parse_shape(text)
     except ValueError as exc:
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", metavar="FILE",
                    help="write a PNG: GFLOP/s and peak memory against sequence length (needs matplotlib)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="instead of running: B's median / A's median for every case and implementation in both "
+                        "--json files (matched by case, dtype, causal and implementation); cases in one file "
+                        "only are listed")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory column (saves a child process)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cases(args) -> list:
+def _cases(args: argparse.Namespace) -> List[Any]:
     if args.shape:
         return list(args.shape)
     return default_cases(args.quick, args.dtype) + stage_cases()
@@ -113,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (without the leading ``bench``), run, print the tables; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare:
+        return _main_compare(parser, args)
     _reexec_with_quiet_blas()
     if args.plot:
         from .plot import have_matplotlib
@@ -155,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _main_backward(args) -> int:
+def _main_backward(args: argparse.Namespace) -> int:
     from .backward import MEMORY_CASE, default_backward_cases, shape_backward_cases
     from .backward_report import format_backward_report
     from .backward_run import BackwardConfig, run_backward_benchmark
@@ -175,7 +182,7 @@ def _main_backward(args) -> int:
     return 0
 
 
-def _main_serving(args) -> int:
+def _main_serving(args: argparse.Namespace) -> int:
     from . import serving
     from .machine import usable_cores
     from .serving_report import format_serving_report
@@ -189,7 +196,23 @@ def _main_serving(args) -> int:
     return 1 if report["not_measured"] else 0
 
 
-def _write_json(report: dict, path: Optional[str]) -> None:
+def _main_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .compare import compare_reports, format_comparison, load_report
+
+    for given, option in ((args.json, "--json"), (args.plot, "--plot"), (args.shape, "--shape"),
+                          (args.backward, "--backward"), (args.serving, "--serving")):
+        if given:
+            parser.error(f"{option} is not available with --compare (it compares two saved runs)")
+    path_a, path_b = args.compare
+    try:
+        cmp = compare_reports(load_report(path_a), load_report(path_b), path_a, path_b)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(format_comparison(cmp, path_a, path_b))
+    return 0
+
+
+def _write_json(report: Dict[str, Any], path: Optional[str]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
-__all__ = ["cpu_info", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
+__all__ = ["cpu_info", "cache_levels", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
            "theoretical_fma_peak", "versions", "attnfast_capabilities", "machine_facts"]
 
 
@@ -23,9 +23,9 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def cpu_info() -> Dict[str, object]:
+def cpu_info() -> Dict[str, Any]:
     """CPU model, vendor, SIMD flags and clock in MHz from /proc/cpuinfo and cpufreq (Linux)."""
-    info: Dict[str, object] = {"model": platform.processor() or platform.machine(), "vendor": None,
+    info: Dict[str, Any] = {"model": platform.processor() or platform.machine(), "vendor": None,
                                "family": None, "flags": [], "mhz": None, "max_mhz": None}
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():
@@ -46,6 +46,42 @@ def cpu_info() -> Dict[str, object]:
     if max_khz and max_khz.strip().isdigit():
         info["max_mhz"] = int(max_khz) / 1000.0
     return info
+
+
+def cache_levels() -> List[Dict[str, int]]:
+    """Data and unified caches of CPU 0 from sysfs: level, size in bytes, how many CPUs share it.
+
+    Empty when sysfs does not say (not Linux, some containers).
+    """
+    out: List[Dict[str, int]] = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(e for e in os.listdir(base) if e.startswith("index"))
+    except OSError:
+        return out
+    for entry in entries:
+        kind = (_read(f"{base}/{entry}/type") or "").strip()
+        level = (_read(f"{base}/{entry}/level") or "").strip()
+        size = (_read(f"{base}/{entry}/size") or "").strip().upper()
+        if kind == "Instruction" or not level.isdigit() or not size:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
+        digits = size.rstrip("KMG")
+        if not digits.isdigit():
+            continue
+        out.append({"level": int(level), "bytes": int(digits) * scale,
+                    "shared_cpus": _count_cpus((_read(f"{base}/{entry}/shared_cpu_list") or "0").strip())})
+    return out
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a sysfs list such as ``0-3,8``."""
+    n = 0
+    for part in cpu_list.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            n += (int(hi) - int(lo) + 1) if hi.isdigit() else 1
+    return max(n, 1)
 
 
 def usable_cores() -> int:
@@ -69,7 +105,7 @@ def available_memory_bytes() -> Optional[int]:
         return None
 
 
-def flops_per_cycle_per_core(flags, itemsize: int, vendor: Optional[str] = None,
+def flops_per_cycle_per_core(flags: Optional[Iterable[str]], itemsize: int, vendor: Optional[str] = None,
                              family: Optional[int] = None) -> int:
     """Peak FLOPs per cycle of one core from its widest FMA unit.
 
@@ -88,7 +124,7 @@ def flops_per_cycle_per_core(flags, itemsize: int, vendor: Optional[str] = None,
     return lanes * per_fma * fma_pipes
 
 
-def theoretical_fma_peak(threads: int, itemsize: int = 4, info: Optional[dict] = None) -> Dict[str, object]:
+def theoretical_fma_peak(threads: int, itemsize: int = 4, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """cores × FLOP/cycle × clock, in FLOP/s, with the inputs that went into it."""
     info = info or cpu_info()
     mhz = max(x for x in (info.get("mhz"), info.get("max_mhz"), 0.0) if x is not None)
@@ -125,7 +161,7 @@ def versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def attnfast_capabilities() -> Dict[str, object]:
+def attnfast_capabilities() -> Dict[str, Any]:
     """``attnfast.capabilities()`` when the compiled package imports, else the import error."""
     try:
         import attnfast
@@ -140,7 +176,7 @@ def load_average() -> Optional[List[float]]:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def machine_facts(threads: int) -> Dict[str, object]:
+def machine_facts(threads: int) -> Dict[str, Any]:
     """Everything printed at the top of the report and stored in the JSON."""
     info = cpu_info()
     flags = set(info["flags"])
@@ -155,6 +191,7 @@ def machine_facts(threads: int) -> Dict[str, object]:
         "cores": usable_cores(),
         "threads": threads,
         "memory_available_bytes": available_memory_bytes(),
+        "caches": cache_levels(),
         "platform": platform.platform(),
         "python_executable": sys.executable,
         "attnfast": attnfast_capabilities(),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from typing import Any, Dict, SupportsIndex
 
 from . import _attnfast as _core
 from ._quantize import quantize_kv
@@ -54,7 +55,7 @@ if _core.isa_problem():
     warnings.warn(f"{_core.isa_problem()}; using {_core.isa()} instead", RuntimeWarning, stacklevel=2)
 
 
-def set_num_threads(n: int) -> None:
+def set_num_threads(n: SupportsIndex) -> None:
     """Use at most ``n`` threads in attnfast's kernels; ``n = 0`` restores the default.
 
     The setting is process-wide: it applies to calls from every Python thread, now and later. The
@@ -93,7 +94,7 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-def capabilities() -> dict:
+def capabilities() -> Dict[str, Any]:
     """What this build can do here: SIMD target in use and available, threads, version, build."""
     return {
         "isa": _core.isa(),

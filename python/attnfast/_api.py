@@ -14,11 +14,14 @@ once, from T.
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+
 import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
 from ._grads import AttentionGrads, sum_to_shape
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -95,7 +98,9 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(product.reshape(lead + w.shape[1:]))
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Score every query against every key.
 
     Parameters
@@ -115,6 +120,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     -------
     ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                              score_bias=score_bias)
     shape = a.batch_shape + (a.lq, a.lk)
@@ -148,12 +155,15 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     return _finished(out, a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically stable softmax along ``axis``.
 
     The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
     entries; a row with no visible entry gives all zeros, never NaN.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     out = np.empty(a.x.shape, a.dtype)
     if out.size == 0:
@@ -168,8 +178,10 @@ def softmax(x, axis=-1, *, mask=None):
     return out
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if a.lk == 0:
         # An empty sum; also O(1) for an empty result, whatever the (broadcast) batch.
@@ -259,16 +271,89 @@ def _serving_kernel_args(a, forward: bool) -> dict:
     return args
 
 
-def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
-              causal_align="top_left", window=None, kv_lengths=None, return_lse=False,
-              return_weights=False, out=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None,
-              softcap=None, alibi_slopes=None, sinks=None, block_table=None, k_scale=None, v_scale=None):
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Array: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[False] = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[False] = False, return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: Literal[True], return_weights: Literal[True],
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None) -> AttentionOutput: ...
+
+
+def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+              return_lse: bool = False, return_weights: bool = False,
+              out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+              w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None,
+              score_bias: Optional[ArrayLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+              block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+              v_scale: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionOutput:
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
     See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
     paged caches through block_table, int8 caches with k_scale / v_scale included); returns ``out``
     (..., Lq, Dv), or a tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
     """
+    if unexpected:  # one test of an empty dict: PyTorch's names get attnfast's, not a bare TypeError
+        _inputs.reject_unexpected(attention, unexpected)
     # The most common call (ndarrays, dot scores, no mask, lse or weights) is recognised and run by the
     # compiled core without this module's validation, which would cost ~5 us of a ~100 us decoder step;
     # it returns None for anything else. tests/test_attention.py checks both paths agree bitwise.
@@ -288,7 +373,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     return attention_from_args(a)
 
 
-def attention_from_args(a: _inputs.AttentionArgs):
+def attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     """:func:`attention` on arguments :func:`_inputs.check_attention` validated.
 
     The seam for callers that adjust validated arguments before the kernel runs: attnfast.dask's block
@@ -352,7 +437,7 @@ def _overlaps_itself(a: np.ndarray) -> bool:
     return False
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
 
     lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
@@ -406,10 +491,15 @@ def _pairwise_sum(terms):
 # --------------------------------------------------------------------------
 
 
-def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
-                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
-                       sinks=None, **unexpected):
+def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike, lse: ArrayLike,
+                       *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+                       mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+                       causal_align: CausalAlign = "top_left", window: Window = None,
+                       kv_lengths: Optional[ArrayLike] = None, w: Optional[ArrayLike] = None,
+                       w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+                       v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+                       softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None,
+                       sinks: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionGrads:
     """Gradients of :func:`attention` with respect to q, k, v, bias, the method weights and sinks.
 
     A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never
@@ -444,7 +534,7 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
     V hold. A row whose lse is +inf (scores that overflowed) passes its weights' share of dout to dv but
     has zero score gradients. See :func:`attnfast.reference.attention_backward` for the formulas.
     """
-    _inputs.reject_backward_extras(unexpected)
+    _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,

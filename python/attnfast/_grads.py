@@ -8,9 +8,10 @@ always done by ``np.add.reduce`` on the gradient, never by materialising a broad
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["AttentionGrads", "sum_to_shape", "fold_query_heads"]
 
@@ -42,19 +43,19 @@ class AttentionGrads(NamedTuple):
         (and batch items) each sink serves.
     """
 
-    dq: np.ndarray
-    dk: np.ndarray
-    dv: np.ndarray
-    dbias: Optional[np.ndarray] = None
-    dw: Optional[np.ndarray] = None
-    dw_q: Optional[np.ndarray] = None
-    dw_k: Optional[np.ndarray] = None
-    dscore_bias: Optional[np.ndarray] = None
-    dv_a: Optional[np.ndarray] = None
-    dsinks: Optional[np.ndarray] = None
+    dq: NDArray[Any]
+    dk: NDArray[Any]
+    dv: NDArray[Any]
+    dbias: Optional[NDArray[Any]] = None
+    dw: Optional[NDArray[Any]] = None
+    dw_q: Optional[NDArray[Any]] = None
+    dw_k: Optional[NDArray[Any]] = None
+    dscore_bias: Optional[NDArray[Any]] = None
+    dv_a: Optional[NDArray[Any]] = None
+    dsinks: Optional[NDArray[Any]] = None
 
 
-def sum_to_shape(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+def sum_to_shape(x: NDArray[Any], shape: Tuple[int, ...]) -> NDArray[Any]:
     """``x`` summed over the axes an input of ``shape`` was broadcast along to reach ``x.shape``.
 
     Returns ``x`` itself when nothing was broadcast. Leading axes ``shape`` lacks and axes where it
@@ -70,7 +71,7 @@ def sum_to_shape(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     return np.add.reduce(x, axis=axes, keepdims=True).reshape(shape)
 
 
-def fold_query_heads(x: np.ndarray, kv_batch_shape: Tuple[int, ...], group: int) -> np.ndarray:
+def fold_query_heads(x: NDArray[Any], kv_batch_shape: Tuple[int, ...], group: int) -> NDArray[Any]:
     """A gradient per query item (batch + (L, D)) summed over the ``group`` query heads that read each
     kv head (axis -3 of the batch: query head h reads kv head h // group), giving kv_batch + (L, D)."""
     if group == 1:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -66,6 +66,7 @@ __all__ = [
     "check_merge_states",
     "check_attention_backward",
     "reject_backward_extras",
+    "reject_unexpected",
     "result_dtype",
     "compute_dtype",
     "lse_dtype",
@@ -819,11 +820,34 @@ def check_aggregate(weights, v):
     )
 
 
-def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int]:
+def _heads_fit(hq: int, hk: int) -> bool:
+    """Whether Hq query heads can read Hk kv heads: equal, MQA, one query head broadcast, or GQA."""
+    return hq == hk or hk == 1 or hq == 1 or (hk > 0 and hq % hk == 0)
+
+
+def _swap_hint(q_shape: Shape, k_shape: Shape) -> str:
+    """For q and k whose heads (axis -3) do not fit: how to pass them if they look like (B, L, H, D)
+    arrays, i.e. if their axis -2 would fit as heads; "" otherwise."""
+    if len(q_shape) < 3 or len(k_shape) < 3 or not _heads_fit(q_shape[-2], k_shape[-2]):
+        return ""
+    if len(q_shape) == len(k_shape) == 4:
+        swap, layout, ours = "{}.transpose(0, 2, 1, 3)", "(B, L, H, D)", "(B, H, L, D)"
+    elif len(q_shape) == len(k_shape) == 3:
+        swap, layout, ours = "{}.transpose(1, 0, 2)", "(L, H, D)", "(H, L, D)"
+    else:
+        swap, layout, ours = "np.swapaxes({}, -3, -2)", "(..., L, H, D)", "(..., H, L, D)"
+    views = ", ".join(swap.format(x) for x in ("q", "k", "v"))
+    return (f" These shapes look like {layout} arrays (sequence axis before the heads, as flash-attn and "
+            f"jax.nn.dot_product_attention lay them out); attnfast reads {ours}: pass {views} (views, no "
+            f"copy), and {swap.format('out')} turns the result back.")
+
+
+def _attention_batch(q_batch: Shape, kv_batch: Shape, q_shape: Shape = (), k_shape: Shape = ()) -> Tuple[Shape, Shape, int]:
     """Combine q's and k/v's batch shapes; return (batch, kv_batch, group).
 
     Axis -3 (the head axis, when both sides have one) follows the GQA rule;
-    every other batch axis broadcasts as in NumPy.
+    every other batch axis broadcasts as in NumPy. ``q_shape`` and ``k_shape`` (the whole arrays'
+    shapes, when known) only shape the error's hint.
     """
     if len(q_batch) == 0 or len(kv_batch) == 0:
         batch = broadcast_batch(q_batch, kv_batch, names=("q", "k/v"))
@@ -844,7 +868,7 @@ def _attention_batch(q_batch: Shape, kv_batch: Shape) -> Tuple[Shape, Shape, int
         raise ValueError(
             f"q has {hq} heads (axis -3) but k/v have {hk}; the kv heads must divide the query heads "
             f"(query head h uses kv head h // (Hq/Hk)). Got q batch shape {_fmt(q_batch)} and k/v batch "
-            f"shape {_fmt(kv_batch)}."
+            f"shape {_fmt(kv_batch)}.{_swap_hint(q_shape, k_shape)}"
         )
     return rest + (heads,), rest + (hk,), group
 
@@ -1311,7 +1335,7 @@ def check_attention(
     if table is None:
         lk = int(k.shape[-2])
         kv_batch = broadcast_batch(k.shape[:-2], v.shape[:-2], names=("k", "v"))
-        batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch)
+        batch, kv_batch, group = _attention_batch(q.shape[:-2], kv_batch, q.shape, k.shape)
     else:
         # Key j of item b is row j % block_size of cache block table[b, j // block_size].
         lk = int(table.shape[1] * k.shape[2])
@@ -1478,13 +1502,106 @@ def _gradient_dtype(given: Any, fallback: np.dtype) -> np.dtype:
     return fallback
 
 
+# --------------------------------------------------------------------------
+# Keyword arguments from other libraries
+# --------------------------------------------------------------------------
+
+# Names PyTorch (scaled_dot_product_attention, softmax, nn.MultiheadAttention), flash-attn and JAX give
+# arguments attnfast has under another name or does not need: (whose name, attnfast's name or None, how
+# to pass it; "{value!r}" is the value given).
+# Shared names (scale, causal, mask, bias, softcap, alibi_slopes, block_table, cu_seqlens_q/k) need none.
+_TORCH, _FLASH, _JAX, _XFORMERS = "PyTorch's", "flash-attn's", "JAX's", "xformers'"
+_FOREIGN_KEYWORDS = {
+    "is_causal": (_TORCH, "causal", "pass causal={value!r} (causal=True's diagonal is causal_align='top_left', "
+                                    "the default, as PyTorch's is_causal; 'bottom_right' aligns the last query "
+                                    "with the last key)"),
+    "dim": (_TORCH, "axis", "pass axis= (the axis softmax normalises over, as PyTorch's dim)"),
+    "input": (_TORCH, "x", "pass the array as the first positional argument"),
+    "query": (_TORCH, "q", "pass the queries as the first positional argument (q)"),
+    "key": (_TORCH, "k", "pass the keys as the second positional argument (k)"),
+    "value": (_TORCH, "v", "pass the values as the third positional argument (v)"),
+    "dropout_p": (_TORCH, None, "attnfast has no dropout (its results are deterministic): drop dropout_p "
+                                "(0.0 is what attnfast computes), or apply dropout to softmax()'s weights "
+                                "and aggregate() them yourself"),
+    "enable_gqa": (_TORCH, None, "grouped-query attention needs no flag: kv heads (axis -3) that divide the "
+                                 "query heads are shared by index (query head h reads kv head h // (Hq/Hk)), "
+                                 "so drop enable_gqa"),
+    "key_padding_mask": (_TORCH, "kv_lengths", "PyTorch's key_padding_mask is True for keys to IGNORE: pass "
+                                               "kv_lengths= (the number of valid keys per batch item), or "
+                                               "mask=~key_padding_mask[:, None, None, :] (True = attend)"),
+    "need_weights": (_TORCH, "return_weights", "pass return_weights=True to get the weights (..., Lq, Lk) too"),
+    "softmax_scale": (_FLASH, "scale", "pass scale= (None is 1/sqrt(D), as in flash-attn)"),
+    "window_size": (_FLASH, "window", "pass window=(left, right), with None instead of -1 for an unbounded "
+                                      "side (window_size=(-1, -1) is window=None)"),
+    "cache_seqlens": (_FLASH, "kv_lengths", "pass kv_lengths= (the number of valid keys per batch item)"),
+    "return_softmax_lse": (_FLASH, "return_lse", "pass return_lse=True to get (out, lse)"),
+    "return_attn_probs": (_FLASH, "return_weights", "pass return_weights=True to get the weights "
+                                                    "(..., Lq, Lk) too, or return_lse=True for the log-sum-exp"),
+    "local_window_size": (_JAX, "window", "pass window=(left, right), None for an unbounded side"),
+    "key_value_seq_lengths": (_JAX, "kv_lengths", "pass kv_lengths= (the number of valid keys per batch item)"),
+    "attn_bias": (_XFORMERS, "bias", "pass bias= (added to the scores; -inf hides a key)"),
+}
+
+
+def _is_boolean(x: Any) -> Optional[bool]:
+    """Whether ``x`` holds booleans (NumPy, PyTorch, JAX or nested lists), None when it cannot tell."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception:  # anything NumPy cannot wrap: say both
+            return None
+    if str(dtype) in ("bool", "torch.bool"):
+        return True
+    return False if getattr(dtype, "is_floating_point", False) or np.dtype(dtype).kind in "fiu" else None
+
+
+def _attn_mask_hint(value: Any, takes_bias: bool) -> str:
+    """How to pass PyTorch's attn_mask: a boolean one is mask= (True = attend in both libraries), a
+    float one is added to the scores, which is bias=."""
+    boolean = _is_boolean(value)
+    if boolean is True or not takes_bias:
+        return "a boolean attn_mask is mask= here, with the same meaning (True = attend): pass mask=attn_mask"
+    if boolean is False:
+        return "a float attn_mask is added to the scores, which is bias= here: pass bias=attn_mask (-inf hides a key)"
+    return ("a boolean attn_mask (True = attend) is mask= here, a float one (added to the scores) is bias=: pass "
+            "mask=attn_mask or bias=attn_mask")
+
+
+def reject_unexpected(function: Callable[..., Any], given: Dict[str, Any], name: Optional[str] = None) -> None:
+    """TypeError for the keyword arguments ``function`` does not take (``given``, not empty; its
+    ``**unexpected``): a name from PyTorch, flash-attn or JAX gets attnfast's equivalent, any other name
+    the closest one ``function`` accepts. ``name``: how the message names the function (default its
+    ``__name__``). Only the error path runs this, so it may be slow.
+    """
+    import difflib
+    import inspect
+
+    accepted = [p.name for p in inspect.signature(function).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    start = f"{name or function.__name__}() got an unexpected keyword argument"
+    for given_name, value in given.items():
+        if given_name == "attn_mask":
+            if "mask" in accepted:
+                raise TypeError(f"{start} 'attn_mask' (PyTorch's name): {_attn_mask_hint(value, 'bias' in accepted)}.")
+            continue
+        if given_name in _FOREIGN_KEYWORDS:
+            origin, ours, how = _FOREIGN_KEYWORDS[given_name]
+            if ours is None or ours in accepted:
+                raise TypeError(f"{start} {given_name!r} ({origin} name): {how.format(value=value)}.")
+    first = next(iter(given))
+    close = difflib.get_close_matches(first, accepted, n=1)
+    raise TypeError(f"{start} {first!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
+
+
 _DENSIFY = ("k[block_table].transpose(0, 2, 1, 3, 4).reshape(B, Hk, -1, D) for a paged one, "
             "k.astype(np.float32) * k_scale[..., None] for an int8 one")
 
 
-def reject_backward_extras(given: dict) -> None:
+def reject_backward_extras(given: Dict[str, Any], function: Optional[Callable[..., Any]] = None) -> None:
     """TypeError for keyword arguments attention_backward does not take (``given``: the unexpected
-    ones), most likely the forward's return_lse / return_weights / out passed along with the others."""
+    ones), most likely the forward's return_lse / return_weights / out passed along with the others;
+    other names as :func:`reject_unexpected` words them (``function``: attention_backward itself)."""
     for name in ("block_table", "k_scale", "v_scale"):
         if name in given:
             what = "a paged cache (block_table)" if name == "block_table" else "an int8 cache (k_scale, v_scale)"
@@ -1492,6 +1609,9 @@ def reject_backward_extras(given: dict) -> None:
                 f"attention_backward does not take {name}: it has no gradients of {what}. "
                 f"Densify the cache first ({_DENSIFY}) and pass the dense k and v."
             )
+    if function is not None and any(name not in ("return_lse", "return_weights", "out") for name in given):
+        reject_unexpected(function, {name: x for name, x in given.items()
+                                     if name not in ("return_lse", "return_weights", "out")})
     if given:
         names = ", ".join(sorted(given))
         raise TypeError(

@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _inputs
+from ._types import ArrayLike
 
 __all__ = ["quantize_kv"]
 
 _LEVELS = 127  # symmetric: -128 is never produced, so negation stays in range
 
 
-def quantize_kv(x) -> Tuple[np.ndarray, np.ndarray]:
+def quantize_kv(x: ArrayLike) -> Tuple[NDArray[np.int8], NDArray[np.float32]]:
     """Quantise a K or V cache to int8 with one float32 scale per row (the last axis).
 
     Parameters

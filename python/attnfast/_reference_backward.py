@@ -28,21 +28,29 @@ summed over every row of every batch item the sink serves.
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 from . import _inputs
 from . import reference as _forward
 from ._grads import AttentionGrads, fold_query_heads, sum_to_shape
+from ._types import ArrayLike, CausalAlign, Method, Real, Window
 
 __all__ = ["attention_backward"]
 
 _F64 = np.float64
 
 
-def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=None, mask=None, bias=None,
-                       causal=False, causal_align="top_left", window=None, kv_lengths=None, w=None,
-                       w_q=None, w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None,
-                       sinks=None, **unexpected):
+def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike, lse: ArrayLike,
+                       *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+                       mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+                       causal_align: CausalAlign = "top_left", window: Window = None,
+                       kv_lengths: Optional[ArrayLike] = None, w: Optional[ArrayLike] = None,
+                       w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+                       v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+                       softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None,
+                       sinks: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionGrads:
     """Gradients of attention with respect to its inputs, in float64 from the explicit formulas.
 
     Parameters
@@ -64,7 +72,7 @@ def attention_backward(dout, q, k, v, out, lse, *, method="scaled_dot", scale=No
         dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a
         and dsinks where the call has those inputs (see :class:`attnfast.AttentionGrads`).
     """
-    _inputs.reject_backward_extras(unexpected)
+    _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(
         dout, q, k, v, out, lse, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,

@@ -3,17 +3,54 @@ one per sequence, in float64 (each sequence's rows rounded once into the result 
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional, Tuple, Union, overload
+
 import numpy as np
 
 from . import _inputs
+from ._types import Array, ArrayLike, CausalAlign, FloatArray, Real, Window
 from ._varlen import check_attention_varlen
 
 __all__ = ["attention_varlen"]
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
-                     causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     return_lse=False, out=None):
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[False] = False,
+    out: Optional[Array] = None,
+) -> Array: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[True],
+    out: Optional[Array] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None,
+) -> Union[Array, Tuple[Array, FloatArray]]: ...
+
+
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None, **unexpected: Any,
+) -> Union[Array, Tuple[Array, FloatArray]]:
     """Reference for :func:`attnfast.attention_varlen` (same signature, errors and semantics).
 
     Sequence s, query rows [cu_q[s], cu_q[s+1]) against keys [cu_k[s], cu_k[s+1]), is one
@@ -22,6 +59,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot"
     """
     from . import reference
 
+    if unexpected:
+        _inputs.reject_unexpected(attention_varlen, unexpected)
     va = check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, method=method, scale=scale, causal=causal,
                                 causal_align=causal_align, window=window, softcap=softcap,
                                 alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)

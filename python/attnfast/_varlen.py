@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 
 from . import _attnfast as _core
 from . import _inputs
 from ._api import _copy_rounded, _finished, _kernel_operands, _overlaps_itself, _written
+from ._types import Array, ArrayLike, CausalAlign, FloatArray, Real, Window
 
 __all__ = ["attention_varlen", "check_attention_varlen"]
 
@@ -193,9 +194,43 @@ def _fill_keyless(va: VarlenArgs, result: np.ndarray, lse: Optional[np.ndarray])
             lse[..., rows] = -np.inf if va.sinks is None else va.sinks[..., None]
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
-                     causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                     return_lse=False, out=None):
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[False] = False,
+    out: Optional[Array] = None,
+) -> Array: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: Literal[True],
+    out: Optional[Array] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None,
+) -> Union[Array, Tuple[Array, FloatArray]]: ...
+
+
+def attention_varlen(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, *,
+    method: Literal["scaled_dot", "dot"] = "scaled_dot", scale: Optional[Real] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, softcap: Optional[Real] = None,
+    alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
+    out: Optional[Array] = None, **unexpected: Any,
+) -> Union[Array, Tuple[Array, FloatArray]]:
     """Attention over packed variable-length sequences, each attending only to its own keys.
 
     Parameters
@@ -224,6 +259,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot"
         Or (out, lse). The same values as one ``attention`` call per sequence. A sequence with no keys
         gets out 0 and lse -inf (the sink with sinks).
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention_varlen, unexpected)
     va = check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, method=method, scale=scale, causal=causal,
                                 causal_align=causal_align, window=window, softcap=softcap,
                                 alibi_slopes=alibi_slopes, sinks=sinks, return_lse=return_lse, out=out)

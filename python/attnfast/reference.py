@@ -49,9 +49,12 @@ Numerics that the kernels must reproduce
 
 from __future__ import annotations
 
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+
 import numpy as np
 
 from . import _inputs
+from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, Method, Real, Window
 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
@@ -152,7 +155,9 @@ def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
     return weights, np.squeeze(lse, axis=axis)
 
 
-def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+           w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
+           v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
     """Attention scores of every query against every key.
 
     Parameters
@@ -179,6 +184,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
     ndarray, (..., Lq, Lk)
         In the promoted dtype of q and k.
     """
+    if unexpected:
+        _inputs.reject_unexpected(scores, unexpected)
     a = _inputs.check_scores(
         q, k, method=method, scale=scale, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias
     )
@@ -188,7 +195,8 @@ def scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None,
         return _inputs.round_to(_scores64(a.q.astype(_F64), a.k.astype(_F64), a), a.dtype)
 
 
-def softmax(x, axis=-1, *, mask=None):
+def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
+            **unexpected: Any) -> Array:
     """Numerically safe softmax with an optional boolean mask.
 
     Parameters
@@ -205,6 +213,8 @@ def softmax(x, axis=-1, *, mask=None):
     ndarray, same shape and dtype as x
         Rows with no visible entry are all zeros.
     """
+    if unexpected:
+        _inputs.reject_unexpected(softmax, unexpected)
     a = _inputs.check_softmax(x, axis, mask)
     if a.x.size == 0:
         return np.empty(a.x.shape, a.dtype)  # without up-casting a broadcast batch
@@ -212,7 +222,7 @@ def softmax(x, axis=-1, *, mask=None):
     return _inputs.round_to(weights, a.dtype)
 
 
-def aggregate(weights, v):
+def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     """Weighted sum of the values, ``weights @ v``.
 
     Parameters
@@ -224,6 +234,8 @@ def aggregate(weights, v):
     -------
     ndarray, (..., Lq, Dv)
     """
+    if unexpected:
+        _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
     if 0 in a.batch_shape or a.lq == 0 or a.dv == 0 or a.lk == 0:
         return np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)  # an empty sum is 0
@@ -379,34 +391,87 @@ def _rounded_result(a, o: np.ndarray) -> np.ndarray:
     np.copyto(a.out, _inputs.round_to(o, native), casting="unsafe")
     return a.out
 
+@overload
 def attention(
-    q,
-    k,
-    v,
-    *,
-    method="scaled_dot",
-    scale=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_align="top_left",
-    window=None,
-    kv_lengths=None,
-    return_lse=False,
-    return_weights=False,
-    out=None,
-    w=None,
-    w_q=None,
-    w_k=None,
-    v_a=None,
-    score_bias=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
-    block_table=None,
-    k_scale=None,
-    v_scale=None,
-):
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Array: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[False] = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[False] = False, return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: Literal[True], return_weights: Literal[True],
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> Tuple[Array, FloatArray, Array]: ...
+
+
+@overload
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None,
+) -> AttentionOutput: ...
+
+
+def attention(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[ArrayLike] = None, bias: Optional[ArrayLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[ArrayLike] = None,
+    return_lse: bool = False, return_weights: bool = False,
+    out: Optional[Array] = None, w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None,
+    w_k: Optional[ArrayLike] = None, v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None,
+    block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
+    v_scale: Optional[ArrayLike] = None, **unexpected: Any,
+) -> AttentionOutput:
     """Full attention: scores, masking, softmax and weighted sum of values.
 
     Parameters
@@ -466,6 +531,8 @@ def attention(
     out : ndarray, (..., Lq, Dv)
         Or a tuple (out, lse), (out, weights) or (out, lse, weights).
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention, unexpected)
     a = _inputs.check_attention(
         q, k, v, method=method, scale=scale, mask=mask, bias=bias, causal=causal,
         causal_align=causal_align, window=window, kv_lengths=kv_lengths, return_lse=return_lse,
@@ -510,7 +577,7 @@ def _attention_from_args_checked(a):
     return (result, *extras) if extras else result
 
 
-def merge_states(outs, lses):
+def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets.
 
     Parameters

@@ -63,8 +63,10 @@ nitpick_ignore_regex = [
 
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autodoc_member_order = "bysource"
-autodoc_typehints = "signature"
-autodoc_type_aliases = {"ArrayLike": "numpy.typing.ArrayLike"}
+# Signatures without annotations: each parameter's shape and dtype are in its numpydoc entry, and the
+# annotations (ArrayLike unions, one @overload per return_lse / return_weights combination) are for
+# type checkers; autodoc would print every overload with the aliases expanded.
+autodoc_typehints = "none"
 
 # numpydoc: types in parameter lists stay text (they are shapes and dtypes, not classes); members
 # of classes are documented by their own sections, not by generated tables.

@@ -128,14 +128,26 @@ PUBLIC_FUNCTIONS = list(_public_functions())
 
 @pytest.mark.parametrize("qualname, function", PUBLIC_FUNCTIONS, ids=[q for q, _ in PUBLIC_FUNCTIONS])
 def test_every_parameter_is_documented(qualname, function):
-    # help() shows __doc__: it must describe every argument of the signature, in numpydoc sections.
+    _assert_documented(qualname, function)
+
+
+@pytest.mark.parametrize("name", ["attnfast.torch", "attnfast.jax"])
+def test_every_adapter_parameter_is_documented(name):
+    module = _import(name)
+    for public in module.__all__:
+        _assert_documented(f"{name}.{public}", getattr(module, public))
+
+
+def _assert_documented(qualname, function):
+    # help() shows __doc__: it must describe every argument of the signature, and what a function that
+    # returns something returns, in numpydoc sections.
     doc = function.__doc__ or ""
     documented = _documented_parameters(doc)
-    wanted = {("**" + p.name) if p.kind is p.VAR_KEYWORD else p.name
-              for p in inspect.signature(function).parameters.values()}
+    signature = inspect.signature(function)
+    wanted = {("**" + p.name) if p.kind is p.VAR_KEYWORD else p.name for p in signature.parameters.values()}
     assert wanted <= documented, f"{qualname}: undocumented parameters {sorted(wanted - documented)}"
-    sections = ["Returns"] if wanted else []
-    for section in sections + ["Examples"]:
+    returns_nothing = signature.return_annotation in (None, "None")
+    for section in (["Parameters"] if wanted else []) + ([] if returns_nothing else ["Returns"]) + ["Examples"]:
         assert f"\n{section}\n" in "\n" + inspect.cleandoc(doc) + "\n", f"{qualname}: no {section} section"
 
 

@@ -12,6 +12,7 @@ committed.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +78,9 @@ numpydoc_xref_param_type = False
 # (EX01); with -W a missing one fails the build.
 numpydoc_validation_checks = {"PR01", "PR02", "RT01", "EX01"}
 numpydoc_validation_exclude = {
+    # attnfast.dask (optional, documented here when importable) is checked for rendering like every
+    # page, but its docstrings are not held to the core API's parameter / example rules.
+    r"^attnfast\.dask\.",
     r"\.AttentionGrads\.",  # the named tuple's generated field accessors and methods
     r"\.AttentionGrads$",  # a NamedTuple: its fields are documented as Attributes
     r"\.show_config$",  # prints, returns nothing
@@ -97,5 +101,16 @@ def _scale_out_pages(app, docname, source):
         source[0] += "\n*(The Dask guide, docs/dask.md, is not in this checkout.)*\n"
 
 
+# A Markdown page in docs/ is written to be read on the repository too, so it links files outside docs/
+# (../README.md, ../benchmarks/...) that are not pages of this site: show those as the file's path.
+_OUTSIDE_LINK = re.compile(r"\[([^\]]+)\]\(\.\./([^)#\s]+)(#[^)\s]*)?\)")
+
+
+def _repository_links(app, docname, source):
+    if app.env.doc2path(docname).suffix == ".md":
+        source[0] = _OUTSIDE_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(2)}` in the repository)", source[0])
+
+
 def setup(app):
     app.connect("source-read", _scale_out_pages)
+    app.connect("source-read", _repository_links)

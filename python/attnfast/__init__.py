@@ -61,7 +61,7 @@ def set_num_threads(n: SupportsIndex) -> None:
     Parameters
     ----------
     n : int
-        The thread limit, 0 (the default: the OMP_NUM_THREADS / affinity-derived count) to 65536.
+        The thread limit, from 1 to 65536; 0 restores the default count.
 
     Raises
     ------

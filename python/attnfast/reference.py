@@ -266,7 +266,7 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
     Raises
     ------
     TypeError
-        x of a dtype attnfast does not compute with, or a mask that is not bool.
+        x of a dtype attnfast does not compute with, a mask that is not bool, or an axis that is not an int.
     ValueError
         x is 0-d, axis is out of range, or the mask does not broadcast to x.
 
@@ -775,7 +775,7 @@ def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[
     Raises
     ------
     TypeError
-        A part of a dtype attnfast does not compute with.
+        A part of a dtype attnfast does not compute with, or outs / lses that are not lists or tuples.
     ValueError
         No parts, a different number of outs and lses, or parts whose shapes differ.
 

@@ -489,7 +489,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     Raises
     ------
     TypeError
-        A tensor on another device, a sparse tensor, a mask or kv_lengths that requires grad, a dtype
+        A tensor on another device, a sparse tensor, a mask that requires grad, a dtype
         attnfast does not compute with, a non-bool flag (and attnfast.attention's TypeErrors).
     ValueError
         attnfast.attention's ValueErrors (shapes, methods, windows, lengths); under ``torch.compile`` they

@@ -14,7 +14,7 @@ once, from T.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from ._types import Array, ArrayLike, AttentionOutput, CausalAlign, FloatArray, 
 __all__ = ["scores", "softmax", "aggregate", "attention", "merge_states", "attention_backward"]
 
 
-def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype):
+def _one_storage(x: np.ndarray, y: np.ndarray, compute: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
     """``x`` and ``y`` in one storage dtype whose kernels compute in ``compute``: as given when they
     already are, else both converted (exactly) to ``compute``."""
     if x.dtype == y.dtype and _inputs.compute_dtype(x.dtype) == compute:
@@ -204,8 +204,10 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
     q_t, k_t = a.q.astype(t, copy=False), a.k.astype(t, copy=False)
     out = np.empty(shape, t)
     if a.method == "general":
+        assert a.w is not None  # check_scores gives every method its weights
         _core.scores_dot(_projected(q_t, a.w), _unit_last_axis(k_t), out, batch, a.scale)
     elif a.method == "concat":
+        assert a.w_q is not None and a.w_k is not None
         # Separable: w_q.q_i + w_k.k_j + b is an outer sum of two projections.
         q_term = _projected(q_t, a.w_q)[..., :, None]
         k_term = _projected(k_t, a.w_k)[..., None, :]
@@ -216,6 +218,7 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
     else:
         qp = (q_t if a.w_q is None else _projected(q_t, a.w_q.T)) + a.score_bias
         kp = _unit_last_axis(k_t) if a.w_k is None else _projected(k_t, a.w_k.T)
+        assert a.v_a is not None
         _core.scores_additive(qp, kp, _unit_last_axis(a.v_a), out, batch, a.scale)
     return _finished(out, a.dtype)
 
@@ -350,7 +353,7 @@ def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     return _finished(out, a.dtype)
 
 
-def _score_operands(a):
+def _score_operands(a: _inputs.AttentionArgs) -> Tuple[np.ndarray, np.ndarray, float, Optional[np.ndarray]]:
     """q, k, scale and v_a for the fused kernel's score rule (v_a is None for dot-product scores).
 
     general folds W into q once; concat becomes a 2-feature dot product
@@ -362,8 +365,10 @@ def _score_operands(a):
     if a.method in ("dot", "scaled_dot"):
         return a.q, a.k, a.scale, None
     if a.method == "general":
+        assert a.w is not None  # check_attention gives every method its weights
         return _projected(a.q.astype(t, copy=False), a.w), a.k, a.scale, None
     if a.method == "concat":
+        assert a.w_q is not None and a.w_k is not None
         q_term = (_projected(a.q.astype(t, copy=False), a.w_q) + a.score_bias) * t.type(a.scale)
         qq = np.stack([q_term, np.full_like(q_term, a.scale)], axis=-1)
         k_term = _projected(a.k.astype(t, copy=False), a.w_k)
@@ -374,10 +379,12 @@ def _score_operands(a):
     # The kernels evaluate tanh(qp + kp) only on compute-type operands: unprojected 16-bit keys are
     # widened (exactly) like the projections, never read as a 16-bit cache.
     kp = a.k.astype(t, copy=False) if a.w_k is None else _projected(a.k.astype(t, copy=False), a.w_k.T)
+    assert a.v_a is not None
     return qp, kp, a.scale, _unit_last_axis(a.v_a)
 
 
-def _kernel_operands(a):
+def _kernel_operands(a: _inputs.AttentionArgs
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float, Optional[np.ndarray]]:
     """q, k, v, scale and v_a as the fused kernel takes them: k and v in one storage dtype S, q in S
     or the computation dtype (see the module docstring), each with an aligned unit-stride last axis.
     An int8 cache stays int8 (its kernels dequantise on load), with q in float32."""
@@ -390,17 +397,18 @@ def _kernel_operands(a):
     return _unit_last_axis(qq), _unit_last_axis(kk), _unit_last_axis(vv), kernel_scale, v_a
 
 
-def per_item(x: np.ndarray, batch, dtype) -> np.ndarray:
+def per_item(x: np.ndarray, batch: Sequence[int], dtype: Any) -> np.ndarray:
     """``x`` broadcast to the batch shape as the kernels take per-item arguments: one C-contiguous,
     aligned vector of ``dtype``, batch items in C order."""
     return np.array(np.broadcast_to(x, tuple(batch)), dtype=dtype, order="C").reshape(-1)
 
 
-def modifier_kernel_args(softcap, alibi_slopes, sinks, batch, compute) -> dict:
+def modifier_kernel_args(softcap: Optional[float], alibi_slopes: Optional[np.ndarray], sinks: Optional[np.ndarray],
+                         batch: Sequence[int], compute: np.dtype) -> Dict[str, Any]:
     """The compiled core's keyword arguments for validated score modifiers (see
     :func:`attnfast._inputs.check_score_modifiers`): softcap a float (0 = none), alibi_slopes and
     sinks one value per batch item in the computation dtype; only those the call has."""
-    args = {}
+    args: Dict[str, Any] = {}
     if softcap is not None:
         args["softcap"] = float(softcap)
     if alibi_slopes is not None:
@@ -410,7 +418,7 @@ def modifier_kernel_args(softcap, alibi_slopes, sinks, batch, compute) -> dict:
     return args
 
 
-def _serving_kernel_args(a, forward: bool) -> dict:
+def _serving_kernel_args(a: _inputs.AttentionArgs, forward: bool) -> Dict[str, Any]:
     """The compiled core's serving keyword arguments for a validated call: per-item diagonals, score
     modifiers and (forward only) the block table and int8 scales."""
     args = modifier_kernel_args(a.softcap, a.alibi_slopes, a.sinks, a.batch_shape, a.compute)
@@ -418,7 +426,7 @@ def _serving_kernel_args(a, forward: bool) -> dict:
         args["diagonal_offsets"] = per_item(a.diagonal_offsets, a.batch_shape, np.int64)
     if forward and a.block_table is not None:
         args["block_table"] = a.block_table
-    if forward and a.k_scale is not None:
+    if forward and a.k_scale is not None and a.v_scale is not None:  # both or neither
         # One scale per row of the cache (paged: of each block); broadcast views, never copies.
         rows = a.kv_batch_shape + (a.lk,) if a.block_table is None else a.k.shape[:-1]
         args["k_scale"] = np.broadcast_to(a.k_scale, rows)
@@ -729,7 +737,7 @@ def attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
               and target.flags.aligned and (a.dv <= 1 or target.strides[-1] == target.itemsize)
               and not _overlaps_itself(target)
               and not any(x is not None and np.may_share_memory(target, x) for x in operands))
-    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    result = target if direct and target is not None else np.empty(batch + (a.lq, a.dv), work)
     # lse and weights are made in the computation dtype; lse's is already lse_dtype(a.dtype).
     lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
     weights = np.empty(full, t) if a.return_weights else None
@@ -742,8 +750,9 @@ def attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     result = _finished(result, a.dtype) if target is None else result
     if weights is not None:
         weights = _finished(weights, a.dtype)
-    extras = [x for x in (lse, weights) if x is not None]
-    return (result, *extras) if extras else result
+    if weights is None:
+        return result if lse is None else (result, lse)
+    return (result, weights) if lse is None else (result, lse, weights)
 
 
 def _overlaps_itself(a: np.ndarray) -> bool:
@@ -835,14 +844,14 @@ def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[
     return _finished(merged.astype(t, copy=False), a.dtype), lse.astype(a.lse_dtype, copy=False)
 
 
-def _pairwise_sum(terms):
+def _pairwise_sum(terms: Iterator[np.ndarray]) -> np.ndarray:
     """Sum of an iterable of same-shape arrays as a balanced binary tree, holding O(log n) partial sums.
 
     NumPy reduces over a stacked leading axis one row at a time, whose float32 rounding errors grow in
     proportion to the number of parts (~700 eps over 65536 parts); the tree's grow like log n, as the
     kernels' long sums do.
     """
-    pending = []  # (level, sum of 2**level consecutive terms), levels strictly decreasing
+    pending: List[Tuple[int, np.ndarray]] = []  # (level, sum of 2**level terms), levels strictly decreasing
     for t in terms:
         level = 0
         while pending and pending[-1][0] == level:
@@ -1000,10 +1009,11 @@ def attention_backward_from_args(b: _inputs.AttentionBackwardArgs) -> AttentionG
     return AttentionGrads(**{"d" + name: _finished(g, b.grad_dtypes[name]) for name, g in grads.items()})
 
 
-def _sink_gradient(a, b) -> np.ndarray:
+def _sink_gradient(a: _inputs.AttentionArgs, b: _inputs.AttentionBackwardArgs) -> np.ndarray:
     """dsinks = -sum_i e^{sink - lse_i} (dO_i . O_i) from the forward's out and lse (the sink's weight
     in each row times the row's delta), summed to sinks' shape; in the computation dtype."""
     t = a.compute
+    assert a.sinks is not None
     with np.errstate(invalid="ignore", over="ignore"):
         delta = np.einsum("...d,...d->...", b.dout.astype(t, copy=False), b.out.astype(t, copy=False))
         p_sink = np.exp(a.sinks[..., None] - b.lse.astype(t, copy=False))
@@ -1011,7 +1021,7 @@ def _sink_gradient(a, b) -> np.ndarray:
     return sum_to_shape(per_item, a.sinks.shape)
 
 
-def _zero_gradients(a, dtypes: dict) -> AttentionGrads:
+def _zero_gradients(a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> AttentionGrads:
     """The gradients of a call whose loss depends on nothing (no key, no query, no value feature)."""
     shapes = {"q": a.q.shape, "k": a.k.shape, "v": a.v.shape}
     if a.bias is not None:
@@ -1028,7 +1038,7 @@ def _as_kernel_input(x: np.ndarray, storage: np.dtype, compute: np.dtype) -> np.
     return _unit_last_axis(_storage_or_compute(x, storage, compute))
 
 
-def _backward_kernel(a, b) -> dict:
+def _backward_kernel(a: _inputs.AttentionArgs, b: _inputs.AttentionBackwardArgs) -> Dict[str, Any]:
     """Run the fused backward on the forward's kernel operands. Returns the gradients of those operands
     in the computation dtype: dq (batch + (Lq, depth)), dk and dv (kv_batch + (Lk, .)), dscores
     (batch + (Lq, Lk), only with a bias) and dv_a (additive only)."""
@@ -1045,7 +1055,7 @@ def _backward_kernel(a, b) -> dict:
     lse = np.ascontiguousarray(b.lse, dtype=t)  # (batch, Lq), indexed densely by the kernel
     if not lse.flags.aligned:  # np.ascontiguousarray keeps an unaligned C-contiguous array as it is
         lse = lse.copy()
-    grads = {
+    grads: Dict[str, Any] = {
         "dq": np.empty(batch + (a.lq, depth), t),
         "dk": np.empty(kv_batch + (a.lk, depth), t),
         "dv": np.empty(kv_batch + (a.lk, a.dv), t),
@@ -1061,7 +1071,7 @@ def _backward_kernel(a, b) -> dict:
     return grads
 
 
-def _chained_gradients(a, kernel: dict) -> dict:
+def _chained_gradients(a: _inputs.AttentionArgs, kernel: Dict[str, Any]) -> Dict[str, Any]:
     """The gradients of q, k and the method weights from those of the kernel's operands (the chain
     rule through the projections _score_operands made), in the computation dtype, summed to each
     input's shape: q-like ones reduced to q's batch shape before any product with a weight, so a
@@ -1075,6 +1085,7 @@ def _chained_gradients(a, kernel: dict) -> dict:
     if a.method == "general":
         # The kernel saw q W: dq is the gradient of q W, dk already that of k.
         dqw = sum_to_shape(dq, q_shape[:-1] + (a.dk,))
+        assert a.w is not None
         return {"q": _projected(dqw, a.w.T), "k": sum_to_shape(dk, k_shape), "w": _weight_gradient(q, dqw)}
     if a.method == "concat":
         # Operands [scale (w_q.q_i + b), scale] and [1, w_k.k_j]: feature 0 of dq is the gradient of
@@ -1120,8 +1131,9 @@ def _weight_gradient(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     xf = x.reshape(-1, x.shape[-1])
     gf = g.reshape(-1, g.shape[-1])
     with np.errstate(invalid="ignore", over="ignore"):
-        result = xf.T @ gf
+        result: np.ndarray = xf.T @ gf
         if np.all(np.isfinite(result)):
             return result
         used = np.any(gf != 0, axis=1)
-        return np.where(used[:, None], xf, 0).T @ gf
+        result = np.where(used[:, None], xf, 0).T @ gf
+        return result

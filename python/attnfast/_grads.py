@@ -97,4 +97,5 @@ def fold_query_heads(x: NDArray[Any], kv_batch_shape: Tuple[int, ...], group: in
     if group == 1:
         return x
     split = x.shape[:-3] + (kv_batch_shape[-1], group) + x.shape[-2:]
-    return np.add.reduce(x.reshape(split), axis=-3)
+    folded: NDArray[Any] = np.add.reduce(x.reshape(split), axis=-3)
+    return folded

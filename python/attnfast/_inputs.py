@@ -44,10 +44,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import ml_dtypes
 import numpy as np
+
+from ._types import AttentionOutput, Method
 
 __all__ = [
     "METHODS",
@@ -139,7 +141,7 @@ class ScoresArgs:
     lk: int
     d: int
     dk: int
-    method: str
+    method: Method
     scale: float
     w: Optional[np.ndarray] = None
     w_q: Optional[np.ndarray] = None
@@ -208,7 +210,7 @@ class AttentionArgs:
     v: np.ndarray
     dtype: np.dtype
     compute: np.dtype
-    method: str
+    method: Method
     scale: float
     w: Optional[np.ndarray]
     w_q: Optional[np.ndarray]
@@ -260,8 +262,8 @@ class MergeArgs:
     both are computed in ``compute``.
     """
 
-    outs: list
-    lses: list
+    outs: List[np.ndarray]
+    lses: List[np.ndarray]
     dtype: np.dtype
     lse_dtype: np.dtype
     compute: np.dtype
@@ -282,7 +284,7 @@ class AttentionBackwardArgs:
     dout: np.ndarray
     out: np.ndarray
     lse: np.ndarray
-    grad_dtypes: dict
+    grad_dtypes: Dict[str, np.dtype]
 
 
 # --------------------------------------------------------------------------
@@ -300,10 +302,11 @@ def result_dtype(*dtypes: Any) -> np.dtype:
         if d != first:
             break
     else:
-        return np.dtype(first)
+        same: np.dtype = np.dtype(first)
+        return same
     if _FLOAT16 in dtypes and _BFLOAT16 in dtypes:
         dtypes = tuple(_FLOAT32 if d == _FLOAT16 or d == _BFLOAT16 else d for d in dtypes)
-    return np.result_type(*dtypes)
+    return np.dtype(np.result_type(*dtypes))
 
 
 def compute_dtype(result: np.dtype) -> np.dtype:
@@ -336,7 +339,8 @@ def round_to(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         y = np.where(too_far, np.nextafter(y, np.float32(0)), y)
         inexact = y.astype(_FLOAT64) != x
     bits = y.view(np.uint32) | inexact.astype(np.uint32)
-    return bits.view(_FLOAT32).astype(_BFLOAT16)
+    rounded: np.ndarray = bits.view(_FLOAT32).astype(_BFLOAT16)
+    return rounded
 
 
 def dtype_expr(dtype: np.dtype) -> str:
@@ -493,7 +497,7 @@ def _broadcast_shape(shapes: Sequence[Shape]) -> Optional[Shape]:
 _MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
 
 
-def _check_result_size(what: str, shape: Shape, dtype: np.dtype, inputs) -> None:
+def _check_result_size(what: str, shape: Shape, dtype: np.dtype, inputs: Any) -> None:
     """Raise ``ValueError`` when an array of ``shape`` and ``dtype`` (a result, or a broadcast operand) is
     larger than NumPy can make: (product of the nonzero extents) x itemsize above the largest intp, as
     NumPy counts, so an empty shape whose other extents are that large is refused as well.
@@ -537,15 +541,15 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
     first = shapes[0] if shapes else ()
     if type(first) is tuple and all(s == first for s in shapes[1:]):
         return first
-    shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+    normalised = tuple(tuple(int(n) for n in s) for s in shapes)
     # By hand, not np.broadcast_shapes, which takes at most 32 axes (an array may have 64) and refuses a
     # broadcast larger than one array can hold (the callers check the arrays they make).
-    joint = _broadcast_shape(shapes)
+    joint = _broadcast_shape(normalised)
     if joint is not None:
         return joint
     if names is None:
-        names = [f"argument {i}" for i in range(len(shapes))]
-    listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, shapes))
+        names = [f"argument {i}" for i in range(len(normalised))]
+    listing = ", ".join(f"{n} {_fmt(s)}" for n, s in zip(names, normalised))
     raise ValueError(
         f"the batch shapes (all axes before the last two) do not broadcast: {listing}. "
         f"Batch axes follow NumPy broadcasting, aligned from the right: each axis must be "
@@ -558,11 +562,11 @@ def broadcast_batch(*shapes: Sequence[int], names: Optional[Sequence[str]] = Non
 # --------------------------------------------------------------------------
 
 
-def _check_method(method: Any) -> str:
+def _check_method(method: Any) -> Method:
     if not isinstance(method, str) or method not in METHODS:
         valid = ", ".join(repr(m) for m in METHODS)
         raise ValueError(f"unknown method {method!r}; valid methods are {valid}.")
-    return str(method)
+    return cast(Method, str(method))
 
 
 def _check_scale(scale: Any, method: str, d: int, dtype: np.dtype) -> float:
@@ -605,7 +609,7 @@ def _weight(name: str, x: Any, expected: Shape, dtype: np.dtype, method: str, la
 
 def _check_method_weights(
     method: str, dtype: np.dtype, d: int, dk: int, q_shape: Shape, k_shape: Shape, **given: Any
-) -> dict:
+) -> Dict[str, Any]:
     """Validate the weights of ``method``; return the ScoresArgs weight fields."""
     used = _METHOD_WEIGHTS[method]
     for name, value in given.items():
@@ -614,7 +618,7 @@ def _check_method_weights(
                 f"{name} is only used by {_WEIGHT_USERS[name]}; got method={method!r}. "
                 f"Remove {name} or choose the method that uses it."
             )
-    fields = dict(w=None, w_q=None, w_k=None, v_a=None, score_bias=None, hidden=0)
+    fields: Dict[str, Any] = dict(w=None, w_q=None, w_k=None, v_a=None, score_bias=None, hidden=0)
 
     if method in ("dot", "scaled_dot") and d != dk:
         raise ValueError(
@@ -688,7 +692,8 @@ def _check_method_weights(
 # --------------------------------------------------------------------------
 
 
-def check_scores(q, k, *, method="scaled_dot", scale=None, w=None, w_q=None, w_k=None, v_a=None, score_bias=None):
+def check_scores(q: Any, k: Any, *, method: Any = "scaled_dot", scale: Any = None, w: Any = None, w_q: Any = None,
+                 w_k: Any = None, v_a: Any = None, score_bias: Any = None) -> ScoresArgs:
     """Validate the arguments of ``scores``.
 
     Parameters
@@ -757,7 +762,7 @@ def _check_mask(mask: Any) -> np.ndarray:
     return m
 
 
-def check_softmax(x, axis=-1, mask=None):
+def check_softmax(x: Any, axis: Any = -1, mask: Any = None) -> SoftmaxArgs:
     """Validate the arguments of ``softmax``.
 
     Parameters
@@ -780,7 +785,7 @@ def check_softmax(x, axis=-1, mask=None):
     return SoftmaxArgs(x=x, axis=ax, mask=mask, dtype=x.dtype, compute=compute_dtype(x.dtype))
 
 
-def check_aggregate(weights, v):
+def check_aggregate(weights: Any, v: Any) -> AggregateArgs:
     """Validate the arguments of ``aggregate``.
 
     Parameters
@@ -882,7 +887,9 @@ def _integers_beyond_int64(kv_lengths: Any, n: np.ndarray) -> Optional[np.ndarra
         items = np.asarray(kv_lengths, dtype=object)
     else:
         return None
-    is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    def is_int(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
     return items if items.size and all(is_int(x) for x in items.flat) else None
 
 
@@ -901,7 +908,7 @@ def _check_kv_lengths(kv_lengths: Any, batch: Shape, lk: int) -> np.ndarray:
             f"kv_lengths must be an integer array (the number of visible keys per batch entry); got dtype "
             f"{n.dtype}. Convert it with {_conversion_hint('kv_lengths', kv_lengths, 'np.int64')}."
         )
-    def hint():
+    def hint() -> str:
         if n.ndim >= 1 and len(batch) > n.ndim:
             return (
                 "Batch axes align from the right; for one length per leading batch entry add trailing "
@@ -1016,7 +1023,7 @@ def nothing_to_compute(a: AttentionArgs) -> bool:
     return a.lk == 0 or a.lq == 0 or 0 in a.batch_shape or (a.dv == 0 and not (a.return_lse or a.return_weights))
 
 
-def result_without_scores(a: AttentionArgs):
+def result_without_scores(a: AttentionArgs) -> AttentionOutput:
     """attention()'s result when :func:`nothing_to_compute`: out 0, lse -inf, weights 0 (written into
     ``out=`` when given). Shared by the fast path and the reference; it runs before any projection or
     broadcast, so the outputs are the only allocation and an empty result of a 10^8-item broadcast batch
@@ -1026,16 +1033,17 @@ def result_without_scores(a: AttentionArgs):
         result = a.out
     else:
         result = np.zeros(a.batch_shape + (a.lq, a.dv), a.dtype)
-    extras = []
+    lse = None
     if a.return_lse:
         shape = a.batch_shape + (a.lq,)
         if a.sinks is None:
-            extras.append(np.full(shape, -np.inf, lse_dtype(a.dtype)))
+            lse = np.full(shape, -np.inf, lse_dtype(a.dtype))
         else:  # a row without keys has lse = its sink
-            extras.append(np.broadcast_to(a.sinks[..., None], shape).astype(lse_dtype(a.dtype)))
-    if a.return_weights:
-        extras.append(np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype))
-    return (result, *extras) if extras else result
+            lse = np.broadcast_to(a.sinks[..., None], shape).astype(lse_dtype(a.dtype))
+    if not a.return_weights:
+        return result if lse is None else (result, lse)
+    weights = np.zeros(a.batch_shape + (a.lq, a.lk), a.dtype)
+    return (result, weights) if lse is None else (result, lse, weights)
 
 
 # --------------------------------------------------------------------------
@@ -1095,7 +1103,8 @@ def check_per_head(name: str, x: Any, target: Shape, compute: np.dtype, what: st
     return converted
 
 
-def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Shape, compute: np.dtype):
+def check_score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: Shape, compute: np.dtype
+                          ) -> Tuple[Optional[float], Optional[np.ndarray], Optional[np.ndarray]]:
     """(softcap, alibi_slopes, sinks) validated for a call of batch shape ``batch`` (see
     :func:`check_softcap` and :func:`check_per_head`); shared with attention_varlen."""
     return (check_softcap(softcap, compute), check_per_head("alibi_slopes", alibi_slopes, batch, compute),
@@ -1131,7 +1140,8 @@ def _check_scale_array(name: str, scale: Any, cache: np.ndarray, cache_name: str
     return a
 
 
-def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any, v_scale: Any, method: str):
+def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any, v_scale: Any, method: str
+                      ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(k_scale, v_scale) for int8 k and v (float32, validated), (None, None) for floating ones."""
     k8, v8 = k.dtype == _INT8, v.dtype == _INT8
     if not (k8 or v8):
@@ -1147,12 +1157,12 @@ def _check_int8_cache(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_scale: Any,
             f"k and v must both be int8 (a quantised cache) or both floating; got k of dtype {k.dtype} and "
             f"v of dtype {v.dtype}. Quantize both with attnfast.quantize_kv."
         )
-    for name, given, cache in (("k_scale", k_scale, "k"), ("v_scale", v_scale, "v")):
-        if given is None:
+    for name, scale, cache_name in (("k_scale", k_scale, "k"), ("v_scale", v_scale, "v")):
+        if scale is None:
             raise TypeError(
-                f"{cache} is int8 but {name} is None: an int8 cache needs its per-row scales "
-                f"({cache} value = int8 * scale). Pass {name}=, e.g. from "
-                f"{cache}_int8, {name} = attnfast.quantize_kv({cache})."
+                f"{cache_name} is int8 but {name} is None: an int8 cache needs its per-row scales "
+                f"({cache_name} value = int8 * scale). Pass {name}=, e.g. from "
+                f"{cache_name}_int8, {name} = attnfast.quantize_kv({cache_name})."
             )
     if q.dtype == _FLOAT64:
         raise TypeError(
@@ -1266,33 +1276,33 @@ def per_item_diagonal_offsets(causal_align: str, kv_lengths: Optional[np.ndarray
 
 
 def check_attention(
-    q,
-    k,
-    v,
+    q: Any,
+    k: Any,
+    v: Any,
     *,
-    method="scaled_dot",
-    scale=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_align="top_left",
-    window=None,
-    kv_lengths=None,
-    return_lse=False,
-    return_weights=False,
-    out=None,
-    w=None,
-    w_q=None,
-    w_k=None,
-    v_a=None,
-    score_bias=None,
-    softcap=None,
-    alibi_slopes=None,
-    sinks=None,
-    block_table=None,
-    k_scale=None,
-    v_scale=None,
-):
+    method: Any = "scaled_dot",
+    scale: Any = None,
+    mask: Any = None,
+    bias: Any = None,
+    causal: Any = False,
+    causal_align: Any = "top_left",
+    window: Any = None,
+    kv_lengths: Any = None,
+    return_lse: Any = False,
+    return_weights: Any = False,
+    out: Any = None,
+    w: Any = None,
+    w_q: Any = None,
+    w_k: Any = None,
+    v_a: Any = None,
+    score_bias: Any = None,
+    softcap: Any = None,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
+    block_table: Any = None,
+    k_scale: Any = None,
+    v_scale: Any = None,
+) -> AttentionArgs:
     """Validate the arguments of ``attention``.
 
     Parameters
@@ -1411,7 +1421,7 @@ def check_attention(
     )
 
 
-def check_merge_states(outs, lses):
+def check_merge_states(outs: Any, lses: Any) -> MergeArgs:
     """Validate the arguments of ``merge_states``.
 
     Parameters
@@ -1621,7 +1631,8 @@ def reject_backward_extras(given: Dict[str, Any], function: Optional[Callable[..
         )
 
 
-def check_attention_backward(dout, q, k, v, out, lse, **kwargs):
+def check_attention_backward(dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, **kwargs: Any
+                             ) -> AttentionBackwardArgs:
     """Validate the arguments of ``attention_backward``.
 
     Parameters

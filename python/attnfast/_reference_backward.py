@@ -28,7 +28,7 @@ summed over every row of every batch item the sink serves.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -158,7 +158,7 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
     return _rounded(grads, a, b.grad_dtypes)
 
 
-def _inputs_of(a) -> dict:
+def _inputs_of(a: _inputs.AttentionArgs) -> Dict[str, np.ndarray]:
     """The differentiable inputs of the call, by name, as validated (shapes as given)."""
     found = {"q": a.q, "k": a.k, "v": a.v}
     if a.bias is not None:
@@ -169,7 +169,7 @@ def _inputs_of(a) -> dict:
     return found
 
 
-def _rounded(grads: dict, a, dtypes: dict) -> AttentionGrads:
+def _rounded(grads: Dict[str, np.ndarray], a: _inputs.AttentionArgs, dtypes: Dict[str, np.dtype]) -> AttentionGrads:
     """The float64 gradients summed to their inputs' shapes and rounded once into their dtypes."""
     shapes = {name: np.shape(x) for name, x in _inputs_of(a).items()}
     fields = {}
@@ -178,7 +178,7 @@ def _rounded(grads: dict, a, dtypes: dict) -> AttentionGrads:
     return AttentionGrads(**fields)
 
 
-def _per_query_item(x: np.ndarray, a, features: int) -> np.ndarray:
+def _per_query_item(x: np.ndarray, a: _inputs.AttentionArgs, features: int) -> np.ndarray:
     """k or v in float64, expanded to one item per query item (batch_shape + (Lk, features)): GQA/MQA
     repeats each kv head for the query heads that read it (obvious, not fast)."""
     x = np.broadcast_to(x, a.kv_batch_shape + (a.lk, features)).astype(_F64)
@@ -191,7 +191,7 @@ def _t(x: np.ndarray) -> np.ndarray:
     return np.swapaxes(x, -1, -2)
 
 
-def _gradients64(a, dout: np.ndarray) -> dict:
+def _gradients64(a: _inputs.AttentionArgs, dout: np.ndarray) -> Dict[str, np.ndarray]:
     """Every gradient in float64, batch-shaped (q-like ones batch + (Lq, .), k/v-like ones per query
     item batch + (Lk, .) before folding), weights already summed over the batch."""
     raw = _forward._method_scores64(a)
@@ -218,14 +218,14 @@ def _gradients64(a, dout: np.ndarray) -> dict:
         grads["bias"] = ds
     if a.sinks is not None:
         # The sink's weight e^{sink - lse_i}; 0 in a row whose lse is +inf.
-        p_sink = np.exp(_forward._sink64(a)[..., 0] - lse)  # (batch..., Lq)
+        p_sink = np.exp(_forward._given(_forward._sink64(a))[..., 0] - lse)  # (batch..., Lq)
         grads["sinks"] = -np.sum(p_sink * delta[..., 0], axis=-1)
     for name in ("k", "v"):
         grads[name] = fold_query_heads(grads[name], a.kv_batch_shape, a.group)
     return grads
 
 
-def _through_softcap(a, ds: np.ndarray, raw: np.ndarray, visible: np.ndarray) -> np.ndarray:
+def _through_softcap(a: _inputs.AttentionArgs, ds: np.ndarray, raw: np.ndarray, visible: np.ndarray) -> np.ndarray:
     """dS chained through s = c tanh(r / c) to the method's score r: dS (1 - tanh^2(r / c)), 0 where
     hidden (never multiplied there: r may be NaN). ALiBi's term is constant in r."""
     if a.softcap is None:
@@ -243,18 +243,20 @@ def _seen_rows(x: np.ndarray, seen: np.ndarray) -> np.ndarray:
 
 def _batch_sum_outer(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """sum over every batch item and row of x_r^T y_r: x (..., L, F), y (..., L, G) -> (F, G)."""
-    return x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+    total: np.ndarray = x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+    return total
 
 
-def _method_gradients64(a, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k: np.ndarray) -> dict:
+def _method_gradients64(a: _inputs.AttentionArgs, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k: np.ndarray
+                        ) -> Dict[str, np.ndarray]:
     """dq, dk (per query item) and the method weights' gradients from dS, the scores' gradient."""
     select = _forward._weighted_values64
-    rows_seen, keys_seen = visible.any(axis=-1), visible.any(axis=-2)
+    rows_seen, keys_seen = np.logical_or.reduce(visible, axis=-1), np.logical_or.reduce(visible, axis=-2)
     scale = a.scale
     if a.method in ("dot", "scaled_dot"):
         return {"q": scale * select(ds, visible, k), "k": scale * select(_t(ds), _t(visible), q)}
     if a.method == "general":
-        w = a.w.astype(_F64)
+        w = _forward._given(a.w).astype(_F64)
         dqw = scale * select(ds, visible, k)  # gradient of the projected queries q W
         return {
             "q": dqw @ w.T,
@@ -265,8 +267,8 @@ def _method_gradients64(a, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k
         by_query = scale * np.sum(ds, axis=-1)  # d s / d (w_q . q_i), summed over the keys
         by_key = scale * np.sum(ds, axis=-2)
         return {
-            "q": by_query[..., None] * a.w_q.astype(_F64),
-            "k": by_key[..., None] * a.w_k.astype(_F64),
+            "q": by_query[..., None] * _forward._given(a.w_q).astype(_F64),
+            "k": by_key[..., None] * _forward._given(a.w_k).astype(_F64),
             "w_q": np.sum(by_query[..., None] * _seen_rows(q, rows_seen), axis=tuple(range(q.ndim - 1))),
             "w_k": np.sum(by_key[..., None] * _seen_rows(k, keys_seen), axis=tuple(range(k.ndim - 1))),
             "score_bias": np.sum(by_query),
@@ -274,13 +276,14 @@ def _method_gradients64(a, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k
     return _additive_gradients64(a, ds, visible, q, k, rows_seen, keys_seen)
 
 
-def _additive_gradients64(a, ds, visible, q, k, rows_seen, keys_seen) -> dict:
+def _additive_gradients64(a: _inputs.AttentionArgs, ds: np.ndarray, visible: np.ndarray, q: np.ndarray, k: np.ndarray,
+                          rows_seen: np.ndarray, keys_seen: np.ndarray) -> Dict[str, np.ndarray]:
     """Bahdanau scores s_ij = scale v_a . tanh(qp_i + kp_j + b), one query at a time (the forward's
     (..., Lk, A) tensor per query): dz_ija = scale dS_ij v_a[a] (1 - tanh^2) is the gradient of the
     pre-activation, whose sums over j, i and both give dqp, dkp and d score_bias."""
     w_q = None if a.w_q is None else a.w_q.astype(_F64)
     w_k = None if a.w_k is None else a.w_k.astype(_F64)
-    b, v_a = a.score_bias.astype(_F64), a.v_a.astype(_F64)
+    b, v_a = _forward._given(a.score_bias).astype(_F64), _forward._given(a.v_a).astype(_F64)
     qp = q if w_q is None else q @ w_q.T
     kp = k if w_k is None else k @ w_k.T
     dqp = np.zeros(qp.shape)

@@ -3,7 +3,7 @@ one per sequence, in float64 (each sequence's rows rounded once into the result 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Tuple, Union, overload
+from typing import Any, Dict, Literal, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -139,8 +139,8 @@ def attention_varlen(
     lse = np.full(batch + (a.lq,), -np.inf)
     window = None if a.window_left < 0 and a.window_right < 0 else (
         None if a.window_left < 0 else a.window_left, None if a.window_right < 0 else a.window_right)
-    modifiers = {name: value for name, value in (("softcap", va.softcap), ("alibi_slopes", va.alibi_slopes),
-                                                 ("sinks", va.sinks)) if value is not None}
+    modifiers: Dict[str, Any] = {name: value for name, value in (
+        ("softcap", va.softcap), ("alibi_slopes", va.alibi_slopes), ("sinks", va.sinks)) if value is not None}
     q64, k64, v64 = (x.astype(np.float64) for x in (a.q, a.k, a.v))
     for s in range(va.cu_q.size - 1):
         rows = slice(int(va.cu_q[s]), int(va.cu_q[s + 1]))

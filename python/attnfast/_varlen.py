@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Tuple, Union, overload
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, cast, overload
 
 import numpy as np
 
@@ -39,10 +39,10 @@ class VarlenArgs:
     """Validated arguments of ``attention_varlen``: ``a`` is what ``attention`` would check of the packed
     arrays (dtypes, heads, scale, window, out), the rest the packed structure and the modifiers."""
 
-    a: Any  # _inputs.AttentionArgs of the packed q, k, v (lq = Tq, lk = Tk)
+    a: _inputs.AttentionArgs  # of the packed q, k, v (lq = Tq, lk = Tk)
     cu_q: np.ndarray  # int64 (n + 1,)
     cu_k: np.ndarray
-    causal_align: str
+    causal_align: CausalAlign
     softcap: Optional[float]
     alibi_slopes: Optional[np.ndarray]  # compute dtype, broadcast to the batch shape (a read-only view)
     sinks: Optional[np.ndarray]
@@ -99,9 +99,10 @@ def _check_cu_seqlens(name: str, x: Any, total: int, axis: str) -> np.ndarray:
     return c.astype(np.int64)
 
 
-def check_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, method="scaled_dot", scale=None, causal=False,
-                           causal_align="top_left", window=None, softcap=None, alibi_slopes=None, sinks=None,
-                           return_lse=False, out=None) -> VarlenArgs:
+def check_attention_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, *, method: Any = "scaled_dot",
+                           scale: Any = None, causal: Any = False, causal_align: Any = "top_left", window: Any = None,
+                           softcap: Any = None, alibi_slopes: Any = None, sinks: Any = None, return_lse: Any = False,
+                           out: Any = None) -> VarlenArgs:
     """Validate the arguments of ``attention_varlen`` (shared by the kernel path and the reference)."""
     method = _inputs._check_method(method)
     if method not in ("dot", "scaled_dot"):
@@ -139,7 +140,7 @@ def _per_item(per_sequence: np.ndarray, items_per_sequence: int) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(per_sequence.astype(np.int64), items_per_sequence))
 
 
-def _kernel_calls(va: VarlenArgs):
+def _kernel_calls(va: VarlenArgs) -> List[np.ndarray]:
     """The sequences of each kernel call, longest first. The row-wise decode path (group * rows <= 16)
     gives every kv item of a call the call's longest row count and computes the scores of the rows a
     shorter sequence does not have (it only never reads or writes them), so its sequences go in calls
@@ -158,8 +159,8 @@ def _kernel_calls(va: VarlenArgs):
     return [s for s in calls if s.size]
 
 
-def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, result: np.ndarray,
-                lse: Optional[np.ndarray]) -> None:
+def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq: np.ndarray, kk: np.ndarray, vv: np.ndarray, kernel_scale: float,
+                result: np.ndarray, lse: Optional[np.ndarray]) -> None:
     a = va.a
     batch, kv_batch = tuple(a.batch_shape), tuple(a.kv_batch_shape)
     per_q, per_kv = math.prod(batch), math.prod(kv_batch)
@@ -169,7 +170,7 @@ def _run_kernel(va: VarlenArgs, seqs: np.ndarray, qq, kk, vv, kernel_scale, resu
     if lse is not None:
         rows = np.arange(per_q, dtype=np.int64) * a.lq
         lse_offsets = np.ascontiguousarray((va.cu_q[seqs][:, None] + rows[None, :]).ravel())
-    modifiers = {}
+    modifiers: Dict[str, Any] = {}
     if va.softcap is not None:
         modifiers["softcap"] = va.softcap
     for name in ("alibi_slopes", "sinks"):
@@ -327,7 +328,8 @@ def attention_varlen(
     a = va.a
     batch = tuple(a.batch_shape)
     if a.lq == 0 or 0 in batch or (a.dv == 0 and not a.return_lse):
-        return _inputs.result_without_scores(a)
+        # return_weights is never set here: out, or (out, lse).
+        return cast(Union[Array, Tuple[Array, FloatArray]], _inputs.result_without_scores(a))
     qq, kk, vv, kernel_scale, _ = _kernel_operands(a)
     t = a.compute
     target = a.out
@@ -338,7 +340,7 @@ def attention_varlen(
     direct = (target is not None and len(calls) <= 1 and target.dtype == work and target.flags.aligned
               and (a.dv <= 1 or target.strides[-1] == target.itemsize) and not _overlaps_itself(target)
               and not any(np.may_share_memory(target, x) for x in (qq, kk, vv)))
-    result = target if direct else np.empty(batch + (a.lq, a.dv), work)
+    result = target if direct and target is not None else np.empty(batch + (a.lq, a.dv), work)
     lse = np.empty(batch + (a.lq,), t) if a.return_lse else None
     for seqs in calls:
         _run_kernel(va, seqs, qq, kk, vv, kernel_scale, result, lse)

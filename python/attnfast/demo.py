@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import unicodedata
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,7 +44,7 @@ NOISE = 0.05
 SEED = 0
 
 
-def embeddings(seed: int = SEED):
+def embeddings(seed: int = SEED) -> Tuple[np.ndarray, np.ndarray]:
     """Encoder states h (3, D) of the source words and decoder states s (3, D) of the targets.
 
     A word and its translation point the same way (shared MEANING row); the
@@ -146,7 +146,8 @@ def plot(weights: np.ndarray, path: str) -> None:
     ax = fig.add_subplot()
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(SOURCE)), SOURCE)
-    ax.set_yticks(range(len(ylabels)), ylabels, **({"fontfamily": [font, "sans-serif"]} if font else {}))
+    ticks: Dict[str, Any] = {"fontfamily": [font, "sans-serif"]} if font else {}
+    ax.set_yticks(range(len(ylabels)), ylabels, **ticks)
     ax.set_xlabel("source word (key / value)")
     ax.set_ylabel("target word (query)")
     ax.set_title("Attention weights a_ij")

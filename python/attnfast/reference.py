@@ -50,7 +50,7 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+from typing import Any, Literal, Optional, Sequence, SupportsIndex, Tuple, Union, overload
 
 import numpy as np
 
@@ -75,7 +75,14 @@ def _saturate(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return np.where(np.abs(x) >= _inputs.FLOAT32_OVERFLOW, np.copysign(np.inf, x), x)
 
 
-def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.ndarray:
+def _given(x: Optional[np.ndarray]) -> np.ndarray:
+    """A method weight the method uses (the checks fill in every weight a method uses)."""
+    assert x is not None
+    return x
+
+
+def _scores64(q: np.ndarray, k: np.ndarray, a: Union[_inputs.ScoresArgs, _inputs.AttentionArgs],
+              scale_first: bool = False) -> np.ndarray:
     """Scores of float64 q (..., Lq, D), k (..., Lk, Dk) with the method of ``a``.
 
     ``a`` is a ScoresArgs or AttentionArgs (only the method fields are read).
@@ -86,7 +93,7 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     """
     m = a.method
     if scale_first and m in ("dot", "scaled_dot", "general"):
-        qq = q @ a.w.astype(_F64) if m == "general" else q
+        qq = q @ _given(a.w).astype(_F64) if m == "general" else q
         qq = _saturate(_saturate(qq, a.compute) * a.scale, a.compute)
         return _saturate(qq @ _swap(k), a.compute)
     # scores(): (q . k) * scale, with q . k (and q W) saturated to the computation dtype as the fast
@@ -94,17 +101,17 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     if m in ("dot", "scaled_dot"):
         s = _saturate(q @ _swap(k), a.compute)
     elif m == "general":
-        s = _saturate(_saturate(q @ a.w.astype(_F64), a.compute) @ _swap(k), a.compute)
+        s = _saturate(_saturate(q @ _given(a.w).astype(_F64), a.compute) @ _swap(k), a.compute)
     elif m == "concat":
         # A linear layer over [q_i; k_j] splits into a query term and a key term.
-        sq = q @ a.w_q.astype(_F64)  # (..., Lq)
-        sk = k @ a.w_k.astype(_F64)  # (..., Lk)
-        s = sq[..., :, None] + sk[..., None, :] + float(a.score_bias)
+        sq = q @ _given(a.w_q).astype(_F64)  # (..., Lq)
+        sk = k @ _given(a.w_k).astype(_F64)  # (..., Lk)
+        s = sq[..., :, None] + sk[..., None, :] + float(_given(a.score_bias))
     else:  # additive (Bahdanau)
         # w_q / w_k None: q / k are already the projections (A features).
         pq = q if a.w_q is None else q @ _swap(a.w_q.astype(_F64))  # (..., Lq, A)
         pk = k if a.w_k is None else k @ _swap(a.w_k.astype(_F64))  # (..., Lk, A)
-        bias, v_a = a.score_bias.astype(_F64), a.v_a.astype(_F64)
+        bias, v_a = _given(a.score_bias).astype(_F64), _given(a.v_a).astype(_F64)
         # One query at a time: the (..., Lk, A) tanh tensor has as many axes as q, where a whole
         # (..., Lq, Lk, A) one would need one more than NumPy's 64 for inputs with 64.
         batch = _inputs.broadcast_batch(pq.shape[:-2], pk.shape[:-2])
@@ -114,7 +121,8 @@ def _scores64(q: np.ndarray, k: np.ndarray, a, scale_first: bool = False) -> np.
     return s * a.scale
 
 
-def _masked_softmax64(s: np.ndarray, visible, axis: int, sink=None):
+def _masked_softmax64(s: np.ndarray, visible: Optional[np.ndarray], axis: int, sink: Optional[np.ndarray] = None
+                      ) -> Tuple[np.ndarray, np.ndarray]:
     """Softmax over ``axis`` of float64 ``s`` restricted to ``visible``.
 
     Returns (weights, lse).  ``visible`` is a bool array broadcastable to
@@ -343,18 +351,17 @@ def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
     return _inputs.round_to(a.weights.astype(_F64) @ a.v.astype(_F64), a.dtype)
 
 
-def _diagonals(a) -> np.ndarray:
+def _diagonals(a: _inputs.AttentionArgs) -> np.ndarray:
     """int64 (..., Lq, 1): the key on each query row's diagonal, which causal, window and ALiBi align to.
 
     i + offset, with offset 0 (top_left) or Lk - Lq (bottom_right); with kv_lengths, bottom_right
     aligns each item to its own length: offset kv_lengths[b] - Lq (``a.diagonal_offsets``)."""
     i = np.arange(a.lq, dtype=np.int64)[:, None]
-    if a.diagonal_offsets is None:
-        return i + a.diagonal_offset
-    return i + a.diagonal_offsets[..., None, None]
+    diagonal: np.ndarray = i + (a.diagonal_offset if a.diagonal_offsets is None else a.diagonal_offsets[..., None, None])
+    return diagonal
 
 
-def _visibility(a) -> np.ndarray:
+def _visibility(a: _inputs.AttentionArgs) -> np.ndarray:
     """Bool (batch..., Lq, Lk) array: key j visible to query i (before -inf scores)."""
     j = np.arange(a.lk)[None, :]
     diag = _diagonals(a)
@@ -373,7 +380,7 @@ def _visibility(a) -> np.ndarray:
     return vis
 
 
-def _cache64(a, x: np.ndarray, scale, features: int) -> np.ndarray:
+def _cache64(a: _inputs.AttentionArgs, x: np.ndarray, scale: Optional[np.ndarray], features: int) -> np.ndarray:
     """k or v as float64 of kv_batch_shape + (Lk, features): an int8 cache dequantised (int8 * scale,
     in float64), a paged cache gathered (key j of item b is row j % block_size of block
     block_table[b, j // block_size]); a broadcast view otherwise."""
@@ -390,26 +397,26 @@ def _cache64(a, x: np.ndarray, scale, features: int) -> np.ndarray:
     return np.broadcast_to(x, a.kv_batch_shape + (a.lk, features))
 
 
-def _keys64(a) -> np.ndarray:
+def _keys64(a: _inputs.AttentionArgs) -> np.ndarray:
     return _cache64(a, a.k, a.k_scale, a.dk)
 
 
-def _values64(a) -> np.ndarray:
+def _values64(a: _inputs.AttentionArgs) -> np.ndarray:
     return _cache64(a, a.v, a.v_scale, a.dv)
 
 
-def _sink64(a):
+def _sink64(a: _inputs.AttentionArgs) -> Optional[np.ndarray]:
     """The sinks as float64 (..., 1, 1) against the (batch..., Lq, Lk) scores, or None."""
     return None if a.sinks is None else a.sinks.astype(_F64)[..., None, None]
 
 
-def _attention_scores64(a) -> np.ndarray:
+def _attention_scores64(a: _inputs.AttentionArgs) -> np.ndarray:
     """Final scores (batch..., Lq, Lk) in float64: the method's, then softcap, ALiBi and bias, each
     saturated to the dtype.  A -inf bias gives -inf whatever the score."""
     return _modified_scores64(a, _method_scores64(a))
 
 
-def _modified_scores64(a, s: np.ndarray) -> np.ndarray:
+def _modified_scores64(a: _inputs.AttentionArgs, s: np.ndarray) -> np.ndarray:
     """The score modifiers applied to the method's scores ``s``, in the issue's order:
     softcap s <- c tanh(s / c); ALiBi s <- s - slope |diag_i - j|; then s + bias."""
     with np.errstate(invalid="ignore", over="ignore"):
@@ -425,7 +432,7 @@ def _modified_scores64(a, s: np.ndarray) -> np.ndarray:
     return s
 
 
-def _method_scores64(a) -> np.ndarray:
+def _method_scores64(a: _inputs.AttentionArgs) -> np.ndarray:
     """The method's scores (batch..., Lq, Lk) in float64 (scale included), saturated to the dtype.
 
     GQA by reshaping, not repeating.
@@ -473,7 +480,7 @@ def _weighted_values64(weights: np.ndarray, visible: np.ndarray, v: np.ndarray) 
     return out
 
 
-def _gqa_values64(a) -> np.ndarray:
+def _gqa_values64(a: _inputs.AttentionArgs) -> np.ndarray:
     """v as float64 indexed by output head (a broadcast view when group == 1)."""
     v = _values64(a)
     hk = a.kv_batch_shape[-1] if a.kv_batch_shape else 1
@@ -483,7 +490,7 @@ def _gqa_values64(a) -> np.ndarray:
 
 
 
-def _rounded_result(a, o: np.ndarray) -> np.ndarray:
+def _rounded_result(a: _inputs.AttentionArgs, o: np.ndarray) -> np.ndarray:
     """The float64 result o rounded once into the call's result: into out= (whichever of the storage
     dtypes it has) when given, else a new array of the result dtype. ``a``: the checked arguments."""
     if a.out is None:
@@ -723,13 +730,13 @@ def attention(
     return _attention_from_args(a)
 
 
-def _attention_from_args(a):
+def _attention_from_args(a: _inputs.AttentionArgs) -> AttentionOutput:
     # NaN inputs are data here (a KV cache from np.empty holds signalling NaNs too): no warnings.
     with np.errstate(invalid="ignore"):
         return _attention_from_args_checked(a)
 
 
-def _attention_from_args_checked(a):
+def _attention_from_args_checked(a: _inputs.AttentionArgs) -> AttentionOutput:
     s = _attention_scores64(a)
     visible = _visibility(a)
     weights, lse = _masked_softmax64(s, visible, axis=-1, sink=_sink64(a))
@@ -747,12 +754,11 @@ def _attention_from_args_checked(a):
         o = _weighted_values64(wg, vg, vv).reshape(a.batch_shape + (a.lq, a.dv))
 
     result = _rounded_result(a, o)
-    extras = []
-    if a.return_lse:
-        extras.append(lse.astype(_inputs.lse_dtype(a.dtype)))
-    if a.return_weights:
-        extras.append(_inputs.round_to(weights, a.dtype))
-    return (result, *extras) if extras else result
+    lse_out = lse.astype(_inputs.lse_dtype(a.dtype)) if a.return_lse else None
+    if not a.return_weights:
+        return result if lse_out is None else (result, lse_out)
+    weights_out = _inputs.round_to(weights, a.dtype)
+    return (result, weights_out) if lse_out is None else (result, lse_out, weights_out)
 
 
 def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def _docs(argv) -> int:
+def _docs(argv: list[str]) -> int:
     """``python -m attnfast docs [--open] [OUTDIR]``: build the Sphinx site of a source checkout."""
     import argparse
     import importlib.util

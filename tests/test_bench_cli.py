@@ -26,12 +26,27 @@ FAST = ["--no-progress", "--quick", "--threads", "1", "--impl", "attnfast", "--i
 
 
 @pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory):
-    """One tiny run shared by the JSON tests: a compute-bound and a memory-bound shape, with memory."""
+def tiny_run(tmp_path_factory):
+    """One tiny run shared by the report tests: a compute-bound and a memory-bound shape, with memory."""
+    import contextlib
+    import io
+
     path = tmp_path_factory.mktemp("bench") / "run.json"
-    assert cli.main(["--shape", TINY, "--shape", DECODE, "--json", str(path), *FAST]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["--shape", TINY, "--shape", DECODE, "--json", str(path), *FAST]) == 0
     with open(path) as f:
-        return json.load(f)
+        return buf.getvalue(), json.load(f)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_run):
+    return tiny_run[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tiny_run):
+    return tiny_run[0]
 
 
 # -- argument parsing ---------------------------------------------------------------------------------
@@ -129,7 +144,7 @@ def test_decode_shapes_are_memory_bound():
 # -- the report -----------------------------------------------------------------------------------------
 def test_json_schema(tiny_report):
     r = tiny_report
-    assert r["schema"] == "attnfast-bench/1"
+    assert r["schema"] == "attnfast-bench/2"
     for key in ("cpu", "cores", "threads", "attnfast", "versions", "memory_available_bytes"):
         assert key in r["machine"]
     assert r["machine"]["attnfast"].get("isa"), r["machine"]["attnfast"]
@@ -147,6 +162,8 @@ def test_json_schema(tiny_report):
         for row in rows.values():
             assert row["skipped"] is None
             assert row["median_s"] > 0 and len(row["times_s"]) == row["repeats"] >= 3
+            assert row["min_s"] == min(row["times_s"]) and row["max_s"] == max(row["times_s"])
+            assert row["min_s"] <= row["q1_s"] <= row["median_s"] <= row["q3_s"] <= row["max_s"]
             for key in ("gflops", "gbps", "pct_of_limit", "speedup_vs_numpy", "max_abs_err"):
                 assert isinstance(row[key], float), key
             assert row["max_abs_err"] < 1e-4
@@ -798,3 +815,348 @@ def test_serving_without_torch_leaves_its_row_out_and_still_succeeds(monkeypatch
     assert "not found  PyTorch SDPA" in out and INSTALL_HINTS["torch"] in out
     assert "torch_padded (PyTorch SDPA, padded + bool mask): not measured: PyTorch SDPA not available" in out
     assert "varlen vs torch_padded" in out and "NOT MEASURED" in out  # the goal that needs it
+
+
+# -- python -m attnfast: the command table ----------------------------------------------------------------
+def test_help_lists_every_command_with_its_summary_on_one_line():
+    from attnfast.__main__ import COMMANDS
+
+    proc = subprocess.run([sys.executable, "-m", "attnfast", "--help"], capture_output=True, text=True,
+                          timeout=60, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert set(COMMANDS) >= {"bench", "demo", "config"}
+    for name, cmd in COMMANDS.items():
+        assert any(line.split() == [name, *cmd.summary.split()] for line in lines), (name, proc.stdout)
+
+
+def test_bare_call_prints_the_help_to_stderr_with_status_2(capsys):
+    from attnfast.__main__ import COMMANDS, main
+
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: python -m attnfast")
+    assert all(cmd.summary in err for cmd in COMMANDS.values())
+
+
+def test_help_option_exits_0_and_unknown_command_exits_2(capsys):
+    from attnfast.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "commands:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["benhc"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'benhc' (choose from 'bench', 'demo', 'config'" in capsys.readouterr().err
+
+
+def _fake_command(argv):
+    print("fake got", list(argv))
+    return 3
+
+
+def test_a_command_is_one_table_line_listed_and_dispatched_with_its_arguments(monkeypatch, capsys):
+    import attnfast.__main__ as entry
+
+    monkeypatch.setitem(entry.COMMANDS, "fake", entry.Command("a command added in one line",
+                                                              f"{__name__}:_fake_command"))
+    with pytest.raises(SystemExit):
+        entry.main(["-h"])
+    assert "a command added in one line" in capsys.readouterr().out
+    assert entry.main(["fake", "-h", "--x", "1"]) == 3  # "-h" after the command is the command's
+    assert capsys.readouterr().out == "fake got ['-h', '--x', '1']\n"
+
+
+def test_config_command_prints_the_configuration(capsys):
+    from attnfast.__main__ import main
+
+    assert main(["config"]) == 0
+    assert capsys.readouterr().out.startswith("attnfast ")
+
+
+# -- the legend, the spread, the probe labels, the turbo note ---------------------------------------------
+def _fake_result(memory_bound: bool, baseline: bool = False) -> dict:
+    row = {"impl": "attnfast", "label": "attnfast", "median_s": 2e-3, "min_s": 1.8e-3, "max_s": 2.5e-3,
+           "repeats": 5, "gflops": 1.0, "gbps": 1.0, "pct_of_limit": 10.0, "speedup_vs_numpy": 2.0,
+           "speedup_vs_best_peer": 1.5, "max_abs_err": 1e-7, "peak_extra_bytes": 2**20,
+           "speedup_vs_attnfast_float32": 1.0 if baseline else None}
+    return {"name": "attention B=1 H=1 Lq=1 Lk=8 D=4", "label": "x", "bound": "memory" if memory_bound else
+            "compute", "bytes": 1e6, "flops": 1e6, "rows": [row], "dtype": "float32"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_legend_explains_every_column_the_tables_show(dtype):
+    from attnfast.bench import report
+
+    rep = {"config": {"dtype": dtype, "quick": True, "measure_memory": True, "threads": 1}}
+    legend = report.format_legend(rep)
+    names = {name for name, _ in report.legend_entries(rep)}
+    for memory_bound in (True, False):
+        table = report.format_case(_fake_result(memory_bound, baseline=dtype != "float32"), rep["config"])
+        header = table.splitlines()[2]
+        columns = [c.strip() for c in header.split("  ") if c.strip()]
+        assert set(columns) - {"implementation"} <= names, (columns, names)
+    text = dict(report.legend_entries(rep))
+    assert "float64" in text["max |err|"] and "attnfast.reference" in text["max |err|"]
+    assert "(not NumPy)" in text["× best peer"]
+    assert "VmHWM" in text["peak MiB"] and "minus the output" in text["peak MiB"]
+    assert "separate process" in text["peak MiB"] and "not the inputs" in text["peak MiB"]
+    assert all(len(line) <= 104 for line in legend.splitlines())
+
+
+def test_spread_fields_and_their_text():
+    from attnfast.bench.report import _spread
+    from attnfast.bench.timing import spread
+
+    got = spread([4.0, 1.0, 2.0, 3.0, 10.0])
+    assert got == {"times_s": [4.0, 1.0, 2.0, 3.0, 10.0], "median_s": 3.0, "min_s": 1.0, "max_s": 10.0,
+                   "q1_s": 2.0, "q3_s": 4.0, "repeats": 5}
+    assert _spread({"median_s": 2.0, "min_s": 1.8, "max_s": 2.5}) == "-10/+25%"
+    assert _spread({"median_s": None}) == "-"
+    assert spread([])["repeats"] == 0
+
+
+_CACHES = [{"level": 1, "bytes": 48 * 2**10, "shared_cpus": 1}, {"level": 2, "bytes": 2**20, "shared_cpus": 1},
+           {"level": 3, "bytes": 32 * 2**20, "shared_cpus": 2}]
+
+
+@pytest.mark.parametrize("nbytes, threads, expected", [
+    (40_000, 1, "L1 cache (48 KiB per core)"),
+    (1_500_000, 2, "L2 cache (1 MiB per core)"),     # 750 kB per thread
+    (1_500_000, 1, "L3 cache (32 MiB shared)"),
+    (6_700_000, 2, "L3 cache (32 MiB shared)"),
+    (134_000_000, 2, "main memory (DRAM; beyond the 32 MiB L3)"),
+])
+def test_read_bandwidth_probe_names_the_memory_level_it_reads(nbytes, threads, expected):
+    from attnfast.bench.probes import memory_level
+
+    assert memory_level(nbytes, threads, _CACHES) == expected
+    assert memory_level(nbytes, threads, []) == "unknown cache sizes"
+
+
+def test_read_bandwidth_probes_of_nearly_equal_buffers_are_one_probe(monkeypatch):
+    from attnfast.bench import probes
+
+    calls = []
+
+    def fake(nbytes, seconds, threads):
+        calls.append(nbytes)
+        return {"bytes_per_s": float(nbytes), "nbytes": nbytes, "source": "fake"}
+
+    monkeypatch.setattr(probes, "read_bandwidth", fake)
+    bw = probes.BandwidthCache(0.1, 2, _CACHES)
+    assert bw.rate(134_300_000, "KV-cache decode") == 134_300_000.0
+    assert bw.rate(134_200_000, "row softmax") == 134_300_000.0  # within 10%: the same probe
+    assert bw.rate(6_700_000, "one decoder step") == 6_700_000.0
+    assert calls == [134_300_000, 6_700_000]
+    big = bw.results[134_300_000]
+    assert big["used_by"] == ["KV-cache decode", "row softmax"]
+    assert big["measures"] == "main memory (DRAM; beyond the 32 MiB L3)"
+
+
+def test_fma_peak_above_the_spec_clock_gets_the_clock_that_explains_it(monkeypatch):
+    from attnfast.bench import machine, report, runner
+
+    zen5 = {"model": "AMD EPYC", "vendor": "AuthenticAMD", "family": 26, "flags": ["avx2", "fma", "avx512f"],
+            "mhz": 2500.0, "max_mhz": None}
+    monkeypatch.setattr(machine, "cpu_info", lambda: dict(zen5))
+    sample = {"flops_per_s": 2 * 64 * 4.0e9, "source": "attnfast._attnfast.probe_fma_peak"}  # 4 GHz
+    cfg = runner.BenchConfig(cases=[], threads=2)
+    peaks = runner._summarise_peaks(cfg, {"mhz": 2500.0, "max_mhz": None}, [sample])
+    assert peaks["fma_theoretical"]["flops_per_s"] == 2 * 64 * 2.5e9
+    assert peaks["fma_implied_mhz"] == pytest.approx(4000.0)
+    assert peaks["fma_peak_flops_per_s"] == sample["flops_per_s"]
+    rep = {"machine": {"cpu": "AMD EPYC"}, "config": cfg.to_dict(), "probes": peaks}
+    header = report.format_header(rep)
+    assert ("measured above spec: the cores ran at ~4000 MHz, not the 2500 MHz the OS reports (turbo/boost "
+            "clock)") in header
+    below = runner._summarise_peaks(cfg, {"mhz": 2500.0, "max_mhz": None},
+                                    [dict(sample, flops_per_s=2 * 64 * 2.4e9)])
+    assert below["fma_implied_mhz"] is None
+    assert "turbo" not in report.format_header(dict(rep, probes=below))
+
+
+def test_text_report_has_the_legend_spread_and_labelled_probes(tiny_text):
+    assert "Columns\n  median " in tiny_text
+    assert "spread" in tiny_text and "peak MiB     memory one call needs beyond its output" in tiny_text
+    assert "read BW" in tiny_text and " read by 1 thread(s)" in tiny_text
+    assert "the '% BW' limit of: attention B=2 H=2 Lq=1 Lk=40 D=16" in tiny_text
+
+
+# -- the JSON schema and --compare ------------------------------------------------------------------------
+def test_report_carries_the_documented_schema_version(tiny_report):
+    from attnfast.bench import compare, runner
+
+    assert tiny_report["schema"] == runner.SCHEMA == "attnfast-bench/2"
+    assert 2 in compare.READABLE["attnfast-bench"]
+    assert [s["step"] for s in tiny_report["steps"]][:2] == [
+        "start-up: import the peers (and, meanwhile, the memory child), machine facts", "probing FMA peak"]
+    assert all(s["seconds"] >= 0 for s in tiny_report["steps"])
+
+
+def _readme_fields():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "README.md").read_text()
+    return text, set(re.findall(r"`([A-Za-z_0-9]+)`", text))
+
+
+def test_benchmarks_readme_documents_every_field_of_the_report(tiny_report):
+    text, documented = _readme_fields()
+    assert "attnfast-bench/2" in text
+    missing = set(tiny_report) - documented
+    for section in ("machine", "config", "probes"):
+        missing |= {f"{section}.{k}" for k in tiny_report[section] if k not in documented}
+    missing |= {f"timing.{k}" for k in tiny_report["config"]["timing"] if k not in documented}
+    for res in tiny_report["results"]:
+        missing |= {f"result.{k}" for k in res if k not in documented}
+        for row in res["rows"]:
+            missing |= {f"row.{k}" for k in row if k not in documented}
+    for bw in tiny_report["probes"]["read_bandwidth"]:
+        missing |= {f"read_bandwidth.{k}" for k in bw if k not in documented}
+    assert not missing, sorted(missing)
+
+
+def _report(schema="attnfast-bench/2", causal=False, **rows_by_case):
+    results = []
+    for name, rows in rows_by_case.items():
+        results.append({"name": name.replace("_", " "), "dtype": "float32",
+                        "rows": [{"impl": impl, "label": impl.upper(), "median_s": t} for impl, t in rows.items()]})
+    return {"schema": schema, "config": {"dtype": "float32", "causal": causal, "threads": 2},
+            "machine": {"cpu": "cpu", "versions": {"attnfast": "0.1.0"}}, "results": results}
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = _report(case_1={"attnfast": 0.002, "numpy": 0.010, "jax": 0.5},
+                case_2={"attnfast": 0.004},
+                case_old={"attnfast": 1.0})
+    b = _report(case_1={"attnfast": 0.003, "numpy": 0.005, "torch": 0.1},
+                case_2={"attnfast": 0.001},
+                case_new={"attnfast": 2.0})
+    b["machine"]["versions"]["attnfast"] = "0.2.0"
+    pa, pb = tmp_path / "A.json", tmp_path / "B.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    return str(pa), str(pb)
+
+
+def test_compare_gives_b_over_a_per_matching_case_and_implementation(two_runs):
+    from attnfast.bench.compare import compare_reports, load_report
+
+    pa, pb = two_runs
+    cmp = compare_reports(load_report(pa), load_report(pb), "A", "B")
+    assert [(r["case"], r["impl"], r["ratio"]) for r in cmp["rows"]] == [
+        ("case 1 [float32]", "attnfast", 0.003 / 0.002),
+        ("case 1 [float32]", "numpy", 0.005 / 0.010),
+        ("case 2 [float32]", "attnfast", 0.001 / 0.004)]
+    assert cmp["only_a"] == ["case 1 [float32] jax", "case old [float32]"]
+    assert cmp["only_b"] == ["case 1 [float32] torch", "case new [float32]"]
+    assert cmp["notes"] == ["attnfast: A 0.1.0, B 0.2.0"]
+
+
+def test_compare_command_prints_the_ratios_and_the_unmatched(two_runs, capsys):
+    pa, pb = two_runs
+    assert cli.main(["--compare", pa, pb]) == 0
+    out = capsys.readouterr().out
+    assert f"{pb}'s median / {pa}'s median (above 1: slower in {pb}" in out
+    assert "  differs  attnfast: " in out
+    rows = [line.split() for line in out.splitlines() if line.rstrip().endswith(("1.500", "0.500", "0.250"))]
+    assert rows == [["case", "1", "[float32]", "ATTNFAST", "2.00", "ms", "3.00", "ms", "1.500"],
+                    ["NUMPY", "10.00", "ms", "5.00", "ms", "0.500"],  # the case is named on its first row
+                    ["case", "2", "[float32]", "ATTNFAST", "4.00", "ms", "1.00", "ms", "0.250"]]
+    assert f"only in {pa} (not compared):\n  case 1 [float32] jax\n  case old [float32]" in out
+    assert f"only in {pb} (not compared):\n  case 1 [float32] torch\n  case new [float32]" in out
+
+
+def test_compare_matches_causal_runs_only_with_causal_runs(tmp_path):
+    from attnfast.bench.compare import compare_reports
+
+    a = _report(case_1={"attnfast": 1.0})
+    b = _report(causal=True, case_1={"attnfast": 2.0})
+    cmp = compare_reports(a, b)
+    assert cmp["rows"] == [] and cmp["only_a"] == ["case 1 [float32]"] and cmp["only_b"] == [
+        "case 1 [float32, causal]"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"schema": "attnfast-bench/9", "results": []},
+     r"has schema 'attnfast-bench/9', which this attnfast cannot read \(it reads attnfast-bench/1, "
+     r"attnfast-bench/2\): compare it with the attnfast version that wrote it, or rerun"),
+    ({"schema": "something-else/1", "results": []}, r"is not an attnfast bench report: its schema is 'something-else/1'"),
+    ({"results": []}, r"is not an attnfast bench report \(no 'schema' field\); write one with: python -m attnfast "
+                      r"bench --json FILE"),
+    ([1, 2, 3], r"is not an attnfast bench report \(no 'schema' field\)"),
+    ({"schema": "attnfast-bench/2"}, r"says schema 'attnfast-bench/2' but has no 'results' list"),
+])
+def test_compare_rejects_other_files_saying_why(tmp_path, content, message):
+    from attnfast.bench.compare import load_report
+
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        load_report(str(path))
+
+
+def test_compare_errors_are_usage_errors_of_the_command(tmp_path, two_runs, capsys):
+    pa, _ = two_runs
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    backward = tmp_path / "bwd.json"
+    backward.write_text(json.dumps(_report(schema="attnfast-bench-backward/1")))
+    for other, message in ((str(bad), f"{bad} is not JSON"),
+                           (str(tmp_path / "missing.json"), "cannot read"),
+                           (str(backward), f"{pa} is a attnfast-bench report and {backward} a "
+                                           "attnfast-bench-backward report: compare two runs of the same suite")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--compare", pa, other])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--compare", pa, pa, "--json", "x.json"])
+    assert exc.value.code == 2
+    assert "--json is not available with --compare" in capsys.readouterr().err
+
+
+def test_compare_reads_schema_1_files(two_runs, tmp_path):
+    from attnfast.bench.compare import compare_reports, load_report
+
+    pa, _ = two_runs
+    old = _report(schema="attnfast-bench/1", case_2={"attnfast": 0.008})
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    cmp = compare_reports(load_report(str(path)), load_report(pa))
+    assert [r["ratio"] for r in cmp["rows"]] == [0.004 / 0.008]
+
+
+# -- the memory child -------------------------------------------------------------------------------------
+@pytest.mark.skipif(not reset_peak_rss(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+def test_tiny_run_measured_peak_memory_in_the_early_started_child(tiny_report):
+    assert tiny_report["memory_note"] is None
+    assert tiny_report["memory_seconds"]["startup"] > 0
+    assert set(tiny_report["memory_seconds"]["cases"]) == {res["name"] for res in tiny_report["results"]}
+    for res in tiny_report["results"]:
+        for row in res["rows"]:
+            assert row["peak_rss_delta_bytes"] is not None, row
+            output = res["output_bytes"]
+            assert row["peak_extra_bytes"] == max(0, row["peak_rss_delta_bytes"] - output)
+
+
+def test_a_memory_child_that_dies_becomes_a_note_not_an_error():
+    from attnfast.bench.memory import MemoryChild
+
+    child = MemoryChild.start(["numpy"], "float32", False, 1)
+    child._proc.kill()
+    mem = child.measure([{"case": AttentionCase(1, 1, 4, 4, 4).to_dict(), "impls": ["numpy"]}])
+    assert mem["results"] == {} and mem["note"].startswith("memory child did not start (no answer)")
+
+
+def test_quick_runs_leave_the_stages_out_of_the_memory_child():
+    from attnfast.bench.runner import _memory_jobs
+
+    cases = [AttentionCase(1, 1, 4, 4, 4), *stage_cases()]
+    results = [{"kind": c.kind, "rows": [{"impl": "numpy", "skipped": None}]} for c in cases]
+    assert [j["case"]["kind"] for j in _memory_jobs(results, cases)] == ["attention"] + ["stage"] * 3
+    assert [j["case"]["kind"] for j in _memory_jobs(results, cases, quick=True)] == ["attention"]

@@ -14,7 +14,7 @@ once, from T.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, SupportsIndex, Tuple, overload
 
 import numpy as np
 
@@ -844,7 +844,7 @@ def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[
     return _finished(merged.astype(t, copy=False), a.dtype), lse.astype(a.lse_dtype, copy=False)
 
 
-def _pairwise_sum(terms: Iterator[np.ndarray]) -> np.ndarray:
+def _pairwise_sum(terms: Iterable[np.ndarray]) -> np.ndarray:
     """Sum of an iterable of same-shape arrays as a balanced binary tree, holding O(log n) partial sums.
 
     NumPy reduces over a stacked leading axis one row at a time, whose float32 rounding errors grow in

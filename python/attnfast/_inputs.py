@@ -1526,10 +1526,6 @@ _FOREIGN_KEYWORDS = {
                                     "the default, as PyTorch's is_causal; 'bottom_right' aligns the last query "
                                     "with the last key)"),
     "dim": (_TORCH, "axis", "pass axis= (the axis softmax normalises over, as PyTorch's dim)"),
-    "input": (_TORCH, "x", "pass the array as the first positional argument"),
-    "query": (_TORCH, "q", "pass the queries as the first positional argument (q)"),
-    "key": (_TORCH, "k", "pass the keys as the second positional argument (k)"),
-    "value": (_TORCH, "v", "pass the values as the third positional argument (v)"),
     "dropout_p": (_TORCH, None, "attnfast has no dropout (its results are deterministic): drop dropout_p "
                                 "(0.0 is what attnfast computes), or apply dropout to softmax()'s weights "
                                 "and aggregate() them yourself"),

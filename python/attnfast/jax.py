@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,11 @@ import numpy as np
 
 import attnfast
 from attnfast import _inputs
+from attnfast._types import ArrayLike, CausalAlign, Method, Real, Window
+
+# What the array arguments accept: JAX arrays (traced ones included) or anything NumPy reads.
+JaxLike = Union[jax.Array, ArrayLike]
+_Signature = Tuple[Tuple[str, Tuple[int, ...], np.dtype], ...]
 
 __all__ = ["attention"]
 
@@ -87,9 +92,13 @@ class _Plan:
     batch_rank: int
 
 
-def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
-              causal_align="top_left", window=None, kv_lengths=None, w=None, w_q=None, w_k=None, v_a=None,
-              score_bias=None, softcap=None, alibi_slopes=None, sinks=None, **numpy_only):
+def attention(q: JaxLike, k: JaxLike, v: JaxLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+              mask: Optional[JaxLike] = None, bias: Optional[JaxLike] = None, causal: bool = False,
+              causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[JaxLike] = None,
+              w: Optional[JaxLike] = None, w_q: Optional[JaxLike] = None, w_k: Optional[JaxLike] = None,
+              v_a: Optional[JaxLike] = None, score_bias: Optional[JaxLike] = None, softcap: Optional[Real] = None,
+              alibi_slopes: Optional[JaxLike] = None, sinks: Optional[JaxLike] = None,
+              **numpy_only: Any) -> jax.Array:
     """Fused attention as a differentiable JAX function (under jit, grad and vmap).
 
     A ``jax.custom_vjp`` whose forward is ``attnfast.attention(..., return_lse=True)`` and whose backward
@@ -187,14 +196,15 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     _reject_numpy_only(numpy_only)
     static = _static_args(method=method, scale=scale, causal=causal, causal_align=causal_align,
                           window=window, softcap=softcap)
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
     given = dict(mask=mask, bias=bias, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a,
                  score_bias=score_bias, alibi_slopes=alibi_slopes, sinks=sinks)
     arrays = {name: jnp.asarray(x) for name, x in given.items() if x is not None}
-    _plan(static, _signature(q, k, v, arrays))  # validates shapes and dtypes now, at trace time
+    _plan(static, _signature(jq, jk, jv, arrays))  # validates shapes and dtypes now, at trace time
     if "kv_lengths" in arrays and not isinstance(arrays["kv_lengths"], jax.core.Tracer):
-        _check_values(static, q, k, v, arrays)
-    return _attention(static, q, k, v, arrays)
+        _check_values(static, jq, jk, jv, arrays)
+    out: jax.Array = _attention(static, jq, jk, jv, arrays)
+    return out
 
 
 def _reject_numpy_only(numpy_only: Dict[str, Any]) -> None:
@@ -204,10 +214,10 @@ def _reject_numpy_only(numpy_only: Dict[str, Any]) -> None:
                 f"attnfast.jax.attention does not take {name}= (a JAX function returns a new array, "
                 f"and only out is differentiable); call attnfast.attention on NumPy arrays for it."
             )
-        raise TypeError(f"attnfast.jax.attention() got an unexpected keyword argument {name!r}")
+        _inputs.reject_unexpected(attention, numpy_only, "attnfast.jax.attention")
 
 
-def _static_args(**values) -> _Static:
+def _static_args(**values: Any) -> _Static:
     """The static arguments as hashable Python values. A traced one is refused: it would need a kernel
     configuration per value, so it must be fixed at trace time."""
     for name, value in values.items():
@@ -237,18 +247,18 @@ def _static_args(**values) -> _Static:
     return _Static(**static)
 
 
-def _signature(q, k, v, arrays) -> Tuple[Tuple[str, Tuple[int, ...], np.dtype], ...]:
+def _signature(q: Any, k: Any, v: Any, arrays: Dict[str, Any]) -> _Signature:
     named = {"q": q, "k": k, "v": v, **arrays}
     return tuple((name, tuple(x.shape), np.dtype(x.dtype)) for name, x in named.items())
 
 
-def _stand_in(shape, dtype) -> np.ndarray:
+def _stand_in(shape: Tuple[int, ...], dtype: Any) -> np.ndarray:
     """An array of this shape and dtype that costs one element (a zero-stride broadcast view)."""
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(static: _Static, signature) -> _Plan:
+def _plan(static: _Static, signature: _Signature) -> _Plan:
     """Validate one call's shapes and dtypes with attnfast's own checks (on stand-in arrays, since traced
     values are unknown) and return the result's shape and dtype."""
     named = {name: _stand_in(shape, dtype) for name, shape, dtype in signature}
@@ -261,7 +271,7 @@ def _plan(static: _Static, signature) -> _Plan:
     return _Plan(out=out, lse=lse, shapes=shapes, batch_rank=len(a.batch_shape))
 
 
-def _check_values(static: _Static, q, k, v, arrays) -> None:
+def _check_values(static: _Static, q: Any, k: Any, v: Any, arrays: Dict[str, Any]) -> None:
     """Check a concrete kv_lengths' values now (their range depends on Lk), so that a bad one raises
     attnfast's ValueError here rather than JAX's runtime error from inside the callback."""
     named = {name: _stand_in(x.shape, x.dtype) for name, x in arrays.items()}
@@ -276,16 +286,16 @@ def _check_values(static: _Static, q, k, v, arrays) -> None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static: _Static, q, k, v, arrays):
+def _attention(static: _Static, q: Any, k: Any, v: Any, arrays: Dict[str, Any]) -> Any:
     return _forward(static, q, k, v, arrays)[0]
 
 
-def _attention_fwd(static: _Static, q, k, v, arrays):
+def _attention_fwd(static: _Static, q: Any, k: Any, v: Any, arrays: Dict[str, Any]) -> Tuple[Any, Tuple[Any, ...]]:
     out, lse = _forward(static, q, k, v, arrays)
     return out, (q, k, v, arrays, out, lse)
 
 
-def _attention_bwd(static: _Static, residuals, dout):
+def _attention_bwd(static: _Static, residuals: Tuple[Any, ...], dout: Any) -> Tuple[Any, ...]:
     q, k, v, arrays, out, lse = residuals
     wanted = {name: x for name, x in arrays.items() if _differentiable(name, x)}
     plan = _plan(static, _signature(q, k, v, arrays))
@@ -300,11 +310,11 @@ def _attention_bwd(static: _Static, residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _differentiable(name: str, x) -> bool:
-    return _ARRAY_KWARGS[name] is not None and jnp.issubdtype(x.dtype, jnp.inexact)
+def _differentiable(name: str, x: Any) -> bool:
+    return _ARRAY_KWARGS[name] is not None and bool(jnp.issubdtype(x.dtype, jnp.inexact))
 
 
-def _zero_cotangent(x):
+def _zero_cotangent(x: Any) -> Any:
     """The cotangent of an input that gets no gradient: float0 zeros for integer and boolean arrays (JAX's
     rule), zeros of its dtype otherwise."""
     if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -312,11 +322,11 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _spec(x) -> jax.ShapeDtypeStruct:
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _forward(static: _Static, q, k, v, arrays):
+def _forward(static: _Static, q: Any, k: Any, v: Any, arrays: Dict[str, Any]) -> Any:
     plan = _plan(static, _signature(q, k, v, arrays))
     callback = _HostCall(_forward_callback, static, plan, tuple(arrays))
     return jax.pure_callback(callback, (plan.out, plan.lse), q, k, v, arrays, vmap_method="expand_dims")
@@ -334,16 +344,16 @@ class _HostCall:
     with a fresh functools.partial per call (which compares by identity) every eager call would compile
     again."""
 
-    def __init__(self, function: Callable, *config):
+    def __init__(self, function: Callable[..., Any], *config: Any):
         self.function, self.config = function, config
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         return self.function(*self.config, *args)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, _HostCall) and (self.function, self.config) == (other.function, other.config)
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((self.function, self.config))
 
 #
@@ -384,13 +394,15 @@ class _Mapped:
     def item(self, name: str, index: Tuple[int, ...]) -> np.ndarray:
         """The argument for one mapped item (its own unmapped shape)."""
         x = self.arrays[name]
-        return x[tuple(i if n > 1 else 0 for i, n in zip(index, x.shape[:self.lead]))]
+        item: np.ndarray = x[tuple(i if n > 1 else 0 for i, n in zip(index, x.shape[:self.lead]))]
+        return item
 
     def full(self, name: str) -> Tuple[int, ...]:
         """The shape of a result (or gradient) shaped like ``name``: the mapped axes, then its own."""
         return self.shape + tuple(self.shapes[name])
 
-    def per_item(self, names, run: Callable, results) -> Tuple[np.ndarray, ...]:
+    def per_item(self, names: Sequence[str], run: Callable[[Dict[str, np.ndarray]], Sequence[np.ndarray]],
+                 results: Sequence[Tuple[str, Any]]) -> Tuple[np.ndarray, ...]:
         """``run`` once per mapped item, the results stacked: the path for what one call cannot batch.
         ``results``: (shape-like name, dtype) of each result."""
         stacked = tuple(np.empty(self.full(like), dtype) for like, dtype in results)
@@ -400,12 +412,15 @@ class _Mapped:
         return stacked
 
 
-def _forward_callback(static: _Static, plan: _Plan, names, q, k, v, arrays):
+def _forward_callback(static: _Static, plan: _Plan, names: Tuple[str, ...], q: Any, k: Any, v: Any,
+                      arrays: Dict[str, Any]) -> Tuple[np.ndarray, ...]:
     mapped = _Mapped(plan, {"q": q, "k": k, "v": v, **arrays})
 
-    def run(args):
-        return attnfast.attention(args.pop("q"), args.pop("k"), args.pop("v"), return_lse=True,
-                                  **static.kwargs(), **args)
+    def run(args: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+        # No return_weights among the arguments: the result is (out, lse).
+        return cast(Tuple[np.ndarray, np.ndarray],
+                    attnfast.attention(args.pop("q"), args.pop("k"), args.pop("v"), return_lse=True,
+                                       **static.kwargs(), **args))
 
     operands = ("q", "k", "v", *names)
     results = (("out", plan.out.dtype), ("lse", plan.lse.dtype))
@@ -420,13 +435,15 @@ def _forward_callback(static: _Static, plan: _Plan, names, q, k, v, arrays):
     return run({**args, **weights})
 
 
-def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, v, out, lse, arrays):
+def _backward_callback(static: _Static, plan: _Plan, names: Tuple[str, ...], wanted: Tuple[str, ...], dout: Any,
+                       q: Any, k: Any, v: Any, out: Any, lse: Any, arrays: Dict[str, Any]
+                       ) -> Tuple[Any, Any, Any, Dict[str, Any]]:
     mapped = _Mapped(plan, {"dout": dout, "q": q, "k": k, "v": v, "out": out, "lse": lse, **arrays})
     operands = ("dout", "q", "k", "v", "out", "lse", *names)
     differentiated = ("q", "k", "v", *wanted)
     results = tuple((name, mapped.arrays[name].dtype) for name in differentiated)
 
-    def run(args):
+    def run(args: Dict[str, Any]) -> Tuple[np.ndarray, ...]:
         grads = attnfast.attention_backward(args.pop("dout"), args.pop("q"), args.pop("k"), args.pop("v"),
                                             args.pop("out"), args.pop("lse"), **static.kwargs(), **args)
         return tuple(_gradient(grads, name, dtype) for name, dtype in results)
@@ -436,8 +453,8 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
         grads = mapped.per_item(operands, run, results)
     else:
         # No mapped axes when there are weights; then unmapped() is the weight itself.
-        args = {name: mapped.unmapped(name) if name in _METHOD_WEIGHTS else mapped.aligned(name)
-                for name in operands}
+        args: Dict[str, Any] = {name: mapped.unmapped(name) if name in _METHOD_WEIGHTS else mapped.aligned(name)
+                                for name in operands}
         # The differentiated operands (and those shaped like the result) carry every mapped axis, as
         # zero-stride views where they are not mapped: each gradient then has one slice per mapped item
         # instead of their sum.
@@ -448,8 +465,9 @@ def _backward_callback(static: _Static, plan: _Plan, names, wanted, dout, q, k, 
     return dq, dk, dv, dict(zip(wanted, rest))
 
 
-def _gradient(grads, name: str, dtype) -> np.ndarray:
+def _gradient(grads: attnfast.AttentionGrads, name: str, dtype: Any) -> np.ndarray:
     """One gradient out of AttentionGrads, in its argument's dtype."""
     field = {"q": "dq", "k": "dk", "v": "dv"}.get(name) or _ARRAY_KWARGS[name]
+    assert field is not None  # only the differentiable arguments have gradients
     g = np.asarray(getattr(grads, field))
     return g if g.dtype == dtype else _inputs.round_to(g, dtype)

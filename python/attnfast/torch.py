@@ -25,7 +25,7 @@ they wrap have no memory NumPy could view.
 """
 
 import math
-from typing import Optional
+from typing import Any, Callable, Dict, Literal, Optional, Sequence, Tuple, Union, cast, overload
 
 import ml_dtypes
 import numpy as np
@@ -33,6 +33,10 @@ import torch
 
 import attnfast
 from attnfast import _inputs
+from attnfast._types import ArrayLike, CausalAlign, Method, Real, Window
+
+# What the tensor arguments accept: a tensor, or anything NumPy reads (arrays, lists, Python numbers).
+TensorLike = Union[torch.Tensor, ArrayLike]
 
 __all__ = ["attention"]
 
@@ -71,18 +75,23 @@ def _numpy_dtype(dtype: torch.dtype) -> Optional[np.dtype]:
     return _NUMPY_DTYPES.get(dtype)
 
 
+@overload
+def _as_array(t: torch.Tensor) -> np.ndarray: ...
+@overload
+def _as_array(t: Optional[torch.Tensor]) -> Optional[np.ndarray]: ...
+
+
 def _as_array(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     """The tensor's memory as an ndarray (no copy; any strides)."""
     if t is None:
         return None
     # resolve_neg: NumPy cannot see torch's lazy negation bit (no copy unless it is set).
     t = t.detach().resolve_neg()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_BFLOAT16)
-    return t.numpy()
+    array: np.ndarray = t.numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().view(_BFLOAT16)
+    return array
 
 
-def _as_tensor(a) -> torch.Tensor:
+def _as_tensor(a: ArrayLike) -> torch.Tensor:
     """A result array as a tensor sharing its memory (C-contiguous, as the fake implementations say)."""
     # Not np.ascontiguousarray: it makes a 0-d array (concat's dscore_bias) 1-d.
     a = np.asarray(a)
@@ -93,6 +102,12 @@ def _as_tensor(a) -> torch.Tensor:
     if a.dtype == _BFLOAT16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
+
+
+@overload
+def _shape_only(t: torch.Tensor, dtype: Optional[np.dtype] = None) -> np.ndarray: ...
+@overload
+def _shape_only(t: Optional[torch.Tensor], dtype: Optional[np.dtype] = None) -> Optional[np.ndarray]: ...
 
 
 def _shape_only(t: Optional[torch.Tensor], dtype: Optional[np.dtype] = None) -> Optional[np.ndarray]:
@@ -113,7 +128,13 @@ _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DIFFERENTIABLE = ("q", "k", "v", "bias") + _WEIGHTS + ("sinks",)
 
 
-def _tensor_argument(name: str, x):
+@overload
+def _tensor_argument(name: str, x: TensorLike) -> torch.Tensor: ...
+@overload
+def _tensor_argument(name: str, x: Optional[TensorLike]) -> Optional[torch.Tensor]: ...
+
+
+def _tensor_argument(name: str, x: Optional[TensorLike]) -> Optional[torch.Tensor]:
     """``x`` as a CPU strided tensor: a tensor is checked, anything else (an ndarray, a list, a Python
     number) becomes one (an ndarray shares its memory; a Python float becomes float64, as attnfast
     reads it). Raises TypeError naming ``name`` for a tensor attnfast cannot read."""
@@ -150,7 +171,7 @@ def _tensor_argument(name: str, x):
     return x
 
 
-def _tensor_from_array_like(name: str, x) -> torch.Tensor:
+def _tensor_from_array_like(name: str, x: Any) -> torch.Tensor:
     if isinstance(x, float):
         return torch.tensor(x, dtype=torch.float64)
     a = _inputs._asarray(name, x)  # names the argument when it is ragged
@@ -165,26 +186,31 @@ def _tensor_from_array_like(name: str, x) -> torch.Tensor:
         ) from None
 
 
-def _window_sides(window):
+def _plain_side(s: Any) -> bool:
+    """Whether a window side is None or an int in [0, 2^63), read without NumPy."""
+    return s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+                         and bool(0 <= s <= _INT64_MAX))
+
+
+def _window_sides(window: Any) -> Tuple[Optional[int], Optional[int], bool]:
     """(left, right, windowed): the window as the operators take it, None for an unbounded side."""
     if window is None:
         return None, None, False
     # The usual pair is read here without NumPy, which torch.compile could not trace.
-    plain = lambda s: s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))  # noqa: E731
-                                    and 0 <= s <= _INT64_MAX)
-    if type(window) in (tuple, list) and len(window) == 2 and all(plain(s) for s in window):
-        return tuple(None if s is None else int(s) for s in window) + (True,)
+    if type(window) in (tuple, list) and len(window) == 2 and all(_plain_side(s) for s in window):
+        left, right = (None if s is None else int(s) for s in window)
+        return left, right, True
     # Anything else: attnfast's own check raises its error or normalises it (NumPy integers, an array).
     # Its clamp to Lq + Lk is an optimisation the kernels make anyway; without the lengths, none.
     left, right = _inputs._check_window(window, _INT64_MAX, 0)
     return (None if left < 0 else left), (None if right < 0 else right), True
 
 
-def _window(left: Optional[int], right: Optional[int], windowed: bool):
+def _window(left: Optional[int], right: Optional[int], windowed: bool) -> Optional[Tuple[Optional[int], Optional[int]]]:
     return (left, right) if windowed else None
 
 
-def _scale(scale) -> Optional[float]:
+def _scale(scale: Any) -> Optional[float]:
     """scale as the operators take it: a float (attnfast checks its value), None for the default."""
     if scale is None:
         return None
@@ -199,7 +225,7 @@ def _scale(scale) -> Optional[float]:
         return math.inf if scale > 0 else -math.inf
 
 
-def _softcap(softcap) -> Optional[float]:
+def _softcap(softcap: Any) -> Optional[float]:
     """softcap as the operators take it: a float (attnfast checks its value), None for no cap."""
     if softcap is None:
         return None
@@ -216,8 +242,12 @@ def _softcap(softcap) -> Optional[float]:
 # --------------------------------------------------------------------------
 
 
-def _attention_kwargs(mask, bias, kv_lengths, weights, method, scale, causal, causal_align, left, right,
-                      windowed, array, modifiers=(None, None), softcap=None):
+def _attention_kwargs(mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+                      weights: Sequence[Optional[torch.Tensor]], method: str, scale: Optional[float], causal: bool,
+                      causal_align: str, left: Optional[int], right: Optional[int], windowed: bool,
+                      array: Callable[[Optional[torch.Tensor]], Optional[np.ndarray]],
+                      modifiers: Sequence[Optional[torch.Tensor]] = (None, None),
+                      softcap: Optional[float] = None) -> Dict[str, Any]:
     """The keyword arguments of attnfast.attention / attention_backward, tensors made arrays by ``array``."""
     kwargs = dict(method=method, scale=scale, mask=array(mask), bias=array(bias), causal=causal,
                   causal_align=causal_align, window=_window(left, right, windowed),
@@ -239,7 +269,9 @@ def _attention_impl(
     kwargs = _attention_kwargs(mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
                                causal_align, window_left, window_right, windowed, _as_array,
                                (alibi_slopes, sinks), softcap)
-    out, lse = attnfast.attention(_as_array(q), _as_array(k), _as_array(v), return_lse=True, **kwargs)
+    # kwargs holds no return_weights: the result is the pair.
+    out, lse = cast(Tuple[np.ndarray, np.ndarray],
+                    attnfast.attention(_as_array(q), _as_array(k), _as_array(v), return_lse=True, **kwargs))
     return _as_tensor(out), _as_tensor(lse)
 
 
@@ -247,8 +279,12 @@ _attention_op = torch.library.custom_op("attnfast::attention", _attention_impl, 
                                         device_types="cpu")
 
 
-def _checked_call(q, k, v, mask, bias, kv_lengths, weights, method, scale, causal, causal_align, window,
-                  modifiers=(None, None), softcap=None):
+def _checked_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+                  weights: Sequence[Optional[torch.Tensor]], method: str, scale: Optional[float], causal: bool,
+                  causal_align: str, window: Optional[Tuple[Optional[int], Optional[int]]],
+                  modifiers: Sequence[Optional[torch.Tensor]] = (None, None),
+                  softcap: Optional[float] = None) -> _inputs.AttentionArgs:
     """attnfast's validation of the call, on shapes and dtypes only (no data is read): the same errors
     as attnfast.attention, and the arguments that describe the result."""
     kwargs = _attention_kwargs(mask, None, kv_lengths, (), method, scale, causal, causal_align,
@@ -271,8 +307,15 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 
 @_attention_op.register_fake
-def _attention_fake(q, k, v, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias, alibi_slopes, sinks, method,
-                    scale, causal, causal_align, window_left, window_right, windowed, softcap):
+def _attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+    w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
+    v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+    method: str, scale: Optional[float], causal: bool, causal_align: str,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool, softcap: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     a = _checked_call(q, k, v, mask, bias, kv_lengths, (w, w_q, w_k, v_a, score_bias), method, scale, causal,
                       causal_align, _window(window_left, window_right, windowed), (alibi_slopes, sinks), softcap)
     shape = a.batch_shape + (a.lq,)
@@ -317,32 +360,40 @@ def _attention_backward_impl(
     pairs = [(grads.dq, q), (grads.dk, k), (grads.dv, v), (grads.dbias, bias)]
     pairs += [(getattr(grads, field), x) for field, x in zip(_WEIGHT_GRADS, weights)]
     pairs.append((grads.dsinks, sinks))
-    return tuple(_gradient_tensor(g, x, q) for g, x in pairs)
+    return cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "
+                "torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+                tuple(_gradient_tensor(g, x, q) for g, x in pairs))
 
 
 _attention_backward_op = torch.library.custom_op("attnfast::attention_backward", _attention_backward_impl,
                                                  mutates_args=(), device_types="cpu")
 
 
-def _gradient_tensor(grad, x: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+def _gradient_tensor(grad: Optional[np.ndarray], x: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
     """The gradient of input ``x`` as a tensor of x's shape and dtype (a placeholder when x has none)."""
-    if not _has_gradient(x):
+    if x is None or not _has_gradient(x):
         return _placeholder(q)
     if grad is None:  # a weight the method does not use: its gradient is zero
         return torch.zeros(x.shape, dtype=x.dtype)
     grad = np.asarray(grad)
-    dtype = _numpy_dtype(x.dtype)
+    dtype = _NUMPY_DTYPES[x.dtype]  # a floating dtype (_has_gradient)
     if grad.dtype != dtype:
         grad = _inputs.round_to(grad, dtype)
     return _as_tensor(grad.reshape(tuple(x.shape)))
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, out, lse, mask, bias, kv_lengths, w, w_q, w_k, v_a, score_bias,
-                             alibi_slopes, sinks, method, scale, causal, causal_align, window_left, window_right,
-                             windowed, softcap):
+def _attention_backward_fake(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], kv_lengths: Optional[torch.Tensor],
+    w: Optional[torch.Tensor], w_q: Optional[torch.Tensor], w_k: Optional[torch.Tensor],
+    v_a: Optional[torch.Tensor], score_bias: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+    method: str, scale: Optional[float], causal: bool, causal_align: str,
+    window_left: Optional[int], window_right: Optional[int], windowed: bool, softcap: Optional[float],
+) -> Tuple[torch.Tensor, ...]:
     inputs = (q, k, v, bias, w, w_q, w_k, v_a, score_bias, sinks)
-    return tuple(x.new_empty(x.shape) if _has_gradient(x) else _placeholder(q) for x in inputs)
+    return tuple(x.new_empty(x.shape) if x is not None and _has_gradient(x) else _placeholder(q) for x in inputs)
 
 
 # --------------------------------------------------------------------------
@@ -354,14 +405,15 @@ _SCALAR_INPUTS = ("method", "scale", "causal", "causal_align", "window_left", "w
                   "softcap")
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
     out, lse = output
     ctx.save_for_backward(*inputs[:len(_TENSOR_INPUTS)], out, lse)
     ctx.scalars = inputs[len(_TENSOR_INPUTS):]
     ctx.mark_non_differentiable(lse)
 
 
-def _gradients(ctx, dout, backward):
+def _gradients(ctx: Any, dout: torch.Tensor, backward: Callable[..., Tuple[torch.Tensor, ...]]
+               ) -> Tuple[Optional[torch.Tensor], ...]:
     """The gradients of the forward's inputs (None for the non-differentiable ones), by ``backward``: the
     backward operator, or its implementation in eager mode. lse has no gradient: it is marked
     non-differentiable, so autograd hands backward zeros or None for it, never a real one."""
@@ -370,13 +422,15 @@ def _gradients(ctx, dout, backward):
     weights, (alibi_slopes, sinks) = rest[:len(_WEIGHTS)], rest[len(_WEIGHTS):]
     dq, dk, dv, dbias, *dweights, dsinks = backward(dout, q, k, v, out, lse, mask, bias, kv_lengths, *weights,
                                                     alibi_slopes, sinks, *ctx.scalars)
-    grad = lambda g, x: g if _has_gradient(x) else None  # noqa: E731
+    def grad(g: torch.Tensor, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return g if _has_gradient(x) else None
+
     return (grad(dq, q), grad(dk, k), grad(dv, v), None, grad(dbias, bias), None,
             *(grad(g, x) for g, x in zip(dweights, weights)), None, grad(dsinks, sinks),
             *([None] * len(_SCALAR_INPUTS)))
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx: Any, dout: torch.Tensor, dlse: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
     return _gradients(ctx, dout, _attention_backward_op)
 
 
@@ -400,13 +454,13 @@ class _EagerAttention(torch.autograd.Function):
     # forward(ctx, ...) rather than a separate setup_context: apply then skips binding the arguments to
     # the signature (inspect.signature), a third of this class's own cost per call.
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx: Any, *inputs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         output = _attention_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx: Any, dout: torch.Tensor, dlse: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
         if torch.is_grad_enabled():
             # create_graph=True: the gradients would silently lack their dependence on q, k, v (torch's
             # once_differentiable only notices one through dout).
@@ -422,9 +476,47 @@ class _EagerAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------
 
 
-def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None, causal=False,
-              causal_align="top_left", window=None, kv_lengths=None, return_lse=False, w=None, w_q=None,
-              w_k=None, v_a=None, score_bias=None, softcap=None, alibi_slopes=None, sinks=None):
+@overload
+def attention(
+    q: TensorLike, k: TensorLike, v: TensorLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[TensorLike] = None, bias: Optional[TensorLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[TensorLike] = None,
+    return_lse: Literal[False] = False, w: Optional[TensorLike] = None, w_q: Optional[TensorLike] = None,
+    w_k: Optional[TensorLike] = None, v_a: Optional[TensorLike] = None, score_bias: Optional[TensorLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def attention(
+    q: TensorLike, k: TensorLike, v: TensorLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[TensorLike] = None, bias: Optional[TensorLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[TensorLike] = None,
+    return_lse: Literal[True], w: Optional[TensorLike] = None, w_q: Optional[TensorLike] = None,
+    w_k: Optional[TensorLike] = None, v_a: Optional[TensorLike] = None, score_bias: Optional[TensorLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attention(
+    q: TensorLike, k: TensorLike, v: TensorLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[TensorLike] = None, bias: Optional[TensorLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[TensorLike] = None,
+    return_lse: bool = False, w: Optional[TensorLike] = None, w_q: Optional[TensorLike] = None,
+    w_k: Optional[TensorLike] = None, v_a: Optional[TensorLike] = None, score_bias: Optional[TensorLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def attention(
+    q: TensorLike, k: TensorLike, v: TensorLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
+    mask: Optional[TensorLike] = None, bias: Optional[TensorLike] = None, causal: bool = False,
+    causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[TensorLike] = None,
+    return_lse: bool = False, w: Optional[TensorLike] = None, w_q: Optional[TensorLike] = None,
+    w_k: Optional[TensorLike] = None, v_a: Optional[TensorLike] = None, score_bias: Optional[TensorLike] = None,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None, **unexpected: Any,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused attention on CPU tensors, differentiable (attnfast's fused forward and backward).
 
     The arguments and results are those of :func:`attnfast.attention` as ``torch.Tensor`` objects on the
@@ -476,6 +568,10 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         differentiable.
     return_lse : bool, default False
         Also return the log-sum-exp (..., Lq) (float32 for a 16-bit result); it is not differentiable.
+    **unexpected
+        No other keyword argument is accepted (``return_weights``, ``out`` and the paged / int8 cache
+        arguments are NumPy-only): TypeError, naming attnfast's equivalent of a PyTorch name
+        (``is_causal``, ``attn_mask``...) where there is one.
 
     Returns
     -------
@@ -526,6 +622,8 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     >>> q.grad.shape, k.grad.shape
     (torch.Size([2, 4, 8, 16]), torch.Size([2, 4, 8, 16]))
     """
+    if unexpected:
+        _inputs.reject_unexpected(attention, unexpected, "attnfast.torch.attention")
     q, k, v = (_tensor_argument(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     mask = _tensor_argument("mask", mask)
     bias = _tensor_argument("bias", bias)

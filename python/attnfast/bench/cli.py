@@ -8,6 +8,7 @@ Examples::
     python -m attnfast bench --dtype bfloat16             # every library in bfloat16, + attnfast float32
     python -m attnfast bench --backward --json bwd.json   # gradients: attnfast vs PyTorch autograd
     python -m attnfast bench --serving --json srv.json    # varlen, paged and int8 caches, modifiers
+    python -m attnfast bench --compare old.json new.json  # new's medians / old's, case by case
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine facts as JSON")
     p.add_argument("--plot", metavar="FILE",
                    help="write a PNG: GFLOP/s and peak memory against sequence length (needs matplotlib)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="instead of running: B's median / A's median for every case and implementation in both "
+                        "--json files (matched by case, dtype, causal and implementation); cases in one file "
+                        "only are listed")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory column (saves a child process)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -113,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (without the leading ``bench``), run, print the tables; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare:
+        return _main_compare(parser, args)
     _reexec_with_quiet_blas()
     if args.plot:
         from .plot import have_matplotlib
@@ -187,6 +194,22 @@ def _main_serving(args) -> int:
     print(format_serving_report(report))
     _write_json(report, args.json)
     return 1 if report["not_measured"] else 0
+
+
+def _main_compare(parser: argparse.ArgumentParser, args) -> int:
+    from .compare import compare_reports, format_comparison, load_report
+
+    for given, option in ((args.json, "--json"), (args.plot, "--plot"), (args.shape, "--shape"),
+                          (args.backward, "--backward"), (args.serving, "--serving")):
+        if given:
+            parser.error(f"{option} is not available with --compare (it compares two saved runs)")
+    path_a, path_b = args.compare
+    try:
+        cmp = compare_reports(load_report(path_a), load_report(path_b), path_a, path_b)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(format_comparison(cmp, path_a, path_b))
+    return 0
 
 
 def _write_json(report: dict, path: Optional[str]) -> None:

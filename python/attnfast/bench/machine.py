@@ -11,7 +11,7 @@ import platform
 import sys
 from typing import Dict, List, Optional
 
-__all__ = ["cpu_info", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
+__all__ = ["cpu_info", "cache_levels", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
            "theoretical_fma_peak", "versions", "attnfast_capabilities", "machine_facts"]
 
 
@@ -46,6 +46,42 @@ def cpu_info() -> Dict[str, object]:
     if max_khz and max_khz.strip().isdigit():
         info["max_mhz"] = int(max_khz) / 1000.0
     return info
+
+
+def cache_levels() -> List[Dict[str, int]]:
+    """Data and unified caches of CPU 0 from sysfs: level, size in bytes, how many CPUs share it.
+
+    Empty when sysfs does not say (not Linux, some containers).
+    """
+    out = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = sorted(e for e in os.listdir(base) if e.startswith("index"))
+    except OSError:
+        return out
+    for entry in entries:
+        kind = (_read(f"{base}/{entry}/type") or "").strip()
+        level = (_read(f"{base}/{entry}/level") or "").strip()
+        size = (_read(f"{base}/{entry}/size") or "").strip().upper()
+        if kind == "Instruction" or not level.isdigit() or not size:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1], 1)
+        digits = size.rstrip("KMG")
+        if not digits.isdigit():
+            continue
+        out.append({"level": int(level), "bytes": int(digits) * scale,
+                    "shared_cpus": _count_cpus((_read(f"{base}/{entry}/shared_cpu_list") or "0").strip())})
+    return out
+
+
+def _count_cpus(cpu_list: str) -> int:
+    """Number of CPUs in a sysfs list such as ``0-3,8``."""
+    n = 0
+    for part in cpu_list.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            n += (int(hi) - int(lo) + 1) if hi.isdigit() else 1
+    return max(n, 1)
 
 
 def usable_cores() -> int:
@@ -155,6 +191,7 @@ def machine_facts(threads: int) -> Dict[str, object]:
         "cores": usable_cores(),
         "threads": threads,
         "memory_available_bytes": available_memory_bytes(),
+        "caches": cache_levels(),
         "platform": platform.platform(),
         "python_executable": sys.executable,
         "attnfast": attnfast_capabilities(),

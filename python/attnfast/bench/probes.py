@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["fma_peak", "read_bandwidth", "native_probes"]
+__all__ = ["fma_peak", "read_bandwidth", "native_probes", "BandwidthCache", "memory_level"]
 
 
 def native_probes():
@@ -133,19 +133,61 @@ def read_bandwidth(nbytes: int, seconds: float = 0.1, threads: int = 1) -> Dict[
     return {"bytes_per_s": rate, "nbytes": nbytes, "source": "numpy.max (threaded) estimate"}
 
 
-class BandwidthCache:
-    """Read-bandwidth probes keyed by buffer size, so each size is probed once per run."""
+#: Buffers within this relative size of an already probed one share its probe: the two near-134 MB
+#: buffers of a run (KV-cache decode, softmax) measure the same memory level, and one probe per level
+#: keeps the header readable and the run shorter.
+_SAME_SIZE = 0.1
 
-    def __init__(self, seconds: float, threads: int):
+
+class BandwidthCache:
+    """Read-bandwidth probes keyed by buffer size, so each size is probed once per run.
+
+    Each probe records what it measures (:func:`memory_level`) and the cases whose limit it is.
+    """
+
+    def __init__(self, seconds: float, threads: int, caches: Optional[List[dict]] = None):
         self.seconds = seconds
         self.threads = threads
+        self.caches = caches
         self.results: Dict[int, Dict[str, object]] = {}
 
-    def get(self, nbytes: float) -> Dict[str, object]:
+    def get(self, nbytes: float, user: Optional[str] = None) -> Dict[str, object]:
         key = int(nbytes)
-        if key not in self.results:
+        near = [k for k in self.results if abs(k - key) <= _SAME_SIZE * key]
+        if near:
+            key = near[0]
+        elif key not in self.results:
             self.results[key] = read_bandwidth(key, self.seconds, self.threads)
-        return self.results[key]
+            self.results[key]["measures"] = memory_level(key, self.threads, self.caches)
+            self.results[key]["used_by"] = []
+        probe = self.results[key]
+        if user is not None and user not in probe["used_by"]:
+            probe["used_by"].append(user)
+        return probe
 
-    def rate(self, nbytes: float) -> Optional[float]:
-        return self.get(nbytes)["bytes_per_s"]
+    def rate(self, nbytes: float, user: Optional[str] = None) -> Optional[float]:
+        return self.get(nbytes, user)["bytes_per_s"]
+
+
+def memory_level(nbytes: int, threads: int, caches: Optional[List[dict]]) -> str:
+    """Which level of the memory hierarchy a ``threads``-way read of ``nbytes`` streams from.
+
+    Each thread reads its own ``nbytes / threads`` share; a share that fits one core's L1 or L2 is
+    read from there, a whole buffer that fits the (shared) L3 from the L3, anything larger from DRAM.
+    ``caches`` is :func:`attnfast.bench.machine.cache_levels`'s answer (None: unknown).
+    """
+    if not caches:
+        return "unknown cache sizes"
+    share = nbytes / max(1, threads)
+    for c in sorted(caches, key=lambda c: c["level"]):
+        size = c["bytes"]
+        per_core = c["shared_cpus"] <= 1
+        if (share if per_core else nbytes) <= size:
+            where = "per core" if per_core else "shared"
+            return f"L{c['level']} cache ({_size(size)} {where})"
+    largest = max(caches, key=lambda c: c["level"])
+    return f"main memory (DRAM; beyond the {_size(largest['bytes'])} L{largest['level']})"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

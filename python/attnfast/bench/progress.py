@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from typing import List, Optional, Tuple
 
 __all__ = ["Progress"]
 
@@ -15,6 +17,10 @@ class Progress:
         self.enabled = enabled
         self.count = 0
         self._bar = None
+        self._t0 = time.perf_counter()
+        self._current: Optional[Tuple[str, float]] = None
+        #: (label, seconds) of every finished step, in order: where a run's wall time went.
+        self.durations: List[Tuple[str, float]] = []
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -24,16 +30,22 @@ class Progress:
                 self._bar = None
 
     def start(self, label: str) -> None:
-        """Say what is being measured now."""
+        """Say what is being measured now (plain lines carry the seconds since the start)."""
+        self._current = (label, time.perf_counter())
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=True)
         else:
-            print(f"[{self.count + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - self._t0
+            print(f"[{self.count + 1}/{self.total} {elapsed:6.1f} s] {label}", file=sys.stderr, flush=True)
 
     def step(self) -> None:
         self.count += 1
+        if self._current is not None:
+            label, t = self._current
+            self.durations.append((label, time.perf_counter() - t))
+            self._current = None
         if self._bar is not None:
             self._bar.update(1)
 

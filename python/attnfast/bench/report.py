@@ -7,11 +7,11 @@ shape, timed in the same rounds (the "attnfast float32 (baseline)" row).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .peers import BASELINE_NAME
 
-__all__ = ["format_report", "format_header", "format_case", "format_summary"]
+__all__ = ["format_report", "format_header", "format_legend", "format_case", "format_summary"]
 
 _HALF = ("bfloat16", "float16")
 
@@ -30,8 +30,20 @@ def _num(x: Optional[float], fmt: str, suffix: str = "") -> str:
     return "-" if x is None else f"{x:{fmt}}{suffix}"
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def _mib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _spread(r: dict) -> str:
+    """Fastest and slowest repeat relative to the median: "-2/+7%"."""
+    t, lo, hi = r.get("median_s"), r.get("min_s"), r.get("max_s")
+    if not t or lo is None or hi is None:
+        return "-"
+    return f"-{100 * (t - lo) / t:.0f}/+{100 * (hi - t) / t:.0f}%"
 
 
 def _table(headers: List[str], rows: List[List[str]]) -> str:
@@ -76,14 +88,69 @@ def format_header(report: dict) -> str:
     ]
     if probes.get("fma_note"):
         lines.append(f"  WARNING    {probes['fma_note']}")
+    elif probes.get("fma_implied_mhz") and peak == measured.get("flops_per_s"):
+        lines.append(f"             measured above spec: the cores ran at ~{probes['fma_implied_mhz']:.0f} MHz, not the"
+                     f" {_num(theory.get('mhz'), '.0f')} MHz the OS reports (turbo/boost clock); '% peak' uses"
+                     " the measured figure")
     for bw in probes.get("read_bandwidth") or []:
-        lines.append(f"  read BW    {bw['bytes_per_s'] / 1e9:.1f} GB/s on {bw['nbytes'] / 1e6:.1f} MB"
-                     f" ({bw['source']})")
+        lines.append(f"  read BW    {bw['bytes_per_s'] / 1e9:.1f} GB/s from {bw.get('measures', '?')}:"
+                     f" {_mb(bw['nbytes'])} read by {cfg['threads']} thread(s) ({bw['source']})")
+        if bw.get("used_by"):
+            lines.append(f"             the '% BW' limit of: {', '.join(bw['used_by'])}")
     missing = report.get("missing") or {}
     for name, d in missing.items():
         lines.append(f"  not found  {d['label']}: {d.get('error')}  -> {d.get('install')}")
     if report.get("memory_note"):
         lines.append(f"  memory     {report['memory_note']}")
+    return "\n".join(lines)
+
+
+def legend_entries(report: dict) -> List[Tuple[str, str]]:
+    """(column, meaning) of every column this report's tables show."""
+    cfg = report["config"]
+    warm = ("after one unmeasured call of ONNX Runtime, whose first call does one-time work (JAX is "
+            "compiled before)" if cfg.get("quick") else "after one unmeasured call")
+    entries = [
+        ("median", "median wall time of one call over its n timed repeats; the implementations take turns, "
+                   "round after round, in this one process, after untimed warm-up calls"),
+        ("spread", "the fastest and the slowest of those repeats relative to the median (-min/+max %)"),
+        ("n", "timed repeats behind the median"),
+        ("GFLOP/s", "4·B·H·Lq·Lk·D / median: QKᵀ and P·V at 2 FLOPs per multiply-add (a causal call is "
+                    "credited in full)"),
+        ("GB/s", "memory-bound cases: the least bytes a call moves (q, K, V read once, the output written "
+                 "once) / median"),
+        ("% peak", "compute-bound cases: GFLOP/s as a share of the FMA peak above"),
+        ("% BW", "memory-bound cases: GB/s as a share of the read bandwidth probed on a buffer of that size"),
+        ("× NumPy", "NumPy's median / this row's median: above 1 is faster than NumPy"),
+        ("× best peer", "the fastest peer's median / this row's median; the peers are PyTorch, ONNX Runtime "
+                        "and JAX (not NumPy), so the fastest peer's own row reads 1.00×; '-': no peer ran"),
+    ]
+    if cfg["dtype"] in _HALF:
+        entries.append(("× af f32", "attnfast float32's median on the same shape, in the same rounds / this "
+                                    "row's median"))
+    entries.append(("max |err|", "largest |output - reference| over a slice of the output (2 batch entries "
+                                 "× 2 heads × 256 query rows; stages: 8 batch entries); the reference is "
+                                 "attnfast.reference in float64 on the same inputs"))
+    if cfg.get("measure_memory", True):
+        entries.append(("peak MiB", "memory one call needs beyond its output: the growth of the process's "
+                                    "peak resident set (VmHWM, reset just before the call) over its resident "
+                                    "set just before, minus the output array. Measured in a separate process "
+                                    "(glibc maps large blocks afresh and unmaps them on free; ONNX Runtime's "
+                                    f"arena off), {warm}. It counts the score matrix, temporaries and copies "
+                                    "of the inputs, not the inputs" + ("; --quick leaves the stages out" if cfg.get("quick") else "")))
+    return entries
+
+
+def format_legend(report: dict, width: int = 104) -> str:
+    """What every column of the tables means (benchmarks/README.md says the same)."""
+    import textwrap
+
+    pad = 2 + max(len(name) for name, _ in legend_entries(report)) + 2
+    lines = ["Columns"]
+    for name, text in legend_entries(report):
+        wrapped = textwrap.wrap(text, width - pad) or [""]
+        lines.append(f"  {name.ljust(pad - 4)}  {wrapped[0]}")
+        lines += [" " * pad + more for more in wrapped[1:]]
     return "\n".join(lines)
 
 
@@ -99,7 +166,7 @@ def format_case(res: dict, config: Optional[dict] = None) -> str:
     memory_bound = res["bound"] == "memory"
     limit_name = "% BW" if memory_bound else "% peak"
     with_baseline = any(r.get("speedup_vs_attnfast_float32") for r in res["rows"])
-    headers = (["implementation", "median", "GFLOP/s"] + (["GB/s"] if memory_bound else [])
+    headers = (["implementation", "median", "spread", "n", "GFLOP/s"] + (["GB/s"] if memory_bound else [])
                + [limit_name, "× NumPy", "× best peer"] + (["× af f32"] if with_baseline else [])
                + ["max |err|", "peak MiB"])
     rows = []
@@ -108,7 +175,8 @@ def format_case(res: dict, config: Optional[dict] = None) -> str:
         if r.get("skipped"):
             notes.append(_skip_note(r, dtype))
             continue
-        cells = [r["label"], _fmt_time(r.get("median_s")), _num(r.get("gflops"), ".1f")]
+        cells = [r["label"], _fmt_time(r.get("median_s")), _spread(r), str(r.get("repeats") or "-"),
+                 _num(r.get("gflops"), ".1f")]
         if memory_bound:
             cells.append(_num(r.get("gbps"), ".1f"))
         cells += [_num(r.get("pct_of_limit"), ".0f", "%"), _num(r.get("speedup_vs_numpy"), ".2f", "×"),
@@ -123,9 +191,9 @@ def format_case(res: dict, config: Optional[dict] = None) -> str:
     tag = f"[{dtype}" + (f", q {res['q_dtype']}" if res.get("q_dtype") else "") + (
         f", {threads} threads]" if threads else "]")
     title = f"{res['name']}" + (f"  — {res['label']}" if res.get("label") else "") + f"  {tag}"
-    bound = (f"memory-bound: {res['bytes'] / 1e6:.1f} MB moved, % of the read bandwidth of that size"
+    bound = (f"memory-bound: {_mb(res['bytes'])} moved, % of the read bandwidth of that size"
              if memory_bound else f"compute-bound: {res['flops'] / 1e9:.2f} GFLOP per call, % of FMA peak")
-    parts = [title, f"  ({bound}; peak MiB = peak RSS growth beyond the output)"]
+    parts = [title, f"  ({bound})"]
     if rows:
         parts.append(_table(headers, rows))
     parts += notes
@@ -183,7 +251,7 @@ def format_summary(report: dict) -> str:
 
 
 def format_report(report: dict) -> str:
-    blocks = [format_header(report)]
+    blocks = [format_header(report), format_legend(report)]
     blocks += [format_case(res, report["config"]) for res in report["results"]]
     if report["config"]["dtype"] in _HALF and report["results"] and "attnfast" in report["implementations"]:
         blocks.append(format_summary(report))

@@ -17,11 +17,14 @@ from .cases import (AttentionCase, compute_dtype, make_attention_inputs, make_st
                     storage_dtype)
 from .progress import Progress
 from .reference_check import ReferenceCheck
-from .timing import TimingPolicy, median, time_interleaved
+from .timing import TimingPolicy, spread, time_interleaved
 
 __all__ = ["BenchConfig", "run_benchmark", "memory_need", "SCHEMA"]
 
-SCHEMA = "attnfast-bench/1"
+#: The layout of the report (benchmarks/README.md documents every field).  The number changes when a
+#: field changes meaning or goes; 2 added the spread (min_s, max_s, q1_s, q3_s), steps, memory_seconds,
+#: machine.caches, probes.fma_implied_mhz and each read-bandwidth probe's measures / used_by.
+SCHEMA = "attnfast-bench/2"
 
 #: Never plan to use more than this share of the available memory for one case.
 _MEMORY_HEADROOM = 0.8
@@ -105,8 +108,13 @@ def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict
         used = theory["flops_per_s"]
         note = ("FMA probe disturbed (other processes busy?): using the spec-sheet peak; "
                 "timings of this run are likely disturbed too")
+    # A measured peak above the spec figure: the cores ran faster than the clock the OS reports
+    # (turbo / boost; /proc/cpuinfo shows the base clock in VMs). The clock that explains the measurement:
+    implied_mhz = None
+    if theory["flops_per_s"] and best["flops_per_s"] > theory["flops_per_s"]:
+        implied_mhz = best["flops_per_s"] / (theory["cores"] * theory["flops_per_cycle_per_core"]) / 1e6
     return {"fma_peak_flops_per_s": used, "fma_measured": best, "fma_samples": samples,
-            "fma_theoretical": theory, "fma_note": note, "fma_dtype": compute_dtype(cfg.dtype).name,
+            "fma_theoretical": theory, "fma_note": note, "fma_implied_mhz": implied_mhz, "fma_dtype": compute_dtype(cfg.dtype).name,
             "read_bandwidth": []}
 
 
@@ -128,7 +136,8 @@ def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize
     """
     flops = case.flops(causal)
     nbytes = case.bytes_moved(itemsize)
-    result["read_bandwidth_bytes_per_s"] = bw.rate(nbytes) if case.memory_bound else None
+    user = case.label if case.label not in ("", "--shape") else case.name
+    result["read_bandwidth_bytes_per_s"] = bw.rate(nbytes, user) if case.memory_bound else None
     rows = result["rows"]
     times = {r["impl"]: r["median_s"] for r in rows if r.get("median_s")}
     numpy_t = times.get("numpy")
@@ -146,7 +155,7 @@ def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize
         r["gflops"] = flops / t / 1e9
         r["gbps"] = row_bytes / t / 1e9
         if case.memory_bound:
-            limit_bw = bw.rate(row_bytes)
+            limit_bw = bw.rate(row_bytes, user)
             r["pct_of_limit"] = 100.0 * (row_bytes / t) / limit_bw if limit_bw else None
             r["limit"] = "read_bandwidth"
         else:
@@ -214,9 +223,7 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
     times = time_interleaved(fused, policy)
     times.update(time_interleaved(materialising, policy))
     for name, ts in times.items():
-        rows[name]["times_s"] = ts
-        rows[name]["median_s"] = median(ts)
-        rows[name]["repeats"] = len(ts)
+        rows[name].update(spread(ts))
     result = case.to_dict()
     result.update({"dtype": dtype.name, "flops": case.flops(cfg.causal),
                    "bytes": case.bytes_moved(dtype.itemsize),
@@ -227,9 +234,16 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
     return result
 
 
-def _memory_jobs(results: List[dict], cases: Sequence[object]) -> List[dict]:
+#: --quick leaves the stages out of the memory child: each stage's output is its whole working set
+#: (every implementation measured 0-2 MiB beyond it), and they cost ~10% of the child's time.
+QUICK_MEMORY_NOTE = "--quick: the stages' peak memory is not measured (run without --quick for it)"
+
+
+def _memory_jobs(results: List[dict], cases: Sequence[object], quick: bool = False) -> List[dict]:
     jobs = []
     for res, case in zip(results, cases):
+        if quick and res.get("kind") == "stage":
+            continue
         names = [r["impl"] for r in res["rows"] if not r.get("skipped")]
         if names:
             jobs.append({"case": case.to_dict(), "impls": names})
@@ -240,13 +254,28 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     """Run everything ``cfg`` asks for and return the report dict (schema :data:`SCHEMA`)."""
     t_start = time.perf_counter()
     impls = peers.select(peers.all_impls(cfg.threads, cfg.dtype), cfg.only)
+    child = None
+    if cfg.measure_memory:
+        # Its imports overlap the parent's (below); it waits for the jobs once they are done.
+        child = memory.MemoryChild.start([i.name for i in impls], cfg.dtype, cfg.causal, cfg.threads)
+    try:
+        return _run(cfg, t_start, impls, child)
+    finally:
+        if child is not None:
+            child.close()
+
+
+def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> dict:
     detected = _detect(impls)
     thread_counts = peers.pin_threads(impls, cfg.threads)
     active = [i for i in impls if i.available()]
     facts = machine.machine_facts(cfg.threads)
     facts["threads_per_impl"] = thread_counts
 
-    steps = 1 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
+    if child is not None:
+        child.ready()  # no import of the child's competes with the probes and the timed calls
+    t_setup = time.perf_counter()
+    steps = 2 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
     results: List[dict] = []
     with Progress(steps, enabled=cfg.progress) as progress:
         progress.start("probing FMA peak")
@@ -256,12 +285,15 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             progress.start(case.name)
             results.append(_run_case(case, active, cfg, facts["memory_available_bytes"]))
             progress.step()
-        mem_note = None
+        mem_note = mem_seconds = None
         if cfg.measure_memory:
             progress.start("peak memory (child process)")
-            mem = memory.measure_in_child(_memory_jobs(results, cfg.cases), cfg.dtype, cfg.causal,
-                                          cfg.threads, warm_all=not cfg.quick)
+            jobs = _memory_jobs(results, cfg.cases, cfg.quick)
+            mem = child.measure(jobs, warm_all=not cfg.quick)
             mem_note = mem.get("note")
+            if len(jobs) < len(_memory_jobs(results, cfg.cases)):
+                mem_note = "; ".join(n for n in (mem_note, QUICK_MEMORY_NOTE) if n)
+            mem_seconds = mem.get("seconds")
             for res in results:
                 per_impl = mem.get("results", {}).get(res["name"], {})
                 for r in res["rows"]:
@@ -271,15 +303,21 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                     r["peak_rss_delta_bytes"] = peak
                     r["peak_extra_bytes"] = None if peak is None else max(0, peak - output)
             progress.step()
+        progress.start("probes: FMA peak again, read bandwidth")
         fma_samples.append(_probe_fma(cfg))
         peaks = _summarise_peaks(cfg, facts, fma_samples)
-        bw = probes.BandwidthCache(0.1 if cfg.quick else 0.3, cfg.threads)
+        bw = probes.BandwidthCache(0.1 if cfg.quick else 0.3, cfg.threads, facts.get("caches"))
         itemsize = storage_dtype(cfg.dtype).itemsize
         for res, case in zip(results, cfg.cases):
             _derive(res, case, peaks, bw, itemsize, cfg.causal)
         peaks["read_bandwidth"] = list(bw.results.values())
+        progress.step()
 
-    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results)
+    steps = [{"step": "start-up: import the peers (and, meanwhile, the memory child), machine facts",
+              "seconds": t_setup - t_start}]
+    steps += [{"step": label, "seconds": seconds} for label, seconds in progress.durations]
+    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results, steps=steps,
+                  memory_seconds=mem_seconds)
 
 
 def report(schema: str, cfg, t_start: float, facts: dict, peaks: dict, detected: Dict[str, dict], memory_note,

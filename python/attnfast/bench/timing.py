@@ -25,7 +25,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
-__all__ = ["TimingPolicy", "time_interleaved", "time_after_first_call", "median"]
+__all__ = ["TimingPolicy", "time_interleaved", "time_after_first_call", "median", "spread"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +117,20 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
 
 def median(values: List[float]) -> float:
     return float(np.median(values)) if values else float("nan")
+
+
+def spread(times: List[float]) -> Dict[str, object]:
+    """A row's timing fields: the repeats in round order, their median, min, max and quartiles.
+
+    Quartiles are NumPy's default (linear) percentiles; with 3 repeats they lie halfway between the
+    median and the extremes, so the report shows min-max, which says more for the few repeats of --quick.
+    """
+    if not times:
+        return {"times_s": [], "median_s": float("nan"), "min_s": None, "max_s": None, "q1_s": None,
+                "q3_s": None, "repeats": 0}
+    q1, q3 = (float(x) for x in np.percentile(times, [25, 75]))
+    return {"times_s": list(times), "median_s": median(times), "min_s": float(min(times)),
+            "max_s": float(max(times)), "q1_s": q1, "q3_s": q3, "repeats": len(times)}
 
 
 def time_after_first_call(runners: Dict[str, Callable[[], object]], policy: TimingPolicy) -> Dict[str, dict]:

@@ -89,6 +89,12 @@ numpydoc_validation_exclude = {
 
 myst_heading_anchors = 3
 
+# ALiBi's distance is written |diag_i - j| in docstrings (attnfast.dask's among them); in reStructuredText
+# that is a substitution reference, so it is defined as its own text.
+rst_prolog = """
+.. |diag_i - j| unicode:: U+7C diag_i U+20 - U+20 j U+7C
+"""
+
 
 def _scale_out_pages(app, docname, source):
     """Link the Dask guide (docs/dask.md, from the Dask branch) from the scale-out page when it exists,

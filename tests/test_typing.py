@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ USER_SCRIPT = ROOT / "tests" / "typing" / "user_script.py"
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("mypy_cache")
+
+
+@pytest.fixture(autouse=True)
+def find_attnfast(monkeypatch):
+    """Let mypy find the attnfast these tests import: a source tree through MYPYPATH; an installed one
+    as any PEP 561 package (mypy refuses site-packages in MYPYPATH)."""
+    installed = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])}
+    if PACKAGE.parent in installed:
+        monkeypatch.delenv("MYPYPATH", raising=False)
+    else:
+        monkeypatch.setenv("MYPYPATH", str(PACKAGE.parent))
 
 
 def run_mypy(cache_dir, *args):
@@ -54,8 +66,7 @@ NDARRAY = "numpy.ndarray[tuple[Any, ...], numpy.dtype[Any]]"
 LSE = "numpy.ndarray[tuple[Any, ...], numpy.dtype[numpy.floating[Any]]]"
 
 
-def test_attention_results_are_typed_by_the_flags(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MYPYPATH", str(PACKAGE.parent))
+def test_attention_results_are_typed_by_the_flags(cache_dir, tmp_path):
     notes, errors = revealed_types(cache_dir, tmp_path, """
 q = np.ones((2, 4, 8), np.float32)
 reveal_type(attnfast.attention(q, q, q))
@@ -85,8 +96,7 @@ reveal_type(attnfast.softmax(q, axis=-1))
     ]
 
 
-def test_a_runtime_flag_gives_the_union(cache_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MYPYPATH", str(PACKAGE.parent))
+def test_a_runtime_flag_gives_the_union(cache_dir, tmp_path):
     notes, errors = revealed_types(cache_dir, tmp_path, """
 def f(flag: bool) -> None:
     reveal_type(attnfast.attention_varlen(np.ones((4, 8)), np.ones((4, 8)), np.ones((4, 8)), [0, 4], [0, 4],
@@ -96,10 +106,9 @@ def f(flag: bool) -> None:
     assert notes == [f"{NDARRAY} | tuple[{NDARRAY}, {LSE}]"]
 
 
-def test_checker_rejects_what_attnfast_rejects(cache_dir, tmp_path, monkeypatch):
+def test_checker_rejects_what_attnfast_rejects(cache_dir, tmp_path):
     """Wrong names and values are caught before run time: a PyTorch keyword, an unknown method, a
     tuple result used as an array."""
-    monkeypatch.setenv("MYPYPATH", str(PACKAGE.parent))
     _, errors = revealed_types(cache_dir, tmp_path, """
 q = np.ones((2, 4, 8), np.float32)
 attnfast.attention(q, q, q, is_causal=True)
@@ -119,8 +128,7 @@ out.shape
                           'dtype[floating[Any]]]]" has no attribute "shape"  [attr-defined]']
 
 
-def test_user_script_is_strictly_clean(cache_dir, monkeypatch):
-    monkeypatch.setenv("MYPYPATH", str(PACKAGE.parent))
+def test_user_script_is_strictly_clean(cache_dir):
     status, report = run_mypy(cache_dir, str(USER_SCRIPT))
     assert (status, report) == (0, "")
 

@@ -847,7 +847,8 @@ def _swap_hint(q_shape: Shape, k_shape: Shape) -> str:
             f"copy), and {swap.format('out')} turns the result back.")
 
 
-def _attention_batch(q_batch: Shape, kv_batch: Shape, q_shape: Shape = (), k_shape: Shape = ()) -> Tuple[Shape, Shape, int]:
+def _attention_batch(q_batch: Shape, kv_batch: Shape, q_shape: Shape = (), k_shape: Shape = ()
+                     ) -> Tuple[Shape, Shape, int]:
     """Combine q's and k/v's batch shapes; return (batch, kv_batch, group).
 
     Axis -3 (the head axis, when both sides have one) follows the GQA rule;

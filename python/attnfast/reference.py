@@ -357,7 +357,8 @@ def _diagonals(a: _inputs.AttentionArgs) -> np.ndarray:
     i + offset, with offset 0 (top_left) or Lk - Lq (bottom_right); with kv_lengths, bottom_right
     aligns each item to its own length: offset kv_lengths[b] - Lq (``a.diagonal_offsets``)."""
     i = np.arange(a.lq, dtype=np.int64)[:, None]
-    diagonal: np.ndarray = i + (a.diagonal_offset if a.diagonal_offsets is None else a.diagonal_offsets[..., None, None])
+    offset = a.diagonal_offset if a.diagonal_offsets is None else a.diagonal_offsets[..., None, None]
+    diagonal: np.ndarray = i + offset
     return diagonal
 
 

@@ -515,7 +515,8 @@ def attention(
     causal_align: CausalAlign = "top_left", window: Window = None, kv_lengths: Optional[TensorLike] = None,
     return_lse: bool = False, w: Optional[TensorLike] = None, w_q: Optional[TensorLike] = None,
     w_k: Optional[TensorLike] = None, v_a: Optional[TensorLike] = None, score_bias: Optional[TensorLike] = None,
-    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None, **unexpected: Any,
+    softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None,
+    **unexpected: Any,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused attention on CPU tensors, differentiable (attnfast's fused forward and backward).
 

@@ -16,11 +16,13 @@ Modules, one purpose each:
 Nothing here imports attnfast's compiled module or any peer at import time.
 """
 
+from typing import Optional, Sequence
 
-def main(argv=None) -> int:
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m attnfast bench`` (``argv`` excludes the word ``bench``)."""
     from .cli import main as _main
-    return _main(argv)
+    return _main(None if argv is None else list(argv))
 
 
 __all__ = ["main"]

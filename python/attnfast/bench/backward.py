@@ -18,7 +18,7 @@ Every implementation returns its gradients as NumPy arrays for the accuracy chec
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class BackwardCase:
     label: str = ""
     A: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
 
@@ -106,13 +106,13 @@ class BackwardCase:
             return (self.B * (self.Lq + 2 * self.Lk) * self.D + 2 * self.A * self.D + 2 * self.A) * itemsize
         return self.B * self.H * (self.Lq + 2 * self.Lk) * self.D * itemsize
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update({"name": self.name, "flops": self.flops(), "gradient_bytes": self.gradient_bytes()})
         return d
 
 
-def case_from_dict(d: dict) -> BackwardCase:
+def case_from_dict(d: Dict[str, Any]) -> BackwardCase:
     """Inverse of :meth:`BackwardCase.to_dict` (the memory child gets its case as JSON)."""
     names = {f.name for f in dataclasses.fields(BackwardCase)}
     return BackwardCase(**{k: v for k, v in d.items() if k in names})
@@ -136,12 +136,12 @@ def default_backward_cases(with_bfloat16: bool = True) -> List[BackwardCase]:
     return cases
 
 
-def shape_backward_cases(shapes, dtype: str, causal: bool) -> List[BackwardCase]:
+def shape_backward_cases(shapes: Sequence[Any], dtype: str, causal: bool) -> List[BackwardCase]:
     """``--backward --shape ...``: forward+backward and the backward alone for each shape."""
     out = []
     for s in shapes:
-        dims = s.shape if hasattr(s, "shape") else tuple(s)
-        out += [BackwardCase(kind, *dims, dtype=dtype, causal=causal, label="--shape")
+        b, h, lq, lk, d = s.shape if hasattr(s, "shape") else tuple(s)
+        out += [BackwardCase(kind, b, h, lq, lk, d, dtype=dtype, causal=causal, label="--shape")
                 for kind in ("fwdbwd", "bwd")]
     return out
 
@@ -155,7 +155,7 @@ def make_backward_inputs(case: BackwardCase, seed: int = 0) -> Dict[str, np.ndar
     rng = np.random.default_rng(seed)
     dtype = storage_dtype(case.dtype)
 
-    def normal(*shape, scale=1.0):
+    def normal(*shape: int, scale: float = 1.0) -> np.ndarray:
         return (scale * rng.standard_normal(shape)).astype(dtype)
 
     if case.kind == "additive":
@@ -177,7 +177,7 @@ def gradient_names(case: BackwardCase) -> Tuple[str, ...]:
     return ("dq", "dk", "dv")
 
 
-def attnfast_kwargs(case: BackwardCase, inputs: Dict[str, np.ndarray]) -> dict:
+def attnfast_kwargs(case: BackwardCase, inputs: Dict[str, np.ndarray]) -> Dict[str, Any]:
     """The keyword arguments of ``attention`` and ``attention_backward`` for ``case``."""
     if case.kind == "additive":
         return {"method": "additive", **{n: inputs[n] for n in ("w_q", "w_k", "v_a", "score_bias",
@@ -196,7 +196,7 @@ class AttnfastBackward(peers.AttnfastImpl):
     def backward_note(self, case: BackwardCase) -> Optional[str]:
         return None
 
-    def _import(self):
+    def _import(self) -> None:
         super()._import()
         from attnfast import _attnfast
 
@@ -205,20 +205,20 @@ class AttnfastBackward(peers.AttnfastImpl):
         if not hasattr(_attnfast, "attention_backward"):
             raise ImportError("attnfast's compiled module has no attention_backward kernel (rebuild it)")
 
-    def prepare_backward(self, case: BackwardCase, inputs) -> Tuple[Runner, ToGrads]:
+    def prepare_backward(self, case: BackwardCase, inputs: Dict[str, np.ndarray]) -> Tuple[Runner, ToGrads]:
         af = self._mod
         q, k, v, dout = (inputs[n] for n in ("q", "k", "v", "dout"))
         kw = attnfast_kwargs(case, inputs)
         names = gradient_names(case)
 
-        def to_grads(g):
+        def to_grads(g: Any) -> Dict[str, np.ndarray]:
             return {n: np.asarray(getattr(g, n)) for n in names}
 
         if case.kind == "bwd":
             out, lse = af.attention(q, k, v, return_lse=True, **kw)
             return (lambda: af.attention_backward(dout, q, k, v, out, lse, **kw)), to_grads
 
-        def run():
+        def run() -> object:
             out, lse = af.attention(q, k, v, return_lse=True, **kw)
             return af.attention_backward(dout, q, k, v, out, lse, **kw)
 
@@ -230,14 +230,14 @@ class TorchBackward(peers.TorchImpl):
 
     label = "PyTorch SDPA"
 
-    def label_for(self, case, dtype=None) -> str:
+    def label_for(self, case: Any, dtype: Any = None) -> str:
         return "PyTorch eager autograd" if case.kind == "additive" else "PyTorch SDPA autograd"
 
-    def _leaf(self, a: np.ndarray):
+    def _leaf(self, a: np.ndarray) -> Any:
         """A leaf tensor with requires_grad on ``a``'s buffer (zero-copy; bfloat16 via the int16 view)."""
         return self._tensor(a).detach().requires_grad_(True)
 
-    def prepare_backward(self, case: BackwardCase, inputs) -> Tuple[Runner, ToGrads]:
+    def prepare_backward(self, case: BackwardCase, inputs: Dict[str, np.ndarray]) -> Tuple[Runner, ToGrads]:
         torch = self._torch
         names = gradient_names(case)
         order = ("q", "k", "v", "w_q", "w_k", "score_bias", "v_a")[:len(names)]
@@ -245,14 +245,14 @@ class TorchBackward(peers.TorchImpl):
         dout = self._tensor(inputs["dout"])
         forward = self._additive_forward(inputs) if case.kind == "additive" else self._sdpa_forward(case)
 
-        def to_grads(grads):
+        def to_grads(grads: Any) -> Dict[str, np.ndarray]:
             return {n: self._to_numpy(g) for n, g in zip(names, grads)}
 
         if case.kind == "bwd":
             out = forward(*leaves)  # the graph is kept: each timed call runs the backward only
             return (lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)), to_grads
 
-        def run():
+        def run() -> object:
             for t in leaves:
                 t.grad = None
             forward(*leaves).backward(dout)
@@ -268,17 +268,17 @@ class TorchBackward(peers.TorchImpl):
         node = self._sdpa_forward(case)(x, x, x).grad_fn
         return f"autograd node {type(node).__name__}"
 
-    def _sdpa_forward(self, case):
+    def _sdpa_forward(self, case: BackwardCase) -> Callable[..., Any]:
         sdpa = self._torch.nn.functional.scaled_dot_product_attention
         return lambda q, k, v: sdpa(q, k, v, is_causal=case.causal)
 
-    def _additive_forward(self, inputs):
+    def _additive_forward(self, inputs: Dict[str, np.ndarray]) -> Callable[..., Any]:
         """Bahdanau attention as written with broadcasting; the projections as 2-D GEMMs over (B·L, D)
         rows (a stacked (B, L, D) @ (D, A) is far slower and would flatter attnfast)."""
         torch = self._torch
         lengths = torch.from_numpy(inputs["kv_lengths"])
 
-        def forward(q, k, v, w_q, w_k, b, v_a):
+        def forward(q: Any, k: Any, v: Any, w_q: Any, w_k: Any, b: Any, v_a: Any) -> Any:
             B, Lq, D = q.shape
             Lk, A = k.shape[1], w_q.shape[0]
             qp = (q.reshape(B * Lq, D) @ w_q.T).reshape(B, Lq, A)
@@ -291,6 +291,9 @@ class TorchBackward(peers.TorchImpl):
         return forward
 
 
-def backward_impls() -> List[peers.Impl]:
+BackwardImpl = Union[AttnfastBackward, TorchBackward]
+
+
+def backward_impls() -> List[BackwardImpl]:
     """attnfast, then PyTorch (optional: a missing torch is reported, not an error)."""
     return [AttnfastBackward(), TorchBackward()]

@@ -6,14 +6,14 @@ The summary lists each case against the issue's goal: "× PyTorch" is PyTorch's 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .report import _fmt_time, _mib, _num, _table, format_header
 
 __all__ = ["format_backward_report", "format_backward_case", "format_memory", "format_goals"]
 
 
-def _flop_note(res: dict) -> str:
+def _flop_note(res: Dict[str, Any]) -> str:
     if not res.get("flops"):
         return "no nominal FLOP count for additive scores: times and ratios only"
     work = ("14·B·H·Lq·Lk·D: forward 4, backward 10" if res["kind"] == "fwdbwd"
@@ -23,7 +23,7 @@ def _flop_note(res: dict) -> str:
     return f"{res['flops'] / 1e9:.2f} GFLOP per call ({work}), % of FMA peak"
 
 
-def format_backward_case(res: dict, threads: Optional[int] = None) -> str:
+def format_backward_case(res: Dict[str, Any], threads: Optional[int] = None) -> str:
     headers = ["implementation", "median", "min..max", "GFLOP/s", "% peak", "× PyTorch", "max rel err"]
     rows, notes = [], []
     for r in res["rows"]:
@@ -50,7 +50,7 @@ def format_backward_case(res: dict, threads: Optional[int] = None) -> str:
     return "\n".join(parts)
 
 
-def format_memory(mem: dict, threads: Optional[int] = None) -> str:
+def format_memory(mem: Dict[str, Any], threads: Optional[int] = None) -> str:
     grads = mem["gradient_bytes"]
     headers = ["implementation", "peak RSS growth MiB", "beyond gradients MiB", f"≤ grads + "
                f"{mem['slack_bytes'] / 2**20:.0f} MiB", "call"]
@@ -71,7 +71,7 @@ def format_memory(mem: dict, threads: Optional[int] = None) -> str:
     return "\n".join(parts + notes)
 
 
-def _goal_text(goal: Optional[dict]) -> List[str]:
+def _goal_text(goal: Optional[Dict[str, Any]]) -> List[str]:
     if not goal:
         return ["-", "-", "-"]
     metric, least, value = goal["metric"], goal["least"], goal["value"]
@@ -83,7 +83,7 @@ def _goal_text(goal: Optional[dict]) -> List[str]:
     return [want, got, met]
 
 
-def format_goals(report: dict) -> str:
+def format_goals(report: Dict[str, Any]) -> str:
     """One line per case: attnfast, PyTorch, the ratio and the issue's goal."""
     headers = ["case", "attnfast", "PyTorch", "× PyTorch", "% peak", "goal", "measured", "met"]
     rows = []
@@ -96,8 +96,9 @@ def format_goals(report: dict) -> str:
                      *_goal_text(res.get("goal"))])
     mem = report.get("memory")
     if mem:
-        own = next((r for r in mem["rows"] if r["impl"] == "attnfast"), {})
-        torch = next((r for r in mem["rows"] if r["impl"] == "torch"), {})
+        no_row: Dict[str, Any] = {}
+        own = next((r for r in mem["rows"] if r["impl"] == "attnfast"), no_row)
+        torch = next((r for r in mem["rows"] if r["impl"] == "torch"), no_row)
         within = own.get("within_limit")
         rows.append([f"peak RSS growth, {mem['name']}", f"{_mib(own.get('peak_rss_delta_bytes'))} MiB",
                      f"{_mib(torch.get('peak_rss_delta_bytes'))} MiB", "-", "-",
@@ -109,14 +110,17 @@ def format_goals(report: dict) -> str:
     return "\n".join([title, "  (median times; × PyTorch = PyTorch's median / attnfast's)", _table(headers, rows)])
 
 
-def _load_line(report: dict) -> str:
+def _load_line(report: Dict[str, Any]) -> str:
     m = report["machine"]
     start, end = m.get("load_average"), m.get("load_average_end")
-    fmt = lambda la: "-" if not la else " ".join(f"{x:.2f}" for x in la)  # noqa: E731
+
+    def fmt(la: Optional[Sequence[float]]) -> str:
+        return "-" if not la else " ".join(f"{x:.2f}" for x in la)
+
     return f"  load avg   {fmt(start)} at the start, {fmt(end)} at the end (1, 5, 15 min)"
 
 
-def format_backward_report(report: dict) -> str:
+def format_backward_report(report: Dict[str, Any]) -> str:
     threads = report["config"]["threads"]
     blocks = [format_header(report) + "\n" + _load_line(report)]
     blocks += [format_backward_case(res, threads) for res in report["results"]]

@@ -20,12 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import machine, memory, peers, runner
-from .backward import (BackwardCase, MEMORY_CASE, attnfast_kwargs, backward_impls, case_from_dict,
+from .backward import (MEMORY_CASE, BackwardCase, BackwardImpl, attnfast_kwargs, backward_impls, case_from_dict,
                        gradient_names, make_backward_inputs)
 from .timing import TimingPolicy, time_after_first_call
 
@@ -58,7 +59,7 @@ class BackwardConfig:
     def policy(self) -> TimingPolicy:
         return TimingPolicy.quick() if self.quick else TimingPolicy.full()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         dtypes = sorted({c.dtype for c in self.cases}, key=lambda d: d != "float32")
         return {"dtype": ", ".join(dtypes) or self.dtype, "threads": self.threads, "causal": False,
                 "quick": self.quick, "backward": True,
@@ -67,7 +68,7 @@ class BackwardConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _reference():
+def _reference() -> Optional[ModuleType]:
     try:
         from attnfast import reference
     except Exception:  # noqa: BLE001 - attnfast not built: no accuracy column
@@ -102,17 +103,17 @@ class GradientCheck:
         except Exception as exc:  # noqa: BLE001 - keep benchmarking without the error column
             self.error = f"reference failed: {type(exc).__name__}: {exc}"
 
-    def _grads64(self, ref, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _grads64(self, ref: Any, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         x = {n: (a if a.dtype.kind in "iu" else a.astype(np.float64)) for n, a in inputs.items()}
         kw = attnfast_kwargs(self.case, x)
         out, lse = ref.attention(x["q"], x["k"], x["v"], return_lse=True, **kw)
         g = ref.attention_backward(x["dout"], x["q"], x["k"], x["v"], out, lse, **kw)
         return {n: np.asarray(getattr(g, n), dtype=np.float64) for n in self.names}
 
-    def _dot(self, ref, inputs):
+    def _dot(self, ref: Any, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return self._grads64(ref, {n: a[:1, :1] for n, a in inputs.items()})
 
-    def _additive(self, ref, inputs):
+    def _additive(self, ref: Any, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         per_item = ("q", "k", "v", "dout", "kv_lengths")
         parts = []
         for start in range(0, self.case.B, self._ADDITIVE_CHUNK):
@@ -141,10 +142,11 @@ class GradientCheck:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _prepare_rows(case, impls, inputs, check):
+def _prepare_rows(case: BackwardCase, impls: Sequence[BackwardImpl], inputs: Dict[str, np.ndarray],
+                  check: GradientCheck) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Callable[[], object]]]:
     """Each implementation's row, and a runner for those that ran their first call and could be checked."""
-    rows: Dict[str, dict] = {}
-    runners = {}
+    rows: Dict[str, Dict[str, Any]] = {}
+    runners: Dict[str, Callable[[], object]] = {}
     for impl in impls:
         row = rows[impl.name] = {"impl": impl.name, "label": impl.label_for(case), "skipped": None,
                                  "unsupported": False}
@@ -167,7 +169,7 @@ def _prepare_rows(case, impls, inputs, check):
     return rows, runners
 
 
-def _derive(result: dict, case: BackwardCase, peak: Optional[float]) -> None:
+def _derive(result: Dict[str, Any], case: BackwardCase, peak: Optional[float]) -> None:
     """GFLOP/s, % of the FMA peak, attnfast's speed-up over PyTorch and whether the issue's goal is met."""
     flops = case.flops()
     times = {r["impl"]: r["median_s"] for r in result["rows"] if r.get("median_s")}
@@ -183,13 +185,13 @@ def _derive(result: dict, case: BackwardCase, peak: Optional[float]) -> None:
     result["goal"] = None
     if goal:
         metric, least = goal
-        own = next((r for r in result["rows"] if r["impl"] == "attnfast"), {})
+        own: Dict[str, Any] = next((r for r in result["rows"] if r["impl"] == "attnfast"), {})
         value = own.get(metric)
         result["goal"] = {"metric": metric, "least": least, "value": value,
                           "met": None if value is None else bool(value >= least)}
 
 
-def _run_case(case: BackwardCase, impls, cfg: BackwardConfig) -> dict:
+def _run_case(case: BackwardCase, impls: Sequence[BackwardImpl], cfg: BackwardConfig) -> Dict[str, Any]:
     inputs = make_backward_inputs(case)
     check = GradientCheck(case, inputs)
     rows, runners = _prepare_rows(case, impls, inputs, check)
@@ -208,7 +210,7 @@ def _package_parent() -> str:
 
 
 def measure_memory_in_child(case: BackwardCase, impl_name: str, threads: int,
-                            timeout_s: float = _MEMORY_TIMEOUT_S) -> dict:
+                            timeout_s: float = _MEMORY_TIMEOUT_S) -> Dict[str, Any]:
     """Peak RSS growth of one call of ``case`` by ``impl_name``, in a fresh interpreter.
 
     Returns ``{"peak_rss_delta_bytes": int or None, "seconds": float, "note": str or None}``; a failed
@@ -229,7 +231,8 @@ def measure_memory_in_child(case: BackwardCase, impl_name: str, threads: int,
             tail = (proc.stderr or "").strip().splitlines()[-2:]
             return {"peak_rss_delta_bytes": None, "note": f"failed (exit {proc.returncode}): " + " | ".join(tail)}
         with open(answer) as f:
-            return json.load(f)
+            measured: Dict[str, Any] = json.load(f)
+            return measured
 
 
 def _memory_child(request_path: str, answer_path: str) -> None:
@@ -239,7 +242,7 @@ def _memory_child(request_path: str, answer_path: str) -> None:
     tuned = memory.tune_malloc_for_measurement()  # before any input exists, so all are mapped alike
     case = case_from_dict(req["case"])
     impl = next(i for i in backward_impls() if i.name == req["impl"])
-    answer = {"peak_rss_delta_bytes": None, "seconds": None, "tuned_malloc": tuned, "note": None}
+    answer: Dict[str, Any] = {"peak_rss_delta_bytes": None, "seconds": None, "tuned_malloc": tuned, "note": None}
     if not impl.available():
         answer["note"] = f"not available: {impl.error}"
     elif not memory.reset_peak_rss():
@@ -261,7 +264,7 @@ def _memory_child(request_path: str, answer_path: str) -> None:
         json.dump(answer, f)
 
 
-def _memory_result(case: BackwardCase, impls, threads: int) -> dict:
+def _memory_result(case: BackwardCase, impls: Sequence[BackwardImpl], threads: int) -> Dict[str, Any]:
     limit = case.gradient_bytes() + MEMORY_SLACK_BYTES
     rows = []
     for impl in impls:
@@ -276,7 +279,7 @@ def _memory_result(case: BackwardCase, impls, threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-def run_backward_benchmark(cfg: BackwardConfig) -> dict:
+def run_backward_benchmark(cfg: BackwardConfig) -> Dict[str, Any]:
     """Run the backward suite ``cfg`` describes and return the report dict (schema :data:`SCHEMA`)."""
     from .progress import Progress
 
@@ -289,7 +292,7 @@ def run_backward_benchmark(cfg: BackwardConfig) -> dict:
     facts["threads_per_impl"] = thread_counts
     facts["load_average"] = machine.load_average()
 
-    results: List[dict] = []
+    results: List[Dict[str, Any]] = []
     mem_result = None
     steps = 1 + len(cfg.cases) + (1 if cfg.memory_case is not None else 0)
     with Progress(steps, enabled=cfg.progress, desc="attnfast bench --backward") as progress:

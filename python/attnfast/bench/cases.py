@@ -8,7 +8,7 @@ so the report can say how close each implementation gets to the machine's limit.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class AttentionCase:
         """Size of the (B, H, Lq, Lk) score matrix that unfused implementations build."""
         return self.B * self.H * self.Lq * self.Lk * itemsize
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "label": self.label, "group": self.group,
                 "B": self.B, "H": self.H, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "q_dtype": self.q_dtype}
 
@@ -181,23 +181,26 @@ class StageCase:
     def score_matrix_bytes(self, itemsize: int) -> int:
         return self.B * self.Lq * self.Lk * itemsize
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "label": self.label, "group": self.group,
                 "stage": self.stage, "B": self.B, "Lq": self.Lq, "Lk": self.Lk, "D": self.D}
 
 
-def storage_dtype(name) -> np.dtype:
+def storage_dtype(name: Any) -> np.dtype:
     """The NumPy dtype of a ``--dtype`` name; bfloat16 needs ml_dtypes (imported only then)."""
     name = np.dtype(name).name if not isinstance(name, str) else name
+    dtype: np.dtype
     if name == "bfloat16":
         import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
+        dtype = np.dtype(ml_dtypes.bfloat16)
+        return dtype
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
-    return np.dtype(name)
+    dtype = np.dtype(name)
+    return dtype
 
 
-def compute_dtype(name) -> np.dtype:
+def compute_dtype(name: Any) -> np.dtype:
     """The type the arithmetic runs in: float64 for float64 data, float32 for everything else."""
     return np.dtype(np.float64) if storage_dtype(name) == np.float64 else np.dtype(np.float32)
 
@@ -213,7 +216,8 @@ def parse_shape(text: str) -> AttentionCase:
         raise ValueError(f"--shape wants integers B,H,Lq,Lk,D, got {text!r}") from None
     if min(dims) < 1:
         raise ValueError(f"--shape dimensions must be >= 1, got {text!r}")
-    return AttentionCase(*dims, label="--shape")
+    b, h, lq, lk, d = dims
+    return AttentionCase(b, h, lq, lk, d, label="--shape")
 
 
 def default_cases(quick: bool, dtype: str = "float32") -> List[AttentionCase]:
@@ -243,7 +247,7 @@ def stage_cases() -> List[StageCase]:
     ]
 
 
-def make_attention_inputs(case: AttentionCase, dtype, seed: int = 0):
+def make_attention_inputs(case: AttentionCase, dtype: Any, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic q, k, v in (B, H, L, D) layout; standard normal, like projected activations.
 
     k and v have ``dtype``; q has the case's :attr:`~AttentionCase.q_dtype` when it sets one.
@@ -256,7 +260,7 @@ def make_attention_inputs(case: AttentionCase, dtype, seed: int = 0):
     return q, k, v
 
 
-def make_stage_inputs(case: StageCase, dtype, seed: int = 0):
+def make_stage_inputs(case: StageCase, dtype: Any, seed: int = 0) -> Tuple[np.ndarray, ...]:
     """Inputs of one stage: (q, k) for scores, (x,) for softmax, (weights, v) for aggregate."""
     rng = np.random.default_rng(seed)
     if case.stage == "scores":
@@ -273,8 +277,8 @@ def make_stage_inputs(case: StageCase, dtype, seed: int = 0):
 
 
 
-def case_from_dict(d: dict):
+def case_from_dict(d: Dict[str, Any]) -> Union[AttentionCase, StageCase]:
     """Inverse of ``to_dict()`` (for the memory child, which gets its cases as JSON)."""
-    cls = AttentionCase if d["kind"] == "attention" else StageCase
+    cls: Union[Type[AttentionCase], Type[StageCase]] = AttentionCase if d["kind"] == "attention" else StageCase
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in d.items() if k in names})

@@ -17,14 +17,14 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .cases import DTYPES, default_cases, parse_shape, stage_cases
+from .cases import DTYPES, AttentionCase, default_cases, parse_shape, stage_cases
 
 __all__ = ["build_parser", "main"]
 
 
-def _shape(text: str):
+def _shape(text: str) -> AttentionCase:
     try:
         return parse_shape(text)
     except ValueError as exc:
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cases(args) -> list:
+def _cases(args: argparse.Namespace) -> List[Any]:
     if args.shape:
         return list(args.shape)
     return default_cases(args.quick, args.dtype) + stage_cases()
@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _main_backward(args) -> int:
+def _main_backward(args: argparse.Namespace) -> int:
     from .backward import MEMORY_CASE, default_backward_cases, shape_backward_cases
     from .backward_report import format_backward_report
     from .backward_run import BackwardConfig, run_backward_benchmark
@@ -182,7 +182,7 @@ def _main_backward(args) -> int:
     return 0
 
 
-def _main_serving(args) -> int:
+def _main_serving(args: argparse.Namespace) -> int:
     from . import serving
     from .machine import usable_cores
     from .serving_report import format_serving_report
@@ -196,7 +196,7 @@ def _main_serving(args) -> int:
     return 1 if report["not_measured"] else 0
 
 
-def _main_compare(parser: argparse.ArgumentParser, args) -> int:
+def _main_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .compare import compare_reports, format_comparison, load_report
 
     for given, option in ((args.json, "--json"), (args.plot, "--plot"), (args.shape, "--shape"),
@@ -212,7 +212,7 @@ def _main_compare(parser: argparse.ArgumentParser, args) -> int:
     return 0
 
 
-def _write_json(report: dict, path: Optional[str]) -> None:
+def _write_json(report: Dict[str, Any], path: Optional[str]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -13,7 +13,7 @@ file is and how to get a comparable one.
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __all__ = ["READABLE", "load_report", "compare_reports", "format_comparison"]
 
@@ -48,7 +48,7 @@ def _schema(report: object, path: str) -> Tuple[str, int]:
     return family, int(version)
 
 
-def load_report(path: str) -> dict:
+def load_report(path: str) -> Dict[str, Any]:
     """Read a ``bench --json`` file, checking that it is one (ValueError otherwise)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -58,23 +58,24 @@ def load_report(path: str) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON ({exc}); {_HOW}") from None
     _schema(report, path)
-    return report
+    checked: Dict[str, Any] = report
+    return checked
 
 
-def _cases(report: dict) -> Dict[CaseKey, dict]:
+def _cases(report: Dict[str, Any]) -> Dict[CaseKey, Dict[str, Any]]:
     config = report.get("config") or {}
-    out: Dict[CaseKey, dict] = {}
+    out: Dict[CaseKey, Dict[str, Any]] = {}
     for res in report["results"]:
         causal = bool(res.get("causal", config.get("causal", False)))
         out[(res["name"], res.get("dtype") or config.get("dtype"), causal)] = res
     return out
 
 
-def _rows(res: dict) -> Dict[RowKey, dict]:
+def _rows(res: Dict[str, Any]) -> Dict[RowKey, Dict[str, Any]]:
     return {(r["impl"], r.get("variant")): r for r in res.get("rows", []) if r.get("median_s")}
 
 
-def compare_reports(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> dict:
+def compare_reports(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_name: str = "B") -> Dict[str, Any]:
     """B against A: per matching (case, implementation) both medians and ``ratio`` = B's / A's.
 
     Returns ``{"rows": [...], "only_a": [...], "only_b": [...], "notes": [...]}``; ``rows`` in A's
@@ -86,7 +87,7 @@ def compare_reports(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> d
         raise ValueError(f"{a_name} is a {family_a} report and {b_name} a {family_b} report: compare two runs "
                          "of the same suite (both plain, both --backward or both --serving)")
     cases_a, cases_b = _cases(a), _cases(b)
-    rows: List[dict] = []
+    rows: List[Dict[str, Any]] = []
     only_a: List[str] = []
     only_b: List[str] = []
 
@@ -114,16 +115,18 @@ def compare_reports(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> d
     only_b += [label(key) for key in cases_b if key not in cases_a]
 
     notes = []
-    for what, get in (("CPU", lambda r: (r.get("machine") or {}).get("cpu")),
-                      ("threads", lambda r: (r.get("config") or {}).get("threads")),
-                      ("attnfast", lambda r: ((r.get("machine") or {}).get("versions") or {}).get("attnfast"))):
+    getters: Tuple[Tuple[str, Callable[[Dict[str, Any]], Any]], ...] = (
+        ("CPU", lambda r: (r.get("machine") or {}).get("cpu")),
+        ("threads", lambda r: (r.get("config") or {}).get("threads")),
+        ("attnfast", lambda r: ((r.get("machine") or {}).get("versions") or {}).get("attnfast")))
+    for what, get in getters:
         va, vb = get(a), get(b)
         if va != vb:
             notes.append(f"{what}: {a_name} {va}, {b_name} {vb}")
     return {"rows": rows, "only_a": only_a, "only_b": only_b, "notes": notes}
 
 
-def format_comparison(cmp: dict, a_name: str = "A", b_name: str = "B") -> str:
+def format_comparison(cmp: Dict[str, Any], a_name: str = "A", b_name: str = "B") -> str:
     from .report import _fmt_time, _table
 
     lines = [f"{b_name} vs {a_name}: ratio = {b_name}'s median / {a_name}'s median "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 __all__ = ["cpu_info", "cache_levels", "usable_cores", "available_memory_bytes", "flops_per_cycle_per_core",
            "theoretical_fma_peak", "versions", "attnfast_capabilities", "machine_facts"]
@@ -23,9 +23,9 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def cpu_info() -> Dict[str, object]:
+def cpu_info() -> Dict[str, Any]:
     """CPU model, vendor, SIMD flags and clock in MHz from /proc/cpuinfo and cpufreq (Linux)."""
-    info: Dict[str, object] = {"model": platform.processor() or platform.machine(), "vendor": None,
+    info: Dict[str, Any] = {"model": platform.processor() or platform.machine(), "vendor": None,
                                "family": None, "flags": [], "mhz": None, "max_mhz": None}
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():
@@ -53,7 +53,7 @@ def cache_levels() -> List[Dict[str, int]]:
 
     Empty when sysfs does not say (not Linux, some containers).
     """
-    out = []
+    out: List[Dict[str, int]] = []
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         entries = sorted(e for e in os.listdir(base) if e.startswith("index"))
@@ -105,7 +105,7 @@ def available_memory_bytes() -> Optional[int]:
         return None
 
 
-def flops_per_cycle_per_core(flags, itemsize: int, vendor: Optional[str] = None,
+def flops_per_cycle_per_core(flags: Optional[Iterable[str]], itemsize: int, vendor: Optional[str] = None,
                              family: Optional[int] = None) -> int:
     """Peak FLOPs per cycle of one core from its widest FMA unit.
 
@@ -124,7 +124,7 @@ def flops_per_cycle_per_core(flags, itemsize: int, vendor: Optional[str] = None,
     return lanes * per_fma * fma_pipes
 
 
-def theoretical_fma_peak(threads: int, itemsize: int = 4, info: Optional[dict] = None) -> Dict[str, object]:
+def theoretical_fma_peak(threads: int, itemsize: int = 4, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """cores × FLOP/cycle × clock, in FLOP/s, with the inputs that went into it."""
     info = info or cpu_info()
     mhz = max(x for x in (info.get("mhz"), info.get("max_mhz"), 0.0) if x is not None)
@@ -161,7 +161,7 @@ def versions() -> Dict[str, Optional[str]]:
     return out
 
 
-def attnfast_capabilities() -> Dict[str, object]:
+def attnfast_capabilities() -> Dict[str, Any]:
     """``attnfast.capabilities()`` when the compiled package imports, else the import error."""
     try:
         import attnfast
@@ -176,7 +176,7 @@ def load_average() -> Optional[List[float]]:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def machine_facts(threads: int) -> Dict[str, object]:
+def machine_facts(threads: int) -> Dict[str, Any]:
     """Everything printed at the top of the report and stored in the JSON."""
     info = cpu_info()
     flags = set(info["flags"])

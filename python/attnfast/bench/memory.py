@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import IO, Any, Callable, Dict, List, Optional
 
 __all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "tune_malloc_for_measurement",
            "measure_call", "MemoryChild", "measure_in_child"]
@@ -83,7 +83,7 @@ def tune_malloc_for_measurement(threshold_bytes: int = 64 * 1024) -> bool:
         return False
 
 
-def measure_call(fn, settle_s: float = 0.0) -> Optional[int]:
+def measure_call(fn: Callable[[], object], settle_s: float = 0.0) -> Optional[int]:
     """Peak RSS growth in bytes while ``fn()`` runs (including whatever it returns).
 
     ``settle_s``: a pause before the baseline is read, for libraries that free a previous call's
@@ -120,8 +120,8 @@ class MemoryChild:
     so they never compete with a probe or a timed call.
     """
 
-    def __init__(self, proc: Optional[subprocess.Popen], tmp: tempfile.TemporaryDirectory, err,
-                 note: Optional[str]):
+    def __init__(self, proc: Optional["subprocess.Popen[str]"], tmp: "tempfile.TemporaryDirectory[str]",
+                 err: Optional[IO[str]], note: Optional[str]):
         self._proc, self._tmp, self._err, self._note = proc, tmp, err, note
         self._ready = False
 
@@ -164,6 +164,7 @@ class MemoryChild:
     def _readline(self, timeout_s: float) -> str:
         import selectors
 
+        assert self._proc is not None and self._proc.stdout is not None  # started with a stdout pipe
         with selectors.DefaultSelector() as sel:
             sel.register(self._proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout_s):
@@ -179,6 +180,7 @@ class MemoryChild:
 
     def _reap(self) -> None:
         """Kill the child if it still runs, wait for it and close its pipes."""
+        assert self._proc is not None
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
@@ -189,8 +191,8 @@ class MemoryChild:
                 except OSError:
                     pass  # stdin of a dead child: nothing left to flush
 
-    def measure(self, jobs: List[dict], warm_all: bool = True,
-                timeout_s: float = _CHILD_TIMEOUT_S) -> Dict[str, object]:
+    def measure(self, jobs: List[Dict[str, Any]], warm_all: bool = True,
+                timeout_s: float = _CHILD_TIMEOUT_S) -> Dict[str, Any]:
         """Measure ``jobs`` (``{"case": case.to_dict(), "impls": [names]}``), then let the child exit.
 
         Each call is measured after a first, unmeasured call; with ``warm_all=False`` (``--quick``) only
@@ -209,6 +211,7 @@ class MemoryChild:
             answer = os.path.join(self._tmp.name, "answer.json")
             with open(request, "w") as f:
                 json.dump({"jobs": jobs, "warm_all": warm_all, "answer": answer}, f)
+            assert self._proc.stdin is not None  # started with a stdin pipe
             try:
                 self._proc.stdin.write(request + "\n")
                 self._proc.stdin.close()
@@ -222,7 +225,8 @@ class MemoryChild:
                 return {"results": {}, "note": f"memory measurement failed (exit {self._proc.returncode}): "
                                                + self._stderr_tail()}
             with open(answer) as f:
-                return json.load(f)
+                measured: Dict[str, Any] = json.load(f)
+                return measured
         finally:
             self.close()
 
@@ -236,8 +240,8 @@ class MemoryChild:
         self._tmp.cleanup()
 
 
-def measure_in_child(jobs: List[dict], dtype: str, causal: bool, threads: int,
-                     timeout_s: float = _CHILD_TIMEOUT_S, warm_all: bool = True) -> Dict[str, object]:
+def measure_in_child(jobs: List[Dict[str, Any]], dtype: str, causal: bool, threads: int,
+                     timeout_s: float = _CHILD_TIMEOUT_S, warm_all: bool = True) -> Dict[str, Any]:
     """Start a :class:`MemoryChild` for the implementations of ``jobs`` and measure them."""
     names = sorted({name for job in jobs for name in job["impls"]})
     return MemoryChild.start(names, dtype, causal, threads).measure(jobs, warm_all, timeout_s)
@@ -257,9 +261,10 @@ def _child_main(setup_path: str) -> None:
     for name in list(impls):
         if name not in setup["impls"] or not impls[name].available():
             del impls[name]
-    if "onnxruntime" in impls:
-        impls["onnxruntime"].arena = False
-    peers.pin_threads(impls.values(), setup["threads"])
+    ort = impls.get("onnxruntime")
+    if isinstance(ort, peers.OnnxRuntimeImpl):
+        ort.arena = False
+    peers.pin_threads(list(impls.values()), setup["threads"])
     # With PyTorch and JAX imported the heap holds millions of objects: each full collection in
     # measure_call took ~0.15 s, half of the child's time in a --quick run (98 collections, 14 s).
     # Frozen objects are skipped by the collector; what the calls below create is still collected.

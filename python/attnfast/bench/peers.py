@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -57,11 +57,12 @@ def error_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _is_half(dtype) -> bool:
+def _is_half(dtype: Any) -> bool:
     return (dtype if isinstance(dtype, str) else np.dtype(dtype).name) in HALF_DTYPES
 
 
 Runner = Callable[[], object]
+Case = Union[AttentionCase, StageCase]
 ToBHLD = Callable[[object], np.ndarray]
 
 
@@ -86,7 +87,7 @@ class Impl:
     #: comes with attnfast).
     family: Optional[str] = None
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._error: Optional[str] = None
         self._checked = False
 
@@ -124,31 +125,31 @@ class Impl:
         """
         return None
 
-    def runs(self, case) -> bool:
+    def runs(self, case: Case) -> bool:
         """Whether the benchmark has a runner of this implementation for the kind of ``case``."""
         return self.stages or not isinstance(case, StageCase)
 
-    def skip_reason(self, case, dtype: np.dtype, causal: bool) -> Optional[str]:
+    def skip_reason(self, case: Case, dtype: np.dtype, causal: bool) -> Optional[str]:
         """Why this implementation cannot run ``case`` (None when it can)."""
         if not self.runs(case):
             return "stage not benchmarked for this library"
         return self.dtype_unsupported(dtype)
 
-    def label_for(self, case, dtype=None) -> str:
+    def label_for(self, case: Any, dtype: Any = None) -> str:
         return self.stage_label if isinstance(case, StageCase) and self.stage_label else self.label
 
-    def input_note(self, case, inputs: tuple) -> Optional[str]:
+    def input_note(self, case: Case, inputs: Tuple[Any, ...]) -> Optional[str]:
         """What :meth:`prepare` changes about the inputs before timing (shown under the table)."""
         if self._converts_query(case, inputs):
             return (f"q converted to {inputs[1].dtype.name} before timing "
                     f"(needs one dtype for q, k and v)")
         return None
 
-    def _converts_query(self, case, inputs) -> bool:
+    def _converts_query(self, case: Case, inputs: Tuple[Any, ...]) -> bool:
         return (isinstance(case, AttentionCase) and not self.mixed_query
                 and inputs[0].dtype != inputs[1].dtype)
 
-    def prepare(self, case, inputs: tuple, causal: bool) -> Tuple[Runner, ToBHLD]:
+    def prepare(self, case: Case, inputs: Tuple[Any, ...], causal: bool) -> Tuple[Runner, ToBHLD]:
         """A zero-argument callable that runs the case, and a function mapping its result to NumPy."""
         if isinstance(case, AttentionCase):
             q, k, v = inputs
@@ -157,10 +158,11 @@ class Impl:
             return self.prepare_attention(case, q, k, v, causal=causal)
         return self.prepare_stage(case, inputs)
 
-    def prepare_attention(self, case, q, k, v, causal) -> Tuple[Runner, ToBHLD]:
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         raise NotImplementedError
 
-    def prepare_stage(self, case, inputs) -> Tuple[Runner, ToBHLD]:
+    def prepare_stage(self, case: StageCase, inputs: Tuple[Any, ...]) -> Tuple[Runner, ToBHLD]:
         raise NotImplementedError
 
 
@@ -171,31 +173,32 @@ class AttnfastImpl(Impl):
     stages = True
     mixed_query = True
 
-    def _import(self):
+    def _import(self) -> None:
         import attnfast
 
         missing = [f for f in ("attention", "scores", "softmax", "aggregate") if not hasattr(attnfast, f)]
         if missing:
             raise ImportError(f"attnfast has no {', '.join(missing)} (is the compiled module built?)")
-        self._mod = attnfast
+        self._mod: Any = attnfast
 
-    def version(self):
+    def version(self) -> Optional[str]:
         return getattr(self._mod, "__version__", None)
 
-    def set_threads(self, n):
+    def set_threads(self, n: int) -> None:
         if hasattr(self._mod, "set_num_threads"):
             self._mod.set_num_threads(n)
 
-    def threads(self):
+    def threads(self) -> Optional[int]:
         return self._mod.get_num_threads() if hasattr(self._mod, "get_num_threads") else None
 
-    def prepare_attention(self, case, q, k, v, causal):
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         af = self._mod
         if causal:
             return (lambda: af.attention(q, k, v, causal=True)), np.asarray
         return (lambda: af.attention(q, k, v)), np.asarray
 
-    def prepare_stage(self, case, inputs):
+    def prepare_stage(self, case: StageCase, inputs: Tuple[Any, ...]) -> Tuple[Runner, ToBHLD]:
         af = self._mod
         if case.stage == "scores":
             q, k = inputs
@@ -214,19 +217,19 @@ class AttnfastFloat32Impl(AttnfastImpl):
     label = "attnfast float32"
     family = "attnfast"
 
-    def label_for(self, case, dtype=None) -> str:
+    def label_for(self, case: Any, dtype: Any = None) -> str:
         return "attnfast float32 (baseline)"
 
-    def input_note(self, case, inputs):
+    def input_note(self, case: Case, inputs: Tuple[Any, ...]) -> Optional[str]:
         return None
 
-    def prepare(self, case, inputs, causal):
+    def prepare(self, case: Case, inputs: Tuple[Any, ...], causal: bool) -> Tuple[Runner, ToBHLD]:
         # Converted outside the timed region: the values are the 16-bit ones, exactly.
         return super().prepare(case, tuple(a.astype(np.float32) for a in inputs), causal)
 
 
 # ----------------------------------------------------------------------------------------------------
-def numpy_attention(q, k, v, causal=False):
+def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> np.ndarray:
     """Unfused attention in the inputs' dtype the way a NumPy user writes it, with in-place temporaries.
 
     Builds the full (..., Lq, Lk) score matrix; causal is top-left aligned (key j visible when j <= i).
@@ -240,20 +243,21 @@ def numpy_attention(q, k, v, causal=False):
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
-    return np.matmul(s, v)
+    out: np.ndarray = np.matmul(s, v)
+    return out
 
 
-def numpy_softmax(x):
-    e = x - x.max(axis=-1, keepdims=True)
+def numpy_softmax(x: np.ndarray) -> np.ndarray:
+    e: np.ndarray = x - x.max(axis=-1, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
     return e
 
 
-def _in_float32(fn, result_dtype):
+def _in_float32(fn: Callable[..., np.ndarray], result_dtype: Any) -> Callable[..., np.ndarray]:
     """``fn`` on float32 copies of its arguments, the result rounded to ``result_dtype``: NumPy's only
     fast way with 16-bit arrays (its float16 matmul is a naive loop)."""
-    def run(*arrays):
+    def run(*arrays: np.ndarray) -> np.ndarray:
         return fn(*(a.astype(np.float32) for a in arrays)).astype(result_dtype)
     return run
 
@@ -265,19 +269,19 @@ class NumpyImpl(Impl):
     stages = True
     mixed_query = True  # NumPy promotes
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self._limiter = None
+        self._limiter: Any = None
 
-    def version(self):
+    def version(self) -> Optional[str]:
         return np.__version__
 
-    def label_for(self, case, dtype=None) -> str:
+    def label_for(self, case: Any, dtype: Any = None) -> str:
         if dtype is not None and _is_half(dtype):
             return "NumPy (float32 math)"
         return super().label_for(case, dtype)
 
-    def input_note(self, case, inputs):
+    def input_note(self, case: Case, inputs: Tuple[Any, ...]) -> Optional[str]:
         if not any(_is_half(a.dtype) for a in inputs):
             return None
         result = np.result_type(*inputs)
@@ -286,7 +290,7 @@ class NumpyImpl(Impl):
                     "in the timed call")
         return "converts the 16-bit inputs to float32, in the timed call"
 
-    def set_threads(self, n):
+    def set_threads(self, n: int) -> None:
         # NumPy itself is single-threaded; its BLAS (matmul) is not.
         try:
             from threadpoolctl import threadpool_limits
@@ -296,21 +300,23 @@ class NumpyImpl(Impl):
             self._limiter.restore_original_limits()
         self._limiter = threadpool_limits(limits=n, user_api="blas")
 
-    def threads(self):
+    def threads(self) -> Optional[int]:
         try:
             from threadpoolctl import threadpool_info
         except ImportError:
             return None
-        counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+        counts: List[int] = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
         return max(counts) if counts else None
 
-    def prepare_attention(self, case, q, k, v, causal):
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         if _is_half(k.dtype):
             fn = _in_float32(lambda a, b, c: numpy_attention(a, b, c, causal), np.result_type(q, k, v))
             return (lambda: fn(q, k, v)), np.asarray
         return (lambda: numpy_attention(q, k, v, causal)), np.asarray
 
-    def prepare_stage(self, case, inputs):
+    def prepare_stage(self, case: StageCase, inputs: Tuple[Any, ...]) -> Tuple[Runner, ToBHLD]:
+        fn: Callable[..., np.ndarray]
         if case.stage == "scores":
             fn = lambda q, k: np.matmul(q, np.swapaxes(k, -1, -2))  # noqa: E731
         elif case.stage == "softmax":
@@ -329,47 +335,51 @@ class TorchImpl(Impl):
     stage_label = "PyTorch"
     stages = True
 
-    def _import(self):
+    def _import(self) -> None:
         import torch
         import torch.nn.functional  # noqa: F401
 
-        self._torch = torch
+        self._torch: Any = torch
 
-    def version(self):
-        return self._torch.__version__
+    def version(self) -> Optional[str]:
+        return str(self._torch.__version__)
 
-    def set_threads(self, n):
+    def set_threads(self, n: int) -> None:
         self._torch.set_num_threads(n)
 
-    def threads(self):
-        return self._torch.get_num_threads()
+    def threads(self) -> Optional[int]:
+        return int(self._torch.get_num_threads())
 
-    def _tensor(self, a: np.ndarray):
+    def _tensor(self, a: np.ndarray) -> Any:
         """A zero-copy tensor of ``a``'s buffer; bfloat16 through an int16 view (NumPy has no bfloat16)."""
         if a.dtype.name == "bfloat16":
             return self._torch.from_numpy(a.view(np.int16)).view(self._torch.bfloat16)
         return self._torch.from_numpy(a)
 
-    def _to_numpy(self, t) -> np.ndarray:
+    def _to_numpy(self, t: Any) -> np.ndarray:
         if t.dtype == self._torch.bfloat16:
             import ml_dtypes
-            return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
+            array: np.ndarray = t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return array
+        array = t.numpy()
+        return array
 
-    def prepare_attention(self, case, q, k, v, causal):
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         torch = self._torch
         sdpa = torch.nn.functional.scaled_dot_product_attention
         tq, tk, tv = (self._tensor(a) for a in (q, k, v))  # zero-copy views of the NumPy buffers
 
-        def run():
+        def run() -> object:
             with torch.inference_mode():
                 return sdpa(tq, tk, tv, is_causal=causal)
 
         return run, self._to_numpy
 
-    def prepare_stage(self, case, inputs):
+    def prepare_stage(self, case: StageCase, inputs: Tuple[Any, ...]) -> Tuple[Runner, ToBHLD]:
         torch = self._torch
         ts = [self._tensor(a) for a in inputs]
+        fn: Callable[[], object]
         if case.stage == "scores":
             q, k = ts
             fn = lambda: torch.matmul(q, k.transpose(-1, -2))  # noqa: E731
@@ -380,7 +390,7 @@ class TorchImpl(Impl):
             w, v = ts
             fn = lambda: torch.matmul(w, v)  # noqa: E731
 
-        def run():
+        def run() -> object:
             with torch.inference_mode():
                 return fn()
 
@@ -394,36 +404,38 @@ class OnnxRuntimeImpl(Impl):
     quadratic_memory = True
     first_call_allocates = True
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self._threads = None
+        self._threads: Optional[int] = None
         self.arena = True  # the memory probe turns the arena off so freed memory shows as freed
         self._dtype_support: Dict[str, Optional[str]] = {}
 
-    def _import(self):
+    def _import(self) -> None:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        self._ort, self._helper, self._tp = ort, helper, TensorProto
+        self._ort: Any = ort
+        self._helper: Any = helper
+        self._tp: Any = TensorProto
 
-    def version(self):
-        return self._ort.__version__
+    def version(self) -> Optional[str]:
+        return str(self._ort.__version__)
 
-    def set_threads(self, n):
+    def set_threads(self, n: int) -> None:
         self._threads = n  # applied to every session created from now on
 
-    def threads(self):
+    def threads(self) -> Optional[int]:
         return self._threads
 
-    def skip_reason(self, case, dtype, causal):
+    def skip_reason(self, case: Case, dtype: np.dtype, causal: bool) -> Optional[str]:
         reason = super().skip_reason(case, dtype, causal)
         if reason:
             return reason
-        if causal and case.Lq != case.Lk:
+        if causal and isinstance(case, AttentionCase) and case.Lq != case.Lk:
             return "unidirectional masking is aligned differently when Lq != Lk"
         return None
 
-    def dtype_unsupported(self, dtype) -> Optional[str]:
+    def dtype_unsupported(self, dtype: Any) -> Optional[str]:
         """Why the CPU provider cannot run MultiHeadAttention in this dtype (None when it can).
 
         Asked of the installed ONNX Runtime once per dtype (a session on a tiny input): its CPU kernels
@@ -444,9 +456,9 @@ class OnnxRuntimeImpl(Impl):
             self._dtype_support[dtype_name] = reason
         return self._dtype_support[dtype_name]
 
-    def _session(self, heads: int, causal: bool, dtype_name: str = "float32"):
+    def _session(self, heads: int, causal: bool, dtype_name: str = "float32") -> Any:
         helper, tp, ort = self._helper, self._tp, self._ort
-        attrs = {"num_heads": heads}
+        attrs: Dict[str, int] = {"num_heads": heads}
         if causal:
             attrs["unidirectional"] = 1
         elem = {"float32": tp.FLOAT, "float64": tp.DOUBLE, "float16": tp.FLOAT16,
@@ -467,7 +479,8 @@ class OnnxRuntimeImpl(Impl):
         so.log_severity_level = 3
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    def prepare_attention(self, case, q, k, v, causal):
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         ort = self._ort
         B, H, Lq, _, D = case.shape
         sess = self._session(H, causal, k.dtype.name)
@@ -479,15 +492,16 @@ class OnnxRuntimeImpl(Impl):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("o")
 
-        def run():
+        def run() -> object:
             sess.run_with_iobinding(binding)
             return binding
 
-        def to_bhld(b):
+        def to_bhld(b: Any) -> np.ndarray:
             out = b.copy_outputs_to_cpu()[0]
-            return out.reshape(B, Lq, H, -1).transpose(0, 2, 1, 3)
+            bhld: np.ndarray = out.reshape(B, Lq, H, -1).transpose(0, 2, 1, 3)
+            return bhld
 
-        run.keep = keep  # tie the input buffers' lifetime to the runner
+        run.keep = keep  # type: ignore[attr-defined]  # tie the input buffers' lifetime to the runner
         return run, to_bhld
 
 
@@ -507,7 +521,7 @@ class JaxImpl(Impl):
         self._threads = threads
         self._dtype_support: Dict[str, Optional[str]] = {}
 
-    def _import(self):
+    def _import(self) -> None:
         # XLA reads its flags once, at import: the thread count must be set before.
         if self._threads == 1 and "jax" not in _loaded_modules():
             flags = os.environ.get("XLA_FLAGS", "")
@@ -519,20 +533,21 @@ class JaxImpl(Impl):
 
         if not hasattr(jax.nn, "dot_product_attention"):
             raise ImportError(f"jax {jax.__version__} has no jax.nn.dot_product_attention (needs >= 0.4.31)")
-        self._jax, self._jnp = jax, jnp
+        self._jax: Any = jax
+        self._jnp: Any = jnp
 
-    def version(self):
-        return self._jax.__version__
+    def version(self) -> Optional[str]:
+        return str(self._jax.__version__)
 
-    def set_threads(self, n):
+    def set_threads(self, n: int) -> None:
         self._threads = n
 
-    def threads(self):
+    def threads(self) -> Optional[int]:
         # XLA:CPU sizes its pool to the cores unless limited to one thread at import.
         from .machine import usable_cores
         return 1 if self._threads == 1 else usable_cores()
 
-    def dtype_unsupported(self, dtype) -> Optional[str]:
+    def dtype_unsupported(self, dtype: Any) -> Optional[str]:
         """Why the jitted call fails in this 16-bit dtype on CPU (None when it runs), asked once.
 
         jax 0.10 compiles float16 to a float16 x float16 -> float32 dot that XLA:CPU rejects; bfloat16 runs.
@@ -552,7 +567,8 @@ class JaxImpl(Impl):
             self._dtype_support[dtype_name] = reason
         return self._dtype_support[dtype_name]
 
-    def prepare_attention(self, case, q, k, v, causal):
+    def prepare_attention(self, case: AttentionCase, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                          causal: bool) -> Tuple[Runner, ToBHLD]:
         jax = self._jax
         if q.dtype == np.float64:
             jax.config.update("jax_enable_x64", True)
@@ -561,13 +577,13 @@ class JaxImpl(Impl):
         fn = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, is_causal=causal)
                      ).lower(*args).compile()
 
-        def run():
+        def run() -> object:
             return fn(*args).block_until_ready()
 
         return run, lambda out: np.asarray(out).transpose(0, 2, 1, 3)
 
 
-def _loaded_modules():
+def _loaded_modules() -> Dict[str, Any]:
     import sys
     return sys.modules
 
@@ -583,14 +599,17 @@ def all_impls(threads: Optional[int] = None, dtype: Optional[str] = None) -> Lis
     return impls + [NumpyImpl(), TorchImpl(), OnnxRuntimeImpl(), JaxImpl(threads)]
 
 
-def select(impls: List[Impl], names: Optional[List[str]]) -> List[Impl]:
+AnyImpl = TypeVar("AnyImpl", bound=Impl)
+
+
+def select(impls: Sequence[AnyImpl], names: Optional[Sequence[str]]) -> List[AnyImpl]:
     """The implementations ``--impl`` names (all when ``names`` is None); a family brings its members."""
     if not names:
         return list(impls)
     return [i for i in impls if i.name in names or (i.family is not None and i.family in names)]
 
 
-def pin_threads(impls, n: int) -> Dict[str, Optional[int]]:
+def pin_threads(impls: Sequence[Impl], n: int) -> Dict[str, Optional[int]]:
     """Pin every available implementation (and every OpenMP/BLAS pool in the process) to ``n`` threads.
 
     Returns the thread count each implementation reports afterwards, for the report.
@@ -601,7 +620,7 @@ def pin_threads(impls, n: int) -> Dict[str, Optional[int]]:
         threadpool_limits(limits=n)
     except ImportError:
         pass
-    counts = {}
+    counts: Dict[str, Optional[int]] = {}
     for impl in impls:
         if impl.available():
             impl.set_threads(n)

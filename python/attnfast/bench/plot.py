@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 __all__ = ["plot_report", "sweep_series", "have_matplotlib"]
 
@@ -22,7 +22,7 @@ def have_matplotlib() -> bool:
         return False
 
 
-def sweep_series(report: dict) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
+def sweep_series(report: Dict[str, Any]) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
     """``{impl label: {"gflops": [(L, value)], "memory_mib": [(L, value)]}}`` from the sweep cases.
 
     Without a sweep (a ``--shape`` run), every Lq = Lk attention case is a point.
@@ -46,7 +46,7 @@ def sweep_series(report: dict) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
     return series
 
 
-def plot_report(report: dict, path: str) -> str:
+def plot_report(report: Dict[str, Any], path: str) -> str:
     """Write the PNG to ``path`` and return it; raises ImportError without matplotlib."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed, no GUI backend probed

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 __all__ = ["fma_peak", "read_bandwidth", "native_probes", "BandwidthCache", "memory_level"]
 
 
-def native_probes():
+def native_probes() -> Optional[Any]:
     """The compiled module if it has the probes, else None."""
     try:
         from attnfast import _attnfast  # the pybind11 extension
@@ -33,7 +33,7 @@ def native_probes():
     return None
 
 
-def _as_rate(value, giga_key: str, unit_key: str) -> float:
+def _as_rate(value: Any, giga_key: str, unit_key: str) -> float:
     """Normalise a probe result to per-second SI units.
 
     Accepts a number in G-units (GFLOP/s, GB/s) or already in units per second, or a dict with one of
@@ -43,11 +43,11 @@ def _as_rate(value, giga_key: str, unit_key: str) -> float:
         if unit_key in value:
             return float(value[unit_key])
         return float(value[giga_key]) * 1e9
-    value = float(value)
-    return value * 1e9 if value < 1e6 else value
+    rate = float(value)
+    return rate * 1e9 if rate < 1e6 else rate
 
 
-def _numpy_fma_estimate(seconds: float, dtype, threads: int) -> float:
+def _numpy_fma_estimate(seconds: float, dtype: Any, threads: int) -> float:
     """Best rate of a square BLAS matmul (n=1536: big enough for full-width kernels, small to repeat)."""
     n = 1536
     a = np.ones((n, n), dtype=dtype)
@@ -85,7 +85,7 @@ def _numpy_read_estimate(nbytes: int, seconds: float, threads: int) -> float:
     parts = np.array_split(buf, threads)
     inner = max(1, int(2e6 // buf.nbytes) + 4)  # enough repeats to make each task ~≥ 1 ms
 
-    def task(part):
+    def task(part: np.ndarray) -> None:
         for _ in range(inner):
             np.max(part)
 
@@ -107,7 +107,7 @@ def _numpy_read_estimate(nbytes: int, seconds: float, threads: int) -> float:
 _SAMPLES = 3
 
 
-def fma_peak(seconds: float = 0.3, dtype=np.float32, threads: int = 1) -> Dict[str, object]:
+def fma_peak(seconds: float = 0.3, dtype: Any = np.float32, threads: int = 1) -> Dict[str, Any]:
     """Peak FMA throughput in FLOP/s on ``threads`` threads, and where the number comes from."""
     dtype = np.dtype(dtype)
     native = native_probes()
@@ -121,7 +121,7 @@ def fma_peak(seconds: float = 0.3, dtype=np.float32, threads: int = 1) -> Dict[s
     return {"flops_per_s": rate, "source": "numpy.matmul (BLAS) estimate"}
 
 
-def read_bandwidth(nbytes: int, seconds: float = 0.1, threads: int = 1) -> Dict[str, object]:
+def read_bandwidth(nbytes: int, seconds: float = 0.1, threads: int = 1) -> Dict[str, Any]:
     """Read bandwidth in bytes/s for a buffer of ``nbytes`` (its cache level decides the answer)."""
     nbytes = int(nbytes)
     native = native_probes()
@@ -145,13 +145,13 @@ class BandwidthCache:
     Each probe records what it measures (:func:`memory_level`) and the cases whose limit it is.
     """
 
-    def __init__(self, seconds: float, threads: int, caches: Optional[List[dict]] = None):
+    def __init__(self, seconds: float, threads: int, caches: Optional[List[Dict[str, Any]]] = None):
         self.seconds = seconds
         self.threads = threads
         self.caches = caches
-        self.results: Dict[int, Dict[str, object]] = {}
+        self.results: Dict[int, Dict[str, Any]] = {}
 
-    def get(self, nbytes: float, user: Optional[str] = None) -> Dict[str, object]:
+    def get(self, nbytes: float, user: Optional[str] = None) -> Dict[str, Any]:
         key = int(nbytes)
         near = [k for k in self.results if abs(k - key) <= _SAME_SIZE * key]
         if near:
@@ -166,10 +166,11 @@ class BandwidthCache:
         return probe
 
     def rate(self, nbytes: float, user: Optional[str] = None) -> Optional[float]:
-        return self.get(nbytes, user)["bytes_per_s"]
+        rate: Optional[float] = self.get(nbytes, user)["bytes_per_s"]
+        return rate
 
 
-def memory_level(nbytes: int, threads: int, caches: Optional[List[dict]]) -> str:
+def memory_level(nbytes: int, threads: int, caches: Optional[List[Dict[str, Any]]]) -> str:
     """Which level of the memory hierarchy a ``threads``-way read of ``nbytes`` streams from.
 
     Each thread reads its own ``nbytes / threads`` share; a share that fits one core's L1 or L2 is

@@ -7,23 +7,25 @@ rows) so the float64 check never costs what the benchmark itself costs.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from types import ModuleType
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from .cases import AttentionCase
+from .cases import AttentionCase, StageCase
 
 __all__ = ["ReferenceCheck"]
 
 F64 = np.float64
 
 
-def _fallback_attention(q, k, v, causal=False):
+def _fallback_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> np.ndarray:
     from .peers import numpy_attention
-    return numpy_attention(q.astype(F64), k.astype(F64), v.astype(F64), causal)
+    out: np.ndarray = numpy_attention(q.astype(F64), k.astype(F64), v.astype(F64), causal)
+    return out
 
 
-def _reference_module():
+def _reference_module() -> Optional[ModuleType]:
     try:
         from attnfast import reference
         return reference
@@ -34,7 +36,7 @@ def _reference_module():
 class ReferenceCheck:
     """Computes the float64 reference of a case once, then scores each implementation's output."""
 
-    def __init__(self, case, inputs: tuple, causal: bool):
+    def __init__(self, case: Union[AttentionCase, StageCase], inputs: Tuple[Any, ...], causal: bool):
         self.case = case
         self.index = self._slice(case)
         self.expected: Optional[np.ndarray] = None
@@ -45,13 +47,13 @@ class ReferenceCheck:
             self.error = f"reference failed: {type(exc).__name__}: {exc}"
 
     @staticmethod
-    def _slice(case) -> Tuple[slice, ...]:
+    def _slice(case: Union[AttentionCase, StageCase]) -> Tuple[slice, ...]:
         if isinstance(case, AttentionCase):
             # First query rows: exact under top-left causal masking too (row i sees keys <= i).
             return (slice(0, 2), slice(0, 2), slice(0, 256))
         return (slice(0, 8),)
 
-    def _compute(self, case, inputs, causal) -> np.ndarray:
+    def _compute(self, case: Union[AttentionCase, StageCase], inputs: Tuple[Any, ...], causal: bool) -> np.ndarray:
         ref = _reference_module()
         if isinstance(case, AttentionCase):
             q, k, v = inputs
@@ -71,11 +73,12 @@ class ReferenceCheck:
             if ref is not None:
                 return np.asarray(ref.softmax(x, axis=-1), dtype=F64)
             e = np.exp(x - x.max(axis=-1, keepdims=True))
-            return e / e.sum(axis=-1, keepdims=True)
+            weights: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+            return weights
         w, v = sliced
         return np.asarray(ref.aggregate(w, v), dtype=F64) if ref is not None else w @ v
 
-    def max_abs_error(self, output, to_numpy: Callable[[object], np.ndarray]) -> Optional[float]:
+    def max_abs_error(self, output: object, to_numpy: Callable[[object], np.ndarray]) -> Optional[float]:
         """Max |output - reference| over the checked slice (None when there is no reference)."""
         if self.expected is None:
             return None

@@ -7,7 +7,7 @@ shape, timed in the same rounds (the "attnfast float32 (baseline)" row).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .peers import BASELINE_NAME
 
@@ -38,7 +38,7 @@ def _mib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def _spread(r: dict) -> str:
+def _spread(r: Dict[str, Any]) -> str:
     """Fastest and slowest repeat relative to the median: "-2/+7%"."""
     t, lo, hi = r.get("median_s"), r.get("min_s"), r.get("max_s")
     if not t or lo is None or hi is None:
@@ -48,14 +48,15 @@ def _spread(r: dict) -> str:
 
 def _table(headers: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)
 
 
-def format_header(report: dict) -> str:
+def format_header(report: Dict[str, Any]) -> str:
     m = report["machine"]
     cfg = report["config"]
     probes = report["probes"]
@@ -105,7 +106,7 @@ def format_header(report: dict) -> str:
     return "\n".join(lines)
 
 
-def legend_entries(report: dict) -> List[Tuple[str, str]]:
+def legend_entries(report: Dict[str, Any]) -> List[Tuple[str, str]]:
     """(column, meaning) of every column this report's tables show."""
     cfg = report["config"]
     warm = ("after one unmeasured call of ONNX Runtime, whose first call does one-time work (JAX is "
@@ -141,7 +142,7 @@ def legend_entries(report: dict) -> List[Tuple[str, str]]:
     return entries
 
 
-def format_legend(report: dict, width: int = 104) -> str:
+def format_legend(report: Dict[str, Any], width: int = 104) -> str:
     """What every column of the tables means (benchmarks/README.md says the same)."""
     import textwrap
 
@@ -154,13 +155,13 @@ def format_legend(report: dict, width: int = 104) -> str:
     return "\n".join(lines)
 
 
-def _skip_note(r: dict, dtype: str) -> str:
+def _skip_note(r: Dict[str, Any], dtype: str) -> str:
     if r.get("unsupported"):
         return f"    {r['label']}: n/a in {dtype} ({r['skipped']})"
     return f"    {r['label']}: skipped ({r['skipped']})"
 
 
-def format_case(res: dict, config: Optional[dict] = None) -> str:
+def format_case(res: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> str:
     config = config or {}
     dtype = res.get("dtype") or config.get("dtype", "?")
     memory_bound = res["bound"] == "memory"
@@ -202,13 +203,13 @@ def format_case(res: dict, config: Optional[dict] = None) -> str:
     return "\n".join(parts)
 
 
-def _rows_by_impl(res: dict) -> dict:
+def _rows_by_impl(res: Dict[str, Any]) -> Dict[str, Any]:
     return {r["impl"]: r for r in res["rows"] if r.get("median_s")}
 
 
-def _shape_text(res: dict) -> str:
+def _shape_text(res: Dict[str, Any]) -> str:
     if res.get("kind") == "stage":
-        return res["name"]
+        return str(res["name"])
     text = ",".join(str(res[k]) for k in ("B", "H", "Lq", "Lk", "D"))
     if res.get("q_dtype"):
         text += f" q {res['q_dtype']}"
@@ -217,7 +218,7 @@ def _shape_text(res: dict) -> str:
     return text
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: Dict[str, Any]) -> str:
     """One line per case: attnfast in the run's dtype against its own float32 and the peers."""
     cfg, m = report["config"], report["machine"]
     dtype = cfg["dtype"]
@@ -229,10 +230,10 @@ def format_summary(report: dict) -> str:
         own = by.get("attnfast")
         best = by.get(res.get("best_peer") or "")
 
-        def time_of(name):
+        def time_of(name: str) -> str:
             return _fmt_time(by[name]["median_s"]) if name in by else "n/a"
 
-        def faster(name):
+        def faster(name: str) -> str:
             """How many times faster attnfast is than ``name`` (its median over attnfast's)."""
             if own is None or name not in by:
                 return "-"
@@ -250,7 +251,7 @@ def format_summary(report: dict) -> str:
                       _table(headers, rows)])
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Dict[str, Any]) -> str:
     blocks = [format_header(report), format_legend(report)]
     blocks += [format_case(res, report["config"]) for res in report["results"]]
     if report["config"]["dtype"] in _HALF and report["results"] and "attnfast" in report["implementations"]:

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 from . import machine, memory, peers, probes
-from .cases import (AttentionCase, compute_dtype, make_attention_inputs, make_stage_inputs,
+from .cases import (AttentionCase, StageCase, compute_dtype, make_attention_inputs, make_stage_inputs,
                     storage_dtype)
+
+Case = Union[AttentionCase, StageCase]
+
+
+class RunConfig(Protocol):
+    """What the probes read of a suite's configuration (BenchConfig, and the backward and serving ones)."""
+
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def threads(self) -> int: ...
+    @property
+    def quick(self) -> bool: ...
 from .progress import Progress
 from .reference_check import ReferenceCheck
 from .timing import TimingPolicy, spread, time_interleaved
@@ -32,7 +45,7 @@ _MEMORY_HEADROOM = 0.8
 
 @dataclasses.dataclass
 class BenchConfig:
-    cases: Sequence[object]
+    cases: Sequence[Case]
     dtype: str = "float32"
     threads: int = 1
     causal: bool = False
@@ -45,23 +58,23 @@ class BenchConfig:
     def policy(self) -> TimingPolicy:
         return TimingPolicy.quick() if self.quick else TimingPolicy.full()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"dtype": self.dtype, "threads": self.threads, "causal": self.causal, "quick": self.quick,
                 "measure_memory": self.measure_memory, "timing": dataclasses.asdict(self.policy)}
 
 
-def _input_bytes(case, itemsize: int) -> int:
+def _input_bytes(case: Case, itemsize: int) -> int:
     if isinstance(case, AttentionCase):
         return (case.B * case.H * (case.Lq + 2 * case.Lk) * case.D) * itemsize
     return int(case.bytes_moved(itemsize))
 
 
-def memory_need(impl: peers.Impl, case, itemsize: int) -> int:
+def memory_need(impl: peers.Impl, case: Case, itemsize: int) -> int:
     """Rough bytes an implementation needs for a case: inputs, output, and the score matrix if unfused.
 
     Unfused attention holds the scores plus a same-sized temporary at its peak (2×).
     """
-    need = _input_bytes(case, itemsize) + case.output_bytes(itemsize)
+    need: int = _input_bytes(case, itemsize) + case.output_bytes(itemsize)
     if impl.quadratic_memory and isinstance(case, AttentionCase):
         need += 2 * case.score_matrix_bytes(itemsize)
     return need
@@ -71,7 +84,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _detect(impls: List[peers.Impl]) -> Dict[str, dict]:
+def _detect(impls: Sequence[peers.Impl]) -> Dict[str, Dict[str, Any]]:
     """Availability, version and (when missing) the reason and install hint of every implementation."""
     out = {}
     for impl in impls:
@@ -83,12 +96,12 @@ def _detect(impls: List[peers.Impl]) -> Dict[str, dict]:
     return out
 
 
-def _probe_fma(cfg: BenchConfig) -> dict:
+def _probe_fma(cfg: RunConfig) -> Dict[str, Any]:
     # 16-bit data is computed in float32: the float32 FMA peak is the limit its kernels are measured by.
     return probes.fma_peak(0.3 if cfg.quick else 1.0, compute_dtype(cfg.dtype), cfg.threads)
 
 
-def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict:
+def _summarise_peaks(cfg: RunConfig, facts: Dict[str, Any], samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     """FMA peak (measured at the start and the end of the run, and from the CPU's specs).
 
     The best sample counts: on a shared machine either probe may have lost its cores for a while.
@@ -118,16 +131,16 @@ def _summarise_peaks(cfg: BenchConfig, facts: dict, samples: List[dict]) -> dict
             "read_bandwidth": []}
 
 
-def _row_bytes(case, row: dict, itemsize: int) -> float:
+def _row_bytes(case: Case, row: Dict[str, Any], itemsize: int) -> float:
     """Least bytes the row's call moves: the baseline reads and writes float32, the rest the run's dtype."""
     if row["impl"] != peers.BASELINE_NAME:
-        return case.bytes_moved(itemsize)
+        return float(case.bytes_moved(itemsize))
     if isinstance(case, AttentionCase):
-        return case.bytes_moved(4, q_itemsize=4)
-    return case.bytes_moved(4)
+        return float(case.bytes_moved(4, q_itemsize=4))
+    return float(case.bytes_moved(4))
 
 
-def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize: int,
+def _derive(result: Dict[str, Any], case: Case, peaks: Dict[str, Any], bw: probes.BandwidthCache, itemsize: int,
             causal: bool) -> None:
     """Fill GFLOP/s, GB/s, % of the limit and the speed-ups into each row of ``result``.
 
@@ -171,7 +184,7 @@ def _derive(result: dict, case, peaks: dict, bw: probes.BandwidthCache, itemsize
 _MATERIALISING = ("numpy", "jax")
 
 
-def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Optional[int]) -> dict:
+def _run_case(case: Case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Optional[int]) -> Dict[str, Any]:
     """Time one case on every implementation, interleaved; check accuracy on the first call's output.
 
     An implementation that raises TypeError on its first call does not take this dtype: its row says
@@ -181,7 +194,7 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
     inputs = (make_attention_inputs(case, dtype) if isinstance(case, AttentionCase)
               else make_stage_inputs(case, dtype))
     check = ReferenceCheck(case, inputs, cfg.causal)
-    rows: Dict[str, dict] = {}
+    rows: Dict[str, Dict[str, Any]] = {}
     runners = {}
     for impl in impls:
         row = rows.setdefault(impl.name, {"impl": impl.name, "label": impl.label_for(case, dtype),
@@ -239,7 +252,7 @@ def _run_case(case, impls: List[peers.Impl], cfg: BenchConfig, available_mem: Op
 QUICK_MEMORY_NOTE = "--quick: the stages' peak memory is not measured (run without --quick for it)"
 
 
-def _memory_jobs(results: List[dict], cases: Sequence[object], quick: bool = False) -> List[dict]:
+def _memory_jobs(results: List[Dict[str, Any]], cases: Sequence[Case], quick: bool = False) -> List[Dict[str, Any]]:
     jobs = []
     for res, case in zip(results, cases):
         if quick and res.get("kind") == "stage":
@@ -250,7 +263,7 @@ def _memory_jobs(results: List[dict], cases: Sequence[object], quick: bool = Fal
     return jobs
 
 
-def run_benchmark(cfg: BenchConfig) -> dict:
+def run_benchmark(cfg: BenchConfig) -> Dict[str, Any]:
     """Run everything ``cfg`` asks for and return the report dict (schema :data:`SCHEMA`)."""
     t_start = time.perf_counter()
     impls = peers.select(peers.all_impls(cfg.threads, cfg.dtype), cfg.only)
@@ -265,7 +278,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
             child.close()
 
 
-def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> dict:
+def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child: Optional[memory.MemoryChild]
+         ) -> Dict[str, Any]:
     detected = _detect(impls)
     thread_counts = peers.pin_threads(impls, cfg.threads)
     active = [i for i in impls if i.available()]
@@ -276,7 +290,7 @@ def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> di
         child.ready()  # no import of the child's competes with the probes and the timed calls
     t_setup = time.perf_counter()
     steps = 2 + len(cfg.cases) + (1 if cfg.measure_memory else 0)
-    results: List[dict] = []
+    results: List[Dict[str, Any]] = []
     with Progress(steps, enabled=cfg.progress) as progress:
         progress.start("probing FMA peak")
         fma_samples = [_probe_fma(cfg)]
@@ -289,6 +303,7 @@ def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> di
         if cfg.measure_memory:
             progress.start("peak memory (child process)")
             jobs = _memory_jobs(results, cfg.cases, cfg.quick)
+            assert child is not None  # started when measure_memory is set
             mem = child.measure(jobs, warm_all=not cfg.quick)
             mem_note = mem.get("note")
             if len(jobs) < len(_memory_jobs(results, cfg.cases)):
@@ -313,15 +328,16 @@ def _run(cfg: BenchConfig, t_start: float, impls: List[peers.Impl], child) -> di
         peaks["read_bandwidth"] = list(bw.results.values())
         progress.step()
 
-    steps = [{"step": "start-up: import the peers (and, meanwhile, the memory child), machine facts",
-              "seconds": t_setup - t_start}]
-    steps += [{"step": label, "seconds": seconds} for label, seconds in progress.durations]
-    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results, steps=steps,
+    timings = [{"step": "start-up: import the peers (and, meanwhile, the memory child), machine facts",
+                "seconds": t_setup - t_start}]
+    timings += [{"step": label, "seconds": seconds} for label, seconds in progress.durations]
+    return report(SCHEMA, cfg, t_start, facts, peaks, detected, mem_note, results, steps=timings,
                   memory_seconds=mem_seconds)
 
 
-def report(schema: str, cfg, t_start: float, facts: dict, peaks: dict, detected: Dict[str, dict], memory_note,
-           results, **extra) -> dict:
+def report(schema: str, cfg: Any, t_start: float, facts: Dict[str, Any], peaks: Dict[str, Any],
+           detected: Dict[str, Dict[str, Any]], memory_note: Optional[str], results: List[Dict[str, Any]],
+           **extra: Any) -> Dict[str, Any]:
     """The JSON report of a run (the forward suite's and, with ``extra`` fields, the backward suite's):
     one layout for both, which the text report, the plot and the README table read."""
     return {

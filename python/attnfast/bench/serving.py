@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -74,11 +74,11 @@ class Goal:
         return f"error ≤ {self.bound:g}× naive float32's"
 
 
-def _normal(rng: np.random.Generator, *shape) -> np.ndarray:
+def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float64).astype(np.float32)
 
 
-def _head(a: np.ndarray) -> np.ndarray:
+def _head(a: Any) -> np.ndarray:
     """The checked part of a (B, H, ...) result: batch item 0, every head, in float64."""
     return np.asarray(a)[:1].astype(np.float64)
 
@@ -99,10 +99,10 @@ class ServingCase:
     def goals(self) -> Tuple[Goal, ...]:
         raise NotImplementedError
 
-    def make_inputs(self, seed: int = 0) -> Dict[str, object]:
+    def make_inputs(self, seed: int = 0) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def prepare(self, variant: Variant, inputs: Dict[str, object], impl) -> Tuple[Runner, ToChecked]:
+    def prepare(self, variant: Variant, inputs: Dict[str, Any], impl: Any) -> Tuple[Runner, ToChecked]:
         """A zero-argument call of ``variant`` and the map from its result to the checked part."""
         raise NotImplementedError
 
@@ -111,11 +111,11 @@ class ServingCase:
         different functions)."""
         return ""
 
-    def reference(self, inputs: Dict[str, object], key: str = "") -> np.ndarray:
+    def reference(self, inputs: Dict[str, Any], key: str = "") -> np.ndarray:
         """The float64 result on the checked part (``attnfast.reference``) of the variants of ``key``."""
         raise NotImplementedError
 
-    def naive_error_inputs(self, inputs) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def naive_error_inputs(self, inputs: Dict[str, Any]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """q, k, v (float32, checked part) of the naive implementation whose error is a goal's unit."""
         return None
 
@@ -127,8 +127,8 @@ class ServingCase:
         """Least bytes a call of ``variant`` reads and writes (memory-bound cases), else None."""
         return None
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
         d.update({"kind": self.kind, "name": self.name, "flops": self.flops(),
                   "variants": [dataclasses.asdict(v) for v in self.variants()],
                   "goals": [dataclasses.asdict(g) for g in self.goals()]})
@@ -168,23 +168,23 @@ class VarlenCase(ServingCase):
         return (f"varlen {self.sequences} sequences, lengths {self.min_len}..{self.max_len}, "
                 f"H={self.H} D={self.D} causal")
 
-    def variants(self):
+    def variants(self) -> Tuple[Variant, ...]:
         return (Variant("varlen", "attnfast attention_varlen (packed)", needs="attnfast.attention_varlen"),
                 Variant("padded", "attnfast attention, padded + kv_lengths"),
                 Variant("torch_padded", "PyTorch SDPA, padded + bool mask", impl="torch"))
 
-    def goals(self):
+    def goals(self) -> Tuple[Goal, ...]:
         return (Goal("varlen", "padded", 1.5), Goal("varlen", "torch_padded", 2.5))
 
     def lengths(self) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
         return rng.integers(self.min_len, self.max_len + 1, size=self.sequences)
 
-    def flops(self):
+    def flops(self) -> Optional[float]:
         pairs = sum(int(n) * (int(n) + 1) // 2 for n in self.lengths())  # the causal triangles
         return 4.0 * self.H * self.D * pairs
 
-    def make_inputs(self, seed=0):
+    def make_inputs(self, seed: int = 0) -> Dict[str, Any]:
         lengths = self.lengths()
         cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         rng = np.random.default_rng(seed + 1)
@@ -193,7 +193,7 @@ class VarlenCase(ServingCase):
         return {"q": q, "k": k, "v": v, "cu": cu, "lengths": lengths, "width": width,
                 **{f"{n}_padded": _padded(a, cu, width) for n, a in (("q", q), ("k", k), ("v", v))}}
 
-    def prepare(self, variant, inputs, impl):
+    def prepare(self, variant: Variant, inputs: Dict[str, Any], impl: Any) -> Tuple[Runner, ToChecked]:
         lengths = inputs["lengths"]
         if variant.name == "varlen":
             af = impl._mod
@@ -207,7 +207,8 @@ class VarlenCase(ServingCase):
             return (lambda: af.attention(qp, kp, vp, causal=True, kv_lengths=kv_lengths)), unpad
         return self._torch_padded(impl, qp, kp, vp, lengths, unpad)
 
-    def _torch_padded(self, impl, qp, kp, vp, lengths, unpad):
+    def _torch_padded(self, impl: Any, qp: np.ndarray, kp: np.ndarray, vp: np.ndarray, lengths: np.ndarray,
+                      unpad: Callable[[np.ndarray], np.ndarray]) -> Tuple[Runner, ToChecked]:
         torch = impl._torch
         width = qp.shape[2]
         i, j = np.arange(width)[:, None], np.arange(width)[None, :]
@@ -216,13 +217,13 @@ class VarlenCase(ServingCase):
         tmask = torch.from_numpy(mask)
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
-        def run():
+        def run() -> object:
             with torch.inference_mode():
                 return sdpa(tq, tk, tv, attn_mask=tmask)
 
         return run, lambda out: unpad(impl._to_numpy(out))
 
-    def reference(self, inputs, key=""):
+    def reference(self, inputs: Dict[str, Any], key: str = "") -> np.ndarray:
         from attnfast import reference
 
         cu = inputs["cu"]
@@ -272,13 +273,13 @@ class _DecodeCase(ServingCase):
     def _kv_elements(self) -> int:
         return 2 * self.B * self.H * self.Lk * self.D
 
-    def reference(self, inputs, key=""):
+    def reference(self, inputs: Dict[str, Any], key: str = "") -> np.ndarray:
         from attnfast import reference
 
         k, v = self._reference_kv(inputs)
         return np.asarray(reference.attention(inputs["q"][:1].astype(np.float64), k, v))
 
-    def _reference_kv(self, inputs):
+    def _reference_kv(self, inputs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
         return inputs["k"][:1].astype(np.float64), inputs["v"][:1].astype(np.float64)
 
 
@@ -294,31 +295,31 @@ class PagedDecodeCase(_DecodeCase):
     def name(self) -> str:
         return f"paged decode B={self.B} H={self.H} Lq=1 Lk={self.Lk} D={self.D}"
 
-    def variants(self):
+    def variants(self) -> Tuple[Variant, ...]:
         return ((Variant("contiguous", "attnfast, contiguous cache"),)
                 + tuple(Variant(f"paged{bs}", f"attnfast, paged, block_size {bs}", needs="attention(block_table=)")
                         for bs in self.block_sizes))
 
-    def goals(self):
+    def goals(self) -> Tuple[Goal, ...]:
         return tuple(Goal(f"paged{bs}", "contiguous", 0.9) for bs in self.block_sizes)
 
-    def bytes_moved(self, variant):
+    def bytes_moved(self, variant: Variant) -> Optional[float]:
         table = 0
         if variant.name.startswith("paged"):
             table = self.B * self.Lk // int(variant.name[len("paged"):]) * 4
         return float(self._kv_elements() * 4 + self._q_and_out_bytes() + table)
 
-    def make_inputs(self, seed=0):
+    def make_inputs(self, seed: int = 0) -> Dict[str, Any]:
         rng = np.random.default_rng(seed + self.seed)
         q = _normal(rng, self.B, self.H, 1, self.D)
         k, v = (_normal(rng, self.B, self.H, self.Lk, self.D) for _ in range(2))
-        inputs = {"q": q, "k": k, "v": v}
+        inputs: Dict[str, Any] = {"q": q, "k": k, "v": v}
         for bs in self.block_sizes:
             table = shuffled_block_table(self.B, self.Lk, bs, rng)
             inputs[f"paged{bs}"] = (paged_cache(k, table), paged_cache(v, table), table)
         return inputs
 
-    def prepare(self, variant, inputs, impl):
+    def prepare(self, variant: Variant, inputs: Dict[str, Any], impl: Any) -> Tuple[Runner, ToChecked]:
         af, q = impl._mod, inputs["q"]
         if variant.name == "contiguous":
             k, v = inputs["k"], inputs["v"]
@@ -338,21 +339,21 @@ class Int8DecodeCase(_DecodeCase):
     def name(self) -> str:
         return f"int8 decode B={self.B} H={self.H} Lq=1 Lk={self.Lk} D={self.D}"
 
-    def variants(self):
+    def variants(self) -> Tuple[Variant, ...]:
         return (Variant("float32", "attnfast, float32 cache (dequantised values)"),
                 Variant("int8", "attnfast, int8 cache + per-row scales",
                         needs="attention(k_scale=, v_scale=) on int8 K / V"))
 
-    def goals(self):
+    def goals(self) -> Tuple[Goal, ...]:
         return (Goal("int8", "float32", 2.5), Goal("int8", "naive float32", 2.0, metric="error_ratio"))
 
-    def bytes_moved(self, variant):
+    def bytes_moved(self, variant: Variant) -> Optional[float]:
         if variant.name == "int8":
             scales = 2 * self.B * self.H * self.Lk * 4
             return float(self._kv_elements() + scales + self._q_and_out_bytes())
         return float(self._kv_elements() * 4 + self._q_and_out_bytes())
 
-    def make_inputs(self, seed=0):
+    def make_inputs(self, seed: int = 0) -> Dict[str, Any]:
         """q and a float32 cache, quantised by ``attnfast.quantize_kv`` (AttributeError without it)."""
         import attnfast
 
@@ -365,14 +366,14 @@ class Int8DecodeCase(_DecodeCase):
             inputs[n] = x8.astype(np.float32) * scale[..., None]  # the values the int8 cache stands for
         return inputs
 
-    def _reference_kv(self, inputs):
+    def _reference_kv(self, inputs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
         return tuple(inputs[n + "8"][:1].astype(np.float64) * inputs[n + "_scale"][:1, ..., None].astype(np.float64)
                      for n in "kv")
 
-    def naive_error_inputs(self, inputs):
+    def naive_error_inputs(self, inputs: Dict[str, Any]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return inputs["q"][:1], inputs["k"][:1], inputs["v"][:1]
 
-    def prepare(self, variant, inputs, impl):
+    def prepare(self, variant: Variant, inputs: Dict[str, Any], impl: Any) -> Tuple[Runner, ToChecked]:
         af, q = impl._mod, inputs["q"]
         if variant.name == "float32":
             k, v = inputs["k"], inputs["v"]
@@ -410,43 +411,43 @@ class ModifierCase(ServingCase):
     def name(self) -> str:
         return f"modifiers B={self.B} H={self.H} Lq={self.L} Lk={self.L} D={self.D}"
 
-    def variants(self):
+    def variants(self) -> Tuple[Variant, ...]:
         return (Variant("plain", "attnfast, plain"),
                 Variant("softcap", f"attnfast, softcap={self.softcap:g}", needs="attention(softcap=)"),
                 Variant("alibi", "attnfast, alibi_slopes (H,)", needs="attention(alibi_slopes=)"),
                 Variant("sinks", "attnfast, sinks (H,)", needs="attention(sinks=)"))
 
-    def goals(self):
+    def goals(self) -> Tuple[Goal, ...]:
         return tuple(Goal(name, "plain", 0.85) for name in ("softcap", "alibi", "sinks"))
 
-    def flops(self):
+    def flops(self) -> Optional[float]:
         return 4.0 * self.B * self.H * self.L * self.L * self.D
 
-    def modifier_kwargs(self, inputs) -> Dict[str, dict]:
+    def modifier_kwargs(self, inputs: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         return {"plain": {}, "softcap": {"softcap": self.softcap},
                 "alibi": {"alibi_slopes": inputs["alibi_slopes"]}, "sinks": {"sinks": inputs["sinks"]}}
 
-    def make_inputs(self, seed=0):
+    def make_inputs(self, seed: int = 0) -> Dict[str, Any]:
         rng = np.random.default_rng(seed + self.seed)
         q, k, v = (_normal(rng, self.B, self.H, self.L, self.D) for _ in range(3))
         sinks = (math.log(self.L) + rng.standard_normal(self.H)).astype(np.float32)
         return {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes(self.H), "sinks": sinks}
 
-    def prepare(self, variant, inputs, impl):
+    def prepare(self, variant: Variant, inputs: Dict[str, Any], impl: Any) -> Tuple[Runner, ToChecked]:
         af = impl._mod
         q, k, v = inputs["q"], inputs["k"], inputs["v"]
         kw = self.modifier_kwargs(inputs)[variant.name]
         return (lambda: af.attention(q, k, v, **kw)), lambda out: np.asarray(out)[:1, :1].astype(np.float64)
 
-    def reference_key(self, variant):
+    def reference_key(self, variant: Variant) -> str:
         return variant.name  # each modifier computes a different function
 
-    def reference(self, inputs, key=""):
+    def reference(self, inputs: Dict[str, Any], key: str = "") -> np.ndarray:
         """The float64 result of the variant ``key`` on batch item 0, head 0."""
         from attnfast import reference
 
-        kw = {n: (a[:1] if isinstance(a, np.ndarray) else a)
-              for n, a in self.modifier_kwargs(inputs)[key or "plain"].items()}
+        kw: Dict[str, Any] = {n: (a[:1] if isinstance(a, np.ndarray) else a)
+                              for n, a in self.modifier_kwargs(inputs)[key or "plain"].items()}
         q, k, v = (inputs[n][:1, :1].astype(np.float64) for n in "qkv")
         return np.asarray(reference.attention(q, k, v, **kw))
 

@@ -8,7 +8,7 @@ the dequantised cache. A row that could not be measured says why, and so does it
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List, Optional
 
 from .backward_report import _load_line
 from .report import _fmt_time, _num, _table, format_header
@@ -16,12 +16,12 @@ from .report import _fmt_time, _num, _table, format_header
 __all__ = ["format_serving_report", "format_serving_case", "format_serving_goals"]
 
 
-def _tag(res: dict, threads) -> str:
+def _tag(res: Dict[str, Any], threads: Optional[int]) -> str:
     load = res.get("load_average_at_start")
     return "[float32" + (f", {threads} threads" if threads else "") + (f", load {load[0]:.1f}" if load else "") + "]"
 
 
-def format_serving_case(res: dict, threads=None) -> str:
+def format_serving_case(res: Dict[str, Any], threads: Optional[int] = None) -> str:
     decode = any(r.get("bytes") for r in res["rows"])
     headers = (["variant", "what", "median", "min..max"] + (["GB/s", "% read BW"] if decode else ["GFLOP/s"])
                + ["max rel err"])
@@ -49,7 +49,7 @@ def format_serving_case(res: dict, threads=None) -> str:
     return "\n".join(parts + notes)
 
 
-def _goal_cells(res: dict, goal: dict) -> List[str]:
+def _goal_cells(res: Dict[str, Any], goal: Dict[str, Any]) -> List[str]:
     if goal["metric"] == "error_ratio":
         what = f"{goal['subject']} error / naive float32 error"
     else:
@@ -62,7 +62,7 @@ def _goal_cells(res: dict, goal: dict) -> List[str]:
     return [res["name"], what, measured, want, met]
 
 
-def format_serving_goals(report: dict) -> str:
+def format_serving_goals(report: Dict[str, Any]) -> str:
     headers = ["case", "comparison", "measured (per-round range)", "goal", "met"]
     rows = [_goal_cells(res, g) for res in report["results"] for g in res.get("goals") or []]
     m, cfg = report["machine"], report["config"]
@@ -77,7 +77,7 @@ def format_serving_goals(report: dict) -> str:
     return "\n".join(lines)
 
 
-def format_serving_report(report: dict) -> str:
+def format_serving_report(report: Dict[str, Any]) -> str:
     threads = report["config"]["threads"]
     blocks = [format_header(report) + "\n" + _load_line(report)]
     blocks += [format_serving_case(res, threads) for res in report["results"]]

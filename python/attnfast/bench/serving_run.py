@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class ServingConfig:
     def policy(self) -> TimingPolicy:
         return TimingPolicy.quick() if self.quick else TimingPolicy.full()
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"dtype": self.dtype, "threads": self.threads, "causal": False, "quick": self.quick,
                 "serving": True, "feature_tolerance": FEATURE_TOLERANCE,
                 "timing": dataclasses.asdict(self.policy)}
@@ -64,7 +64,7 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
 class OutputCheck:
     """Float64 results of ``attnfast.reference`` on each case's checked part, computed once per key."""
 
-    def __init__(self, case: ServingCase, inputs):
+    def __init__(self, case: ServingCase, inputs: Dict[str, Any]):
         self.case, self.inputs = case, inputs
         self._expected: Dict[str, np.ndarray] = {}
 
@@ -84,7 +84,7 @@ class OutputCheck:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _new_row(variant: Variant) -> dict:
+def _new_row(variant: Variant) -> Dict[str, Any]:
     return {"variant": variant.name, "impl": variant.impl, "label": variant.label, "needs": variant.needs,
             "skipped": None, "optional": variant.impl != "attnfast"}
 
@@ -94,7 +94,8 @@ def _not_measured(variant: Variant, what: str) -> str:
     return f"not measured{need}: {what}"
 
 
-def _prepare_variant(case, variant, inputs, impl, check, row) -> Optional[object]:
+def _prepare_variant(case: ServingCase, variant: Variant, inputs: Dict[str, Any], impl: Optional[peers.Impl],
+                     check: OutputCheck, row: Dict[str, Any]) -> Optional[Callable[[], object]]:
     """Run ``variant`` once and check it; its runner, or None with the reason in ``row["skipped"]``."""
     if impl is None or not impl.available():
         reason = "not selected (--impl)" if impl is None else f"{impl.label} not available ({impl.error})"
@@ -112,10 +113,11 @@ def _prepare_variant(case, variant, inputs, impl, check, row) -> Optional[object
             variant, f"its result differs from the float64 reference by {err:.2e} (max|out - ref| / max|ref|"
                      f" > {FEATURE_TOLERANCE:g}): this build does not compute it")
         return None
-    return run
+    runner: Callable[[], object] = run
+    return runner
 
 
-def _run_case(case: ServingCase, impls: Dict[str, peers.Impl], cfg: ServingConfig) -> dict:
+def _run_case(case: ServingCase, impls: Dict[str, peers.Impl], cfg: ServingConfig) -> Dict[str, Any]:
     result = case.to_dict()
     result["load_average_at_start"] = machine.load_average()
     rows = {v.name: _new_row(v) for v in case.variants()}
@@ -128,7 +130,7 @@ def _run_case(case: ServingCase, impls: Dict[str, peers.Impl], cfg: ServingConfi
                                                                    f"{peers.error_summary(exc)}")
         return result
     check = OutputCheck(case, inputs)
-    runners = {}
+    runners: Dict[str, Callable[[], object]] = {}
     for variant in case.variants():
         run = _prepare_variant(case, variant, inputs, impls.get(variant.impl), check, rows[variant.name])
         if run is not None:
@@ -142,7 +144,7 @@ def _run_case(case: ServingCase, impls: Dict[str, peers.Impl], cfg: ServingConfi
 
 
 # ----------------------------------------------------------------------------------------------------
-def _goal_result(goal: Goal, rows: Dict[str, dict], naive_error: Optional[float]) -> dict:
+def _goal_result(goal: Goal, rows: Dict[str, Dict[str, Any]], naive_error: Optional[float]) -> Dict[str, Any]:
     """The goal's value from the rows; a speed ratio also gets its range over the paired rounds."""
     subject = rows.get(goal.subject, {})
     out = {**dataclasses.asdict(goal), "text": goal.text(), "value": None, "min": None, "max": None}
@@ -162,7 +164,7 @@ def _goal_result(goal: Goal, rows: Dict[str, dict], naive_error: Optional[float]
     return out
 
 
-def _derive(result: dict, case: ServingCase, bw: probes.BandwidthCache) -> None:
+def _derive(result: Dict[str, Any], case: ServingCase, bw: probes.BandwidthCache) -> None:
     """GFLOP/s (compute-bound cases), GB/s and % of the read bandwidth (decode), and the goals."""
     flops = case.flops()
     variants = {v.name: v for v in case.variants()}
@@ -180,14 +182,14 @@ def _derive(result: dict, case: ServingCase, bw: probes.BandwidthCache) -> None:
     result["goals"] = [_goal_result(g, rows, result.get("naive_float32_error")) for g in case.goals()]
 
 
-def not_measured_rows(report: dict) -> List[str]:
+def not_measured_rows(report: Dict[str, Any]) -> List[str]:
     """'case: variant (reason)' for every attnfast row that has no time (optional peers left out)."""
     return [f"{res['name']}: {r['variant']} — {r['skipped']}" for res in report["results"]
             for r in res["rows"] if not r.get("median_s") and not r["optional"]
             and not (r["skipped"] or "").endswith("not selected (--impl)")]
 
 
-def run_serving_benchmark(cfg: ServingConfig) -> dict:
+def run_serving_benchmark(cfg: ServingConfig) -> Dict[str, Any]:
     """Run the serving cases ``cfg`` lists and return the report dict (schema :data:`SCHEMA`)."""
     from .progress import Progress
 
@@ -199,7 +201,7 @@ def run_serving_benchmark(cfg: ServingConfig) -> dict:
     facts["load_average"] = machine.load_average()
     by_name = {i.name: i for i in impls}
 
-    results: List[dict] = []
+    results: List[Dict[str, Any]] = []
     with Progress(len(cfg.cases) + 2, enabled=cfg.progress, desc="attnfast bench --serving") as progress:
         progress.start("probing FMA peak")
         fma_samples = [runner._probe_fma(cfg)]

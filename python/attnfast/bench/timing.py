@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -90,11 +90,11 @@ def time_interleaved(runners: Dict[str, Callable[[], object]], policy: TimingPol
     start = clock()
     for round_index in range(policy.max_repeats):
         shift = round_index % len(names)
-        previous = None
+        previous: Optional[str] = None
         for n in names[shift:] + names[:shift]:
             # Let the previous library's thread pool go idle first: OpenMP's and XLA's workers keep
             # spinning after a call and would steal cores from the next one.
-            time.sleep(SETTLE_AFTER_S.get(previous, SETTLE_S))
+            time.sleep(SETTLE_S if previous is None else SETTLE_AFTER_S.get(previous, SETTLE_S))
             if rewarm[n]:
                 warm_until = clock() + policy.rewarm_s
                 runners[n]()
@@ -119,7 +119,7 @@ def median(values: List[float]) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
-def spread(times: List[float]) -> Dict[str, object]:
+def spread(times: List[float]) -> Dict[str, Any]:
     """A row's timing fields: the repeats in round order, their median, min, max and quartiles.
 
     Quartiles are NumPy's default (linear) percentiles; with 3 repeats they lie halfway between the
@@ -133,7 +133,7 @@ def spread(times: List[float]) -> Dict[str, object]:
             "max_s": float(max(times)), "q1_s": q1, "q3_s": q3, "repeats": len(times)}
 
 
-def time_after_first_call(runners: Dict[str, Callable[[], object]], policy: TimingPolicy) -> Dict[str, dict]:
+def time_after_first_call(runners: Dict[str, Callable[[], object]], policy: TimingPolicy) -> Dict[str, Dict[str, Any]]:
     """:func:`time_interleaved` for runners whose first call (the result checked for accuracy) was the
     first warm-up; per runner its times in round order and their median, min, max and count."""
     policy = dataclasses.replace(policy, warmup=max(0, policy.warmup - 1))

@@ -64,13 +64,42 @@ _threadpool.install()
 def set_num_threads(n: SupportsIndex) -> None:
     """Use at most ``n`` threads in attnfast's kernels; ``n = 0`` restores the default.
 
+    Parameters
+    ----------
+    n : int
+        The thread limit, from 1 to 65536; 0 restores the default count.
+
+    Raises
+    ------
+    TypeError
+        n is not an int (a bool, a float or a non-0-d array).
+    ValueError
+        n is negative or above the maximum.
+
+    See Also
+    --------
+    get_num_threads
+
+    Notes
+    -----
     The setting is process-wide: it applies to calls from every Python thread, now and later, whichever
     thread set it. It only lowers the default (``OMP_NUM_THREADS`` if set to a valid count, else the
     CPUs this process may run on, read when attnfast is imported). ``threadpoolctl.threadpool_limits``
     is a separate process-wide limit that caps this choice without changing it, and leaving its
     ``with`` block restores the state before it exactly. Calling this also lets attnfast try again to
     start threads the operating system refused earlier. Results are bitwise identical for any thread
-    count.
+    count: work is split by shape, never by thread count.
+
+    Examples
+    --------
+    >>> import attnfast
+    >>> before = attnfast.get_num_threads()
+    >>> attnfast.set_num_threads(1)
+    >>> attnfast.get_num_threads()
+    1
+    >>> attnfast.set_num_threads(0)          # back to the default
+    >>> attnfast.get_num_threads() == before
+    True
     """
     try:
         # bool is an int but a flag, not a count; an ndarray has __index__, but only a 0-d integer one
@@ -99,14 +128,51 @@ def get_num_threads() -> int:
     The smallest of the default, ``set_num_threads``' choice and threadpoolctl's limit (all three are
     process-wide).
 
-    Starts the threads it counts; if the operating system refuses one, reports how many there are and
+    Starts the threads it counts; if the operating system refuses one, it reports how many there are and
     warns once (RuntimeWarning).
+
+    Returns
+    -------
+    int
+        At least 1: the default (or the limit :func:`set_num_threads` set), capped by any thread limit in
+        force.
+
+    See Also
+    --------
+    set_num_threads, capabilities
+
+    Examples
+    --------
+    >>> import attnfast
+    >>> attnfast.get_num_threads() >= 1
+    True
     """
     return _core.get_num_threads()
 
 
 def capabilities() -> Dict[str, Any]:
-    """What this build can do here: SIMD target in use and available, threads, version, build."""
+    """What this build can do here: the SIMD target in use and those available, threads, version, build.
+
+    Returns
+    -------
+    dict
+        ``"isa"`` (str): the SIMD target in use ("scalar", "avx2", "avx512", "avx512bf16" or "amx"; set
+        ``ATTNFAST_ISA`` to choose one); ``"isas"`` (list of str): the targets this CPU and OS can run,
+        best first; ``"compiled_isas"`` (list of str): the targets in this build; ``"threads"`` (int):
+        :func:`get_num_threads`; ``"version"`` (str); ``"compiler"`` (str); and the build's threading
+        details.
+
+    See Also
+    --------
+    show_config : the same, printed.
+
+    Examples
+    --------
+    >>> import attnfast
+    >>> caps = attnfast.capabilities()
+    >>> caps["isa"] in caps["isas"], "scalar" in caps["compiled_isas"]
+    (True, True)
+    """
     return {
         "isa": _core.isa(),
         "isas": list(_core.usable_isas()),
@@ -123,7 +189,21 @@ def capabilities() -> Dict[str, Any]:
 
 
 def show_config() -> None:
-    """Print version, SIMD targets, threads and build information."""
+    """Print version, SIMD targets, threads and build information (:func:`capabilities`, readable).
+
+    Also ``python -m attnfast config``.
+
+    See Also
+    --------
+    capabilities
+
+    Examples
+    --------
+    >>> import attnfast
+    >>> attnfast.show_config()  # doctest: +ELLIPSIS
+    attnfast ...
+      SIMD target in use : ...
+    """
     import platform
 
     import numpy as np

@@ -27,6 +27,7 @@ COMMANDS: Dict[str, Command] = {
     "demo": Command("walk through scores, softmax and aggregate on a tiny example", "attnfast.demo:main"),
     "config": Command("print the version, the SIMD targets and the thread count",
                       "attnfast.__main__:config_main"),
+    "docs": Command('build the documentation site (needs "attnfast[docs]")', "attnfast.__main__:docs_main"),
 }
 
 
@@ -76,6 +77,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.parse_args(argv)  # --help exits 0; an unknown command exits 2 naming the valid ones
     parser.print_help(sys.stderr)
     return 2
+
+
+def docs_main(argv: Sequence[str]) -> int:
+    """``python -m attnfast docs [--open] [OUTDIR]``: build the Sphinx site of a source checkout."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m attnfast docs",
+                                     description="Build attnfast's documentation (HTML) with Sphinx.")
+    parser.add_argument("outdir", nargs="?", help="where to write the HTML (default: docs/_build/html)")
+    parser.add_argument("--open", action="store_true", help="open the built index.html in a web browser")
+    args = parser.parse_args(list(argv))
+    missing = [m for m in ("sphinx", "numpydoc", "furo", "myst_parser", "matplotlib")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"python -m attnfast docs needs {', '.join(missing)}: pip install \"attnfast[docs]\"", file=sys.stderr)
+        return 1
+    # The sources are not part of the installed package: look in the working directory, then next to
+    # this package in a source checkout (python/attnfast/ -> docs/).
+    candidates = [Path.cwd() / "docs", Path(__file__).resolve().parents[2] / "docs"]
+    source = next((d for d in candidates if (d / "conf.py").is_file()), None)
+    if source is None:
+        print("python -m attnfast docs builds the docs/ directory of an attnfast source checkout; none found "
+              f"(looked in {', '.join(str(d) for d in candidates)}). Run it from the checkout's root.", file=sys.stderr)
+        return 1
+    outdir = Path(args.outdir) if args.outdir else source / "_build" / "html"
+    status = subprocess.call([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", str(source),
+                              str(outdir)])
+    if status == 0:
+        index = (outdir / "index.html").resolve()
+        print(f"documentation: {index}")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(index.as_uri())
+    return status
 
 
 if __name__ == "__main__":

@@ -101,24 +101,89 @@ def _projected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
            w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
            v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
-    """Score every query against every key.
+    """Score every query against every key: the first of attention's three stages.
 
     Parameters
     ----------
     q : array_like, (..., Lq, D)
+        Queries: float64, float32, float16 or ml_dtypes.bfloat16. Leading axes are batch axes that
+        broadcast against k's and v's as in np.matmul; axis -3 is the head axis (Hq).
     k : array_like, (..., Lk, Dk)
-    method : {"dot", "scaled_dot", "general", "concat", "additive"}
-        dot: q.k; scaled_dot: q.k * scale (default 1/sqrt(D)); general: q W k (``w``: (D, Dk));
-        concat: w_q.q + w_k.k + b (``w_q``: (D,), ``w_k``: (Dk,), ``score_bias``: scalar);
-        additive: v_a . tanh(W_q q + W_k k + b) (``w_q``: (A, D), ``w_k``: (A, Dk), ``score_bias``: (A,),
-        ``v_a``: (A,), default ones; ``w_q=None`` / ``w_k=None`` mean q / k are already projected, as a
-        decoding loop that projects the encoder states once per sentence passes them).
+        Keys, in one of the same four dtypes. Dk = D for "dot" and "scaled_dot"; "general", "concat" and
+        "additive" allow any Dk (and "additive" with ``w_k=None`` takes keys already projected, Dk = A).
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule: "dot" q_i . k_j; "scaled_dot" (q_i . k_j) * scale; "general" q_i W k_j (Luong);
+        "concat" w_q . q_i + w_k . k_j + b; "additive" v_a . tanh(W_q q_i + W_k k_j + b) (Bahdanau).
     scale : float, optional
-        Multiplies every method's score. Default 1/sqrt(D) for scaled_dot, 1 otherwise.
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise. Must be finite in
+        the computation dtype.
+    w : array_like, (D, Dk), optional
+        The bilinear weight of "general" (required there, rejected elsewhere). This and the other method
+        weights may have any floating storage dtype or an integer dtype: they are converted to the
+        computation dtype.
+    w_q : array_like, optional
+        "concat": (D,), required. "additive": (A, D), or None when q is already projected (D = A).
+    w_k : array_like, optional
+        "concat": (Dk,), required. "additive": (A, Dk), or None when k is already projected (Dk = A).
+    v_a : array_like, (A,), optional
+        The output weights of "additive"; default ones.
+    score_bias : array_like, optional
+        "concat": a scalar (default 0); "additive": (A,) (default zeros), added inside the tanh.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
-    ndarray, (..., Lq, Lk), the promoted dtype of q and k (float64, float32, float16 or bfloat16).
+    ndarray, (..., Lq, Lk)
+        The scores s_ij, in the promoted dtype of q and k (NumPy's promotion; float16 with bfloat16 gives
+        float32).
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+
+    See Also
+    --------
+    softmax : the second stage.
+    attention : all three stages fused, without the (..., Lq, Lk) matrix.
+    attnfast.reference.scores : the float64 reference.
+
+    Notes
+    -----
+    Computed in float32 (float64 when q or k is float64); 16-bit inputs are converted exactly on load and
+    the result rounded once. Dot products are (q . k) * scale (the fused :func:`attention` scales q first,
+    which differs only where q . k overflows); a score beyond the computation dtype's range is +-inf. The
+    projections of "general", "concat" and "additive" are computed once per call, in the computation dtype.
+    Long dot products are summed in blocks of 512 terms, so the error grows with log D.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    >>> k = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    >>> attnfast.scores(q, k, method="dot")
+    array([[1., 0., 1.],
+           [0., 1., 1.]], dtype=float32)
+    >>> print(attnfast.scores(q, k).round(4))  # scaled by 1/sqrt(2)
+    [[0.7071 0.     0.7071]
+     [0.     0.7071 0.7071]]
+
+    Bahdanau's additive score with learned projections (A = 3):
+
+    >>> rng = np.random.default_rng(0)
+    >>> w_q, w_k = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    >>> attnfast.scores(q, k, method="additive", w_q=w_q, w_k=w_k).shape
+    (2, 3)
     """
     if unexpected:
         _inputs.reject_unexpected(scores, unexpected)
@@ -160,10 +225,56 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
 
 def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
             **unexpected: Any) -> Array:
-    """Numerically stable softmax along ``axis``.
+    """Numerically stable softmax along ``axis``, with an optional bool mask.
 
-    The row maximum is subtracted first. ``mask`` (bool, True = attend, broadcastable to x) removes
-    entries; a row with no visible entry gives all zeros, never NaN.
+    Parameters
+    ----------
+    x : array_like
+        Logits: float64, float32, float16 or ml_dtypes.bfloat16, any shape with at least one axis.
+        -inf entries get weight 0.
+    axis : int, default -1
+        The axis to normalise over.
+    mask : array_like of bool, optional
+        Broadcastable to x's shape; True = keep, False = weight exactly 0.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
+
+    Returns
+    -------
+    ndarray
+        The weights, x's shape and dtype; each row sums to 1 over its visible entries.
+
+    Raises
+    ------
+    TypeError
+        x of a dtype attnfast does not compute with, a mask that is not bool, or an axis that is not an int.
+    ValueError
+        x is 0-d, axis is out of range, or the mask does not broadcast to x.
+
+    See Also
+    --------
+    scores, aggregate, attnfast.reference.softmax
+
+    Notes
+    -----
+    The maximum of each row's visible entries is subtracted first, so any finite logits work (+-1e30, or
+    spreads of 1e4). Computed in float32 (float64 for float64 x), the result rounded once. A row with no
+    visible entry (all masked, or all -inf) gives all zeros, never NaN. A row whose maximum is +inf splits
+    its weight evenly over its +inf entries, the others weigh 0. Rows are summed in blocks of 1024 entries
+    added pairwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> print(attnfast.softmax(np.array([1.0, 2.0, 3.0])).round(4))
+    [0.09   0.2447 0.6652]
+    >>> x = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    >>> mask = np.array([[True, True, False], [False, False, False]])
+    >>> print(attnfast.softmax(x, mask=mask).round(4))  # the empty second row gives zeros
+    [[0.2689 0.7311 0.    ]
+     [0.     0.     0.    ]]
     """
     if unexpected:
         _inputs.reject_unexpected(softmax, unexpected)
@@ -182,7 +293,51 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
 
 
 def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
-    """Context vectors C_i = sum_j a_ij v_j: (..., Lq, Lk) @ (..., Lk, Dv) -> (..., Lq, Dv)."""
+    """Context vectors C_i = sum_j a_ij v_j: the third stage, weights @ v.
+
+    Parameters
+    ----------
+    weights : array_like, (..., Lq, Lk)
+        The attention weights (e.g. :func:`softmax` of :func:`scores`): float64, float32, float16 or
+        ml_dtypes.bfloat16.
+    v : array_like, (..., Lk, Dv)
+        The values, in one of the same dtypes. Batch axes broadcast with weights' as in np.matmul.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
+
+    Returns
+    -------
+    ndarray, (..., Lq, Dv)
+        In the promoted dtype of weights and v. Lk = 0 gives zeros (an empty sum).
+
+    Raises
+    ------
+    TypeError
+        An input of a dtype attnfast does not compute with.
+    ValueError
+        Lk of weights and v differ, or the batch axes do not broadcast.
+
+    See Also
+    --------
+    attention : the three stages fused.
+    attnfast.reference.aggregate : the float64 reference.
+
+    Notes
+    -----
+    Computed in float32 (float64 when an input is float64), 16-bit inputs converted exactly on load and the
+    result rounded once; the sum over Lk runs in blocks of 512 terms, so the error grows with log Lk.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> weights = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    >>> v = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=np.float32)
+    >>> attnfast.aggregate(weights, v)
+    array([[0.5, 0.5],
+           [0.5, 0.5]], dtype=float32)
+    """
     if unexpected:
         _inputs.reject_unexpected(aggregate, unexpected)
     a = _inputs.check_aggregate(weights, v)
@@ -356,9 +511,177 @@ def attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, method: Method = "sca
               v_scale: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionOutput:
     """Fused attention: softmax(scores(q, k) + bias, visible keys only) @ v, without the Lq x Lk matrix.
 
-    See :func:`attnfast.reference.attention` for the full contract (softcap, alibi_slopes, sinks,
-    paged caches through block_table, int8 caches with k_scale / v_scale included); returns ``out``
-    (..., Lq, Dv), or a tuple with ``lse`` (..., Lq) and/or ``weights`` (..., Lq, Lk) when asked.
+    Parameters
+    ----------
+    q : array_like, (..., Lq, D)
+        Queries: float64, float32, float16 or ml_dtypes.bfloat16. Leading axes are batch axes that
+        broadcast against k's and v's as in np.matmul; axis -3 is the head axis (Hq).
+        With ``block_table``: (B, Hq, Lq, D).
+    k : array_like, (..., Lk, Dk)
+        Keys: float64, float32, float16 or ml_dtypes.bfloat16 (int8 with ``k_scale``). Batch axes broadcast
+        with q's; the head axis may divide q's (GQA/MQA: query head h reads kv head h // (Hq / Hk)), without
+        copying. Dk = D except for "general", "concat" and "additive".
+    v : array_like, (..., Lk, Dv)
+        Values, the same batch and head layout as k (int8 with ``v_scale``).
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule: "dot" q_i . k_j; "scaled_dot" (q_i . k_j) * scale; "general" q_i W k_j (Luong);
+        "concat" w_q . q_i + w_k . k_j + b; "additive" v_a . tanh(W_q q_i + W_k k_j + b) (Bahdanau).
+    scale : float, optional
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise. Must be finite in
+        the computation dtype.
+    mask : array_like of bool, optional
+        Broadcastable to (..., Lq, Lk); True = attend, False hides the key from that query.
+    bias : array_like, optional
+        Added to the scores (after ``scale``, softcap and ALiBi); broadcastable to (..., Lq, Lk), any
+        floating or integer dtype (converted to the computation dtype). A -inf bias hides its key.
+    causal : bool, default False
+        Key j is visible to query i only when j <= diag_i (see ``causal_align``).
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        The diagonal that ``causal``, ``window`` and ``alibi_slopes`` use: diag_i = i ("top_left") or
+        i + Lk - Lq ("bottom_right": the last query sees the last key); with ``kv_lengths``,
+        "bottom_right" aligns each batch item to its own length, diag_i = i + kv_lengths[b] - Lq.
+    window : tuple of (int or None, int or None), optional
+        (left, right): only keys with diag_i - left <= j <= diag_i + right are visible; None leaves a side
+        unbounded, sides beyond Lq + Lk are unbounded too. Sides are ints >= 0.
+    kv_lengths : array_like of int, optional
+        Broadcastable to the batch shape (the leading axes of the result, aligned from the right as in
+        NumPy: one length per item of a (B, H) batch is (B, 1)); item b sees only its first kv_lengths[b]
+        keys, values in [0, Lk]. Keys past the length are never read. With ``block_table``: (B,), default
+        max_blocks * block_size.
+    return_lse : bool, default False
+        Also return the log-sum-exp of each row's scores, (..., Lq).
+    return_weights : bool, default False
+        Also return the weights (..., Lq, Lk) (computed tile by tile; only this output has that size).
+    out : ndarray, optional
+        (..., Lq, Dv), the full result shape, of any of the four floating dtypes: the result is rounded
+        once into it and it is returned. Written only when the call succeeds; it may overlap the inputs.
+    w : array_like, (D, Dk), optional
+        The bilinear weight of "general" (required there, rejected elsewhere). This and the other method
+        weights may have any floating storage dtype or an integer dtype: they are converted to the
+        computation dtype.
+    w_q : array_like, optional
+        "concat": (D,), required. "additive": (A, D), or None when q is already projected (D = A).
+    w_k : array_like, optional
+        "concat": (Dk,), required. "additive": (A, Dk), or None when k is already projected (Dk = A).
+    v_a : array_like, (A,), optional
+        The output weights of "additive"; default ones.
+    score_bias : array_like, optional
+        "concat": a scalar (default 0); "additive": (A,) (default zeros), added inside the tanh.
+    softcap : float, optional
+        A cap c > 0 (Gemma 2): every score becomes c * tanh(s / c), applied to the method's score (scale
+        included) before ALiBi and bias.
+    alibi_slopes : array_like, optional
+        One slope per query head, broadcastable to the batch shape ((Hq,) or (B, Hq)); the score of key j
+        for query i loses slope * ``|diag_i - j|`` (MPT, BLOOM), after softcap, before bias.
+    sinks : array_like, optional
+        One logit per query head, broadcastable to the batch shape ((Hq,) or (B, Hq)), that joins each
+        row's softmax denominator without a value (attention sinks, gpt-oss).
+    block_table : array_like of int, (B, max_blocks), optional
+        Paged KV caches: k and v are then (num_blocks, Hk, block_size, D) and (num_blocks, Hk, block_size,
+        Dv), q is (B, Hq, Lq, D), and key j of item b is row j % block_size of block
+        block_table[b, j // block_size]; Lk = max_blocks * block_size. Only the entries an item's
+        kv_lengths reaches are validated and read. Methods "dot", "scaled_dot" and "general" only.
+    k_scale, v_scale : array_like of float32, optional
+        int8 KV caches (see :func:`attnfast.quantize_kv`): with int8 k and v, the key row is k * k_scale and
+        the value row v * v_scale, one scale per row, broadcastable to k.shape[:-1] / v.shape[:-1] (paged:
+        (num_blocks, Hk, block_size)). q must be float32 or 16-bit; the result is float32. Methods "dot",
+        "scaled_dot" and "general" only.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
+
+    Returns
+    -------
+    out : ndarray, (..., Lq, Dv)
+        In NumPy's promotion of the floating inputs (float16 with bfloat16: float32; int8 caches: float32),
+        or ``out`` itself. The batch shape (...) is the broadcast of q's, k's and v's leading axes.
+    lse : ndarray, (..., Lq)
+        Only with ``return_lse=True``; float32 for a 16-bit result, else the result dtype.
+    weights : ndarray, (..., Lq, Lk)
+        Only with ``return_weights=True``; the result dtype. Returned as (out, lse, weights) in that order,
+        each only when asked for.
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+        Paged and int8 caches raise ValueError for the methods "concat" and "additive", a
+        block_table entry out of range, or scales whose shape does not broadcast; TypeError for scales
+        without an int8 cache.
+
+    See Also
+    --------
+    attention_backward : the gradients, from this call's out and lse.
+    attention_varlen : packed variable-length sequences.
+    merge_states : combine calls over disjoint key sets.
+    attnfast.reference.attention : the float64 reference, same signature.
+
+    Notes
+    -----
+    Numerics. Everything is computed in float32, or in float64 when any floating input is float64;
+    float16 and bfloat16 values are converted exactly on load (a 16-bit KV cache is read in place) and a
+    16-bit result is rounded to nearest-even once, on the final store. The scores are s = (scale * q) . k
+    for the dot-product methods (scale folded into q), then softcap, ALiBi and bias in that order; a score
+    beyond the computation dtype's range is +-inf. The softmax is online over key tiles (a running row
+    maximum and sum), never storing the (..., Lq, Lk) matrix; with AVX512_BF16, bfloat16 q, k, v use
+    ``vdpbf16ps`` products and round the probabilities to bfloat16 before P . V (see the numerics guide).
+    Results are bitwise identical for any thread count.
+
+    Visibility. Key j is hidden from query i when ``mask`` is False there, ``causal``, ``window`` or
+    ``kv_lengths`` exclude it, its bias is -inf or its final score is -inf. A hidden key contributes
+    nothing, whatever its K and V hold (NaN, inf, uninitialised memory): out, lse and weights are exactly
+    those without it. A row with no visible key gets out 0, weights 0 and lse -inf (lse = the sink with
+    ``sinks``), never NaN. A NaN among a row's visible scores makes that row NaN; a NaN or inf in a visible
+    V row reaches every row that sees it. A row whose maximum score is +inf splits its weight evenly over
+    its +inf scores, and its lse is +inf.
+
+    lse. The natural-log log-sum-exp of each row's final scores over its visible keys (and the sink):
+    lse_i = log(e^sink + sum_j e^s_ij). Outputs over disjoint key sets combine exactly with
+    :func:`merge_states`, and :func:`attention_backward` takes the forward's out and lse. With ``sinks``,
+    out_i = sum_j e^(s_ij - m) v_j / (e^(sink - m) + sum_j e^(s_ij - m)) and the returned weights are those
+    of the real keys (rows sum to 1 - e^(sink - lse_i)).
+
+    Costs. Calls with an empty result, and Lk = 0 (out 0, lse -inf), run no kernel and take O(1) time
+    and memory whatever the broadcast batch. Only the distinct elements of a broadcast input are ever
+    copied.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)        # (Lq, D) = (2, 2)
+    >>> k = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
+    >>> v = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], dtype=np.float32)
+    >>> print(attnfast.attention(q, k, v, method="dot").round(4))
+    [[0.6335 0.3665]
+     [0.3665 0.6335]]
+
+    Causal, with the log-sum-exp: the first query sees only the first key.
+
+    >>> out, lse = attnfast.attention(q, k, v, method="dot", causal=True, return_lse=True)
+    >>> print(out.round(4), lse.round(4))
+    [[1.     0.    ]
+     [0.2689 0.7311]] [1.     1.3133]
+
+    Batched multi-head attention with GQA (8 query heads over 2 kv heads) and padding lengths:
+
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 8, 16, 64), dtype=np.float32)
+    >>> k = rng.standard_normal((2, 2, 32, 64), dtype=np.float32)
+    >>> v = rng.standard_normal((2, 2, 32, 64), dtype=np.float32)
+    >>> out = attnfast.attention(q, k, v, kv_lengths=np.array([[32], [20]]))
+    >>> out.shape, out.dtype
+    ((2, 8, 16, 64), dtype('float32'))
+    >>> ref = attnfast.reference.attention(q, k, v, kv_lengths=np.array([[32], [20]]))
+    >>> bool(np.abs(out - ref).max() < 1e-5)
+    True
     """
     if unexpected:  # one test of an empty dict: PyTorch's names get attnfast's, not a bare TypeError
         _inputs.reject_unexpected(attention, unexpected)
@@ -449,11 +772,57 @@ def _overlaps_itself(a: np.ndarray) -> bool:
 def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
     """Combine attention computed over disjoint key sets (split-KV, out-of-core, distributed).
 
-    lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse) out_i. Parts with lse_i = -inf contribute
-    nothing (whatever their out holds); a row empty in every part gives out 0 and lse -inf. Any other
-    part's NaN or inf reaches the result even when its factor underflows to 0. Parts with lse_i = +inf
-    share the row evenly and the others weigh 0; the merged lse is then +inf (as attention's rows whose
-    max score is +inf).
+    Parameters
+    ----------
+    outs : sequence of array_like, each (..., Lq, Dv)
+        The normalised outputs of each part, e.g. ``attention(q, k_part, v_part, return_lse=True)[0]``:
+        float64, float32, float16 or ml_dtypes.bfloat16, all of one shape.
+    lses : sequence of array_like, each (..., Lq)
+        Each part's log-sum-exp (-inf for a row with no visible key in that part), as many as ``outs``.
+
+    Returns
+    -------
+    out : ndarray, (..., Lq, Dv)
+        sum_i exp(lse_i - lse) * out_i, in the promoted dtype of ``outs``; 0 where every part is empty.
+    lse : ndarray, (..., Lq)
+        log(sum_i exp(lse_i)); -inf where every part is empty. float32 for a 16-bit out, else out's dtype.
+
+    Raises
+    ------
+    TypeError
+        A part of a dtype attnfast does not compute with, or outs / lses that are not lists or tuples of
+        parts (an ndarray of stacked parts: pass list(outs), list(lses)).
+    ValueError
+        No parts, a different number of outs and lses, or parts whose shapes differ.
+
+    See Also
+    --------
+    attention : returns the (out, lse) parts with ``return_lse=True``.
+    attnfast.reference.merge_states : the float64 reference.
+
+    Notes
+    -----
+    Computed in float32 (float64 for float64 parts), 16-bit parts rounded once at the end. The result
+    equals attention over the union of the key sets up to rounding. A part with lse_i = -inf contributes
+    nothing, whatever its out holds; any other part's NaN or inf reaches the result even when its factor
+    exp(lse_i - lse) underflows to 0. Parts with lse_i = +inf share the row evenly, the others weigh 0 and
+    the merged lse is +inf (as attention's rows whose maximum score is +inf). The parts are added as a
+    balanced tree, so the rounding error grows like log n in the number of parts.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((4, 8, 16), dtype=np.float32)
+    >>> k = rng.standard_normal((4, 64, 16), dtype=np.float32)
+    >>> v = rng.standard_normal((4, 64, 16), dtype=np.float32)
+    >>> o1, l1 = attnfast.attention(q, k[:, :40], v[:, :40], return_lse=True)
+    >>> o2, l2 = attnfast.attention(q, k[:, 40:], v[:, 40:], return_lse=True)
+    >>> out, lse = attnfast.merge_states([o1, o2], [l1, l2])
+    >>> whole, whole_lse = attnfast.attention(q, k, v, return_lse=True)
+    >>> bool(np.allclose(out, whole, atol=1e-5) and np.allclose(lse, whole_lse, atol=1e-5))
+    True
     """
     a = _inputs.check_merge_states(outs, lses)
     # Elementwise and memory-bound: NumPy in the computation dtype (the parts' own for float32/float64;
@@ -512,36 +881,108 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
     """Gradients of :func:`attention` with respect to q, k, v, bias, the method weights and sinks.
 
     A FlashAttention-2-style fused backward: the weights are recomputed tile by tile from ``lse``, never
-    stored as an Lq x Lk matrix (except the gradient of the scores when ``bias`` is given, which has
-    that shape anyway). Results are bitwise identical for any thread count.
+    stored as an Lq x Lk matrix (except the gradient of the scores when ``bias`` is given, which has that
+    shape anyway). Results are bitwise identical for any thread count.
 
     Parameters
     ----------
     dout : array_like, (..., Lq, Dv)
-        Gradient of the loss with respect to attention's output.
+        Gradient of the loss with respect to attention's output (the full result shape), in one of the
+        four floating dtypes.
     q, k, v : array_like
-        The forward's inputs (see :func:`attention`).
-    out, lse : array_like, (..., Lq, Dv) and (..., Lq)
-        What ``attention(q, k, v, return_lse=True, **kwargs)`` returned for the same inputs.
-    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
-    softcap, alibi_slopes, sinks
-        The forward's keyword arguments (all but return_lse, return_weights and out), unchanged. A
-        paged (block_table) or int8 (k_scale, v_scale) cache has no gradients: a ValueError.
+        The forward's inputs, as in :func:`attention`: (..., Lq, D), (..., Lk, Dk), (..., Lk, Dv).
+    out : array_like, (..., Lq, Dv)
+        The forward's output for the same inputs and keyword arguments.
+    lse : array_like, (..., Lq)
+        The forward's log-sum-exp: ``out, lse = attention(q, k, v, return_lse=True, **kwargs)``.
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The forward's score rule.
+    scale : float, optional
+        The forward's scale (default 1/sqrt(D) for "scaled_dot", else 1).
+    mask : array_like of bool, optional
+        The forward's mask, broadcastable to (..., Lq, Lk); not differentiable.
+    bias : array_like, optional
+        The forward's bias, broadcastable to (..., Lq, Lk); gets ``dbias``.
+    causal : bool, default False
+        As in the forward.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        As in the forward.
+    window : tuple of (int or None, int or None), optional
+        As in the forward.
+    kv_lengths : array_like of int, optional
+        As in the forward, broadcastable to the batch shape; not differentiable.
+    w, w_q, w_k, v_a, score_bias : array_like, optional
+        The forward's method weights (shapes as in :func:`attention`); each gets its gradient.
+    softcap : float, optional
+        As in the forward (gradients pass through 1 - tanh^2(s / c)).
+    alibi_slopes : array_like, optional
+        As in the forward; not differentiable.
+    sinks : array_like, optional
+        As in the forward; gets ``dsinks``.
+    **unexpected
+        Nothing else is accepted: ``block_table``, ``k_scale`` and ``v_scale`` raise ValueError (a paged
+        or int8 cache has no gradients: densify it first), anything else (``return_lse``,
+        ``return_weights``, ``out``, PyTorch's or flash-attn's names...) TypeError saying what to pass.
 
     Returns
     -------
     AttentionGrads
-        ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v (summed over broadcast axes and
-        over the query heads sharing a kv head); ``dbias`` with bias's shape; ``dw`` (general),
-        ``dw_q``, ``dw_k``, ``dscore_bias`` (concat, additive), ``dv_a`` (additive) and ``dsinks``
-        (sinks' shape); None where the call has no such input. Each is computed in float64 if any of q, k, v is float64, else in
-        float32, and rounded once into its input's dtype.
+        A named tuple: ``dq``, ``dk``, ``dv`` with the shapes and dtypes of q, k, v (summed over broadcast
+        axes and over the query heads sharing a kv head); ``dbias`` with bias's shape; ``dw`` ("general"),
+        ``dw_q``, ``dw_k``, ``dscore_bias`` ("concat", "additive"), ``dv_a`` ("additive") and ``dsinks``
+        (sinks' shape); None where the call has no such input. A method weight or bias given as an array of
+        a storage dtype gets its gradient in that dtype, otherwise (Python numbers, lists, integers) in the
+        computation dtype.
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+        dout, out or lse whose shapes do not match the forward's result are a ValueError too.
+
+    See Also
+    --------
+    AttentionGrads, attention, attnfast.reference.attention_backward
 
     Notes
     -----
-    A row with no visible key gets zero gradients; a hidden key contributes nothing, whatever its K and
-    V hold. A row whose lse is +inf (scores that overflowed) passes its weights' share of dout to dv but
-    has zero score gradients. See :func:`attnfast.reference.attention_backward` for the formulas.
+    With P = exp(s - lse) recomputed per tile: dV = P^T dO, dS = P * (dO V^T - delta) with
+    delta_i = dO_i . O_i from the forward's out, dQ = scale dS K and dK = scale dS^T Q; additive scores
+    recompute tanh per (query, key) pair. The projections of "general", "concat" and "additive" are
+    chained back in NumPy. Each gradient is computed in float64 if any of q, k, v is float64, else in
+    float32, and rounded once into its input's dtype; for 16-bit inputs delta uses the 16-bit out, as
+    FlashAttention's bfloat16 backward does. A hidden key gets exactly zero dK and dV whatever its K and V
+    hold, a row with no visible key gets zero gradients, and a row whose lse is +inf passes its weights'
+    share of dout to dv but has zero score gradients. dsinks = -sum_i e^(sink - lse_i) (dO_i . O_i) over
+    the rows and batch items each sink serves. See :func:`attnfast.reference.attention_backward` for the
+    formulas.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 4, 8, 16), dtype=np.float32)
+    >>> k = rng.standard_normal((2, 1, 12, 16), dtype=np.float32)   # one kv head (MQA)
+    >>> v = rng.standard_normal((2, 1, 12, 16), dtype=np.float32)
+    >>> out, lse = attnfast.attention(q, k, v, causal=True, return_lse=True)
+    >>> dout = np.ones_like(out)                                      # d(out.sum()) / d(out)
+    >>> grads = attnfast.attention_backward(dout, q, k, v, out, lse, causal=True)
+    >>> grads.dq.shape, grads.dk.shape, grads.dv.shape, grads.dbias
+    ((2, 4, 8, 16), (2, 1, 12, 16), (2, 1, 12, 16), None)
+
+    Each of the 4 * 8 query rows sends its weights (summing to 1) to dv, so for the loss out.sum() dv's
+    entries sum to 2 * 4 * 8 * 16 = 1024:
+
+    >>> print(round(float(grads.dv.sum()), 2))
+    1024.0
     """
     _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(

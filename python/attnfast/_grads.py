@@ -19,28 +19,48 @@ __all__ = ["AttentionGrads", "sum_to_shape", "fold_query_heads"]
 class AttentionGrads(NamedTuple):
     """Gradients of a scalar loss with respect to the inputs of :func:`attnfast.attention`.
 
+    What :func:`attnfast.attention_backward` returns: a named tuple (fields by name or unpacked in order).
     Each gradient has its input's shape and dtype; a field is None when the call had no such input.
 
     Attributes
     ----------
-    dq, dk, dv : ndarray
-        Of q, k and v. Inputs broadcast along batch axes, or kv heads shared by several query heads
-        (GQA/MQA), get the sum over those axes and heads.
+    dq : ndarray
+        Of q, q's shape and dtype: summed over the axes along which q was broadcast.
+    dk : ndarray
+        Of k: summed over broadcast axes and over the query heads that share each kv head (GQA/MQA).
+    dv : ndarray
+        Of v, like dk.
     dbias : ndarray or None
         Of ``bias`` (given only): the gradient of the scores, summed over bias's broadcast axes.
     dw : ndarray or None
-        Of ``w`` (``method="general"``).
-    dw_q, dw_k : ndarray or None
-        Of ``w_q`` and ``w_k`` (``method="concat"``, and ``"additive"`` when they were given: with
-        ``w_q=None`` q is the projection and ``dq`` its gradient).
+        Of ``w`` (``method="general"``), (D, Dk).
+    dw_q : ndarray or None
+        Of ``w_q`` (``method="concat"``, and ``"additive"`` when it was given: with ``w_q=None`` q is the
+        projection and ``dq`` its gradient).
+    dw_k : ndarray or None
+        Of ``w_k``, like dw_q.
     dscore_bias : ndarray or None
-        Of ``score_bias`` (``"concat"``: 0-d; ``"additive"``: (A,)), also when it was left at its
-        default 0.
+        Of ``score_bias`` (``"concat"``: 0-d; ``"additive"``: (A,)), also when it was left at its default.
     dv_a : ndarray or None
         Of ``v_a`` (``"additive"``), also when it was left at its default of ones.
     dsinks : ndarray or None
-        Of ``sinks`` (given only), with sinks' shape: -sum_i e^{sink - lse_i} (dO_i . O_i) over the rows
+        Of ``sinks`` (given only), with sinks' shape: -sum_i e^(sink - lse_i) (dO_i . O_i) over the rows
         (and batch items) each sink serves.
+
+    See Also
+    --------
+    attnfast.attention_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> q = k = v = np.eye(3, dtype=np.float32)
+    >>> out, lse = attnfast.attention(q, k, v, return_lse=True)
+    >>> grads = attnfast.attention_backward(np.ones_like(out), q, k, v, out, lse)
+    >>> dq, dk, dv, *rest = grads
+    >>> dv.shape, all(g is None for g in rest)
+    ((3, 3), True)
     """
 
     dq: NDArray[Any]

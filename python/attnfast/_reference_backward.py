@@ -51,26 +51,95 @@ def attention_backward(dout: ArrayLike, q: ArrayLike, k: ArrayLike, v: ArrayLike
                        v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None,
                        softcap: Optional[Real] = None, alibi_slopes: Optional[ArrayLike] = None,
                        sinks: Optional[ArrayLike] = None, **unexpected: Any) -> AttentionGrads:
-    """Gradients of attention with respect to its inputs, in float64 from the explicit formulas.
+    """Reference for :func:`attnfast.attention_backward`: the gradients in float64 from the explicit formulas.
+
+    Recomputes the forward in float64 from q, k and v (``out`` and ``lse`` are validated, not used: the
+    result is the exact gradient of :func:`attnfast.reference.attention`).
 
     Parameters
     ----------
     dout : array_like, (..., Lq, Dv)
-        Gradient of the loss with respect to attention's output.
+        Gradient of the loss with respect to attention's output (the full result shape), in one of the
+        four floating dtypes.
     q, k, v : array_like
-        The forward's inputs.
-    out, lse : array_like, (..., Lq, Dv) and (..., Lq)
-        What ``attention(q, k, v, return_lse=True, **kwargs)`` returned (validated; the reference
-        recomputes them in float64).
-    method, scale, mask, bias, causal, causal_align, window, kv_lengths, w, w_q, w_k, v_a, score_bias,
-    softcap, alibi_slopes, sinks
-        The forward's keyword arguments, as in :func:`attention` (no block_table or int8 cache).
+        The forward's inputs, as in :func:`attention`: (..., Lq, D), (..., Lk, Dk), (..., Lk, Dv).
+    out : array_like, (..., Lq, Dv)
+        The forward's output for the same inputs and keyword arguments.
+    lse : array_like, (..., Lq)
+        The forward's log-sum-exp: ``out, lse = attention(q, k, v, return_lse=True, **kwargs)``.
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The forward's score rule.
+    scale : float, optional
+        The forward's scale (default 1/sqrt(D) for "scaled_dot", else 1).
+    mask : array_like of bool, optional
+        The forward's mask, broadcastable to (..., Lq, Lk); not differentiable.
+    bias : array_like, optional
+        The forward's bias, broadcastable to (..., Lq, Lk); gets ``dbias``.
+    causal : bool, default False
+        As in the forward.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        As in the forward.
+    window : tuple of (int or None, int or None), optional
+        As in the forward.
+    kv_lengths : array_like of int, optional
+        As in the forward, broadcastable to the batch shape; not differentiable.
+    w, w_q, w_k, v_a, score_bias : array_like, optional
+        The forward's method weights (shapes as in :func:`attention`); each gets its gradient.
+    softcap : float, optional
+        As in the forward (gradients pass through 1 - tanh^2(s / c)).
+    alibi_slopes : array_like, optional
+        As in the forward; not differentiable.
+    sinks : array_like, optional
+        As in the forward; gets ``dsinks``.
+    **unexpected
+        Nothing else is accepted: ``block_table``, ``k_scale`` and ``v_scale`` raise ValueError (a paged
+        or int8 cache has no gradients: densify it first), anything else (``return_lse``,
+        ``return_weights``, ``out``, PyTorch's or flash-attn's names...) TypeError saying what to pass.
 
     Returns
     -------
     AttentionGrads
-        dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a
-        and dsinks where the call has those inputs (see :class:`attnfast.AttentionGrads`).
+        dq, dk, dv with the shapes and dtypes of q, k, v; dbias, dw, dw_q, dw_k, dscore_bias, dv_a and
+        dsinks where the call has those inputs (see :class:`attnfast.AttentionGrads`), each rounded once
+        into its input's dtype.
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+
+    See Also
+    --------
+    attnfast.attention_backward
+
+    Notes
+    -----
+    With P the forward's weights: dV = P^T dO, dP = dO V^T, delta_i = sum_j P_ij dP_ij (= dO_i . O_i),
+    dS = P * (dP - delta) (0 where a key is hidden); dS is chained through the score modifiers (ALiBi
+    passes it unchanged, softcap multiplies it by 1 - tanh^2(r / c) at the method's score r) and then
+    through the score method (dQ = scale dS K and dK = scale dS^T Q for dot products; general through q W;
+    concat through its two row sums; additive through 1 - tanh^2, one query at a time). A hidden key
+    contributes nothing to any gradient, a row with no visible key gets zero gradients, and a row whose
+    lse is +inf passes P^T dO to dV but has dS = 0. dsink = -sum_i e^(sink - lse_i) delta_i. The tests
+    check these formulas against central finite differences.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((3, 4)) for _ in range(3))
+    >>> out, lse = attnfast.reference.attention(q, k, v, return_lse=True)
+    >>> grads = attnfast.reference.attention_backward(np.ones_like(out), q, k, v, out, lse)
+    >>> print(round(float(grads.dv.sum()), 6))   # each of 3 rows sends weights summing to 1, 4 features
+    12.0
     """
     _inputs.reject_backward_extras(unexpected, attention_backward)
     b = _inputs.check_attention_backward(

@@ -51,11 +51,80 @@ def attention_varlen(
     alibi_slopes: Optional[ArrayLike] = None, sinks: Optional[ArrayLike] = None, return_lse: bool = False,
     out: Optional[Array] = None, **unexpected: Any,
 ) -> Union[Array, Tuple[Array, FloatArray]]:
-    """Reference for :func:`attnfast.attention_varlen` (same signature, errors and semantics).
+    """Reference for :func:`attnfast.attention_varlen`: one float64 attention per packed sequence.
 
-    Sequence s, query rows [cu_q[s], cu_q[s+1]) against keys [cu_k[s], cu_k[s+1]), is one
-    :func:`attnfast.reference.attention` call on float64 copies of its rows, with the same options
-    (the window and the bottom_right diagonal per sequence); the modifiers are passed only when given.
+    Same signature, errors and semantics as :func:`attnfast.attention_varlen`. Sequence s, query rows
+    [cu_q[s], cu_q[s+1]) against keys [cu_k[s], cu_k[s+1]), is one :func:`attnfast.reference.attention`
+    call on float64 copies of its rows, with the same options (the window and the bottom_right diagonal
+    per sequence).
+
+    Parameters
+    ----------
+    q : array_like, (..., Tq, D)
+        The sequences' query rows concatenated along axis -2 (float64, float32, float16 or
+        ml_dtypes.bfloat16); heads on axis -3, GQA/MQA by index.
+    k : array_like, (..., Tk, D)
+        Their keys, concatenated the same way.
+    v : array_like, (..., Tk, Dv)
+        Their values.
+    cu_seqlens_q : array_like of int, (n + 1,)
+        Cumulative query lengths: 0 first, non-decreasing, Tq last.
+    cu_seqlens_k : array_like of int, (n + 1,)
+        Cumulative key lengths: 0 first, non-decreasing, Tk last.
+    method : {"scaled_dot", "dot"}, default "scaled_dot"
+        The score rule.
+    scale : float, optional
+        Multiplies the scores; default 1/sqrt(D) for "scaled_dot", 1 for "dot".
+    causal : bool, default False
+        Causal within each sequence.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        Per sequence, as in :func:`attnfast.attention_varlen`.
+    window : tuple of (int or None, int or None), optional
+        (left, right) around each sequence's diagonal.
+    softcap : float, optional
+        s <- softcap * tanh(s / softcap).
+    alibi_slopes : array_like, optional
+        Broadcastable to q's batch shape (e.g. (Hq,)).
+    sinks : array_like, optional
+        Broadcastable to q's batch shape (e.g. (Hq,)).
+    return_lse : bool, default False
+        Also return the log-sum-exp (..., Tq).
+    out : ndarray, optional
+        (..., Tq, Dv) of any of the four floating dtypes to write the result into.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
+
+    Returns
+    -------
+    out : ndarray, (..., Tq, Dv)
+        The promoted dtype of q, k and v (or ``out``); 0 for a sequence with no keys.
+    lse : ndarray, (..., Tq)
+        Only with ``return_lse=True``; -inf (the sink with ``sinks``) for a sequence with no keys.
+
+    Raises
+    ------
+    TypeError
+        As :func:`attnfast.attention_varlen`: cu_seqlens that are not integer arrays, unsupported dtypes.
+    ValueError
+        As :func:`attnfast.attention_varlen`: malformed cu_seqlens, an unsupported method, bad shapes.
+
+    See Also
+    --------
+    attnfast.attention_varlen
+
+    Notes
+    -----
+    Each sequence's rows are computed in float64 and rounded once into the result dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> v = np.arange(4.0).reshape(4, 1)
+    >>> out = attnfast.reference.attention_varlen(np.zeros((3, 2)), np.zeros((4, 2)), v, [0, 1, 3], [0, 2, 4])
+    >>> print(out.ravel())                           # the mean of each sequence's values
+    [0.5 2.5 2.5]
     """
     from . import reference
 

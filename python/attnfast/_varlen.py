@@ -234,31 +234,91 @@ def attention_varlen(
 ) -> Union[Array, Tuple[Array, FloatArray]]:
     """Attention over packed variable-length sequences, each attending only to its own keys.
 
+    Equals one :func:`attention` call per sequence, without the loop, padding or a dense block-diagonal
+    mask; no row of another sequence is read.
+
     Parameters
     ----------
     q : array_like, (..., Tq, D)
-        The sequences' query rows concatenated along axis -2; leading axes as in :func:`attention`
-        (heads on axis -3: the kv heads may divide the query heads, GQA/MQA by index).
-    k, v : array_like, (..., Tk, D) and (..., Tk, Dv)
-        Their keys and values, concatenated the same way.
-    cu_seqlens_q, cu_seqlens_k : 1-D integer arrays (n + 1,)
-        Cumulative lengths: 0, non-decreasing, ending at Tq / Tk. Sequence s is the query rows
-        [cu_seqlens_q[s], cu_seqlens_q[s+1]) against the keys [cu_seqlens_k[s], cu_seqlens_k[s+1]).
-    method : {"scaled_dot", "dot"}
-    scale, causal, causal_align, window, softcap, alibi_slopes, sinks
-        As in :func:`attention`, applied to each sequence on its own: ``causal_align="bottom_right"``
-        aligns the last query row of each sequence with its last key (diagonal i + len_k - len_q).
-        alibi_slopes and sinks are broadcastable to q's batch shape (e.g. (Hq,)).
-    return_lse : bool
+        The sequences' query rows concatenated along axis -2: float64, float32, float16 or
+        ml_dtypes.bfloat16. Leading axes as in :func:`attention` (heads on axis -3; the kv heads may divide
+        the query heads, GQA/MQA by index).
+    k : array_like, (..., Tk, D)
+        Their keys, concatenated the same way.
+    v : array_like, (..., Tk, Dv)
+        Their values.
+    cu_seqlens_q : array_like of int, (n + 1,)
+        Cumulative query lengths: 0 first, non-decreasing, Tq last. Sequence s is the query rows
+        [cu_seqlens_q[s], cu_seqlens_q[s+1]).
+    cu_seqlens_k : array_like of int, (n + 1,)
+        Cumulative key lengths, the same way, ending at Tk; sequence s attends to keys
+        [cu_seqlens_k[s], cu_seqlens_k[s+1]).
+    method : {"scaled_dot", "dot"}, default "scaled_dot"
+        The score rule.
+    scale : float, optional
+        Multiplies the scores; default 1/sqrt(D) for "scaled_dot", 1 for "dot".
+    causal : bool, default False
+        Causal within each sequence.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        Per sequence: "bottom_right" aligns its last query row with its last key
+        (diag_i = i + len_k - len_q).
+    window : tuple of (int or None, int or None), optional
+        (left, right) around each sequence's diagonal, as in :func:`attention`.
+    softcap : float, optional
+        As in :func:`attention`: s <- softcap * tanh(s / softcap).
+    alibi_slopes : array_like, optional
+        Broadcastable to q's batch shape (e.g. (Hq,)), as in :func:`attention`.
+    sinks : array_like, optional
+        Broadcastable to q's batch shape (e.g. (Hq,)), as in :func:`attention`.
+    return_lse : bool, default False
         Also return the log-sum-exp (..., Tq).
     out : ndarray, optional
-        (..., Tq, Dv), written only when the call succeeds.
+        (..., Tq, Dv), of any of the four floating dtypes; written only when the call succeeds.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
     out : ndarray, (..., Tq, Dv)
-        Or (out, lse). The same values as one ``attention`` call per sequence. A sequence with no keys
-        gets out 0 and lse -inf (the sink with sinks).
+        The promoted dtype of q, k and v (or ``out``). A sequence with no keys gets out 0.
+    lse : ndarray, (..., Tq)
+        Only with ``return_lse=True``: float32 for a 16-bit result; -inf (the sink with ``sinks``) for the
+        rows of a sequence with no keys.
+
+    Raises
+    ------
+    TypeError
+        cu_seqlens that are not integer arrays (a scalar, floats), arrays of dtypes attnfast does not
+        compute with, flags that are not bool.
+    ValueError
+        cu_seqlens that are not 1-D, do not start at 0, decrease, do not end at Tq / Tk, or have different
+        lengths; a method other than "dot" and "scaled_dot"; shapes, window or scale as in
+        :func:`attention`.
+
+    See Also
+    --------
+    attention, attnfast.reference.attention_varlen
+
+    Notes
+    -----
+    The numerics and visibility rules are those of :func:`attention`, applied per sequence; results do not
+    depend on how the kernel orders or partitions the sequences, nor on the thread count. There is no
+    backward yet.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> rng = np.random.default_rng(0)
+    >>> cu = np.array([0, 3, 8])                       # two sequences: 3 and 5 tokens
+    >>> q = rng.standard_normal((2, 8, 16), dtype=np.float32)   # (Hq, Tq, D)
+    >>> k = rng.standard_normal((2, 8, 16), dtype=np.float32)
+    >>> v = rng.standard_normal((2, 8, 16), dtype=np.float32)
+    >>> out = attnfast.attention_varlen(q, k, v, cu, cu, causal=True)
+    >>> second = attnfast.attention(q[:, 3:], k[:, 3:], v[:, 3:], causal=True)
+    >>> out.shape, bool(np.allclose(out[:, 3:], second, atol=1e-6))
+    ((2, 8, 16), True)
     """
     if unexpected:
         _inputs.reject_unexpected(attention_varlen, unexpected)

@@ -99,10 +99,99 @@ def attention(q: JaxLike, k: JaxLike, v: JaxLike, *, method: Method = "scaled_do
               v_a: Optional[JaxLike] = None, score_bias: Optional[JaxLike] = None, softcap: Optional[Real] = None,
               alibi_slopes: Optional[JaxLike] = None, sinks: Optional[JaxLike] = None,
               **numpy_only: Any) -> jax.Array:
-    """Fused attention as a differentiable JAX function (see the module docstring).
+    """Fused attention as a differentiable JAX function (under jit, grad and vmap).
 
-    Same arguments and result as :func:`attnfast.attention` without ``return_lse``, ``return_weights``
-    and ``out``; returns ``out`` (..., Lq, Dv) as a JAX array of the promoted dtype of q, k, v.
+    A ``jax.custom_vjp`` whose forward is ``attnfast.attention(..., return_lse=True)`` and whose backward
+    is :func:`attnfast.attention_backward`, both run on the host through ``jax.pure_callback``.
+
+    Parameters
+    ----------
+    q : jax.Array or array_like, (..., Lq, D)
+        Queries: float32, float64 (with ``jax_enable_x64``), float16 or bfloat16. Leading axes
+        broadcast; axis -3 is the head axis.
+    k : jax.Array or array_like, (..., Lk, Dk)
+        Keys, the same dtypes; the kv heads may divide the query heads (GQA/MQA).
+    v : jax.Array or array_like, (..., Lk, Dv)
+        Values.
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule, as in :func:`attnfast.attention`.
+    scale : float, optional
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise.
+    mask : jax.Array of bool, optional
+        Broadcastable to (..., Lq, Lk); True = attend. Not differentiable.
+    bias : jax.Array, optional
+        Broadcastable to (..., Lq, Lk), added to the scores; differentiable.
+    causal : bool, default False
+        Key j visible to query i only when j <= diag_i.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        The diagonal of causal, window and ALiBi, as in :func:`attnfast.attention` (with kv_lengths,
+        bottom_right aligns each item to its own length).
+    window : tuple of (int or None, int or None), optional
+        (left, right) around the aligned diagonal; None for an unbounded side.
+    kv_lengths : jax.Array of int, optional
+        Broadcastable to the batch shape; item b sees its first kv_lengths[b] keys. Not differentiable.
+    w : jax.Array, (D, Dk), optional
+        The weight of "general"; differentiable.
+    w_q, w_k : jax.Array, optional
+        "concat": (D,) and (Dk,); "additive": (A, D) and (A, Dk), or None for inputs already projected.
+        Differentiable.
+    v_a : jax.Array, (A,), optional
+        The output weights of "additive" (default ones); differentiable.
+    score_bias : jax.Array, optional
+        "concat": a scalar; "additive": (A,); differentiable.
+    softcap : float, optional
+        A cap c > 0: s <- c * tanh(s / c).
+    alibi_slopes : jax.Array, optional
+        One slope per query head, broadcastable to the batch shape; not differentiable.
+    sinks : jax.Array, optional
+        One logit per query head, broadcastable to the batch shape, joining each row's denominator;
+        differentiable.
+    **numpy_only
+        ``return_lse``, ``return_weights``, ``out``, ``block_table``, ``k_scale`` and ``v_scale`` are
+        NumPy-only: a TypeError that says so (as for any other unexpected keyword).
+
+    Returns
+    -------
+    jax.Array, (..., Lq, Dv)
+        ``out``, in the promoted dtype of q, k, v.
+
+    Raises
+    ------
+    TypeError
+        A traced value for a static argument (method, scale, causal, causal_align, window, softcap), a
+        NumPy-only keyword, and attnfast.attention's TypeErrors, at trace time.
+    ValueError
+        attnfast.attention's ValueErrors, at trace time; a traced kv_lengths out of range surfaces when
+        the kernel runs, as ``jax.errors.JaxRuntimeError`` carrying attnfast's message.
+
+    See Also
+    --------
+    attnfast.attention, attnfast.attention_backward
+
+    Notes
+    -----
+    Differentiable with respect to q, k, v, bias, the method weights and sinks; mask, kv_lengths and
+    alibi_slopes get zero cotangents (float0 for integer and bool arrays). ``method``, ``scale``,
+    ``causal``, ``causal_align``, ``window`` and ``softcap`` are static Python values. There is no forward
+    mode (``jax.jvp``) and no second derivative. Under ``vmap`` the mapped axis becomes one more batch axis
+    of a single kernel call (``vmap_method="expand_dims"``). ``jax.pure_callback`` copies each input and
+    result once on the host.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import attnfast
+    >>> import attnfast.jax
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (jnp.asarray(rng.standard_normal((2, 8, 16), dtype=np.float32)) for _ in range(3))
+    >>> out = jax.jit(lambda q, k, v: attnfast.jax.attention(q, k, v, causal=True))(q, k, v)
+    >>> bool(np.allclose(out, attnfast.attention(np.asarray(q), np.asarray(k), np.asarray(v), causal=True)))
+    True
+    >>> dq = jax.grad(lambda q: attnfast.jax.attention(q, k, v).sum())(q)
+    >>> dq.shape
+    (2, 8, 16)
     """
     _reject_numpy_only(numpy_only)
     static = _static_args(method=method, scale=scale, causal=causal, causal_align=causal_align,

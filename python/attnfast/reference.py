@@ -1,50 +1,51 @@
 """Pure-NumPy float64 reference for every attnfast function.
 
-Same signatures and the same input validation (:mod:`attnfast._inputs`) as the
-fast path, so the two raise identical errors.  Everything is computed in
-float64 with the textbook formulas, on the values as given (16-bit inputs are
-converted exactly), and rounded to nearest-even once into the result dtype
-(the promotion of the inputs, see :func:`attnfast._inputs.result_dtype`;
-``lse`` is float32 for a 16-bit result).  This
-module favours obviousness over speed: it materialises the full (..., Lq, Lk)
-score matrix (and, for ``method="additive"``, a (..., Lk, A) tensor per query).
+Same signatures and the same input validation as the fast path (both run attnfast's one set of
+checks), so the two raise identical errors. Everything is computed in float64 with the textbook
+formulas, on the values as given (16-bit inputs are converted exactly), and rounded to nearest-even
+once into the result dtype (the promotion of the inputs; ``lse`` is float32 for a 16-bit result). This
+module favours obviousness over speed: it materialises the full (..., Lq, Lk) score matrix (and, for
+``method="additive"``, a (..., Lk, A) tensor per query).
 
 Numerics that the kernels must reproduce
------------------------------------------
-* Softmax subtracts the maximum of the *visible* entries of each row, so any
-  finite logits (e.g. +-1e30) work.
-* An entry is invisible (hidden) when masked out (mask False, causal, window,
-  kv_lengths), when its bias is -inf (whatever the score: even a NaN from K)
-  or when its score is -inf.  A hidden key contributes nothing to the row,
-  whatever its K and V hold (NaN, inf, garbage): out, lse and weights are as
-  if the key were removed, its weight exactly 0.  The products of the weights
-  with V are therefore selected by visibility, never multiplied by 0.  A row
-  with no visible entry gets weights 0, output 0 and lse -inf: never NaN.
-* A NaN among a row's visible scores makes that row NaN (output, lse and the
-  weights of its visible keys; hidden keys still weigh 0 in attention) and
-  leaves the other rows alone; a NaN or inf in a visible key's V
-  reaches the rows that see it (even at weight 0, as 0 * NaN).
-* Overflow: attention scores are s = (scale * q) . k (+ bias), scale applied
-  to q first (dot, scaled_dot, general) as the fused kernels do; computed in
-  float64, a score that does not fit the computation dtype (it would round
-  past float32's largest finite value) becomes +-inf.  A row whose maximum is
-  +inf splits its weight evenly over its +inf scores (the limit of the
-  softmax as they grow together), every other key weighs exactly 0, and its
-  lse is +inf.  :func:`softmax` and :func:`merge_states` (parts with lse
-  +inf) follow the same rule.
-* Serving additions (issue 18), in this order after the method's score s:
-  softcap c: s <- c tanh(s / c); alibi_slopes: s <- s - slope |diag_i - j|,
-  diag_i = i + offset the aligned diagonal (:func:`_diagonals`); then bias;
-  then masks.  sinks join each row's denominator without a value
-  (:func:`_masked_softmax64`'s ``sink``).  With kv_lengths, bottom_right
-  aligns each item to its own length: offset = kv_lengths[b] - Lq.  Paged
-  and int8 caches are turned into the plain float64 cache they describe
-  (:func:`_cache64`) before anything else, so every rule above applies to
-  them unchanged.
-* Gradients (:func:`attention_backward`, in :mod:`attnfast._reference_backward`)
-  follow the same visibility: a hidden key contributes nothing to any gradient,
-  a row with no visible key gets zero gradients, and a row whose lse is +inf
-  passes P^T dO to dV but has dS = 0.
+----------------------------------------
+* Softmax subtracts the maximum of the *visible* entries of each row, so any finite logits (e.g.
+  +-1e30) work.
+* An entry is invisible (hidden) when masked out (mask False, causal, window, kv_lengths), when its
+  bias is -inf (whatever the score: even a NaN from K) or when its score is -inf. A hidden key
+  contributes nothing to the row, whatever its K and V hold (NaN, inf, garbage): out, lse and weights
+  are as if the key were removed, its weight exactly 0. The products of the weights with V are
+  therefore selected by visibility, never multiplied by 0. A row with no visible entry gets weights 0,
+  output 0 and lse -inf: never NaN.
+* A NaN among a row's visible scores makes that row NaN (output, lse and the weights of its visible
+  keys; hidden keys still weigh 0 in attention) and leaves the other rows alone; a NaN or inf in a
+  visible key's V reaches the rows that see it (even at weight 0, as 0 * NaN).
+* Overflow: attention scores are s = (scale * q) . k (+ bias), scale applied to q first (dot,
+  scaled_dot, general) as the fused kernels do; computed in float64, a score that does not fit the
+  computation dtype (it would round past float32's largest finite value) becomes +-inf. A row whose
+  maximum is +inf splits its weight evenly over its +inf scores (the limit of the softmax as they grow
+  together), every other key weighs exactly 0, and its lse is +inf. :func:`softmax` and
+  :func:`merge_states` (parts with lse +inf) follow the same rule.
+* Serving additions, in this order after the method's score s: softcap c: s <- c tanh(s / c);
+  alibi_slopes: s <- s - slope ``|diag_i - j|``, diag_i = i + offset the aligned diagonal; then bias;
+  then masks. sinks join each row's denominator without a value. With kv_lengths, bottom_right aligns
+  each item to its own length: offset = kv_lengths[b] - Lq. Paged and int8 caches are turned into the
+  plain float64 cache they describe before anything else, so every rule above applies to them
+  unchanged.
+* Gradients (:func:`attention_backward`) follow the same visibility: a hidden key contributes nothing
+  to any gradient, a row with no visible key gets zero gradients, and a row whose lse is +inf passes
+  P^T dO to dV but has dS = 0.
+
+Examples
+--------
+>>> import numpy as np
+>>> import attnfast
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((2, 16, 8), dtype=np.float32) for _ in range(3))
+>>> fast = attnfast.attention(q, k, v, causal=True)
+>>> slow = attnfast.reference.attention(q, k, v, causal=True)
+>>> bool(np.abs(fast - slow).max() < 1e-6)
+True
 """
 
 from __future__ import annotations
@@ -166,31 +167,76 @@ def _masked_softmax64(s: np.ndarray, visible: Optional[np.ndarray], axis: int, s
 def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: Optional[Real] = None,
            w: Optional[ArrayLike] = None, w_q: Optional[ArrayLike] = None, w_k: Optional[ArrayLike] = None,
            v_a: Optional[ArrayLike] = None, score_bias: Optional[ArrayLike] = None, **unexpected: Any) -> Array:
-    """Attention scores of every query against every key.
+    """Reference for :func:`attnfast.scores`: every query scored against every key, in float64.
 
     Parameters
     ----------
     q : array_like, (..., Lq, D)
-        Queries.
+        Queries: float64, float32, float16 or ml_dtypes.bfloat16. Leading axes are batch axes that
+        broadcast against k's and v's as in np.matmul; axis -3 is the head axis (Hq).
     k : array_like, (..., Lk, Dk)
-        Keys.  Batch axes broadcast with q's.
-    method : {"dot", "scaled_dot", "general", "concat", "additive"}
-        Score rule (see DESIGN.md).
+        Keys, in one of the same four dtypes. Dk = D for "dot" and "scaled_dot"; "general", "concat" and
+        "additive" allow any Dk (and "additive" with ``w_k=None`` takes keys already projected, Dk = A).
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule: "dot" q_i . k_j; "scaled_dot" (q_i . k_j) * scale; "general" q_i W k_j (Luong);
+        "concat" w_q . q_i + w_k . k_j + b; "additive" v_a . tanh(W_q q_i + W_k k_j + b) (Bahdanau).
     scale : float, optional
-        Multiplies every method's score; 1/sqrt(D) for "scaled_dot", else 1.
-    w : array_like, (D, Dk)
-        Bilinear weight of "general".
-    w_q, w_k : array_like
-        (D,) and (Dk,) for "concat"; (A, D) and (A, Dk) for "additive".
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise. Must be finite in
+        the computation dtype.
+    w : array_like, (D, Dk), optional
+        The bilinear weight of "general" (required there, rejected elsewhere). This and the other method
+        weights may have any floating storage dtype or an integer dtype: they are converted to the
+        computation dtype.
+    w_q : array_like, optional
+        "concat": (D,), required. "additive": (A, D), or None when q is already projected (D = A).
+    w_k : array_like, optional
+        "concat": (Dk,), required. "additive": (A, Dk), or None when k is already projected (Dk = A).
     v_a : array_like, (A,), optional
-        Output weights of "additive" (default ones).
+        The output weights of "additive"; default ones.
     score_bias : array_like, optional
-        Scalar for "concat" (default 0), (A,) for "additive" (default zeros).
+        "concat": a scalar (default 0); "additive": (A,) (default zeros), added inside the tanh.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
     ndarray, (..., Lq, Lk)
         In the promoted dtype of q and k.
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+
+    See Also
+    --------
+    attnfast.scores
+
+    Notes
+    -----
+    Computed in float64 from the textbook formulas on the values as given (16-bit inputs converted
+    exactly) and rounded to nearest-even once into the result dtype; slow and obvious on purpose (it
+    materialises the full score matrix). The same validation as the kernel (:mod:`attnfast`), so the two
+    raise identical errors; the test suite holds every kernel to this function. Dot products are (q . k) * scale, as :func:`attnfast.scores` computes them, with q . k
+    saturated to +-inf where it exceeds the computation dtype's range (float32 for float32 inputs), as the
+    kernels' products are.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> q = np.array([[1.0, 2.0]], dtype=np.float32)
+    >>> k = np.array([[3.0, 4.0], [-1.0, 0.5]], dtype=np.float32)
+    >>> attnfast.reference.scores(q, k, method="dot")
+    array([[11.,  0.]], dtype=float32)
     """
     if unexpected:
         _inputs.reject_unexpected(scores, unexpected)
@@ -205,21 +251,48 @@ def scores(q: ArrayLike, k: ArrayLike, *, method: Method = "scaled_dot", scale: 
 
 def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike] = None,
             **unexpected: Any) -> Array:
-    """Numerically safe softmax with an optional boolean mask.
+    """Reference for :func:`attnfast.softmax`: a numerically safe softmax with an optional bool mask.
 
     Parameters
     ----------
-    x : array_like, float64, float32, float16 or bfloat16
-        Logits.  -inf entries get weight 0.
+    x : array_like
+        Logits: float64, float32, float16 or ml_dtypes.bfloat16, at least one axis. -inf entries get
+        weight 0.
     axis : int, default -1
-        Axis to normalise over.
+        The axis to normalise over.
     mask : array_like of bool, optional
-        Broadcastable to ``x.shape``; True = attend, False = weight 0.
+        Broadcastable to x's shape; True = keep, False = weight exactly 0.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
-    ndarray, same shape and dtype as x
-        Rows with no visible entry are all zeros.
+    ndarray
+        x's shape and dtype. Rows with no visible entry are all zeros.
+
+    Raises
+    ------
+    TypeError
+        x of a dtype attnfast does not compute with, a mask that is not bool, or an axis that is not an int.
+    ValueError
+        x is 0-d, axis is out of range, or the mask does not broadcast to x.
+
+    See Also
+    --------
+    attnfast.softmax
+
+    Notes
+    -----
+    The maximum of each row's visible entries is subtracted first; a row whose maximum is +inf splits its
+    weight evenly over its +inf entries. Computed in float64 and rounded once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> print(attnfast.reference.softmax(np.array([0.0, np.log(3.0)])))
+    [0.25 0.75]
     """
     if unexpected:
         _inputs.reject_unexpected(softmax, unexpected)
@@ -231,16 +304,44 @@ def softmax(x: ArrayLike, axis: SupportsIndex = -1, *, mask: Optional[ArrayLike]
 
 
 def aggregate(weights: ArrayLike, v: ArrayLike, **unexpected: Any) -> Array:
-    """Weighted sum of the values, ``weights @ v``.
+    """Reference for :func:`attnfast.aggregate`: the weighted sum of the values, ``weights @ v``, in float64.
 
     Parameters
     ----------
     weights : array_like, (..., Lq, Lk)
+        The attention weights: float64, float32, float16 or ml_dtypes.bfloat16.
     v : array_like, (..., Lk, Dv)
+        The values; batch axes broadcast with weights' as in np.matmul.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
     ndarray, (..., Lq, Dv)
+        In the promoted dtype of weights and v; zeros when Lk = 0.
+
+    Raises
+    ------
+    TypeError
+        An input of a dtype attnfast does not compute with.
+    ValueError
+        Lk of weights and v differ, or the batch axes do not broadcast.
+
+    See Also
+    --------
+    attnfast.aggregate
+
+    Notes
+    -----
+    One float64 matmul, rounded once into the result dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> attnfast.reference.aggregate(np.array([[0.25, 0.75]]), np.array([[4.0], [8.0]]))
+    array([[7.]])
     """
     if unexpected:
         _inputs.reject_unexpected(aggregate, unexpected)
@@ -480,64 +581,141 @@ def attention(
     block_table: Optional[ArrayLike] = None, k_scale: Optional[ArrayLike] = None,
     v_scale: Optional[ArrayLike] = None, **unexpected: Any,
 ) -> AttentionOutput:
-    """Full attention: scores, masking, softmax and weighted sum of values.
+    """Reference for :func:`attnfast.attention`: scores, masking, softmax and weighted sum of values.
+
+    Same signature, validation, errors and semantics as :func:`attnfast.attention`, computed in float64
+    with the full (..., Lq, Lk) score matrix.
 
     Parameters
     ----------
     q : array_like, (..., Lq, D)
+        Queries: float64, float32, float16 or ml_dtypes.bfloat16. Leading axes are batch axes that
+        broadcast against k's and v's as in np.matmul; axis -3 is the head axis (Hq).
+        With ``block_table``: (B, Hq, Lq, D).
     k : array_like, (..., Lk, Dk)
+        Keys: float64, float32, float16 or ml_dtypes.bfloat16 (int8 with ``k_scale``). Batch axes broadcast
+        with q's; the head axis may divide q's (GQA/MQA: query head h reads kv head h // (Hq / Hk)), without
+        copying. Dk = D except for "general", "concat" and "additive".
     v : array_like, (..., Lk, Dv)
-        Batch axes broadcast; on the head axis (-3) the kv heads may divide the
-        query heads (GQA/MQA: query head h reads kv head h // (Hq/Hk)).
-    method, scale, w, w_q, w_k, v_a, score_bias
-        Score rule, as in :func:`scores`.
+        Values, the same batch and head layout as k (int8 with ``v_scale``).
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule: "dot" q_i . k_j; "scaled_dot" (q_i . k_j) * scale; "general" q_i W k_j (Luong);
+        "concat" w_q . q_i + w_k . k_j + b; "additive" v_a . tanh(W_q q_i + W_k k_j + b) (Bahdanau).
+    scale : float, optional
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise. Must be finite in
+        the computation dtype.
     mask : array_like of bool, optional
-        Broadcastable to (..., Lq, Lk); True = attend.
+        Broadcastable to (..., Lq, Lk); True = attend, False hides the key from that query.
     bias : array_like, optional
-        Added to the scores (after ``scale``); broadcastable to (..., Lq, Lk).
-    causal : bool
-        Key j visible to query i only when j <= diag_i = i + offset.
-    causal_align : {"top_left", "bottom_right"}
-        offset = 0 or Lk - Lq, or with ``kv_lengths`` kv_lengths[b] - Lq per
-        batch item (the last query sees key kv_lengths[b] - 1, as
-        flash_attn_with_kvcache aligns to cache_seqlens); also aligns
-        ``window`` and ALiBi.
-    window : (int or None, int or None), optional
-        (left, right): keys with diag_i - left <= j <= diag_i + right.
+        Added to the scores (after ``scale``, softcap and ALiBi); broadcastable to (..., Lq, Lk), any
+        floating or integer dtype (converted to the computation dtype). A -inf bias hides its key.
+    causal : bool, default False
+        Key j is visible to query i only when j <= diag_i (see ``causal_align``).
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        The diagonal that ``causal``, ``window`` and ``alibi_slopes`` use: diag_i = i ("top_left") or
+        i + Lk - Lq ("bottom_right": the last query sees the last key); with ``kv_lengths``,
+        "bottom_right" aligns each batch item to its own length, diag_i = i + kv_lengths[b] - Lq.
+    window : tuple of (int or None, int or None), optional
+        (left, right): only keys with diag_i - left <= j <= diag_i + right are visible; None leaves a side
+        unbounded, sides beyond Lq + Lk are unbounded too. Sides are ints >= 0.
     kv_lengths : array_like of int, optional
-        Broadcastable to the batch shape; only the first n keys are visible.
-        With ``block_table`` a (B,) array is one length per batch item.
-    return_lse, return_weights : bool
-        Also return the log-sum-exp (..., Lq) / the weights (..., Lq, Lk).
-        With sinks, lse includes them and the weights are those of the real
-        keys (rows sum to 1 - e^{sink - lse}).
+        Broadcastable to the batch shape (the leading axes of the result, aligned from the right as in
+        NumPy: one length per item of a (B, H) batch is (B, 1)); item b sees only its first kv_lengths[b]
+        keys, values in [0, Lk]. Keys past the length are never read. With ``block_table``: (B,), default
+        max_blocks * block_size.
+    return_lse : bool, default False
+        Also return the log-sum-exp of each row's scores, (..., Lq).
+    return_weights : bool, default False
+        Also return the weights (..., Lq, Lk).
     out : ndarray, optional
-        (..., Lq, Dv) array of the result dtype to write the output into.
-    softcap : float > 0, optional
-        s <- softcap * tanh(s / softcap), on the method's score (scale included).
+        (..., Lq, Dv) of any of the four floating dtypes to write the (once-rounded) result into.
+    w : array_like, (D, Dk), optional
+        The bilinear weight of "general" (required there, rejected elsewhere). This and the other method
+        weights may have any floating storage dtype or an integer dtype: they are converted to the
+        computation dtype.
+    w_q : array_like, optional
+        "concat": (D,), required. "additive": (A, D), or None when q is already projected (D = A).
+    w_k : array_like, optional
+        "concat": (Dk,), required. "additive": (A, Dk), or None when k is already projected (Dk = A).
+    v_a : array_like, (A,), optional
+        The output weights of "additive"; default ones.
+    score_bias : array_like, optional
+        "concat": a scalar (default 0); "additive": (A,) (default zeros), added inside the tanh.
+    softcap : float, optional
+        A cap c > 0 (Gemma 2): every score becomes c * tanh(s / c), applied to the method's score (scale
+        included) before ALiBi and bias.
     alibi_slopes : array_like, optional
-        Broadcastable to the batch shape (..., Hq): s <- s - slope * |diag_i - j|
-        (after softcap, before bias).
+        One slope per query head, broadcastable to the batch shape ((Hq,) or (B, Hq)); the score of key j
+        for query i loses slope * ``|diag_i - j|`` (MPT, BLOOM), after softcap, before bias.
     sinks : array_like, optional
-        Broadcastable to the batch shape: a logit per head that joins each
-        row's softmax denominator without a value:
-        out_i = sum_j e^{s_ij - m} v_j / (e^{sink - m} + sum_j e^{s_ij - m}),
-        lse_i = log(e^{sink} + sum_j e^{s_ij}); a row with no visible key has
-        out 0, weights 0 and lse = sink.
+        One logit per query head, broadcastable to the batch shape ((Hq,) or (B, Hq)), that joins each
+        row's softmax denominator without a value (attention sinks, gpt-oss).
     block_table : array_like of int, (B, max_blocks), optional
-        Paged caches: k, v are (num_blocks, Hk, block_size, D / Dv), q is
-        (B, Hq, Lq, D); key j of item b is k[block_table[b, j // block_size], :,
-        j % block_size].  Lk = max_blocks * block_size; only the entries an
-        item's kv_lengths reaches are validated and read.
+        Paged KV caches: k and v are then (num_blocks, Hk, block_size, D) and (num_blocks, Hk, block_size,
+        Dv), q is (B, Hq, Lq, D), and key j of item b is row j % block_size of block
+        block_table[b, j // block_size]; Lk = max_blocks * block_size. Only the entries an item's
+        kv_lengths reaches are validated and read. Methods "dot", "scaled_dot" and "general" only.
     k_scale, v_scale : array_like of float32, optional
-        int8 k and v: value = int8 * scale, one scale per row (broadcastable
-        to k.shape[:-1] / v.shape[:-1]; paged: (num_blocks, Hk, block_size)),
-        dequantised in float64.  q float32 (or 16-bit): a float32 result.
+        int8 KV caches (see :func:`attnfast.quantize_kv`): with int8 k and v, the key row is k * k_scale and
+        the value row v * v_scale, one scale per row, broadcastable to k.shape[:-1] / v.shape[:-1] (paged:
+        (num_blocks, Hk, block_size)). q must be float32 or 16-bit; the result is float32. Methods "dot",
+        "scaled_dot" and "general" only.
+    **unexpected
+        No other keyword argument is accepted: TypeError, naming attnfast's equivalent of a PyTorch,
+        flash-attn or JAX name (``is_causal``, ``attn_mask``, ``dim``...) or the closest accepted name.
 
     Returns
     -------
     out : ndarray, (..., Lq, Dv)
-        Or a tuple (out, lse), (out, weights) or (out, lse, weights).
+        In the result dtype (or ``out`` itself).
+    lse : ndarray, (..., Lq)
+        Only with ``return_lse=True``; float32 for a 16-bit result, else the result dtype.
+    weights : ndarray, (..., Lq, Lk)
+        Only with ``return_weights=True``, in the result dtype; returned as (out, lse, weights), each only
+        when asked for.
+
+    Raises
+    ------
+    TypeError
+        An array of a dtype attnfast does not compute with (integers for the floating inputs, complex,
+        float8, long double, object; a torch bfloat16 tensor, with how to pass it), a non-bool mask or flag,
+        a non-integer kv_lengths or window side, an unexpected keyword argument.
+    ValueError
+        Shapes that do not match or broadcast, an unknown method or causal_align, a method weight missing
+        or given to a method that does not take it, a scale that is not finite in the computation dtype,
+        window sides or kv_lengths out of range, or a result too large for one array. Every message names
+        the argument, what was received and what was expected.
+
+    See Also
+    --------
+    attnfast.attention
+
+    Notes
+    -----
+    Computed in float64 from the textbook formulas on the values as given (16-bit inputs converted
+    exactly) and rounded to nearest-even once into the result dtype; slow and obvious on purpose (it
+    materialises the full score matrix). The same validation as the kernel (:mod:`attnfast`), so the two
+    raise identical errors; the test suite holds every kernel to this function.
+
+    The rules the kernels reproduce: scores are s = (scale * q) . k for "dot", "scaled_dot" and "general"
+    (scale applied to q first, as the fused kernels do), saturated to +-inf beyond the computation dtype's
+    range; then softcap c tanh(s / c), ALiBi s - slope ``|diag_i - j|``, bias, and the masks. Hidden keys
+    (mask, causal, window, kv_lengths, a -inf bias or score) are selected away, so whatever their K and V
+    hold never reaches a row; a row with no visible key has out 0, weights 0 and lse -inf (the sink with
+    ``sinks``). A row whose maximum is +inf splits its weight evenly over its +inf scores and has lse
+    +inf. Paged and int8 caches are first turned into the float64 cache they describe (gathered through
+    ``block_table``, dequantised as int8 * scale). See :func:`attnfast.attention` for the full contract.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> q = np.zeros((1, 2))
+    >>> k = np.zeros((4, 2))
+    >>> v = np.arange(4.0).reshape(4, 1)
+    >>> out, weights = attnfast.reference.attention(q, k, v, kv_lengths=3, return_weights=True)
+    >>> print(out, weights)
+    [[1.]] [[0.33333333 0.33333333 0.33333333 0.        ]]
     """
     if unexpected:
         _inputs.reject_unexpected(attention, unexpected)
@@ -585,26 +763,48 @@ def _attention_from_args_checked(a: _inputs.AttentionArgs) -> AttentionOutput:
 
 
 def merge_states(outs: Sequence[ArrayLike], lses: Sequence[ArrayLike]) -> Tuple[Array, FloatArray]:
-    """Combine attention computed over disjoint key sets.
+    """Reference for :func:`attnfast.merge_states`: combine attention over disjoint key sets, in float64.
 
     Parameters
     ----------
     outs : sequence of array_like, each (..., Lq, Dv)
-        Normalised outputs of each part.
+        Normalised outputs of each part (float64, float32, float16 or ml_dtypes.bfloat16), one shape.
     lses : sequence of array_like, each (..., Lq)
-        Log-sum-exp of each part (-inf for a part with no visible key).
+        Log-sum-exp of each part (-inf for a row with no visible key in that part).
 
     Returns
     -------
     out : ndarray, (..., Lq, Dv)
         sum_i exp(lse_i - lse) * out_i; 0 where every part is empty.
     lse : ndarray, (..., Lq)
-        log(sum_i exp(lse_i)); -inf where every part is empty.
+        log(sum_i exp(lse_i)); -inf where every part is empty. float32 for a 16-bit out.
 
-    A NaN or inf in the out of a part whose lse is not -inf reaches the
-    result even when its weight exp(lse_i - lse) underflows to 0.  Where some
-    parts have lse +inf, they share the weight evenly, the others weigh 0
-    (times their out) and the merged lse is +inf, as in :func:`attention`.
+    Raises
+    ------
+    TypeError
+        A part of a dtype attnfast does not compute with, or outs / lses that are not lists or tuples.
+    ValueError
+        No parts, a different number of outs and lses, or parts whose shapes differ.
+
+    See Also
+    --------
+    attnfast.merge_states
+
+    Notes
+    -----
+    A NaN or inf in the out of a part whose lse is not -inf reaches the result even when its weight
+    exp(lse_i - lse) underflows to 0; an empty part contributes nothing whatever its out holds. Where some
+    parts have lse +inf, they share the weight evenly, the others weigh 0 and the merged lse is +inf, as
+    in :func:`attnfast.attention`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attnfast
+    >>> out, lse = attnfast.reference.merge_states([np.array([[1.0]]), np.array([[3.0]])],
+    ...                                            [np.array([0.0]), np.array([0.0])])
+    >>> print(out, lse.round(4))
+    [[2.]] [0.6931]
     """
     a = _inputs.check_merge_states(outs, lses)
     # The lses are stacked, the outs summed part by part: stacking them would add an axis, one too many

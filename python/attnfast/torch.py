@@ -518,18 +518,110 @@ def attention(
     softcap: Optional[Real] = None, alibi_slopes: Optional[TensorLike] = None, sinks: Optional[TensorLike] = None,
     **unexpected: Any,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Fused attention on CPU tensors, differentiable with respect to q, k, v, bias, the method weights
-    and sinks (softcap, alibi_slopes and sinks as in :func:`attnfast.attention`; alibi_slopes is not
-    differentiable).
+    """Fused attention on CPU tensors, differentiable (attnfast's fused forward and backward).
 
-    The arguments and results are those of :func:`attnfast.attention` (see its documentation and the
-    README: shapes, score methods, masks, GQA, dtypes and numerics), as ``torch.Tensor`` s on the CPU:
-    float64, float32, float16 or bfloat16 (mask: bool; kv_lengths: an integer dtype). Arrays and Python
-    numbers are accepted for the tensor arguments too. Returns ``out`` (..., Lq, Dv), or ``(out, lse)``
-    with ``return_lse=True``; lse is not differentiable. ``return_weights`` and ``out=`` are not offered.
+    The arguments and results are those of :func:`attnfast.attention` as ``torch.Tensor`` objects on the
+    CPU; arrays and Python numbers are accepted for the tensor arguments too. Nothing is copied: tensors,
+    strided ones included, are read through ``tensor.numpy()`` (bfloat16 through an int16 view) and the
+    results wrap NumPy's arrays with ``torch.from_numpy``.
 
-    Gradients come from :func:`attnfast.attention_backward` (GQA/MQA and broadcast inputs get theirs
-    summed over the shared axes). Works under ``torch.compile(fullgraph=True)``.
+    Parameters
+    ----------
+    q : torch.Tensor, (..., Lq, D)
+        Queries: float64, float32, float16 or bfloat16, on the CPU. Leading axes broadcast; axis -3 is
+        the head axis.
+    k : torch.Tensor, (..., Lk, Dk)
+        Keys, the same dtypes; the kv heads may divide the query heads (GQA/MQA).
+    v : torch.Tensor, (..., Lk, Dv)
+        Values.
+    method : {"scaled_dot", "dot", "general", "concat", "additive"}, default "scaled_dot"
+        The score rule, as in :func:`attnfast.attention`.
+    scale : float, optional
+        Multiplies every method's score; default 1/sqrt(D) for "scaled_dot", 1 otherwise.
+    mask : torch.Tensor of bool, optional
+        Broadcastable to (..., Lq, Lk); True = attend. Not differentiable.
+    bias : torch.Tensor, optional
+        Broadcastable to (..., Lq, Lk), added to the scores; differentiable.
+    causal : bool, default False
+        Key j visible to query i only when j <= diag_i.
+    causal_align : {"top_left", "bottom_right"}, default "top_left"
+        The diagonal of causal, window and ALiBi, as in :func:`attnfast.attention` (with kv_lengths,
+        bottom_right aligns each item to its own length).
+    window : tuple of (int or None, int or None), optional
+        (left, right) around the aligned diagonal; None for an unbounded side.
+    kv_lengths : torch.Tensor of int, optional
+        Broadcastable to the batch shape; item b sees its first kv_lengths[b] keys. Not differentiable.
+    w : torch.Tensor, (D, Dk), optional
+        The weight of "general"; differentiable.
+    w_q, w_k : torch.Tensor, optional
+        "concat": (D,) and (Dk,); "additive": (A, D) and (A, Dk), or None for inputs already projected.
+        Differentiable.
+    v_a : torch.Tensor, (A,), optional
+        The output weights of "additive" (default ones); differentiable.
+    score_bias : torch.Tensor, optional
+        "concat": a scalar; "additive": (A,); differentiable.
+    softcap : float, optional
+        A cap c > 0: s <- c * tanh(s / c).
+    alibi_slopes : torch.Tensor, optional
+        One slope per query head, broadcastable to the batch shape; not differentiable.
+    sinks : torch.Tensor, optional
+        One logit per query head, broadcastable to the batch shape, joining each row's denominator;
+        differentiable.
+    return_lse : bool, default False
+        Also return the log-sum-exp (..., Lq) (float32 for a 16-bit result); it is not differentiable.
+    **unexpected
+        No other keyword argument is accepted (``return_weights``, ``out`` and the paged / int8 cache
+        arguments are NumPy-only): TypeError, naming attnfast's equivalent of a PyTorch name
+        (``is_causal``, ``attn_mask``...) where there is one.
+
+    Returns
+    -------
+    out : torch.Tensor, (..., Lq, Dv)
+        In the promoted dtype of q, k, v; gradients flow to q, k, v, bias, the method weights and sinks
+        through :func:`attnfast.attention_backward` (broadcast inputs and shared kv heads get theirs
+        summed).
+    lse : torch.Tensor, (..., Lq)
+        Only with ``return_lse=True``.
+
+    Raises
+    ------
+    TypeError
+        A tensor on another device, a sparse tensor, a mask that requires grad, a dtype
+        attnfast does not compute with, a non-bool flag (and attnfast.attention's TypeErrors).
+    ValueError
+        attnfast.attention's ValueErrors (shapes, methods, windows, lengths); under ``torch.compile`` they
+        are raised at trace time, wrapped in Dynamo's ``TorchRuntimeError``.
+    NotImplementedError
+        Under ``torch.func`` transforms (grad, vmap): their wrapped tensors have no memory NumPy can view.
+
+    See Also
+    --------
+    attnfast.attention, attnfast.attention_backward
+
+    Notes
+    -----
+    The numerics are attnfast.attention's (float32 computation, float64 for float64 inputs, one rounding
+    into a 16-bit result). The work is two ``torch.library.custom_op`` operators, ``attnfast::attention``
+    and ``attnfast::attention_backward``, with fake implementations and ``register_autograd``, so the
+    function also runs under ``torch.compile(fullgraph=True)``; eager calls on plain tensors run the same
+    implementations through an ``autograd.Function``. ``return_weights``, ``out=``, paged and int8 caches
+    are NumPy-only, and there is no second derivative.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import attnfast.torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q = torch.randn(2, 4, 8, 16, generator=g, requires_grad=True)
+    >>> k = torch.randn(2, 4, 8, 16, generator=g, requires_grad=True)
+    >>> v = torch.randn(2, 4, 8, 16, generator=g, requires_grad=True)
+    >>> out = attnfast.torch.attention(q, k, v, causal=True)
+    >>> expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> bool(torch.allclose(out, expected, atol=1e-5))
+    True
+    >>> out.sum().backward()
+    >>> q.grad.shape, k.grad.shape
+    (torch.Size([2, 4, 8, 16]), torch.Size([2, 4, 8, 16]))
     """
     if unexpected:
         _inputs.reject_unexpected(attention, unexpected, "attnfast.torch.attention")

@@ -975,6 +975,9 @@ def test_fma_peak_above_the_spec_clock_gets_the_clock_that_explains_it(monkeypat
                                     [dict(sample, flops_per_s=2 * 64 * 2.4e9)])
     assert below["fma_implied_mhz"] is None
     assert "turbo" not in report.format_header(dict(rep, probes=below))
+    # A probe below the spec figure was disturbed: the spec figure counts, and the header says why.
+    assert below["fma_peak_flops_per_s"] == 2 * 64 * 2.5e9
+    assert "FMA probe below the spec figure (other processes busy?)" in report.format_header(dict(rep, probes=below))
 
 
 def test_text_report_has_the_legend_spread_and_labelled_probes(tiny_text):

@@ -975,6 +975,9 @@ def test_fma_peak_above_the_spec_clock_gets_the_clock_that_explains_it(monkeypat
                                     [dict(sample, flops_per_s=2 * 64 * 2.4e9)])
     assert below["fma_implied_mhz"] is None
     assert "turbo" not in report.format_header(dict(rep, probes=below))
+    # A probe below the spec figure was disturbed: the spec figure counts, and the header says why.
+    assert below["fma_peak_flops_per_s"] == 2 * 64 * 2.5e9
+    assert "FMA probe below the spec figure (other processes busy?)" in report.format_header(dict(rep, probes=below))
 
 
 def test_text_report_has_the_legend_spread_and_labelled_probes(tiny_text):
@@ -1061,14 +1064,14 @@ def test_compare_command_prints_the_ratios_and_the_unmatched(two_runs, capsys):
     pa, pb = two_runs
     assert cli.main(["--compare", pa, pb]) == 0
     out = capsys.readouterr().out
-    assert f"{pb}'s median / {pa}'s median (above 1: slower in {pb}" in out
-    assert "  differs  attnfast: " in out
+    assert out.startswith(f"A  {pa}\nB  {pb}\nratio = B's median / A's median (above 1: slower in B")
+    assert f"differs: attnfast: {pa} 0.1.0, {pb} 0.2.0" in out
     rows = [line.split() for line in out.splitlines() if line.rstrip().endswith(("1.500", "0.500", "0.250"))]
     assert rows == [["case", "1", "[float32]", "ATTNFAST", "2.00", "ms", "3.00", "ms", "1.500"],
                     ["NUMPY", "10.00", "ms", "5.00", "ms", "0.500"],  # the case is named on its first row
                     ["case", "2", "[float32]", "ATTNFAST", "4.00", "ms", "1.00", "ms", "0.250"]]
-    assert f"only in {pa} (not compared):\n  case 1 [float32] jax\n  case old [float32]" in out
-    assert f"only in {pb} (not compared):\n  case 1 [float32] torch\n  case new [float32]" in out
+    assert "only in A (not compared):\n  case 1 [float32] jax\n  case old [float32]" in out
+    assert "only in B (not compared):\n  case 1 [float32] torch\n  case new [float32]" in out
 
 
 def test_compare_matches_causal_runs_only_with_causal_runs(tmp_path):

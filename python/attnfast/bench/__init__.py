@@ -7,9 +7,10 @@ Modules, one purpose each:
 * :mod:`.peers`     attnfast, NumPy, PyTorch, ONNX Runtime and JAX behind one interface
 * :mod:`.timing`    interleaved warm-up / repeat / median timing
 * :mod:`.probes`    FMA-peak and read-bandwidth probes
-* :mod:`.memory`    peak-RSS measurement in a child process
+* :mod:`.memory`    peak-RSS measurement in a child process started with the run
 * :mod:`.runner`    runs everything and builds the report dict (the ``--json`` content)
-* :mod:`.report`    the text tables;  :mod:`.plot`  the PNG
+* :mod:`.report`    the text tables and their legend;  :mod:`.plot`  the PNG
+* :mod:`.compare`   ``--compare A.json B.json``: two saved reports side by side
 * :mod:`.backward`, :mod:`.backward_run`, :mod:`.backward_report`   ``--backward``: cases, run, text
 * :mod:`.serving`, :mod:`.serving_run`, :mod:`.serving_report`      ``--serving``: cases, run, text
 

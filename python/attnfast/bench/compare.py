@@ -129,9 +129,9 @@ def compare_reports(a: Dict[str, Any], b: Dict[str, Any], a_name: str = "A", b_n
 def format_comparison(cmp: Dict[str, Any], a_name: str = "A", b_name: str = "B") -> str:
     from .report import _fmt_time, _table
 
-    lines = [f"{b_name} vs {a_name}: ratio = {b_name}'s median / {a_name}'s median "
-             f"(above 1: slower in {b_name}, below 1: faster)"]
-    lines += [f"  differs  {n}" for n in cmp["notes"]]
+    lines = [f"A  {a_name}", f"B  {b_name}",
+             "ratio = B's median / A's median (above 1: slower in B, below 1: faster)"]
+    lines += [f"differs: {n}" for n in cmp["notes"]]
     if cmp["rows"]:
         table, previous = [], None
         for r in cmp["rows"]:
@@ -140,11 +140,11 @@ def format_comparison(cmp: Dict[str, Any], a_name: str = "A", b_name: str = "B")
                           r["label"] + (f" ({r['variant']})" if r["variant"] else ""),
                           _fmt_time(r["a_median_s"]), _fmt_time(r["b_median_s"]), f"{r['ratio']:.3f}"])
             previous = r["case"]
-        lines.append(_table(["case", "implementation", a_name, b_name, "ratio"], table))
+        lines.append(_table(["case", "implementation", "A", "B", "ratio"], table))
     else:
         lines.append("  no case and implementation is in both files")
     for side, items in ((a_name, cmp["only_a"]), (b_name, cmp["only_b"])):
         if items:
-            lines.append(f"only in {side} (not compared):")
+            lines.append(f"only in {'A' if side == a_name else 'B'} (not compared):")
             lines += [f"  {item}" for item in items]
     return "\n".join(lines)

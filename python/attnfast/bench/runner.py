@@ -116,6 +116,13 @@ def _summarise_peaks(cfg: RunConfig, facts: Dict[str, Any], samples: List[Dict[s
     note = None
     if best["source"].startswith("numpy") and theory["flops_per_s"]:
         used = max(used, theory["flops_per_s"])
+    elif theory["flops_per_s"] and used < theory["flops_per_s"]:
+        # The register-only loop reaches the spec figure or more (turbo) on idle cores; below it, other
+        # processes took cores from both probes (measured: 259 of 332 GFLOP/s at load 4, which put
+        # attnfast at "108% of peak"). The spec figure keeps '% peak' from flattering.
+        used = theory["flops_per_s"]
+        note = ("FMA probe below the spec figure (other processes busy?): '% peak' uses the spec figure; "
+                "timings of this run may be disturbed too")
     if theory["flops_per_s"] and best["flops_per_s"] < 0.5 * theory["flops_per_s"]:
         # Under half the spec sheet: other processes had the cores during both probes.
         used = theory["flops_per_s"]

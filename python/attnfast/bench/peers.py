@@ -616,8 +616,10 @@ def pin_threads(impls: Sequence[Impl], n: int) -> Dict[str, Optional[int]]:
     """
     try:
         from threadpoolctl import threadpool_limits
-        # Process-wide: BLAS used by NumPy and OpenMP runtimes (attnfast's, torch's) alike.
-        threadpool_limits(limits=n)
+        # BLAS used by NumPy and OpenMP runtimes (torch's, onnxruntime's). Not attnfast's own pool: its
+        # implementation sets that below, and a threadpoolctl limit on it would outlive the run.
+        for api in ("blas", "openmp"):
+            threadpool_limits(limits=n, user_api=api)
     except ImportError:
         pass
     counts: Dict[str, Optional[int]] = {}

@@ -616,7 +616,7 @@ def pin_threads(impls: Sequence[Impl], n: int) -> Dict[str, Optional[int]]:
     """
     try:
         from threadpoolctl import threadpool_limits
-        # Process-wide: BLAS used by NumPy and OpenMP runtimes (attnfast's, torch's) alike.
+        # Process-wide: BLAS used by NumPy, OpenMP runtimes (torch's) and attnfast's own pool alike.
         threadpool_limits(limits=n)
     except ImportError:
         pass

@@ -78,9 +78,6 @@ numpydoc_xref_param_type = False
 # (EX01); with -W a missing one fails the build.
 numpydoc_validation_checks = {"PR01", "PR02", "RT01", "EX01"}
 numpydoc_validation_exclude = {
-    # attnfast.dask (optional, documented here when importable) is checked for rendering like every
-    # page, but its docstrings are not held to the core API's parameter / example rules.
-    r"^attnfast\.dask\.",
     r"\.AttentionGrads\.",  # the named tuple's generated field accessors and methods
     r"\.AttentionGrads$",  # a NamedTuple: its fields are documented as Attributes
     r"\.show_config$",  # prints, returns nothing

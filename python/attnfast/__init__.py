@@ -159,8 +159,11 @@ def capabilities() -> Dict[str, Any]:
         ``"isa"`` (str): the SIMD target in use ("scalar", "avx2", "avx512", "avx512bf16" or "amx"; set
         ``ATTNFAST_ISA`` to choose one); ``"isas"`` (list of str): the targets this CPU and OS can run,
         best first; ``"compiled_isas"`` (list of str): the targets in this build; ``"threads"`` (int):
-        :func:`get_num_threads`; ``"version"`` (str); ``"compiler"`` (str); and the build's threading
-        details.
+        :func:`get_num_threads`; ``"default_threads"`` (int): the count before any
+        :func:`set_num_threads` or threadpoolctl limit; ``"default_threads_source"`` (str): where that
+        count comes from ("OMP_NUM_THREADS", "CPU affinity" or "hardware threads"); ``"thread_limit"``
+        (int or None): threadpoolctl's process-wide limit, None when there is none; ``"version"`` (str);
+        ``"compiler"`` (str).
 
     See Also
     --------

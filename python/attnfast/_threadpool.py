@@ -34,6 +34,10 @@ import ctypes
 import operator
 import sys
 import weakref
+from importlib.abc import Loader
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any, Optional, Sequence, SupportsIndex, cast
 
 _USER_API = "attnfast"
 _PREFIX = "_attnfast"  # the extension module's file name: _attnfast.cpython-311-x86_64-linux-gnu.so, ...
@@ -59,12 +63,12 @@ class ThreadCount(int):
         count.limit = limit
         return count
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[int], tuple[int]]:
         # A copy or another process gets the plain count: the limit belongs to this process' pool.
         return (int, (int(self),))
 
 
-def _functions(dynlib):
+def _functions(dynlib: ctypes.CDLL) -> ctypes.CDLL:
     """The module's C entry points with their signatures (ctypes' default is int(void))."""
     dynlib.attnfast_threadpool_num_threads.restype = ctypes.c_int
     dynlib.attnfast_threadpool_num_threads.argtypes = ()
@@ -77,10 +81,12 @@ def _functions(dynlib):
     return dynlib
 
 
-def _controller_class(threadpoolctl):
+def _controller_class(threadpoolctl: ModuleType) -> type[Any]:
     """The LibController subclass for this threadpoolctl module (defined here: it needs the base class)."""
 
-    class AttnfastController(threadpoolctl.LibController):
+    # The base class exists only at run time, in the module passed in (threadpoolctl has no annotations):
+    # no static type can name it.
+    class AttnfastController(threadpoolctl.LibController):  # type: ignore[name-defined, misc]
         """attnfast's task pool: a process-wide limit, restored exactly (see attnfast._threadpool)."""
 
         user_api = _USER_API
@@ -88,11 +94,11 @@ def _controller_class(threadpoolctl):
         filename_prefixes = (_PREFIX,)
         check_symbols = _SYMBOLS
 
-        def get_num_threads(self):
+        def get_num_threads(self) -> ThreadCount:
             lib = _functions(self.dynlib)
             return ThreadCount(lib.attnfast_threadpool_num_threads(), lib.attnfast_threadpool_get_limit())
 
-        def set_num_threads(self, num_threads):
+        def set_num_threads(self, num_threads: object) -> None:
             lib = _functions(self.dynlib)
             if isinstance(num_threads, ThreadCount):
                 lib.attnfast_threadpool_set_limit(num_threads.limit)
@@ -100,7 +106,8 @@ def _controller_class(threadpoolctl):
             try:
                 if isinstance(num_threads, bool):
                     raise TypeError
-                n = operator.index(num_threads)
+                # Whatever the user gave threadpool_limits: operator.index is the check (TypeError).
+                n = operator.index(cast(SupportsIndex, num_threads))
             except TypeError:
                 raise TypeError(
                     f"threadpoolctl's limit for attnfast must be an int, got {type(num_threads).__name__}"
@@ -112,21 +119,21 @@ def _controller_class(threadpoolctl):
                 )
             lib.attnfast_threadpool_set_limit(min(n, 65536))
 
-        def get_version(self):
+        def get_version(self) -> Optional[str]:
             # threadpoolctl calls this before it checks check_symbols: a file that merely shares the
             # prefix must not raise here (it is then dropped for lacking the symbols).
             if not all(hasattr(self.dynlib, name) for name in _SYMBOLS):
                 return None
-            version = _functions(self.dynlib).attnfast_threadpool_version()
+            version: Optional[bytes] = _functions(self.dynlib).attnfast_threadpool_version()
             return version.decode() if version else None
 
     return AttnfastController
 
 
-_registered = weakref.WeakSet()  # the threadpoolctl modules attnfast's controller is registered with
+_registered: weakref.WeakSet[ModuleType] = weakref.WeakSet()  # the threadpoolctl modules attnfast's controller is registered with
 
 
-def register(threadpoolctl) -> None:
+def register(threadpoolctl: ModuleType) -> None:
     """Registers attnfast's controller with this threadpoolctl module, once; never raises.
 
     threadpoolctl older than 3.0 has no custom controllers: attnfast is then simply not listed.
@@ -145,40 +152,45 @@ def register(threadpoolctl) -> None:
 class _RegisteringLoader:
     """Wraps threadpoolctl's loader for one import: runs it, then registers, then steps aside."""
 
-    def __init__(self, loader):
+    def __init__(self, loader: Loader) -> None:
         self._loader = loader
 
-    def create_module(self, spec):
+    def create_module(self, spec: ModuleSpec) -> Optional[ModuleType]:
         return self._loader.create_module(spec)
 
-    def exec_module(self, module):
+    def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         # The module should look as if imported normally.
         module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None:
+            spec.loader = self._loader
         if sys.modules.get("threadpoolctl") is module:  # an import, not a module made from a found spec
             _remove_finder()
         register(module)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
 
 
 class _Finder:
     """A sys.meta_path entry that answers only for threadpoolctl, with the real spec and a wrapped loader."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(
+        self, name: str, path: Optional[Sequence[str]] = None, target: Optional[ModuleType] = None
+    ) -> Optional[ModuleSpec]:
         if name != "threadpoolctl":
             return None
         for finder in sys.meta_path:
             find_spec = getattr(finder, "find_spec", None)
             if finder is self or find_spec is None:
                 continue
-            spec = find_spec(name, path, target)
+            spec: Optional[ModuleSpec] = find_spec(name, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _RegisteringLoader(spec.loader)
+                    # A Loader by the methods it has (and forwards), not by inheritance: inheriting
+                    # Loader's defaults would stop them from reaching the wrapped loader.
+                    spec.loader = cast(Loader, _RegisteringLoader(spec.loader))
                 return spec
         return None
 

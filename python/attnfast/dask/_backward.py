@@ -255,13 +255,13 @@ def _as_dask(name: str, x: Any) -> Any:
     if _is_dask(x):
         return x
     x = _inputs._asarray(name, x)
-    return da.from_array(x, chunks=tuple(max(n, 1) for n in x.shape) or ())  # type: ignore[no-untyped-call]
+    return da.from_array(x, chunks=tuple(max(n, 1) for n in x.shape) or ())
 
 
 def _result_array(graph: Any, name: str, chunks: Tuple[Tuple[int, ...], ...], dtype: np.dtype) -> Any:
     import dask.array as da
 
-    return da.Array(graph, name, chunks=chunks, dtype=dtype,  # type: ignore[no-untyped-call]
+    return da.Array(graph, name, chunks=chunks, dtype=dtype,
                     meta=np.empty((0,) * len(chunks), dtype))
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union, cast
 
 import dask.array as da
 import numpy as np
@@ -32,6 +32,9 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .. import _api, _inputs
 from . import _plan
+
+if TYPE_CHECKING:
+    from dask.typing import Key
 
 __all__ = ["attention"]
 
@@ -49,7 +52,7 @@ class _BlockSpec:
     """What a block task needs besides its chunks: the call's static keyword arguments and the
     block's local diagonal, window and kv_lengths."""
 
-    kwargs: dict  # method, scale, method weights, softcap (as the caller gave them, made concrete)
+    kwargs: Dict[str, Any]  # method, scale, method weights, softcap (as the caller gave them, made concrete)
     alibi_slopes: Optional[np.ndarray]
     kv_lengths: Optional[np.ndarray]
     causal: bool
@@ -69,7 +72,8 @@ def _block_state(q, k, v, mask, bias, k_scale, v_scale, spec: _BlockSpec):
     a = dataclasses.replace(a, dtype=a.compute, causal=spec.causal, diagonal_offset=spec.diagonal_offset,
                             diagonal_offsets=spec.diagonal_offsets, window_left=spec.window_left,
                             window_right=spec.window_right)
-    out, lse = _api.attention_from_args(a)
+    # return_lse=True and no weights: the (out, lse) pair, which attention_from_args's union cannot say.
+    out, lse = cast("Tuple[np.ndarray, np.ndarray]", _api.attention_from_args(a))
     return out, lse
 
 
@@ -124,7 +128,7 @@ def _predicted_dtypes(q, k, v) -> Optional[Tuple[np.dtype, np.dtype]]:
     return result, _inputs.compute_dtype(result)
 
 
-def _stand_ins(arrays: dict) -> dict:
+def _stand_ins(arrays: Dict[str, Any]) -> Dict[str, Any]:
     """Zero-stride stand-ins for the Dask arrays among q, k, v, mask, bias, k_scale, v_scale, in the
     dtype validation would convert each to (the conversion of a stand-in would allocate its full size);
     NumPy arrays and other values as given."""
@@ -362,7 +366,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     return _build(a, lazy, small, method)
 
 
-def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
+def _build(a: _inputs.AttentionArgs, x: Dict[str, Any], small: Dict[str, Any], method: str):
     """The graph of a validated call (``a`` from stand-ins; ``x`` the inputs, Dask or NumPy)."""
     batch = a.batch_shape
     nb = len(batch)
@@ -412,7 +416,7 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
 
     # Each input's chunk index: its batch axes' (cached per batch block), then per trailing axis the
     # query chunk ("q"), the key chunk ("k") or 0 (a broadcast or a feature axis).
-    tails = {}
+    tails: Dict[str, Tuple[Union[str, int], ...]] = {}
     for name, arr in laid.items():
         n_tail = arr.ndim - len(lead_shapes[name])
         if name == "q":
@@ -422,7 +426,7 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
         else:  # mask, bias: (Lq, Lk) or (Lk,); the scales: (Lk,)
             axes = ("q", "k")[2 - n_tail:] if name in ("mask", "bias") else ("k",)[1 - n_tail:]
             tails[name] = tuple(0 if size == 1 else axis for axis, size in zip(axes, arr.shape[arr.ndim - n_tail:]))
-    prefixes = {}
+    prefixes: Dict[Tuple[str, Tuple[int, ...]], Tuple[Any, ...]] = {}
 
     def chunk_key(name, batch_index, qi, ki):
         """The key of input ``name``'s chunk for an output batch block, query and key chunk."""
@@ -441,7 +445,9 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
     out_name, lse_name = f"attnfast-attention-{token}", f"attnfast-attention-lse-{token}"
     kwargs = {name: small[name] for name in ("scale", "w", "w_q", "w_k", "v_a", "score_bias", "softcap")}
     kwargs["method"] = method
-    dsk, out_dsk, lse_dsk = {}, {}, {}
+    dsk: Dict[Key, Any] = {}
+    out_dsk: Dict[Key, Any] = {}
+    lse_dsk: Dict[Key, Any] = {}
     for block in plan.blocks:
         index = block.index
         leaves = []

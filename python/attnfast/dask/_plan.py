@@ -36,10 +36,12 @@ scheduler; the backward uses the same tree for its sums over blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 from itertools import product
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["Chunks", "KeyBlock", "OutputBlock", "Plan", "plan_blocks", "boundaries", "widen_to_groups",
            "merge_levels", "visible_items"]
@@ -139,8 +141,9 @@ def merge_levels(n: int) -> List[List[Tuple[int, ...]]]:
     return levels
 
 
-def visible_items(q0: int, q1: int, k0: int, k1: int, *, causal: bool, offsets: np.ndarray,
-                  window_left: int, window_right: int, kv_lengths: Optional[np.ndarray]) -> np.ndarray:
+def visible_items(q0: npt.ArrayLike, q1: npt.ArrayLike, k0: npt.ArrayLike, k1: npt.ArrayLike, *, causal: bool,
+                  offsets: npt.ArrayLike, window_left: int, window_right: int,
+                  kv_lengths: Optional[npt.ArrayLike]) -> np.ndarray:
     """Per batch item, whether any key of [k0, k1) is visible to any query of [q0, q1).
 
     Parameters
@@ -188,13 +191,13 @@ def visible_items(q0: int, q1: int, k0: int, k1: int, *, causal: bool, offsets: 
         candidates.append(k0 - lower_shift)
     if upper_shift is not None:
         candidates.append(cap - upper_shift)
-    best = None
+    rooms = []
     for c in candidates:
         i = np.minimum(np.maximum(c, q0), last)
         a = k0 if lower_shift is None else np.maximum(k0, i + lower_shift)
         b = cap if upper_shift is None else np.minimum(cap, i + upper_shift)
-        room = b - a
-        best = room if best is None else np.maximum(best, room)
+        rooms.append(b - a)
+    best = reduce(np.maximum, rooms)  # candidates holds at least the two ends
     shape = np.broadcast_shapes(q0.shape, q1.shape, k0.shape, k1.shape, offsets.shape, np.shape(lengths))
     return np.broadcast_to((best >= 0) & (q1 > q0) & (k1 > k0), shape)
 
@@ -360,15 +363,15 @@ def plan_blocks(batch_chunks: Sequence[Sequence[int]], query_chunks: Sequence[in
     >>> plan.blocks[1].keys[0].diagonal_offset  # query chunk 1 against key chunk 0: 0 + 2 - 0
     2
     """
-    batch_chunks = tuple(tuple(int(c) for c in axis) for axis in batch_chunks)
+    batch_tuples: Tuple[Chunks, ...] = tuple(tuple(int(c) for c in axis) for axis in batch_chunks)
     query_chunks = tuple(int(c) for c in query_chunks)
     key_chunks = tuple(int(c) for c in key_chunks)
     for name, sizes in [("query_chunks", query_chunks), ("key_chunks", key_chunks)] + \
-            [(f"batch_chunks[{i}]", c) for i, c in enumerate(batch_chunks)]:
+            [(f"batch_chunks[{i}]", c) for i, c in enumerate(batch_tuples)]:
         if any(c < 0 for c in sizes):
             raise ValueError(f"{name} must hold chunk sizes >= 0; got {sizes}")
-    nb = len(batch_chunks)
-    batch_bounds = [boundaries(c) for c in batch_chunks]
+    nb = len(batch_tuples)
+    batch_bounds = [boundaries(c) for c in batch_tuples]
     query_bounds, key_bounds = boundaries(query_chunks), boundaries(key_chunks)
     offsets = _as_batch(diagonal_offsets, nb)
     lengths = _as_batch(kv_lengths, nb)
@@ -412,5 +415,5 @@ def plan_blocks(batch_chunks: Sequence[Sequence[int]], query_chunks: Sequence[in
                 ))
             blocks.append(OutputBlock(batch_index=tuple(batch_index), batch_slices=slices, query_index=qi,
                                       q0=q0, q1=q1, keys=tuple(keys)))
-    return Plan(batch_chunks=batch_chunks, query_chunks=query_chunks, key_chunks=key_chunks,
+    return Plan(batch_chunks=batch_tuples, query_chunks=query_chunks, key_chunks=key_chunks,
                 batch_bounds=batch_bounds, query_bounds=query_bounds, key_bounds=key_bounds, blocks=blocks)

@@ -1,9 +1,9 @@
 """Threads as a resource: what attnfast does when the OS refuses a thread, when the interpreter exits
 while a daemon thread is inside a call, and which thread limits apply to which Python thread.
 
-Thread-limit semantics (README, "Threads"): ``attnfast.set_num_threads(n)`` is process-wide; the
-OpenMP default it is capped by follows OpenMP, so ``OMP_NUM_THREADS`` applies to every thread while
-``threadpoolctl.threadpool_limits`` (``omp_set_num_threads``) limits only the thread that entered it.
+Thread-limit semantics (README, "Threads"): the default (``OMP_NUM_THREADS``, else the affinity mask),
+``attnfast.set_num_threads(n)`` and ``threadpoolctl.threadpool_limits`` are all process-wide: a limit
+set in one Python thread applies to calls from every thread (tests/test_threadpool.py has the rest).
 
 Scenarios that change the process (resource limits, interpreter exit, environment) run in a fresh
 interpreter; no test measures speed.
@@ -286,8 +286,7 @@ def test_forked_child_calls_and_exits_while_parent_threads_are_inside_calls():
 # --------------------------------------------------------------------------
 
 
-# In a fresh interpreter with OMP_NUM_THREADS=3, so that every thread's OpenMP limit starts at a known
-# value other than 1 (an earlier test of this process may have left threadpoolctl's limit on this one).
+# In a fresh interpreter with OMP_NUM_THREADS=3, so that the default is a known value other than 1.
 THREAD_LIMITS = """
 import json, threading
 import attnfast
@@ -324,13 +323,14 @@ print(json.dumps(seen))
 def test_which_thread_limits_apply_to_which_thread():
     pytest.importorskip("threadpoolctl", reason="installed by the test extra")
     seen = run_json(THREAD_LIMITS, env={"OMP_NUM_THREADS": "3"})
-    # [this thread, another thread]: set_num_threads is process-wide, whichever thread calls it;
-    # threadpoolctl's OpenMP limit (omp_set_num_threads) is the calling thread's own, as OpenMP defines.
+    # [this thread, another thread]: set_num_threads and threadpoolctl's limit are process-wide,
+    # whichever thread sets them. (In "in the other thread", this thread's value is read before the other
+    # thread enters its block.)
     assert seen == {
         "default": [3, 3],
         "set_num_threads(2)": [2, 2],
         "set_num_threads(1) in the other thread": [1, 1],
-        "threadpool_limits(1)": [1, 3],
+        "threadpool_limits(1)": [1, 1],
         "threadpool_limits(1) in the other thread": [3, 1],
         "both": [1, 1],
     }
@@ -383,5 +383,5 @@ def test_set_num_threads_accepts_integer_types_and_the_cap(default_threads):
     default = attnfast.get_num_threads()
     attnfast.set_num_threads(np.int64(1))
     assert attnfast.get_num_threads() == 1
-    attnfast.set_num_threads(65536)  # only lowers the OpenMP default, never raises it
+    attnfast.set_num_threads(65536)  # only lowers the default, never raises it
     assert attnfast.get_num_threads() == default

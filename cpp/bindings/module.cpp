@@ -727,6 +727,17 @@ PYBIND11_MODULE(_attnfast, m) {
   m.attr("__version__") = ATTNFAST_VERSION;
   m.attr("compiler") = ATTNFAST_COMPILER;
   py::module_::import("atexit").attr("register")(py::cpp_function(&attnfast::bindings::close_exit_gate));
+  // First uses that run Python code or release the GIL happen here, on the importing thread: pybind11's
+  // NumPy API table (set up with the GIL released and retaken in a destructor) and the dtype and type
+  // lookups (Python calls). Left to a kernel call's first use, one could run in a daemon thread while
+  // the interpreter exits, where retaking the GIL ends the thread with pthread_exit: its forced
+  // unwinding out of that destructor aborts the process ("terminate called without an active
+  // exception"), which the exit gate (gil.h) cannot prevent, being for the GIL around kernels only.
+  (void)py::dtype::of<float>();
+  (void)float16_dtype();
+  (void)bfloat16_dtype();
+  (void)is_exact_ndarray(py::none());
+  (void)attnfast::default_num_threads();  // OMP_NUM_THREADS and the affinity mask, read at import
 
   m.def("scores_dot", [](const py::array& q, const py::array& k, py::array& out, const Shape& batch, double scale) {
     with_storage(q, "q", [&](auto types) {
@@ -832,7 +843,10 @@ PYBIND11_MODULE(_attnfast, m) {
   // Range-checked by attnfast.set_num_threads, the public function.
   m.def("set_num_threads", &attnfast::set_num_threads);
   m.attr("max_threads") = attnfast::kMaxThreads;
-  m.def("openmp", &attnfast::openmp_enabled);
+  m.def("default_num_threads", &attnfast::default_num_threads);
+  m.def("default_threads_source", [] { return std::string(attnfast::default_threads_source()); });
+  m.def("default_threads_problem", &attnfast::default_threads_problem);
+  m.def("thread_limit", &attnfast::get_thread_limit);
 
   m.def(
       "probe_fma_peak",

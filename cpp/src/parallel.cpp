@@ -1,8 +1,9 @@
 // A small persistent thread pool for run_parallel (see attnfast/parallel.h). Written by hand because the
 // property that matters here, "the caller never waits for a thread that has not started", is what
 // OpenMP's fork-join barrier cannot give: on a shared, loaded machine an OpenMP region waits for every
-// team thread to be scheduled, which costs milliseconds on calls that need microseconds. OpenMP still
-// provides the default thread count (threads.cpp), so OMP_NUM_THREADS and threadpoolctl apply.
+// team thread to be scheduled, which costs milliseconds on calls that need microseconds. No OpenMP
+// runtime is linked at all: threads.cpp reads OMP_NUM_THREADS and the affinity mask for the default count,
+// and threadpoolctl limits the pool through python/attnfast/_threadpool.py.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>

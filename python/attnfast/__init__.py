@@ -1,6 +1,6 @@
 """attnfast: fast attention kernels for NumPy.
 
-The three stages of attention, each a SIMD + OpenMP kernel, and a fused attention that never builds the
+The three stages of attention, each a multi-threaded SIMD kernel, and a fused attention that never builds the
 Lq x Lk score matrix::
 
     scores(q, k, method=...)   -> (..., Lq, Lk)     dot, scaled_dot, general, concat, additive
@@ -24,6 +24,7 @@ import operator
 import warnings
 
 from . import _attnfast as _core
+from . import _threadpool
 from ._quantize import quantize_kv
 from . import reference
 from ._api import aggregate, attention, attention_backward, merge_states, scores, softmax
@@ -52,16 +53,23 @@ __all__ = [
 
 if _core.isa_problem():
     warnings.warn(f"{_core.isa_problem()}; using {_core.isa()} instead", RuntimeWarning, stacklevel=2)
+if _core.default_threads_problem():
+    warnings.warn(_core.default_threads_problem(), RuntimeWarning, stacklevel=2)
+
+# threadpoolctl.threadpool_info() / threadpool_limits() see attnfast's pool (without importing threadpoolctl).
+_threadpool.install()
 
 
 def set_num_threads(n: int) -> None:
     """Use at most ``n`` threads in attnfast's kernels; ``n = 0`` restores the default.
 
-    The setting is process-wide: it applies to calls from every Python thread, now and later. The
-    OpenMP limit still caps it, and that one is per thread, as OpenMP defines it: ``OMP_NUM_THREADS``
-    applies everywhere, but ``threadpoolctl.threadpool_limits`` (``omp_set_num_threads``) only limits
-    calls made from the thread that set it. Calling this also lets attnfast try again to start threads
-    the operating system refused earlier. Results are bitwise identical for any thread count.
+    The setting is process-wide: it applies to calls from every Python thread, now and later, whichever
+    thread set it. It only lowers the default (``OMP_NUM_THREADS`` if set to a valid count, else the
+    CPUs this process may run on, read when attnfast is imported). ``threadpoolctl.threadpool_limits``
+    is a separate process-wide limit that caps this choice without changing it, and leaving its
+    ``with`` block restores the state before it exactly. Calling this also lets attnfast try again to
+    start threads the operating system refused earlier. Results are bitwise identical for any thread
+    count.
     """
     try:
         # bool is an int but a flag, not a count; an ndarray has __index__, but only a 0-d integer one
@@ -85,7 +93,10 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads attnfast's kernels use for a call made now from this Python thread.
+    """The number of threads attnfast's kernels use for a call made now, from any Python thread.
+
+    The smallest of the default, ``set_num_threads``' choice and threadpoolctl's limit (all three are
+    process-wide).
 
     Starts the threads it counts; if the operating system refuses one, reports how many there are and
     warns once (RuntimeWarning).
@@ -100,7 +111,11 @@ def capabilities() -> dict:
         "isas": list(_core.usable_isas()),
         "compiled_isas": list(_core.compiled_isas()),
         "threads": _core.get_num_threads(),
-        "openmp": bool(_core.openmp()),
+        # Where the default count comes from: "OMP_NUM_THREADS", "CPU affinity" or "hardware threads".
+        # No OpenMP runtime is involved (the kernels run on attnfast's own pool).
+        "default_threads": _core.default_num_threads(),
+        "default_threads_source": _core.default_threads_source(),
+        "thread_limit": _core.thread_limit() or None,  # threadpoolctl's, None when not limited
         "version": __version__,
         "compiler": _core.compiler,
     }
@@ -117,8 +132,9 @@ def show_config() -> None:
     print(f"  SIMD target in use : {caps['isa']}")
     print(f"  usable here        : {', '.join(caps['isas'])}")
     print(f"  compiled in        : {', '.join(caps['compiled_isas'])}")
-    default = "OpenMP's default" if caps["openmp"] else "hardware threads"
-    print(f"  threads            : {caps['threads']} (attnfast's task pool; default: {default})")
+    limit = f"; threadpoolctl limit {caps['thread_limit']}" if caps["thread_limit"] else ""
+    print(f"  threads            : {caps['threads']} (attnfast's task pool; default "
+          f"{caps['default_threads']}, from {caps['default_threads_source']}{limit})")
     print(f"  compiler           : {caps['compiler']}")
     print(f"  python / numpy     : {platform.python_version()} / {np.__version__}")
     print("  force a target with ATTNFAST_ISA=scalar|avx2|avx512")

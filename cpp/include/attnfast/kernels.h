@@ -91,14 +91,20 @@ bool set_active_target(const std::string& name);
 // Value of ATTNFAST_ISA that could not be honoured ("" if none): reported as a warning by Python.
 std::string target_request_problem();
 
-// Threads used by the kernels (run on the pool of attnfast/parallel.h): the OpenMP default of the
-// calling thread, which threadpoolctl and OMP_NUM_THREADS control, lowered by set_num_threads(n) when
-// n > 0 (for every thread of the process), at most kMaxThreads, and at most what the pool could start:
-// get_num_threads starts the workers it counts, and reports fewer if the OS refused one
-// (attnfast/parallel.h). set_num_threads also lets the pool try again to start refused workers.
+// Threads used by the kernels (run on the pool of attnfast/parallel.h), the same for every thread of
+// the process: the default (OMP_NUM_THREADS if valid, else the CPUs of the affinity mask), lowered by
+// set_num_threads(n) and by set_thread_limit(n) (threadpoolctl's) when n > 0, at most kMaxThreads
+// (cpp/src/threads.cpp). configured_num_threads is that count; get_num_threads also starts the workers it
+// counts, and reports fewer if the OS refused one (attnfast/parallel.h). set_num_threads also lets the
+// pool try again to start refused workers.
 constexpr int kMaxThreads = 65536;
+int default_num_threads();
+const char* default_threads_source();  // "OMP_NUM_THREADS", "CPU affinity" or "hardware threads"
+std::string default_threads_problem();  // why OMP_NUM_THREADS was ignored, "" if it was not
+int configured_num_threads();
 int get_num_threads();
 void set_num_threads(int n);
-bool openmp_enabled();
+int get_thread_limit();  // 0: no limit
+void set_thread_limit(int n);
 
 }  // namespace attnfast

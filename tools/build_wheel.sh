@@ -63,14 +63,13 @@ export ZIG_GLOBAL_CACHE_DIR=${ZIG_GLOBAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cac
 
 echo "-- pip wheel (zig c++ -target x86_64-linux-gnu.$glibc)"
 # A fresh build directory: the source tree's build/{wheel_tag} may hold a CMake cache made with
-# another compiler. OpenMP is off: zig ships no libomp, and the wheel must not depend on libgomp.
+# another compiler. (No OpenMP: the module links no OpenMP runtime, see CMakeLists.txt.)
 # Hidden visibility for every target (pybind11 hides only the module's own sources, not the SIMD
 # targets' object libraries): the module exports PyInit and pybind11's exception types, not ~1900
 # kernel template instances.
 CC="$work/bin/zig-cc" CXX="$work/bin/zig-c++" \
   "$py" -m pip wheel "$repo" --no-deps --quiet -w "$work/dist" \
   --config-settings=build-dir="$work/build" \
-  --config-settings=cmake.define.CMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON \
   --config-settings=cmake.define.CMAKE_CXX_VISIBILITY_PRESET=hidden \
   --config-settings=cmake.define.CMAKE_VISIBILITY_INLINES_HIDDEN=ON
 built=$(date +%s)

@@ -41,7 +41,7 @@ export ZIG_GLOBAL_CACHE_DIR=${ZIG_GLOBAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cac
 # The host's Python headers stand in for the target's (the same CPython version; pyconfig.h differs
 # between x86-64 and aarch64 Linux only in facts both share: LP64, little-endian).
 cmake -S "$repo" -B "$work/build" -G Ninja -DCMAKE_TOOLCHAIN_FILE="$work/aarch64.cmake" \
-  -DCMAKE_BUILD_TYPE=Release -DSKBUILD_PROJECT_VERSION=0.0.0+aarch64 -DCMAKE_DISABLE_FIND_PACKAGE_OpenMP=ON \
+  -DCMAKE_BUILD_TYPE=Release -DSKBUILD_PROJECT_VERSION=0.0.0+aarch64 \
   -DPython_EXECUTABLE="$("$py" -c 'import sys; print(sys.executable)')" \
   -DPython_INCLUDE_DIR="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
   -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" > "$work/configure.log" \

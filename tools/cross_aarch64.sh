@@ -24,9 +24,11 @@ else
   "$work/tools/bin/python" -m pip install --quiet "ziglang==0.17.1"
   zpy="$work/tools/bin/python"
 fi
+# -O0 last, so it overrides the build's -O3: every object is still compiled to aarch64 code (any x86
+# intrinsic or builtin fails as at -O3), in a fraction of the optimiser's time.
 cat > "$work/zig-c++" <<EOF
 #!/bin/sh
-exec "$zpy" -m ziglang c++ -target aarch64-linux-gnu "\$@"
+exec "$zpy" -m ziglang c++ -target aarch64-linux-gnu "\$@" -O0
 EOF
 chmod +x "$work/zig-c++"
 cat > "$work/aarch64.cmake" <<EOF

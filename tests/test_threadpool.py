@@ -27,6 +27,7 @@ import pytest
 
 import attnfast
 from attnfast import _attnfast as _core
+from attnfast import _threadpool
 
 threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl is in the test extra")
 
@@ -58,11 +59,17 @@ def attnfast_info(controller=None):
 
 @pytest.fixture(autouse=True)
 def default_settings():
+    # Code run earlier in this process may have left a limit on purpose (a plain threadpool_limits(n)
+    # call, as the benchmark's thread pinning makes): set it aside, and put it back afterwards.
+    controller = threadpoolctl.ThreadpoolController().select(user_api="attnfast").lib_controllers[0]
+    saved = controller.get_num_threads()
+    controller.set_num_threads(_threadpool.ThreadCount(0, limit=0))
     attnfast.set_num_threads(0)
-    assert _core.thread_limit() == 0, "an earlier test left a threadpoolctl limit"
     yield
     attnfast.set_num_threads(0)
-    assert _core.thread_limit() == 0
+    assert _core.thread_limit() == 0, "the test left a threadpoolctl limit"
+    controller.set_num_threads(saved)
+    assert _core.thread_limit() == saved.limit
 
 
 # --------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.compare:
         return _main_compare(parser, args)
     _reexec_with_quiet_blas()
-    if args.plot:
+    if args.plot and not (args.serving or args.backward):  # those two reject --plot below
         from .plot import have_matplotlib
         if not have_matplotlib():
             parser.error("--plot needs matplotlib: pip install matplotlib")

@@ -674,7 +674,7 @@ def default_memory_limit(p: Problem, quick: bool) -> int:
 
 # ---------------------------------------------------------------------------------------- case c
 
-def case_c(quick: bool, worker_counts: Sequence[int]) -> dict:
+def case_c(quick: bool, worker_counts: Sequence[int], problem=None) -> dict:
     import dask.array as da
     from distributed import get_task_stream, wait
 
@@ -685,7 +685,7 @@ def case_c(quick: bool, worker_counts: Sequence[int]) -> dict:
           f"chunk j generated on worker j and the query chunk on worker 0; {cores} cores shared by the workers")
     rows = []
     for n in worker_counts:
-        p = case_c_problem(n, quick)
+        p = (problem or case_c_problem)(n, quick)
         with local_cluster(n) as (cluster, client):
             workers = sorted(client.scheduler_info()["workers"])
 

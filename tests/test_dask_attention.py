@@ -20,11 +20,14 @@ import time
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 da = pytest.importorskip("dask.array")
 dask = pytest.importorskip("dask")
 
 import attnfast  # noqa: E402
+from attnfast import reference  # noqa: E402
 import attnfast.dask as ad  # noqa: E402
 from attnfast.dask import _forward  # noqa: E402
 
@@ -101,6 +104,46 @@ def test_chunkings_along_every_axis(rng, chunking, causal):
     got, _, _ = compare(q, k, v, cq, ckv, causal=causal, causal_align="bottom_right")
     out = got[0]
     assert out.chunks[:3] == lazy(q, cq).chunks[:3] and out.chunks[3] == (16,)
+
+
+def _chunks(draw, n):
+    """Random Dask chunk sizes of an axis of length n."""
+    if n == 0:
+        return (0,)
+    cuts = draw(st.sets(st.integers(1, n - 1), max_size=3)) if n > 1 else set()
+    edges = [0, *sorted(cuts), n]
+    return tuple(b - a for a, b in zip(edges[:-1], edges[1:]))
+
+
+@st.composite
+def chunked_calls(draw):
+    b, hk = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h = hk * draw(st.integers(1, 2))
+    lq, lk = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    kw = {"causal": draw(st.booleans()), "causal_align": draw(st.sampled_from(["top_left", "bottom_right"]))}
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.none() | st.integers(0, 6)), draw(st.none() | st.integers(0, 6)))
+    if draw(st.booleans()):
+        kw["kv_lengths"] = np.array(draw(st.lists(st.integers(0, lk), min_size=b, max_size=b)))[:, None]
+    chunks_q = (_chunks(draw, b), _chunks(draw, h), _chunks(draw, lq), 8)
+    chunks_kv = (_chunks(draw, b), _chunks(draw, hk), _chunks(draw, lk), 8)
+    return (b, h, hk, lq, lk), chunks_q, chunks_kv, kw, draw(st.integers(0, 2**32 - 1))
+
+
+@given(chunked_calls())
+def test_any_chunking_and_visibility_matches_attention(call):
+    (b, h, hk, lq, lk), chunks_q, chunks_kv, kw, seed = call
+    q, k, v = qkv(np.random.default_rng(seed), batch=(b, h), kv_batch=(b, hk), lq=lq, lk=lk, d=8)
+    got, _, _ = compare(q, k, v, chunks_q, chunks_kv, **kw)
+    # One block task per (output block, key chunk) pair in which some key is visible to some query.
+    vis = reference._visibility(attnfast._inputs.check_attention(q, k, v, **kw))
+    vis = np.broadcast_to(vis, (b, h, lq, lk))
+    ob, oh, oq = (np.cumsum((0,) + c) for c in got[0].chunks[:3])
+    ok = np.cumsum((0,) + lazy(k, chunks_kv).chunks[2])
+    expected = sum(bool(vis[ob[i]:ob[i + 1], oh[j]:oh[j + 1], oq[m]:oq[m + 1], ok[n]:ok[n + 1]].any())
+                   for i in range(len(ob) - 1) for j in range(len(oh) - 1) for m in range(len(oq) - 1)
+                   for n in range(len(ok) - 1))
+    assert block_tasks(got[0]) == expected
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, BF16], ids=["float64", "float16", "bfloat16"])

@@ -145,7 +145,7 @@ def _stand_ins(arrays: dict) -> dict:
     return given
 
 
-def _concrete(name: str, x: Any) -> Any:
+def _concrete(x: Any) -> Any:
     """A small argument (kv_lengths, slopes, sinks, weights, scale) given as a Dask array, computed."""
     return np.asarray(x.compute()) if isinstance(x, da.Array) else x
 
@@ -161,13 +161,6 @@ def _check_known_chunks(name: str, x: Any) -> None:
 # --------------------------------------------------------------------------
 # Chunk layout
 # --------------------------------------------------------------------------
-
-
-def _batch_part(shape: Tuple[int, ...], trailing: int, nb: int) -> Tuple[int, ...]:
-    """The batch axes of an array of ``shape`` with ``trailing`` non-batch axes, left-padded with 1 to
-    ``nb`` axes (batch axes align from the right)."""
-    lead = tuple(shape[:len(shape) - trailing])
-    return (1,) * (nb - len(lead)) + lead
 
 
 def _output_batch_chunks(q, k, v, batch, kv_heads: int, group: int):
@@ -342,7 +335,7 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
     for name, x in arrays.items():
         _check_known_chunks(name, x)
     # Small arguments: concrete now (kv_lengths decides which blocks exist; the rest go into every task).
-    small = {name: _concrete(name, x) for name, x in dict(
+    small = {name: _concrete(x) for name, x in dict(
         scale=scale, kv_lengths=kv_lengths, w=w, w_q=w_q, w_k=w_k, v_a=v_a, score_bias=score_bias,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks).items()}
     given = _stand_ins(arrays)

@@ -240,15 +240,19 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True, name="bench-rss-sampler")
         import psutil
         self.proc, self.worker, self.period = psutil.Process(), dask_worker, period
-        self.peak, self.samples, self.paused_samples = 0, 0, 0
+        self.peak, self.samples, self.paused = 0, 0, 0.0
         self.stop_event = threading.Event()
 
     def run(self):
+        last = time.monotonic()
         while not self.stop_event.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
             self.samples += 1
+            now = time.monotonic()
+            # distributed pauses a worker (no new tasks) above 80% of its memory_limit
             if str(getattr(self.worker, "status", "")).endswith("paused"):
-                self.paused_samples += 1
+                self.paused += now - last
+            last = now
             self.stop_event.wait(self.period)
 
 
@@ -259,11 +263,12 @@ def start_sampler(dask_worker, period=0.005):
 
 
 def stop_sampler(dask_worker):
-    sampler = dask_worker._bench_sampler
+    sampler = getattr(dask_worker, "_bench_sampler", None)
+    if sampler is None:  # a worker process started after the sampler was (a restart)
+        return None
     sampler.stop_event.set()
     sampler.join()
-    return {"peak_rss": sampler.peak, "samples": sampler.samples,
-            "paused_seconds": sampler.paused_samples * sampler.period}
+    return {"peak_rss": sampler.peak, "samples": sampler.samples, "paused_seconds": sampler.paused}
 
 
 def removed_workers(client, since: float) -> List[dict]:
@@ -492,11 +497,10 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict:
     return {"bitwise_identical": same, "max_abs_diff": diff}
 
 
-def case_a(quick: bool, repeats: int) -> dict:
+def case_a(p: Problem, repeats: int) -> dict:
     import attnfast.dask as ad
     from distributed import wait
 
-    p = case_a_problem(quick)
     print(f"\n(a) throughput: {p.label()}; LocalCluster 2 processes x 1 thread against one in-process "
           f"attnfast.attention on 2 threads, taking turns, {repeats} repeats")
     q, k, v = numpy_inputs(p)
@@ -553,7 +557,8 @@ def case_a(quick: bool, repeats: int) -> dict:
           f"minimum times (per repeat {min(ratios):.2f}-{max(ratios):.2f}x); goal >= 0.8x")
     print(f"  CPU seconds per run: dask tasks {mean(cpu['dask_task_cpu']):.1f} (thread CPU), worker processes "
           f"{mean(cpu['dask_worker_cpu']):.1f}; in-process call {mean(cpu['in_process_cpu']):.1f}")
-    print(f"  peak worker RSS: {', '.join(fmt_b(x['peak_rss']) for x in peaks.values() if x)}")
+    print(f"  peak worker RSS: {', '.join(fmt_b(x['peak_rss']) for x in peaks.values() if x)}; kernel threads "
+          f"per worker: {', '.join(str(s['threads']) for s in before.values())}")
     table = level_table(levels)
     print_levels(table, predicted_levels(p))
     print_transfers(transfers[-1], p, "the last run")
@@ -615,10 +620,9 @@ def print_transfers(t: dict, p: Problem, what: str):
 
 # ---------------------------------------------------------------------------------------- case b
 
-def case_b(quick: bool, memory_limit: Optional[int]) -> dict:
+def case_b(p: Problem, quick: bool, memory_limit: Optional[int]) -> dict:
     import attnfast.dask as ad
 
-    p = case_b_problem(quick)
     kv = p.nbytes("k") + p.nbytes("v")
     limit = memory_limit if memory_limit is not None else default_memory_limit(p, quick)
     print(f"\n(b) memory: {p.label()}; 2 workers x 1 thread, memory_limit {fmt_b(limit)} per worker "
@@ -793,6 +797,10 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="repeats of case (a) (default 3, --quick 2)")
     ap.add_argument("--memory-limit", type=int, default=None, metavar="MIB",
                     help="case (b): each worker's memory_limit in MiB (default 0.9 x the bytes of K and V)")
+    ap.add_argument("--length", type=int, metavar="L",
+                    help="cases (a) and (b): Lq = Lk = L instead of 65536 (--quick: 16384)")
+    ap.add_argument("--chunk", type=int, metavar="C",
+                    help="cases (a) and (b): query and key chunks of C instead of 8192 (--quick: 4096, 2048)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="case (c): worker counts (default 1 2 4 8)")
     ap.add_argument("--json", metavar="FILE", help="write the measurements to FILE")
@@ -801,9 +809,22 @@ def parse_args(argv=None):
         ap.error(f"--repeats must be >= 1; got {args.repeats}")
     if args.memory_limit is not None and args.memory_limit < 1:
         ap.error(f"--memory-limit must be >= 1 (MiB); got {args.memory_limit}")
+    for name in ("length", "chunk"):
+        value = getattr(args, name)
+        if value is not None and (value < TILE or value % TILE):
+            ap.error(f"--{name} must be a positive multiple of {TILE} (the rows of one generator seed); got {value}")
     if any(n < 1 for n in args.workers):
         ap.error(f"--workers must all be >= 1; got {args.workers}")
     return args
+
+
+def sized(p: Problem, args) -> Problem:
+    """The case's problem with --length / --chunk applied."""
+    if args.length is not None:
+        p = dataclasses.replace(p, Lq=args.length, Lk=args.length)
+    if args.chunk is not None:
+        p = dataclasses.replace(p, q_chunk=args.chunk, k_chunk=args.chunk)
+    return p
 
 
 def main(argv=None):
@@ -814,9 +835,10 @@ def main(argv=None):
     start = time.perf_counter()
     result = {"machine": machine_header(), "quick": args.quick, "cases": {}}
     if "a" in cases:
-        result["cases"]["a"] = case_a(args.quick, repeats)
+        result["cases"]["a"] = case_a(sized(case_a_problem(args.quick), args), repeats)
     if "b" in cases:
-        result["cases"]["b"] = case_b(args.quick, None if args.memory_limit is None else args.memory_limit * MiB)
+        limit = None if args.memory_limit is None else args.memory_limit * MiB
+        result["cases"]["b"] = case_b(sized(case_b_problem(args.quick), args), args.quick, limit)
     if "c" in cases:
         result["cases"]["c"] = case_c(args.quick, args.workers)
     result["seconds"] = time.perf_counter() - start

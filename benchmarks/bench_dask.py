@@ -764,6 +764,11 @@ def report_c(n, p, cores, wall, table, cpu, compute_wall, transfers, check) -> d
     print(f"    total moved {fmt_b(transfers['total'])} (formula {fmt_b(expected_total)} = (n-1) x B*H*Lq*D x 4 B "
           f"+ (n-1) merges x B*H*Lq*(Dv+1) x 4 B); per worker received: "
           + ", ".join(fmt_b(x) for x in transfers["per_worker"].values()))
+    # The worker that finishes the root receives one partial per level (and the queries, unless it
+    # holds them): the most any worker should receive.
+    bound = q_bytes + len(merge_levels) * partial if n > 1 else 0
+    print(f"    most received by one worker: {fmt_b(max(transfers['per_worker'].values(), default=0))} (formula: at "
+          f"most one query chunk + ceil(log2 n) = {len(merge_levels)} partials = {fmt_b(bound)})")
     unclassified = transfers["by_depth"].get("-1:other")
     if unclassified:
         print(f"    transfers of keys outside the graph: {unclassified[0]} keys, {fmt_b(unclassified[1])}")
@@ -772,18 +777,23 @@ def report_c(n, p, cores, wall, table, cpu, compute_wall, transfers, check) -> d
             "block_compute_wall_seconds": block_wall,
             "tasks_per_depth": [[d, role, c] for (d, role), c in table.items()], "cpu_by_prefix": cpu,
             "transfers": transfers, "formula_bytes": {d: b for d, (b, _) in formula.items()},
-            "formula_total_bytes": expected_total, "partial_bytes": partial, "check": check}
+            "formula_total_bytes": expected_total, "formula_per_worker_bound": bound, "partial_bytes": partial,
+            "check": check}
 
 
 def summarize_c(rows):
     if not rows:
         return
     base = rows[0]["block_thread_cpu_seconds"]
-    print("  weak scaling (work per worker fixed): thread CPU per block task relative to n="
-          f"{rows[0]['workers']}: " + ", ".join(f"n={r['workers']}: {r['block_thread_cpu_seconds'] / base:.2f}"
-                                              for r in rows))
-    print("  most bytes received by one worker: " + ", ".join(
-        f"n={r['workers']}: {fmt_b(max(r['transfers']['per_worker'].values()))}" for r in rows))
+    print("  weak scaling (work per worker fixed; thread CPU does not grow with oversubscription, wall does):")
+    print("    workers  wall     wall x cores/workers  block CPU (x first)  moved total (formula)       most to one worker (bound)")
+    for r in rows:
+        n, cores = r["workers"], usable_cores()
+        print(f"    {n:7d}  {fmt_s(r['wall_seconds']):8s} {fmt_s(r['wall_seconds'] * min(n, cores) / n):21s} "
+              f"{fmt_s(r['block_thread_cpu_seconds'])} ({r['block_thread_cpu_seconds'] / base:.2f}x)"
+              f"{'':6s} {fmt_b(r['transfers']['total'])} ({fmt_b(r['formula_total_bytes'])})"
+              f"{'':6s} {fmt_b(max(r['transfers']['per_worker'].values(), default=0))} "
+              f"({fmt_b(r['formula_per_worker_bound'])})")
 
 
 # ------------------------------------------------------------------------------------------ main

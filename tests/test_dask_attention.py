@@ -335,6 +335,17 @@ def test_empty_axes(rng, lq, lk):
     assert np.array_equal(out, ref[0]) and np.array_equal(lse, ref[1])
 
 
+@pytest.mark.parametrize("batch, dv", [((0, 4), 16), ((2, 4), 0)], ids=["empty-batch", "no-value-features"])
+def test_empty_batch_and_value_features(rng, batch, dv):
+    q, k, v = qkv(rng, batch=batch, lq=8, lk=8, dv=dv)
+    chunks = (1, 2, 4, 16)
+    out, lse = dask.compute(*ad.attention(lazy(q, chunks), lazy(k, chunks), lazy(v, chunks[:3] + (max(dv, 1),)),
+                                          return_lse=True, causal=True), scheduler="sync")
+    ref = attnfast.attention(q, k, v, return_lse=True, causal=True)
+    assert out.shape == ref[0].shape and lse.shape == ref[1].shape
+    assert_matches(lse, ref[1], v, what="lse")
+
+
 # --------------------------------------------------------------------------
 # The graph: pruning and task sizes
 # --------------------------------------------------------------------------
@@ -356,6 +367,24 @@ def test_task_counts_prove_pruning(rng):
     assert block_tasks(got) == 3 + 10
     assert_matches(got.compute(), attnfast.attention(q, k, v, causal=True, causal_align="bottom_right",
                                                      kv_lengths=lengths), v)
+
+
+def test_partials_are_in_the_computation_dtype_and_rounded_once_at_the_root(rng):
+    q, k, v = qkv(rng, batch=(1, 2), lq=16, lk=48, dtype=BF16)
+    sinks = np.array([0.5, -1.0], np.float32)
+    out = ad.attention(lazy(q, (1, 2, 16, 16)), lazy(k, (1, 2, 16, 16)), lazy(v, (1, 2, 16, 16)), sinks=sinks)
+    graph = dict(out.__dask_graph__())
+    keys = sorted((key for key in graph if str(key[0]).startswith("attnfast-block-")), key=lambda key: key[-1])
+    assert len(keys) == 3
+    parts = dask.get(graph, keys)
+    assert all(o.dtype == np.float32 and l.dtype == np.float32 for o, l in parts)
+    # The tree of 3 parts: (0, 1) first, then with 2; then the sink state; one rounding to bfloat16.
+    o01, l01 = attnfast.merge_states([parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]])
+    o, l = attnfast.merge_states([o01, parts[2][0]], [l01, parts[2][1]])
+    sink_lse = np.broadcast_to(sinks[:, None], l.shape[1:])[None]
+    o, _ = attnfast.merge_states([o, np.zeros_like(o)], [l, sink_lse])
+    expected = attnfast._inputs.round_to(o, BF16)
+    assert out.compute(scheduler="sync").tobytes() == expected.tobytes()
 
 
 def test_no_task_holds_more_than_a_chunk(rng):

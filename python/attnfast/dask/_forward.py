@@ -249,8 +249,10 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         Keys, a storage dtype, or int8 with ``k_scale``. Its chunks along Lk are the key chunks.
     v : dask.array.Array or array_like, (..., Lk, Dv)
         Values, like k; rechunked to k's key chunks.
-    method, scale, w, w_q, w_k, v_a, score_bias
-        The score rule and its weights, as in :func:`attnfast.attention`.
+    method : {"dot", "scaled_dot", "general", "concat", "additive"}
+        The score rule, as in :func:`attnfast.attention`.
+    scale : float, optional
+        Multiplies every score; default 1/sqrt(D) for scaled_dot, else 1.
     mask : dask.array.Array or array_like of bool, optional
         Broadcastable to batch_shape + (Lq, Lk), True = attend; rechunked to the blocks.
     bias : dask.array.Array or array_like, optional
@@ -266,12 +268,23 @@ def attention(q, k, v, *, method="scaled_dot", scale=None, mask=None, bias=None,
         which blocks exist).
     return_lse : bool
         Also return the log-sum-exp of each query's scores.
-    softcap, alibi_slopes, sinks
-        Score modifiers, as in :func:`attnfast.attention`; sinks join the merge as one extra state.
+    return_weights : bool
+        Must be False: the weights are an Lq x Lk matrix (a ValueError says what to do instead).
+    out : None
+        Must be None: the result is lazy (a ValueError says how to store it).
+    w, w_q, w_k, v_a, score_bias : array_like, optional
+        The method's weights, as in :func:`attnfast.attention` (small: made concrete at once).
+    softcap : float, optional
+        Scores become softcap * tanh(s / softcap).
+    alibi_slopes : array_like, optional
+        Broadcastable to the batch shape (..., Hq): s <- s - slope * |diag_i - j|.
+    sinks : array_like, optional
+        Broadcastable to the batch shape (..., Hq): one extra logit per row with no value; merged as
+        one extra state (out 0, lse = sink) at each output block's root.
+    block_table : None
+        Must be None: a paged cache is not a Dask layout (a ValueError says what to pass).
     k_scale, v_scale : dask.array.Array or array_like of float32, optional
         The per-row scales of an int8 k and v, broadcastable to k.shape[:-1] / v.shape[:-1].
-    return_weights, out, block_table
-        Not available on Dask (a ValueError says why).
 
     Returns
     -------
@@ -397,26 +410,29 @@ def _build(a: _inputs.AttentionArgs, x: dict, small: dict, method: str):
             chunks.append((1,) if arr.shape[-1] == 1 else key_chunks)
         laid[name], lead_shapes[name] = _laid_out(arr, chunks), own
 
+    # Each input's chunk index: its batch axes' (cached per batch block), then per trailing axis the
+    # query chunk ("q"), the key chunk ("k") or 0 (a broadcast or a feature axis).
+    tails = {}
+    for name, arr in laid.items():
+        n_tail = arr.ndim - len(lead_shapes[name])
+        if name == "q":
+            tails[name] = ("q", 0)
+        elif name in ("k", "v"):
+            tails[name] = ("k", 0)
+        else:  # mask, bias: (Lq, Lk) or (Lk,); the scales: (Lk,)
+            axes = ("q", "k")[2 - n_tail:] if name in ("mask", "bias") else ("k",)[1 - n_tail:]
+            tails[name] = tuple(0 if size == 1 else axis for axis, size in zip(axes, arr.shape[arr.ndim - n_tail:]))
+    prefixes = {}
+
     def chunk_key(name, batch_index, qi, ki):
         """The key of input ``name``'s chunk for an output batch block, query and key chunk."""
-        arr = laid.get(name)
-        if arr is None:
+        tail = tails.get(name)
+        if tail is None:
             return None
-        idx = _lead_index(lead_shapes[name], batch_index, nb)
-        if name == "q":
-            idx += (qi, 0)
-        elif name in ("k", "v"):
-            idx += (ki, 0)
-        elif name in ("mask", "bias"):
-            tail_axes = arr.ndim - len(idx)
-            if tail_axes == 2:
-                idx += (0 if arr.shape[-2] == 1 else qi, 0 if arr.shape[-1] == 1 else ki)
-            elif tail_axes == 1:
-                idx += (0 if arr.shape[-1] == 1 else ki,)
-        else:  # scales
-            if arr.ndim - len(idx) == 1:
-                idx += (0 if arr.shape[-1] == 1 else ki,)
-        return (arr.name,) + idx
+        prefix = prefixes.get((name, batch_index))
+        if prefix is None:
+            prefix = prefixes[name, batch_index] = (laid[name].name,) + _lead_index(lead_shapes[name], batch_index, nb)
+        return prefix + tuple(qi if t == "q" else ki if t == "k" else 0 for t in tail)
 
     token = tokenize(*(laid.get(n) for n in ("q", "k", "v", "mask", "bias", "k_scale", "v_scale")),
                      {n: small[n] for n in small}, method, a.causal, a.diagonal_offset, a.diagonal_offsets,

@@ -48,7 +48,23 @@ Chunks = Tuple[int, ...]
 
 
 def boundaries(chunks: Sequence[int]) -> List[Tuple[int, int]]:
-    """(start, stop) of each chunk of an axis chunked as ``chunks`` (Dask's sizes, e.g. (4, 4, 2))."""
+    """The global range of each chunk of an axis.
+
+    Parameters
+    ----------
+    chunks : sequence of int
+        The axis's chunk sizes (Dask's format), e.g. (4, 4, 2).
+
+    Returns
+    -------
+    list of (int, int)
+        (start, stop) of each chunk, in order.
+
+    Examples
+    --------
+    >>> boundaries((4, 4, 2))
+    [(0, 4), (4, 8), (8, 10)]
+    """
     edges = np.concatenate([[0], np.cumsum(np.asarray(chunks, dtype=np.int64))]).astype(int).tolist()
     return list(zip(edges[:-1], edges[1:]))
 
@@ -57,8 +73,24 @@ def widen_to_groups(chunks: Sequence[int], group: int) -> Chunks:
     """Chunk sizes of a query-head axis with every boundary moved up to a multiple of ``group``.
 
     With grouped-query attention query head h reads kv head h // group; a chunk of whole groups reads
-    a contiguous range of kv heads, chunked as the result divided by ``group``. ``(3, 5)`` with group 2
-    becomes ``(4, 4)``; a chunk swallowed by the move disappears.
+    a contiguous range of kv heads, chunked as the result divided by ``group``.
+
+    Parameters
+    ----------
+    chunks : sequence of int
+        The query-head axis's chunk sizes.
+    group : int
+        Query heads per kv head (1: no change).
+
+    Returns
+    -------
+    tuple of int
+        The widened chunk sizes; a chunk swallowed by the move disappears.
+
+    Examples
+    --------
+    >>> widen_to_groups((3, 5), 2)
+    (4, 4)
     """
     if group <= 1:
         return tuple(int(c) for c in chunks)
@@ -70,11 +102,26 @@ def widen_to_groups(chunks: Sequence[int], group: int) -> Chunks:
 def merge_levels(n: int) -> List[List[Tuple[int, ...]]]:
     """The fixed balanced binary tree that combines ``n`` ordered parts.
 
-    Returns one list per level; level 0 combines the parts, level l > 0 the nodes of level l - 1. Each
-    entry is a tuple of one or two indices into the previous level: (2m, 2m + 1) pairs neighbours, and
-    an odd last node passes up alone as (2m,). The last level has a single entry (the root); ``n == 1``
-    gives ``[[(0,)]]`` and ``n == 0`` gives ``[]``. The shape depends on ``n`` only.
+    Parameters
+    ----------
+    n : int
+        The number of parts (e.g. the visible key chunks of an output block, in key order).
 
+    Returns
+    -------
+    list of list of tuple of int
+        One list per level; level 0 combines the parts, level l > 0 the nodes of level l - 1. Each
+        entry is a tuple of one or two indices into the previous level: (2m, 2m + 1) pairs neighbours,
+        and an odd last node passes up alone as (2m,). The last level has a single entry (the root);
+        ``n == 1`` gives ``[[(0,)]]`` and ``n == 0`` gives ``[]``. The shape depends on ``n`` only.
+
+    Raises
+    ------
+    ValueError
+        When n < 0.
+
+    Examples
+    --------
     >>> merge_levels(3)
     [[(0, 1), (2,)], [(0, 1)]]
     """
@@ -96,20 +143,36 @@ def visible_items(q0: int, q1: int, k0: int, k1: int, *, causal: bool, offsets: 
                   window_left: int, window_right: int, kv_lengths: Optional[np.ndarray]) -> np.ndarray:
     """Per batch item, whether any key of [k0, k1) is visible to any query of [q0, q1).
 
-    ``offsets`` (int64, any shape) is each item's diagonal offset; ``kv_lengths`` None or int64 of the
-    same shape (broadcastable). Returns a bool array of their broadcast shape.
+    Parameters
+    ----------
+    q0, q1, k0, k1 : int or array_like of int
+        The global query range [q0, q1) and key range [k0, k1); arrays broadcast with the items'
+        (the planner asks for every pair of chunks at once).
+    causal : bool
+        Whether key j must satisfy j <= i + offset.
+    offsets : array_like of int
+        Each item's diagonal offset (any shape; a scalar for the call's single offset).
+    window_left, window_right : int
+        The window sides, -1 for unbounded.
+    kv_lengths : array_like of int or None
+        Each item's number of keys, broadcastable with ``offsets``.
 
+    Returns
+    -------
+    ndarray of bool
+        Of the broadcast shape of all the arguments.
+
+    Notes
+    -----
     Exact, in O(1) per item: for query i the visible keys of the chunk are
     ``A(i) = max(k0, i + off - left) <= j <= B(i) = min(k1 - 1, n - 1, i + off [causal], i + off + right)``.
     B is concave and A convex in i (a min and a max of lines of slope 0 or 1), so B - A is concave and
     its maximum over the integers of [q0, q1) lies at an end of the range or at one of the breakpoints
     of A and B, all integers: the chunk is visible iff B - A >= 0 at one of those candidates.
     """
+    q0, q1, k0, k1 = (np.asarray(x, dtype=np.int64) for x in (q0, q1, k0, k1))
     offsets = np.asarray(offsets, dtype=np.int64)
-    if q1 <= q0 or k1 <= k0:
-        shape = offsets.shape if kv_lengths is None else np.broadcast_shapes(offsets.shape, np.shape(kv_lengths))
-        return np.zeros(shape, dtype=bool)
-    lengths = np.int64(k1) if kv_lengths is None else np.asarray(kv_lengths, dtype=np.int64)
+    lengths = k1 if kv_lengths is None else np.asarray(kv_lengths, dtype=np.int64)
     lower_shift = offsets - window_left if window_left >= 0 else None
     upper_shifts = []
     if causal:
@@ -117,22 +180,23 @@ def visible_items(q0: int, q1: int, k0: int, k1: int, *, causal: bool, offsets: 
     if window_right >= 0:
         upper_shifts.append(offsets + window_right)
     upper_shift = np.minimum.reduce(upper_shifts) if upper_shifts else None
-    cap = np.minimum(np.int64(k1 - 1), lengths - 1)  # the upper bound that does not move with i
-    shape = np.broadcast_shapes(offsets.shape, np.shape(cap))
+    cap = np.minimum(k1 - 1, lengths - 1)  # the upper bound that does not move with i
+    last = q1 - 1
     # Candidate query rows: the ends and the breakpoints (where a line meets a constant bound).
-    candidates = [np.full(shape, q0, np.int64), np.full(shape, q1 - 1, np.int64)]
+    candidates = [q0, last]
     if lower_shift is not None:
-        candidates.append(np.broadcast_to(k0 - lower_shift, shape))
+        candidates.append(k0 - lower_shift)
     if upper_shift is not None:
-        candidates.append(np.broadcast_to(cap - upper_shift, shape))
+        candidates.append(cap - upper_shift)
     best = None
     for c in candidates:
-        i = np.clip(c, q0, q1 - 1)
-        a = np.full(shape, k0, np.int64) if lower_shift is None else np.maximum(k0, i + lower_shift)
-        b = np.broadcast_to(cap, shape) if upper_shift is None else np.minimum(cap, i + upper_shift)
+        i = np.minimum(np.maximum(c, q0), last)
+        a = k0 if lower_shift is None else np.maximum(k0, i + lower_shift)
+        b = cap if upper_shift is None else np.minimum(cap, i + upper_shift)
         room = b - a
         best = room if best is None else np.maximum(best, room)
-    return best >= 0
+    shape = np.broadcast_shapes(q0.shape, q1.shape, k0.shape, k1.shape, offsets.shape, np.shape(lengths))
+    return np.broadcast_to((best >= 0) & (q1 > q0) & (k1 > k0), shape)
 
 
 @dataclass(frozen=True)
@@ -237,6 +301,12 @@ def _as_batch(x: Optional[np.ndarray], ndim: int) -> Optional[np.ndarray]:
     return x.reshape((1,) * (ndim - x.ndim) + x.shape)
 
 
+def _read_only(x: np.ndarray) -> np.ndarray:
+    """``x`` made read-only: a plan's arrays are shared between its blocks."""
+    x.setflags(write=False)
+    return x
+
+
 def _block_of(x: Optional[np.ndarray], slices: Tuple[slice, ...]) -> Optional[np.ndarray]:
     """The batch block ``slices`` of a per-item array, axes of size 1 (broadcast) kept whole."""
     if x is None:
@@ -303,30 +373,42 @@ def plan_blocks(batch_chunks: Sequence[Sequence[int]], query_chunks: Sequence[in
     offsets = _as_batch(diagonal_offsets, nb)
     lengths = _as_batch(kv_lengths, nb)
     uses_diagonal = causal or window_left >= 0 or window_right >= 0
+    # Every (query chunk, key chunk) pair at once: axes (query chunk, key chunk) + the batch block's.
+    qb = np.array(query_bounds, dtype=np.int64).reshape(-1, 1, 2)
+    kb = np.array(key_bounds, dtype=np.int64).reshape(1, -1, 2)
+
+    def seen_pairs(item_offsets, item_lengths):
+        """(query chunks, key chunks) bool: some key of the pair visible to some query, some item."""
+        if not (uses_diagonal or item_lengths is not None):
+            return np.broadcast_to((qb[..., 1] > qb[..., 0]) & (kb[..., 1] > kb[..., 0]), (len(qb), kb.shape[1]))
+        pad = (1,) * nb
+        with_items = lambda x: x.reshape(x.shape + pad)  # noqa: E731
+        vis = visible_items(
+            with_items(qb[..., 0]), with_items(qb[..., 1]), with_items(kb[..., 0]), with_items(kb[..., 1]),
+            causal=causal, offsets=np.int64(diagonal_offset) if item_offsets is None else item_offsets,
+            window_left=window_left if uses_diagonal else -1, window_right=window_right if uses_diagonal else -1,
+            kv_lengths=item_lengths)
+        return vis.reshape(vis.shape[:2] + (-1,)).any(axis=-1)
+
+    shared = seen_pairs(None, None) if offsets is None and lengths is None else None
     blocks = []
     for batch_index in product(*(range(len(b)) for b in batch_bounds)):
         slices = tuple(slice(*batch_bounds[ax][i]) for ax, i in enumerate(batch_index))
         item_offsets = _block_of(offsets, slices)
         item_lengths = _block_of(lengths, slices)
+        seen = shared if shared is not None else seen_pairs(item_offsets, item_lengths)
+        local_lengths = {}  # per key chunk, shared by the query chunks (read-only)
         for qi, (q0, q1) in enumerate(query_bounds):
             keys = []
-            for ki, (k0, k1) in enumerate(key_bounds):
-                if not (uses_diagonal or item_lengths is not None):
-                    seen = q1 > q0 and k1 > k0
-                else:
-                    seen = bool(np.any(visible_items(
-                        q0, q1, k0, k1, causal=causal,
-                        offsets=np.int64(diagonal_offset) if item_offsets is None else item_offsets,
-                        window_left=window_left if uses_diagonal else -1,
-                        window_right=window_right if uses_diagonal else -1,
-                        kv_lengths=item_lengths)))
-                if not seen:
-                    continue
+            for ki in np.flatnonzero(seen[qi]).tolist():
+                k0, k1 = key_bounds[ki]
+                if item_lengths is not None and ki not in local_lengths:
+                    local_lengths[ki] = _read_only(np.clip(item_lengths - k0, 0, k1 - k0))
                 keys.append(KeyBlock(
                     index=ki, k0=k0, k1=k1,
                     diagonal_offset=int(diagonal_offset) + q0 - k0,
-                    diagonal_offsets=None if item_offsets is None else item_offsets + (q0 - k0),
-                    kv_lengths=None if item_lengths is None else np.clip(item_lengths - k0, 0, k1 - k0),
+                    diagonal_offsets=None if item_offsets is None else _read_only(item_offsets + (q0 - k0)),
+                    kv_lengths=local_lengths.get(ki),
                 ))
             blocks.append(OutputBlock(batch_index=tuple(batch_index), batch_slices=slices, query_index=qi,
                                       q0=q0, q1=q1, keys=tuple(keys)))

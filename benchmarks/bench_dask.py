@@ -72,6 +72,7 @@ class Problem:
     k_chunk: int
     causal: bool
     dtype: str = "float32"
+    h_chunk: int = 0  # heads per chunk (0: all heads in one chunk)
 
     @property
     def itemsize(self) -> int:
@@ -83,7 +84,9 @@ class Problem:
     def chunks(self, tensor: str) -> Tuple[Tuple[int, ...], ...]:
         length, step = (self.Lq, self.q_chunk) if tensor == "q" else (self.Lk, self.k_chunk)
         along = tuple(min(step, length - s) for s in range(0, length, step))
-        return ((self.B,), (self.H,), along, (self.D,))
+        hc = self.h_chunk or self.H
+        heads = tuple(min(hc, self.H - s) for s in range(0, self.H, hc))
+        return ((self.B,), heads, along, (self.D,))
 
     def nbytes(self, tensor: str) -> int:
         return int(np.prod(self.shape(tensor))) * self.itemsize
@@ -100,8 +103,10 @@ class Problem:
         return 4.0 * self.B * self.H * self.D * self.visible_pairs()
 
     def label(self) -> str:
+        heads = f", head chunks {self.h_chunk}" if self.h_chunk else ""
         return (f"({self.B}, {self.H}, {self.Lq}, {self.Lk}, {self.D}) {self.dtype}"
-                f"{' causal' if self.causal else ''}, query chunks {self.q_chunk}, key chunks {self.k_chunk}")
+                f"{' causal' if self.causal else ''}, query chunks {self.q_chunk}, key chunks {self.k_chunk}"
+                f"{heads}")
 
 
 def case_a_problem(quick: bool) -> Problem:
@@ -127,8 +132,10 @@ def case_c_problem(n: int, quick: bool) -> Problem:
 TILE = 1024  # rows generated from one seed: chunks along the length axis are multiples of it
 
 
-def chunk_values(tensor: str, row0: int, shape: Sequence[int], dtype: str) -> np.ndarray:
-    """Rows [row0, row0 + shape[2]) of a (B, H, L, D) input, all batch items and heads, wherever it runs.
+def chunk_values(tensor: str, row0: int, shape: Sequence[int], dtype: str,
+                 heads: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Rows [row0, row0 + shape[2]) of a (B, H, L, D) input, all batch items and heads (or the heads
+    [h0, h1) of ``heads``, shape[1] being then the call's H), wherever it runs.
 
     Each TILE rows come from a generator seeded by (seed, tensor, tile index), so the values do not
     depend on how the length axis is chunked (any multiple of TILE gives the same array).
@@ -136,17 +143,22 @@ def chunk_values(tensor: str, row0: int, shape: Sequence[int], dtype: str) -> np
     b, h, rows, d = (int(x) for x in shape)
     if row0 % TILE:
         raise ValueError(f"chunks along the length axis must start at multiples of {TILE}; got row {row0}")
-    out = np.empty((b, h, rows, d), np.dtype(dtype))
+    h0, h1 = heads if heads is not None else (0, h)
+    out = np.empty((b, h1 - h0, rows, d), np.dtype(dtype))
     for start in range(0, rows, TILE):
         rng = np.random.default_rng([SEED, TENSORS[tensor], (row0 + start) // TILE])
         stop = min(start + TILE, rows)
-        out[:, :, start:stop] = rng.standard_normal((b, h, TILE, d), dtype=np.dtype(dtype))[:, :, :stop - start]
+        tile = rng.standard_normal((b, h, TILE, d), dtype=np.dtype(dtype))
+        out[:, :, start:stop] = tile[:, h0:h1, :stop - start]
     return out
 
 
 def _chunk_for_dask(tensor, dtype, block_info=None):
     info = block_info[None]
-    return chunk_values(tensor, info["array-location"][2][0], info["chunk-shape"], dtype)
+    b, _, rows, d = info["chunk-shape"]
+    heads = info["array-location"][1]
+    return chunk_values(tensor, info["array-location"][2][0], (b, info["shape"][1], rows, d), dtype,
+                        heads=tuple(heads))
 
 
 def dask_input(problem: Problem, tensor: str):
@@ -156,7 +168,7 @@ def dask_input(problem: Problem, tensor: str):
     return da.map_blocks(_chunk_for_dask, tensor, problem.dtype, dtype=problem.dtype,
                          chunks=problem.chunks(tensor), meta=np.empty((0, 0, 0, 0), problem.dtype),
                          name=f"input-{tensor}-{SEED}-{problem.B}-{problem.H}-{problem.shape(tensor)[2]}-"
-                              f"{problem.D}-{problem.q_chunk if tensor == 'q' else problem.k_chunk}")
+                              f"{problem.D}-{problem.q_chunk if tensor == 'q' else problem.k_chunk}-{problem.h_chunk}")
 
 
 def numpy_input(problem: Problem, tensor: str) -> np.ndarray:
@@ -401,12 +413,14 @@ def visible_key_chunks(p: Problem) -> List[int]:
 
 def predicted_levels(p: Problem) -> Dict[int, int]:
     """Tasks per depth the formula gives: depth 1 one block per visible (query chunk, key chunk), depth
-    1 + l the merges of level l summed over the query chunks."""
+    1 + l the merges of level l summed over the query chunks; times the batch and head chunks, which
+    repeat the same blocks."""
     counts = visible_key_chunks(p)
-    out = {1: sum(counts)}
+    batch_blocks = len(p.chunks("q")[0]) * len(p.chunks("q")[1])
+    out = {1: sum(counts) * batch_blocks}
     for m in counts:
         for level, merges in enumerate(predicted_merges(m), start=2):
-            out[level] = out.get(level, 0) + merges
+            out[level] = out.get(level, 0) + merges * batch_blocks
     return out
 
 
@@ -811,6 +825,8 @@ def parse_args(argv=None):
                     help="cases (a) and (b): Lq = Lk = L instead of 65536 (--quick: 16384)")
     ap.add_argument("--chunk", type=int, metavar="C",
                     help="cases (a) and (b): query and key chunks of C instead of 8192 (--quick: 4096, 2048)")
+    ap.add_argument("--head-chunk", type=int, metavar="N",
+                    help="cases (a) and (b): chunks of N heads (default: all heads in one chunk)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
                     help="case (c): worker counts (default 1 2 4 8)")
     ap.add_argument("--json", metavar="FILE", help="write the measurements to FILE")
@@ -823,6 +839,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and (value < TILE or value % TILE):
             ap.error(f"--{name} must be a positive multiple of {TILE} (the rows of one generator seed); got {value}")
+    if args.head_chunk is not None and args.head_chunk < 1:
+        ap.error(f"--head-chunk must be >= 1; got {args.head_chunk}")
     if any(n < 1 for n in args.workers):
         ap.error(f"--workers must all be >= 1; got {args.workers}")
     return args
@@ -834,6 +852,8 @@ def sized(p: Problem, args) -> Problem:
         p = dataclasses.replace(p, Lq=args.length, Lk=args.length)
     if args.chunk is not None:
         p = dataclasses.replace(p, q_chunk=args.chunk, k_chunk=args.chunk)
+    if args.head_chunk is not None:
+        p = dataclasses.replace(p, h_chunk=args.head_chunk)
     return p
 
 

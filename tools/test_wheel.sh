@@ -4,7 +4,8 @@
 # Installs WHEEL with its test and plot extras (and any REQUIREMENTs: CI adds the optional peers
 # PyTorch and JAX, as for the source build) into a fresh virtual environment (no system site-packages, so
 # nothing built from this source tree can be imported) and runs the whole test suite against it from a
-# directory that holds copies of tests/, examples/ (tests/test_examples.py runs them) and pyproject.toml
+# directory that holds copies of tests/, examples/ (tests/test_examples.py runs them), benchmarks/
+# (tests/test_bench_dask.py imports its harness) and pyproject.toml
 # (the project's pytest options) but no python/. Before the tests it checks that `import attnfast`
 # resolves to the venv and that the compiled module is byte for byte the one in WHEEL.
 set -euo pipefail
@@ -27,7 +28,7 @@ start=$(date +%s)
 echo "installed $(basename "$wheel")[test,plot] $* in $(( $(date +%s) - start )) s"
 
 mkdir "$work/run"
-cp -r "$repo/tests" "$repo/examples" "$repo/pyproject.toml" "$work/run/"
+cp -r "$repo/tests" "$repo/examples" "$repo/benchmarks" "$repo/pyproject.toml" "$work/run/"
 cd "$work/run"
 "$vpy" - "$wheel" "$work/venv" <<'PY'
 import hashlib

@@ -29,7 +29,7 @@ out=$(cd "$1" && pwd)
 py=${PYTHON:-python3}
 glibc=2.17
 plat=manylinux_2_17_x86_64
-# Pinned so a rebuild uses the same compiler (zig 0.17 = clang 21, which knows every -m flag the
+# Pinned so a rebuild uses the same compiler (zig 0.17 bundles clang 22, which knows every -m flag the
 # targets use, up to -mavx512bf16 and -mamx-tile/-mamx-bf16).
 zig_req="ziglang==0.17.1"
 auditwheel_req="auditwheel==6.8.2"
